@@ -1,0 +1,132 @@
+//! Command-line pieces every stage binary shares, so `--out`, `--preset`, `--config`, `--force`,
+//! `--seed` and the batch-job flags mean the same everywhere.
+
+use crate::Error;
+use crate::manifest::ShardSpec;
+
+/// Options every stage command takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StageArgs {
+    /// Output folder or bucket prefix (local path, file://, s3://, gs://, az://). The manifest
+    /// is written to OUT/manifest.json, after every artifact.
+    #[arg(long, value_name = "URI")]
+    pub out: String,
+    /// Named preset the config starts from (e.g. tiny).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// TOML file (any location) layered over the preset; command-line values override it.
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<String>,
+    /// Rerun even when the manifest says inputs and config are unchanged.
+    #[arg(long)]
+    pub force: bool,
+    /// Random seed; runs with the same seed, config and inputs produce the same artifacts.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// Which slice of the input this process handles, for cloud batch arrays.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct JobArgs {
+    /// This job's index in a batch array. Defaults to JOB_COMPLETION_INDEX (Kubernetes),
+    /// AWS_BATCH_JOB_ARRAY_INDEX or CLOUD_RUN_TASK_INDEX when set.
+    #[arg(long)]
+    pub shard_index: Option<u32>,
+    /// Number of jobs in the array. Defaults to CLOUD_RUN_TASK_COUNT when set, else 1.
+    #[arg(long)]
+    pub num_shards: Option<u32>,
+}
+
+const INDEX_VARIABLES: [&str; 3] = [
+    "JOB_COMPLETION_INDEX",
+    "AWS_BATCH_JOB_ARRAY_INDEX",
+    "CLOUD_RUN_TASK_INDEX",
+];
+
+impl JobArgs {
+    pub fn shard(&self) -> Result<ShardSpec, Error> {
+        self.shard_with(|name| std::env::var(name).ok())
+    }
+
+    /// `env` looks up an environment variable (a parameter so tests need not mutate the
+    /// process environment).
+    pub fn shard_with(&self, env: impl Fn(&str) -> Option<String>) -> Result<ShardSpec, Error> {
+        let parse = |name: &str, value: String| {
+            value.trim().parse::<u32>().map_err(|_| {
+                Error::Usage(format!("{name}={value:?} is not a non-negative integer"))
+            })
+        };
+        let index = match self.shard_index {
+            Some(index) => Some(index),
+            None => INDEX_VARIABLES
+                .iter()
+                .find_map(|name| env(name).map(|v| (name, v)))
+                .map(|(name, value)| parse(name, value))
+                .transpose()?,
+        };
+        let count = match self.num_shards {
+            Some(count) => Some(count),
+            None => env("CLOUD_RUN_TASK_COUNT")
+                .map(|v| parse("CLOUD_RUN_TASK_COUNT", v))
+                .transpose()?,
+        };
+        match (index, count) {
+            (None, None) => Ok(ShardSpec::single()),
+            (Some(_), None) => Err(Error::Usage(
+                "a job index is set but not the number of jobs: pass --num-shards".into(),
+            )),
+            (index, Some(count)) => {
+                let index = index.unwrap_or(0);
+                if count == 0 || index >= count {
+                    return Err(Error::Usage(format!(
+                        "job index {index} is outside 0..{count} (--shard-index must be below --num-shards)"
+                    )));
+                }
+                Ok(ShardSpec { index, count })
+            }
+        }
+    }
+}
+
+/// Logs go to stderr; `RUST_LOG` filters them (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_index_comes_from_the_batch_environment() {
+        let env = |name: &str| match name {
+            "AWS_BATCH_JOB_ARRAY_INDEX" => Some("3".to_string()),
+            _ => None,
+        };
+        let args = JobArgs {
+            shard_index: None,
+            num_shards: Some(8),
+        };
+        assert_eq!(
+            args.shard_with(env).unwrap(),
+            ShardSpec { index: 3, count: 8 }
+        );
+        let missing_count = JobArgs::default().shard_with(env).unwrap_err().to_string();
+        assert!(missing_count.contains("--num-shards"), "{missing_count}");
+        assert_eq!(
+            JobArgs::default().shard_with(|_| None).unwrap(),
+            ShardSpec::single()
+        );
+        let out_of_range = JobArgs {
+            shard_index: Some(8),
+            num_shards: Some(8),
+        };
+        assert!(out_of_range.shard_with(|_| None).is_err());
+    }
+}

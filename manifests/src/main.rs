@@ -1,0 +1,141 @@
+//! `manifests`: inspect, verify, merge and trace the manifests that connect parti's stages.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use manifests::lineage::lineage;
+use manifests::merge::merge;
+use manifests::{Location, Manifest, manifest_location};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about,
+    long_about = "Inspect, verify, merge and trace parti stage manifests.\n\n\
+Every URI may be a local path, file://, s3://, gs://, az:// or memory://; a folder means its \
+manifest.json. Bucket credentials and endpoints come from the environment (AWS_*, GOOGLE_*, \
+AZURE_*)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a manifest (pretty JSON) after checking its schema.
+    Show { uri: String },
+    /// Check every artifact's size and digest; exit 1 naming each bad artifact.
+    Verify {
+        uri: String,
+        /// Check sizes only (no download of artifact contents).
+        #[arg(long)]
+        sizes_only: bool,
+    },
+    /// Merge the partial manifests of a batch array's jobs into OUT.
+    Merge {
+        /// Where to write the merged manifest (a folder means OUT/manifest.json).
+        out: String,
+        /// The jobs' manifests (manifest.part-*.json), or one folder holding them.
+        #[arg(required = true)]
+        parts: Vec<String>,
+    },
+    /// Print the chain of upstream stages with their digests, flagging changed links.
+    Lineage { uri: String },
+}
+
+fn main() -> ExitCode {
+    manifests::cli::init_logging();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Show { uri } => {
+            let location = manifest_location(&uri)?;
+            let (manifest, _) = Manifest::read(&location)?;
+            print!("{}", String::from_utf8_lossy(&manifest.to_bytes()));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { uri, sizes_only } => {
+            let location = manifest_location(&uri)?;
+            let (manifest, _) = Manifest::read(&location)?;
+            let problems = manifest.verify(&location, !sizes_only);
+            for problem in &problems {
+                println!("BAD {problem}");
+            }
+            if problems.is_empty() {
+                println!(
+                    "ok: {} artifacts of {} verified ({})",
+                    manifest.artifacts.len(),
+                    location,
+                    if sizes_only { "sizes" } else { "digests" }
+                );
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Ok(ExitCode::from(1))
+            }
+        }
+        Command::Merge { out, parts } => {
+            let out = manifest_location(&out)?;
+            let mut part_locations = Vec::new();
+            for uri in &parts {
+                if uri.ends_with(".json") {
+                    part_locations.push(Location::parse(uri)?);
+                } else {
+                    let listed = Location::parse(uri)?.list()?;
+                    part_locations.extend(listed.into_iter().map(|o| o.location).filter(|l| {
+                        let name = l.file_name();
+                        name.starts_with("manifest.part-") && name.ends_with(".json")
+                    }));
+                }
+            }
+            let mut loaded = Vec::new();
+            for location in part_locations {
+                let (manifest, _) = Manifest::read(&location)
+                    .with_context(|| format!("reading partial manifest {location}"))?;
+                loaded.push((location, manifest));
+            }
+            let merged = merge(&out, &loaded)?;
+            let problems = merged.verify(&out, false);
+            if let Some(problem) = problems.first() {
+                anyhow::bail!("merged manifest would list a bad artifact: {problem}");
+            }
+            merged.write(&out)?;
+            println!(
+                "merged {} job manifests into {out}: {} artifacts",
+                loaded.len(),
+                merged.artifacts.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lineage { uri } => {
+            let entries = lineage(&uri)?;
+            let mut broken = false;
+            for entry in entries {
+                broken |= entry.status == "changed" || entry.status == "missing";
+                println!(
+                    "{}{} [{}] {} {} {}",
+                    "  ".repeat(entry.depth),
+                    entry.name,
+                    entry.stage.as_deref().unwrap_or("source"),
+                    entry.uri,
+                    entry.digest,
+                    entry.status
+                );
+            }
+            Ok(if broken {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The manifest: one versioned JSON document per stage run, the only contract between stages.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::storage::Location;
+use crate::{Error, digest_bytes};
+
+pub const SCHEMA: &str = "parti.manifest/v1";
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tool {
+    pub name: String,
+    pub version: String,
+}
+
+/// Which slice of the input a cloud batch job handled; absent on a whole or merged run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardSpec {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl ShardSpec {
+    pub fn single() -> ShardSpec {
+        ShardSpec { index: 0, count: 1 }
+    }
+
+    pub fn is_single(&self) -> bool {
+        self.count == 1
+    }
+}
+
+/// Something a stage read: an upstream manifest (`kind = "manifest"`) or raw source data
+/// (`kind = "source"`, digest over its listing).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Input {
+    /// The role this input plays, e.g. `pairs`, `tokens`, `source`.
+    pub name: String,
+    pub uri: String,
+    pub kind: String,
+    pub digest: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Artifact {
+    /// Relative to the manifest's folder, or absolute.
+    pub uri: String,
+    /// e.g. `parquet/pairs`, `parquet/text`, `parquet/tokens`, `checkpoint`, `tokenizer`.
+    pub kind: String,
+    pub bytes: u64,
+    pub digest: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema: String,
+    pub stage: String,
+    pub created_at: String,
+    pub tool: Tool,
+    pub config: Value,
+    pub config_hash: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardSpec>,
+    pub inputs: Vec<Input>,
+    pub artifacts: Vec<Artifact>,
+    pub metrics: Map<String, Value>,
+}
+
+/// A folder URI means the `manifest.json` inside it.
+pub fn manifest_location(uri: &str) -> Result<Location, Error> {
+    let location = Location::parse(uri)?;
+    Ok(if uri.ends_with(".json") {
+        location
+    } else {
+        location.join(MANIFEST_FILE)
+    })
+}
+
+/// Serialises a config canonically (object keys sorted) and hashes it, so the same effective
+/// config always has the same hash whatever order it was written in.
+pub fn config_hash(config: &Value) -> String {
+    // serde_json's Map is a BTreeMap (no `preserve_order`), so serialisation is key-sorted.
+    digest_bytes(config.to_string().as_bytes())
+}
+
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_string())
+}
+
+/// A problem found while verifying a manifest's artifacts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub uri: String,
+    pub what: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.uri, self.what)
+    }
+}
+
+impl Manifest {
+    /// Reads a manifest and returns it with the digest of its bytes (what downstream stages
+    /// record as their input digest).
+    pub fn read(location: &Location) -> Result<(Manifest, String), Error> {
+        let bytes = location.get()?;
+        let manifest = Self::from_slice(&bytes, location)?;
+        Ok((manifest, digest_bytes(&bytes)))
+    }
+
+    pub fn from_slice(bytes: &[u8], location: &Location) -> Result<Manifest, Error> {
+        let manifest: Manifest =
+            serde_json::from_slice(bytes).map_err(|e| Error::InvalidManifest {
+                uri: location.uri(),
+                reason: e.to_string(),
+            })?;
+        if manifest.schema != SCHEMA {
+            return Err(Error::InvalidManifest {
+                uri: location.uri(),
+                reason: format!(
+                    "schema '{}' is not '{SCHEMA}' (written by a different parti version?)",
+                    manifest.schema
+                ),
+            });
+        }
+        Ok(manifest)
+    }
+
+    pub fn to_bytes(&self) -> Bytes {
+        let mut text = serde_json::to_string_pretty(self).unwrap_or_default();
+        text.push('\n');
+        Bytes::from(text)
+    }
+
+    /// Writes the manifest in one atomic put; returns the digest of what was written.
+    pub fn write(&self, location: &Location) -> Result<String, Error> {
+        let bytes = self.to_bytes();
+        let digest = digest_bytes(&bytes);
+        location.put(bytes)?;
+        Ok(digest)
+    }
+
+    /// Where an artifact lives, given the location of this manifest.
+    pub fn artifact_location(
+        manifest_location: &Location,
+        artifact: &Artifact,
+    ) -> Result<Location, Error> {
+        if artifact.uri.contains("://") || artifact.uri.starts_with('/') {
+            Location::parse(&artifact.uri)
+        } else {
+            Ok(manifest_location.parent().join(&artifact.uri))
+        }
+    }
+
+    pub fn artifacts_of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Artifact> {
+        self.artifacts.iter().filter(move |a| a.kind == kind)
+    }
+
+    pub fn metric_u64(&self, name: &str) -> Option<u64> {
+        self.metrics.get(name).and_then(Value::as_u64)
+    }
+
+    /// Checks every artifact: existence and size always, content digest when `full`.
+    pub fn verify(&self, manifest_location: &Location, full: bool) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        for artifact in &self.artifacts {
+            let location = match Self::artifact_location(manifest_location, artifact) {
+                Ok(location) => location,
+                Err(e) => {
+                    problems.push(Problem {
+                        uri: artifact.uri.clone(),
+                        what: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            let check = if full {
+                read_verified(&location, artifact).map(|_| ())
+            } else {
+                location
+                    .size()
+                    .and_then(|size| check_size(&location, artifact, size))
+            };
+            if let Err(e) = check {
+                problems.push(Problem {
+                    uri: location.uri(),
+                    what: e.to_string(),
+                });
+            }
+        }
+        problems
+    }
+}
+
+fn check_size(location: &Location, artifact: &Artifact, size: u64) -> Result<(), Error> {
+    if size != artifact.bytes {
+        return Err(Error::SizeMismatch {
+            uri: location.uri(),
+            expected: artifact.bytes,
+            actual: size,
+        });
+    }
+    Ok(())
+}
+
+/// Reads an artifact and refuses it unless its size and digest match the manifest.
+pub fn read_verified(location: &Location, artifact: &Artifact) -> Result<Bytes, Error> {
+    let bytes = location.get()?;
+    check_size(location, artifact, bytes.len() as u64)?;
+    let actual = digest_bytes(&bytes);
+    if actual != artifact.digest {
+        return Err(Error::DigestMismatch {
+            uri: location.uri(),
+            expected: artifact.digest.clone(),
+            actual,
+        });
+    }
+    Ok(bytes)
+}

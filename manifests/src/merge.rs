@@ -1,0 +1,128 @@
+//! Joins the partial manifests written by the jobs of a cloud batch array into one.
+
+use std::collections::BTreeSet;
+
+use serde_json::{Map, Value};
+
+use crate::Error;
+use crate::manifest::{self, Artifact, Manifest};
+use crate::storage::Location;
+
+/// Merges job manifests (each with `shard = {index, count}`) into the manifest of the whole run,
+/// as if one job had done everything. Every job of the array must be present exactly once and
+/// all must share stage, config and inputs. Integer metrics (row and rejection counts) are
+/// summed; other numbers are averaged over jobs.
+pub fn merge(out: &Location, parts: &[(Location, Manifest)]) -> Result<Manifest, Error> {
+    let Some((_, first)) = parts.first() else {
+        return Err(Error::Merge("no partial manifests given".into()));
+    };
+    let count = first
+        .shard
+        .ok_or_else(|| {
+            Error::Merge(format!(
+                "{} is not a partial manifest (no shard)",
+                parts[0].0
+            ))
+        })?
+        .count;
+    let mut seen = BTreeSet::new();
+    for (location, part) in parts {
+        let shard = part.shard.ok_or_else(|| {
+            Error::Merge(format!("{location} is not a partial manifest (no shard)"))
+        })?;
+        let differs = |what: &str| {
+            Error::Merge(format!(
+                "{location} has a different {what} than {}",
+                parts[0].0
+            ))
+        };
+        if part.stage != first.stage {
+            return Err(differs("stage"));
+        }
+        if part.config_hash != first.config_hash {
+            return Err(differs("config"));
+        }
+        if part.inputs != first.inputs {
+            return Err(differs("set of inputs"));
+        }
+        if shard.count != count {
+            return Err(differs("number of jobs"));
+        }
+        if !seen.insert(shard.index) {
+            return Err(Error::Merge(format!(
+                "job {} appears twice ({location})",
+                shard.index
+            )));
+        }
+    }
+    let missing: Vec<u32> = (0..count).filter(|i| !seen.contains(i)).collect();
+    if !missing.is_empty() {
+        return Err(Error::Merge(format!(
+            "jobs {missing:?} of {count} are missing; merge once every job has finished"
+        )));
+    }
+
+    let out_dir = out.parent();
+    let mut artifacts: Vec<Artifact> = Vec::new();
+    for (location, part) in parts {
+        for artifact in &part.artifacts {
+            let absolute = Manifest::artifact_location(location, artifact)?;
+            let uri = absolute
+                .relative_to(&out_dir)
+                .unwrap_or_else(|| absolute.uri());
+            artifacts.push(Artifact {
+                uri,
+                ..artifact.clone()
+            });
+        }
+    }
+    artifacts.sort_by(|a, b| a.uri.cmp(&b.uri));
+    if let Some(pair) = artifacts.windows(2).find(|w| w[0].uri == w[1].uri) {
+        return Err(Error::Merge(format!(
+            "artifact {} is listed by two jobs",
+            pair[0].uri
+        )));
+    }
+
+    let metrics: Vec<&Map<String, Value>> = parts.iter().map(|(_, m)| &m.metrics).collect();
+    Ok(Manifest {
+        schema: manifest::SCHEMA.to_string(),
+        stage: first.stage.clone(),
+        created_at: manifest::now_rfc3339(),
+        tool: first.tool.clone(),
+        config: first.config.clone(),
+        config_hash: first.config_hash.clone(),
+        shard: None,
+        inputs: first.inputs.clone(),
+        artifacts,
+        metrics: merge_metrics(&metrics),
+    })
+}
+
+fn merge_metrics(parts: &[&Map<String, Value>]) -> Map<String, Value> {
+    let keys: BTreeSet<&String> = parts.iter().flat_map(|m| m.keys()).collect();
+    let mut merged = Map::new();
+    for key in keys {
+        let values: Vec<&Value> = parts.iter().filter_map(|m| m.get(key)).collect();
+        let value = if values.iter().all(|v| v.is_object()) {
+            let maps: Vec<&Map<String, Value>> =
+                values.iter().filter_map(|v| v.as_object()).collect();
+            Value::Object(merge_metrics(&maps))
+        } else if values.iter().all(|v| v.is_u64()) {
+            Value::from(values.iter().filter_map(|v| v.as_u64()).sum::<u64>())
+        } else if values.iter().all(|v| v.is_number()) {
+            let sum: f64 = values.iter().filter_map(|v| v.as_f64()).sum();
+            Value::from(sum / values.len() as f64)
+        } else {
+            // Not a count: keep it only when every job agrees.
+            let first = values[0];
+            if values.iter().all(|v| *v == first) {
+                first.clone()
+            } else {
+                continue;
+            }
+        };
+        merged.insert(key.clone(), value);
+    }
+    merged
+}

@@ -1,0 +1,279 @@
+//! What every stage does around its own work: decide whether to run, record inputs, write
+//! artifacts, keep finished artifacts across a crash, and publish the manifest last.
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tracing::{debug, info};
+
+use crate::manifest::{
+    self, Artifact, Input, MANIFEST_FILE, Manifest, ShardSpec, Tool, config_hash,
+    manifest_location, read_verified,
+};
+use crate::storage::Location;
+use crate::{Error, digest_bytes};
+
+/// Where finished artifacts are recorded before the manifest exists, so a killed run resumes.
+const WORK_DIR: &str = "_work";
+
+/// An upstream stage's manifest, read and recorded as an input.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub manifest: Manifest,
+    pub location: Location,
+}
+
+impl Upstream {
+    pub fn read(uri: &str) -> Result<(Upstream, String), Error> {
+        let location = manifest_location(uri)?;
+        let (manifest, digest) = Manifest::read(&location)?;
+        Ok((Upstream { manifest, location }, digest))
+    }
+
+    pub fn artifact_location(&self, artifact: &Artifact) -> Result<Location, Error> {
+        Manifest::artifact_location(&self.location, artifact)
+    }
+
+    /// Reads an artifact, refusing it unless its size and digest match this manifest.
+    pub fn read_artifact(&self, artifact: &Artifact) -> Result<Bytes, Error> {
+        read_verified(&self.artifact_location(artifact)?, artifact)
+    }
+
+    pub fn artifacts_of_kind<'a>(&'a self, kind: &'a str) -> Vec<&'a Artifact> {
+        self.manifest.artifacts_of_kind(kind).collect()
+    }
+}
+
+/// Whether a stage needs to run.
+#[derive(Debug)]
+pub enum Freshness {
+    UpToDate(Box<Manifest>),
+    Stale(String),
+}
+
+pub struct StageRun {
+    out: Location,
+    stage: String,
+    tool: Tool,
+    config: Value,
+    config_hash: String,
+    shard: ShardSpec,
+    inputs: Vec<Input>,
+}
+
+impl StageRun {
+    /// `config` is the stage's full effective config; it is recorded and hashed.
+    pub fn new(
+        stage: &str,
+        tool: Tool,
+        out_uri: &str,
+        config: &impl Serialize,
+        shard: ShardSpec,
+    ) -> Result<StageRun, Error> {
+        if shard.count == 0 || shard.index >= shard.count {
+            return Err(Error::Usage(format!(
+                "shard index {} is outside 0..{} (--shard-index must be below --num-shards)",
+                shard.index, shard.count
+            )));
+        }
+        let config = serde_json::to_value(config).map_err(|e| Error::Config {
+            source_name: stage.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(StageRun {
+            out: Location::parse(out_uri)?,
+            stage: stage.to_string(),
+            tool,
+            config_hash: config_hash(&config),
+            config,
+            shard,
+            inputs: Vec::new(),
+        })
+    }
+
+    pub fn out(&self) -> &Location {
+        &self.out
+    }
+
+    pub fn config_hash(&self) -> &str {
+        &self.config_hash
+    }
+
+    pub fn shard(&self) -> ShardSpec {
+        self.shard
+    }
+
+    /// Reads an upstream manifest and records it as input `name`.
+    pub fn upstream(&mut self, name: &str, uri: &str) -> Result<Upstream, Error> {
+        let (upstream, digest) = Upstream::read(uri)?;
+        self.inputs.push(Input {
+            name: name.to_string(),
+            uri: upstream.location.uri(),
+            kind: "manifest".to_string(),
+            digest,
+            stage: Some(upstream.manifest.stage.clone()),
+        });
+        Ok(upstream)
+    }
+
+    /// Records raw source data (not produced by a stage), identified by `digest`.
+    pub fn source_input(&mut self, name: &str, uri: &str, digest: String) {
+        self.inputs.push(Input {
+            name: name.to_string(),
+            uri: uri.to_string(),
+            kind: "source".to_string(),
+            digest,
+            stage: None,
+        });
+    }
+
+    /// `OUT/manifest.json`, or `OUT/manifest.part-IIIII-of-NNNNN.json` for one job of many.
+    pub fn manifest_location(&self) -> Location {
+        if self.shard.is_single() {
+            self.out.join(MANIFEST_FILE)
+        } else {
+            self.out.join(&format!(
+                "manifest.part-{:05}-of-{:05}.json",
+                self.shard.index, self.shard.count
+            ))
+        }
+    }
+
+    /// Up to date means: a manifest exists for this stage and shard, its config hash and input
+    /// digests equal ours, and every artifact it lists verifies by digest.
+    pub fn freshness(&self) -> Result<Freshness, Error> {
+        let location = self.manifest_location();
+        let existing = match Manifest::read(&location) {
+            Ok((manifest, _)) => manifest,
+            Err(Error::NotFound { .. }) => return Ok(Freshness::Stale("no manifest yet".into())),
+            Err(Error::InvalidManifest { reason, .. }) => {
+                return Ok(Freshness::Stale(format!(
+                    "existing manifest unreadable: {reason}"
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        let expected_shard = (!self.shard.is_single()).then_some(self.shard);
+        let stale = if existing.stage != self.stage {
+            Some(format!("manifest is for stage '{}'", existing.stage))
+        } else if existing.config_hash != self.config_hash {
+            Some("config changed".to_string())
+        } else if existing.shard != expected_shard {
+            Some("shard changed".to_string())
+        } else if existing.inputs != self.inputs {
+            Some("inputs changed".to_string())
+        } else {
+            let problems = existing.verify(&location, true);
+            (!problems.is_empty()).then(|| format!("artifact changed: {}", problems[0]))
+        };
+        Ok(match stale {
+            Some(reason) => Freshness::Stale(reason),
+            None => Freshness::UpToDate(Box::new(existing)),
+        })
+    }
+
+    /// Returns the existing manifest when the stage can be skipped, after saying so; otherwise
+    /// withdraws the old manifest, so no reader trusts it while its artifacts are rewritten.
+    pub fn begin(&self, force: bool) -> Result<Option<Manifest>, Error> {
+        let manifest_uri = self.manifest_location().uri();
+        if !force {
+            match self.freshness()? {
+                Freshness::UpToDate(manifest) => {
+                    info!(stage = %self.stage, manifest = %manifest_uri, "up to date, skipping (use --force to rerun)");
+                    return Ok(Some(*manifest));
+                }
+                Freshness::Stale(reason) => {
+                    info!(stage = %self.stage, "running: {reason}");
+                }
+            }
+        } else {
+            info!(stage = %self.stage, "running: --force");
+        }
+        self.manifest_location().delete()?;
+        Ok(None)
+    }
+
+    fn work_record(&self, relative_uri: &str) -> Location {
+        let hash = self.config_hash.trim_start_matches("blake3:");
+        let inputs = digest_bytes(
+            serde_json::to_string(&self.inputs)
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        let run_id = format!("{}-{}", &hash[..16], &inputs["blake3:".len()..][..16]);
+        self.out
+            .join(WORK_DIR)
+            .join(&run_id)
+            .join(&format!("{}.json", relative_uri.replace('/', "__")))
+    }
+
+    /// Writes one artifact (atomically) below the output folder and returns its manifest entry.
+    /// The entry is also recorded in the work folder, so a killed run can keep it.
+    pub fn write_artifact(
+        &self,
+        relative_uri: &str,
+        kind: &str,
+        bytes: Bytes,
+        rows: Option<u64>,
+    ) -> Result<Artifact, Error> {
+        let artifact = Artifact {
+            uri: relative_uri.to_string(),
+            kind: kind.to_string(),
+            bytes: bytes.len() as u64,
+            digest: digest_bytes(&bytes),
+            rows,
+        };
+        self.out.join(relative_uri).put(bytes)?;
+        let record = serde_json::to_vec(&artifact).unwrap_or_default();
+        self.work_record(relative_uri).put(Bytes::from(record))?;
+        Ok(artifact)
+    }
+
+    /// An artifact finished by an earlier, interrupted run with the same config and inputs, if
+    /// it is still intact (verified by digest).
+    pub fn finished_artifact(&self, relative_uri: &str) -> Result<Option<Artifact>, Error> {
+        let record = match self.work_record(relative_uri).get() {
+            Ok(bytes) => bytes,
+            Err(Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Ok(artifact) = serde_json::from_slice::<Artifact>(&record) else {
+            return Ok(None);
+        };
+        match read_verified(&self.out.join(relative_uri), &artifact) {
+            Ok(_) => Ok(Some(artifact)),
+            Err(e) => {
+                debug!("redoing {relative_uri}: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Writes the manifest, last, after every artifact. Then drops the resume records.
+    pub fn publish(
+        &self,
+        artifacts: Vec<Artifact>,
+        metrics: Map<String, Value>,
+    ) -> Result<Manifest, Error> {
+        let manifest = Manifest {
+            schema: manifest::SCHEMA.to_string(),
+            stage: self.stage.clone(),
+            created_at: manifest::now_rfc3339(),
+            tool: self.tool.clone(),
+            config: self.config.clone(),
+            config_hash: self.config_hash.clone(),
+            shard: (!self.shard.is_single()).then_some(self.shard),
+            inputs: self.inputs.clone(),
+            artifacts,
+            metrics,
+        };
+        let location = self.manifest_location();
+        manifest.write(&location)?;
+        let work = self.work_record("x").parent();
+        for object in work.list()? {
+            object.location.delete()?;
+        }
+        info!(stage = %self.stage, manifest = %location, "published");
+        Ok(manifest)
+    }
+}

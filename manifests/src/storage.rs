@@ -1,0 +1,427 @@
+//! One place where every user-supplied location becomes an object store.
+//!
+//! A location is a local path, `file://`, `s3://`, `gs://`, `az://`/`azure://`/`abfs://`, or
+//! `memory://NAME/...` (a process-wide in-memory bucket, for tests). Credentials and endpoints
+//! come from the environment through object_store's `from_env` builders; nothing here stores,
+//! logs or formats them, so they cannot leak into manifests or messages.
+//!
+//! The API is blocking on purpose: stages are CPU-bound batch programs driven by rayon, and a
+//! private tokio runtime keeps async out of every caller.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use url::Url;
+
+use crate::Error;
+
+/// Bodies above this size are uploaded in parts, so large shards work on every provider.
+const MULTIPART_THRESHOLD: usize = 16 * 1024 * 1024;
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("parti-io")
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("cannot start the I/O runtime: {e}"))
+    })
+}
+
+fn block_on<F: Future>(future: F) -> F::Output {
+    runtime().block_on(future)
+}
+
+/// Stores are cached per scheme and bucket so that every location in a bucket shares one client
+/// (connection pool, credential cache).
+fn store_for(url: &Url) -> Result<Arc<dyn ObjectStore>, Error> {
+    static STORES: OnceLock<Mutex<HashMap<String, Arc<dyn ObjectStore>>>> = OnceLock::new();
+    let scheme = url.scheme();
+    let bucket = url.host_str().unwrap_or_default();
+    let cache_key = format!("{scheme}://{bucket}");
+    let mut stores = STORES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(store) = stores.get(&cache_key) {
+        return Ok(store.clone());
+    }
+    let invalid = |reason: String| Error::InvalidLocation {
+        uri: url.to_string(),
+        reason,
+    };
+    let store: Arc<dyn ObjectStore> = match scheme {
+        "file" => Arc::new(LocalFileSystem::new()),
+        "memory" => Arc::new(InMemory::new()),
+        "s3" | "s3a" => Arc::new(
+            AmazonS3Builder::from_env()
+                .with_url(url.as_str())
+                .build()
+                .map_err(|e| invalid(e.to_string()))?,
+        ),
+        "gs" => Arc::new(
+            GoogleCloudStorageBuilder::from_env()
+                .with_url(url.as_str())
+                .build()
+                .map_err(|e| invalid(e.to_string()))?,
+        ),
+        "az" | "azure" | "abfs" | "abfss" => Arc::new(
+            MicrosoftAzureBuilder::from_env()
+                .with_url(url.as_str())
+                .build()
+                .map_err(|e| invalid(e.to_string()))?,
+        ),
+        other => {
+            return Err(invalid(format!(
+                "unsupported scheme '{other}' (use a local path, file://, s3://, gs://, az:// or memory://)"
+            )));
+        }
+    };
+    stores.insert(cache_key, store.clone());
+    Ok(store)
+}
+
+/// Size and identity of an object, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub location: Location,
+    pub size: u64,
+    /// Provider change marker (ETag, or inode/mtime/size for local files).
+    pub e_tag: Option<String>,
+}
+
+/// A file or a folder in some object store.
+#[derive(Clone)]
+pub struct Location {
+    store: Arc<dyn ObjectStore>,
+    /// Scheme and bucket, e.g. `s3://bucket` or `file://`.
+    root_uri: String,
+    path: ObjectPath,
+    /// True when the user gave a local path: messages then show plain paths.
+    local: bool,
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.uri())
+    }
+}
+
+impl PartialEq for Location {
+    fn eq(&self, other: &Self) -> bool {
+        self.root_uri == other.root_uri && self.path == other.path
+    }
+}
+impl Eq for Location {}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.uri())
+    }
+}
+
+fn looks_like_url(uri: &str) -> bool {
+    match uri.split_once("://") {
+        Some((scheme, _)) => {
+            !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.')
+        }
+        None => false,
+    }
+}
+
+impl Location {
+    /// Resolves a user-supplied location. Relative local paths are made absolute against the
+    /// current directory.
+    pub fn parse(uri: &str) -> Result<Location, Error> {
+        let invalid = |reason: &str| Error::InvalidLocation {
+            uri: uri.to_string(),
+            reason: reason.to_string(),
+        };
+        if uri.trim().is_empty() {
+            return Err(invalid("empty location"));
+        }
+        if !looks_like_url(uri) {
+            let absolute = std::path::absolute(uri).map_err(|e| invalid(&e.to_string()))?;
+            let url =
+                Url::from_file_path(&absolute).map_err(|()| invalid("not a valid local path"))?;
+            let mut location = Self::from_url(&url, uri)?;
+            location.local = true;
+            return Ok(location);
+        }
+        let url = Url::parse(uri).map_err(|e| invalid(&e.to_string()))?;
+        Self::from_url(&url, uri)
+    }
+
+    fn from_url(url: &Url, original: &str) -> Result<Location, Error> {
+        let store = store_for(url)?;
+        let (root_uri, raw_path) = match url.scheme() {
+            "file" => (
+                "file://".to_string(),
+                url.to_file_path()
+                    .map_err(|()| Error::InvalidLocation {
+                        uri: original.to_string(),
+                        reason: "not a valid local path".into(),
+                    })?
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            scheme => (
+                format!("{scheme}://{}", url.host_str().unwrap_or_default()),
+                percent_decode(url.path()),
+            ),
+        };
+        let path =
+            ObjectPath::parse(raw_path.trim_matches('/')).map_err(|e| Error::InvalidLocation {
+                uri: original.to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(Location {
+            store,
+            root_uri,
+            path,
+            local: false,
+        })
+    }
+
+    /// The canonical URI (`file:///abs/path`, `s3://bucket/key`, ...) that manifests record.
+    pub fn uri(&self) -> String {
+        if self.local {
+            return format!("/{}", self.path);
+        }
+        if self.root_uri == "file://" {
+            return format!("file:///{}", self.path);
+        }
+        if self.path.as_ref().is_empty() {
+            self.root_uri.clone()
+        } else {
+            format!("{}/{}", self.root_uri, self.path)
+        }
+    }
+
+    pub fn is_local(&self) -> bool {
+        self.root_uri == "file://"
+    }
+
+    /// The local filesystem path, for local locations.
+    pub fn local_path(&self) -> Option<std::path::PathBuf> {
+        self.is_local()
+            .then(|| std::path::PathBuf::from(format!("/{}", self.path)))
+    }
+
+    /// The last path segment.
+    pub fn file_name(&self) -> &str {
+        self.path.filename().unwrap_or_default()
+    }
+
+    /// A location below this one; `relative` may contain `/` and `..` segments.
+    pub fn join(&self, relative: &str) -> Location {
+        let mut parts: Vec<String> = self.path.parts().map(|p| p.as_ref().to_string()).collect();
+        for segment in relative.split('/') {
+            match segment {
+                "" | "." => {}
+                ".." => {
+                    parts.pop();
+                }
+                s => parts.push(s.to_string()),
+            }
+        }
+        Location {
+            store: self.store.clone(),
+            root_uri: self.root_uri.clone(),
+            path: ObjectPath::from_iter(parts),
+            local: self.local,
+        }
+    }
+
+    /// The folder that holds this location.
+    pub fn parent(&self) -> Location {
+        self.join("..")
+    }
+
+    /// This location's path relative to `base`, when it lies below it in the same store.
+    pub fn relative_to(&self, base: &Location) -> Option<String> {
+        if self.root_uri != base.root_uri {
+            return None;
+        }
+        let parts = self.path.prefix_match(&base.path)?;
+        let rel: Vec<String> = parts.map(|p| p.as_ref().to_string()).collect();
+        (!rel.is_empty()).then(|| rel.join("/"))
+    }
+
+    fn store_error(&self, op: &'static str, source: object_store::Error) -> Error {
+        match source {
+            object_store::Error::NotFound { .. } => Error::NotFound { uri: self.uri() },
+            source => Error::Storage {
+                op,
+                uri: self.uri(),
+                message: source.to_string(),
+            },
+        }
+    }
+
+    pub fn get(&self) -> Result<Bytes, Error> {
+        block_on(async {
+            let result = self.store.get(&self.path).await?;
+            result.bytes().await
+        })
+        .map_err(|e| self.store_error("read", e))
+    }
+
+    pub fn get_range(&self, range: Range<u64>) -> Result<Bytes, Error> {
+        block_on(self.store.get_range(&self.path, range)).map_err(|e| self.store_error("read", e))
+    }
+
+    pub fn size(&self) -> Result<u64, Error> {
+        block_on(self.store.head(&self.path))
+            .map(|meta| meta.size)
+            .map_err(|e| self.store_error("stat", e))
+    }
+
+    pub fn exists(&self) -> Result<bool, Error> {
+        match block_on(self.store.head(&self.path)) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.store_error("stat", e)),
+        }
+    }
+
+    /// Writes the whole object. Readers see the old object or the new one, never a part:
+    /// local files are staged and renamed by object_store, S3/GCS/Azure commit on completion.
+    pub fn put(&self, bytes: Bytes) -> Result<(), Error> {
+        block_on(async {
+            if bytes.len() <= MULTIPART_THRESHOLD {
+                self.store
+                    .put(&self.path, PutPayload::from_bytes(bytes))
+                    .await
+                    .map(|_| ())
+            } else {
+                let upload = self.store.put_multipart(&self.path).await?;
+                let mut writer = object_store::WriteMultipart::new(upload);
+                writer.write(&bytes);
+                writer.finish().await.map(|_| ())
+            }
+        })
+        .map_err(|e| self.store_error("write", e))
+    }
+
+    pub fn delete(&self) -> Result<(), Error> {
+        match block_on(self.store.delete(&self.path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.store_error("delete", e)),
+        }
+    }
+
+    /// Every object below this folder, recursively, sorted by path. A missing folder is empty.
+    pub fn list(&self) -> Result<Vec<ObjectInfo>, Error> {
+        let prefix = (!self.path.as_ref().is_empty()).then_some(&self.path);
+        let listed: Result<Vec<_>, _> = block_on(self.store.list(prefix).try_collect());
+        let metas = match listed {
+            Ok(metas) => metas,
+            Err(object_store::Error::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(self.store_error("list", e)),
+        };
+        let mut objects: Vec<ObjectInfo> = metas
+            .into_iter()
+            .map(|meta| ObjectInfo {
+                location: Location {
+                    store: self.store.clone(),
+                    root_uri: self.root_uri.clone(),
+                    path: meta.location,
+                    local: self.local,
+                },
+                size: meta.size,
+                e_tag: meta.e_tag,
+            })
+            .collect();
+        objects.sort_by(|a, b| a.location.path.cmp(&b.location.path));
+        Ok(objects)
+    }
+}
+
+fn percent_decode(path: &str) -> String {
+    percent_encoding::percent_decode_str(path)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_paths_and_urls_resolve_to_the_same_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = Location::parse(dir.path().to_str().unwrap()).unwrap();
+        let url = Location::parse(&format!("file://{}", dir.path().display())).unwrap();
+        assert_eq!(plain, url);
+        assert_eq!(plain.uri(), dir.path().display().to_string());
+    }
+
+    #[test]
+    fn join_and_relative_to_are_inverse() {
+        let base = Location::parse("memory://join/runs/a").unwrap();
+        let child = base.join("shards/x.parquet");
+        assert_eq!(child.uri(), "memory://join/runs/a/shards/x.parquet");
+        assert_eq!(
+            child.relative_to(&base).as_deref(),
+            Some("shards/x.parquet")
+        );
+        assert_eq!(base.join("../b").uri(), "memory://join/runs/b");
+        assert_eq!(child.parent().file_name(), "shards");
+    }
+
+    #[test]
+    fn put_get_list_delete_in_memory() {
+        let base = Location::parse("memory://crud/prefix").unwrap();
+        base.join("b.txt").put(Bytes::from_static(b"bee")).unwrap();
+        base.join("a/c.txt")
+            .put(Bytes::from_static(b"sea"))
+            .unwrap();
+        let listed: Vec<String> = base
+            .list()
+            .unwrap()
+            .iter()
+            .map(|o| o.location.uri())
+            .collect();
+        assert_eq!(
+            listed,
+            ["memory://crud/prefix/a/c.txt", "memory://crud/prefix/b.txt"]
+        );
+        assert_eq!(base.join("b.txt").get().unwrap().as_ref(), b"bee");
+        assert_eq!(
+            base.join("a/c.txt").get_range(1..3).unwrap().as_ref(),
+            b"ea"
+        );
+        base.join("b.txt").delete().unwrap();
+        assert!(!base.join("b.txt").exists().unwrap());
+        assert!(matches!(
+            base.join("b.txt").get(),
+            Err(Error::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_scheme_is_a_clear_error() {
+        let err = Location::parse("ftp://host/x").unwrap_err().to_string();
+        assert!(
+            err.contains("ftp://host/x") && err.contains("unsupported scheme"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,330 @@
+use std::process::Command;
+
+use bytes::Bytes;
+use manifests::lineage::lineage;
+use manifests::merge::merge;
+use manifests::{Freshness, Location, Manifest, ShardSpec, StageRun, Tool, Upstream};
+use serde_json::{Map, Value, json};
+
+fn tool() -> Tool {
+    Tool {
+        name: "test".into(),
+        version: "0.0.1".into(),
+    }
+}
+
+fn metrics(rows: u64, rejected: Value) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("rows".into(), json!(rows));
+    m.insert("rejected".into(), rejected);
+    m
+}
+
+/// Runs a one-artifact stage the way every stage binary does.
+fn run_stage(out: &str, config: &Value, payload: &'static [u8], force: bool) -> (bool, Manifest) {
+    let run = StageRun::new("demo", tool(), out, config, ShardSpec::single()).unwrap();
+    if let Some(existing) = run.begin(force).unwrap() {
+        return (false, existing);
+    }
+    let artifact = run
+        .write_artifact(
+            "data/part-0.bin",
+            "blob",
+            Bytes::from_static(payload),
+            Some(3),
+        )
+        .unwrap();
+    (
+        true,
+        run.publish(vec![artifact], metrics(3, json!({}))).unwrap(),
+    )
+}
+
+#[test]
+fn manifest_round_trips_through_storage() {
+    let (ran, manifest) = run_stage(
+        "memory://roundtrip/run",
+        &json!({"b": 1, "a": [1, 2]}),
+        b"abc",
+        false,
+    );
+    assert!(ran);
+    let location = Location::parse("memory://roundtrip/run/manifest.json").unwrap();
+    let (read, digest) = Manifest::read(&location).unwrap();
+    assert_eq!(read, manifest);
+    assert_eq!(digest, manifests::digest_bytes(&location.get().unwrap()));
+    assert_eq!(read.schema, "parti.manifest/v1");
+    assert_eq!(read.artifacts[0].rows, Some(3));
+    assert_eq!(read.metrics["rejected"], json!({}));
+    // The hash is of the canonical config: key order does not matter.
+    assert_eq!(
+        manifests::manifest::config_hash(&json!({"a": [1, 2], "b": 1})),
+        read.config_hash
+    );
+}
+
+#[test]
+fn unchanged_stage_skips_and_force_reruns() {
+    let out = "memory://skip/run";
+    let config = json!({"size": 64});
+    assert!(run_stage(out, &config, b"abc", false).0, "first run works");
+    let (ran, _) = run_stage(out, &config, b"abc", false);
+    assert!(!ran, "second run with same config and inputs skips");
+    assert!(run_stage(out, &config, b"abc", true).0, "--force reruns");
+    assert!(
+        run_stage(out, &json!({"size": 65}), b"abc", false).0,
+        "changed config reruns"
+    );
+
+    // A modified artifact makes the stage stale: it never trusts a digest mismatch.
+    Location::parse(out)
+        .unwrap()
+        .join("data/part-0.bin")
+        .put(Bytes::from_static(b"abd"))
+        .unwrap();
+    let run = StageRun::new(
+        "demo",
+        tool(),
+        out,
+        &json!({"size": 65}),
+        ShardSpec::single(),
+    )
+    .unwrap();
+    match run.freshness().unwrap() {
+        Freshness::Stale(reason) => assert!(reason.contains("artifact changed"), "{reason}"),
+        Freshness::UpToDate(_) => panic!("a tampered artifact must not be up to date"),
+    }
+}
+
+#[test]
+fn changed_upstream_makes_downstream_stale() {
+    run_stage("memory://chain/up", &json!({"v": 1}), b"abc", false);
+    let down = |expect_run: bool| {
+        let mut run = StageRun::new(
+            "down",
+            tool(),
+            "memory://chain/down",
+            &json!({}),
+            ShardSpec::single(),
+        )
+        .unwrap();
+        run.upstream("up", "memory://chain/up").unwrap();
+        let skipped = run.begin(false).unwrap().is_some();
+        assert_eq!(!skipped, expect_run);
+        if !skipped {
+            run.publish(vec![], metrics(0, json!({}))).unwrap();
+        }
+    };
+    down(true);
+    down(false);
+    run_stage("memory://chain/up", &json!({"v": 2}), b"xyz", false);
+    down(true);
+}
+
+#[test]
+fn crash_between_artifacts_and_manifest_leaves_no_manifest_and_resumes() {
+    let out = "memory://crash/run";
+    run_stage(out, &json!({"v": 1}), b"old", false);
+    let manifest = Location::parse(out).unwrap().join("manifest.json");
+    assert!(manifest.exists().unwrap());
+
+    // A new config starts; the process dies after writing one artifact.
+    {
+        let run =
+            StageRun::new("demo", tool(), out, &json!({"v": 2}), ShardSpec::single()).unwrap();
+        assert!(run.begin(false).unwrap().is_none());
+        run.write_artifact(
+            "data/part-0.bin",
+            "blob",
+            Bytes::from_static(b"new"),
+            Some(1),
+        )
+        .unwrap();
+        // no publish: simulated crash
+    }
+    assert!(
+        !manifest.exists().unwrap(),
+        "no manifest may point at half-rewritten artifacts"
+    );
+
+    // The rerun keeps the finished artifact (digest-checked) and publishes.
+    let run = StageRun::new("demo", tool(), out, &json!({"v": 2}), ShardSpec::single()).unwrap();
+    assert!(run.begin(false).unwrap().is_none());
+    let kept = run
+        .finished_artifact("data/part-0.bin")
+        .unwrap()
+        .expect("finished artifact is kept");
+    assert_eq!(kept.rows, Some(1));
+    assert!(run.finished_artifact("data/part-1.bin").unwrap().is_none());
+    // A finished artifact that was corrupted afterwards is redone.
+    Location::parse(out)
+        .unwrap()
+        .join("data/part-0.bin")
+        .put(Bytes::from_static(b"bad"))
+        .unwrap();
+    assert!(run.finished_artifact("data/part-0.bin").unwrap().is_none());
+    // A different config never reuses another run's records.
+    let other = StageRun::new("demo", tool(), out, &json!({"v": 3}), ShardSpec::single()).unwrap();
+    assert!(
+        other
+            .finished_artifact("data/part-0.bin")
+            .unwrap()
+            .is_none()
+    );
+}
+
+fn partial(
+    out: &str,
+    index: u32,
+    count: u32,
+    config: &Value,
+    rows: u64,
+    rejected: Value,
+) -> (Location, Manifest) {
+    let run = StageRun::new("demo", tool(), out, config, ShardSpec { index, count }).unwrap();
+    let name = format!("data/job{index}.bin");
+    let artifact = run
+        .write_artifact(&name, "blob", Bytes::from(vec![index as u8; 4]), Some(rows))
+        .unwrap();
+    let manifest = run
+        .publish(vec![artifact], metrics(rows, rejected))
+        .unwrap();
+    (run.manifest_location(), manifest)
+}
+
+#[test]
+fn partial_manifests_merge_into_one() {
+    let out = "memory://merge/run";
+    let config = json!({"k": 1});
+    let parts = vec![
+        partial(out, 1, 3, &config, 5, json!({"duplicate": 1})),
+        partial(
+            out,
+            0,
+            3,
+            &config,
+            7,
+            json!({"decode_error": 2, "duplicate": 1}),
+        ),
+        partial(out, 2, 3, &config, 1, json!({})),
+    ];
+    assert_eq!(parts[0].0.file_name(), "manifest.part-00001-of-00003.json");
+    let target = Location::parse(out).unwrap().join("manifest.json");
+    let merged = merge(&target, &parts).unwrap();
+    assert_eq!(merged.shard, None);
+    assert_eq!(merged.metrics["rows"], json!(13));
+    assert_eq!(
+        merged.metrics["rejected"],
+        json!({"decode_error": 2, "duplicate": 2})
+    );
+    let uris: Vec<&str> = merged.artifacts.iter().map(|a| a.uri.as_str()).collect();
+    assert_eq!(uris, ["data/job0.bin", "data/job1.bin", "data/job2.bin"]);
+    merged.write(&target).unwrap();
+    assert!(merged.verify(&target, true).is_empty());
+
+    let missing = merge(&target, &parts[..2]).unwrap_err().to_string();
+    assert!(
+        missing.contains("[2]") && missing.contains("missing"),
+        "{missing}"
+    );
+    let twice = merge(
+        &target,
+        &[parts[0].clone(), parts[0].clone(), parts[2].clone()],
+    )
+    .unwrap_err();
+    assert!(twice.to_string().contains("twice"), "{twice}");
+    let other = partial("memory://merge/other", 2, 3, &json!({"k": 2}), 1, json!({}));
+    let mixed = merge(&target, &[parts[0].clone(), parts[1].clone(), other]).unwrap_err();
+    assert!(mixed.to_string().contains("different config"), "{mixed}");
+}
+
+#[test]
+fn reading_a_tampered_input_artifact_names_the_file() {
+    run_stage("memory://tamper/run", &json!({}), b"abc", false);
+    let (upstream, _) = Upstream::read("memory://tamper/run").unwrap();
+    let artifact = &upstream.manifest.artifacts[0];
+    assert_eq!(upstream.read_artifact(artifact).unwrap().as_ref(), b"abc");
+    Location::parse("memory://tamper/run/data/part-0.bin")
+        .unwrap()
+        .put(Bytes::from_static(b"abx"))
+        .unwrap();
+    let err = upstream.read_artifact(artifact).unwrap_err().to_string();
+    assert!(
+        err.contains("memory://tamper/run/data/part-0.bin") && err.contains("digest"),
+        "{err}"
+    );
+}
+
+fn manifests_bin(args: &[&str]) -> (i32, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_manifests"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn verify_command_exits_1_and_names_a_corrupt_artifact() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out = out.to_str().unwrap();
+    run_stage(out, &json!({}), b"abc", false);
+    let (code, text) = manifests_bin(&["verify", out]);
+    assert_eq!(code, 0, "{text}");
+    // Same size, different content: only the digest can tell.
+    let file = dir.path().join("run/data/part-0.bin");
+    std::fs::write(&file, b"abd").unwrap();
+    let (code, text) = manifests_bin(&["verify", out]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains(file.to_str().unwrap()) && text.contains("digest"),
+        "{text}"
+    );
+    let (code, _) = manifests_bin(&["verify", "--sizes-only", out]);
+    assert_eq!(code, 0, "a size-only check cannot see a same-size change");
+    std::fs::write(&file, b"abcd").unwrap();
+    let (code, text) = manifests_bin(&["verify", "--sizes-only", out]);
+    assert_eq!(code, 1, "{text}");
+}
+
+#[test]
+fn merge_and_lineage_commands_work_on_local_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = dir.path().join("up");
+    let up = up.to_str().unwrap();
+    let config = json!({"k": 1});
+    partial(up, 0, 2, &config, 2, json!({}));
+    partial(up, 1, 2, &config, 3, json!({"too_small": 1}));
+    let (code, text) = manifests_bin(&["merge", up, up]);
+    assert_eq!(code, 0, "{text}");
+    let (merged, _) = Upstream::read(up).unwrap();
+    assert_eq!(merged.manifest.metric_u64("rows"), Some(5));
+
+    let down = dir.path().join("down");
+    let mut run = StageRun::new(
+        "down",
+        tool(),
+        down.to_str().unwrap(),
+        &json!({}),
+        ShardSpec::single(),
+    )
+    .unwrap();
+    run.upstream("pairs", up).unwrap();
+    run.publish(vec![], Map::new()).unwrap();
+    let entries = lineage(down.to_str().unwrap()).unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[1].stage.as_deref(), Some("demo"));
+    assert_eq!(entries[1].status, "ok");
+    let (code, text) = manifests_bin(&["lineage", down.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("pairs [demo]"), "{text}");
+
+    // Rewriting the upstream manifest breaks the recorded link.
+    let (code, _) = manifests_bin(&["merge", up, up]);
+    assert_eq!(code, 0);
+    let (code, text) = manifests_bin(&["lineage", down.to_str().unwrap()]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("changed"), "{text}");
+}

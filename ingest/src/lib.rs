@@ -1,1 +1,172 @@
+//! Ingest: image-text pairs and text corpora into Parquet shards, locally or on buckets, as one
+//! job or as a cloud batch array.
+//!
+//! - [`pairs`]: folders, MS-COCO, CSV/TSV/JSONL, img2dataset parquet and webdataset tars.
+//! - [`text`]: C4-style `json.gz`, JSONL and plain text corpora.
+//! - [`synth`]: the embedded default data (captioned shapes), so the pipeline needs no download.
 
+pub mod pairs;
+pub mod process;
+pub mod shard;
+pub mod sources;
+pub mod synth;
+pub mod text;
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use manifests::{Location, ShardSpec, StageRun, Tool};
+use serde_json::{Map, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Manifest(#[from] manifests::Error),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+pub fn tool() -> Tool {
+    Tool {
+        name: "ingest".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+/// How a stage runs, as opposed to what it computes (which is its config).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub out: String,
+    pub force: bool,
+    pub shard: ShardSpec,
+    /// Draw a progress bar (on a terminal only; otherwise progress is logged per shard).
+    pub progress: bool,
+}
+
+/// The contiguous slice of `n` units that job `shard.index` of `shard.count` handles.
+pub fn job_range(n: usize, shard: ShardSpec) -> Range<usize> {
+    let count = shard.count.max(1) as usize;
+    let index = shard.index as usize;
+    (index * n / count)..((index + 1) * n / count)
+}
+
+/// Identifies raw source data by its listing (names, sizes, change markers), which changes
+/// whenever a file is added, removed or rewritten, without reading every byte.
+pub fn source_digest(locations: &[Location]) -> Result<String, Error> {
+    let mut listing = String::new();
+    for location in locations {
+        let objects = if location.exists()? {
+            vec![manifests::ObjectInfo {
+                location: location.clone(),
+                size: location.size()?,
+                e_tag: None,
+            }]
+        } else {
+            location.list()?
+        };
+        for object in objects {
+            let name = object.location.relative_to(location).unwrap_or_default();
+            listing.push_str(&format!(
+                "{}\t{name}\t{}\t{}\n",
+                location.uri(),
+                object.size,
+                object.e_tag.unwrap_or_default()
+            ));
+        }
+    }
+    Ok(manifests::digest_bytes(listing.as_bytes()))
+}
+
+/// Records where the input came from. When it is the output of another parti stage (a
+/// `manifest.json` in the input folder or the one above it), that manifest becomes the
+/// upstream input and every artifact it lists is digest-checked first; otherwise the raw
+/// sources are identified by their listings.
+pub fn record_input(
+    run: &mut StageRun,
+    input: &Location,
+    extra_sources: &[Location],
+) -> Result<(), Error> {
+    let candidates = [
+        input.join(manifests::MANIFEST_FILE),
+        input.parent().join(manifests::MANIFEST_FILE),
+    ];
+    let mut upstream = None;
+    for candidate in candidates {
+        if candidate.exists()? && manifests::Manifest::read(&candidate).is_ok() {
+            upstream = Some(candidate);
+            break;
+        }
+    }
+    match upstream {
+        Some(manifest) => {
+            let upstream = run.upstream("source", &manifest.uri())?;
+            if let Some(problem) = upstream.manifest.verify(&upstream.location, true).first() {
+                return Err(Error::Usage(format!(
+                    "upstream stage {} has a bad artifact: {problem}",
+                    upstream.manifest.stage
+                )));
+            }
+            if !extra_sources.is_empty() {
+                run.source_input(
+                    "extra",
+                    &extra_sources[0].uri(),
+                    source_digest(extra_sources)?,
+                );
+            }
+        }
+        None => {
+            let all: Vec<Location> = std::iter::once(input.clone())
+                .chain(extra_sources.iter().cloned())
+                .collect();
+            run.source_input("source", &input.uri(), source_digest(&all)?);
+        }
+    }
+    Ok(())
+}
+
+/// Rows and rejections, counted across shards.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub rows: u64,
+    pub rejected: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    /// Adds a shard's rows and the rejection counts kept in its note.
+    pub fn add_note(&mut self, note: &Value, rows: u64) {
+        self.rows += rows;
+        if let Some(rejected) = note.get("rejected").and_then(Value::as_object) {
+            for (reason, count) in rejected {
+                *self.rejected.entry(reason.clone()).or_default() += count.as_u64().unwrap_or(0);
+            }
+        }
+    }
+
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.values().sum()
+    }
+
+    pub fn metrics(&self) -> Map<String, Value> {
+        pairs::data_metrics(self.rows, &self.rejected)
+    }
+}
+
+pub fn progress_bar(total: u64, enabled: bool, unit: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(
+        Some(total),
+        if enabled {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
+    let template =
+        format!("{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}) {{msg}}");
+    if let Ok(style) = ProgressStyle::with_template(&template) {
+        bar.set_style(style);
+    }
+    bar
+}

@@ -1,1 +1,222 @@
-fn main() {}
+//! `ingest`: the first stage of the parti pipeline.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ingest::RunOptions;
+use ingest::pairs::{PairsConfig, ingest_pairs};
+use ingest::process::{OutputFormat, ResizeMode};
+use ingest::sources::{CocoCaptions, InputFormat};
+use ingest::synth::{SynthConfig, synth};
+use ingest::text::{TextConfig, ingest_text};
+use manifests::cli::{JobArgs, StageArgs};
+use manifests::config::layered;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Image-text pairs and text corpora into Parquet shards.",
+    long_about = "\
+Image-text pairs and text corpora into Parquet shards, with a manifest at OUT/manifest.json.
+
+Inputs and outputs may be local paths or bucket URIs (s3://, gs://, az://); credentials come \
+from the environment. A rerun with unchanged inputs and config is skipped; a killed run resumes \
+where it stopped. For a cloud batch array, give each job --shard-index/--num-shards (or let \
+JOB_COMPLETION_INDEX / AWS_BATCH_JOB_ARRAY_INDEX / CLOUD_RUN_TASK_INDEX set them) and join the \
+jobs' manifests with `manifests merge`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Image-text pairs (folder, COCO, CSV/TSV/JSONL, img2dataset parquet, webdataset tars).
+    Pairs(PairsArgs),
+    /// Text corpora (C4 json.gz, JSONL, plain text) for text-encoder pretraining.
+    Text(TextArgs),
+    /// Generate the embedded default data set (captioned shapes and a small text corpus).
+    Synth(SynthArgs),
+}
+
+#[derive(Args)]
+struct PairsArgs {
+    #[command(flatten)]
+    stage: StageArgs,
+    #[command(flatten)]
+    job: JobArgs,
+    /// Input file or folder (local path or bucket URI).
+    #[arg(long)]
+    input: Option<String>,
+    #[arg(long, value_enum)]
+    format: Option<InputFormat>,
+    /// Folder that image paths in COCO/CSV/TSV/JSONL are relative to.
+    #[arg(long)]
+    image_root: Option<String>,
+    #[arg(long, value_enum)]
+    coco_captions: Option<CocoCaptions>,
+    /// Image path column or JSON field (0-based index with --no-header).
+    #[arg(long)]
+    image_column: Option<String>,
+    /// Caption column or JSON field (0-based index with --no-header).
+    #[arg(long)]
+    caption_column: Option<String>,
+    /// CSV/TSV files have no header row (CC3M: caption=0 url=1; CC12M: url=0 caption=1).
+    #[arg(long)]
+    no_header: bool,
+    /// Output side in pixels (256 default; 64 in the tiny preset).
+    #[arg(long)]
+    size: Option<u32>,
+    #[arg(long, value_enum)]
+    resize_mode: Option<ResizeMode>,
+    #[arg(long)]
+    min_source_size: Option<u32>,
+    #[arg(long)]
+    max_aspect_ratio: Option<f32>,
+    /// Images declaring more pixels than this are refused before decoding.
+    #[arg(long)]
+    max_source_pixels: Option<u64>,
+    #[arg(long)]
+    max_caption_chars: Option<usize>,
+    #[arg(long, value_enum)]
+    output_format: Option<OutputFormat>,
+    #[arg(long)]
+    jpeg_quality: Option<u8>,
+    /// Samples per output shard.
+    #[arg(long)]
+    shard_rows: Option<usize>,
+}
+
+#[derive(Args)]
+struct TextArgs {
+    #[command(flatten)]
+    stage: StageArgs,
+    #[command(flatten)]
+    job: JobArgs,
+    #[arg(long)]
+    input: Option<String>,
+    /// JSON field holding the document.
+    #[arg(long)]
+    text_field: Option<String>,
+    /// Minimum document length in characters.
+    #[arg(long)]
+    min_chars: Option<usize>,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    #[command(flatten)]
+    stage: StageArgs,
+    /// Number of captioned images.
+    #[arg(long)]
+    images: Option<usize>,
+    #[arg(long)]
+    size: Option<u32>,
+    /// Number of documents in the text corpus.
+    #[arg(long)]
+    documents: Option<usize>,
+}
+
+fn options(stage: &StageArgs, job: Option<&JobArgs>) -> Result<RunOptions> {
+    Ok(RunOptions {
+        out: stage.out.clone(),
+        force: stage.force,
+        shard: match job {
+            Some(job) => job.shard()?,
+            None => manifests::ShardSpec::single(),
+        },
+        progress: std::io::stderr().is_terminal(),
+    })
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Pairs(args) => {
+            let preset =
+                PairsConfig::preset(args.stage.preset.as_deref().unwrap_or("default"), "")?;
+            let overrides = json!({
+                "source": {
+                    "input": args.input,
+                    "format": args.format,
+                    "image_root": args.image_root,
+                    "coco_captions": args.coco_captions,
+                    "image_column": args.image_column,
+                    "caption_column": args.caption_column,
+                    "has_header": if args.no_header { Some(false) } else { None },
+                },
+                "image": {
+                    "size": args.size,
+                    "resize_mode": args.resize_mode,
+                    "min_source_size": args.min_source_size,
+                    "max_aspect_ratio": args.max_aspect_ratio,
+                    "max_source_pixels": args.max_source_pixels,
+                    "max_caption_chars": args.max_caption_chars,
+                    "output_format": args.output_format,
+                    "jpeg_quality": args.jpeg_quality,
+                },
+                "shard_rows": args.shard_rows,
+            });
+            let config: PairsConfig = layered(&preset, args.stage.config.as_deref(), overrides)?;
+            anyhow::ensure!(
+                !config.source.input.is_empty(),
+                "give --input (or source.input in --config)"
+            );
+            let manifest = ingest_pairs(&config, &options(&args.stage, Some(&args.job))?)
+                .with_context(|| format!("ingest pairs from {}", config.source.input))?;
+            summary(&manifest);
+        }
+        Command::Text(args) => {
+            let overrides = json!({"input": args.input, "text_field": args.text_field, "min_chars": args.min_chars});
+            let config: TextConfig = layered(
+                &TextConfig::preset(""),
+                args.stage.config.as_deref(),
+                overrides,
+            )?;
+            anyhow::ensure!(
+                !config.input.is_empty(),
+                "give --input (or input in --config)"
+            );
+            let manifest = ingest_text(&config, &options(&args.stage, Some(&args.job))?)
+                .with_context(|| format!("ingest text from {}", config.input))?;
+            summary(&manifest);
+        }
+        Command::Synth(args) => {
+            let preset = SynthConfig::preset(args.stage.preset.as_deref().unwrap_or("tiny"))?;
+            let overrides = json!({"images": args.images, "size": args.size, "documents": args.documents, "seed": args.stage.seed});
+            let config: SynthConfig = layered(&preset, args.stage.config.as_deref(), overrides)?;
+            let manifest = synth(&config, &options(&args.stage, None)?).context("ingest synth")?;
+            summary(&manifest);
+        }
+    }
+    Ok(())
+}
+
+/// The final line a person or a batch log reads.
+fn summary(manifest: &manifests::Manifest) {
+    println!(
+        "{}: {} rows, rejected {}, {} artifacts",
+        manifest.stage,
+        manifest.metric_u64("rows").unwrap_or(0),
+        manifest
+            .metrics
+            .get("rejected")
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "{}".into()),
+        manifest.artifacts.len()
+    );
+}
+
+fn main() -> ExitCode {
+    manifests::cli::init_logging();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

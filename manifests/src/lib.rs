@@ -20,7 +20,7 @@ pub mod testing;
 pub use manifest::{
     Artifact, Input, MANIFEST_FILE, Manifest, Problem, SCHEMA, ShardSpec, Tool, manifest_location,
 };
-pub use stage::{Freshness, StageRun, Upstream};
+pub use stage::{Finished, Freshness, StageRun, Upstream};
 pub use storage::{Location, ObjectInfo};
 
 /// `blake3:<hex>`: the digest used for artifacts, manifests and configs.

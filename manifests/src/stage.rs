@@ -44,6 +44,13 @@ impl Upstream {
     }
 }
 
+/// An artifact kept from an interrupted run.
+pub struct Finished {
+    pub artifact: Artifact,
+    pub note: Value,
+    pub bytes: Bytes,
+}
+
 /// Whether a stage needs to run.
 #[derive(Debug)]
 pub enum Freshness {
@@ -193,7 +200,9 @@ impl StageRun {
         Ok(None)
     }
 
-    fn work_record(&self, relative_uri: &str) -> Location {
+    /// This job's resume records: keyed by config and inputs, so a changed run never reuses
+    /// them, and by job, so the jobs of an array sharing one output never touch each other's.
+    fn work_dir(&self) -> Location {
         let hash = self.config_hash.trim_start_matches("blake3:");
         let inputs = digest_bytes(
             serde_json::to_string(&self.inputs)
@@ -201,9 +210,14 @@ impl StageRun {
                 .as_bytes(),
         );
         let run_id = format!("{}-{}", &hash[..16], &inputs["blake3:".len()..][..16]);
-        self.out
-            .join(WORK_DIR)
-            .join(&run_id)
+        self.out.join(WORK_DIR).join(&run_id).join(&format!(
+            "job-{:05}-of-{:05}",
+            self.shard.index, self.shard.count
+        ))
+    }
+
+    fn work_record(&self, relative_uri: &str) -> Location {
+        self.work_dir()
             .join(&format!("{}.json", relative_uri.replace('/', "__")))
     }
 
@@ -216,6 +230,19 @@ impl StageRun {
         bytes: Bytes,
         rows: Option<u64>,
     ) -> Result<Artifact, Error> {
+        self.write_artifact_noted(relative_uri, kind, bytes, rows, Value::Null)
+    }
+
+    /// Like [`StageRun::write_artifact`], keeping `note` (e.g. the artifact's rejection counts)
+    /// beside the resume record, for [`StageRun::finished_artifact_noted`].
+    pub fn write_artifact_noted(
+        &self,
+        relative_uri: &str,
+        kind: &str,
+        bytes: Bytes,
+        rows: Option<u64>,
+        note: Value,
+    ) -> Result<Artifact, Error> {
         let artifact = Artifact {
             uri: relative_uri.to_string(),
             kind: kind.to_string(),
@@ -224,24 +251,42 @@ impl StageRun {
             rows,
         };
         self.out.join(relative_uri).put(bytes)?;
-        let record = serde_json::to_vec(&artifact).unwrap_or_default();
-        self.work_record(relative_uri).put(Bytes::from(record))?;
+        let record = serde_json::json!({ "artifact": artifact, "note": note });
+        self.work_record(relative_uri)
+            .put(Bytes::from(record.to_string()))?;
         Ok(artifact)
     }
 
     /// An artifact finished by an earlier, interrupted run with the same config and inputs, if
     /// it is still intact (verified by digest).
     pub fn finished_artifact(&self, relative_uri: &str) -> Result<Option<Artifact>, Error> {
+        Ok(self
+            .finished_artifact_noted(relative_uri)?
+            .map(|f| f.artifact))
+    }
+
+    /// The finished artifact with its note and its (verified) contents.
+    pub fn finished_artifact_noted(&self, relative_uri: &str) -> Result<Option<Finished>, Error> {
         let record = match self.work_record(relative_uri).get() {
             Ok(bytes) => bytes,
             Err(Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let Ok(artifact) = serde_json::from_slice::<Artifact>(&record) else {
+        #[derive(serde::Deserialize)]
+        struct Record {
+            artifact: Artifact,
+            #[serde(default)]
+            note: Value,
+        }
+        let Ok(record) = serde_json::from_slice::<Record>(&record) else {
             return Ok(None);
         };
-        match read_verified(&self.out.join(relative_uri), &artifact) {
-            Ok(_) => Ok(Some(artifact)),
+        match read_verified(&self.out.join(relative_uri), &record.artifact) {
+            Ok(bytes) => Ok(Some(Finished {
+                artifact: record.artifact,
+                note: record.note,
+                bytes,
+            })),
             Err(e) => {
                 debug!("redoing {relative_uri}: {e}");
                 Ok(None)
@@ -269,9 +314,17 @@ impl StageRun {
         };
         let location = self.manifest_location();
         manifest.write(&location)?;
-        let work = self.work_record("x").parent();
+        let work = self.work_dir();
         for object in work.list()? {
             object.location.delete()?;
+        }
+        // Locally, also remove this job's folder (with any staging file a killed write left)
+        // and its parents when empty (remove_dir refuses a folder another job still uses).
+        if let Some(path) = work.local_path() {
+            let _ = std::fs::remove_dir_all(&path);
+            for dir in path.ancestors().skip(1).take(2) {
+                let _ = std::fs::remove_dir(dir);
+            }
         }
         info!(stage = %self.stage, manifest = %location, "published");
         Ok(manifest)

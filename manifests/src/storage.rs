@@ -293,7 +293,13 @@ impl Location {
             .map_err(|e| self.store_error("stat", e))
     }
 
+    /// Whether an object (a file, not a folder) is here.
     pub fn exists(&self) -> Result<bool, Error> {
+        // Locally a path below a file is an error for object_store ("not a directory");
+        // for a caller asking "is there a file here", it is simply "no".
+        if let Some(path) = self.local_path() {
+            return Ok(path.is_file());
+        }
         match block_on(self.store.head(&self.path)) {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),

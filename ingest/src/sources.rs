@@ -1,0 +1,634 @@
+//! Input formats: what one unit of work is in each, and how a unit becomes raw samples.
+//!
+//! Units are enumerated in a deterministic order by every job, then each job takes its
+//! contiguous range. A unit is one sample whose image is its own object (folder layout, COCO,
+//! CSV/TSV/JSONL) or one container holding many samples (img2dataset parquet, webdataset tar).
+
+use std::collections::BTreeMap;
+use std::io::{Cursor, Read};
+
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::DataType;
+use bytes::Bytes;
+use manifests::{Location, table};
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum InputFormat {
+    /// Decide from the input's extension or the files in the folder.
+    Auto,
+    /// KEY.jpg|png|webp|bmp + KEY.txt (+ KEY.json), img2dataset's "files" layout.
+    Folder,
+    /// MS-COCO captions JSON; images under --image-root (default: the JSON's folder).
+    Coco,
+    Csv,
+    Tsv,
+    Jsonl,
+    /// img2dataset parquet shards with image bytes.
+    Parquet,
+    /// webdataset tars ({key}.jpg, {key}.txt, {key}.json).
+    Webdataset,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum CocoCaptions {
+    /// One row per (image, caption).
+    All,
+    /// One row per image, with its first caption.
+    First,
+}
+
+/// Where and how to find the samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub input: String,
+    pub format: InputFormat,
+    /// Folder that image paths in COCO/CSV/TSV/JSONL are relative to (default: the file's folder).
+    pub image_root: Option<String>,
+    pub coco_captions: CocoCaptions,
+    /// Column (or JSON field) with the image path; a 0-based index when `has_header` is false.
+    pub image_column: String,
+    pub caption_column: String,
+    /// Whether CSV/TSV files start with a header row (CC3M and CC12M do not).
+    pub has_header: bool,
+}
+
+const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "bmp"];
+
+#[derive(Debug, Clone)]
+pub enum CaptionRef {
+    Text(Vec<u8>),
+    File(Location),
+    Missing,
+}
+
+#[derive(Debug, Clone)]
+pub enum Unit {
+    Sample {
+        key: String,
+        image: Location,
+        caption: CaptionRef,
+        metadata: Option<Location>,
+    },
+    Container(Location),
+    /// Found broken while enumerating (a malformed table row, a caption without an image).
+    Rejected {
+        key: String,
+        reason: &'static str,
+    },
+}
+
+/// A sample with its bytes in hand, or the reason it has none.
+pub struct Loaded {
+    pub key: String,
+    /// Identity of the picture's origin (file URI, or container URI and member); two samples
+    /// with the same image bytes from different origins are duplicates.
+    pub source: String,
+    pub image: Result<Bytes, &'static str>,
+    pub caption: Option<Vec<u8>>,
+    pub metadata: Option<String>,
+}
+
+fn extension(name: &str) -> Option<String> {
+    name.rsplit_once('.')
+        .map(|(_, ext)| ext.to_ascii_lowercase())
+}
+
+/// Resolves `auto` from the input's extension, or from the files inside a folder.
+pub fn detect_format(input: &Location, format: InputFormat) -> Result<InputFormat, Error> {
+    if format != InputFormat::Auto {
+        return Ok(format);
+    }
+    let by_extension = |name: &str| match extension(name).as_deref() {
+        Some("json") => Some(InputFormat::Coco),
+        Some("csv") => Some(InputFormat::Csv),
+        Some("tsv") => Some(InputFormat::Tsv),
+        Some("jsonl") => Some(InputFormat::Jsonl),
+        Some("parquet") => Some(InputFormat::Parquet),
+        Some("tar") => Some(InputFormat::Webdataset),
+        _ => None,
+    };
+    if input.exists()? {
+        return by_extension(input.file_name()).ok_or_else(|| {
+            Error::Usage(format!(
+                "{input}: cannot tell the format from the name; pass --format"
+            ))
+        });
+    }
+    let listed = input.list()?;
+    if listed.is_empty() {
+        return Err(Error::Usage(format!(
+            "{input}: no such file or folder, or it is empty"
+        )));
+    }
+    let has = |ext: &str| {
+        listed
+            .iter()
+            .any(|o| extension(o.location.file_name()).as_deref() == Some(ext))
+    };
+    Ok(if has("tar") {
+        InputFormat::Webdataset
+    } else if has("parquet") {
+        InputFormat::Parquet
+    } else {
+        InputFormat::Folder
+    })
+}
+
+/// Enumerates the units of work, in the same order for every job.
+pub fn enumerate(config: &SourceConfig, format: InputFormat) -> Result<Vec<Unit>, Error> {
+    let input = Location::parse(&config.input)?;
+    match format {
+        InputFormat::Auto => enumerate(config, detect_format(&input, format)?),
+        InputFormat::Folder => folder_units(&input),
+        InputFormat::Coco => coco_units(config, &input),
+        InputFormat::Csv | InputFormat::Tsv => table_units(config, &input, format),
+        InputFormat::Jsonl => jsonl_units(config, &input),
+        InputFormat::Parquet | InputFormat::Webdataset => {
+            let wanted = if format == InputFormat::Parquet {
+                "parquet"
+            } else {
+                "tar"
+            };
+            let files: Vec<Location> = if input.exists()? {
+                vec![input]
+            } else {
+                input
+                    .list()?
+                    .into_iter()
+                    .map(|o| o.location)
+                    .filter(|l| extension(l.file_name()).as_deref() == Some(wanted))
+                    .collect()
+            };
+            Ok(files.into_iter().map(Unit::Container).collect())
+        }
+    }
+}
+
+#[derive(Default)]
+struct FolderGroup {
+    image: Option<Location>,
+    /// More images with the same key (`x.jpg` beside `x.png`): counted, not silently dropped.
+    extra_images: Vec<Location>,
+    caption: Option<Location>,
+    metadata: Option<Location>,
+}
+
+fn folder_units(input: &Location) -> Result<Vec<Unit>, Error> {
+    let mut groups: BTreeMap<String, FolderGroup> = BTreeMap::new();
+    for object in input.list()? {
+        let Some(relative) = object.location.relative_to(input) else {
+            continue;
+        };
+        let Some((stem, ext)) = relative.rsplit_once('.') else {
+            continue;
+        };
+        let ext = ext.to_ascii_lowercase();
+        let group = groups.entry(stem.to_string()).or_default();
+        match ext.as_str() {
+            "txt" => group.caption = Some(object.location),
+            "json" => group.metadata = Some(object.location),
+            e if IMAGE_EXTENSIONS.contains(&e) => match group.image {
+                None => group.image = Some(object.location),
+                Some(_) => group.extra_images.push(object.location),
+            },
+            _ => {}
+        }
+    }
+    let mut units = Vec::new();
+    for (key, group) in groups {
+        for extra in &group.extra_images {
+            units.push(Unit::Rejected {
+                key: extra.uri(),
+                reason: "duplicate_key",
+            });
+        }
+        match group.image {
+            Some(image) => units.push(Unit::Sample {
+                key,
+                image,
+                caption: group.caption.map_or(CaptionRef::Missing, CaptionRef::File),
+                metadata: group.metadata,
+            }),
+            None if group.caption.is_some() => units.push(Unit::Rejected {
+                key,
+                reason: "no_image",
+            }),
+            None => {}
+        }
+    }
+    Ok(units)
+}
+
+fn image_root(config: &SourceConfig, table: &Location) -> Result<Location, Error> {
+    match &config.image_root {
+        Some(root) => Ok(Location::parse(root)?),
+        None => Ok(table.parent()),
+    }
+}
+
+/// A path in a table: absolute URI/path as given, otherwise relative to the image root.
+fn image_location(root: &Location, path: &str) -> Result<Location, Error> {
+    if path.contains("://") || path.starts_with('/') {
+        Ok(Location::parse(path)?)
+    } else {
+        Ok(root.join(path))
+    }
+}
+
+#[derive(Deserialize)]
+struct CocoFile {
+    images: Vec<CocoImage>,
+    annotations: Vec<CocoAnnotation>,
+}
+#[derive(Deserialize)]
+struct CocoImage {
+    id: u64,
+    file_name: String,
+}
+#[derive(Deserialize)]
+struct CocoAnnotation {
+    #[serde(default)]
+    id: u64,
+    image_id: u64,
+    caption: String,
+}
+
+fn coco_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Error> {
+    let bytes = input.get()?;
+    let coco: CocoFile = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Usage(format!("{input}: not an MS-COCO captions file: {e}")))?;
+    let root = image_root(config, input)?;
+    let mut captions: BTreeMap<u64, Vec<&CocoAnnotation>> = BTreeMap::new();
+    for annotation in &coco.annotations {
+        captions
+            .entry(annotation.image_id)
+            .or_default()
+            .push(annotation);
+    }
+    let mut images: Vec<&CocoImage> = coco.images.iter().collect();
+    images.sort_by_key(|image| image.id);
+    let mut units = Vec::new();
+    for image in images {
+        let key = format!("{:012}", image.id);
+        let location = match image_location(&root, &image.file_name) {
+            Ok(location) => location,
+            Err(_) => {
+                units.push(Unit::Rejected {
+                    key,
+                    reason: "bad_path",
+                });
+                continue;
+            }
+        };
+        let annotations = captions
+            .get(&image.id)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let chosen: &[&CocoAnnotation] = match config.coco_captions {
+            CocoCaptions::First => annotations.get(..1).unwrap_or_default(),
+            CocoCaptions::All => annotations,
+        };
+        if chosen.is_empty() {
+            units.push(Unit::Rejected {
+                key: key.clone(),
+                reason: "no_caption",
+            });
+        }
+        for annotation in chosen {
+            let key = match config.coco_captions {
+                CocoCaptions::First => key.clone(),
+                CocoCaptions::All => format!("{key}-{:09}", annotation.id),
+            };
+            units.push(Unit::Sample {
+                key,
+                image: location.clone(),
+                caption: CaptionRef::Text(annotation.caption.clone().into_bytes()),
+                metadata: None,
+            });
+        }
+    }
+    Ok(units)
+}
+
+fn table_units(
+    config: &SourceConfig,
+    input: &Location,
+    format: InputFormat,
+) -> Result<Vec<Unit>, Error> {
+    let bytes = input.get()?;
+    let root = image_root(config, input)?;
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(if format == InputFormat::Tsv {
+            b'\t'
+        } else {
+            b','
+        })
+        .has_headers(config.has_header)
+        .flexible(true)
+        .quoting(format == InputFormat::Csv)
+        .from_reader(Cursor::new(bytes));
+    let column_index = |name: &str, headers: Option<&csv::ByteRecord>| -> Result<usize, Error> {
+        match headers {
+            Some(headers) => headers.iter().position(|h| h == name.as_bytes()).ok_or_else(|| {
+                Error::Usage(format!("{input}: no column '{name}' in the header (use --image-column/--caption-column)"))
+            }),
+            None => name.parse().map_err(|_| {
+                Error::Usage(format!("{input}: without a header, columns are 0-based indices, not '{name}'"))
+            }),
+        }
+    };
+    let headers = if config.has_header {
+        Some(
+            reader
+                .byte_headers()
+                .map_err(|e| Error::Usage(format!("{input}: {e}")))?
+                .clone(),
+        )
+    } else {
+        None
+    };
+    let image_col = column_index(&config.image_column, headers.as_ref())?;
+    let caption_col = column_index(&config.caption_column, headers.as_ref())?;
+    let mut units = Vec::new();
+    for (row, record) in reader.byte_records().enumerate() {
+        let key = format!("{row:09}");
+        let Ok(record) = record else {
+            units.push(Unit::Rejected {
+                key,
+                reason: "malformed_row",
+            });
+            continue;
+        };
+        let (Some(path), caption) = (record.get(image_col), record.get(caption_col)) else {
+            units.push(Unit::Rejected {
+                key,
+                reason: "malformed_row",
+            });
+            continue;
+        };
+        let Ok(path) = std::str::from_utf8(path) else {
+            units.push(Unit::Rejected {
+                key,
+                reason: "bad_path",
+            });
+            continue;
+        };
+        units.push(sample_from_row(
+            &root,
+            key,
+            path,
+            caption.map(<[u8]>::to_vec),
+        ));
+    }
+    Ok(units)
+}
+
+fn sample_from_row(root: &Location, key: String, path: &str, caption: Option<Vec<u8>>) -> Unit {
+    match image_location(root, path.trim()) {
+        Ok(image) if !path.trim().is_empty() => Unit::Sample {
+            key,
+            image,
+            caption: caption.map_or(CaptionRef::Missing, CaptionRef::Text),
+            metadata: None,
+        },
+        _ => Unit::Rejected {
+            key,
+            reason: "bad_path",
+        },
+    }
+}
+
+fn jsonl_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Error> {
+    let bytes = input.get()?;
+    let root = image_root(config, input)?;
+    let mut units = Vec::new();
+    for (row, line) in bytes.split(|b| *b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let key = format!("{row:09}");
+        let Ok(serde_json::Value::Object(object)) = serde_json::from_slice(line) else {
+            units.push(Unit::Rejected {
+                key,
+                reason: "malformed_row",
+            });
+            continue;
+        };
+        let Some(path) = object.get(&config.image_column).and_then(|v| v.as_str()) else {
+            units.push(Unit::Rejected {
+                key,
+                reason: "bad_path",
+            });
+            continue;
+        };
+        let caption = object
+            .get(&config.caption_column)
+            .and_then(|v| v.as_str())
+            .map(|s| s.as_bytes().to_vec());
+        units.push(sample_from_row(&root, key, path, caption));
+    }
+    Ok(units)
+}
+
+/// Reads what a unit refers to. A missing or unreadable object is a rejection of that sample,
+/// never an error of the run; a container that cannot be read at all is one rejection.
+pub fn load(unit: &Unit) -> Vec<Loaded> {
+    match unit {
+        Unit::Rejected { key, reason } => vec![Loaded {
+            key: key.clone(),
+            source: String::new(),
+            image: Err(reason),
+            caption: None,
+            metadata: None,
+        }],
+        Unit::Sample {
+            key,
+            image,
+            caption,
+            metadata,
+        } => {
+            let caption = match caption {
+                CaptionRef::Text(text) => Some(text.clone()),
+                CaptionRef::File(location) => location.get().ok().map(|b| b.to_vec()),
+                CaptionRef::Missing => None,
+            };
+            let metadata = metadata
+                .as_ref()
+                .and_then(|l| l.get().ok())
+                .and_then(|b| String::from_utf8(b.to_vec()).ok());
+            vec![Loaded {
+                key: key.clone(),
+                source: image.uri(),
+                image: image.get().map_err(|e| match e {
+                    manifests::Error::NotFound { .. } => "missing_file",
+                    _ => "unreadable",
+                }),
+                caption,
+                metadata,
+            }]
+        }
+        Unit::Container(location) => {
+            let rejected = |reason| {
+                vec![Loaded {
+                    key: location.file_name().to_string(),
+                    source: location.uri(),
+                    image: Err(reason),
+                    caption: None,
+                    metadata: None,
+                }]
+            };
+            let Ok(bytes) = location.get() else {
+                return rejected("unreadable");
+            };
+            let name = location.file_name();
+            let result = if name.ends_with(".tar") {
+                Ok(tar_samples(location, bytes))
+            } else {
+                parquet_samples(location, bytes)
+            };
+            result.unwrap_or_else(rejected)
+        }
+    }
+}
+
+fn tar_samples(location: &Location, bytes: Bytes) -> Vec<Loaded> {
+    #[derive(Default)]
+    struct Member {
+        image: Option<Vec<u8>>,
+        caption: Option<Vec<u8>>,
+        metadata: Option<String>,
+    }
+    let mut members: BTreeMap<String, Member> = BTreeMap::new();
+    let mut archive = tar::Archive::new(Cursor::new(bytes));
+    let mut truncated = false;
+    match archive.entries() {
+        Ok(entries) => {
+            for entry in entries {
+                let Ok(mut entry) = entry else {
+                    truncated = true;
+                    break;
+                };
+                let Ok(path) = entry.path().map(|p| p.to_string_lossy().into_owned()) else {
+                    continue;
+                };
+                let Some((stem, ext)) = path.rsplit_once('.') else {
+                    continue;
+                };
+                let mut data = Vec::new();
+                if entry.read_to_end(&mut data).is_err() {
+                    truncated = true;
+                    break;
+                }
+                let member = members.entry(stem.to_string()).or_default();
+                match ext.to_ascii_lowercase().as_str() {
+                    "txt" => member.caption = Some(data),
+                    "json" => member.metadata = String::from_utf8(data).ok(),
+                    e if IMAGE_EXTENSIONS.contains(&e) => member.image = Some(data),
+                    _ => {}
+                }
+            }
+        }
+        Err(_) => truncated = true,
+    }
+    let mut samples: Vec<Loaded> = members
+        .into_iter()
+        .map(|(key, member)| Loaded {
+            source: format!("{}#{key}", location.uri()),
+            image: member.image.map(Bytes::from).ok_or("no_image"),
+            caption: member.caption,
+            metadata: member.metadata,
+            key,
+        })
+        .collect();
+    if truncated {
+        samples.push(Loaded {
+            key: format!("{}#truncated", location.file_name()),
+            source: location.uri(),
+            image: Err("truncated_archive"),
+            caption: None,
+            metadata: None,
+        });
+    }
+    samples
+}
+
+fn string_at(array: &ArrayRef, i: usize) -> Option<String> {
+    if array.is_null(i) {
+        return None;
+    }
+    match array.data_type() {
+        DataType::Utf8 => Some(array.as_string::<i32>().value(i).to_string()),
+        DataType::LargeUtf8 => Some(array.as_string::<i64>().value(i).to_string()),
+        DataType::Utf8View => Some(array.as_string_view().value(i).to_string()),
+        _ => None,
+    }
+}
+
+fn binary_at(array: &ArrayRef, i: usize) -> Option<Bytes> {
+    if array.is_null(i) {
+        return None;
+    }
+    match array.data_type() {
+        DataType::Binary => Some(Bytes::copy_from_slice(array.as_binary::<i32>().value(i))),
+        DataType::LargeBinary => Some(Bytes::copy_from_slice(array.as_binary::<i64>().value(i))),
+        DataType::BinaryView => Some(Bytes::copy_from_slice(array.as_binary_view().value(i))),
+        _ => None,
+    }
+}
+
+/// img2dataset parquet: the image column is named after its encode format.
+fn parquet_samples(location: &Location, bytes: Bytes) -> Result<Vec<Loaded>, &'static str> {
+    let uri = location.uri();
+    let batches: Vec<RecordBatch> =
+        table::read_parquet(&uri, bytes).map_err(|_| "unreadable_parquet")?;
+    let mut samples = Vec::new();
+    let mut row_offset = 0usize;
+    for batch in batches {
+        let column = |name: &str| batch.column_by_name(name).cloned();
+        let image_column = ["jpg", "jpeg", "png", "webp", "image"]
+            .iter()
+            .find_map(|name| {
+                column(name).filter(|c| {
+                    matches!(
+                        c.data_type(),
+                        DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+                    )
+                })
+            })
+            .ok_or("no_image_column")?;
+        let (keys, captions, statuses) = (column("key"), column("caption"), column("status"));
+        for i in 0..batch.num_rows() {
+            let key = keys
+                .as_ref()
+                .and_then(|k| string_at(k, i))
+                .unwrap_or_else(|| format!("{}-{:09}", location.file_name(), row_offset + i));
+            let failed = statuses
+                .as_ref()
+                .and_then(|s| string_at(s, i))
+                .is_some_and(|status| status != "success");
+            samples.push(Loaded {
+                source: format!("{uri}#{key}"),
+                image: if failed {
+                    Err("download_failed")
+                } else {
+                    binary_at(&image_column, i).ok_or("no_image")
+                },
+                caption: captions
+                    .as_ref()
+                    .and_then(|c| string_at(c, i))
+                    .map(String::into_bytes),
+                metadata: None,
+                key,
+            });
+        }
+        row_offset += batch.num_rows();
+    }
+    Ok(samples)
+}

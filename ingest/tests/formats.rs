@@ -1,0 +1,469 @@
+//! Every input format, built from files the test creates.
+
+mod common;
+
+use std::io::Write;
+use std::sync::Arc;
+
+use arrow_array::{BinaryArray, Float64Array, Int32Array, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
+use common::*;
+use image::{DynamicImage, GenericImageView, ImageFormat};
+use serde_json::json;
+
+fn pairs(
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (manifests::Manifest, Vec<ingest::process::Row>) {
+    let out = dir.join("out");
+    let out = out.to_str().unwrap();
+    let mut args = vec![
+        "pairs",
+        "--out",
+        out,
+        "--size",
+        "32",
+        "--min-source-size",
+        "8",
+        "--output-format",
+        "png",
+    ];
+    args.extend_from_slice(extra);
+    let (code, text) = ingest(&args);
+    assert_eq!(code, 0, "{text}");
+    pairs_rows(out)
+}
+
+#[test]
+fn folder_layout_with_captions_and_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write(&src, "a/001.jpg", jpeg(64, 48, 1));
+    write(&src, "a/001.txt", "  a red   circle\n");
+    write(&src, "a/001.json", r#"{"url": "http://x"}"#);
+    write(&src, "002.png", png(40, 40, 2));
+    write(&src, "002.txt", "a blue square");
+    write(
+        &src,
+        "003.webp",
+        encode(
+            &DynamicImage::ImageRgb8(picture(50, 50, 3)),
+            ImageFormat::WebP,
+        ),
+    );
+    write(&src, "003.txt", "a webp");
+    write(
+        &src,
+        "004.bmp",
+        encode(
+            &DynamicImage::ImageRgb8(picture(30, 30, 4)),
+            ImageFormat::Bmp,
+        ),
+    );
+    write(&src, "004.txt", "a bitmap");
+    let (manifest, rows) = pairs(dir.path(), &["--input", src.to_str().unwrap()]);
+    assert_eq!(sorted_keys(&rows), ["002", "003", "004", "a/001"]);
+    let first = rows.iter().find(|r| r.key == "a/001").unwrap();
+    assert_eq!(first.caption, "a red circle");
+    assert_eq!(first.metadata.as_deref(), Some(r#"{"url": "http://x"}"#));
+    assert_eq!(
+        (
+            first.width,
+            first.height,
+            first.original_width,
+            first.original_height
+        ),
+        (32, 32, 64, 48)
+    );
+    assert_eq!(
+        first.sha256,
+        ingest::process::sha256_hex(&std::fs::read(src.join("a/001.jpg")).unwrap())
+    );
+    let decoded = image::load_from_memory(&first.image).unwrap();
+    assert_eq!(decoded.dimensions(), (32, 32));
+    assert_eq!(manifest.metrics["rows"], json!(4));
+    assert_eq!(rejected(&manifest), json!({}));
+    assert_eq!(manifest.metrics["format"], json!("folder"));
+}
+
+#[test]
+fn coco_captions_all_and_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("train2017");
+    write(&images, "000000000009.jpg", jpeg(64, 64, 9));
+    write(&images, "000000000025.jpg", jpeg(64, 64, 25));
+    let coco = json!({
+        "images": [{"id": 25, "file_name": "000000000025.jpg", "height": 64, "width": 64},
+                   {"id": 9, "file_name": "000000000009.jpg", "height": 64, "width": 64},
+                   {"id": 30, "file_name": "missing.jpg"}],
+        "annotations": [{"id": 1, "image_id": 9, "caption": "first of nine"},
+                        {"id": 2, "image_id": 9, "caption": "second of nine"},
+                        {"id": 3, "image_id": 25, "caption": "giraffe"}]
+    });
+    write(dir.path(), "captions.json", coco.to_string());
+    let json_path = dir.path().join("captions.json");
+    let root = images.to_str().unwrap();
+    let (manifest, rows) = pairs(
+        dir.path(),
+        &["--input", json_path.to_str().unwrap(), "--image-root", root],
+    );
+    assert_eq!(
+        sorted_keys(&rows),
+        [
+            "000000000009-000000001",
+            "000000000009-000000002",
+            "000000000025-000000003"
+        ]
+    );
+    // Five captions of one image are not duplicates of each other.
+    assert_eq!(rejected(&manifest), json!({"no_caption": 1}));
+    let (manifest, rows) = pairs(
+        dir.path(),
+        &[
+            "--input",
+            json_path.to_str().unwrap(),
+            "--image-root",
+            root,
+            "--coco-captions",
+            "first",
+            "--force",
+        ],
+    );
+    assert_eq!(sorted_keys(&rows), ["000000000009", "000000000025"]);
+    assert_eq!(
+        rows.iter()
+            .find(|r| r.key == "000000000009")
+            .unwrap()
+            .caption,
+        "first of nine"
+    );
+    assert_eq!(manifest.metrics["format"], json!("coco"));
+}
+
+#[test]
+fn csv_with_header_tsv_without_header_and_jsonl() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "img/x.jpg", jpeg(40, 40, 1));
+    write(dir.path(), "img/y.png", png(40, 40, 2));
+    write(
+        dir.path(),
+        "list.csv",
+        "path,text\nimg/x.jpg,\"a, quoted caption\"\nimg/y.png,plain\n",
+    );
+    let csv = dir.path().join("list.csv");
+    let (_, rows) = pairs(
+        dir.path(),
+        &[
+            "--input",
+            csv.to_str().unwrap(),
+            "--image-column",
+            "path",
+            "--caption-column",
+            "text",
+        ],
+    );
+    assert_eq!(
+        rows.iter().map(|r| r.caption.as_str()).collect::<Vec<_>>(),
+        ["a, quoted caption", "plain"]
+    );
+
+    // CC3M order: caption first, then the image, no header.
+    write(
+        dir.path(),
+        "cc3m.tsv",
+        "a cat\timg/x.jpg\na dog\timg/y.png\n",
+    );
+    let tsv = dir.path().join("cc3m.tsv");
+    let (_, rows) = pairs(
+        dir.path(),
+        &[
+            "--input",
+            tsv.to_str().unwrap(),
+            "--no-header",
+            "--caption-column",
+            "0",
+            "--image-column",
+            "1",
+            "--force",
+        ],
+    );
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.key.as_str(), r.caption.as_str()))
+            .collect::<Vec<_>>(),
+        [("000000000", "a cat"), ("000000001", "a dog")]
+    );
+
+    write(
+        dir.path(),
+        "list.jsonl",
+        "{\"image\": \"img/x.jpg\", \"caption\": \"from jsonl\"}\nnot json\n{\"image\": \"img/y.png\"}\n",
+    );
+    let jsonl = dir.path().join("list.jsonl");
+    let (manifest, rows) = pairs(dir.path(), &["--input", jsonl.to_str().unwrap(), "--force"]);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].caption, "from jsonl");
+    assert_eq!(
+        rejected(&manifest),
+        json!({"malformed_row": 1, "no_caption": 1})
+    );
+}
+
+fn img2dataset_parquet(width_as_float: bool) -> Vec<u8> {
+    let images: Vec<Option<Vec<u8>>> = vec![Some(jpeg(48, 48, 1)), None, Some(jpeg(48, 48, 3))];
+    let width: Arc<dyn arrow_array::Array> = if width_as_float {
+        Arc::new(Float64Array::from(vec![48.0, 0.0, 48.0]))
+    } else {
+        Arc::new(Int32Array::from(vec![48, 0, 48]))
+    };
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Utf8, false),
+        Field::new("caption", DataType::Utf8, true),
+        Field::new("status", DataType::Utf8, false),
+        Field::new("width", width.data_type().clone(), false),
+        Field::new("jpg", DataType::Binary, true),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from(vec![
+                "000010000",
+                "000010001",
+                "000010002",
+            ])),
+            Arc::new(StringArray::from(vec![
+                Some("first"),
+                Some("failed"),
+                Some("third"),
+            ])),
+            Arc::new(StringArray::from(vec![
+                "success",
+                "failed_to_download",
+                "success",
+            ])),
+            width,
+            Arc::new(BinaryArray::from_iter(images.iter().map(|i| i.as_deref()))),
+        ],
+    )
+    .unwrap();
+    manifests::table::write_parquet(
+        "test",
+        schema,
+        &[batch],
+        manifests::table::writer_properties(10, true),
+    )
+    .unwrap()
+    .to_vec()
+}
+
+#[test]
+fn img2dataset_parquet_with_int32_or_float64_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "src/00000.parquet", img2dataset_parquet(false));
+    write(dir.path(), "src/00001.parquet", img2dataset_parquet(true));
+    let src = dir.path().join("src");
+    let (manifest, rows) = pairs(dir.path(), &["--input", src.to_str().unwrap()]);
+    // The same images appear in both files: the second file's are duplicates.
+    assert_eq!(sorted_keys(&rows), ["000010000", "000010002"]);
+    assert_eq!(
+        rejected(&manifest),
+        json!({"download_failed": 2, "duplicate": 2})
+    );
+    assert_eq!(manifest.metrics["format"], json!("parquet"));
+    assert_eq!(manifest.artifacts.len(), 2, "one shard per input container");
+}
+
+#[test]
+fn webdataset_tars() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder.append_data(&mut header, name, data).unwrap();
+    };
+    add("000010005.jpg", &jpeg(40, 40, 5));
+    add("000010005.txt", b"from a tar");
+    add("000010005.json", br#"{"similarity": 0.3}"#);
+    add("000010006.jpg", &jpeg(40, 40, 6));
+    add("000010007.txt", b"caption without image");
+    let tar_bytes = builder.into_inner().unwrap();
+    write(dir.path(), "src/00000.tar", &tar_bytes);
+    // A truncated copy: whatever came before the cut is kept, the cut is counted.
+    write(
+        dir.path(),
+        "src/00001.tar",
+        &tar_bytes[..tar_bytes.len() / 3],
+    );
+    let src = dir.path().join("src");
+    let (manifest, rows) = pairs(dir.path(), &["--input", src.to_str().unwrap()]);
+    let row = rows.iter().find(|r| r.key == "000010005").unwrap();
+    assert_eq!(row.caption, "from a tar");
+    assert_eq!(row.metadata.as_deref(), Some(r#"{"similarity": 0.3}"#));
+    let rejected = rejected(&manifest);
+    assert_eq!(rejected["no_caption"], json!(1));
+    assert_eq!(rejected["no_image"], json!(1));
+    assert_eq!(rejected["truncated_archive"], json!(1));
+    assert_eq!(manifest.metrics["format"], json!("webdataset"));
+}
+
+/// A JPEG with an EXIF APP1 segment saying "rotate 90 degrees clockwise" (orientation 6).
+fn jpeg_with_orientation_6(width: u32, height: u32) -> Vec<u8> {
+    let plain = jpeg(width, height, 7);
+    let mut tiff = b"MM\0\x2a\0\0\0\x08".to_vec();
+    tiff.extend_from_slice(&[0, 1, 0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0, 0, 0, 0, 0]);
+    let mut app1 = b"Exif\0\0".to_vec();
+    app1.extend_from_slice(&tiff);
+    let mut out = vec![0xFF, 0xD8, 0xFF, 0xE1];
+    out.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+    out.extend_from_slice(&app1);
+    out.extend_from_slice(&plain[2..]);
+    out
+}
+
+#[test]
+fn colour_types_and_exif_orientation_are_normalised() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let rgb16 = image::ImageBuffer::<image::Rgb<u16>, _>::from_fn(40, 40, |x, _| {
+        image::Rgb([x as u16 * 1000, 0, 65535])
+    });
+    write(
+        &src,
+        "rgb16.png",
+        encode(&DynamicImage::ImageRgb16(rgb16), ImageFormat::Png),
+    );
+    let gray = image::GrayImage::from_fn(40, 40, |x, _| image::Luma([x as u8 * 6]));
+    write(
+        &src,
+        "gray.png",
+        encode(&DynamicImage::ImageLuma8(gray), ImageFormat::Png),
+    );
+    write(
+        &src,
+        "gray.jpg",
+        encode(
+            &DynamicImage::ImageLuma8(image::GrayImage::from_pixel(40, 40, image::Luma([90]))),
+            ImageFormat::Jpeg,
+        ),
+    );
+    write(&src, "rotated.jpg", jpeg_with_orientation_6(60, 40));
+    // An 8-colour palette PNG, written by hand with the png crate's indexed mode.
+    let mut palette_png = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut palette_png, 40, 40);
+        encoder.set_color(png::ColorType::Indexed);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder.set_palette(vec![255, 0, 0, 0, 255, 0]);
+        let mut writer = encoder.write_header().unwrap();
+        writer.write_image_data(&vec![1u8; 1600]).unwrap();
+    }
+    write(&src, "palette.png", palette_png);
+    for key in ["rgb16", "gray", "rotated", "palette"] {
+        write(&src, &format!("{key}.txt"), key);
+    }
+    std::fs::File::create(src.join("gray.txt"))
+        .unwrap()
+        .write_all(b"gray")
+        .unwrap();
+    let (manifest, rows) = pairs(
+        dir.path(),
+        &[
+            "--input",
+            src.to_str().unwrap(),
+            "--resize-mode",
+            "keep-ratio",
+        ],
+    );
+    // gray.png and gray.jpg share a key: one sample, the other image is counted, not lost.
+    assert_eq!(
+        rejected(&manifest),
+        json!({"duplicate_key": 1}),
+        "{:?}",
+        manifest.metrics
+    );
+    let rotated = rows.iter().find(|r| r.key == "rotated").unwrap();
+    assert_eq!(
+        (rotated.original_width, rotated.original_height),
+        (40, 60),
+        "EXIF rotation applied"
+    );
+    assert_eq!(
+        (rotated.width, rotated.height),
+        (32, 48),
+        "keep_ratio: shorter side = size"
+    );
+    let palette = rows.iter().find(|r| r.key == "palette").unwrap();
+    let pixel = image::load_from_memory(&palette.image)
+        .unwrap()
+        .to_rgb8()
+        .get_pixel(5, 5)
+        .0;
+    assert_eq!(pixel, [0, 255, 0]);
+    assert_eq!(sorted_keys(&rows), ["gray", "palette", "rgb16", "rotated"]);
+}
+
+#[test]
+fn text_corpora_c4_gz_jsonl_and_plain() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    for i in 0..5 {
+        writeln!(gz, "{}", json!({"text": format!("document number {i} is long enough"), "timestamp": "2019-04-25T12:57:54Z", "url": format!("https://x/{i}")})).unwrap();
+    }
+    writeln!(
+        gz,
+        "{}",
+        json!({"text": "document number 0 is long enough"})
+    )
+    .unwrap();
+    writeln!(gz, "{{broken json").unwrap();
+    writeln!(gz, "{}", json!({"text": "short"})).unwrap();
+    let gz = gz.finish().unwrap();
+    write(&src, "c4-train.00000-of-01024.json.gz", &gz);
+    // A truncated download of the same file: the readable prefix counts, the cut is one rejection.
+    write(
+        &src,
+        "c4-train.00001-of-01024.json.gz",
+        &gz[..gz.len() * 2 / 3],
+    );
+    write(
+        &src,
+        "extra.jsonl",
+        "{\"body\": \"ignored field name here\"}\n",
+    );
+    write(
+        &src,
+        "notes.txt",
+        "first paragraph of plain text\nstill first\n\nsecond paragraph is here\n",
+    );
+    let out = dir.path().join("out");
+    let (code, text) = ingest(&[
+        "text",
+        "--input",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let (manifest, rows) = text_rows(out.to_str().unwrap());
+    let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
+    assert!(texts.contains(&"document number 4 is long enough"));
+    assert!(texts.contains(&"first paragraph of plain text\nstill first\n"));
+    assert!(texts.contains(&"second paragraph is here\n"));
+    let c4 = rows
+        .iter()
+        .find(|r| r.text.starts_with("document number 1"))
+        .unwrap();
+    assert_eq!(c4.url.as_deref(), Some("https://x/1"));
+    assert_eq!(c4.timestamp.as_deref(), Some("2019-04-25T12:57:54Z"));
+    assert_eq!(rows.len(), 7);
+    let rejected = rejected(&manifest);
+    assert_eq!(rejected["malformed_line"], json!(1));
+    assert_eq!(rejected["too_short"], json!(1));
+    assert_eq!(rejected["no_text"], json!(1));
+    assert_eq!(rejected["truncated_file"], json!(1));
+    assert!(rejected["duplicate"].as_u64().unwrap() >= 1);
+}

@@ -1,0 +1,389 @@
+//! Broken inputs, batch-array sharding and kill -9 resume.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use manifests::{Location, Manifest};
+use serde_json::json;
+
+/// A PNG whose header declares 30000 x 30000 pixels (2.7 GB decoded) in a few bytes.
+fn huge_png_header() -> Vec<u8> {
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        out.extend_from_slice(&crc.sum().to_be_bytes());
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&30000u32.to_be_bytes());
+    ihdr.extend_from_slice(&30000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    // The first rows' worth of compressed zeros, as a real decompression bomb would start.
+    let mut idat = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    std::io::Write::write_all(&mut idat, &vec![0u8; 4 * 90001]).unwrap();
+    chunk(b"IDAT", &idat.finish().unwrap());
+    chunk(b"IEND", &[]);
+    out
+}
+
+#[test]
+fn broken_inputs_are_counted_and_never_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    for i in 0..3u8 {
+        write(&src, &format!("good{i}.png"), png(40, 40, i));
+        write(&src, &format!("good{i}.txt"), format!("good {i}"));
+    }
+    let good_png = png(40, 40, 99);
+    // (file name, file bytes, caption file contents if any)
+    type Case<'a> = (&'a str, Vec<u8>, Option<&'a [u8]>);
+    let cases: [Case; 10] = [
+        ("zero.png", vec![], Some(b"zero bytes")),
+        (
+            "truncated.png",
+            good_png[..good_png.len() * 3 / 5].to_vec(),
+            Some(b"cut short"),
+        ),
+        (
+            "random.jpg",
+            (0..5000u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect(),
+            Some(b"noise"),
+        ),
+        (
+            "text.png",
+            b"this is not an image at all".to_vec(),
+            Some(b"text"),
+        ),
+        ("huge.png", huge_png_header(), Some(b"a bomb")),
+        ("nocap.png", png(40, 40, 50), None),
+        ("blank.png", png(40, 40, 51), Some(b"  \n\t ")),
+        ("badutf.png", png(40, 40, 52), Some(b"caf\xff\xfe")),
+        ("small.png", png(4, 4, 53), Some(b"tiny")),
+        ("thin.png", png(200, 20, 54), Some(b"a banner")),
+    ];
+    for (name, bytes, caption) in &cases {
+        write(&src, name, bytes);
+        if let Some(caption) = caption {
+            write(
+                &src,
+                &format!("{}.txt", name.rsplit_once('.').unwrap().0),
+                caption,
+            );
+        }
+    }
+    write(&src, "orphan.txt", "a caption whose image is missing");
+    let out = dir.path().join("out");
+    let (code, text) = ingest(&[
+        "pairs",
+        "--input",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--size",
+        "32",
+        "--min-source-size",
+        "8",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let (manifest, rows) = pairs_rows(out.to_str().unwrap());
+    assert_eq!(sorted_keys(&rows), ["good0", "good1", "good2"]);
+    assert_eq!(
+        rejected(&manifest),
+        json!({"bad_aspect_ratio": 1, "decode_error": 1, "empty_caption": 1, "empty_file": 1, "invalid_utf8": 1,
+               "no_caption": 1, "no_image": 1, "not_an_image": 2, "too_large": 1, "too_small": 1})
+    );
+    assert!(
+        text.contains("huge") && text.contains("too_large"),
+        "rejections are logged with their key: {text}"
+    );
+}
+
+fn folder_of(n: u8, size: u32) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..n {
+        write(dir.path(), &format!("src/{i:03}.png"), png(size, size, i));
+        write(
+            dir.path(),
+            &format!("src/{i:03}.txt"),
+            format!("caption {i}"),
+        );
+    }
+    dir
+}
+
+#[test]
+fn batch_array_jobs_merge_to_exactly_the_single_job_rows() {
+    let dir = folder_of(23, 48);
+    let src = dir.path().join("src");
+    let src = src.to_str().unwrap();
+    let single = dir.path().join("single");
+    let common_args = ["--size", "32", "--shard-rows", "4", "--input", src];
+    let (code, text) = ingest(
+        &[
+            &["pairs", "--out", single.to_str().unwrap()][..],
+            &common_args,
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{text}");
+
+    let sharded = dir.path().join("sharded");
+    let sharded_uri = sharded.to_str().unwrap();
+    for index in 0..3 {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ingest"));
+        command.args(
+            [
+                &["pairs", "--out", sharded_uri, "--num-shards", "3"][..],
+                &common_args,
+            ]
+            .concat(),
+        );
+        // Job 1 takes its index from the batch environment, as on Kubernetes.
+        if index == 1 {
+            command.env("JOB_COMPLETION_INDEX", "1");
+        } else {
+            command.args(["--shard-index", &index.to_string()]);
+        }
+        let output = command.output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert!(
+        !sharded.join("manifest.json").exists(),
+        "jobs write partial manifests only"
+    );
+    let target = Location::parse(sharded_uri).unwrap().join("manifest.json");
+    let parts: Vec<(Location, Manifest)> = (0..3)
+        .map(|i| {
+            let location = target
+                .parent()
+                .join(&format!("manifest.part-{i:05}-of-00003.json"));
+            let (manifest, _) = Manifest::read(&location).unwrap();
+            (location, manifest)
+        })
+        .collect();
+    let merged = manifests::merge::merge(&target, &parts).unwrap();
+    merged.write(&target).unwrap();
+
+    let (single_manifest, mut single_rows) = pairs_rows(single.to_str().unwrap());
+    let (merged_manifest, mut merged_rows) = pairs_rows(sharded_uri);
+    single_rows.sort_by(|a, b| a.key.cmp(&b.key));
+    merged_rows.sort_by(|a, b| a.key.cmp(&b.key));
+    assert_eq!(
+        single_rows.len(),
+        23,
+        "{text} {:?}",
+        single_manifest.metrics
+    );
+    assert_eq!(
+        single_rows, merged_rows,
+        "the union of the jobs equals the single run, row for row"
+    );
+    assert_eq!(
+        single_manifest.metrics["rows"],
+        merged_manifest.metrics["rows"]
+    );
+    assert_eq!(single_manifest.config_hash, merged_manifest.config_hash);
+}
+
+#[test]
+fn killed_run_resumes_to_exactly_the_uninterrupted_rows() {
+    let dir = folder_of(120, 384);
+    let src = dir.path().join("src");
+    let args = |out: &std::path::Path| -> Vec<String> {
+        [
+            "pairs",
+            "--input",
+            src.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--size",
+            "32",
+            "--shard-rows",
+            "3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let reference = dir.path().join("reference");
+    let (code, text) = ingest(
+        &args(&reference)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(code, 0, "{text}");
+
+    let out = dir.path().join("killed");
+    let shards = out.join("pairs");
+    let mut killed_mid_run = false;
+    for _attempt in 0..5 {
+        let _ = std::fs::remove_dir_all(&out);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ingest"))
+            .args(args(&out))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let written = std::fs::read_dir(&shards).map(|d| d.count()).unwrap_or(0);
+            if written >= 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child.kill().unwrap(); // SIGKILL: no cleanup runs
+        child.wait().unwrap();
+        if !out.join("manifest.json").exists() {
+            killed_mid_run = true;
+            break;
+        }
+    }
+    assert!(killed_mid_run, "could not kill the run before it finished");
+    let first_shard = shards.join("part-00000-00000.parquet");
+    let kept_before = std::fs::metadata(&first_shard).unwrap().modified().unwrap();
+
+    let (code, text) = ingest(&args(&out).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{text}");
+    let kept_after = std::fs::metadata(&first_shard).unwrap().modified().unwrap();
+    assert_eq!(
+        kept_before, kept_after,
+        "finished shards are kept, not redone"
+    );
+    let (resumed_manifest, resumed) = pairs_rows(out.to_str().unwrap());
+    let (reference_manifest, expected) = pairs_rows(reference.to_str().unwrap());
+    assert_eq!(resumed.len(), 120);
+    assert_eq!(
+        resumed, expected,
+        "resumed run has exactly the rows of the uninterrupted one"
+    );
+    assert_eq!(resumed_manifest.artifacts, reference_manifest.artifacts);
+    assert_eq!(
+        resumed_manifest.metrics["rows"],
+        reference_manifest.metrics["rows"]
+    );
+    let leftovers: Vec<_> = walk(&out.join("_work"));
+    assert!(
+        leftovers.is_empty(),
+        "resume records are cleaned up after publishing: {leftovers:?}"
+    );
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                found.extend(walk(&path));
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn synth_output_is_ingested_through_its_manifest_and_tampering_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let synth = dir.path().join("synth");
+    let (code, text) = ingest(&[
+        "synth",
+        "--out",
+        synth.to_str().unwrap(),
+        "--images",
+        "30",
+        "--documents",
+        "40",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    // Deterministic: a second generator run into another folder writes identical files.
+    let again = dir.path().join("again");
+    ingest(&[
+        "synth",
+        "--out",
+        again.to_str().unwrap(),
+        "--images",
+        "30",
+        "--documents",
+        "40",
+    ]);
+    for name in [
+        "pairs/000000007.png",
+        "pairs/000000007.txt",
+        "text/c4-train.00000-of-00001.json.gz",
+    ] {
+        assert_eq!(
+            std::fs::read(synth.join(name)).unwrap(),
+            std::fs::read(again.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    let caption = std::fs::read_to_string(synth.join("pairs/000000007.txt")).unwrap();
+    assert!(
+        caption.contains(" at the ")
+            || caption.contains(" on the ")
+            || caption.contains(" in the center"),
+        "{caption}"
+    );
+
+    let out = dir.path().join("pairs");
+    let input = synth.join("pairs");
+    let (code, text) = ingest(&[
+        "pairs",
+        "--preset",
+        "tiny",
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let (manifest, rows) = pairs_rows(out.to_str().unwrap());
+    assert_eq!(
+        rows.len() as u64
+            + manifest.metrics["rejected"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|v| v.as_u64().unwrap())
+                .sum::<u64>(),
+        30
+    );
+    assert_eq!(manifest.inputs[0].kind, "manifest");
+    assert_eq!(manifest.inputs[0].stage.as_deref(), Some("ingest.synth"));
+    assert!(rows.iter().all(|r| (r.width, r.height) == (64, 64)));
+
+    // A synth file changed after the fact: the next stage refuses it, naming the file.
+    std::fs::write(synth.join("pairs/000000003.txt"), "tampered").unwrap();
+    let (code, text) = ingest(&[
+        "pairs",
+        "--preset",
+        "tiny",
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        text.contains("000000003.txt") && text.contains("ingest.synth"),
+        "{text}"
+    );
+}

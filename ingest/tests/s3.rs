@@ -1,0 +1,100 @@
+//! Reading sources from and writing shards to a real S3 API server (moto) on loopback.
+
+mod common;
+
+use std::process::Command;
+
+use bytes::Bytes;
+use common::*;
+use manifests::Location;
+use serde_json::json;
+
+const SECRET: &str = "ingest-SECRET-never-logged-9931";
+
+#[test]
+fn pairs_and_text_from_and_to_a_bucket() {
+    let server = manifests::testing::start_moto().expect("moto S3 server");
+    let env = server.env(SECRET);
+    for (key, value) in &env {
+        // SAFETY: this file holds a single test; no other thread reads the environment.
+        unsafe { std::env::set_var(key, value) };
+    }
+    server.create_bucket("data").unwrap();
+    let src = Location::parse("s3://data/src").unwrap();
+    for i in 0..5u8 {
+        src.join(&format!("{i}.png"))
+            .put(Bytes::from(png(40, 40, i)))
+            .unwrap();
+        src.join(&format!("{i}.txt"))
+            .put(Bytes::from(format!("caption {i}")))
+            .unwrap();
+    }
+    src.join("5.png")
+        .put(Bytes::from_static(b"broken"))
+        .unwrap();
+    src.join("5.txt")
+        .put(Bytes::from_static(b"broken image"))
+        .unwrap();
+    let run = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_ingest"))
+            .args(args)
+            .envs(env.iter().cloned())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{text}");
+        assert!(
+            !text.contains(SECRET),
+            "credentials leaked into output: {text}"
+        );
+        text
+    };
+    run(&[
+        "pairs",
+        "--input",
+        "s3://data/src",
+        "--out",
+        "s3://data/run/pairs",
+        "--size",
+        "32",
+        "--min-source-size",
+        "8",
+    ]);
+    let (manifest, rows) = pairs_rows("s3://data/run/pairs");
+    assert_eq!(sorted_keys(&rows), ["0", "1", "2", "3", "4"]);
+    assert_eq!(rejected(&manifest), json!({"not_an_image": 1}));
+    assert!(manifest.inputs[0].uri.starts_with("s3://data/src"));
+    let text = run(&[
+        "pairs",
+        "--input",
+        "s3://data/src",
+        "--out",
+        "s3://data/run/pairs",
+        "--size",
+        "32",
+        "--min-source-size",
+        "8",
+    ]);
+    assert!(text.contains("up to date"), "{text}");
+
+    let corpus = b"{\"text\": \"a document that lives in a bucket\"}\n{\"text\": \"and another one in the bucket\"}\n";
+    Location::parse("s3://data/c4/part.jsonl")
+        .unwrap()
+        .put(Bytes::from_static(corpus))
+        .unwrap();
+    run(&[
+        "text",
+        "--input",
+        "s3://data/c4/",
+        "--out",
+        "s3://data/run/text",
+    ]);
+    let (_, rows) = text_rows("s3://data/run/text");
+    assert_eq!(rows.len(), 2);
+    let manifest_text = Location::parse("s3://data/run/pairs/manifest.json")
+        .unwrap()
+        .get()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&manifest_text).contains(SECRET));
+}

@@ -127,6 +127,58 @@ pub fn record_input(
     Ok(())
 }
 
+/// The shards of one job: each is kept from an interrupted run or written now, and counted.
+pub struct ShardSet<'a> {
+    run: &'a StageRun,
+    kind: &'static str,
+    pub tally: Tally,
+    pub artifacts: Vec<manifests::Artifact>,
+}
+
+impl<'a> ShardSet<'a> {
+    pub fn new(run: &'a StageRun, kind: &'static str) -> ShardSet<'a> {
+        ShardSet {
+            run,
+            kind,
+            tally: Tally::default(),
+            artifacts: Vec::new(),
+        }
+    }
+
+    pub fn uri(&self, name: &str) -> String {
+        self.run.out().join(name).uri()
+    }
+
+    /// The contents of shard `name` if an interrupted run finished it (digest-checked); it is
+    /// then counted and listed, and the caller only rebuilds its dedup state from the bytes.
+    pub fn resume(&mut self, name: &str) -> Result<Option<bytes::Bytes>, Error> {
+        let Some(finished) = self.run.finished_artifact_noted(name)? else {
+            return Ok(None);
+        };
+        self.tally
+            .add_note(&finished.note, finished.artifact.rows.unwrap_or(0));
+        self.artifacts.push(finished.artifact);
+        Ok(Some(finished.bytes))
+    }
+
+    /// Writes shard `name`; `rejected` is kept with it so a resumed run counts it again.
+    pub fn write(
+        &mut self,
+        name: &str,
+        bytes: bytes::Bytes,
+        rows: u64,
+        rejected: &BTreeMap<String, u64>,
+    ) -> Result<(), Error> {
+        let note = serde_json::json!({ "rejected": rejected });
+        let artifact =
+            self.run
+                .write_artifact_noted(name, self.kind, bytes, Some(rows), note.clone())?;
+        self.tally.add_note(&note, rows);
+        self.artifacts.push(artifact);
+        Ok(())
+    }
+}
+
 /// Rows and rejections, counted across shards.
 #[derive(Debug, Default)]
 pub struct Tally {

@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 use crate::process::{ImageConfig, RawSample, Reason, Row, process};
 use crate::shard::{PAIRS_KIND, pairs_from_parquet, pairs_to_parquet};
 use crate::sources::{InputFormat, Loaded, SourceConfig, Unit, detect_format, enumerate, load};
-use crate::{Error, RunOptions, Tally, job_range, progress_bar, record_input, tool};
+use crate::{Error, RunOptions, ShardSet, job_range, progress_bar, record_input, tool};
 use manifests::{Location, Manifest, StageRun};
 
 pub const STAGE: &str = "ingest.pairs";
@@ -143,21 +143,17 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
     );
     let chunks = chunks(mine, config.shard_rows);
     let bar = progress_bar(mine.len() as u64, options.progress, "samples");
-    let mut tally = Tally::default();
+    let mut shards = ShardSet::new(&run, PAIRS_KIND);
     // Duplicates are the same image bytes reached from a different origin (a COCO image
     // with five captions is one origin, not five duplicates).
     let mut seen: HashMap<String, String> = HashMap::new();
-    let mut artifacts = Vec::new();
     for (index, chunk) in chunks.iter().enumerate() {
         let name = format!("pairs/part-{:05}-{index:05}.parquet", options.shard.index);
-        if let Some(finished) = run.finished_artifact_noted(&name)? {
-            let uri = run.out().join(&name).uri();
-            for row in pairs_from_parquet(&uri, finished.bytes)? {
+        if let Some(bytes) = shards.resume(&name)? {
+            for row in pairs_from_parquet(&shards.uri(&name), bytes)? {
                 seen.entry(row.sha256).or_insert(row.source);
             }
-            tally.add_note(&finished.note, finished.artifact.rows.unwrap_or(0));
             debug!("kept {name} from an interrupted run");
-            artifacts.push(finished.artifact);
             bar.inc(chunk.units.len() as u64);
             continue;
         }
@@ -176,7 +172,7 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
                 Err((key, reason)) => {
                     let count = rejected.entry(reason.to_string()).or_default();
                     *count += 1;
-                    if tally.rejected.get(reason).copied().unwrap_or(0) + *count <= 10 {
+                    if shards.tally.rejected.get(reason).copied().unwrap_or(0) + *count <= 10 {
                         warn!(key = %key, reason, "rejected sample");
                     } else {
                         debug!(key = %key, reason, "rejected sample");
@@ -185,19 +181,10 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
             }
         }
         rows.sort_by(|a, b| (&a.key, &a.source).cmp(&(&b.key, &b.source)));
-        let uri = run.out().join(&name).uri();
-        let bytes = pairs_to_parquet(&uri, &rows)?;
-        let note = json!({ "rejected": rejected });
-        let artifact = run.write_artifact_noted(
-            &name,
-            PAIRS_KIND,
-            bytes,
-            Some(rows.len() as u64),
-            note.clone(),
-        )?;
-        tally.add_note(&note, rows.len() as u64);
-        artifacts.push(artifact);
+        let bytes = pairs_to_parquet(&shards.uri(&name), &rows)?;
+        shards.write(&name, bytes, rows.len() as u64, &rejected)?;
         bar.inc(chunk.units.len() as u64);
+        let tally = &shards.tally;
         bar.set_message(format!(
             "{} rows, {} rejected",
             tally.rows,
@@ -214,6 +201,9 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
     }
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
+    let ShardSet {
+        tally, artifacts, ..
+    } = shards;
     let mut metrics = tally.metrics();
     metrics.insert("shards".into(), json!(artifacts.len()));
     metrics.insert("seconds".into(), json!(seconds));

@@ -10,7 +10,7 @@ use serde_json::json;
 use tracing::info;
 
 use crate::shard::{TEXT_KIND, TextRow, text_from_parquet, text_to_parquet};
-use crate::{Error, RunOptions, Tally, job_range, progress_bar, record_input, tool};
+use crate::{Error, RunOptions, ShardSet, job_range, progress_bar, record_input, tool};
 use manifests::{Location, Manifest, StageRun};
 
 pub const STAGE: &str = "ingest.text";
@@ -163,25 +163,22 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
     }
     let mine = &files[job_range(files.len(), options.shard)];
     let bar = progress_bar(mine.len() as u64, options.progress, "files");
-    let mut tally = Tally::default();
+    let mut shards = ShardSet::new(&run, TEXT_KIND);
     let mut seen: HashSet<blake3::Hash> = HashSet::new();
-    let mut artifacts = Vec::new();
     // Files are read in parallel a few at a time; shards are written in file order.
-    for (batch_index, batch) in mine.chunks(rayon::current_num_threads().max(1)).enumerate() {
+    let per_batch = rayon::current_num_threads().max(1);
+    for (batch_index, batch) in mine.chunks(per_batch).enumerate() {
         let documents: Vec<_> = batch
             .par_iter()
             .map(|file| read_documents(file, config))
             .collect();
         for (offset, (documents, file_name)) in documents.into_iter().enumerate() {
-            let index = batch_index * rayon::current_num_threads().max(1) + offset;
+            let index = batch_index * per_batch + offset;
             let name = format!("text/part-{:05}-{index:05}.parquet", options.shard.index);
-            if let Some(finished) = run.finished_artifact_noted(&name)? {
-                let uri = run.out().join(&name).uri();
-                for row in text_from_parquet(&uri, finished.bytes)? {
+            if let Some(bytes) = shards.resume(&name)? {
+                for row in text_from_parquet(&shards.uri(&name), bytes)? {
                     seen.insert(blake3::hash(row.text.as_bytes()));
                 }
-                tally.add_note(&finished.note, finished.artifact.rows.unwrap_or(0));
-                artifacts.push(finished.artifact);
                 continue;
             }
             let mut rows = Vec::new();
@@ -204,22 +201,15 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
             if !rejected.is_empty() {
                 info!("{file_name}: rejected {rejected:?}");
             }
-            let uri = run.out().join(&name).uri();
-            let bytes = text_to_parquet(&uri, &rows)?;
-            let note = json!({ "rejected": rejected, "file": file_name });
-            let artifact = run.write_artifact_noted(
-                &name,
-                TEXT_KIND,
-                bytes,
-                Some(rows.len() as u64),
-                note.clone(),
-            )?;
-            tally.add_note(&note, rows.len() as u64);
-            artifacts.push(artifact);
+            let bytes = text_to_parquet(&shards.uri(&name), &rows)?;
+            shards.write(&name, bytes, rows.len() as u64, &rejected)?;
         }
         bar.inc(batch.len() as u64);
     }
     bar.finish_and_clear();
+    let ShardSet {
+        tally, artifacts, ..
+    } = shards;
     let mut metrics = tally.metrics();
     metrics.insert("files".into(), json!(mine.len()));
     let manifest = run.publish(artifacts, metrics)?;

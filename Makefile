@@ -13,7 +13,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 BIN := $(TARGET_DIR)/release
 FORCE_FLAG := $(if $(FORCE),--force,)
 
-.PHONY: pipeline build test smoke venv fmt lint clean-run help
+.PHONY: pipeline build test smoke venv fmt lint clean-run help bench bench-ingest bench-venv
 
 help:
 	@sed -n '3,6p' Makefile
@@ -47,6 +47,24 @@ smoke: build
 	$(MAKE) --no-print-directory pipeline RUN=$(TARGET_DIR)/smoke 2>&1 | tee $(TARGET_DIR)/smoke.log
 	@test "$$(grep -c 'up to date' $(TARGET_DIR)/smoke.log)" -eq 3 || { echo "second pipeline run did not skip every stage"; exit 1; }
 	@echo "smoke: 3 passed, 0 failed"
+
+# Benchmarks (not tests): each prints both sides, measured in the same run, and the ratio.
+BENCH_CACHE := bench/.cache
+
+bench-venv: bench/.venv/bin/python
+
+bench/.venv/bin/python: bench/requirements.txt
+	$(PYTHON) -m venv bench/.venv
+	bench/.venv/bin/pip install --quiet -r bench/requirements.txt
+	touch $@
+
+$(BENCH_CACHE)/photos-3mp: bench/.venv/bin/python bench/make_photos.py
+	bench/.venv/bin/python bench/make_photos.py $(BENCH_CACHE)
+
+bench-ingest: build $(BENCH_CACHE)/photos-3mp
+	$(BIN)/ingest bench --python bench/.venv/bin/python --photos $(BENCH_CACHE)/photos-0.4mp --photos $(BENCH_CACHE)/photos-3mp
+
+bench: bench-ingest
 
 fmt:
 	$(CARGO) fmt --all

@@ -5,6 +5,7 @@
 //! - [`text`]: C4-style `json.gz`, JSONL and plain text corpora.
 //! - [`synth`]: the embedded default data (captioned shapes), so the pipeline needs no download.
 
+pub mod bench;
 pub mod pairs;
 pub mod process;
 pub mod shard;

@@ -41,6 +41,25 @@ enum Command {
     Text(TextArgs),
     /// Generate the embedded default data set (captioned shapes and a small text corpus).
     Synth(SynthArgs),
+    /// Images per second per core against Pillow on the same photos (see `make bench`).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Folders of .jpg photos, one row of the table each.
+    #[arg(long, required = true)]
+    photos: Vec<std::path::PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    size: u32,
+    /// Seconds of work per measurement.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Python with Pillow for the peer measurement (bench/.venv/bin/python).
+    #[arg(long)]
+    python: Option<std::path::PathBuf>,
+    #[arg(long, default_value = "bench/ingest_pillow.py")]
+    pillow_script: std::path::PathBuf,
 }
 
 #[derive(Args)]
@@ -190,6 +209,46 @@ fn run(cli: Cli) -> Result<()> {
             let config: SynthConfig = layered(&preset, args.stage.config.as_deref(), overrides)?;
             let manifest = synth(&config, &options(&args.stage, None)?).context("ingest synth")?;
             summary(&manifest);
+        }
+        Command::Bench(args) => {
+            println!(
+                "decode -> centre crop -> {0}x{0} Lanczos -> JPEG q95, one core, images/s",
+                args.size
+            );
+            println!("| photos | ours | Pillow | Pillow draft() | ours / Pillow draft() |");
+            println!("|---|---|---|---|---|");
+            for photos in &args.photos {
+                let ours = ingest::bench::ours(photos, args.size, args.seconds)?;
+                let (plain, draft) = match &args.python {
+                    Some(python) => (
+                        Some(ingest::bench::pillow(
+                            python,
+                            &args.pillow_script,
+                            photos,
+                            args.size,
+                            args.seconds,
+                            false,
+                        )?),
+                        Some(ingest::bench::pillow(
+                            python,
+                            &args.pillow_script,
+                            photos,
+                            args.size,
+                            args.seconds,
+                            true,
+                        )?),
+                    ),
+                    None => (None, None),
+                };
+                let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+                let ratio = draft.map_or("-".to_string(), |d| format!("{:.2}x", ours / d));
+                println!(
+                    "| {} | {ours:.1} | {} | {} | {ratio} |",
+                    photos.display(),
+                    show(plain),
+                    show(draft)
+                );
+            }
         }
     }
     Ok(())

@@ -1,0 +1,167 @@
+//! Multi-head attention with masks and an incremental key/value cache.
+//!
+//! Written out (rather than Burn's `MultiHeadAttention`) because the seq2seq decoder needs a real
+//! KV cache for 1024-token sampling and conv-shaped masks that work step by step; the same layer
+//! serves self-attention in the ViT-VQGAN and the text encoder.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, Device, Tensor};
+
+/// Blocked scores are set to this rather than -inf, so a row with every key blocked (a padded
+/// query) stays finite; softmax still gives blocked keys a weight of exactly 0 elsewhere.
+const BLOCKED: f32 = -1.0e9;
+
+#[derive(Config, Debug)]
+pub struct MultiHeadAttentionConfig {
+    pub d_model: usize,
+    pub n_heads: usize,
+    #[config(default = 0.0)]
+    pub dropout: f64,
+}
+
+#[derive(Module, Debug)]
+pub struct MultiHeadAttention {
+    pub query: Linear,
+    pub key: Linear,
+    pub value: Linear,
+    pub output: Linear,
+    pub dropout: Dropout,
+    pub n_heads: usize,
+}
+
+impl MultiHeadAttentionConfig {
+    pub fn init(&self, device: &Device) -> MultiHeadAttention {
+        assert!(
+            self.d_model.is_multiple_of(self.n_heads),
+            "d_model {} is not a multiple of n_heads {}",
+            self.d_model,
+            self.n_heads
+        );
+        let linear = || LinearConfig::new(self.d_model, self.d_model).init(device);
+        MultiHeadAttention {
+            query: linear(),
+            key: linear(),
+            value: linear(),
+            output: linear(),
+            dropout: DropoutConfig::new(self.dropout).init(),
+            n_heads: self.n_heads,
+        }
+    }
+
+    pub fn num_params(&self) -> usize {
+        4 * (self.d_model * self.d_model + self.d_model)
+    }
+}
+
+/// Keys and values of the positions seen so far, per layer, for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    /// `[batch, heads, seen, d_head]`
+    pub keys: Option<Tensor<4>>,
+    pub values: Option<Tensor<4>>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.keys.as_ref().map_or(0, |k| k.dims()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl MultiHeadAttention {
+    /// `[batch, seq, d_model]` -> `[batch, heads, seq, d_head]`
+    fn split_heads(&self, x: Tensor<3>) -> Tensor<4> {
+        let [batch, seq, d_model] = x.dims();
+        x.reshape([batch, seq, self.n_heads, d_model / self.n_heads])
+            .swap_dims(1, 2)
+    }
+
+    /// Keys and values of `context`, e.g. to compute cross-attention inputs once per prompt.
+    pub fn project_key_value(&self, context: Tensor<3>) -> (Tensor<4>, Tensor<4>) {
+        (
+            self.split_heads(self.key.forward(context.clone())),
+            self.split_heads(self.value.forward(context)),
+        )
+    }
+
+    /// Attention of `queries: [batch, q, d]` over `context: [batch, k, d]`. `mask` is
+    /// broadcastable to `[batch, heads, q, k]`; `true` blocks a query from a key.
+    pub fn forward(
+        &self,
+        queries: Tensor<3>,
+        context: Tensor<3>,
+        mask: Option<Tensor<4, Bool>>,
+    ) -> Tensor<3> {
+        let (keys, values) = self.project_key_value(context);
+        self.attend(queries, keys, values, mask)
+    }
+
+    /// Self-attention for new positions `x: [batch, new, d]`, appending their keys and values to
+    /// `cache`; `mask` is over `[.., new, seen + new]`.
+    pub fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        cache: &mut KvCache,
+        mask: Option<Tensor<4, Bool>>,
+    ) -> Tensor<3> {
+        let (keys, values) = self.project_key_value(x.clone());
+        let keys = match cache.keys.take() {
+            Some(previous) => Tensor::cat(vec![previous, keys], 2),
+            None => keys,
+        };
+        let values = match cache.values.take() {
+            Some(previous) => Tensor::cat(vec![previous, values], 2),
+            None => values,
+        };
+        cache.keys = Some(keys.clone());
+        cache.values = Some(values.clone());
+        self.attend(x, keys, values, mask)
+    }
+
+    /// Attention over keys and values already projected (a cache or a cross-attention context).
+    pub fn attend(
+        &self,
+        queries: Tensor<3>,
+        keys: Tensor<4>,
+        values: Tensor<4>,
+        mask: Option<Tensor<4, Bool>>,
+    ) -> Tensor<3> {
+        let [batch, q_len, d_model] = queries.dims();
+        let d_head = d_model / self.n_heads;
+        let queries = self.split_heads(self.query.forward(queries));
+        let scores = queries
+            .matmul(keys.swap_dims(2, 3))
+            .mul_scalar(1.0 / (d_head as f64).sqrt());
+        let scores = match mask {
+            Some(mask) => {
+                let shape = scores.dims();
+                scores.mask_fill(mask.expand(shape), BLOCKED)
+            }
+            None => scores,
+        };
+        let weights = self.dropout.forward(softmax(scores, 3));
+        let context = weights
+            .matmul(values)
+            .swap_dims(1, 2)
+            .reshape([batch, q_len, d_model]);
+        self.output.forward(context)
+    }
+}
+
+/// `true` above the diagonal: position t may not see t' > t. Shape `[1, 1, len, len]`.
+pub fn causal_mask(len: usize, device: &Device) -> Tensor<4, Bool> {
+    // Burn's `tril_mask` is `false` on and below the diagonal and `true` above it.
+    Tensor::<2, Bool>::tril_mask([len, len], 0, device).unsqueeze::<4>()
+}
+
+/// Blocks padded keys: `padding: [batch, k]` (`true` = padding) -> `[batch, 1, 1, k]`.
+pub fn padding_mask(padding: Tensor<2, Bool>) -> Tensor<4, Bool> {
+    let [batch, len] = padding.dims();
+    padding.reshape([batch, 1, 1, len])
+}

@@ -1,0 +1,59 @@
+//! The backend, chosen once by cargo feature: `flex` (Burn's pure-Rust CPU backend, default)
+//! or `tch` (libtorch, CPU and CUDA). With both enabled, `tch` wins: asking for it is deliberate.
+
+use burn::tensor::Device;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("unknown device '{0}': use cpu, cuda or cuda:N")]
+    Unknown(String),
+    #[error("device '{0}' needs the libtorch backend: build with --features tch")]
+    NeedsTch(String),
+}
+
+/// The backend this build uses.
+pub fn backend_name() -> &'static str {
+    if cfg!(feature = "tch") { "tch" } else { "flex" }
+}
+
+/// A device for inference from a `--device` value: `cpu`, `cuda` or `cuda:N`.
+pub fn device(spec: &str) -> Result<Device, DeviceError> {
+    let spec = spec.trim().to_ascii_lowercase();
+    let cuda_index = match spec.as_str() {
+        "cpu" => None,
+        "cuda" | "gpu" => Some(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(index)) => Some(index),
+            _ => return Err(DeviceError::Unknown(spec.clone())),
+        },
+    };
+    match cuda_index {
+        None => Ok(cpu_device()),
+        Some(index) => cuda_device(index).ok_or(DeviceError::NeedsTch(spec)),
+    }
+}
+
+/// The same device with gradients recorded, for training.
+pub fn training_device(spec: &str) -> Result<Device, DeviceError> {
+    Ok(device(spec)?.autodiff())
+}
+
+#[cfg(feature = "tch")]
+fn cpu_device() -> Device {
+    Device::libtorch()
+}
+
+#[cfg(not(feature = "tch"))]
+fn cpu_device() -> Device {
+    Device::flex()
+}
+
+#[cfg(feature = "tch")]
+fn cuda_device(index: usize) -> Option<Device> {
+    Some(Device::libtorch_cuda(index))
+}
+
+#[cfg(not(feature = "tch"))]
+fn cuda_device(_index: usize) -> Option<Device> {
+    None
+}

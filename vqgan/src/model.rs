@@ -1,0 +1,281 @@
+//! The ViT-VQGAN: patches -> ViT encoder -> factorised codes -> ViT decoder -> patches.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::tensor::activation::sigmoid;
+use burn::tensor::{Device, Int, Tensor};
+use nn::{LearnedPositions, LearnedPositionsConfig, TransformerBlock, TransformerBlockConfig};
+
+use crate::quantize::{Quantized, Quantizer, QuantizerConfig};
+
+/// One ViT stack (the encoder or the decoder).
+#[derive(Config, Debug)]
+pub struct VitConfig {
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub d_mlp: usize,
+}
+
+impl VitConfig {
+    /// Trains in minutes on 2 CPU cores.
+    pub fn tiny() -> Self {
+        Self::new(128, 2, 4, 256)
+    }
+    /// ViT-VQGAN Small: 8 blocks, 8 heads, 512, MLP 2048.
+    pub fn small() -> Self {
+        Self::new(512, 8, 8, 2048)
+    }
+    /// ViT-VQGAN Base: 12 blocks, 12 heads, 768, MLP 3072.
+    pub fn base() -> Self {
+        Self::new(768, 12, 12, 3072)
+    }
+    /// ViT-VQGAN Large (Parti's fine-tuned decoder): 32 blocks, 16 heads, 1280, MLP 5120.
+    pub fn large() -> Self {
+        Self::new(1280, 32, 16, 5120)
+    }
+
+    fn block(&self) -> TransformerBlockConfig {
+        TransformerBlockConfig::new(self.d_model, self.n_heads, self.d_mlp)
+    }
+
+    /// Parameters of the transformer stack and its final norm.
+    pub fn num_params(&self) -> usize {
+        self.n_layers * self.block().num_params() + 2 * self.d_model
+    }
+}
+
+#[derive(Config, Debug)]
+pub struct VitVqganConfig {
+    pub image_size: usize,
+    #[config(default = 8)]
+    pub patch_size: usize,
+    pub encoder: VitConfig,
+    pub decoder: VitConfig,
+    pub quantizer: QuantizerConfig,
+    /// Squash the output into [0, 1] with a sigmoid. Parti drops it when fine-tuning the
+    /// decoder (raw [0, 1] RGB fixes pixelation).
+    #[config(default = true)]
+    pub output_sigmoid: bool,
+}
+
+impl VitVqganConfig {
+    /// 64 px, patch 8 -> 8x8 tokens, codebook 512.
+    pub fn tiny() -> Self {
+        Self::new(
+            64,
+            VitConfig::tiny(),
+            VitConfig::tiny(),
+            QuantizerConfig::new(512),
+        )
+    }
+    /// 256 px, patch 8 -> 32x32 = 1024 tokens, codebook 8192, Small encoder and decoder.
+    pub fn small() -> Self {
+        Self::new(
+            256,
+            VitConfig::small(),
+            VitConfig::small(),
+            QuantizerConfig::new(8192),
+        )
+    }
+    pub fn base() -> Self {
+        Self::new(
+            256,
+            VitConfig::base(),
+            VitConfig::base(),
+            QuantizerConfig::new(8192),
+        )
+    }
+
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    fn patch_values(&self) -> usize {
+        self.patch_size * self.patch_size * 3
+    }
+
+    pub fn encoder_params(&self) -> usize {
+        let (d, c, tokens) = (
+            self.encoder.d_model,
+            self.quantizer.code_dim,
+            self.grid().pow(2),
+        );
+        self.patch_values() * d + d + tokens * d + self.encoder.num_params() + d * c + c
+    }
+
+    pub fn decoder_params(&self) -> usize {
+        let (d, c, tokens) = (
+            self.decoder.d_model,
+            self.quantizer.code_dim,
+            self.grid().pow(2),
+        );
+        c * d
+            + d
+            + tokens * d
+            + self.decoder.num_params()
+            + d * self.patch_values()
+            + self.patch_values()
+    }
+
+    /// Parameters, computed from the shapes alone (no memory needed for the Large decoder).
+    pub fn num_params(&self) -> usize {
+        self.encoder_params() + self.quantizer.num_params() + self.decoder_params()
+    }
+
+    pub fn init(&self, device: &Device) -> VitVqgan {
+        assert!(
+            self.image_size.is_multiple_of(self.patch_size),
+            "image size must be a multiple of the patch size"
+        );
+        let tokens = self.grid() * self.grid();
+        let stack = |vit: &VitConfig| -> Vec<TransformerBlock> {
+            (0..vit.n_layers)
+                .map(|_| vit.block().init(device))
+                .collect()
+        };
+        VitVqgan {
+            encoder: VitEncoder {
+                patch_embedding: LinearConfig::new(self.patch_values(), self.encoder.d_model)
+                    .init(device),
+                positions: LearnedPositionsConfig::new(tokens, self.encoder.d_model).init(device),
+                blocks: stack(&self.encoder),
+                norm: LayerNormConfig::new(self.encoder.d_model).init(device),
+                to_codes: LinearConfig::new(self.encoder.d_model, self.quantizer.code_dim)
+                    .init(device),
+            },
+            quantizer: self.quantizer.init(device),
+            decoder: self.decoder_init(device),
+            patch_size: self.patch_size,
+            grid: self.grid(),
+            output_sigmoid: self.output_sigmoid,
+        }
+    }
+
+    /// A decoder for this config, e.g. the larger one Parti fine-tunes after freezing stage 1.
+    pub fn decoder_init(&self, device: &Device) -> VitDecoder {
+        let tokens = self.grid() * self.grid();
+        VitDecoder {
+            from_codes: LinearConfig::new(self.quantizer.code_dim, self.decoder.d_model)
+                .init(device),
+            positions: LearnedPositionsConfig::new(tokens, self.decoder.d_model).init(device),
+            blocks: (0..self.decoder.n_layers)
+                .map(|_| self.decoder.block().init(device))
+                .collect(),
+            norm: LayerNormConfig::new(self.decoder.d_model).init(device),
+            to_pixels: LinearConfig::new(self.decoder.d_model, self.patch_values()).init(device),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct VitEncoder {
+    pub patch_embedding: Linear,
+    pub positions: LearnedPositions,
+    pub blocks: Vec<TransformerBlock>,
+    pub norm: LayerNorm,
+    /// The factorisation: a projection to the low-dimensional lookup space.
+    pub to_codes: Linear,
+}
+
+#[derive(Module, Debug)]
+pub struct VitDecoder {
+    pub from_codes: Linear,
+    pub positions: LearnedPositions,
+    pub blocks: Vec<TransformerBlock>,
+    pub norm: LayerNorm,
+    pub to_pixels: Linear,
+}
+
+#[derive(Module, Debug)]
+pub struct VitVqgan {
+    pub encoder: VitEncoder,
+    pub quantizer: Quantizer,
+    pub decoder: VitDecoder,
+    pub patch_size: usize,
+    pub grid: usize,
+    pub output_sigmoid: bool,
+}
+
+/// Output of a full pass.
+#[derive(Debug, Clone)]
+pub struct Reconstruction {
+    /// `[batch, 3, size, size]`
+    pub images: Tensor<4>,
+    pub quantized: Quantized,
+}
+
+impl VitEncoder {
+    /// `[batch, tokens, patch values]` -> unquantised codes `[batch, tokens, code_dim]`.
+    pub fn forward(&self, patches: Tensor<3>) -> Tensor<3> {
+        let mut x = self
+            .positions
+            .forward(self.patch_embedding.forward(patches), 0);
+        for block in &self.blocks {
+            x = block.forward(x, None, None);
+        }
+        self.to_codes.forward(self.norm.forward(x))
+    }
+}
+
+impl VitDecoder {
+    /// Codes `[batch, tokens, code_dim]` -> patch values `[batch, tokens, patch values]`.
+    pub fn forward(&self, codes: Tensor<3>) -> Tensor<3> {
+        let mut x = self.positions.forward(self.from_codes.forward(codes), 0);
+        for block in &self.blocks {
+            x = block.forward(x, None, None);
+        }
+        self.to_pixels.forward(self.norm.forward(x))
+    }
+}
+
+impl VitVqgan {
+    /// `[batch, 3, H, W]` -> `[batch, tokens, p*p*3]`, tokens in raster order.
+    pub fn patchify(&self, images: Tensor<4>) -> Tensor<3> {
+        let [batch, channels, _, _] = images.dims();
+        let (g, p) = (self.grid, self.patch_size);
+        images
+            .reshape([batch, channels, g, p, g, p])
+            .permute([0, 2, 4, 3, 5, 1])
+            .reshape([batch, g * g, p * p * channels])
+    }
+
+    pub fn unpatchify(&self, patches: Tensor<3>) -> Tensor<4> {
+        let [batch, _, values] = patches.dims();
+        let (g, p) = (self.grid, self.patch_size);
+        let channels = values / (p * p);
+        patches
+            .reshape([batch, g, g, p, p, channels])
+            .permute([0, 5, 1, 3, 2, 4])
+            .reshape([batch, channels, g * p, g * p])
+    }
+
+    fn to_image(&self, patches: Tensor<3>) -> Tensor<4> {
+        let patches = if self.output_sigmoid {
+            sigmoid(patches)
+        } else {
+            patches
+        };
+        self.unpatchify(patches)
+    }
+
+    /// Images in [0, 1] -> reconstruction and the quantiser's outputs.
+    pub fn forward(&self, images: Tensor<4>) -> Reconstruction {
+        let z = self.encoder.forward(self.patchify(images));
+        let quantized = self.quantizer.forward(z);
+        let images = self.to_image(self.decoder.forward(quantized.codes.clone()));
+        Reconstruction { images, quantized }
+    }
+
+    /// Images -> token grid `[batch, grid * grid]`.
+    pub fn encode(&self, images: Tensor<4>) -> Tensor<2, Int> {
+        self.quantizer
+            .lookup(self.encoder.forward(self.patchify(images)))
+    }
+
+    /// Token grid -> images.
+    pub fn decode(&self, indices: Tensor<2, Int>) -> Tensor<4> {
+        self.to_image(self.decoder.forward(self.quantizer.embed(indices)))
+    }
+}

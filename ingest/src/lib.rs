@@ -3,9 +3,11 @@
 //!
 //! - [`pairs`]: folders, MS-COCO, CSV/TSV/JSONL, img2dataset parquet and webdataset tars.
 //! - [`text`]: C4-style `json.gz`, JSONL and plain text corpora.
+//! - [`dedup`]: duplicates across the jobs of a batch array, after `manifests merge`.
 //! - [`synth`]: the embedded default data (captioned shapes), so the pipeline needs no download.
 
 pub mod bench;
+pub mod dedup;
 pub mod pairs;
 pub mod process;
 pub mod shard;

@@ -39,6 +39,8 @@ enum Command {
     Pairs(PairsArgs),
     /// Text corpora (C4 json.gz, JSONL, plain text) for text-encoder pretraining.
     Text(TextArgs),
+    /// Remove duplicate images across the jobs of a batch array (run after `manifests merge`).
+    Dedup(DedupArgs),
     /// Generate the embedded default data set (captioned shapes and a small text corpus).
     Synth(SynthArgs),
     /// Images per second per core against Pillow on the same photos (see `make bench`).
@@ -127,6 +129,19 @@ struct TextArgs {
 }
 
 #[derive(Args)]
+struct DedupArgs {
+    /// The merged `ingest pairs` manifest (or its folder).
+    #[arg(long)]
+    pairs: String,
+    /// Output folder or bucket prefix; the manifest is written to OUT/manifest.json.
+    #[arg(long, value_name = "URI")]
+    out: String,
+    /// Rerun even when the input is unchanged.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
 struct SynthArgs {
     #[command(flatten)]
     stage: StageArgs,
@@ -201,6 +216,17 @@ fn run(cli: Cli) -> Result<()> {
             );
             let manifest = ingest_text(&config, &options(&args.stage, Some(&args.job))?)
                 .with_context(|| format!("ingest text from {}", config.input))?;
+            summary(&manifest);
+        }
+        Command::Dedup(args) => {
+            let options = RunOptions {
+                out: args.out.clone(),
+                force: args.force,
+                shard: manifests::ShardSpec::single(),
+                progress: false,
+            };
+            let manifest = ingest::dedup::dedup(&args.pairs, &options)
+                .with_context(|| format!("ingest dedup of {}", args.pairs))?;
             summary(&manifest);
         }
         Command::Synth(args) => {

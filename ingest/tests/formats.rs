@@ -467,3 +467,28 @@ fn text_corpora_c4_gz_jsonl_and_plain() {
     assert_eq!(rejected["truncated_file"], json!(1));
     assert!(rejected["duplicate"].as_u64().unwrap() >= 1);
 }
+
+#[test]
+fn cmyk_jpeg_is_converted_to_rgb() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    // Pure red in CMYK: no cyan, full magenta and yellow, no black.
+    let cmyk: Vec<u8> = (0..48 * 48).flat_map(|_| [0u8, 255, 255, 0]).collect();
+    let mut jpeg = Vec::new();
+    jpeg_encoder::Encoder::new(&mut jpeg, 95)
+        .encode(&cmyk, 48, 48, jpeg_encoder::ColorType::Cmyk)
+        .unwrap();
+    write(&src, "cmyk.jpg", &jpeg);
+    write(&src, "cmyk.txt", "a red square in cmyk");
+    let (manifest, rows) = pairs(dir.path(), &["--input", src.to_str().unwrap()]);
+    assert_eq!(rejected(&manifest), json!({}));
+    let pixel = image::load_from_memory(&rows[0].image)
+        .unwrap()
+        .to_rgb8()
+        .get_pixel(16, 16)
+        .0;
+    assert!(
+        pixel[0] > 200 && pixel[1] < 60 && pixel[2] < 60,
+        "CMYK red came out as {pixel:?}"
+    );
+}

@@ -124,6 +124,16 @@ fn folder_of(n: u8, size: u32) -> tempfile::TempDir {
 #[test]
 fn batch_array_jobs_merge_to_exactly_the_single_job_rows() {
     let dir = folder_of(23, 48);
+    write(
+        dir.path(),
+        "src/021b.png",
+        std::fs::read(dir.path().join("src/002.png")).unwrap(),
+    );
+    write(
+        dir.path(),
+        "src/021b.txt",
+        "a copy of image 2 under another name",
+    );
     let src = dir.path().join("src");
     let src = src.to_str().unwrap();
     let single = dir.path().join("single");
@@ -178,10 +188,27 @@ fn batch_array_jobs_merge_to_exactly_the_single_job_rows() {
     let merged = manifests::merge::merge(&target, &parts).unwrap();
     merged.write(&target).unwrap();
 
+    // Job 2 holds a copy of an image that job 0 has: no job can see that alone.
+    let (_, merged_rows) = pairs_rows(sharded_uri);
+    assert_eq!(
+        merged_rows.len(),
+        24,
+        "the merged jobs still hold the cross-job duplicate"
+    );
+    let deduped = dir.path().join("deduped");
+    let (code, text) = ingest(&[
+        "dedup",
+        "--pairs",
+        sharded_uri,
+        "--out",
+        deduped.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+
     let (single_manifest, mut single_rows) = pairs_rows(single.to_str().unwrap());
-    let (merged_manifest, mut merged_rows) = pairs_rows(sharded_uri);
+    let (deduped_manifest, mut deduped_rows) = pairs_rows(deduped.to_str().unwrap());
     single_rows.sort_by(|a, b| a.key.cmp(&b.key));
-    merged_rows.sort_by(|a, b| a.key.cmp(&b.key));
+    deduped_rows.sort_by(|a, b| a.key.cmp(&b.key));
     assert_eq!(
         single_rows.len(),
         23,
@@ -189,12 +216,26 @@ fn batch_array_jobs_merge_to_exactly_the_single_job_rows() {
         single_manifest.metrics
     );
     assert_eq!(
-        single_rows, merged_rows,
+        single_rows, deduped_rows,
         "the union of the jobs equals the single run, row for row"
     );
     assert_eq!(
         single_manifest.metrics["rows"],
-        merged_manifest.metrics["rows"]
+        deduped_manifest.metrics["rows"]
+    );
+    assert_eq!(
+        single_manifest.metrics["rejected"],
+        deduped_manifest.metrics["rejected"]
+    );
+    let (merged_manifest, _) = pairs_rows(sharded_uri);
+    assert_eq!(
+        deduped_manifest
+            .artifacts
+            .iter()
+            .filter(|a| a.uri.contains("dedup-"))
+            .count(),
+        1,
+        "only the shard with the duplicate is rewritten"
     );
     assert_eq!(single_manifest.config_hash, merged_manifest.config_hash);
 }

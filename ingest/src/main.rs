@@ -296,12 +296,5 @@ fn summary(manifest: &manifests::Manifest) {
 }
 
 fn main() -> ExitCode {
-    manifests::cli::init_logging();
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
-        }
-    }
+    manifests::cli::run_main(|| run(Cli::parse()))
 }

@@ -88,6 +88,19 @@ impl JobArgs {
     }
 }
 
+/// A stage binary's `main`: logging on, run, and on failure the whole error chain on stderr
+/// and exit status 2 (1 is kept for "checked and found bad", as `manifests verify` uses it).
+pub fn run_main(run: impl FnOnce() -> anyhow::Result<()>) -> std::process::ExitCode {
+    init_logging();
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
 /// Logs go to stderr; `RUST_LOG` filters them (default `info`).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

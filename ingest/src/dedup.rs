@@ -9,11 +9,11 @@
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 use tracing::info;
 
 use crate::shard::{PAIRS_KIND, pairs_from_parquet, pairs_to_parquet};
-use crate::{Error, RunOptions, tool};
+use crate::{Error, RunOptions, Tally, tool};
 use manifests::{Artifact, Manifest, StageRun};
 
 pub const STAGE: &str = "ingest.dedup";
@@ -72,21 +72,11 @@ pub fn dedup(pairs_uri: &str, options: &RunOptions) -> Result<Manifest, Error> {
             )?);
         }
     }
-    let mut rejected = upstream
-        .manifest
-        .metrics
-        .get("rejected")
-        .and_then(Value::as_object)
-        .cloned()
-        .unwrap_or_default();
-    let before = rejected
-        .get("duplicate")
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    rejected.insert("duplicate".into(), json!(before + duplicates));
-    let mut metrics = serde_json::Map::new();
-    metrics.insert("rows".into(), json!(rows_kept));
-    metrics.insert("rejected".into(), Value::Object(rejected));
+    // The upstream's rejection counts carry over; cross-job duplicates join its `duplicate`s.
+    let mut tally = Tally::default();
+    tally.add_note(&upstream.manifest.metrics.clone().into(), rows_kept);
+    *tally.rejected.entry("duplicate".into()).or_default() += duplicates;
+    let mut metrics = tally.metrics();
     metrics.insert("cross_job_duplicates".into(), json!(duplicates));
     let manifest = run.publish(artifacts, metrics)?;
     info!("ingest dedup: {rows_kept} rows, {duplicates} duplicates across jobs removed");

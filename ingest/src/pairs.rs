@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::process::{ImageConfig, RawSample, Reason, Row, process};
@@ -87,18 +87,25 @@ fn chunks(units: &[Unit], shard_rows: usize) -> Vec<Chunk<'_>> {
 type Outcome = Result<Row, (String, Reason)>;
 
 fn process_loaded(loaded: Loaded, config: &ImageConfig) -> Outcome {
-    let image = match &loaded.image {
-        Ok(bytes) => bytes.as_ref(),
-        Err(reason) => return Err((loaded.key, reason)),
+    let Loaded {
+        key,
+        source,
+        image,
+        caption,
+        metadata,
+    } = loaded;
+    let image = match image {
+        Ok(bytes) => bytes,
+        Err(reason) => return Err((key, reason)),
     };
     let sample = RawSample {
-        key: loaded.key.clone(),
-        source: loaded.source.clone(),
-        image,
-        caption: loaded.caption.as_deref(),
-        metadata: loaded.metadata.clone(),
+        key: key.clone(),
+        source,
+        image: &image,
+        caption: caption.as_deref(),
+        metadata,
     };
-    process(sample, config).map_err(|reason| (loaded.key, reason))
+    process(sample, config).map_err(|reason| (key, reason))
 }
 
 fn process_chunk(chunk: &Chunk<'_>, config: &ImageConfig) -> Vec<Outcome> {
@@ -217,12 +224,4 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
         run.manifest_location()
     );
     Ok(manifest)
-}
-
-/// Metrics recorded by every data stage.
-pub(crate) fn data_metrics(rows: u64, rejected: &BTreeMap<String, u64>) -> Map<String, Value> {
-    let mut metrics = Map::new();
-    metrics.insert("rows".into(), json!(rows));
-    metrics.insert("rejected".into(), json!(rejected));
-    metrics
 }

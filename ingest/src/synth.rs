@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::info;
 
-use crate::{Error, RunOptions, tool};
+use crate::{Error, RunOptions, Tally, tool};
 use manifests::{Artifact, Manifest, StageRun};
 
 pub const STAGE: &str = "ingest.synth";
@@ -264,11 +264,13 @@ pub fn synth(config: &SynthConfig, options: &RunOptions) -> Result<Manifest, Err
         Bytes::from(corpus),
         Some(config.documents as u64),
     )?);
-    let mut metrics = serde_json::Map::new();
-    metrics.insert("rows".into(), json!(config.images));
+    let mut metrics = Tally {
+        rows: config.images as u64,
+        ..Tally::default()
+    }
+    .metrics();
     metrics.insert("documents".into(), json!(config.documents));
     metrics.insert("caption_documents".into(), json!(captions));
-    metrics.insert("rejected".into(), json!({}));
     let manifest = run.publish(artifacts, metrics)?;
     info!(
         "ingest synth: {} images, {} documents",

@@ -15,6 +15,14 @@ use crate::{Error, digest_bytes};
 
 /// Where finished artifacts are recorded before the manifest exists, so a killed run resumes.
 const WORK_DIR: &str = "_work";
+const CHECKPOINT_INDEX: &str = "checkpoint.json";
+
+/// A training checkpoint read back: the step it was taken after and its files by name.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub step: usize,
+    pub files: Vec<(String, Bytes)>,
+}
 
 /// An upstream stage's manifest, read and recorded as an input.
 #[derive(Debug, Clone)]
@@ -292,6 +300,77 @@ impl StageRun {
                 Ok(None)
             }
         }
+    }
+
+    /// Keeps a training checkpoint (named files, e.g. model, optimizer, state) in this run's
+    /// work folder. Files go to a folder of their own per `step` and the index naming them (with
+    /// digests) is written last, so a run killed mid-write still finds the previous checkpoint
+    /// whole; the previous one is deleted only after the new index is in place.
+    pub fn save_checkpoint(&self, step: usize, files: Vec<(&str, Bytes)>) -> Result<(), Error> {
+        let previous = self.checkpoint_index()?;
+        let folder = format!("checkpoint-{step:09}");
+        let mut entries = Vec::new();
+        for (name, bytes) in files {
+            let uri = format!("{folder}/{name}");
+            entries.push(Artifact {
+                uri: uri.clone(),
+                kind: "checkpoint".into(),
+                bytes: bytes.len() as u64,
+                digest: digest_bytes(&bytes),
+                rows: None,
+            });
+            self.work_dir().join(&uri).put(bytes)?;
+        }
+        let index = serde_json::json!({"step": step, "files": entries});
+        self.work_dir()
+            .join(CHECKPOINT_INDEX)
+            .put(Bytes::from(index.to_string()))?;
+        if let Some((old_step, old_files)) = previous
+            && old_step != step
+        {
+            for file in old_files {
+                self.work_dir().join(&file.uri).delete()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The latest checkpoint of an interrupted run with this config and inputs: its step and
+    /// its files by name, each verified by digest. `None` when there is none or it is damaged.
+    pub fn load_checkpoint(&self) -> Result<Option<Checkpoint>, Error> {
+        let Some((step, entries)) = self.checkpoint_index()? else {
+            return Ok(None);
+        };
+        let mut files = Vec::new();
+        for entry in entries {
+            match read_verified(&self.work_dir().join(&entry.uri), &entry) {
+                Ok(bytes) => {
+                    let name = entry.uri.rsplit('/').next().unwrap_or_default().to_string();
+                    files.push((name, bytes));
+                }
+                Err(e) => {
+                    info!("ignoring the checkpoint of step {step}: {e}");
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(Checkpoint { step, files }))
+    }
+
+    fn checkpoint_index(&self) -> Result<Option<(usize, Vec<Artifact>)>, Error> {
+        let bytes = match self.work_dir().join(CHECKPOINT_INDEX).get() {
+            Ok(bytes) => bytes,
+            Err(Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        #[derive(serde::Deserialize)]
+        struct Index {
+            step: usize,
+            files: Vec<Artifact>,
+        }
+        Ok(serde_json::from_slice::<Index>(&bytes)
+            .ok()
+            .map(|index| (index.step, index.files)))
     }
 
     /// Writes the manifest, last, after every artifact. Then drops the resume records.

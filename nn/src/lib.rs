@@ -11,6 +11,8 @@ pub mod backend;
 pub mod block;
 pub mod mlp;
 pub mod position;
+pub mod training;
+pub mod vision;
 
 pub use attention::{KvCache, MultiHeadAttention, MultiHeadAttentionConfig};
 pub use block::{CrossContext, TransformerBlock, TransformerBlockConfig};

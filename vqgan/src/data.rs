@@ -7,10 +7,12 @@ use manifests::{Upstream, table};
 use crate::Error;
 
 /// Decoded pictures, channel-first, row after row.
+#[derive(Debug, Clone)]
 pub struct ImageSet {
     pub size: usize,
     pub pixels: Vec<f32>,
     pub keys: Vec<String>,
+    pub captions: Vec<String>,
 }
 
 impl ImageSet {
@@ -22,7 +24,7 @@ impl ImageSet {
         self.keys.is_empty()
     }
 
-    fn push(&mut self, key: String, image: &RgbImage) {
+    fn push(&mut self, key: String, caption: String, image: &RgbImage) {
         let plane = self.size * self.size;
         let start = self.pixels.len();
         self.pixels.resize(start + 3 * plane, 0.0);
@@ -32,6 +34,7 @@ impl ImageSet {
             }
         }
         self.keys.push(key);
+        self.captions.push(caption);
     }
 
     /// The images at `indices` as a `[batch, 3, size, size]` tensor.
@@ -60,6 +63,7 @@ pub fn load(upstream: &Upstream, size: usize) -> Result<(ImageSet, ImageSet), Er
         size,
         pixels: Vec::new(),
         keys: Vec::new(),
+        captions: Vec::new(),
     };
     let (mut train, mut held_out) = (empty(), empty());
     for artifact in upstream.artifacts_of_kind("parquet/pairs") {
@@ -67,6 +71,7 @@ pub fn load(upstream: &Upstream, size: usize) -> Result<(ImageSet, ImageSet), Er
         for batch in table::read_parquet(&uri, upstream.read_artifact(artifact)?)? {
             let keys = table::column::<arrow_array::StringArray>(&uri, &batch, "key")?;
             let hashes = table::column::<arrow_array::StringArray>(&uri, &batch, "sha256")?;
+            let captions = table::column::<arrow_array::StringArray>(&uri, &batch, "caption")?;
             let images = table::column::<arrow_array::BinaryArray>(&uri, &batch, "image")?;
             for row in 0..batch.num_rows() {
                 let key = keys.value(row).to_string();
@@ -87,7 +92,7 @@ pub fn load(upstream: &Upstream, size: usize) -> Result<(ImageSet, ImageSet), Er
                 } else {
                     &mut train
                 };
-                set.push(key, &image);
+                set.push(key, captions.value(row).to_string(), &image);
             }
         }
     }

@@ -1,16 +1,20 @@
 //! ViT-VQGAN (Yu et al. 2021, as Parti used it): a ViT encoder over 8x8 patches, a factorised
 //! l2-normalised codebook, and a ViT decoder back to pixels.
 //!
-//! - [`model`]: the network; [`quantize`]: the codebook lookup and dead-code restarts.
-//! - [`train`]: `vqgan train`, stage 1 on an ingest pairs manifest ([`data`] loads it).
-//!
-//! Decoder fine-tuning, shard encoding, reconstruct/decode commands and exact resume are the
-//! remaining steps of the vqgan issue.
+//! - [`model`]: the network; [`quantize`]: the codebook lookup, usage and dead-code restarts.
+//! - [`train`]: `vqgan train` (stage 1 on an ingest pairs manifest, [`data`] loads it) and
+//!   `vqgan finetune-decoder` (stage 2); [`eval`]: PSNR/SSIM/usage and the reconstruction grid.
+//! - [`encode`]: pairs shards -> token shards, `vqgan reconstruct` and `vqgan decode`.
 
 pub mod data;
+pub mod encode;
+pub mod eval;
 pub mod model;
 pub mod quantize;
 pub mod train;
+
+use burn::store::{ModuleSnapshot, SafetensorsStore};
+use burn::tensor::Device;
 
 use manifests::Tool;
 
@@ -22,6 +26,10 @@ pub enum Error {
     Data(String),
     #[error("{0}")]
     Usage(String),
+    #[error(
+        "stopped after step {step} as asked (--stop-after); the same command resumes from its checkpoint"
+    )]
+    Paused { step: usize },
 }
 
 pub fn tool() -> Tool {
@@ -29,6 +37,42 @@ pub fn tool() -> Tool {
         name: "vqgan".into(),
         version: env!("CARGO_PKG_VERSION").into(),
     }
+}
+
+/// The config and weights a `vqgan train` or `vqgan finetune-decoder` manifest publishes, each
+/// digest-checked, as a model on `device`.
+pub fn load_vqgan(
+    stage: &manifests::Upstream,
+    device: &Device,
+) -> Result<(VitVqganConfig, VitVqgan), Error> {
+    let uri = stage.location.uri();
+    let artifact = |kind: &'static str| {
+        stage
+            .artifacts_of_kind(kind)
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                Error::Data(format!(
+                    "{uri}: no '{kind}' artifact (is this a vqgan manifest? it is '{}')",
+                    stage.manifest.stage
+                ))
+            })
+    };
+    let config_bytes = stage.read_artifact(artifact("config")?)?;
+    let config: VitVqganConfig = serde_json::from_slice(&config_bytes)
+        .map_err(|e| Error::Data(format!("{uri}: model.json: {e}")))?;
+    let weights = stage.read_artifact(artifact("checkpoint")?)?;
+    let mut model = config.init(device);
+    let result = model
+        .load_from(&mut SafetensorsStore::from_bytes(Some(weights.to_vec())))
+        .map_err(|e| Error::Data(format!("{uri}: model.safetensors: {e}")))?;
+    if !result.missing.is_empty() || !result.errors.is_empty() {
+        return Err(Error::Data(format!(
+            "{uri}: model.safetensors does not match model.json (missing {:?}, errors {:?})",
+            result.missing, result.errors
+        )));
+    }
+    Ok((config, model))
 }
 
 pub use model::{VitVqgan, VitVqganConfig};

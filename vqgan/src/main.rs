@@ -1,18 +1,20 @@
-//! `vqgan`: the ViT-VQGAN image tokenizer stage of the parti pipeline.
+//! `vqgan`: the ViT-VQGAN image tokenizer stages of the parti pipeline.
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use manifests::cli::StageArgs;
 use manifests::config::layered;
+use manifests::{Location, Manifest, Upstream};
 use serde_json::json;
-use vqgan::train::{TrainConfig, TrainOptions, train};
+use vqgan::encode::{self, EncodeConfig, TokenRow};
+use vqgan::train::{FinetuneConfig, TrainConfig, TrainOptions, finetune_decoder, train};
 
 #[derive(Parser)]
 #[command(
     version,
-    about = "ViT-VQGAN image tokenizer: train on an ingest pairs manifest."
+    about = "ViT-VQGAN image tokenizer: train, fine-tune a larger decoder, encode shards, decode tokens."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -23,10 +25,18 @@ struct Cli {
 enum Command {
     /// Stage 1: train encoder, codebook and decoder on the pairs shards of an ingest manifest.
     Train(TrainArgs),
+    /// Stage 2 (Parti): freeze the stage-1 encoder and codebook, train a larger decoder.
+    FinetuneDecoder(FinetuneArgs),
+    /// Pairs shards -> token shards (key, caption, tokens as list<uint16>).
+    Encode(EncodeArgs),
+    /// Held-out images through the tokenizer: PSNR/SSIM into a manifest, a side-by-side PNG.
+    Reconstruct(ReconstructArgs),
+    /// Tokens (a token shard, a `vqgan encode` manifest, or a list) -> PNG files.
+    Decode(DecodeArgs),
 }
 
 #[derive(Args)]
-struct TrainArgs {
+struct TrainingArgs {
     #[command(flatten)]
     stage: StageArgs,
     /// The `ingest pairs` manifest (or its folder).
@@ -41,35 +51,208 @@ struct TrainArgs {
     batch_size: Option<usize>,
     #[arg(long)]
     learning_rate: Option<f64>,
+    /// Stop after this many steps with a checkpoint (e.g. before a batch job's time limit);
+    /// the same command later resumes exactly where it stopped.
+    #[arg(long)]
+    stop_after: Option<usize>,
+}
+
+impl TrainingArgs {
+    fn overrides(&self) -> serde_json::Value {
+        json!({"steps": self.steps, "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate, "seed": self.stage.seed})
+    }
+
+    fn options(&self) -> TrainOptions {
+        TrainOptions {
+            out: self.stage.out.clone(),
+            device: self.device.clone(),
+            force: self.stage.force,
+            stop_after: self.stop_after,
+        }
+    }
+
+    fn preset(&self) -> &str {
+        self.stage.preset.as_deref().unwrap_or("tiny")
+    }
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    training: TrainingArgs,
+}
+
+#[derive(Args)]
+struct FinetuneArgs {
+    #[command(flatten)]
+    training: TrainingArgs,
+    /// The stage-1 `vqgan train` manifest.
+    #[arg(long)]
+    vqgan: String,
+    /// Decoder preset: tiny-large, small, base, large.
+    #[arg(long)]
+    decoder: Option<String>,
+}
+
+#[derive(Args)]
+struct EncodeArgs {
+    #[command(flatten)]
+    stage: StageArgs,
+    /// The `vqgan train` or `vqgan finetune-decoder` manifest.
+    #[arg(long)]
+    vqgan: String,
+    #[arg(long)]
+    pairs: String,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long)]
+    batch_size: Option<usize>,
+}
+
+#[derive(Args)]
+struct ReconstructArgs {
+    #[arg(long)]
+    out: String,
+    #[arg(long)]
+    vqgan: String,
+    #[arg(long)]
+    pairs: String,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct DecodeArgs {
+    /// Folder (or bucket prefix) for the PNGs.
+    #[arg(long)]
+    out: String,
+    #[arg(long)]
+    vqgan: String,
+    /// A token shard (.parquet) or a `vqgan encode` manifest.
+    #[arg(long, conflicts_with = "list")]
+    tokens: Option<String>,
+    /// One token grid as comma-separated codes.
+    #[arg(long)]
+    list: Option<String>,
+    /// Decode at most this many rows.
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn summary(manifest: &Manifest) -> String {
+    let metric = |name: &str| {
+        manifest
+            .metrics
+            .get(name)
+            .and_then(|v| v.as_f64())
+            .unwrap_or(f64::NAN)
+    };
+    format!(
+        "{}: held-out PSNR {:.2} dB, SSIM {:.3}, codebook usage {:.3}",
+        manifest.stage,
+        metric("psnr_db"),
+        metric("ssim"),
+        metric("codebook_usage")
+    )
+}
+
+fn token_rows(args: &DecodeArgs) -> Result<Vec<TokenRow>> {
+    if let Some(list) = &args.list {
+        let tokens = list
+            .split(',')
+            .map(|t| t.trim().parse::<u16>())
+            .collect::<Result<Vec<_>, _>>()
+            .context("--list: expected comma-separated token numbers (0..65535)")?;
+        return Ok(vec![TokenRow {
+            key: "tokens".into(),
+            caption: String::new(),
+            tokens,
+        }]);
+    }
+    let Some(source) = &args.tokens else {
+        bail!("give --tokens (a token shard or encode manifest) or --list");
+    };
+    if source.ends_with(".parquet") {
+        let bytes = Location::parse(source)?.get()?;
+        return Ok(encode::tokens_from_parquet(source, bytes)?);
+    }
+    let (stage, _) = Upstream::read(source)?;
+    Ok(encode::read_token_rows(&stage)?)
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(args) => {
-            let preset = TrainConfig::preset(args.stage.preset.as_deref().unwrap_or("tiny"))?;
-            let overrides = json!({"steps": args.steps, "batch_size": args.batch_size,
-                "learning_rate": args.learning_rate, "seed": args.stage.seed});
-            let config: TrainConfig = layered(&preset, args.stage.config.as_deref(), overrides)?;
-            let options = TrainOptions {
-                out: args.stage.out.clone(),
-                device: args.device.clone(),
-                force: args.stage.force,
-            };
-            let manifest = train(&config, &args.pairs, &options).context("vqgan train")?;
+        Command::Train(TrainArgs { training }) => {
+            let preset = TrainConfig::preset(training.preset())?;
+            let config: TrainConfig = layered(
+                &preset,
+                training.stage.config.as_deref(),
+                training.overrides(),
+            )?;
+            let manifest =
+                train(&config, &training.pairs, &training.options()).context("vqgan train")?;
+            println!("{}", summary(&manifest));
+        }
+        Command::FinetuneDecoder(args) => {
+            let training = &args.training;
+            let preset = FinetuneConfig::preset(training.preset())?;
+            let overrides = json!({"decoder": args.decoder, "train": training.overrides()});
+            let config: FinetuneConfig =
+                layered(&preset, training.stage.config.as_deref(), overrides)?;
+            let manifest =
+                finetune_decoder(&config, &args.vqgan, &training.pairs, &training.options())
+                    .context("vqgan finetune-decoder")?;
+            println!("{}", summary(&manifest));
+        }
+        Command::Encode(args) => {
+            let overrides = json!({"batch_size": args.batch_size});
+            let config: EncodeConfig = layered(
+                &EncodeConfig::default(),
+                args.stage.config.as_deref(),
+                overrides,
+            )?;
+            let manifest = encode::encode(
+                &config,
+                &args.vqgan,
+                &args.pairs,
+                &args.stage.out,
+                &args.device,
+                args.stage.force,
+            )
+            .context("vqgan encode")?;
             println!(
-                "{}: held-out PSNR {:.2} dB, codebook usage {:.3}",
+                "{}: {} images -> {} token grids of {}x{}",
                 manifest.stage,
-                manifest
-                    .metrics
-                    .get("psnr_db")
-                    .and_then(|v| v.as_f64())
-                    .unwrap_or(f64::NAN),
-                manifest
-                    .metrics
-                    .get("codebook_usage")
-                    .and_then(|v| v.as_f64())
-                    .unwrap_or(f64::NAN)
+                manifest.metric_u64("rows").unwrap_or(0),
+                manifest.metric_u64("rows").unwrap_or(0),
+                manifest.metric_u64("grid").unwrap_or(0),
+                manifest.metric_u64("grid").unwrap_or(0),
             );
+        }
+        Command::Reconstruct(args) => {
+            let manifest = encode::reconstruct(
+                &args.vqgan,
+                &args.pairs,
+                &args.out,
+                &args.device,
+                args.force,
+            )
+            .context("vqgan reconstruct")?;
+            println!("{}", summary(&manifest));
+        }
+        Command::Decode(args) => {
+            let mut rows = token_rows(&args)?;
+            if let Some(limit) = args.limit {
+                rows.truncate(limit);
+            }
+            let written = encode::decode_to_pngs(&args.vqgan, &rows, &args.out, &args.device)
+                .context("vqgan decode")?;
+            println!("{} images written under {}", written.len(), args.out);
         }
     }
     Ok(())

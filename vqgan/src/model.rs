@@ -10,7 +10,7 @@ use nn::{LearnedPositions, LearnedPositionsConfig, TransformerBlock, Transformer
 use crate::quantize::{Quantized, Quantizer, QuantizerConfig};
 
 /// One ViT stack (the encoder or the decoder).
-#[derive(Config, Debug)]
+#[derive(Config, Debug, PartialEq)]
 pub struct VitConfig {
     pub d_model: usize,
     pub n_layers: usize,
@@ -22,6 +22,10 @@ impl VitConfig {
     /// Trains in minutes on 2 CPU cores.
     pub fn tiny() -> Self {
         Self::new(128, 2, 4, 256)
+    }
+    /// The CI-sized stand-in for Parti's larger fine-tuned decoder.
+    pub fn tiny_large() -> Self {
+        Self::new(192, 3, 6, 512)
     }
     /// ViT-VQGAN Small: 8 blocks, 8 heads, 512, MLP 2048.
     pub fn small() -> Self {
@@ -46,7 +50,7 @@ impl VitConfig {
     }
 }
 
-#[derive(Config, Debug)]
+#[derive(Config, Debug, PartialEq)]
 pub struct VitVqganConfig {
     pub image_size: usize,
     #[config(default = 8)]
@@ -221,8 +225,14 @@ impl VitEncoder {
 
 impl VitDecoder {
     /// Codes `[batch, tokens, code_dim]` -> patch values `[batch, tokens, patch values]`.
+    ///
+    /// The codes are unit vectors; scaled by sqrt(code_dim) their components are ~1, like the
+    /// other inputs of the stack. Unscaled, the tiny model learned several times slower.
     pub fn forward(&self, codes: Tensor<3>) -> Tensor<3> {
-        let mut x = self.positions.forward(self.from_codes.forward(codes), 0);
+        let scale = (codes.dims()[2] as f64).sqrt();
+        let mut x = self
+            .positions
+            .forward(self.from_codes.forward(codes.mul_scalar(scale)), 0);
         for block in &self.blocks {
             x = block.forward(x, None, None);
         }
@@ -233,25 +243,15 @@ impl VitDecoder {
 impl VitVqgan {
     /// `[batch, 3, H, W]` -> `[batch, tokens, p*p*3]`, tokens in raster order.
     pub fn patchify(&self, images: Tensor<4>) -> Tensor<3> {
-        let [batch, channels, _, _] = images.dims();
-        let (g, p) = (self.grid, self.patch_size);
-        images
-            .reshape([batch, channels, g, p, g, p])
-            .permute([0, 2, 4, 3, 5, 1])
-            .reshape([batch, g * g, p * p * channels])
+        nn::vision::patchify(images, self.patch_size)
     }
 
     pub fn unpatchify(&self, patches: Tensor<3>) -> Tensor<4> {
-        let [batch, _, values] = patches.dims();
-        let (g, p) = (self.grid, self.patch_size);
-        let channels = values / (p * p);
-        patches
-            .reshape([batch, g, g, p, p, channels])
-            .permute([0, 5, 1, 3, 2, 4])
-            .reshape([batch, channels, g * p, g * p])
+        nn::vision::unpatchify(patches, self.patch_size, self.grid)
     }
 
-    fn to_image(&self, patches: Tensor<3>) -> Tensor<4> {
+    /// Decoder output -> images (through the sigmoid when the config keeps it).
+    pub fn patches_to_image(&self, patches: Tensor<3>) -> Tensor<4> {
         let patches = if self.output_sigmoid {
             sigmoid(patches)
         } else {
@@ -260,22 +260,29 @@ impl VitVqgan {
         self.unpatchify(patches)
     }
 
+    /// Images in [0, 1] -> unquantised codes `[batch, tokens, code_dim]`. Pixels are centred to
+    /// [-1, 1] first: on mostly mid-gray pictures, [0, 1] inputs make every patch embedding
+    /// nearly the same vector, so every patch starts on the same code.
+    pub fn encode_continuous(&self, images: Tensor<4>) -> Tensor<3> {
+        self.encoder
+            .forward(self.patchify(images).mul_scalar(2.0).sub_scalar(1.0))
+    }
+
     /// Images in [0, 1] -> reconstruction and the quantiser's outputs.
     pub fn forward(&self, images: Tensor<4>) -> Reconstruction {
-        let z = self.encoder.forward(self.patchify(images));
+        let z = self.encode_continuous(images);
         let quantized = self.quantizer.forward(z);
-        let images = self.to_image(self.decoder.forward(quantized.codes.clone()));
+        let images = self.patches_to_image(self.decoder.forward(quantized.codes.clone()));
         Reconstruction { images, quantized }
     }
 
     /// Images -> token grid `[batch, grid * grid]`.
     pub fn encode(&self, images: Tensor<4>) -> Tensor<2, Int> {
-        self.quantizer
-            .lookup(self.encoder.forward(self.patchify(images)))
+        self.quantizer.lookup(self.encode_continuous(images))
     }
 
     /// Token grid -> images.
     pub fn decode(&self, indices: Tensor<2, Int>) -> Tensor<4> {
-        self.to_image(self.decoder.forward(self.quantizer.embed(indices)))
+        self.patches_to_image(self.decoder.forward(self.quantizer.embed(indices)))
     }
 }

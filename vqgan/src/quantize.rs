@@ -10,7 +10,7 @@ use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::{Bool, Device, Int, Tensor};
 
-#[derive(Config, Debug)]
+#[derive(Config, Debug, PartialEq)]
 pub struct QuantizerConfig {
     /// Number of codes (8192 in the paper).
     pub codebook_size: usize,
@@ -114,14 +114,15 @@ impl Quantizer {
         }
     }
 
-    /// Replaces every code that `used` marks unused with one of the (normalised) encoder outputs
-    /// `z`, chosen deterministically from `offset`. Collapse onto a handful of codes is the
-    /// commonest VQ failure; restarting dead codes where the encoder's outputs actually are
-    /// brings them back into play. Returns how many codes were restarted.
-    pub fn restart_dead_codes(&mut self, z: Tensor<3>, used: &[bool], offset: usize) -> usize {
+    /// Replaces every code marked in `dead` with one of the encoder outputs `z` the current
+    /// codebook fits worst (lowest cosine to its nearest code). Collapse onto a handful of codes
+    /// is the commonest VQ failure; restarting dead codes where the encoder's outputs are poorly
+    /// served brings them back into play, and gives rare content (a small object on a plain
+    /// background) codes of its own. Returns how many codes were restarted.
+    pub fn restart_dead_codes(&mut self, z: Tensor<3>, dead: &[bool]) -> usize {
         let size = self.codebook_size();
         let dead: Vec<bool> = (0..size)
-            .map(|k| !used.get(k).copied().unwrap_or(false))
+            .map(|k| dead.get(k).copied().unwrap_or(false))
             .collect();
         let restarted = dead.iter().filter(|d| **d).count();
         if restarted == 0 {
@@ -130,12 +131,31 @@ impl Quantizer {
         let [batch, tokens, dim] = z.dims();
         let rows = batch * tokens;
         let device = z.device();
-        // A stride co-prime with typical batch sizes spreads the picks over the batch.
-        let picks: Vec<i64> = (0..size)
-            .map(|k| ((k * 7919 + offset) % rows) as i64)
-            .collect();
-        let candidates = l2_normalize(z.detach().reshape([rows, dim]))
-            .select(0, Tensor::<1, Int>::from_data(picks.as_slice(), &device));
+        let z = l2_normalize(z.detach().reshape([rows, dim]));
+        let best_fit = z
+            .clone()
+            .matmul(self.normalized_codebook().detach().transpose())
+            .max_dim(1)
+            .reshape([rows]);
+        let worst_first = best_fit
+            .argsort(0)
+            .into_data_as::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap_or_default();
+        if worst_first.is_empty() {
+            return 0;
+        }
+        // The k-th dead code takes the k-th worst-fitted output (cycling when codes outnumber
+        // outputs), so one restart covers as many distinct poorly-served outputs as it can.
+        let mut picks = vec![0i64; size];
+        let mut next = 0usize;
+        for (slot, is_dead) in picks.iter_mut().zip(&dead) {
+            if *is_dead {
+                *slot = worst_first[next % worst_first.len()];
+                next += 1;
+            }
+        }
+        let candidates = z.select(0, Tensor::<1, Int>::from_data(picks.as_slice(), &device));
         let mask = Tensor::<1, Bool>::from_data(dead.as_slice(), &device)
             .reshape([size, 1])
             .expand([size, dim]);
@@ -152,14 +172,113 @@ impl Quantizer {
     }
 }
 
+/// Codebook health over a sliding window of steps: the step each code was last chosen, and
+/// counts for perplexity. A code is dead when no batch of the window chose it, which is far
+/// less jumpy than judging from a single batch (rare codes would be wiped every few steps).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CodeUsage {
+    /// Step at which each code was last chosen (`None`: never).
+    pub last_used: Vec<Option<usize>>,
+    /// Step at which each code was last restarted: a restarted code gets a full window to be
+    /// chosen before it can be restarted again, without counting as used.
+    pub last_restarted: Vec<Option<usize>>,
+    /// Choices per code since the last [`CodeUsage::take_counts`].
+    pub counts: Vec<u64>,
+}
+
+impl CodeUsage {
+    pub fn new(codebook_size: usize) -> CodeUsage {
+        CodeUsage {
+            last_used: vec![None; codebook_size],
+            last_restarted: vec![None; codebook_size],
+            counts: vec![0; codebook_size],
+        }
+    }
+
+    pub fn record(&mut self, indices: &Tensor<2, Int>, step: usize) {
+        for index in indices_of(indices) {
+            if let Some(slot) = self.last_used.get_mut(index) {
+                *slot = Some(step);
+                self.counts[index] += 1;
+            }
+        }
+    }
+
+    fn within(last: Option<usize>, step: usize, window: usize) -> bool {
+        last.is_some_and(|s| step.saturating_sub(s) < window)
+    }
+
+    /// Codes neither chosen nor restarted in the `window` steps up to `step`.
+    pub fn dead(&self, step: usize, window: usize) -> Vec<bool> {
+        self.last_used
+            .iter()
+            .zip(&self.last_restarted)
+            .map(|(&used, &restarted)| {
+                !Self::within(used, step, window) && !Self::within(restarted, step, window)
+            })
+            .collect()
+    }
+
+    /// Share of the codebook chosen in the `window` steps up to `step`.
+    pub fn share(&self, step: usize, window: usize) -> f64 {
+        let used = self
+            .last_used
+            .iter()
+            .filter(|&&last| Self::within(last, step, window))
+            .count();
+        used as f64 / self.last_used.len().max(1) as f64
+    }
+
+    pub fn mark_restarted(&mut self, restarted: &[bool], step: usize) {
+        for (last, &revived) in self.last_restarted.iter_mut().zip(restarted) {
+            if revived {
+                *last = Some(step);
+            }
+        }
+    }
+
+    /// Perplexity of the code distribution counted since the last call (codebook size when
+    /// uniform, 1 when collapsed onto one code), and resets the counts.
+    pub fn take_counts(&mut self) -> f64 {
+        let perplexity = perplexity(&self.counts);
+        self.counts.iter_mut().for_each(|c| *c = 0);
+        perplexity
+    }
+}
+
+pub fn perplexity(counts: &[u64]) -> f64 {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let entropy: f64 = counts
+        .iter()
+        .filter(|c| **c > 0)
+        .map(|&c| {
+            let p = c as f64 / total as f64;
+            -p * p.ln()
+        })
+        .sum();
+    entropy.exp()
+}
+
+fn indices_of(indices: &Tensor<2, Int>) -> Vec<usize> {
+    indices
+        .clone()
+        .into_data_as::<i64>()
+        .try_to_vec::<i64>()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|v| usize::try_from(v).ok())
+        .collect()
+}
+
 /// Which codes appear in `indices`, and the share of the codebook that is.
 pub fn usage(indices: &Tensor<2, Int>, codebook_size: usize) -> (Vec<bool>, f64) {
     let mut used = vec![false; codebook_size];
-    if let Ok(values) = indices.clone().into_data_as::<i64>().try_to_vec::<i64>() {
-        for value in values {
-            if let Some(slot) = usize::try_from(value).ok().and_then(|v| used.get_mut(v)) {
-                *slot = true;
-            }
+    for index in indices_of(indices) {
+        if let Some(slot) = used.get_mut(index) {
+            *slot = true;
         }
     }
     let share = used.iter().filter(|u| **u).count() as f64 / codebook_size.max(1) as f64;

@@ -1,28 +1,35 @@
-//! `vqgan train`: stage 1 on an `ingest pairs` manifest. L2 + VQ losses, AdamW with warm-up and
-//! cosine decay, gradient clipping, dead-code restarts; held-out PSNR and codebook usage, the
-//! weights (safetensors), a reconstruction grid and the metrics log go into the manifest.
+//! `vqgan train` (stage 1 on an `ingest pairs` manifest) and `vqgan finetune-decoder` (Parti's
+//! stage 2: encoder and codebook frozen, a larger decoder trained alone).
+//!
+//! Both: AdamW with warm-up and cosine decay, gradient clipping, L2 (+ optional L1) pixel loss,
+//! checkpoints every N steps in the run's work folder, and an exact resume of a killed run (same
+//! command, same config: it continues from the last checkpoint and ends with the same weights
+//! and losses as an uninterrupted run). Held-out PSNR and codebook usage, the weights
+//! (safetensors), a reconstruction grid and the metrics log go into the manifest.
 
 use std::time::Instant;
 
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{Device, Tensor};
 use bytes::Bytes;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use nn::training::{self, Schedule};
+use rand::Rng;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{Map, Value, json};
 use tracing::info;
 
 use crate::data::{self, ImageSet};
-use crate::model::{VitVqgan, VitVqganConfig};
-use crate::quantize::usage;
-use crate::{Error, tool};
-use manifests::{Manifest, ShardSpec, StageRun};
+use crate::eval::{self, reconstruction_grid};
+use crate::model::{VitConfig, VitVqgan, VitVqganConfig};
+use crate::quantize::CodeUsage;
+use crate::{Error, load_vqgan, tool};
+use manifests::{Artifact, Manifest, ShardSpec, StageRun};
 
 pub const STAGE: &str = "vqgan.train";
+pub const FINETUNE_STAGE: &str = "vqgan.finetune_decoder";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -39,10 +46,18 @@ pub struct TrainConfig {
     pub beta2: f64,
     pub weight_decay: f64,
     pub grad_clip_norm: f32,
-    /// Restart unused codes every this many steps (0: never) ...
+    /// Weight of the mean squared pixel error.
+    pub l2_weight: f64,
+    /// Weight of the mean absolute pixel error (0: off). Sharper edges than L2 alone.
+    pub l1_weight: f64,
+    /// Check for dead codes every this many steps (0: never) ...
     pub restart_every: usize,
+    /// ... a code is dead when no batch of the last `restart_window` steps chose it ...
+    pub restart_window: usize,
     /// ... until this step, so the codebook settles before training ends.
     pub restart_until: usize,
+    /// Save a checkpoint every this many steps (0: never).
+    pub checkpoint_every: usize,
     pub log_every: usize,
     pub seed: u64,
 }
@@ -61,22 +76,29 @@ impl TrainConfig {
             beta2: 0.99,
             weight_decay: 1e-4,
             grad_clip_norm: 1.0,
+            l2_weight: 1.0,
+            l1_weight: 0.0,
             restart_every: 100,
+            restart_window: 1000,
             restart_until: 400_000,
+            checkpoint_every: 5000,
             log_every: 100,
             seed: 0,
         };
         match name {
             "tiny" => Ok(TrainConfig {
-                steps: 600,
+                steps: 1500,
                 batch_size: 16,
                 // Higher rates stall the tiny transformer at the mean image.
                 learning_rate: 5e-4,
-                final_learning_rate: 5e-5,
-                warmup_steps: 30,
+                final_learning_rate: 2e-5,
+                warmup_steps: 50,
+                l1_weight: 1.0,
                 restart_every: 10,
-                restart_until: 450,
-                log_every: 25,
+                restart_window: 50,
+                restart_until: 1200,
+                checkpoint_every: 250,
+                log_every: 50,
                 ..paper("tiny")
             }),
             "small" | "base" => Ok(paper(name)),
@@ -97,15 +119,85 @@ impl TrainConfig {
         }
     }
 
+    pub fn schedule(&self) -> Schedule {
+        Schedule::cosine(
+            self.learning_rate,
+            self.final_learning_rate,
+            self.warmup_steps,
+        )
+    }
+
     /// Linear warm-up, then cosine decay to the final rate.
     pub fn learning_rate_at(&self, step: usize) -> f64 {
-        if step < self.warmup_steps {
-            return self.learning_rate * (step + 1) as f64 / self.warmup_steps as f64;
+        self.schedule().at(step, self.steps)
+    }
+
+    fn optimizer(&self) -> ModuleOptimizer {
+        AdamWConfig::new()
+            .with_beta_1(self.beta1 as f32)
+            .with_beta_2(self.beta2 as f32)
+            .with_weight_decay(self.weight_decay as f32)
+            .with_grad_clipping(Some(GradientClippingConfig::Norm(self.grad_clip_norm)))
+            .init()
+    }
+
+    /// The training images of step `step`: a function of the seed and the step only.
+    fn batch_indices(&self, step: usize, images: usize) -> Vec<usize> {
+        let mut rng = training::step_rng(self.seed, step);
+        (0..self.batch_size)
+            .map(|_| rng.random_range(0..images))
+            .collect()
+    }
+
+    fn pixel_loss(&self, output: Tensor<4>, target: Tensor<4>) -> (Tensor<1>, Tensor<1>) {
+        let error = output - target;
+        let mse = error.clone().powi_scalar(2).mean();
+        let mut loss = mse.clone().mul_scalar(self.l2_weight);
+        if self.l1_weight > 0.0 {
+            loss = loss + error.abs().mean().mul_scalar(self.l1_weight);
         }
-        let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f64;
-        let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
-        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
-        self.final_learning_rate + (self.learning_rate - self.final_learning_rate) * cosine
+        (loss, mse)
+    }
+}
+
+/// Parti's stage 2: which larger decoder to train on the frozen stage-1 encoder and codebook.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneConfig {
+    /// Decoder preset: tiny-large (CI size), small, base or large (Parti's 32 blocks, 1280).
+    pub decoder: String,
+    /// Keep the final sigmoid (false: raw [0, 1] RGB, Parti's fix for pixelation).
+    pub output_sigmoid: bool,
+    pub train: TrainConfig,
+}
+
+impl FinetuneConfig {
+    pub fn preset(name: &str) -> Result<FinetuneConfig, Error> {
+        let mut train = TrainConfig::preset(name)?;
+        train.restart_every = 0;
+        let decoder = if name == "tiny" {
+            train.steps = 600;
+            "tiny-large"
+        } else {
+            "large"
+        };
+        Ok(FinetuneConfig {
+            decoder: decoder.into(),
+            output_sigmoid: false,
+            train,
+        })
+    }
+
+    pub fn decoder_config(&self) -> Result<VitConfig, Error> {
+        match self.decoder.as_str() {
+            "tiny-large" => Ok(VitConfig::tiny_large()),
+            "small" => Ok(VitConfig::small()),
+            "base" => Ok(VitConfig::base()),
+            "large" => Ok(VitConfig::large()),
+            other => Err(Error::Usage(format!(
+                "unknown decoder '{other}' (tiny-large, small, base, large)"
+            ))),
+        }
     }
 }
 
@@ -113,74 +205,137 @@ pub fn psnr_db(mse: f64) -> f64 {
     10.0 * (1.0 / mse.max(1e-10)).log10()
 }
 
-/// Mean squared error and codebook usage of `model` over `images`, in batches.
-fn evaluate(model: &VitVqgan, images: &ImageSet, device: &Device) -> (f64, f64) {
-    let (mut squared, mut count) = (0.0, 0usize);
-    let mut used = vec![false; model.quantizer.codebook_size()];
-    for start in (0..images.len()).step_by(32) {
-        let indices: Vec<usize> = (start..(start + 32).min(images.len())).collect();
-        let x = images.batch(&indices, device);
-        let out = model.forward(x.clone());
-        squared += (out.images.detach() - x)
-            .powi_scalar(2)
-            .mean()
-            .into_scalar::<f32>() as f64
-            * indices.len() as f64;
-        count += indices.len();
-        let (batch_used, _) = usage(&out.quantized.indices, used.len());
-        for (slot, u) in used.iter_mut().zip(batch_used) {
-            *slot |= u;
-        }
-    }
-    let share = used.iter().filter(|u| **u).count() as f64 / used.len() as f64;
-    (squared / count.max(1) as f64, share)
-}
-
-/// Originals (left) beside reconstructions (right), one held-out image per row.
-fn reconstruction_grid(
-    model: &VitVqgan,
-    images: &ImageSet,
-    device: &Device,
-) -> Result<Vec<u8>, Error> {
-    let rows = images.len().min(8);
-    let size = images.size;
-    let indices: Vec<usize> = (0..rows).collect();
-    let x = images.batch(&indices, device);
-    let y = model.forward(x.clone()).images.detach().clamp(0.0, 1.0);
-    let to_vec = |t: Tensor<4>| {
-        t.into_data()
-            .try_to_vec::<f32>()
-            .map_err(|e| Error::Data(format!("{e:?}")))
-    };
-    let (x, y) = (to_vec(x)?, to_vec(y)?);
-    let mut grid = image::RgbImage::new(2 * size as u32, (rows * size) as u32);
-    let plane = size * size;
-    for row in 0..rows {
-        for (column, source) in [&x, &y].into_iter().enumerate() {
-            for py in 0..size {
-                for px in 0..size {
-                    let value = |c: usize| {
-                        (source[row * 3 * plane + c * plane + py * size + px] * 255.0).round() as u8
-                    };
-                    grid.put_pixel(
-                        (column * size + px) as u32,
-                        (row * size + py) as u32,
-                        image::Rgb([value(0), value(1), value(2)]),
-                    );
-                }
-            }
-        }
-    }
-    let mut png = Vec::new();
-    grid.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .map_err(|e| Error::Data(format!("reconstruction grid: {e}")))?;
-    Ok(png)
-}
-
 pub struct TrainOptions {
     pub out: String,
     pub device: String,
     pub force: bool,
+    /// Stop (with a checkpoint) once this many steps are done, as a time-limited batch job
+    /// would be stopped; the same command later resumes. `None`: run to the end.
+    pub stop_after: Option<usize>,
+}
+
+/// What a checkpoint holds besides the model and optimizer records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Progress {
+    /// Steps done.
+    step: usize,
+    usage: CodeUsage,
+    log: String,
+}
+
+fn log_line(progress: &mut Progress, line: Value) {
+    info!("{line}");
+    progress.log.push_str(&format!("{line}\n"));
+}
+
+/// Checkpoint on schedule; `Err(Paused)` when `stop_after` says this process stops here.
+fn after_step<M: Module>(
+    run: &StageRun,
+    config: &TrainConfig,
+    options: &TrainOptions,
+    model: &M,
+    optimizer: &ModuleOptimizer,
+    progress: &Progress,
+) -> Result<(), Error> {
+    let stop = options.stop_after == Some(progress.step);
+    let scheduled = config.checkpoint_every > 0
+        && progress.step.is_multiple_of(config.checkpoint_every)
+        && progress.step < config.steps;
+    if stop || scheduled {
+        training::save_checkpoint(run, progress.step, model, optimizer, progress)
+            .map_err(|e| Error::Data(e.to_string()))?;
+    }
+    if stop && progress.step < config.steps {
+        return Err(Error::Paused {
+            step: progress.step,
+        });
+    }
+    Ok(())
+}
+
+fn weights_bytes(model: &VitVqgan) -> Result<Bytes, Error> {
+    let mut store = SafetensorsStore::from_bytes(None);
+    model
+        .save_into(&mut store)
+        .map_err(|e| Error::Data(format!("saving weights: {e}")))?;
+    let weights = store
+        .get_bytes()
+        .map_err(|e| Error::Data(format!("saving weights: {e}")))?;
+    Ok(Bytes::from(weights))
+}
+
+/// Weights, config, reconstruction grid and log, then the manifest with held-out metrics.
+#[allow(clippy::too_many_arguments)]
+fn publish(
+    run: &StageRun,
+    model: &VitVqgan,
+    model_config: &VitVqganConfig,
+    held_out: &ImageSet,
+    train_images: usize,
+    log: String,
+    device: &Device,
+    started: Instant,
+) -> Result<Manifest, Error> {
+    let quality = eval::evaluate(model, held_out, device)?;
+    info!(
+        "held-out PSNR {:.2} dB, SSIM {:.3}, codebook usage {:.3}",
+        quality.psnr_db, quality.ssim, quality.codebook_usage
+    );
+    let config_json = serde_json::to_vec_pretty(model_config)
+        .map_err(|e| Error::Data(format!("model config: {e}")))?;
+    let artifacts: Vec<Artifact> = vec![
+        run.write_artifact(
+            "model.safetensors",
+            "checkpoint",
+            weights_bytes(model)?,
+            None,
+        )?,
+        run.write_artifact("model.json", "config", Bytes::from(config_json), None)?,
+        run.write_artifact(
+            "reconstructions.png",
+            "image/png",
+            Bytes::from(reconstruction_grid(model, held_out, device)?),
+            None,
+        )?,
+        run.write_artifact("metrics.jsonl", "metrics/jsonl", Bytes::from(log), None)?,
+    ];
+    let mut metrics = Map::new();
+    metrics.insert("psnr_db".into(), json!(quality.psnr_db));
+    metrics.insert("ssim".into(), json!(quality.ssim));
+    metrics.insert("held_out_mse".into(), json!(quality.mse));
+    metrics.insert("codebook_usage".into(), json!(quality.codebook_usage));
+    metrics.insert("codebook_perplexity".into(), json!(quality.perplexity));
+    metrics.insert("train_images".into(), json!(train_images));
+    metrics.insert("held_out_images".into(), json!(held_out.len()));
+    metrics.insert("parameters".into(), json!(model.num_params()));
+    metrics.insert("backend".into(), json!(nn::backend::backend_name()));
+    metrics.insert("seconds".into(), json!(started.elapsed().as_secs_f64()));
+    Ok(run.publish(artifacts, metrics)?)
+}
+
+/// Train and held-out images of a pairs manifest, at the model's size.
+fn images(
+    upstream: &manifests::Upstream,
+    size: usize,
+    uri: &str,
+) -> Result<(ImageSet, ImageSet), Error> {
+    let (train_set, held_out) = data::load(upstream, size)?;
+    if train_set.is_empty() {
+        return Err(Error::Data(format!("{uri}: no training images")));
+    }
+    // Tiny inputs may hold out nothing; score on the training images then.
+    let held_out = if held_out.is_empty() {
+        train_set.clone()
+    } else {
+        held_out
+    };
+    info!(
+        "{} training images, {} held out, {} backend",
+        train_set.len(),
+        held_out.len(),
+        nn::backend::backend_name()
+    );
+    Ok((train_set, held_out))
 }
 
 pub fn train(
@@ -195,103 +350,140 @@ pub fn train(
     if let Some(existing) = run.begin(options.force)? {
         return Ok(existing);
     }
-    let (train_set, held_out) = data::load(&upstream, model_config.image_size)?;
-    if train_set.is_empty() {
-        return Err(Error::Data(format!("{pairs_uri}: no training images")));
-    }
-    let held_out = if held_out.is_empty() {
-        &train_set
-    } else {
-        &held_out
-    };
-    info!(
-        "{} training images, {} held out, {} backend",
-        train_set.len(),
-        held_out.len(),
-        nn::backend::backend_name()
-    );
-
+    let (train_set, held_out) = images(&upstream, model_config.image_size, pairs_uri)?;
     let device =
         nn::backend::training_device(&options.device).map_err(|e| Error::Usage(e.to_string()))?;
     device.seed(config.seed);
-    let mut model = model_config.init(&device);
-    let mut optimizer = AdamWConfig::new()
-        .with_beta_1(config.beta1 as f32)
-        .with_beta_2(config.beta2 as f32)
-        .with_weight_decay(config.weight_decay as f32)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(config.grad_clip_norm)))
-        .init();
-    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let mut log = String::new();
-    for step in 0..config.steps {
-        let indices: Vec<usize> = (0..config.batch_size)
-            .map(|_| rng.random_range(0..train_set.len()))
-            .collect();
-        let x = train_set.batch(&indices, &device);
+    let codebook_size = model_config.quantizer.codebook_size;
+    let fresh = Progress {
+        step: 0,
+        usage: CodeUsage::new(codebook_size),
+        log: String::new(),
+    };
+    let (mut model, mut optimizer, mut progress) =
+        training::resume(&run, model_config.init(&device), config.optimizer(), fresh)
+            .map_err(|e| Error::Data(e.to_string()))?;
+
+    while progress.step < config.steps {
+        let step = progress.step;
+        let x = train_set.batch(&config.batch_indices(step, train_set.len()), &device);
         let out = model.forward(x.clone());
-        let mse = (out.images - x.clone()).powi_scalar(2).mean();
-        let loss = mse.clone() + out.quantized.loss.clone();
+        let (pixel_loss, mse) = config.pixel_loss(out.images, x.clone());
+        let loss = pixel_loss + out.quantized.loss.clone();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         let learning_rate = config.learning_rate_at(step);
         model = optimizer.step(learning_rate, model, grads);
+        progress.usage.record(&out.quantized.indices, step);
+
         let restart = config.restart_every > 0
-            && step % config.restart_every == 0
+            && step > 0
+            && step.is_multiple_of(config.restart_every)
             && step < config.restart_until;
-        if restart || step % config.log_every.max(1) == 0 || step + 1 == config.steps {
-            let (used, share) = usage(&out.quantized.indices, model.quantizer.codebook_size());
-            let mse = mse.into_scalar::<f32>() as f64;
-            if step % config.log_every.max(1) == 0 || step + 1 == config.steps {
-                let line = json!({"step": step, "learning_rate": learning_rate, "mse": mse, "psnr_db": psnr_db(mse),
-                    "vq_loss": out.quantized.loss.into_scalar::<f32>(), "batch_codebook_usage": share});
-                info!("{line}");
-                log.push_str(&format!("{line}\n"));
-            }
-            if restart {
-                let z = model.encoder.forward(model.patchify(x));
-                model.quantizer.restart_dead_codes(z, &used, step);
+        let mut restarted = 0;
+        if restart {
+            let dead = progress.usage.dead(step, config.restart_window);
+            if dead.iter().any(|d| *d) {
+                let z = model.encode_continuous(x);
+                restarted = model.quantizer.restart_dead_codes(z, &dead);
+                progress.usage.mark_restarted(&dead, step);
             }
         }
+        if step.is_multiple_of(config.log_every.max(1)) || step + 1 == config.steps {
+            let mse = mse.into_scalar::<f32>() as f64;
+            let line = json!({"step": step, "learning_rate": learning_rate,
+                "loss": loss.into_scalar::<f32>(), "mse": mse, "psnr_db": psnr_db(mse),
+                "vq_loss": out.quantized.loss.into_scalar::<f32>(),
+                "codebook_usage": progress.usage.share(step, config.restart_window),
+                "perplexity": progress.usage.take_counts(), "restarted": restarted});
+            log_line(&mut progress, line);
+        }
+        progress.step += 1;
+        after_step(&run, config, options, &model, &optimizer, &progress)?;
     }
+    publish(
+        &run,
+        &model,
+        &model_config,
+        &held_out,
+        train_set.len(),
+        progress.log,
+        &device,
+        started,
+    )
+}
 
-    let (mse, codebook_usage) = evaluate(&model, held_out, &device);
-    let psnr = psnr_db(mse);
-    info!("held-out PSNR {psnr:.2} dB, codebook usage {codebook_usage:.3}");
-    let mut store = SafetensorsStore::from_bytes(None);
-    model
-        .save_into(&mut store)
-        .map_err(|e| Error::Data(format!("saving weights: {e}")))?;
-    let weights = store
-        .get_bytes()
-        .map_err(|e| Error::Data(format!("saving weights: {e}")))?;
-    let artifacts = vec![
-        run.write_artifact(
-            "model.safetensors",
-            "checkpoint",
-            Bytes::from(weights),
-            None,
-        )?,
-        run.write_artifact(
-            "model.json",
-            "config",
-            Bytes::from(serde_json::to_vec_pretty(&model_config).unwrap_or_default()),
-            None,
-        )?,
-        run.write_artifact(
-            "reconstructions.png",
-            "image/png",
-            Bytes::from(reconstruction_grid(&model, held_out, &device)?),
-            None,
-        )?,
-        run.write_artifact("metrics.jsonl", "metrics/jsonl", Bytes::from(log), None)?,
-    ];
-    let mut metrics = serde_json::Map::new();
-    metrics.insert("psnr_db".into(), json!(psnr));
-    metrics.insert("held_out_mse".into(), json!(mse));
-    metrics.insert("codebook_usage".into(), json!(codebook_usage));
-    metrics.insert("train_images".into(), json!(train_set.len()));
-    metrics.insert("held_out_images".into(), json!(held_out.len()));
-    metrics.insert("parameters".into(), json!(model.num_params()));
-    metrics.insert("backend".into(), json!(nn::backend::backend_name()));
-    metrics.insert("seconds".into(), json!(started.elapsed().as_secs_f64()));
-    Ok(run.publish(artifacts, metrics)?)
+/// Parti's stage 2: load stage 1, keep its encoder and codebook exactly as they are, and train
+/// a new (larger) decoder on their codes.
+pub fn finetune_decoder(
+    config: &FinetuneConfig,
+    vqgan_uri: &str,
+    pairs_uri: &str,
+    options: &TrainOptions,
+) -> Result<Manifest, Error> {
+    let started = Instant::now();
+    let train_config = &config.train;
+    let mut run = StageRun::new(
+        FINETUNE_STAGE,
+        tool(),
+        &options.out,
+        config,
+        ShardSpec::single(),
+    )?;
+    let stage1 = run.upstream("vqgan", vqgan_uri)?;
+    let upstream = run.upstream("pairs", pairs_uri)?;
+    if let Some(existing) = run.begin(options.force)? {
+        return Ok(existing);
+    }
+    let device =
+        nn::backend::training_device(&options.device).map_err(|e| Error::Usage(e.to_string()))?;
+    device.seed(train_config.seed);
+    let (stage1_config, frozen) = load_vqgan(&stage1, &device)?;
+    let mut model_config = stage1_config.clone();
+    model_config.decoder = config.decoder_config()?;
+    model_config.output_sigmoid = config.output_sigmoid;
+    let (train_set, held_out) = images(&upstream, model_config.image_size, pairs_uri)?;
+    let fresh = Progress {
+        step: 0,
+        usage: CodeUsage::new(model_config.quantizer.codebook_size),
+        log: String::new(),
+    };
+    let (mut decoder, mut optimizer, mut progress) = training::resume(
+        &run,
+        model_config.decoder_init(&device),
+        train_config.optimizer(),
+        fresh,
+    )
+    .map_err(|e| Error::Data(e.to_string()))?;
+    let mut model = frozen.clone();
+    model.output_sigmoid = config.output_sigmoid;
+    while progress.step < train_config.steps {
+        let step = progress.step;
+        let x = train_set.batch(&train_config.batch_indices(step, train_set.len()), &device);
+        // Frozen: the codes carry no gradient back, and the optimizer only sees the decoder.
+        let codes = frozen.quantizer.embed(frozen.encode(x.clone())).detach();
+        let output = model.patches_to_image(decoder.forward(codes));
+        let (loss, mse) = train_config.pixel_loss(output, x);
+        let grads = GradientsParams::from_grads(loss.backward(), &decoder);
+        let learning_rate = train_config.learning_rate_at(step);
+        decoder = optimizer.step(learning_rate, decoder, grads);
+        if step.is_multiple_of(train_config.log_every.max(1)) || step + 1 == train_config.steps {
+            let mse = mse.into_scalar::<f32>() as f64;
+            let line = json!({"step": step, "learning_rate": learning_rate,
+                "loss": loss.into_scalar::<f32>(), "mse": mse, "psnr_db": psnr_db(mse)});
+            log_line(&mut progress, line);
+        }
+        progress.step += 1;
+        after_step(&run, train_config, options, &decoder, &optimizer, &progress)?;
+    }
+    model.decoder = decoder;
+    publish(
+        &run,
+        &model,
+        &model_config,
+        &held_out,
+        train_set.len(),
+        progress.log,
+        &device,
+        started,
+    )
 }

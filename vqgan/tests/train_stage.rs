@@ -1,11 +1,20 @@
-//! `vqgan train` as a pipeline stage: reads an ingest manifest, writes weights that load back,
-//! records its metrics, and skips itself when nothing changed.
+//! The vqgan stages end to end on a small ingest manifest: train writes weights that load back
+//! and skips itself when nothing changed; a stopped run resumes to exactly the uninterrupted
+//! result; decoder fine-tuning leaves encoder and codebook bit-identical; encode/decode and
+//! reconstruct work on what train wrote.
 
+use std::path::Path;
 use std::process::Command;
+use std::sync::Mutex;
 
+use burn::tensor::TensorData;
+
+use burn::module::Module;
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use manifests::Upstream;
-use vqgan::VitVqganConfig;
+use vqgan::encode::{self, EncodeConfig};
+use vqgan::train::{FinetuneConfig, TrainConfig, TrainOptions, finetune_decoder, train};
+use vqgan::{Error, VitVqganConfig, load_vqgan};
 
 fn run(binary: &str, args: &[&str]) -> String {
     let output = Command::new(binary).args(args).output().unwrap();
@@ -15,30 +24,20 @@ fn run(binary: &str, args: &[&str]) -> String {
     text
 }
 
-#[test]
-fn trains_from_an_ingest_manifest_and_writes_loadable_weights() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+/// An `ingest pairs` manifest of `images` synthetic shapes at 64 px, under `dir/pairs`.
+fn pairs(dir: &Path, images: usize) -> String {
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
     // The ingest binary is built by the same `cargo test --workspace`; find it beside ours.
-    let ingest = std::path::Path::new(env!("CARGO_BIN_EXE_vqgan")).with_file_name("ingest");
+    let ingest = Path::new(env!("CARGO_BIN_EXE_vqgan")).with_file_name("ingest");
     assert!(
         ingest.exists(),
         "{} missing: run `cargo test --release --workspace` (or `make test`)",
         ingest.display()
     );
     let ingest = ingest.to_str().unwrap();
-    run(
-        ingest,
-        &[
-            "synth",
-            "--out",
-            &path("synth"),
-            "--images",
-            "40",
-            "--documents",
-            "4",
-        ],
-    );
+    let count = images.to_string();
+    let synth = ["synth", "--out", &path("synth"), "--images", &count];
+    run(ingest, &[&synth[..], &["--documents", "4"]].concat());
     run(
         ingest,
         &[
@@ -51,13 +50,72 @@ fn trains_from_an_ingest_manifest_and_writes_loadable_weights() {
             &path("pairs"),
         ],
     );
+    path("pairs")
+}
+
+/// Every parameter of `module` by name, as raw data (bit-exact comparison).
+fn named_tensors<M: ModuleSnapshot>(module: &M) -> Vec<(String, TensorData)> {
+    let mut tensors: Vec<(String, TensorData)> = module
+        .collect(None, None, false)
+        .iter()
+        .map(|t| (t.name.clone(), burn::store::bridge::to_data(t).unwrap()))
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(!tensors.is_empty());
+    tensors
+}
+
+/// Training runs seed the device's (process-wide) generator before initialising a model; two
+/// tests doing so at once would interleave their draws.
+static TRAINING: Mutex<()> = Mutex::new(());
+
+fn small_config(steps: usize) -> TrainConfig {
+    TrainConfig {
+        steps,
+        batch_size: 4,
+        warmup_steps: 2,
+        restart_every: 2,
+        restart_window: 2,
+        restart_until: steps,
+        checkpoint_every: 2,
+        log_every: 1,
+        ..TrainConfig::preset("tiny").unwrap()
+    }
+}
+
+fn options(out: &Path, stop_after: Option<usize>) -> TrainOptions {
+    TrainOptions {
+        out: out.to_str().unwrap().to_string(),
+        device: "cpu".into(),
+        force: false,
+        stop_after,
+    }
+}
+
+fn artifact_bytes(stage_dir: &Path, name: &str) -> Vec<u8> {
+    let (stage, _) = Upstream::read(stage_dir.to_str().unwrap()).unwrap();
+    let artifact = stage
+        .manifest
+        .artifacts
+        .iter()
+        .find(|a| a.uri == name)
+        .unwrap();
+    stage.read_artifact(artifact).unwrap().to_vec()
+}
+
+#[test]
+fn trains_from_an_ingest_manifest_and_writes_loadable_weights() {
+    let _serial = TRAINING.lock();
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = pairs(dir.path(), 40);
+    let out = dir.path().join("vqgan");
     let vqgan = env!("CARGO_BIN_EXE_vqgan");
     let args = [
         "train",
         "--pairs",
-        &path("pairs"),
+        &pairs,
         "--out",
-        &path("vqgan"),
+        out.to_str().unwrap(),
         "--steps",
         "3",
         "--batch-size",
@@ -65,12 +123,14 @@ fn trains_from_an_ingest_manifest_and_writes_loadable_weights() {
     ];
     run(vqgan, &args);
 
-    let (stage, _) = Upstream::read(&path("vqgan")).unwrap();
+    let (stage, _) = Upstream::read(out.to_str().unwrap()).unwrap();
     let metrics = &stage.manifest.metrics;
     let psnr = metrics["psnr_db"].as_f64().unwrap();
     let usage = metrics["codebook_usage"].as_f64().unwrap();
+    let ssim = metrics["ssim"].as_f64().unwrap();
     assert!(psnr.is_finite() && psnr > 0.0, "{metrics:?}");
     assert!(usage > 0.0 && usage <= 1.0, "{metrics:?}");
+    assert!(ssim > -1.0 && ssim <= 1.0, "{metrics:?}");
     assert_eq!(
         stage.manifest.inputs[0].stage.as_deref(),
         Some("ingest.pairs")
@@ -81,13 +141,7 @@ fn trains_from_an_ingest_manifest_and_writes_loadable_weights() {
     let bytes = stage.read_artifact(weights).unwrap().to_vec();
     let device = nn::backend::device("cpu").unwrap();
     let mut model = VitVqganConfig::tiny().init(&device);
-    let before = model
-        .quantizer
-        .codebook
-        .val()
-        .into_data()
-        .try_to_vec::<f32>()
-        .unwrap();
+    let before = model.quantizer.codebook.val().into_data();
     let result = model
         .load_from(&mut SafetensorsStore::from_bytes(Some(bytes)))
         .unwrap();
@@ -97,15 +151,159 @@ fn trains_from_an_ingest_manifest_and_writes_loadable_weights() {
         result.missing,
         result.errors
     );
-    let after = model
-        .quantizer
-        .codebook
-        .val()
-        .into_data()
-        .try_to_vec::<f32>()
-        .unwrap();
-    assert_ne!(before, after, "loading replaced the fresh codebook");
+    assert_ne!(
+        before,
+        model.quantizer.codebook.val().into_data(),
+        "loading replaced the fresh codebook"
+    );
 
     let again = run(vqgan, &args);
     assert!(again.contains("up to date"), "{again}");
+}
+
+#[test]
+fn a_stopped_run_resumes_to_exactly_the_uninterrupted_result() {
+    let _serial = TRAINING.lock();
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = pairs(dir.path(), 40);
+    let config = small_config(7);
+    let whole = dir.path().join("whole");
+    train(&config, &pairs, &options(&whole, None)).unwrap();
+
+    let resumed = dir.path().join("resumed");
+    // Stopped at step 3 (checkpoints at 2 and at the stop), then the same call again; and a
+    // checkpoint written after a restart of dead codes, so their bookkeeping must resume too.
+    match train(&config, &pairs, &options(&resumed, Some(3))) {
+        Err(Error::Paused { step: 3 }) => {}
+        other => panic!("expected a pause at step 3, got {other:?}"),
+    }
+    assert!(!resumed.join("manifest.json").exists());
+    train(&config, &pairs, &options(&resumed, Some(5))).unwrap_err();
+    train(&config, &pairs, &options(&resumed, None)).unwrap();
+
+    let log = |dir: &Path| String::from_utf8(artifact_bytes(dir, "metrics.jsonl")).unwrap();
+    let (whole_log, resumed_log) = (log(&whole), log(&resumed));
+    assert_eq!(whole_log.lines().count(), 7, "{whole_log}");
+    assert_eq!(whole_log, resumed_log, "losses differ after resuming");
+    let device = nn::backend::device("cpu").unwrap();
+    let weights = |dir: &Path| {
+        let (stage, _) = Upstream::read(dir.to_str().unwrap()).unwrap();
+        named_tensors(&load_vqgan(&stage, &device).unwrap().1)
+    };
+    assert!(
+        weights(&whole) == weights(&resumed),
+        "weights differ after resuming"
+    );
+    // The work folder (checkpoints) is gone once the manifest is published.
+    assert!(!resumed.join("_work").exists());
+}
+
+#[test]
+fn decoder_finetuning_freezes_encoder_and_codebook_and_encode_decode_round_trips() {
+    let _serial = TRAINING.lock();
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = pairs(dir.path(), 40);
+    let stage1 = dir.path().join("stage1");
+    train(&small_config(3), &pairs, &options(&stage1, None)).unwrap();
+
+    let mut config = FinetuneConfig::preset("tiny").unwrap();
+    config.train = small_config(3);
+    config.train.restart_every = 0;
+    let stage2 = dir.path().join("stage2");
+    finetune_decoder(
+        &config,
+        stage1.to_str().unwrap(),
+        &pairs,
+        &options(&stage2, None),
+    )
+    .unwrap();
+
+    let device = nn::backend::device("cpu").unwrap();
+    let read = |dir: &Path| {
+        let (stage, _) = Upstream::read(dir.to_str().unwrap()).unwrap();
+        load_vqgan(&stage, &device).unwrap()
+    };
+    let (config1, model1) = read(&stage1);
+    let (config2, model2) = read(&stage2);
+    assert_eq!(
+        named_tensors(&model1.encoder),
+        named_tensors(&model2.encoder)
+    );
+    assert_eq!(
+        named_tensors(&model1.quantizer),
+        named_tensors(&model2.quantizer),
+        "codebook changed"
+    );
+    assert_ne!(
+        named_tensors(&model1.decoder),
+        named_tensors(&model2.decoder)
+    );
+    assert!(
+        config2.decoder.d_model > config1.decoder.d_model,
+        "decoder not larger"
+    );
+    assert!(!config2.output_sigmoid);
+    assert!(model2.num_params() > model1.num_params());
+
+    // Encode with the fine-tuned tokenizer: one token row per pairs row, same tokens as the
+    // stage-1 encoder (it is the same encoder), deterministic across runs.
+    let encode_out = |name: &str| {
+        let out = dir.path().join(name);
+        encode::encode(
+            &EncodeConfig { batch_size: 16 },
+            stage2.to_str().unwrap(),
+            &pairs,
+            out.to_str().unwrap(),
+            "cpu",
+            false,
+        )
+        .unwrap();
+        let (stage, _) = Upstream::read(out.to_str().unwrap()).unwrap();
+        encode::read_token_rows(&stage).unwrap()
+    };
+    let (first, second) = (encode_out("tokens"), encode_out("tokens-again"));
+    let (pairs_stage, _) = Upstream::read(&pairs).unwrap();
+    assert_eq!(
+        first.len() as u64,
+        pairs_stage.manifest.metric_u64("rows").unwrap()
+    );
+    assert_eq!(first, second, "encoding is not deterministic");
+    assert!(first.iter().all(|r| r.tokens.len() == 64));
+    assert!(first.iter().all(|r| !r.caption.is_empty()));
+
+    let grids: Vec<Vec<u16>> = first.iter().take(3).map(|r| r.tokens.clone()).collect();
+    let images = encode::decode_tokens(&model2, &grids, &device).unwrap();
+    assert_eq!(images.len(), 3);
+    assert!(images.iter().all(|i| i.len() == 3 * 64 * 64));
+    assert!(images.iter().flatten().all(|v| (0.0..=1.0).contains(v)));
+    assert_eq!(
+        images,
+        encode::decode_tokens(&model2, &grids, &device).unwrap()
+    );
+    let bad = vec![vec![0u16; 5]];
+    assert!(encode::decode_tokens(&model2, &bad, &device).is_err());
+
+    // vqgan decode writes one PNG per row; reconstruct records PSNR/SSIM and a grid.
+    let pngs = dir.path().join("pngs");
+    let written = encode::decode_to_pngs(
+        stage2.to_str().unwrap(),
+        &first[..2],
+        pngs.to_str().unwrap(),
+        "cpu",
+    )
+    .unwrap();
+    assert_eq!(written.len(), 2);
+    let png = image::open(pngs.join(format!("{}.png", first[0].key))).unwrap();
+    assert_eq!((png.width(), png.height()), (64, 64));
+    let reconstruct = dir.path().join("reconstruct");
+    let manifest = encode::reconstruct(
+        stage2.to_str().unwrap(),
+        &pairs,
+        reconstruct.to_str().unwrap(),
+        "cpu",
+        false,
+    )
+    .unwrap();
+    assert!(manifest.metrics["psnr_db"].as_f64().unwrap() > 0.0);
+    assert!(reconstruct.join("reconstructions.png").exists());
 }

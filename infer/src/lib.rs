@@ -1,0 +1,201 @@
+//! `infer`: turning a trained Parti into images.
+//!
+//! - [`sample`]: KV-cached autoregressive sampling with classifier-free guidance, top-k/top-p,
+//!   reranking by the contrastive pair, decoding with the VQGAN ([`sample::Generator`]).
+//! - [`eval`]: automatic scoring of generated shapes pictures (`infer eval`).
+
+pub mod eval;
+pub mod sample;
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use manifests::{Location, Manifest, ShardSpec, StageRun, Tool};
+use serde_json::{Map, json};
+use tracing::info;
+
+use sample::{Generator, PromptImages, SamplingConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Manifest(#[from] manifests::Error),
+    #[error(transparent)]
+    Train(#[from] train::Error),
+    #[error(transparent)]
+    Vqgan(#[from] vqgan::Error),
+    #[error("{0}")]
+    Data(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+pub fn tool() -> Tool {
+    Tool {
+        name: "infer".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+/// Channel-first pixels -> RGB bytes (row-major).
+pub fn to_rgb_bytes(pixels: &[f32], size: usize) -> Vec<u8> {
+    vqgan::eval::to_rgb(pixels, size).into_raw()
+}
+
+/// PNG of one image (channel-first pixels in [0, 1]).
+pub fn png(pixels: &[f32], size: usize) -> Result<Vec<u8>, Error> {
+    Ok(vqgan::eval::png_bytes(&vqgan::eval::to_rgb(pixels, size))?)
+}
+
+/// All samples of a prompt side by side, kept ones first.
+pub fn grid_png(result: &PromptImages, size: usize) -> Result<Vec<u8>, Error> {
+    let mut order = result.kept.clone();
+    order.extend((0..result.images.len()).filter(|i| !result.kept.contains(i)));
+    let mut grid = image::RgbImage::new((size * order.len().max(1)) as u32, size as u32);
+    for (column, &i) in order.iter().enumerate() {
+        let picture = vqgan::eval::to_rgb(&result.images[i], size);
+        image::imageops::replace(&mut grid, &picture, (column * size) as i64, 0);
+    }
+    Ok(vqgan::eval::png_bytes(&grid)?)
+}
+
+/// `infer generate`: per prompt `p`, the kept samples as `prompt-PPP-sample-K.png` (K = rank
+/// after reranking), all samples as `prompt-PPP-grid.png`, and `generations.json` listing
+/// prompts, files, seeds, settings, scores and the digests of the manifests used.
+pub fn generate_to(
+    generator: &Generator,
+    prompts: &[&str],
+    config: &SamplingConfig,
+    out: &str,
+) -> Result<serde_json::Value, Error> {
+    let started = Instant::now();
+    let out = Location::parse(out)?;
+    let results = generator.generate(prompts, config)?;
+    let size = generator.vqgan_config.image_size;
+    let mut records = Vec::new();
+    for (p, result) in results.iter().enumerate() {
+        let mut files = Vec::new();
+        for (rank, &i) in result.kept.iter().enumerate() {
+            let name = format!("prompt-{p:03}-sample-{rank}.png");
+            out.join(&name)
+                .put(Bytes::from(png(&result.images[i], size)?))?;
+            files.push(json!({"file": name, "sample": i,
+                "score": result.scores.as_ref().map(|s| s[i])}));
+        }
+        let grid = format!("prompt-{p:03}-grid.png");
+        out.join(&grid).put(Bytes::from(grid_png(result, size)?))?;
+        records.push(json!({"prompt": result.prompt, "kept": files, "grid": grid,
+            "scores": result.scores, "reranked": result.scores.is_some()}));
+    }
+    let record = json!({
+        "prompts": records,
+        "settings": config,
+        "manifests": generator.provenance.iter().map(|(uri, digest)| json!({"uri": uri, "digest": digest})).collect::<Vec<_>>(),
+        "backend": nn::backend::backend_name(),
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    out.join("generations.json").put(Bytes::from(
+        serde_json::to_vec_pretty(&record).map_err(|e| Error::Data(e.to_string()))?,
+    ))?;
+    Ok(record)
+}
+
+pub const EVAL_STAGE: &str = "infer.eval";
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Prompts (one object each) spread over every colour, shape and position.
+    pub prompts: usize,
+    pub sampling: SamplingConfig,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            prompts: 54,
+            sampling: SamplingConfig::default(),
+        }
+    }
+}
+
+/// `infer eval`: generates the shapes prompts, reads each kept picture back, and publishes
+/// per-attribute accuracy with a grid of what was generated.
+pub fn evaluate(
+    config: &EvalConfig,
+    parti_uri: &str,
+    out: &str,
+    device: &str,
+    force: bool,
+) -> Result<Manifest, Error> {
+    let started = Instant::now();
+    let mut run = StageRun::new(EVAL_STAGE, tool(), out, config, ShardSpec::single())?;
+    run.upstream("parti", parti_uri)?;
+    if let Some(existing) = run.begin(force)? {
+        return Ok(existing);
+    }
+    let generator = Generator::load(parti_uri, None, None, device)?;
+    let objects = eval::eval_objects(config.prompts);
+    let prompts: Vec<String> = objects.iter().map(eval::prompt).collect();
+    let prompt_refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let size = generator.vqgan_config.image_size;
+    let mut readings = Vec::new();
+    let mut kept_images = Vec::new();
+    let mut lines = String::new();
+    // In chunks, so the sampling batch stays a sensible size.
+    for chunk in prompt_refs.chunks(16) {
+        for result in generator.generate(chunk, &config.sampling)? {
+            let best = &result.images[result.kept[0]];
+            let reading = eval::read_picture(&to_rgb_bytes(best, size), size);
+            lines.push_str(&format!(
+                "{}\n",
+                json!({"prompt": result.prompt, "read": reading.map(|r| json!({
+                    "color": ingest::synth::COLORS[r.color].0,
+                    "shape": ingest::synth::SHAPES[r.shape],
+                    "position": ingest::synth::POSITIONS[r.position]}))})
+            ));
+            readings.push(reading);
+            kept_images.push(best.clone());
+        }
+    }
+    let score = eval::accuracy(&objects, &readings);
+    info!(
+        "colour {:.3}, shape {:.3}, position {:.3}, all {:.3} over {} prompts",
+        score.color, score.shape, score.position, score.all, score.images
+    );
+    let columns = 9usize;
+    let rows = kept_images.len().div_ceil(columns).max(1);
+    let mut grid = image::RgbImage::new((columns * size) as u32, (rows * size) as u32);
+    for (i, pixels) in kept_images.iter().enumerate() {
+        let picture = vqgan::eval::to_rgb(pixels, size);
+        image::imageops::replace(
+            &mut grid,
+            &picture,
+            ((i % columns) * size) as i64,
+            ((i / columns) * size) as i64,
+        );
+    }
+    let artifacts = vec![
+        run.write_artifact(
+            "samples.png",
+            "image/png",
+            Bytes::from(vqgan::eval::png_bytes(&grid)?),
+            None,
+        )?,
+        run.write_artifact(
+            "readings.jsonl",
+            "metrics/jsonl",
+            Bytes::from(lines),
+            Some(readings.len() as u64),
+        )?,
+    ];
+    let mut metrics = Map::new();
+    metrics.insert("color_accuracy".into(), json!(score.color));
+    metrics.insert("shape_accuracy".into(), json!(score.shape));
+    metrics.insert("position_accuracy".into(), json!(score.position));
+    metrics.insert("all_accuracy".into(), json!(score.all));
+    metrics.insert("prompts".into(), json!(score.images));
+    metrics.insert("reranked".into(), json!(generator.reranker.is_some()));
+    metrics.insert("seconds".into(), json!(started.elapsed().as_secs_f64()));
+    Ok(run.publish(artifacts, metrics)?)
+}

@@ -1,0 +1,381 @@
+//! Autoregressive sampling over the image grid: KV cache, classifier-free guidance with both
+//! streams in one batch, temperature / top-k / top-p, reranking with the contrastive pair, and
+//! decoding to pixels with the VQGAN.
+
+use burn::tensor::{Bool, Device, Int, Tensor};
+use manifests::Upstream;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use train::TextTokenizer;
+use train::parti::{Parti, PartiConfig};
+use train::text_encoder::{Contrastive, TextEncoder};
+use vqgan::{VitVqgan, VitVqganConfig};
+
+use crate::Error;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    /// `logits = uncond + scale * (cond - uncond)`; 1 turns guidance off (Parti: 1.2).
+    pub guidance_scale: f64,
+    pub temperature: f64,
+    /// Keep only the k most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p (1: all).
+    pub top_p: f64,
+    /// Samples per prompt (Parti: 16, reranked).
+    pub samples: usize,
+    /// Kept per prompt after reranking.
+    pub keep: usize,
+    pub seed: u64,
+    /// Use the KV cache (false: recompute the whole prefix each step, for comparison).
+    pub use_cache: bool,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig {
+            guidance_scale: 1.2,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            samples: 4,
+            keep: 1,
+            seed: 0,
+            use_cache: true,
+        }
+    }
+}
+
+impl SamplingConfig {
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |what: &str| Err(Error::Usage(what.to_string()));
+        if !(0.0..=20.0).contains(&self.guidance_scale) {
+            return bad("guidance_scale must be within 0..=20");
+        }
+        if !(self.temperature > 0.0 && self.temperature <= 10.0) {
+            return bad("temperature must be within (0, 10]");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p must be within (0, 1]");
+        }
+        if self.samples == 0 || self.samples > 64 {
+            return bad("samples must be within 1..=64");
+        }
+        if self.keep == 0 || self.keep > self.samples {
+            return bad("keep must be within 1..=samples");
+        }
+        Ok(())
+    }
+}
+
+/// Draws one token from `logits` after temperature, top-k and top-p.
+pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut impl Rng) -> usize {
+    let temperature = config.temperature as f32;
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if config.top_k > 0 {
+        order.truncate(config.top_k);
+    }
+    let best = logits[order[0]];
+    let mut weights: Vec<f64> = order
+        .iter()
+        .map(|&i| f64::from(((logits[i] - best) / temperature).exp()))
+        .collect();
+    let total: f64 = weights.iter().sum();
+    if config.top_p < 1.0 {
+        let mut cumulative = 0.0;
+        let mut cut = weights.len();
+        for (rank, w) in weights.iter().enumerate() {
+            cumulative += w / total;
+            if cumulative >= config.top_p {
+                cut = rank + 1;
+                break;
+            }
+        }
+        weights.truncate(cut);
+        order.truncate(cut);
+    }
+    let total: f64 = weights.iter().sum();
+    let mut draw = rng.random::<f64>() * total;
+    for (rank, w) in weights.iter().enumerate() {
+        draw -= w;
+        if draw <= 0.0 {
+            return order[rank];
+        }
+    }
+    order[weights.len() - 1]
+}
+
+/// Everything sampling needs, loaded from manifests.
+pub struct Generator {
+    pub parti: Parti,
+    pub parti_config: PartiConfig,
+    pub tokenizer: TextTokenizer,
+    pub vqgan: VitVqgan,
+    pub vqgan_config: VitVqganConfig,
+    pub reranker: Option<(TextEncoder, Contrastive)>,
+    pub device: Device,
+    /// Manifest URI -> digest of every model used, for the records next to the images.
+    pub provenance: Vec<(String, String)>,
+}
+
+/// The upstream input named `name` of a manifest (e.g. the tokenizer of `train parti`).
+fn input_of(stage: &Upstream, name: &str) -> Option<String> {
+    stage
+        .manifest
+        .inputs
+        .iter()
+        .find(|i| i.name == name)
+        .map(|i| i.uri.clone())
+}
+
+impl Generator {
+    /// `parti`: a `train parti` manifest. The tokenizer, text encoder (for reranking) and VQGAN
+    /// are found through its inputs unless given.
+    pub fn load(
+        parti_uri: &str,
+        vqgan_uri: Option<&str>,
+        text_encoder_uri: Option<&str>,
+        device: &str,
+    ) -> Result<Generator, Error> {
+        let device = nn::backend::device(device).map_err(|e| Error::Usage(e.to_string()))?;
+        let (parti_stage, parti_digest) = Upstream::read(parti_uri)?;
+        let mut provenance = vec![(parti_stage.location.uri(), parti_digest)];
+        let (parti_config, parti) = train::seq2seq::load_parti(&parti_stage, &device)?;
+        let tokenizer_uri = input_of(&parti_stage, "tokenizer").ok_or_else(|| {
+            Error::Data(format!(
+                "{parti_uri}: its manifest names no tokenizer input"
+            ))
+        })?;
+        let (tokenizer_stage, digest) = Upstream::read(&tokenizer_uri)?;
+        provenance.push((tokenizer_stage.location.uri(), digest));
+        let tokenizer = TextTokenizer::from_manifest(&tokenizer_stage)?;
+        let vqgan_uri = match vqgan_uri {
+            Some(uri) => uri.to_string(),
+            None => {
+                let tokens = input_of(&parti_stage, "tokens").ok_or_else(|| {
+                    Error::Data(format!("{parti_uri}: no tokens input; pass --vqgan"))
+                })?;
+                let (tokens_stage, _) = Upstream::read(&tokens)?;
+                input_of(&tokens_stage, "vqgan")
+                    .ok_or_else(|| Error::Data(format!("{tokens}: no vqgan input; pass --vqgan")))?
+            }
+        };
+        let (vqgan_stage, digest) = Upstream::read(&vqgan_uri)?;
+        provenance.push((vqgan_stage.location.uri(), digest));
+        let (vqgan_config, vqgan) = vqgan::load_vqgan(&vqgan_stage, &device)?;
+        if vqgan_config.grid() != parti_config.grid
+            || vqgan_config.quantizer.codebook_size != parti_config.codebook_size
+        {
+            return Err(Error::Data(format!(
+                "{vqgan_uri}: grid {} / codebook {} do not match the transformer's {} / {}",
+                vqgan_config.grid(),
+                vqgan_config.quantizer.codebook_size,
+                parti_config.grid,
+                parti_config.codebook_size
+            )));
+        }
+        let text_encoder_uri = text_encoder_uri
+            .map(str::to_string)
+            .or_else(|| input_of(&parti_stage, "text_encoder"));
+        let reranker = match text_encoder_uri {
+            Some(uri) => {
+                let (stage, digest) = Upstream::read(&uri)?;
+                provenance.push((stage.location.uri(), digest));
+                let (_, encoder, contrastive) = train::pretrain::load_pretrained(&stage, &device)?;
+                Some((encoder, contrastive))
+            }
+            None => None,
+        };
+        Ok(Generator {
+            parti,
+            parti_config,
+            tokenizer,
+            vqgan,
+            vqgan_config,
+            reranker,
+            device,
+            provenance,
+        })
+    }
+
+    fn text(&self, prompts: &[&str]) -> Result<(Tensor<2, Int>, Tensor<2, Bool>), Error> {
+        let encoded: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| self.tokenizer.encode(p))
+            .collect::<Result<_, _>>()?;
+        let rows: Vec<&[u32]> = encoded.iter().map(|r| r.as_slice()).collect();
+        Ok(train::pretrain::pad_batch(
+            &rows,
+            self.tokenizer.pad_id(),
+            self.tokenizer.max_length(),
+            &self.device,
+        ))
+    }
+
+    /// Token grids for every prompt, `samples` each (prompt-major), all rows in one batch.
+    pub fn sample_tokens(
+        &self,
+        prompts: &[&str],
+        config: &SamplingConfig,
+    ) -> Result<Vec<Vec<u16>>, Error> {
+        config.validate()?;
+        let rows: Vec<&str> = prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(*p, config.samples))
+            .collect();
+        let batch = rows.len();
+        if batch == 0 {
+            return Ok(Vec::new());
+        }
+        let guided = (config.guidance_scale - 1.0).abs() > f64::EPSILON;
+        let (ids, padding) = self.text(&rows)?;
+        let (ids, padding, drop) = if guided {
+            // Conditional rows, then the same rows with the null condition.
+            let mut drop = vec![false; batch];
+            drop.extend(vec![true; batch]);
+            (
+                Tensor::cat(vec![ids.clone(), ids], 0),
+                Tensor::cat(vec![padding.clone(), padding], 0),
+                Some(Tensor::<1, Bool>::from_data(drop.as_slice(), &self.device)),
+            )
+        } else {
+            (ids, padding, None)
+        };
+        let condition = self.parti.condition(ids, padding, drop);
+        let streams = if guided { 2 * batch } else { batch };
+        let masks = self.parti.masks(&self.device);
+        let n = self.parti.tokens();
+        let vocab = self.parti_config.codebook_size;
+        let mut state = self.parti.start(&condition);
+        let mut grids = vec![Vec::with_capacity(n); batch];
+        let mut inputs: Vec<i32> = vec![self.parti.bos_id() as i32; streams];
+        let mut history: Vec<Vec<i32>> = vec![vec![self.parti.bos_id() as i32]; streams];
+        let mut rngs: Vec<_> = (0..batch)
+            .map(|row| nn::training::step_rng(config.seed, row))
+            .collect();
+        for _ in 0..n {
+            let logits = if config.use_cache {
+                let input = Tensor::<1, Int>::from_data(inputs.as_slice(), &self.device)
+                    .reshape([streams, 1]);
+                self.parti.step(input, &mut state, &masks)
+            } else {
+                let len = history[0].len();
+                let flat: Vec<i32> = history.iter().flatten().copied().collect();
+                let prefix = Tensor::<1, Int>::from_data(flat.as_slice(), &self.device)
+                    .reshape([streams, len]);
+                self.parti.last_logits_uncached(prefix, &condition, &masks)
+            };
+            let logits = if guided {
+                let conditional = logits.clone().slice([0..batch, 0..vocab]);
+                let unconditional = logits.slice([batch..2 * batch, 0..vocab]);
+                unconditional.clone()
+                    + (conditional - unconditional).mul_scalar(config.guidance_scale)
+            } else {
+                logits
+            };
+            let values = logits
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .map_err(|e| Error::Data(format!("reading logits: {e:?}")))?;
+            for (row, grid) in grids.iter_mut().enumerate() {
+                let token = sample_token(
+                    &values[row * vocab..(row + 1) * vocab],
+                    config,
+                    &mut rngs[row],
+                );
+                grid.push(token as u16);
+                inputs[row] = token as i32;
+                if guided {
+                    inputs[batch + row] = token as i32;
+                }
+            }
+            for (stream, past) in history.iter_mut().enumerate() {
+                past.push(inputs[stream]);
+            }
+        }
+        Ok(grids)
+    }
+
+    /// Pixels (channel-first, [0, 1]) of token grids.
+    pub fn decode(&self, grids: &[Vec<u16>]) -> Result<Vec<Vec<f32>>, Error> {
+        Ok(vqgan::encode::decode_tokens(
+            &self.vqgan,
+            grids,
+            &self.device,
+        )?)
+    }
+
+    /// Contrastive scores of `images` (channel-first pixels) against `prompt`: higher is a
+    /// better match. `None` without a text encoder manifest.
+    pub fn scores(&self, prompt: &str, images: &[Vec<f32>]) -> Result<Option<Vec<f64>>, Error> {
+        let Some((encoder, contrastive)) = &self.reranker else {
+            return Ok(None);
+        };
+        let size = self.vqgan_config.image_size;
+        let wanted = contrastive.image_tower.positions.embedding.dims()[0];
+        let tower_size = (wanted as f64).sqrt() as usize * contrastive.image_tower.patch_size;
+        if tower_size != size {
+            return Err(Error::Data(format!(
+                "the reranker sees {tower_size} px images, the VQGAN makes {size} px"
+            )));
+        }
+        let (ids, padding) = self.text(&[prompt])?;
+        let text = contrastive.embed_text(encoder.forward(ids, padding.clone()), padding);
+        let flat: Vec<f32> = images.iter().flatten().copied().collect();
+        let pictures = contrastive.embed_images(
+            Tensor::<1>::from_floats(flat.as_slice(), &self.device).reshape([
+                images.len(),
+                3,
+                size,
+                size,
+            ]),
+        );
+        let similarity = pictures.matmul(text.transpose());
+        let values = similarity
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .map_err(|e| Error::Data(format!("reading scores: {e:?}")))?;
+        Ok(Some(values.into_iter().map(f64::from).collect()))
+    }
+
+    /// Samples, decodes and reranks: per prompt, the kept images (best first) with scores.
+    pub fn generate(
+        &self,
+        prompts: &[&str],
+        config: &SamplingConfig,
+    ) -> Result<Vec<PromptImages>, Error> {
+        let grids = self.sample_tokens(prompts, config)?;
+        let mut results = Vec::new();
+        for (index, prompt) in prompts.iter().enumerate() {
+            let mine = &grids[index * config.samples..(index + 1) * config.samples];
+            let images = self.decode(mine)?;
+            let scores = self.scores(prompt, &images)?;
+            let mut order: Vec<usize> = (0..images.len()).collect();
+            if let Some(scores) = &scores {
+                order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+            }
+            results.push(PromptImages {
+                prompt: prompt.to_string(),
+                kept: order.iter().take(config.keep).copied().collect(),
+                scores,
+                tokens: mine.to_vec(),
+                images,
+            });
+        }
+        Ok(results)
+    }
+}
+
+/// One prompt's samples; `kept` indexes `images` best first.
+#[derive(Debug, Clone)]
+pub struct PromptImages {
+    pub prompt: String,
+    pub images: Vec<Vec<f32>>,
+    pub tokens: Vec<Vec<u16>>,
+    pub scores: Option<Vec<f64>>,
+    pub kept: Vec<usize>,
+}

@@ -1,0 +1,175 @@
+//! What every parti training loop shares: learning-rate schedules, per-step randomness that
+//! makes resumed runs exact, and checkpoint snapshots (Burn records, never pickles).
+//!
+//! Exact resume rests on three things: the model record keeps each parameter's id (burnpack
+//! does, safetensors does not), so the optimizer state (keyed by id) finds its parameters; the
+//! optimizer record carries every moment; and the data order and any sampling noise of step `s`
+//! depend only on `(seed, s)`, so nothing about the random stream has to be saved.
+
+use burn::module::Module;
+use burn::optim::{ModuleOptimizer, OptimizerRecord};
+use burn::store::{BurnpackStore, ModuleSnapshot};
+use burn::tensor::Bytes;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use manifests::StageRun;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint: {0}")]
+    Record(String),
+    #[error(transparent)]
+    Storage(#[from] manifests::Error),
+}
+
+/// Warm-up, then cosine decay (ViT-VQGAN) or exponential decay (Parti) to a final rate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// Peak rate, reached after `warmup_steps`.
+    pub learning_rate: f64,
+    pub final_learning_rate: f64,
+    pub warmup_steps: usize,
+    /// "cosine" or "exponential".
+    #[serde(default = "cosine")]
+    pub decay: String,
+}
+
+fn cosine() -> String {
+    "cosine".into()
+}
+
+impl Schedule {
+    pub fn cosine(learning_rate: f64, final_learning_rate: f64, warmup_steps: usize) -> Schedule {
+        Schedule {
+            learning_rate,
+            final_learning_rate,
+            warmup_steps,
+            decay: cosine(),
+        }
+    }
+
+    /// The rate at `step` of a run of `total_steps`.
+    pub fn at(&self, step: usize, total_steps: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.learning_rate * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        let (peak, last) = (self.learning_rate, self.final_learning_rate);
+        if self.decay == "exponential" && peak > 0.0 && last > 0.0 {
+            peak * (last / peak).powf(progress)
+        } else {
+            let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+            last + (peak - last) * cosine
+        }
+    }
+}
+
+/// The random stream of one step: depends only on the run's seed and the step.
+pub fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(step as u64 + 1);
+    rng
+}
+
+/// A model and its optimizer as bytes: burnpack records for both.
+pub struct Snapshot {
+    pub model: Bytes,
+    pub optimizer: Bytes,
+}
+
+pub fn snapshot<M: Module>(
+    model: &M,
+    optimizer: &ModuleOptimizer,
+) -> Result<Snapshot, CheckpointError> {
+    let mut store = BurnpackStore::from_bytes(None);
+    model
+        .save_into(&mut store)
+        .map_err(|e| CheckpointError::Record(format!("saving the model: {e}")))?;
+    let model_bytes = store
+        .get_bytes()
+        .map_err(|e| CheckpointError::Record(format!("saving the model: {e}")))?;
+    let optimizer_bytes = optimizer
+        .to_record()
+        .into_bytes()
+        .map_err(|e| CheckpointError::Record(format!("saving the optimizer: {e:?}")))?;
+    Ok(Snapshot {
+        model: model_bytes,
+        optimizer: optimizer_bytes,
+    })
+}
+
+/// Loads a [`snapshot`] into a freshly initialised model of the same config and its optimizer.
+pub fn restore<M: Module>(
+    mut model: M,
+    optimizer: ModuleOptimizer,
+    snapshot: Snapshot,
+) -> Result<(M, ModuleOptimizer), CheckpointError> {
+    let mut store = BurnpackStore::from_bytes(Some(snapshot.model));
+    model
+        .load_from(&mut store)
+        .map_err(|e| CheckpointError::Record(format!("loading the model: {e}")))?;
+    let record = OptimizerRecord::from_bytes(snapshot.optimizer)
+        .map_err(|e| CheckpointError::Record(format!("loading the optimizer: {e:?}")))?;
+    Ok((model, optimizer.load_record(record)))
+}
+
+/// Saves model, optimizer and the loop's own `state` (step, logs, bookkeeping) as one checkpoint
+/// of `run` (in its work folder, keyed by config and inputs; see [`StageRun::save_checkpoint`]).
+pub fn save_checkpoint<M: Module, S: Serialize>(
+    run: &StageRun,
+    step: usize,
+    model: &M,
+    optimizer: &ModuleOptimizer,
+    state: &S,
+) -> Result<(), CheckpointError> {
+    let snapshot = snapshot(model, optimizer)?;
+    let state = serde_json::to_vec(state)
+        .map_err(|e| CheckpointError::Record(format!("saving the state: {e}")))?;
+    run.save_checkpoint(
+        step,
+        vec![
+            ("model.bpk", bytes::Bytes::from(snapshot.model.to_vec())),
+            (
+                "optimizer.bpk",
+                bytes::Bytes::from(snapshot.optimizer.to_vec()),
+            ),
+            ("state.json", bytes::Bytes::from(state)),
+        ],
+    )?;
+    Ok(())
+}
+
+/// The model, optimizer and state of the last checkpoint of this exact run (same config and
+/// inputs), or the fresh ones given when there is none.
+pub fn resume<M: Module, S: DeserializeOwned>(
+    run: &StageRun,
+    model: M,
+    optimizer: ModuleOptimizer,
+    fresh: S,
+) -> Result<(M, ModuleOptimizer, S), CheckpointError> {
+    let Some(manifests::stage::Checkpoint { step, files }) = run.load_checkpoint()? else {
+        return Ok((model, optimizer, fresh));
+    };
+    let file = |name: &str| {
+        files
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, bytes)| bytes.to_vec())
+            .ok_or_else(|| CheckpointError::Record(format!("step {step}: no {name}")))
+    };
+    let state: S = serde_json::from_slice(&file("state.json")?)
+        .map_err(|e| CheckpointError::Record(format!("step {step}: state.json: {e}")))?;
+    let snapshot = Snapshot {
+        model: Bytes::from_bytes_vec(file("model.bpk")?),
+        optimizer: Bytes::from_bytes_vec(file("optimizer.bpk")?),
+    };
+    let (model, optimizer) = restore(model, optimizer, snapshot)?;
+    info!("resuming from the checkpoint of step {step}");
+    Ok((model, optimizer, state))
+}

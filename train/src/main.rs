@@ -1,0 +1,223 @@
+//! `train`: the text-side training stages of the parti pipeline.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use manifests::cli::StageArgs;
+use manifests::config::layered;
+use serde_json::json;
+use train::pretrain::{PretrainConfig, PretrainInputs, PretrainOptions, pretrain};
+use train::seq2seq::{Seq2SeqConfig, Seq2SeqInputs, Seq2SeqOptions, train_parti};
+use train::tokenizer::{self, Sources, TokenizerConfig};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Text-side training: the SentencePiece tokenizer, text-encoder pretraining, the parti transformer."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a SentencePiece (Unigram) tokenizer on text and captions, or adopt a tokenizer.json.
+    Tokenizer(TokenizerArgs),
+    /// Pretrain the text encoder: BERT MLM on text shards + contrastive on pairs shards.
+    TextEncoder(TextEncoderArgs),
+    /// Train the encoder-decoder transformer from captions to image tokens.
+    Parti(PartiArgs),
+}
+
+#[derive(Args)]
+struct TrainingArgs {
+    #[command(flatten)]
+    stage: StageArgs,
+    /// cpu, cuda or cuda:N (CUDA needs the tch backend).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    /// Stop after this many steps with a checkpoint; the same command later resumes exactly.
+    #[arg(long)]
+    stop_after: Option<usize>,
+}
+
+impl TrainingArgs {
+    fn overrides(&self) -> serde_json::Value {
+        json!({"steps": self.steps, "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate, "seed": self.stage.seed})
+    }
+
+    fn preset(&self) -> &str {
+        self.stage.preset.as_deref().unwrap_or("tiny")
+    }
+}
+
+#[derive(Args)]
+struct TextEncoderArgs {
+    #[command(flatten)]
+    training: TrainingArgs,
+    /// The `train tokenizer` manifest.
+    #[arg(long)]
+    tokenizer: String,
+    /// The `ingest text` manifest (MLM).
+    #[arg(long)]
+    text: String,
+    /// The `ingest pairs` manifest (contrastive, and captions for MLM).
+    #[arg(long)]
+    pairs: String,
+}
+
+#[derive(Args)]
+struct PartiArgs {
+    #[command(flatten)]
+    training: TrainingArgs,
+    /// The `vqgan encode` manifest (token shards with captions).
+    #[arg(long)]
+    tokens: String,
+    /// The `train tokenizer` manifest.
+    #[arg(long)]
+    tokenizer: String,
+    /// A `train text-encoder` manifest to initialise the encoder from (optional).
+    #[arg(long)]
+    text_encoder: Option<String>,
+}
+
+fn metric(manifest: &manifests::Manifest, name: &str) -> f64 {
+    manifest
+        .metrics
+        .get(name)
+        .and_then(|v| v.as_f64())
+        .unwrap_or(f64::NAN)
+}
+
+#[derive(Args)]
+struct TokenizerArgs {
+    #[command(flatten)]
+    stage: StageArgs,
+    /// An `ingest text` manifest (or its folder); repeat for several.
+    #[arg(long)]
+    text: Vec<String>,
+    /// An `ingest pairs` or `vqgan encode` manifest whose captions to train on; repeatable.
+    #[arg(long)]
+    captions: Vec<String>,
+    /// Use this tokenizer.json (any location) instead of training one; --text/--captions, if
+    /// given, are only measured.
+    #[arg(long, value_name = "TOKENIZER.json")]
+    from_file: Option<String>,
+    /// Pieces in the vocabulary, special tokens included (tiny: 1000, other presets: 16000).
+    #[arg(long)]
+    vocab_size: Option<u32>,
+    /// Tokens per text; longer texts are cut (default 128).
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// Wrap every encoded text in <s> ... </s>.
+    #[arg(long)]
+    add_bos_eos: bool,
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::TextEncoder(args) => {
+            let training = &args.training;
+            let preset = PretrainConfig::preset(training.preset())?;
+            let config: PretrainConfig = layered(
+                &preset,
+                training.stage.config.as_deref(),
+                training.overrides(),
+            )?;
+            let inputs = PretrainInputs {
+                tokenizer: &args.tokenizer,
+                text: &args.text,
+                pairs: &args.pairs,
+            };
+            let options = PretrainOptions {
+                out: training.stage.out.clone(),
+                device: training.device.clone(),
+                force: training.stage.force,
+                stop_after: training.stop_after,
+            };
+            let manifest = pretrain(&config, &inputs, &options).context("train text-encoder")?;
+            println!(
+                "{}: held-out MLM accuracy {:.3}, text->image recall@1 {:.3} (chance {:.3}), recall@5 {:.3}",
+                manifest.stage,
+                metric(&manifest, "mlm_accuracy"),
+                metric(&manifest, "recall_at_1"),
+                metric(&manifest, "recall_at_1_chance"),
+                metric(&manifest, "recall_at_5")
+            );
+        }
+        Command::Parti(args) => {
+            let training = &args.training;
+            let preset = Seq2SeqConfig::preset(training.preset())?;
+            let config: Seq2SeqConfig = layered(
+                &preset,
+                training.stage.config.as_deref(),
+                training.overrides(),
+            )?;
+            let inputs = Seq2SeqInputs {
+                tokens: &args.tokens,
+                tokenizer: &args.tokenizer,
+                text_encoder: args.text_encoder.as_deref(),
+            };
+            let options = Seq2SeqOptions {
+                out: training.stage.out.clone(),
+                device: training.device.clone(),
+                force: training.stage.force,
+                stop_after: training.stop_after,
+            };
+            let manifest = train_parti(&config, &inputs, &options).context("train parti")?;
+            println!(
+                "{}: validation perplexity {:.2}, token accuracy {:.3}",
+                manifest.stage,
+                metric(&manifest, "val_perplexity"),
+                metric(&manifest, "val_token_accuracy")
+            );
+        }
+        Command::Tokenizer(args) => {
+            let preset = TokenizerConfig::preset(args.stage.preset.as_deref().unwrap_or("tiny"))?;
+            let overrides = json!({
+                "vocab_size": args.vocab_size,
+                "max_length": args.max_length,
+                "add_bos_eos": args.add_bos_eos.then_some(true),
+            });
+            let config: TokenizerConfig =
+                layered(&preset, args.stage.config.as_deref(), overrides)?;
+            let sources = Sources {
+                text: args.text,
+                captions: args.captions,
+                from_file: args.from_file,
+            };
+            let manifest =
+                tokenizer::train_tokenizer(&config, &sources, &args.stage.out, args.stage.force)
+                    .context("train tokenizer")?;
+            let metric = |name: &str| {
+                manifest
+                    .metrics
+                    .get(name)
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(f64::NAN)
+            };
+            println!(
+                "{}: {} pieces, {} texts, {:.1} tokens per text, unk rate {:.4}",
+                manifest.stage,
+                metric("vocab_size"),
+                metric("documents"),
+                metric("mean_tokens_per_text"),
+                metric("unk_rate"),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    manifests::cli::run_main(|| run(Cli::parse()))
+}

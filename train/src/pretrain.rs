@@ -1,0 +1,626 @@
+//! `train text-encoder`: BERT masked-language modelling on the text corpus (and captions) mixed
+//! with a symmetric InfoNCE objective between the text encoder and a small image tower on pairs.
+//!
+//! Steps alternate between the objectives (`contrastive_every`); checkpoints and an exact resume
+//! work as in `vqgan train`. The manifest holds the text encoder (which initialises the seq2seq
+//! encoder) and, separately, the contrastive pair (image tower + projections) that `infer` uses
+//! to rerank samples. Held-out metrics: MLM accuracy and text->image recall@1/@5.
+
+use std::time::Instant;
+
+use arrow_array::StringArray;
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::Module;
+use burn::nn::LinearConfig;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::store::{ModuleSnapshot, SafetensorsStore};
+use burn::tensor::{Bool, Device, Int, Tensor};
+use bytes::Bytes;
+use nn::training::{self, Schedule};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use tracing::info;
+use vqgan::data::ImageSet;
+
+use crate::text_encoder::{
+    Contrastive, ContrastiveConfig, ImageTowerConfig, Pretraining, TextEncoder, TextEncoderConfig,
+    mask_tokens, mlm_loss,
+};
+use crate::{Error, TextTokenizer, tool};
+use manifests::{Manifest, ShardSpec, StageRun, Upstream, table};
+
+pub const STAGE: &str = "train.text_encoder";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainConfig {
+    /// Encoder preset: tiny, 350M, 750M, 3B, 20B (the seq2seq encoder of that Parti size).
+    pub model: String,
+    pub steps: usize,
+    /// Sequences per MLM step and pairs per contrastive step.
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub final_learning_rate: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub grad_clip_norm: f32,
+    pub dropout: f64,
+    /// Share of ordinary tokens selected for MLM (BERT: 0.15).
+    pub mask_rate: f64,
+    /// Every this-many-th step is contrastive, the others MLM (1: contrastive only; 0: MLM only).
+    pub contrastive_every: usize,
+    pub image_size: usize,
+    pub image_d_model: usize,
+    pub image_layers: usize,
+    pub image_heads: usize,
+    pub projection_dim: usize,
+    /// Text documents are cut into pieces of about this many words before tokenising.
+    pub words_per_piece: usize,
+    pub checkpoint_every: usize,
+    pub log_every: usize,
+    pub seed: u64,
+}
+
+impl PretrainConfig {
+    pub fn preset(name: &str) -> Result<PretrainConfig, Error> {
+        crate::text_encoder::encoder_shape(name)?;
+        let paper = PretrainConfig {
+            model: name.into(),
+            steps: 100_000,
+            batch_size: 256,
+            learning_rate: 1e-4,
+            final_learning_rate: 1e-5,
+            warmup_steps: 5000,
+            weight_decay: 0.01,
+            grad_clip_norm: 4.0,
+            dropout: 0.1,
+            mask_rate: 0.15,
+            contrastive_every: 2,
+            image_size: 256,
+            image_d_model: 768,
+            image_layers: 12,
+            image_heads: 12,
+            projection_dim: 512,
+            words_per_piece: 96,
+            checkpoint_every: 5000,
+            log_every: 100,
+            seed: 0,
+        };
+        Ok(match name {
+            "tiny" => PretrainConfig {
+                steps: 600,
+                batch_size: 32,
+                learning_rate: 1e-3,
+                final_learning_rate: 5e-5,
+                warmup_steps: 30,
+                dropout: 0.0,
+                image_size: 64,
+                image_d_model: 96,
+                image_layers: 2,
+                image_heads: 4,
+                projection_dim: 64,
+                words_per_piece: 24,
+                checkpoint_every: 200,
+                log_every: 25,
+                ..paper
+            },
+            _ => paper,
+        })
+    }
+
+    fn schedule(&self) -> Schedule {
+        Schedule::cosine(
+            self.learning_rate,
+            self.final_learning_rate,
+            self.warmup_steps,
+        )
+    }
+
+    fn is_contrastive(&self, step: usize) -> bool {
+        self.contrastive_every > 0 && step % self.contrastive_every == self.contrastive_every - 1
+    }
+
+    pub fn encoder_config(&self, tokenizer: &TextTokenizer) -> Result<TextEncoderConfig, Error> {
+        Ok(
+            TextEncoderConfig::preset(&self.model, tokenizer.vocab_size(), tokenizer.max_length())?
+                .with_dropout(self.dropout),
+        )
+    }
+
+    pub fn contrastive_config(&self, text_d_model: usize) -> ContrastiveConfig {
+        ContrastiveConfig::new(
+            text_d_model,
+            ImageTowerConfig::new(
+                self.image_size,
+                self.image_d_model,
+                self.image_layers,
+                self.image_heads,
+                4 * self.image_d_model,
+            ),
+            self.projection_dim,
+        )
+    }
+}
+
+/// What `infer` and `train parti` need to rebuild the two published models.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PretrainedConfigs {
+    pub text_encoder: TextEncoderConfig,
+    pub contrastive: ContrastiveConfig,
+}
+
+/// Token sequences (unpadded) for MLM, split train / held-out.
+struct Sequences {
+    train: Vec<Vec<u32>>,
+    held_out: Vec<Vec<u32>>,
+}
+
+fn pieces(text: &str, words: usize) -> Vec<String> {
+    let words_in: Vec<&str> = text.split_whitespace().collect();
+    words_in
+        .chunks(words.max(1))
+        .map(|chunk| chunk.join(" "))
+        .collect()
+}
+
+fn mlm_sequences(
+    tokenizer: &TextTokenizer,
+    text: &Upstream,
+    captions: (&ImageSet, &ImageSet),
+    config: &PretrainConfig,
+) -> Result<Sequences, Error> {
+    let mut sequences = Sequences {
+        train: Vec::new(),
+        held_out: Vec::new(),
+    };
+    let mut index = 0usize;
+    for artifact in text.artifacts_of_kind("parquet/text") {
+        let uri = text.artifact_location(artifact)?.uri();
+        for batch in table::read_parquet(&uri, text.read_artifact(artifact)?)? {
+            let texts = table::column::<StringArray>(&uri, &batch, "text")?;
+            for document in texts.iter().flatten() {
+                for piece in pieces(document, config.words_per_piece) {
+                    let ids = tokenizer.encode(&piece)?;
+                    if ids.len() < 2 {
+                        continue;
+                    }
+                    // Every 20th piece is held out: deterministic, whatever the sharding.
+                    if index % 20 == 19 {
+                        sequences.held_out.push(ids);
+                    } else {
+                        sequences.train.push(ids);
+                    }
+                    index += 1;
+                }
+            }
+        }
+    }
+    for caption in &captions.0.captions {
+        sequences.train.push(tokenizer.encode(caption)?);
+    }
+    for caption in &captions.1.captions {
+        sequences.held_out.push(tokenizer.encode(caption)?);
+    }
+    Ok(sequences)
+}
+
+/// Pads token lists to the longest (at most `max_length`): ids `[batch, len]`, padding mask.
+pub fn pad_batch(
+    rows: &[&[u32]],
+    pad_id: u32,
+    max_length: usize,
+    device: &Device,
+) -> (Tensor<2, Int>, Tensor<2, Bool>) {
+    let len = rows
+        .iter()
+        .map(|r| r.len().min(max_length))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let mut ids = vec![pad_id as i32; rows.len() * len];
+    let mut padding = vec![true; rows.len() * len];
+    for (row, tokens) in rows.iter().enumerate() {
+        for (column, &id) in tokens.iter().take(len).enumerate() {
+            ids[row * len + column] = id as i32;
+            padding[row * len + column] = false;
+        }
+    }
+    (
+        Tensor::<1, Int>::from_data(ids.as_slice(), device).reshape([rows.len(), len]),
+        Tensor::<1, Bool>::from_data(padding.as_slice(), device).reshape([rows.len(), len]),
+    )
+}
+
+/// Tensors of one MLM batch: inputs, padding, targets, and weights (1 where a target counts).
+fn mlm_batch(
+    sequences: &[&[u32]],
+    tokenizer: &TextTokenizer,
+    rate: f64,
+    rng: &mut impl Rng,
+    device: &Device,
+) -> (Tensor<2, Int>, Tensor<2, Bool>, Tensor<2, Int>, Tensor<2>) {
+    let masked: Vec<_> = sequences
+        .iter()
+        .map(|ids| mask_tokens(ids, rate, tokenizer.vocab_size(), tokenizer.mask_id(), rng))
+        .collect();
+    let inputs: Vec<&[u32]> = masked.iter().map(|m| m.input.as_slice()).collect();
+    let (ids, padding) = pad_batch(&inputs, tokenizer.pad_id(), tokenizer.max_length(), device);
+    let [batch, len] = ids.dims();
+    let mut targets = vec![0i32; batch * len];
+    let mut weights = vec![0f32; batch * len];
+    for (row, m) in masked.iter().enumerate() {
+        for (column, target) in m.target.iter().take(len).enumerate() {
+            if let Some(t) = target {
+                targets[row * len + column] = *t as i32;
+                weights[row * len + column] = 1.0;
+            }
+        }
+    }
+    (
+        ids,
+        padding,
+        Tensor::<1, Int>::from_data(targets.as_slice(), device).reshape([batch, len]),
+        Tensor::<1>::from_floats(weights.as_slice(), device).reshape([batch, len]),
+    )
+}
+
+fn captions_batch(
+    images: &ImageSet,
+    indices: &[usize],
+    tokenizer: &TextTokenizer,
+    device: &Device,
+) -> Result<(Tensor<2, Int>, Tensor<2, Bool>), Error> {
+    let encoded: Vec<Vec<u32>> = indices
+        .iter()
+        .map(|&i| tokenizer.encode(&images.captions[i]))
+        .collect::<Result<_, _>>()?;
+    let rows: Vec<&[u32]> = encoded.iter().map(|r| r.as_slice()).collect();
+    Ok(pad_batch(
+        &rows,
+        tokenizer.pad_id(),
+        tokenizer.max_length(),
+        device,
+    ))
+}
+
+/// Held-out text->image retrieval: for each caption, the images ranked by similarity. A hit
+/// at k means an image among the top k carries the same caption text (the shapes data repeats
+/// captions across pictures, and any of them is a right answer). Returns recall@1, recall@5.
+pub fn recall_at(
+    encoder: &TextEncoder,
+    contrastive: &Contrastive,
+    images: &ImageSet,
+    tokenizer: &TextTokenizer,
+    device: &Device,
+) -> Result<(f64, f64), Error> {
+    let n = images.len();
+    if n == 0 {
+        return Ok((0.0, 0.0));
+    }
+    let (mut text, mut pictures) = (Vec::new(), Vec::new());
+    for start in (0..n).step_by(64) {
+        let indices: Vec<usize> = (start..(start + 64).min(n)).collect();
+        let (ids, padding) = captions_batch(images, &indices, tokenizer, device)?;
+        text.push(contrastive.embed_text(encoder.forward(ids, padding.clone()), padding));
+        pictures.push(contrastive.embed_images(images.batch(&indices, device)));
+    }
+    let similarity = Tensor::cat(text, 0).matmul(Tensor::cat(pictures, 0).transpose());
+    let ranked = similarity
+        .argsort_descending(1)
+        .into_data_as::<i64>()
+        .try_to_vec::<i64>()
+        .map_err(|e| Error::Data(format!("reading ranks: {e:?}")))?;
+    let (mut at1, mut at5) = (0usize, 0usize);
+    for query in 0..n {
+        let row = &ranked[query * n..(query + 1) * n];
+        let hit = |k: usize| {
+            row.iter()
+                .take(k)
+                .any(|&i| images.captions[i as usize] == images.captions[query])
+        };
+        at1 += usize::from(hit(1));
+        at5 += usize::from(hit(5));
+    }
+    Ok((at1 as f64 / n as f64, at5 as f64 / n as f64))
+}
+
+/// MLM accuracy on held-out sequences, with masking drawn from a fixed stream.
+fn mlm_accuracy(
+    model: &Pretraining,
+    sequences: &[Vec<u32>],
+    tokenizer: &TextTokenizer,
+    config: &PretrainConfig,
+    device: &Device,
+) -> f64 {
+    let mut rng = training::step_rng(config.seed ^ 0x5eed, 0);
+    let (mut correct, mut total) = (0.0, 0.0);
+    for chunk in sequences.chunks(64) {
+        let rows: Vec<&[u32]> = chunk.iter().map(|s| s.as_slice()).collect();
+        let (ids, padding, targets, weights) =
+            mlm_batch(&rows, tokenizer, config.mask_rate, &mut rng, device);
+        let count = weights.clone().sum().into_scalar::<f32>() as f64;
+        let logits = model.mlm_head.forward(model.encoder.forward(ids, padding));
+        let (_, accuracy) = mlm_loss(logits, targets, weights);
+        correct += accuracy.into_scalar::<f32>() as f64 * count;
+        total += count;
+    }
+    if total > 0.0 { correct / total } else { 0.0 }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Progress {
+    step: usize,
+    log: String,
+}
+
+pub struct PretrainInputs<'a> {
+    pub tokenizer: &'a str,
+    pub text: &'a str,
+    pub pairs: &'a str,
+}
+
+pub struct PretrainOptions {
+    pub out: String,
+    pub device: String,
+    pub force: bool,
+    /// Stop with a checkpoint after this many steps; the same command resumes.
+    pub stop_after: Option<usize>,
+}
+
+fn optimizer(config: &PretrainConfig) -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_beta_2(0.98)
+        .with_weight_decay(config.weight_decay as f32)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(config.grad_clip_norm)))
+        .init()
+}
+
+fn safetensors<M: Module>(module: &M, name: &str) -> Result<Bytes, Error> {
+    let mut store = SafetensorsStore::from_bytes(None);
+    module
+        .save_into(&mut store)
+        .map_err(|e| Error::Data(format!("saving {name}: {e}")))?;
+    Ok(Bytes::from(
+        store
+            .get_bytes()
+            .map_err(|e| Error::Data(format!("saving {name}: {e}")))?,
+    ))
+}
+
+pub fn pretrain(
+    config: &PretrainConfig,
+    inputs: &PretrainInputs,
+    options: &PretrainOptions,
+) -> Result<Manifest, Error> {
+    let started = Instant::now();
+    let mut run = StageRun::new(STAGE, tool(), &options.out, config, ShardSpec::single())?;
+    let tokenizer_stage = run.upstream("tokenizer", inputs.tokenizer)?;
+    let text = run.upstream("text", inputs.text)?;
+    let pairs = run.upstream("pairs", inputs.pairs)?;
+    if let Some(existing) = run.begin(options.force)? {
+        return Ok(existing);
+    }
+    let tokenizer = TextTokenizer::from_manifest(&tokenizer_stage)?;
+    let (train_images, held_out_images) = vqgan::data::load(&pairs, config.image_size)
+        .map_err(|e| Error::Data(format!("{}: {e}", inputs.pairs)))?;
+    if train_images.is_empty() {
+        return Err(Error::Data(format!("{}: no training pairs", inputs.pairs)));
+    }
+    let held_out_images = if held_out_images.is_empty() {
+        train_images.clone()
+    } else {
+        held_out_images
+    };
+    let sequences = mlm_sequences(&tokenizer, &text, (&train_images, &held_out_images), config)?;
+    info!(
+        "{} MLM sequences ({} held out), {} pairs ({} held out)",
+        sequences.train.len(),
+        sequences.held_out.len(),
+        train_images.len(),
+        held_out_images.len()
+    );
+
+    let device =
+        nn::backend::training_device(&options.device).map_err(|e| Error::Usage(e.to_string()))?;
+    device.seed(config.seed);
+    let encoder_config = config.encoder_config(&tokenizer)?;
+    let contrastive_config = config.contrastive_config(encoder_config.d_model);
+    let model = Pretraining {
+        encoder: encoder_config.init(&device),
+        mlm_head: LinearConfig::new(encoder_config.d_model, encoder_config.vocab_size)
+            .init(&device),
+        contrastive: contrastive_config.init(&device),
+    };
+    let fresh = Progress {
+        step: 0,
+        log: String::new(),
+    };
+    let (mut model, mut optimizer, mut progress) =
+        training::resume(&run, model, optimizer(config), fresh)
+            .map_err(|e| Error::Data(e.to_string()))?;
+    let schedule = config.schedule();
+    while progress.step < config.steps {
+        let step = progress.step;
+        let mut rng = training::step_rng(config.seed, step);
+        let learning_rate = schedule.at(step, config.steps);
+        let contrastive = config.is_contrastive(step);
+        let (loss, accuracy) = if contrastive {
+            let indices: Vec<usize> = (0..config.batch_size)
+                .map(|_| rng.random_range(0..train_images.len()))
+                .collect();
+            let (ids, padding) = captions_batch(&train_images, &indices, &tokenizer, &device)?;
+            let text = model
+                .contrastive
+                .embed_text(model.encoder.forward(ids, padding.clone()), padding);
+            let pictures = model
+                .contrastive
+                .embed_images(train_images.batch(&indices, &device));
+            (model.contrastive.loss(text, pictures), None)
+        } else {
+            let rows: Vec<&[u32]> = (0..config.batch_size)
+                .map(|_| sequences.train[rng.random_range(0..sequences.train.len())].as_slice())
+                .collect();
+            let (ids, padding, targets, weights) =
+                mlm_batch(&rows, &tokenizer, config.mask_rate, &mut rng, &device);
+            let logits = model.mlm_head.forward(model.encoder.forward(ids, padding));
+            let (loss, accuracy) = mlm_loss(logits, targets, weights);
+            (loss, Some(accuracy))
+        };
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optimizer.step(learning_rate, model, grads);
+        if step % config.log_every.max(1) < config.contrastive_every.max(1)
+            || step + 1 == config.steps
+        {
+            let objective = if contrastive { "contrastive" } else { "mlm" };
+            let mut line = json!({"step": step, "objective": objective,
+                "learning_rate": learning_rate, "loss": loss.into_scalar::<f32>()});
+            if let Some(accuracy) = accuracy {
+                line["mlm_accuracy"] = json!(accuracy.into_scalar::<f32>());
+            }
+            info!("{line}");
+            progress.log.push_str(&format!("{line}\n"));
+        }
+        progress.step += 1;
+        let stop = options.stop_after == Some(progress.step);
+        if stop
+            || (config.checkpoint_every > 0
+                && progress.step.is_multiple_of(config.checkpoint_every)
+                && progress.step < config.steps)
+        {
+            training::save_checkpoint(&run, progress.step, &model, &optimizer, &progress)
+                .map_err(|e| Error::Data(e.to_string()))?;
+        }
+        if stop && progress.step < config.steps {
+            return Err(Error::Paused {
+                step: progress.step,
+            });
+        }
+    }
+
+    let eval_model = model.valid();
+    let eval_device =
+        nn::backend::device(&options.device).map_err(|e| Error::Usage(e.to_string()))?;
+    let mlm_accuracy = mlm_accuracy(
+        &eval_model,
+        &sequences.held_out,
+        &tokenizer,
+        config,
+        &eval_device,
+    );
+    let (recall_at_1, recall_at_5) = recall_at(
+        &eval_model.encoder,
+        &eval_model.contrastive,
+        &held_out_images,
+        &tokenizer,
+        &eval_device,
+    )?;
+    // Chance level of recall@1: how often a random image shares the query's caption.
+    let n = held_out_images.len() as f64;
+    let chance = held_out_images
+        .captions
+        .iter()
+        .map(|c| held_out_images.captions.iter().filter(|d| *d == c).count() as f64 / n)
+        .sum::<f64>()
+        / n;
+    info!(
+        "held-out MLM accuracy {mlm_accuracy:.3}, text->image recall@1 {recall_at_1:.3} (chance {chance:.3}), recall@5 {recall_at_5:.3}"
+    );
+    let configs = PretrainedConfigs {
+        text_encoder: encoder_config,
+        contrastive: contrastive_config,
+    };
+    let configs_json =
+        serde_json::to_vec_pretty(&configs).map_err(|e| Error::Data(format!("configs: {e}")))?;
+    let artifacts = vec![
+        run.write_artifact(
+            "text_encoder.safetensors",
+            TEXT_ENCODER_KIND,
+            safetensors(&eval_model.encoder, "the text encoder")?,
+            None,
+        )?,
+        run.write_artifact(
+            "contrastive.safetensors",
+            CONTRASTIVE_KIND,
+            safetensors(&eval_model.contrastive, "the contrastive pair")?,
+            None,
+        )?,
+        run.write_artifact("models.json", "config", Bytes::from(configs_json), None)?,
+        run.write_artifact(
+            "metrics.jsonl",
+            "metrics/jsonl",
+            Bytes::from(progress.log),
+            None,
+        )?,
+    ];
+    let mut metrics = Map::new();
+    let mut put = |name: &str, value: Value| {
+        metrics.insert(name.to_string(), value);
+    };
+    put("mlm_accuracy", json!(mlm_accuracy));
+    put("recall_at_1", json!(recall_at_1));
+    put("recall_at_5", json!(recall_at_5));
+    put("recall_at_1_chance", json!(chance));
+    put("held_out_pairs", json!(held_out_images.len()));
+    put("held_out_sequences", json!(sequences.held_out.len()));
+    put("parameters", json!(eval_model.encoder.num_params()));
+    put("backend", json!(nn::backend::backend_name()));
+    put("seconds", json!(started.elapsed().as_secs_f64()));
+    Ok(run.publish(artifacts, metrics)?)
+}
+
+pub const TEXT_ENCODER_KIND: &str = "checkpoint/text-encoder";
+pub const CONTRASTIVE_KIND: &str = "checkpoint/contrastive";
+
+/// The text encoder and contrastive pair a `train text-encoder` manifest publishes.
+pub fn load_pretrained(
+    stage: &Upstream,
+    device: &Device,
+) -> Result<(PretrainedConfigs, TextEncoder, Contrastive), Error> {
+    let uri = stage.location.uri();
+    let artifact = |kind: &'static str| {
+        stage
+            .artifacts_of_kind(kind)
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                Error::Data(format!(
+                    "{uri}: no '{kind}' artifact (stage '{}')",
+                    stage.manifest.stage
+                ))
+            })
+    };
+    let configs: PretrainedConfigs =
+        serde_json::from_slice(&stage.read_artifact(artifact("config")?)?)
+            .map_err(|e| Error::Data(format!("{uri}: models.json: {e}")))?;
+    let mut encoder = configs.text_encoder.init(device);
+    load_safetensors(
+        &mut encoder,
+        stage.read_artifact(artifact(TEXT_ENCODER_KIND)?)?,
+        &uri,
+    )?;
+    let mut contrastive = configs.contrastive.init(device);
+    load_safetensors(
+        &mut contrastive,
+        stage.read_artifact(artifact(CONTRASTIVE_KIND)?)?,
+        &uri,
+    )?;
+    Ok((configs, encoder, contrastive))
+}
+
+pub fn load_safetensors<M: ModuleSnapshot>(
+    module: &mut M,
+    bytes: Bytes,
+    uri: &str,
+) -> Result<(), Error> {
+    let result = module
+        .load_from(&mut SafetensorsStore::from_bytes(Some(bytes.to_vec())))
+        .map_err(|e| Error::Data(format!("{uri}: {e}")))?;
+    if !result.missing.is_empty() || !result.errors.is_empty() {
+        return Err(Error::Data(format!(
+            "{uri}: weights do not match the config (missing {:?}, errors {:?})",
+            result.missing, result.errors
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,523 @@
+//! `train parti`: the encoder-decoder Transformer on `vqgan encode` token shards, captions
+//! tokenised once up front, optionally starting from a `train text-encoder` encoder.
+//!
+//! Teacher-forced cross-entropy over the codebook; classifier-free guidance dropout; AdamW or
+//! Adafactor with warm-up then exponential decay, clipping and gradient accumulation;
+//! checkpoints with exact resume. The manifest carries the weights, the model config, the loss
+//! curve (PNG) and validation perplexity / token accuracy; its inputs name the tokenizer, token
+//! shards and text encoder, so `infer` needs only this manifest and the VQGAN's.
+
+use std::time::Instant;
+
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::Module;
+use burn::optim::{
+    AdafactorConfig, AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer,
+};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Bool, Device, Int, Tensor};
+use bytes::Bytes;
+use nn::training::{self, Schedule};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, json};
+use tracing::{info, warn};
+
+use crate::parti::{Condition, Parti, PartiConfig};
+use crate::pretrain::{load_pretrained, load_safetensors, pad_batch};
+use crate::{Error, TextTokenizer, tool};
+use manifests::{Manifest, ShardSpec, StageRun, Upstream};
+
+pub const STAGE: &str = "train.parti";
+pub const PARTI_KIND: &str = "checkpoint/parti";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Seq2SeqConfig {
+    /// tiny, 350M, 750M, 3B or 20B (Parti Table 1).
+    pub model: String,
+    pub steps: usize,
+    /// Sequences per optimiser step (split into `accumulation` micro-batches).
+    pub batch_size: usize,
+    pub accumulation: usize,
+    /// adamw or adafactor.
+    pub optimizer: String,
+    pub learning_rate: f64,
+    pub final_learning_rate: f64,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub grad_clip_norm: f32,
+    pub dropout: f64,
+    /// Probability that a caption is replaced by the null condition (classifier-free guidance).
+    pub cfg_dropout: f64,
+    /// Conv-shaped attention window side (odd), 0: full causal attention everywhere.
+    pub conv_window: usize,
+    pub full_attention_every: usize,
+    pub checkpoint_every: usize,
+    pub log_every: usize,
+    pub seed: u64,
+}
+
+impl Seq2SeqConfig {
+    pub fn preset(name: &str) -> Result<Seq2SeqConfig, Error> {
+        crate::text_encoder::encoder_shape(name)?;
+        // Parti: Adafactor, lr 4.5e-5 with 5k warm-up then exponential decay (final ratio
+        // 0.025), clipping 4.0, dropout 0.1, global batch 8192.
+        let paper = Seq2SeqConfig {
+            model: name.into(),
+            steps: 450_000,
+            batch_size: 8192,
+            accumulation: 1,
+            optimizer: "adafactor".into(),
+            learning_rate: 4.5e-5,
+            final_learning_rate: 4.5e-5 * 0.025,
+            warmup_steps: 5000,
+            weight_decay: 4.5e-2,
+            grad_clip_norm: 4.0,
+            dropout: 0.1,
+            cfg_dropout: 0.1,
+            conv_window: 11,
+            full_attention_every: 4,
+            checkpoint_every: 5000,
+            log_every: 100,
+            seed: 0,
+        };
+        Ok(match name {
+            "tiny" => Seq2SeqConfig {
+                steps: 1500,
+                batch_size: 32,
+                optimizer: "adamw".into(),
+                learning_rate: 1e-3,
+                final_learning_rate: 5e-5,
+                warmup_steps: 50,
+                weight_decay: 0.01,
+                dropout: 0.0,
+                conv_window: 5,
+                full_attention_every: 3,
+                checkpoint_every: 250,
+                log_every: 50,
+                ..paper
+            },
+            _ => paper,
+        })
+    }
+
+    fn schedule(&self) -> Schedule {
+        Schedule {
+            learning_rate: self.learning_rate,
+            final_learning_rate: self.final_learning_rate,
+            warmup_steps: self.warmup_steps,
+            decay: "exponential".into(),
+        }
+    }
+
+    fn optimizer(&self) -> Result<ModuleOptimizer, Error> {
+        let clipping = Some(GradientClippingConfig::Norm(self.grad_clip_norm));
+        match self.optimizer.as_str() {
+            "adamw" => Ok(AdamWConfig::new()
+                .with_beta_2(0.96)
+                .with_weight_decay(self.weight_decay as f32)
+                .with_grad_clipping(clipping)
+                .init()),
+            // Burn's Adafactor keeps no first moment (Parti's kept an int8 one, beta1 0.9); the
+            // schedule here drives the rate, so its relative step and parameter scaling are off.
+            "adafactor" => Ok(AdafactorConfig::new()
+                .with_relative_step(false)
+                .with_scale_parameter(false)
+                .with_weight_decay(self.weight_decay as f32)
+                .with_grad_clipping(clipping)
+                .init()),
+            other => Err(Error::Usage(format!(
+                "unknown optimizer '{other}' (adamw, adafactor)"
+            ))),
+        }
+    }
+}
+
+/// One training example: caption ids (unpadded) and the image's tokens.
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub caption: String,
+    pub text: Vec<u32>,
+    pub tokens: Vec<u16>,
+}
+
+/// Which of `n` captions are replaced by the null condition, each with probability `rate`.
+pub fn cfg_drops(rng: &mut impl Rng, n: usize, rate: f64) -> Vec<bool> {
+    (0..n)
+        .map(|_| rng.random_bool(rate.clamp(0.0, 1.0)))
+        .collect()
+}
+
+/// Teacher-forced cross-entropy (mean over tokens) and token accuracy.
+pub fn token_loss(logits: Tensor<3>, targets: Tensor<2, Int>) -> (Tensor<1>, Tensor<1>) {
+    let [batch, len, _] = logits.dims();
+    let picked = log_softmax(logits.clone(), 2)
+        .gather(2, targets.clone().reshape([batch, len, 1]))
+        .reshape([batch, len]);
+    let accuracy = logits
+        .argmax(2)
+        .reshape([batch, len])
+        .equal(targets)
+        .float()
+        .mean();
+    (picked.mean().neg(), accuracy)
+}
+
+pub fn targets_tensor(examples: &[&Example], device: &Device) -> Tensor<2, Int> {
+    let n = examples.first().map(|e| e.tokens.len()).unwrap_or(0);
+    let flat: Vec<i32> = examples
+        .iter()
+        .flat_map(|e| e.tokens.iter().map(|t| i32::from(*t)))
+        .collect();
+    Tensor::<1, Int>::from_data(flat.as_slice(), device).reshape([examples.len(), n])
+}
+
+pub fn text_tensors(
+    examples: &[&Example],
+    tokenizer: &TextTokenizer,
+    device: &Device,
+) -> (Tensor<2, Int>, Tensor<2, Bool>) {
+    let rows: Vec<&[u32]> = examples.iter().map(|e| e.text.as_slice()).collect();
+    pad_batch(&rows, tokenizer.pad_id(), tokenizer.max_length(), device)
+}
+
+/// Validation loss (mean cross-entropy) and token accuracy, captions given.
+fn validate(
+    model: &Parti,
+    examples: &[Example],
+    tokenizer: &TextTokenizer,
+    device: &Device,
+) -> (f64, f64) {
+    let (mut loss, mut accuracy, mut count) = (0.0, 0.0, 0.0);
+    for chunk in examples.chunks(64) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let (ids, padding) = text_tensors(&refs, tokenizer, device);
+        let condition = model.condition(ids, padding, None);
+        let (l, a) = token_loss(
+            model.forward(targets_tensor(&refs, device), &condition),
+            targets_tensor(&refs, device),
+        );
+        let n = chunk.len() as f64;
+        loss += l.into_scalar::<f32>() as f64 * n;
+        accuracy += a.into_scalar::<f32>() as f64 * n;
+        count += n;
+    }
+    (loss / count.max(1.0), accuracy / count.max(1.0))
+}
+
+/// A line chart of `(step, loss)` as PNG: a picture of the curve, no axes library needed.
+pub fn loss_plot(points: &[(usize, f64)]) -> Result<Vec<u8>, Error> {
+    let (width, height, margin) = (640u32, 320u32, 20u32);
+    let mut image = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
+    if points.len() >= 2 {
+        let (min_x, max_x) = (points[0].0 as f64, points[points.len() - 1].0 as f64);
+        let (min_y, max_y) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| {
+            (lo.min(p.1), hi.max(p.1))
+        });
+        let span_x = (max_x - min_x).max(1.0);
+        let span_y = (max_y - min_y).max(1e-9);
+        let to_pixel = |(x, y): (usize, f64)| {
+            let px = margin as f64 + (x as f64 - min_x) / span_x * (width - 2 * margin) as f64;
+            let py = margin as f64 + (max_y - y) / span_y * (height - 2 * margin) as f64;
+            (px, py)
+        };
+        for axis_x in margin..width - margin {
+            image.put_pixel(axis_x, height - margin, image::Rgb([0, 0, 0]));
+        }
+        for axis_y in margin..=height - margin {
+            image.put_pixel(margin, axis_y, image::Rgb([0, 0, 0]));
+        }
+        for pair in points.windows(2) {
+            let (a, b) = (to_pixel(pair[0]), to_pixel(pair[1]));
+            let steps = ((b.0 - a.0).abs().max((b.1 - a.1).abs()) as usize).max(1);
+            for s in 0..=steps {
+                let t = s as f64 / steps as f64;
+                let (x, y) = (a.0 + t * (b.0 - a.0), a.1 + t * (b.1 - a.1));
+                if x >= 0.0 && y >= 0.0 && (x as u32) < width && (y as u32) < height {
+                    image.put_pixel(x as u32, y as u32, image::Rgb([30, 90, 200]));
+                }
+            }
+        }
+    }
+    let mut png = Vec::new();
+    image
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| Error::Data(format!("loss plot: {e}")))?;
+    Ok(png)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Progress {
+    step: usize,
+    log: String,
+    curve: Vec<(usize, f64)>,
+}
+
+pub struct Seq2SeqInputs<'a> {
+    pub tokens: &'a str,
+    pub tokenizer: &'a str,
+    pub text_encoder: Option<&'a str>,
+}
+
+pub struct Seq2SeqOptions {
+    pub out: String,
+    pub device: String,
+    pub force: bool,
+    pub stop_after: Option<usize>,
+}
+
+/// Token rows with tokenised captions; ~5% of keys (by hash) are validation.
+fn examples(
+    tokens: &Upstream,
+    tokenizer: &TextTokenizer,
+) -> Result<(Vec<Example>, Vec<Example>, usize, usize), Error> {
+    let grid = tokens.manifest.metric_u64("grid").unwrap_or(0) as usize;
+    let codebook = tokens.manifest.metric_u64("codebook_size").unwrap_or(0) as usize;
+    if grid == 0 || codebook == 0 {
+        return Err(Error::Data(format!(
+            "{}: not a `vqgan encode` manifest (no grid / codebook_size metrics)",
+            tokens.location.uri()
+        )));
+    }
+    let rows = vqgan::encode::read_token_rows(tokens)
+        .map_err(|e| Error::Data(format!("{}: {e}", tokens.location.uri())))?;
+    let (mut train, mut validation) = (Vec::new(), Vec::new());
+    for row in rows {
+        if row.tokens.len() != grid * grid {
+            warn!(
+                "{}: row '{}' has {} tokens, skipped",
+                tokens.location.uri(),
+                row.key,
+                row.tokens.len()
+            );
+            continue;
+        }
+        let example = Example {
+            text: tokenizer.encode(&row.caption)?,
+            caption: row.caption,
+            tokens: row.tokens,
+        };
+        let digest = manifests::digest_bytes(row.key.as_bytes());
+        let first_byte = digest
+            .strip_prefix("blake3:")
+            .and_then(|hex| u8::from_str_radix(hex.get(..2)?, 16).ok())
+            .unwrap_or(255);
+        if first_byte < 13 {
+            validation.push(example);
+        } else {
+            train.push(example);
+        }
+    }
+    Ok((train, validation, grid, codebook))
+}
+
+pub fn train_parti(
+    config: &Seq2SeqConfig,
+    inputs: &Seq2SeqInputs,
+    options: &Seq2SeqOptions,
+) -> Result<Manifest, Error> {
+    let started = Instant::now();
+    let mut run = StageRun::new(STAGE, tool(), &options.out, config, ShardSpec::single())?;
+    let tokens = run.upstream("tokens", inputs.tokens)?;
+    let tokenizer_stage = run.upstream("tokenizer", inputs.tokenizer)?;
+    let pretrained = inputs
+        .text_encoder
+        .map(|uri| run.upstream("text_encoder", uri))
+        .transpose()?;
+    if let Some(existing) = run.begin(options.force)? {
+        return Ok(existing);
+    }
+    let tokenizer = TextTokenizer::from_manifest(&tokenizer_stage)?;
+    let (train, validation, grid, codebook) = examples(&tokens, &tokenizer)?;
+    if train.is_empty() {
+        return Err(Error::Data(format!("{}: no training rows", inputs.tokens)));
+    }
+    let validation = if validation.is_empty() {
+        train.iter().take(64).cloned().collect()
+    } else {
+        validation
+    };
+    info!(
+        "{} training images, {} validation",
+        train.len(),
+        validation.len()
+    );
+
+    let device =
+        nn::backend::training_device(&options.device).map_err(|e| Error::Usage(e.to_string()))?;
+    device.seed(config.seed);
+    let model_config = PartiConfig::preset(
+        &config.model,
+        tokenizer.vocab_size(),
+        tokenizer.max_length(),
+        grid,
+        codebook,
+    )?
+    .with_dropout(config.dropout)
+    .with_conv_window(config.conv_window)
+    .with_full_attention_every(config.full_attention_every);
+    let model_config = PartiConfig {
+        encoder: model_config.encoder.clone().with_dropout(config.dropout),
+        ..model_config
+    };
+    let mut model = model_config.init(&device);
+    if let Some(stage) = &pretrained {
+        let (configs, _, _) = load_pretrained(stage, &device)?;
+        let expected = model_config.encoder.clone().with_dropout(0.0);
+        if configs.text_encoder.clone().with_dropout(0.0) != expected {
+            return Err(Error::Usage(format!(
+                "{}: its text encoder ({:?}) does not match the '{}' preset's encoder ({:?})",
+                stage.location.uri(),
+                configs.text_encoder,
+                config.model,
+                expected
+            )));
+        }
+        let weights = stage
+            .artifacts_of_kind(crate::pretrain::TEXT_ENCODER_KIND)
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                Error::Data(format!("{}: no text encoder weights", stage.location.uri()))
+            })?;
+        load_safetensors(
+            &mut model.encoder,
+            stage.read_artifact(weights)?,
+            &stage.location.uri(),
+        )?;
+        info!("text encoder initialised from {}", stage.location.uri());
+    }
+    let fresh = Progress {
+        step: 0,
+        log: String::new(),
+        curve: Vec::new(),
+    };
+    let (mut model, mut optimizer, mut progress) =
+        training::resume(&run, model, config.optimizer()?, fresh)
+            .map_err(|e| Error::Data(e.to_string()))?;
+    let schedule = config.schedule();
+    let micro = (config.batch_size / config.accumulation.max(1)).max(1);
+    while progress.step < config.steps {
+        let step = progress.step;
+        let mut rng = training::step_rng(config.seed, step);
+        let learning_rate = schedule.at(step, config.steps);
+        let mut accumulator = GradientsAccumulator::<Parti>::new();
+        let (mut loss_sum, mut accuracy_sum) = (0.0, 0.0);
+        for _ in 0..config.accumulation.max(1) {
+            let batch: Vec<&Example> = (0..micro)
+                .map(|_| &train[rng.random_range(0..train.len())])
+                .collect();
+            let drop = cfg_drops(&mut rng, micro, config.cfg_dropout);
+            let (ids, padding) = text_tensors(&batch, &tokenizer, &device);
+            let drop = Tensor::<1, Bool>::from_data(drop.as_slice(), &device);
+            let condition: Condition = model.condition(ids, padding, Some(drop));
+            let targets = targets_tensor(&batch, &device);
+            let (loss, accuracy) = token_loss(model.forward(targets.clone(), &condition), targets);
+            let scaled = loss.clone().div_scalar(config.accumulation.max(1) as f64);
+            accumulator.accumulate(
+                &model,
+                GradientsParams::from_grads(scaled.backward(), &model),
+            );
+            loss_sum += loss.into_scalar::<f32>() as f64;
+            accuracy_sum += accuracy.into_scalar::<f32>() as f64;
+        }
+        model = optimizer.step(learning_rate, model, accumulator.grads());
+        let parts = config.accumulation.max(1) as f64;
+        if step.is_multiple_of(config.log_every.max(1)) || step + 1 == config.steps {
+            let line = json!({"step": step, "learning_rate": learning_rate,
+                "loss": loss_sum / parts, "token_accuracy": accuracy_sum / parts});
+            info!("{line}");
+            progress.log.push_str(&format!("{line}\n"));
+            progress.curve.push((step, loss_sum / parts));
+        }
+        progress.step += 1;
+        let stop = options.stop_after == Some(progress.step);
+        if stop
+            || (config.checkpoint_every > 0
+                && progress.step.is_multiple_of(config.checkpoint_every)
+                && progress.step < config.steps)
+        {
+            training::save_checkpoint(&run, progress.step, &model, &optimizer, &progress)
+                .map_err(|e| Error::Data(e.to_string()))?;
+        }
+        if stop && progress.step < config.steps {
+            return Err(Error::Paused {
+                step: progress.step,
+            });
+        }
+    }
+
+    let model = model.valid();
+    let eval_device =
+        nn::backend::device(&options.device).map_err(|e| Error::Usage(e.to_string()))?;
+    let (val_loss, val_accuracy) = validate(&model, &validation, &tokenizer, &eval_device);
+    let val_perplexity = val_loss.exp();
+    info!(
+        "validation perplexity {val_perplexity:.2} (codebook {codebook}), token accuracy {val_accuracy:.3}"
+    );
+    let config_json = serde_json::to_vec_pretty(&model_config)
+        .map_err(|e| Error::Data(format!("model config: {e}")))?;
+    let mut store = burn::store::SafetensorsStore::from_bytes(None);
+    burn::store::ModuleSnapshot::save_into(&model, &mut store)
+        .map_err(|e| Error::Data(format!("saving weights: {e}")))?;
+    let weights = store
+        .get_bytes()
+        .map_err(|e| Error::Data(format!("saving weights: {e}")))?;
+    let artifacts = vec![
+        run.write_artifact("parti.safetensors", PARTI_KIND, Bytes::from(weights), None)?,
+        run.write_artifact("parti.json", "config", Bytes::from(config_json), None)?,
+        run.write_artifact(
+            "loss.png",
+            "image/png",
+            Bytes::from(loss_plot(&progress.curve)?),
+            None,
+        )?,
+        run.write_artifact(
+            "metrics.jsonl",
+            "metrics/jsonl",
+            Bytes::from(progress.log),
+            None,
+        )?,
+    ];
+    let mut metrics = Map::new();
+    metrics.insert("val_perplexity".into(), json!(val_perplexity));
+    metrics.insert("val_token_accuracy".into(), json!(val_accuracy));
+    metrics.insert("val_loss".into(), json!(val_loss));
+    metrics.insert("train_images".into(), json!(train.len()));
+    metrics.insert("validation_images".into(), json!(validation.len()));
+    metrics.insert("parameters".into(), json!(model.num_params()));
+    metrics.insert(
+        "transformer_parameters".into(),
+        json!(model_config.transformer_params()),
+    );
+    metrics.insert("backend".into(), json!(nn::backend::backend_name()));
+    metrics.insert("seconds".into(), json!(started.elapsed().as_secs_f64()));
+    Ok(run.publish(artifacts, metrics)?)
+}
+
+/// The model a `train parti` manifest publishes.
+pub fn load_parti(stage: &Upstream, device: &Device) -> Result<(PartiConfig, Parti), Error> {
+    let uri = stage.location.uri();
+    let artifact = |kind: &'static str| {
+        stage
+            .artifacts_of_kind(kind)
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                Error::Data(format!(
+                    "{uri}: no '{kind}' artifact (stage '{}')",
+                    stage.manifest.stage
+                ))
+            })
+    };
+    let config: PartiConfig = serde_json::from_slice(&stage.read_artifact(artifact("config")?)?)
+        .map_err(|e| Error::Data(format!("{uri}: parti.json: {e}")))?;
+    let mut model = config.init(device);
+    load_safetensors(
+        &mut model,
+        stage.read_artifact(artifact(PARTI_KIND)?)?,
+        &uri,
+    )?;
+    Ok((config, model))
+}

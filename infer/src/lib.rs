@@ -3,9 +3,12 @@
 //! - [`sample`]: KV-cached autoregressive sampling with classifier-free guidance, top-k/top-p,
 //!   reranking by the contrastive pair, decoding with the VQGAN ([`sample::Generator`]).
 //! - [`eval`]: automatic scoring of generated shapes pictures (`infer eval`).
+//! - [`serve`]: an HTTP server batching concurrent requests into one sampling loop (`infer serve`).
 
+pub mod bench;
 pub mod eval;
 pub mod sample;
+pub mod serve;
 
 use std::time::Instant;
 

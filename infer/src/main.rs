@@ -1,10 +1,12 @@
 //! `infer`: images from a trained parti model.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use infer::sample::{Generator, SamplingConfig};
+use infer::serve::{ServeConfig, router, shutdown_signal, spawn_worker};
 use infer::{EvalConfig, evaluate, generate_to};
 use manifests::config::layered;
 use serde_json::json;
@@ -25,6 +27,25 @@ enum Command {
     Generate(GenerateArgs),
     /// Generate the shapes prompts and score colour, shape and position automatically.
     Eval(EvalArgs),
+    /// HTTP server: POST /v1/generate, GET /healthz, and a page to try prompts at /.
+    Serve(ServeArgs),
+    /// Benchmark: sampling throughput with and without the KV cache (same decoder, same run).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Image tokens per side (32: Parti's 1024 tokens).
+    #[arg(long, default_value_t = 32)]
+    grid: usize,
+    #[arg(long, default_value_t = 256)]
+    d_model: usize,
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -99,6 +120,71 @@ struct EvalArgs {
     sampling: SamplingArgs,
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    /// A `train parti` manifest (tokenizer, VQGAN and reranker are found through its inputs).
+    #[arg(long)]
+    parti: String,
+    #[arg(long)]
+    vqgan: Option<String>,
+    #[arg(long)]
+    text_encoder: Option<String>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: String,
+    /// Most requests (with identical sampling settings) sampled together in one round.
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// Most requests waiting for the sampler; more are answered with 503.
+    #[arg(long, default_value_t = 32)]
+    queue: usize,
+    /// Seconds a request may wait and sample before it is answered with 504.
+    #[arg(long, default_value_t = 120.0)]
+    timeout_s: f64,
+    #[arg(long, default_value_t = 500)]
+    max_prompt_chars: usize,
+    /// Milliseconds the sampler waits after a request for others to join its round.
+    #[arg(long, default_value_t = 0)]
+    batch_wait_ms: u64,
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    if !(args.timeout_s.is_finite() && args.timeout_s > 0.0) {
+        anyhow::bail!("--timeout-s must be a positive number of seconds");
+    }
+    let config = ServeConfig {
+        max_batch: args.max_batch,
+        queue: args.queue,
+        timeout: Duration::from_secs_f64(args.timeout_s),
+        max_prompt_chars: args.max_prompt_chars,
+        batch_wait: Duration::from_millis(args.batch_wait_ms),
+    };
+    let generator = Generator::load(
+        &args.parti,
+        args.vqgan.as_deref(),
+        args.text_encoder.as_deref(),
+        &args.device,
+    )
+    .context("loading the models")?;
+    let worker = spawn_worker(generator, &config)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let served = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.addr)
+            .await
+            .with_context(|| format!("binding {}", args.addr))?;
+        println!(
+            "infer serve: listening on http://{}",
+            listener.local_addr()?
+        );
+        infer::serve::serve(listener, router(worker.clone(), config), shutdown_signal())
+            .await
+            .context("serving")
+    });
+    worker.shutdown();
+    served
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => {
@@ -143,6 +229,25 @@ fn run(cli: Cli) -> Result<()> {
                 metric("shape_accuracy"),
                 metric("position_accuracy"),
                 metric("all_accuracy")
+            );
+        }
+        Command::Serve(args) => serve(args)?,
+        Command::Bench(args) => {
+            let report = infer::bench::kv_cache(
+                args.grid,
+                args.d_model,
+                args.layers,
+                args.batch,
+                &args.device,
+            )
+            .context("infer bench")?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            println!(
+                "KV cache: {:.1} tokens/s vs {:.1} without, {:.1}x faster at {} tokens",
+                report.cached_tokens_per_second,
+                report.uncached_tokens_per_second,
+                report.speedup,
+                report.tokens
             );
         }
     }

@@ -526,6 +526,9 @@ pub fn pretrain(
     info!(
         "held-out MLM accuracy {mlm_accuracy:.3}, text->image recall@1 {recall_at_1:.3} (chance {chance:.3}), recall@5 {recall_at_5:.3}"
     );
+    let held_out_line = json!({"step": config.steps, "held_out": {"mlm_accuracy": mlm_accuracy,
+        "recall_at_1": recall_at_1, "recall_at_5": recall_at_5, "recall_at_1_chance": chance}});
+    progress.log.push_str(&format!("{held_out_line}\n"));
     let configs = PretrainedConfigs {
         text_encoder: encoder_config,
         contrastive: contrastive_config,

@@ -84,7 +84,8 @@ impl Seq2SeqConfig {
         };
         Ok(match name {
             "tiny" => Seq2SeqConfig {
-                steps: 1500,
+                // The validation loss is nearly flat after ~800 steps on the shapes tokens.
+                steps: 1000,
                 batch_size: 32,
                 optimizer: "adamw".into(),
                 learning_rate: 1e-3,

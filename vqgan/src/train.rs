@@ -176,7 +176,7 @@ impl FinetuneConfig {
         let mut train = TrainConfig::preset(name)?;
         train.restart_every = 0;
         let decoder = if name == "tiny" {
-            train.steps = 600;
+            train.steps = 400;
             "tiny-large"
         } else {
             "large"
@@ -273,6 +273,7 @@ fn publish(
     held_out: &ImageSet,
     train_images: usize,
     log: String,
+    mut metrics: Map<String, Value>,
     device: &Device,
     started: Instant,
 ) -> Result<Manifest, Error> {
@@ -299,7 +300,6 @@ fn publish(
         )?,
         run.write_artifact("metrics.jsonl", "metrics/jsonl", Bytes::from(log), None)?,
     ];
-    let mut metrics = Map::new();
     metrics.insert("psnr_db".into(), json!(quality.psnr_db));
     metrics.insert("ssim".into(), json!(quality.ssim));
     metrics.insert("held_out_mse".into(), json!(quality.mse));
@@ -400,6 +400,13 @@ pub fn train(
         progress.step += 1;
         after_step(&run, config, options, &model, &optimizer, &progress)?;
     }
+    // Usage over the training window too: the held-out set alone is too small to call on
+    // every code of a large codebook.
+    let mut train_usage = Map::new();
+    train_usage.insert(
+        "train_codebook_usage".into(),
+        json!(progress.usage.share(config.steps, config.restart_window)),
+    );
     publish(
         &run,
         &model,
@@ -407,6 +414,7 @@ pub fn train(
         &held_out,
         train_set.len(),
         progress.log,
+        train_usage,
         &device,
         started,
     )
@@ -483,6 +491,7 @@ pub fn finetune_decoder(
         &held_out,
         train_set.len(),
         progress.log,
+        Map::new(),
         &device,
         started,
     )

@@ -1,0 +1,584 @@
+//! `infer serve`: an HTTP front end to one [`Generator`].
+//!
+//! - `POST /v1/generate`: JSON `{"prompt": "...", "samples": 1, "keep": 1, "guidance_scale": 1.2,
+//!   "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0, "format": "base64" | "png"}`
+//!   (everything but `prompt` optional: [`SamplingConfig::default`] except `samples` and `keep`,
+//!   1). `base64` answers `{"prompt", "images": [{"png_base64", "score"}], "seed", "batch",
+//!   "seconds"}` with the kept images best first; `png` answers the best image as `image/png`.
+//! - `GET /healthz`: `{"status": "ok", "rounds", "requests", "queued", "rejected", ...}`.
+//! - `GET /`: a page to try prompts (`/?prompt=...&autorun=1` fills the box and generates).
+//!
+//! Errors are JSON `{"error": "..."}`: 400/415/422 for a body that is not valid JSON or not a
+//! valid request, 503 when the queue is full or the server is stopping, 504 after the request
+//! timeout, 500 when sampling failed.
+//!
+//! **Batching.** One worker thread owns the generator; requests wait in a FIFO queue of at most
+//! `queue` requests. Whenever the worker is free it takes the oldest request and, from the
+//! requests waiting at that moment (after waiting up to `batch_wait` for more to arrive), every
+//! one whose sampling settings are *identical* (all of [`SamplingConfig`], seed included; only
+//! the prompt differs), up to `max_batch` requests, and samples all their prompts in one loop
+//! ([`Generator::generate`]). Requests with other settings keep their place and run in a later
+//! round. A request's random stream depends on its row in the round, so the same request can
+//! give different images depending on what it was batched with; it is reproducible only alone.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use crate::sample::{Generator, PromptImages, SamplingConfig};
+use crate::{Error, png};
+
+/// The page served at `/`.
+pub const PAGE: &str = include_str!("page.html");
+
+/// Most samples one request may ask for.
+pub const MAX_SAMPLES: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Most requests sampled together in one round.
+    pub max_batch: usize,
+    /// Most requests waiting for the worker; more are refused with 503.
+    pub queue: usize,
+    /// How long a request may wait and sample before it is answered with 504.
+    pub timeout: Duration,
+    pub max_prompt_chars: usize,
+    /// How long the worker waits after a request arrives for others to join its round
+    /// (0: start at once with whatever is waiting).
+    pub batch_wait: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            max_batch: 8,
+            queue: 32,
+            timeout: Duration::from_secs(120),
+            max_prompt_chars: 500,
+            batch_wait: Duration::ZERO,
+        }
+    }
+}
+
+/// The body of `POST /v1/generate`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub samples: Option<usize>,
+    pub keep: Option<usize>,
+    pub guidance_scale: Option<f64>,
+    pub temperature: Option<f64>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub format: Format,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// JSON with every kept image as base64 PNG.
+    #[default]
+    Base64,
+    /// The best image as an `image/png` body.
+    Png,
+}
+
+impl GenerateRequest {
+    /// The sampling settings of a valid request, or what is wrong with it.
+    pub fn sampling(&self, config: &ServeConfig) -> Result<SamplingConfig, String> {
+        if self.prompt.trim().is_empty() {
+            return Err("prompt must not be empty".into());
+        }
+        let chars = self.prompt.chars().count();
+        if chars > config.max_prompt_chars {
+            return Err(format!(
+                "prompt is {chars} characters; at most {} are accepted",
+                config.max_prompt_chars
+            ));
+        }
+        let defaults = SamplingConfig::default();
+        let samples = self.samples.unwrap_or(1);
+        if !(1..=MAX_SAMPLES).contains(&samples) {
+            return Err(format!("samples must be within 1..={MAX_SAMPLES}"));
+        }
+        let sampling = SamplingConfig {
+            guidance_scale: self.guidance_scale.unwrap_or(defaults.guidance_scale),
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            top_k: self.top_k.unwrap_or(defaults.top_k),
+            top_p: self.top_p.unwrap_or(defaults.top_p),
+            samples,
+            keep: self.keep.unwrap_or(1),
+            seed: self.seed.unwrap_or(defaults.seed),
+            use_cache: true,
+        };
+        sampling.validate().map_err(|e| match e {
+            Error::Usage(message) => message,
+            other => other.to_string(),
+        })?;
+        Ok(sampling)
+    }
+}
+
+/// What the worker sends back for one request.
+struct Generated {
+    images: PromptImages,
+    /// Requests sampled in the same round.
+    batch: usize,
+}
+
+struct Job {
+    prompt: String,
+    config: SamplingConfig,
+    reply: oneshot::Sender<Result<Generated, String>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    closed: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    arrived: Condvar,
+    max_batch: usize,
+    capacity: usize,
+    batch_wait: Duration,
+    image_size: usize,
+    text_tokens: usize,
+    rounds: AtomicU64,
+    requests: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl Shared {
+    /// The queue, even after a panic elsewhere (the worker never panics while holding it).
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Counters for `/healthz`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    /// Sampling rounds run ([`Generator::generate`] calls).
+    pub rounds: u64,
+    /// Requests sampled.
+    pub requests: u64,
+    /// Requests waiting now.
+    pub queued: usize,
+    /// Requests refused because the queue was full.
+    pub rejected: u64,
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    Full,
+    Closed,
+}
+
+/// The way into the worker thread; cheap to clone.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    shared: Arc<Shared>,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+/// Starts the worker thread that owns `generator` and samples what is queued, batch by batch.
+pub fn spawn_worker(generator: Generator, config: &ServeConfig) -> Result<WorkerHandle, Error> {
+    if config.max_batch == 0 || config.queue == 0 {
+        return Err(Error::Usage(
+            "max batch and queue must be at least 1".into(),
+        ));
+    }
+    let shared = Arc::new(Shared {
+        queue: Mutex::new(Queue::default()),
+        arrived: Condvar::new(),
+        max_batch: config.max_batch,
+        capacity: config.queue,
+        batch_wait: config.batch_wait,
+        image_size: generator.vqgan_config.image_size,
+        text_tokens: generator.tokenizer.max_length(),
+        rounds: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+        rejected: AtomicU64::new(0),
+    });
+    let worker = Arc::clone(&shared);
+    let thread = std::thread::Builder::new()
+        .name("parti-sampler".into())
+        .spawn(move || work(generator, &worker))
+        .map_err(|e| Error::Data(format!("starting the sampling thread: {e}")))?;
+    Ok(WorkerHandle {
+        shared,
+        thread: Arc::new(Mutex::new(Some(thread))),
+    })
+}
+
+impl WorkerHandle {
+    fn submit(
+        &self,
+        prompt: String,
+        config: SamplingConfig,
+    ) -> Result<oneshot::Receiver<Result<Generated, String>>, Refused> {
+        let (reply, receive) = oneshot::channel();
+        let mut queue = self.shared.lock();
+        if queue.closed {
+            return Err(Refused::Closed);
+        }
+        // Requests whose client has gone (timed out, disconnected) do not hold places.
+        queue.jobs.retain(|job| !job.reply.is_closed());
+        if queue.jobs.len() >= self.shared.capacity {
+            self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(Refused::Full);
+        }
+        queue.jobs.push_back(Job {
+            prompt,
+            config,
+            reply,
+        });
+        self.shared.arrived.notify_all();
+        Ok(receive)
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            rounds: self.shared.rounds.load(Ordering::Relaxed),
+            requests: self.shared.requests.load(Ordering::Relaxed),
+            queued: self.shared.lock().jobs.len(),
+            rejected: self.shared.rejected.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Side of the generated images in pixels.
+    pub fn image_size(&self) -> usize {
+        self.shared.image_size
+    }
+
+    /// Refuses new requests, answers the waiting ones with 503, lets the round in progress
+    /// finish and waits for the worker thread to end.
+    pub fn shutdown(&self) {
+        let waiting = {
+            let mut queue = self.shared.lock();
+            queue.closed = true;
+            self.shared.arrived.notify_all();
+            std::mem::take(&mut queue.jobs)
+        };
+        drop(waiting);
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            warn!("the sampling thread panicked");
+        }
+    }
+}
+
+/// Removes the next round from the queue: the oldest request and the following ones with the
+/// same settings, up to `max_batch`.
+fn take_round(jobs: &mut VecDeque<Job>, max_batch: usize) -> Vec<Job> {
+    let mut round: Vec<Job> = jobs.pop_front().into_iter().collect();
+    let mut i = 0;
+    while i < jobs.len() && round.len() < max_batch {
+        if jobs[i].config == round[0].config {
+            round.extend(jobs.remove(i));
+        } else {
+            i += 1;
+        }
+    }
+    round
+}
+
+/// How many waiting requests could share the oldest one's round.
+fn compatible(jobs: &VecDeque<Job>) -> usize {
+    jobs.front().map_or(0, |first| {
+        jobs.iter().filter(|job| job.config == first.config).count()
+    })
+}
+
+/// The next round, or `None` once the worker is shut down.
+fn next_round(shared: &Shared) -> Option<Vec<Job>> {
+    let mut queue = shared.lock();
+    loop {
+        if queue.closed {
+            return None;
+        }
+        queue.jobs.retain(|job| !job.reply.is_closed());
+        if !queue.jobs.is_empty() {
+            break;
+        }
+        queue = shared
+            .arrived
+            .wait(queue)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    }
+    let deadline = Instant::now() + shared.batch_wait;
+    while !queue.closed && compatible(&queue.jobs) < shared.max_batch {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        queue = shared
+            .arrived
+            .wait_timeout(queue, left)
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .0;
+    }
+    if queue.closed {
+        return None;
+    }
+    queue.jobs.retain(|job| !job.reply.is_closed());
+    Some(take_round(&mut queue.jobs, shared.max_batch))
+}
+
+fn work(generator: Generator, shared: &Shared) {
+    while let Some(round) = next_round(shared) {
+        if round.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
+        let prompts: Vec<&str> = round.iter().map(|job| job.prompt.as_str()).collect();
+        let config = &round[0].config;
+        let outcome = catch_unwind(AssertUnwindSafe(|| generator.generate(&prompts, config)));
+        let batch = round.len();
+        shared.rounds.fetch_add(1, Ordering::Relaxed);
+        shared.requests.fetch_add(batch as u64, Ordering::Relaxed);
+        info!(
+            "sampled {batch} prompts x {} samples in {:.2} s",
+            config.samples,
+            started.elapsed().as_secs_f64()
+        );
+        match outcome {
+            Ok(Ok(results)) if results.len() == batch => {
+                for (job, images) in round.into_iter().zip(results) {
+                    let _ = job.reply.send(Ok(Generated { images, batch }));
+                }
+            }
+            failed => {
+                let message = match failed {
+                    Ok(Ok(results)) => format!(
+                        "sampling returned {} results for {batch} prompts",
+                        results.len()
+                    ),
+                    Ok(Err(e)) => format!("sampling failed: {e}"),
+                    Err(_) => "sampling panicked (see the server log)".to_string(),
+                };
+                warn!("{message}");
+                for job in round {
+                    let _ = job.reply.send(Err(message.clone()));
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct App {
+    worker: WorkerHandle,
+    config: Arc<ServeConfig>,
+}
+
+/// The `{"error": ...}` answer.
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+/// The routes, answering with `worker`.
+pub fn router(worker: WorkerHandle, config: ServeConfig) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/healthz", get(healthz))
+        .route("/v1/generate", post(generate))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .with_state(App {
+            worker,
+            config: Arc::new(config),
+        })
+}
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+async fn healthz(State(app): State<App>) -> Json<serde_json::Value> {
+    let stats = app.worker.stats();
+    Json(json!({
+        "status": "ok",
+        "rounds": stats.rounds,
+        "requests": stats.requests,
+        "queued": stats.queued,
+        "rejected": stats.rejected,
+        "max_batch": app.config.max_batch,
+        "queue": app.config.queue,
+        "image_size": app.worker.image_size(),
+        "max_prompt_chars": app.config.max_prompt_chars,
+        "text_tokens": app.worker.shared.text_tokens,
+    }))
+}
+
+async fn generate(
+    State(app): State<App>,
+    body: Result<Json<GenerateRequest>, JsonRejection>,
+) -> Response {
+    let started = Instant::now();
+    let request = match body {
+        Ok(Json(request)) => request,
+        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+    };
+    let sampling = match request.sampling(&app.config) {
+        Ok(sampling) => sampling,
+        Err(message) => return error(StatusCode::UNPROCESSABLE_ENTITY, message),
+    };
+    let seed = sampling.seed;
+    let waiting = match app.worker.submit(request.prompt.clone(), sampling) {
+        Ok(waiting) => waiting,
+        Err(Refused::Full) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the queue is full ({} requests waiting); try again later",
+                    app.config.queue
+                ),
+            );
+        }
+        Err(Refused::Closed) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is shutting down",
+            );
+        }
+    };
+    let generated = match tokio::time::timeout(app.config.timeout, waiting).await {
+        Err(_) => {
+            return error(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "no images within {:.1} s; the server is busy",
+                    app.config.timeout.as_secs_f64()
+                ),
+            );
+        }
+        Ok(Err(_)) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is shutting down",
+            );
+        }
+        Ok(Ok(Err(message))) => return error(StatusCode::INTERNAL_SERVER_ERROR, message),
+        Ok(Ok(Ok(generated))) => generated,
+    };
+    let size = app.worker.image_size();
+    let format = request.format;
+    let batch = generated.batch;
+    let encoded = tokio::task::spawn_blocking(move || encode(&generated, size, format)).await;
+    let pngs = match encoded {
+        Ok(Ok(pngs)) => pngs,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    match format {
+        Format::Png => {
+            let (best, _) = pngs.into_iter().next().unwrap_or_default();
+            ([(header::CONTENT_TYPE, "image/png")], best).into_response()
+        }
+        Format::Base64 => {
+            let images: Vec<_> = pngs
+                .iter()
+                .map(|(bytes, score)| {
+                    json!({"png_base64": base64::engine::general_purpose::STANDARD.encode(bytes),
+                        "score": score})
+                })
+                .collect();
+            Json(json!({
+                "prompt": request.prompt,
+                "images": images,
+                "seed": seed,
+                "batch": batch,
+                "seconds": started.elapsed().as_secs_f64(),
+            }))
+            .into_response()
+        }
+    }
+}
+
+/// One image's PNG and its reranking score.
+type Encoded = (Vec<u8>, Option<f64>);
+
+/// PNGs of the kept images (only the best for [`Format::Png`]) with their scores.
+fn encode(generated: &Generated, size: usize, format: Format) -> Result<Vec<Encoded>, Error> {
+    let result = &generated.images;
+    let wanted = if format == Format::Png { 1 } else { usize::MAX };
+    result
+        .kept
+        .iter()
+        .take(wanted)
+        .map(|&i| {
+            Ok((
+                png(&result.images[i], size)?,
+                result.scores.as_ref().map(|s| s[i]),
+            ))
+        })
+        .collect()
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then lets requests in progress
+/// finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Completes on Ctrl-C or (on Unix) SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+    info!("shutting down: finishing the requests in progress");
+}

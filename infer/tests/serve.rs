@@ -1,0 +1,503 @@
+//! `infer serve` in process on a small trained model: health and page, PNGs back, JSON errors
+//! for bad requests, concurrent requests batched into shared sampling rounds, 503 on a full
+//! queue, 504 past the timeout, and the page generating in a headless browser.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use futures::future::join_all;
+use infer::sample::Generator;
+use infer::serve::{ServeConfig, WorkerHandle, router, serve, spawn_worker};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+fn run(binary: &Path, args: &[String]) {
+    let output = Command::new(binary).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{} {args:?}: {}",
+        binary.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A few-step pipeline up to `train parti`; returns the parti manifest's directory.
+fn trained() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let steps = [
+            "ingest synth --out D/synth --images 200 --documents 100",
+            "ingest pairs --preset tiny --input D/synth/pairs --out D/pairs",
+            "ingest text --input D/synth/text --out D/text",
+            "train tokenizer --text D/text --captions D/pairs --out D/tokenizer",
+            "vqgan train --pairs D/pairs --out D/vqgan --steps 3 --batch-size 4",
+            "vqgan encode --vqgan D/vqgan --pairs D/pairs --out D/tokens",
+            "train parti --tokens D/tokens --tokenizer D/tokenizer --out D/parti --steps 3 \
+             --batch-size 4",
+        ];
+        for step in steps {
+            let mut words = step.split_whitespace();
+            let binary =
+                Path::new(env!("CARGO_BIN_EXE_infer")).with_file_name(words.next().unwrap());
+            let args: Vec<String> = words
+                .map(|word| match word.strip_prefix("D/") {
+                    Some(path) => dir.join(path).to_str().unwrap().to_string(),
+                    None => word.to_string(),
+                })
+                .collect();
+            run(&binary, &args);
+        }
+        dir.join("parti")
+    })
+}
+
+/// A server on a free local port, stopped when dropped.
+struct Server {
+    url: String,
+    worker: WorkerHandle,
+    stop: Option<oneshot::Sender<()>>,
+    client: reqwest::Client,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn start(config: ServeConfig) -> Server {
+    let generator = tokio::task::spawn_blocking(|| {
+        let parti = trained().to_str().unwrap().to_string();
+        Generator::load(&parti, None, None, "cpu").unwrap()
+    })
+    .await
+    .unwrap();
+    let worker = spawn_worker(generator, &config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(serve(listener, router(worker.clone(), config), async {
+        let _ = stopped.await;
+    }));
+    Server {
+        url,
+        worker,
+        stop: Some(stop),
+        client: reqwest::Client::new(),
+    }
+}
+
+/// A response: status, content type and body.
+struct Answer {
+    status: u16,
+    content_type: String,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "HTTP {}: not JSON ({e}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// The `{"error": ...}` message of a refusal.
+    fn error(&self) -> String {
+        let message = self.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            !message.is_empty(),
+            "no error message (HTTP {})",
+            self.status
+        );
+        message
+    }
+}
+
+impl Server {
+    async fn answer(&self, request: reqwest::RequestBuilder) -> Answer {
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let body = response.bytes().await.unwrap().to_vec();
+        Answer {
+            status,
+            content_type,
+            body,
+        }
+    }
+
+    async fn get(&self, path: &str) -> Answer {
+        self.answer(self.client.get(format!("{}{path}", self.url)))
+            .await
+    }
+
+    async fn post_raw(&self, body: &str, content_type: Option<&str>) -> Answer {
+        let mut request = self
+            .client
+            .post(format!("{}/v1/generate", self.url))
+            .body(body.to_string());
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        self.answer(request).await
+    }
+
+    async fn generate(&self, body: Value) -> Answer {
+        self.post_raw(&body.to_string(), Some("application/json"))
+            .await
+    }
+
+    async fn health(&self) -> Value {
+        let answer = self.get("/healthz").await;
+        assert_eq!(answer.status, 200);
+        answer.json()
+    }
+}
+
+fn decode_png(bytes: &[u8]) -> image::DynamicImage {
+    image::load_from_memory_with_format(bytes, image::ImageFormat::Png).unwrap()
+}
+
+fn decode_base64_png(text: &str) -> image::DynamicImage {
+    decode_png(
+        &base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_page_are_served() {
+    let server = start(ServeConfig::default()).await;
+    let health = server.health().await;
+    assert_eq!(health["status"], "ok");
+    assert_eq!(
+        (health["rounds"].as_u64(), health["requests"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(health["image_size"], 64);
+    let page = server.get("/").await;
+    assert_eq!(page.status, 200);
+    assert!(
+        page.content_type.starts_with("text/html"),
+        "{}",
+        page.content_type
+    );
+    let html = String::from_utf8(page.body).unwrap();
+    assert!(html.contains(r#"<textarea id="prompt""#));
+    assert!(html.contains(r#"id="generate""#) && html.contains("/v1/generate"));
+    let missing = server.get("/nowhere").await;
+    assert_eq!(missing.status, 404);
+    missing.error();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_returns_decodable_pngs() {
+    let server = start(ServeConfig::default()).await;
+    let request =
+        json!({"prompt": "a red circle at the top left", "samples": 2, "keep": 2, "seed": 7});
+    let answer = server.generate(request.clone()).await;
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert!(answer.content_type.starts_with("application/json"));
+    let body = answer.json();
+    assert_eq!(body["prompt"], "a red circle at the top left");
+    assert_eq!(
+        (body["seed"].as_u64(), body["batch"].as_u64()),
+        (Some(7), Some(1))
+    );
+    assert!(body["seconds"].as_f64().unwrap() > 0.0);
+    let images = body["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2);
+    for image in images {
+        let picture = decode_base64_png(image["png_base64"].as_str().unwrap());
+        assert_eq!((picture.width(), picture.height()), (64, 64));
+        assert!(image["score"].is_null(), "no text encoder, no scores");
+    }
+    // Alone in its round, the same request gives the same pictures.
+    let again = server.generate(request).await.json();
+    assert_eq!(again["images"], body["images"]);
+
+    let raw = server
+        .generate(json!({"prompt": "a blue square in the center", "format": "png"}))
+        .await;
+    assert_eq!(raw.status, 200);
+    assert_eq!(raw.content_type, "image/png");
+    let picture = decode_png(&raw.body);
+    assert_eq!((picture.width(), picture.height()), (64, 64));
+    let health = server.health().await;
+    assert_eq!(
+        (health["rounds"].as_u64(), health["requests"].as_u64()),
+        (Some(3), Some(3))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_json_errors_and_the_server_lives_on() {
+    let server = start(ServeConfig::default()).await;
+    let long = "a".repeat(501);
+    let invalid = [
+        (json!({"prompt": ""}), "prompt"),
+        (json!({"prompt": "   "}), "prompt"),
+        (json!({"prompt": long}), "500"),
+        (json!({"prompt": "a red circle", "samples": 0}), "samples"),
+        (json!({"prompt": "a red circle", "samples": 17}), "samples"),
+        (
+            json!({"prompt": "a red circle", "samples": 2, "keep": 3}),
+            "keep",
+        ),
+        (
+            json!({"prompt": "a red circle", "temperature": 0.0}),
+            "temperature",
+        ),
+        (
+            json!({"prompt": "a red circle", "guidance_scale": 50.0}),
+            "guidance_scale",
+        ),
+        (json!({"prompt": "a red circle", "top_p": 1.5}), "top_p"),
+        (
+            json!({"prompt": "a red circle", "samples": "two"}),
+            "samples",
+        ),
+        (json!({"prompt": "a red circle", "format": "gif"}), "format"),
+        (json!({"prompt": "a red circle", "steps": 3}), "steps"),
+        (json!({"samples": 1}), "prompt"),
+        (json!(["a red circle"]), "GenerateRequest"),
+    ];
+    for (body, mentions) in invalid {
+        let answer = server.generate(body.clone()).await;
+        assert!(
+            (400..500).contains(&answer.status),
+            "{body}: HTTP {}",
+            answer.status
+        );
+        let message = answer.error();
+        assert!(
+            message.contains(mentions),
+            "{body}: {message:?} does not mention {mentions}"
+        );
+    }
+    for malformed in [r#"{"prompt": "#, "", "not json", "{\"prompt\": \"\\x\"}"] {
+        let answer = server.post_raw(malformed, Some("application/json")).await;
+        assert_eq!(answer.status, 400, "{malformed:?}");
+        assert!(
+            answer.error().to_lowercase().contains("json"),
+            "{malformed:?}"
+        );
+    }
+    let untyped = server.post_raw(r#"{"prompt": "a red circle"}"#, None).await;
+    assert_eq!(untyped.status, 415);
+    assert!(untyped.error().contains("application/json"));
+    let wrong_method = server.get("/v1/generate").await;
+    assert_eq!(wrong_method.status, 405);
+
+    let health = server.health().await;
+    assert_eq!(health["requests"], 0, "nothing invalid reached the sampler");
+    let fine = server.generate(json!({"prompt": "a green triangle"})).await;
+    assert_eq!(fine.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_sampling_rounds() {
+    let server = start(ServeConfig {
+        batch_wait: Duration::from_millis(500),
+        ..ServeConfig::default()
+    })
+    .await;
+    let prompts = [
+        "a red circle at the top left",
+        "a blue square in the center",
+        "a green triangle at the bottom right",
+        "a yellow circle at the top right",
+    ];
+    let same: Vec<_> = prompts
+        .iter()
+        .map(|prompt| server.generate(json!({"prompt": prompt, "seed": 1})))
+        .collect();
+    // Other settings: never in the same round as the others.
+    let other = server.generate(json!({"prompt": "a purple square", "seed": 2, "samples": 2}));
+    let (same, other) = tokio::join!(join_all(same), other);
+    for (answer, prompt) in same.iter().zip(prompts) {
+        assert_eq!(
+            answer.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        let body = answer.json();
+        assert_eq!(body["prompt"], prompt);
+        assert!(
+            body["batch"].as_u64().unwrap() >= 2,
+            "{prompt}: sampled alone"
+        );
+        let picture = decode_base64_png(body["images"][0]["png_base64"].as_str().unwrap());
+        assert_eq!(picture.width(), 64);
+    }
+    assert_eq!(other.status, 200);
+    assert_eq!(other.json()["batch"], 1);
+    let health = server.health().await;
+    let (rounds, requests) = (
+        health["rounds"].as_u64().unwrap(),
+        health["requests"].as_u64().unwrap(),
+    );
+    assert_eq!(requests, 5);
+    assert!(
+        rounds < requests,
+        "{rounds} rounds for {requests} requests: nothing was batched"
+    );
+    assert!(rounds >= 2, "different settings shared a round");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_503() {
+    let server = start(ServeConfig {
+        queue: 1,
+        max_batch: 1,
+        ..ServeConfig::default()
+    })
+    .await;
+    let requests: Vec<_> = (0..8)
+        .map(|i| server.generate(json!({"prompt": format!("a red circle number {i}")})))
+        .collect();
+    let answers = join_all(requests).await;
+    let ok = answers.iter().filter(|a| a.status == 200).count();
+    let refused: Vec<_> = answers.iter().filter(|a| a.status == 503).collect();
+    assert_eq!(ok + refused.len(), answers.len(), "only 200 or 503");
+    assert!(
+        ok >= 1 && !refused.is_empty(),
+        "{ok} answered, {} refused",
+        refused.len()
+    );
+    for answer in &refused {
+        assert!(answer.error().contains("queue is full"));
+    }
+    let health = server.health().await;
+    assert_eq!(health["rejected"].as_u64(), Some(refused.len() as u64));
+    assert_eq!(health["requests"].as_u64(), Some(ok as u64));
+    assert_eq!(health["rounds"], health["requests"], "max batch 1");
+    let later = server.generate(json!({"prompt": "a blue square"})).await;
+    assert_eq!(later.status, 200, "the queue drains");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_timeout_answers_504() {
+    let server = start(ServeConfig {
+        timeout: Duration::from_millis(1),
+        ..ServeConfig::default()
+    })
+    .await;
+    let answer = server
+        .generate(json!({"prompt": "a red circle", "samples": 4}))
+        .await;
+    assert_eq!(answer.status, 504);
+    assert!(answer.error().contains("no images within"));
+    assert_eq!(server.health().await["status"], "ok");
+    // The worker outlives it and is stopped cleanly.
+    server.worker.shutdown();
+    let stopped = server.generate(json!({"prompt": "a red circle"})).await;
+    assert_eq!(stopped.status, 503);
+    assert!(stopped.error().contains("shutting down"));
+}
+
+/// `chromium --dump-dom` of `url`, or `None` without a chromium.
+fn browser_dom(url: &str) -> Option<String> {
+    let browser = [
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ]
+    .into_iter()
+    .find(|path| Path::new(path).exists())?;
+    let dir = tempfile::tempdir().unwrap();
+    let dom = dir.path().join("dom.html");
+    let mut child = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            &format!("--user-data-dir={}", dir.path().join("profile").display()),
+            "--virtual-time-budget=60000",
+            "--dump-dom",
+            url,
+        ])
+        .stdout(std::fs::File::create(&dom).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(180) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("{browser} did not finish within 180 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Some(std::fs::read_to_string(&dom).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_generates_in_a_headless_browser() {
+    let server = start(ServeConfig::default()).await;
+    let url = format!(
+        "{}/?prompt=a%20red%20circle&samples=2&seed=3&autorun=1",
+        server.url
+    );
+    let Some(dom) = tokio::task::spawn_blocking(move || browser_dom(&url))
+        .await
+        .unwrap()
+    else {
+        let message = "no chromium at /usr/bin/chromium: the browser test did not run \
+                       (apt-get install chromium)";
+        assert!(
+            std::env::var("PARTI_REQUIRE_BROWSER").as_deref() != Ok("1"),
+            "{message}"
+        );
+        eprintln!("SKIPPED: {message}");
+        return;
+    };
+    let marker = r#"<img class="result""#;
+    let images: Vec<&str> = dom
+        .match_indices(marker)
+        .map(|(at, _)| &dom[at..])
+        .collect();
+    assert_eq!(images.len(), 2, "no result images in the page:\n{dom}");
+    for tag in images {
+        let tag = &tag[..tag.find('>').unwrap()];
+        let data = tag
+            .split(r#"src="data:image/png;base64,"#)
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_else(|| panic!("no PNG data in {tag}"));
+        let picture = decode_base64_png(data);
+        assert_eq!((picture.width(), picture.height()), (64, 64));
+    }
+    assert!(
+        dom.contains("image(s) in"),
+        "the status line did not report success"
+    );
+    assert_eq!(server.health().await["requests"], 1);
+}

@@ -173,3 +173,54 @@ pub fn resume<M: Module, S: DeserializeOwned>(
     info!("resuming from the checkpoint of step {step}");
     Ok((model, optimizer, state))
 }
+
+/// When a training loop checkpoints: every `every` steps (0: never) before the end, and at
+/// `stop_after` (a deliberate stop, e.g. before a batch job's time limit).
+#[derive(Debug, Clone, Copy)]
+pub struct Checkpointing {
+    pub every: usize,
+    pub total_steps: usize,
+    pub stop_after: Option<usize>,
+}
+
+impl Checkpointing {
+    /// After `done` steps: saves a checkpoint when one is due. Returns true when the run must
+    /// stop here (asked to, and not finished).
+    pub fn after_step<M: Module, S: Serialize>(
+        &self,
+        run: &StageRun,
+        done: usize,
+        model: &M,
+        optimizer: &ModuleOptimizer,
+        state: &S,
+    ) -> Result<bool, CheckpointError> {
+        let stop = self.stop_after == Some(done);
+        let scheduled =
+            self.every > 0 && done.is_multiple_of(self.every) && done < self.total_steps;
+        if stop || scheduled {
+            save_checkpoint(run, done, model, optimizer, state)?;
+        }
+        Ok(stop && done < self.total_steps)
+    }
+}
+
+/// Loads safetensors `bytes` into `module`, which must match them exactly (no tensor missing,
+/// none mismatched); `name` says which file in errors.
+pub fn load_safetensors<M: ModuleSnapshot>(
+    module: &mut M,
+    bytes: &[u8],
+    name: &str,
+) -> Result<(), CheckpointError> {
+    let result = module
+        .load_from(&mut burn::store::SafetensorsStore::from_bytes(Some(
+            bytes.to_vec(),
+        )))
+        .map_err(|e| CheckpointError::Record(format!("{name}: {e}")))?;
+    if !result.missing.is_empty() || !result.errors.is_empty() {
+        return Err(CheckpointError::Record(format!(
+            "{name}: weights do not match the config (missing {:?}, errors {:?})",
+            result.missing, result.errors
+        )));
+    }
+    Ok(())
+}

@@ -439,6 +439,11 @@ pub fn pretrain(
     let (mut model, mut optimizer, mut progress) =
         training::resume(&run, model, optimizer(config), fresh)
             .map_err(|e| Error::Data(e.to_string()))?;
+    let checkpointing = training::Checkpointing {
+        every: config.checkpoint_every,
+        total_steps: config.steps,
+        stop_after: options.stop_after,
+    };
     let schedule = config.schedule();
     while progress.step < config.steps {
         let step = progress.step;
@@ -482,16 +487,10 @@ pub fn pretrain(
             progress.log.push_str(&format!("{line}\n"));
         }
         progress.step += 1;
-        let stop = options.stop_after == Some(progress.step);
-        if stop
-            || (config.checkpoint_every > 0
-                && progress.step.is_multiple_of(config.checkpoint_every)
-                && progress.step < config.steps)
+        if checkpointing
+            .after_step(&run, progress.step, &model, &optimizer, &progress)
+            .map_err(|e| Error::Data(e.to_string()))?
         {
-            training::save_checkpoint(&run, progress.step, &model, &optimizer, &progress)
-                .map_err(|e| Error::Data(e.to_string()))?;
-        }
-        if stop && progress.step < config.steps {
             return Err(Error::Paused {
                 step: progress.step,
             });
@@ -616,14 +615,5 @@ pub fn load_safetensors<M: ModuleSnapshot>(
     bytes: Bytes,
     uri: &str,
 ) -> Result<(), Error> {
-    let result = module
-        .load_from(&mut SafetensorsStore::from_bytes(Some(bytes.to_vec())))
-        .map_err(|e| Error::Data(format!("{uri}: {e}")))?;
-    if !result.missing.is_empty() || !result.errors.is_empty() {
-        return Err(Error::Data(format!(
-            "{uri}: weights do not match the config (missing {:?}, errors {:?})",
-            result.missing, result.errors
-        )));
-    }
-    Ok(())
+    nn::training::load_safetensors(module, &bytes, uri).map_err(|e| Error::Data(e.to_string()))
 }

@@ -397,6 +397,11 @@ pub fn train_parti(
     let (mut model, mut optimizer, mut progress) =
         training::resume(&run, model, config.optimizer()?, fresh)
             .map_err(|e| Error::Data(e.to_string()))?;
+    let checkpointing = training::Checkpointing {
+        every: config.checkpoint_every,
+        total_steps: config.steps,
+        stop_after: options.stop_after,
+    };
     let schedule = config.schedule();
     let micro = (config.batch_size / config.accumulation.max(1)).max(1);
     while progress.step < config.steps {
@@ -433,16 +438,10 @@ pub fn train_parti(
             progress.curve.push((step, loss_sum / parts));
         }
         progress.step += 1;
-        let stop = options.stop_after == Some(progress.step);
-        if stop
-            || (config.checkpoint_every > 0
-                && progress.step.is_multiple_of(config.checkpoint_every)
-                && progress.step < config.steps)
+        if checkpointing
+            .after_step(&run, progress.step, &model, &optimizer, &progress)
+            .map_err(|e| Error::Data(e.to_string()))?
         {
-            training::save_checkpoint(&run, progress.step, &model, &optimizer, &progress)
-                .map_err(|e| Error::Data(e.to_string()))?;
-        }
-        if stop && progress.step < config.steps {
             return Err(Error::Paused {
                 step: progress.step,
             });

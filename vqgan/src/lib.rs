@@ -13,7 +13,6 @@ pub mod model;
 pub mod quantize;
 pub mod train;
 
-use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::Device;
 
 use manifests::Tool;
@@ -63,15 +62,8 @@ pub fn load_vqgan(
         .map_err(|e| Error::Data(format!("{uri}: model.json: {e}")))?;
     let weights = stage.read_artifact(artifact("checkpoint")?)?;
     let mut model = config.init(device);
-    let result = model
-        .load_from(&mut SafetensorsStore::from_bytes(Some(weights.to_vec())))
-        .map_err(|e| Error::Data(format!("{uri}: model.safetensors: {e}")))?;
-    if !result.missing.is_empty() || !result.errors.is_empty() {
-        return Err(Error::Data(format!(
-            "{uri}: model.safetensors does not match model.json (missing {:?}, errors {:?})",
-            result.missing, result.errors
-        )));
-    }
+    nn::training::load_safetensors(&mut model, &weights, &format!("{uri}: model.safetensors"))
+        .map_err(|e| Error::Data(e.to_string()))?;
     Ok((config, model))
 }
 

@@ -237,15 +237,15 @@ fn after_step<M: Module>(
     optimizer: &ModuleOptimizer,
     progress: &Progress,
 ) -> Result<(), Error> {
-    let stop = options.stop_after == Some(progress.step);
-    let scheduled = config.checkpoint_every > 0
-        && progress.step.is_multiple_of(config.checkpoint_every)
-        && progress.step < config.steps;
-    if stop || scheduled {
-        training::save_checkpoint(run, progress.step, model, optimizer, progress)
-            .map_err(|e| Error::Data(e.to_string()))?;
-    }
-    if stop && progress.step < config.steps {
+    let checkpointing = training::Checkpointing {
+        every: config.checkpoint_every,
+        total_steps: config.steps,
+        stop_after: options.stop_after,
+    };
+    if checkpointing
+        .after_step(run, progress.step, model, optimizer, progress)
+        .map_err(|e| Error::Data(e.to_string()))?
+    {
         return Err(Error::Paused {
             step: progress.step,
         });

@@ -57,3 +57,16 @@ fn cuda_device(index: usize) -> Option<Device> {
 fn cuda_device(_index: usize) -> Option<Device> {
     None
 }
+
+static RNG_OWNER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Seeds the device's random generator and holds it until the guard drops. Burn's generator is
+/// process-wide, so two threads that seed and draw (parallel tests, a server beside a trainer)
+/// would otherwise interleave their draws and neither would reproduce.
+pub fn seed_exclusively(device: &Device, seed: u64) -> std::sync::MutexGuard<'static, ()> {
+    let guard = RNG_OWNER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    device.seed(seed);
+    guard
+}

@@ -83,7 +83,7 @@ fn masking_follows_bert_proportions_and_spares_special_tokens() {
 #[test]
 fn mlm_and_contrastive_losses_fall_on_small_data() {
     let device = backend::training_device("cpu").unwrap();
-    device.seed(3);
+    let _seeded = backend::seed_exclusively(&device, 3);
     let config = TextEncoderConfig::new(60, 16, 32, 1, 2, 64);
     let mut encoder_head = (
         config.init(&device),
@@ -97,7 +97,7 @@ fn mlm_and_contrastive_losses_fall_on_small_data() {
         .map(|s| (0..12).map(|i| 5 + ((s % 2) * 20 + i * 3) as u32).collect())
         .collect();
     let mut losses = Vec::new();
-    for _ in 0..80 {
+    for _ in 0..200 {
         let masked: Vec<_> = sequences
             .iter()
             .map(|s| mask_tokens(s, 0.3, 60, 4, &mut rng))
@@ -131,9 +131,9 @@ fn mlm_and_contrastive_losses_fall_on_small_data() {
     }
     let (first, last) = (
         losses[..5].iter().sum::<f32>(),
-        losses[75..].iter().sum::<f32>(),
+        losses[195..].iter().sum::<f32>(),
     );
-    assert!(last < 0.5 * first, "MLM loss {first} -> {last}");
+    assert!(last < 0.25 * first, "MLM loss {first} -> {last}");
 
     // Contrastive: four captions, four distinct pictures.
     let contrastive_config =
@@ -185,7 +185,7 @@ fn tiny_parti(layers: usize, window: usize, full_every: usize) -> PartiConfig {
 #[test]
 fn no_information_flows_from_later_tokens_or_from_outside_the_conv_window() {
     let device = backend::training_device("cpu").unwrap();
-    device.seed(5);
+    let _seeded = backend::seed_exclusively(&device, 5);
     // One conv layer (window 3 on a 4x4 grid), then one full causal layer.
     for (layers, full_every) in [(1usize, 0usize), (2, 2)] {
         let config = tiny_parti(layers, 3, full_every);
@@ -225,7 +225,7 @@ fn no_information_flows_from_later_tokens_or_from_outside_the_conv_window() {
 #[test]
 fn encoder_padding_is_masked_and_the_null_condition_replaces_the_caption() {
     let device = backend::device("cpu").unwrap();
-    device.seed(6);
+    let _seeded = backend::seed_exclusively(&device, 6);
     let config = tiny_parti(2, 3, 2);
     let model = config.init(&device);
     let targets = ints(
@@ -289,7 +289,7 @@ fn cfg_dropout_happens_at_the_configured_rate() {
 #[test]
 fn kv_cached_logits_equal_a_full_recompute_at_every_step() {
     let device = backend::device("cpu").unwrap();
-    device.seed(8);
+    let _seeded = backend::seed_exclusively(&device, 8);
     let config = tiny_parti(3, 3, 3);
     let model = config.init(&device);
     let condition = model.condition(
@@ -327,7 +327,7 @@ fn kv_cached_logits_equal_a_full_recompute_at_every_step() {
 #[test]
 fn seq2seq_loss_falls_on_a_small_token_set() {
     let device = backend::training_device("cpu").unwrap();
-    device.seed(10);
+    let _seeded = backend::seed_exclusively(&device, 10);
     let config = tiny_parti(2, 3, 2);
     let mut model = config.init(&device);
     let mut optimizer = AdamWConfig::new().init();

@@ -15,6 +15,7 @@ fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 #[test]
 fn cosine_lookup_equals_brute_force_nearest_search() {
     let device = backend::device("cpu").unwrap();
+    let _seeded = backend::seed_exclusively(&device, 1);
     let quantizer = QuantizerConfig::new(37).with_code_dim(8).init(&device);
     let z = Tensor::<3>::random([2, 10, 8], Distribution::Normal(0.0, 3.0), &device);
     let indices = quantizer
@@ -53,6 +54,7 @@ fn images(batch: usize, device: &Device) -> Tensor<4> {
 #[test]
 fn straight_through_gradient_of_the_pixel_loss_reaches_the_encoder() {
     let device = backend::training_device("cpu").unwrap();
+    let _seeded = backend::seed_exclusively(&device, 1);
     let model = tiny().init(&device);
     let x = images(2, &device);
     let out = model.forward(x.clone());
@@ -72,6 +74,7 @@ fn straight_through_gradient_of_the_pixel_loss_reaches_the_encoder() {
 #[test]
 fn encode_decode_shapes_and_determinism() {
     let device = backend::device("cpu").unwrap();
+    let _seeded = backend::seed_exclusively(&device, 1);
     let model = tiny().init(&device);
     let x = images(3, &device);
     let tokens = model.encode(x.clone());
@@ -98,6 +101,7 @@ fn encode_decode_shapes_and_determinism() {
 #[test]
 fn patchify_and_unpatchify_are_inverse() {
     let device = backend::device("cpu").unwrap();
+    let _seeded = backend::seed_exclusively(&device, 1);
     let model = tiny().init(&device);
     let x = images(2, &device);
     let patches = model.patchify(x.clone());
@@ -108,6 +112,7 @@ fn patchify_and_unpatchify_are_inverse() {
 #[test]
 fn parameter_counts_follow_from_the_config() {
     let device = backend::device("cpu").unwrap();
+    let _seeded = backend::seed_exclusively(&device, 1);
     let config = tiny();
     assert_eq!(config.init(&device).num_params(), config.num_params());
     let mut larger = tiny();
@@ -155,7 +160,7 @@ fn psnr(a: Tensor<4>, b: Tensor<4>) -> f32 {
 #[test]
 fn tiny_model_overfits_a_handful_of_images() {
     let device = backend::training_device("cpu").unwrap();
-    device.seed(7);
+    let _seeded = backend::seed_exclusively(&device, 7);
     let mut model: VitVqgan = tiny().init(&device);
     // Four flat-coloured squares on gray: structured, like the shapes data.
     let picture = |r: f32, g: f32, b: f32, offset: usize| {

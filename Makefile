@@ -3,6 +3,8 @@
 #   make pipeline            every stage on the embedded default data (tiny preset) into runs/default
 #   make pipeline RUN=s3://bucket/prefix   the same, on a bucket (credentials from AWS_* variables)
 #   make test                the test suite (installs moto, an S3 server, into .venv for the storage tests)
+#   make pipeline BACKEND=tch   the same on libtorch (fetches a CPU libtorch from PyPI once, ~910 MB)
+#   make bench               benchmarks against PyTorch and Pillow on this machine (installs them into bench/.venv)
 
 RUN ?= runs/default
 PRESET ?= tiny
@@ -10,6 +12,20 @@ FORCE ?=
 CARGO ?= cargo
 PYTHON ?= python3
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+# flex: Burn's pure-Rust CPU backend. tch: libtorch (CPU here; CUDA with a CUDA libtorch in LIBTORCH).
+BACKEND ?= flex
+LIBTORCH ?= $(HOME)/.cache/parti/libtorch
+ifeq ($(BACKEND),tch)
+FEATURES := --features nn/tch
+BACKEND_SETUP := $(LIBTORCH)/VERSION
+export LIBTORCH
+export LD_LIBRARY_PATH := $(LIBTORCH)/lib$(if $(LD_LIBRARY_PATH),:$(LD_LIBRARY_PATH),)
+else ifeq ($(BACKEND),flex)
+FEATURES :=
+BACKEND_SETUP :=
+else
+$(error BACKEND must be flex or tch, not '$(BACKEND)')
+endif
 BIN := $(TARGET_DIR)/release
 FORCE_FLAG := $(if $(FORCE),--force,)
 # STEPS=N caps every training stage at N steps (the smoke run uses it); empty: the preset's.
@@ -19,13 +35,16 @@ STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)
 EVAL_PROMPTS ?=
 EVAL_FLAGS := $(if $(EVAL_PROMPTS),--prompts $(EVAL_PROMPTS) --samples 2,)
 
-.PHONY: pipeline build test smoke venv fmt lint clean-run help bench bench-ingest bench-venv
+.PHONY: pipeline build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-models bench-venv
 
 help:
-	@sed -n '3,6p' Makefile
+	@sed -n '3,8p' Makefile
 
-build:
-	$(CARGO) build --release --workspace
+build: $(BACKEND_SETUP)
+	$(CARGO) build --release --workspace $(FEATURES)
+
+$(LIBTORCH)/VERSION: tools/fetch-libtorch.py
+	$(PYTHON) tools/fetch-libtorch.py $(LIBTORCH)
 
 # Stages hand manifests to each other; each one skips itself when its inputs and config are unchanged.
 pipeline: build
@@ -53,6 +72,14 @@ venv: .venv/bin/moto_server
 test: venv
 	$(CARGO) test --release --workspace
 	$(MAKE) smoke
+
+# The suite on libtorch, so the tch backend cannot rot (the whole workspace, so the build shares
+# every artifact that does not depend on the backend with the flex one).
+test-tch: venv
+	$(MAKE) --no-print-directory BACKEND=tch test-backend
+
+test-backend: $(BACKEND_SETUP)
+	$(CARGO) test --release --workspace $(FEATURES)
 
 SMOKE_STEPS := 5
 # Stage commands in `pipeline` (each says "up to date" when rerun unchanged).
@@ -82,7 +109,19 @@ $(BENCH_CACHE)/photos-3mp: bench/.venv/bin/python bench/make_photos.py
 bench-ingest: build $(BENCH_CACHE)/photos-3mp
 	$(BIN)/ingest bench --python bench/.venv/bin/python --photos $(BENCH_CACHE)/photos-0.4mp --photos $(BENCH_CACHE)/photos-3mp
 
+# Each model benchmark prints ours (on BACKEND) and PyTorch's figure, measured in the same run.
+PEER := --python bench/.venv/bin/python
+bench-models: build bench/.venv/bin/python
+	$(BIN)/vqgan bench --preset tiny --batch 16 $(PEER)
+	$(BIN)/vqgan bench --preset small --batch 1 $(PEER)
+	$(BIN)/train bench --preset tiny --batch 32 $(PEER)
+	$(BIN)/train bench --preset 350m-slice --batch 1 $(PEER)
+	$(BIN)/infer bench $(PEER)
+
+# Both backends, each against the same PyTorch runs' shapes (tch fetches libtorch once).
 bench: bench-ingest
+	$(MAKE) --no-print-directory bench-models BACKEND=flex
+	$(MAKE) --no-print-directory bench-models BACKEND=tch
 
 fmt:
 	$(CARGO) fmt --all

@@ -1,9 +1,11 @@
-//! `infer bench`: sampling speed of the same decoder with and without the KV cache, measured in
-//! one run on one machine (a benchmark, not a test: nothing here asserts a time).
+//! `infer bench`: sampling speed of the same decoder with and without the KV cache, and against
+//! the same decoder in PyTorch with its own KV cache, measured in one run on one machine (a
+//! benchmark, not a test: nothing here asserts a time).
 
 use std::time::Instant;
 
 use burn::tensor::{Bool, Int, Tensor};
+use nn::bench::TorchPeer;
 use serde::Serialize;
 use train::parti::PartiConfig;
 use train::text_encoder::TextEncoderConfig;
@@ -24,6 +26,10 @@ pub struct KvCacheReport {
     /// cached / uncached throughput.
     pub speedup: f64,
     pub backend: &'static str,
+    /// The same decoder in PyTorch with its own KV cache (`bench/torch_models.py`), same run.
+    pub torch_tokens_per_second: Option<f64>,
+    /// ours cached / PyTorch cached throughput (above 1: we are faster).
+    pub torch_speedup: Option<f64>,
 }
 
 /// Greedy decoding of a `grid x grid` image with a randomly initialised decoder of the given
@@ -35,9 +41,10 @@ pub fn kv_cache(
     layers: usize,
     batch: usize,
     device: &str,
+    peer: Option<&TorchPeer>,
 ) -> Result<KvCacheReport, Error> {
     let device = nn::backend::device(device).map_err(|e| Error::Usage(e.to_string()))?;
-    device.seed(0);
+    let _seeded = nn::backend::seed_exclusively(&device, 0);
     let heads = (d_model / 64).max(1);
     let encoder = TextEncoderConfig::new(1000, 128, d_model, 2, heads, 4 * d_model);
     let config = PartiConfig::new(encoder, grid, 8192, d_model, layers, heads, 4 * d_model)
@@ -92,6 +99,30 @@ pub fn kv_cache(
         ));
     }
     let tokens = n * batch;
+    let cached_tokens_per_second = tokens as f64 / cached_seconds;
+    let torch_tokens_per_second = match peer {
+        Some(peer) => {
+            let report = peer
+                .run(&[
+                    "parti-sample".into(),
+                    "--grid".into(),
+                    grid.to_string(),
+                    "--d-model".into(),
+                    d_model.to_string(),
+                    "--layers".into(),
+                    layers.to_string(),
+                    "--batch".into(),
+                    batch.to_string(),
+                ])
+                .map_err(|e| Error::Usage(e.to_string()))?;
+            Some(report["tokens_per_second"].as_f64().ok_or_else(|| {
+                Error::Data(format!(
+                    "the PyTorch peer reported no tokens_per_second: {report}"
+                ))
+            })?)
+        }
+        None => None,
+    };
     Ok(KvCacheReport {
         tokens: n,
         grid,
@@ -100,9 +131,11 @@ pub fn kv_cache(
         batch,
         cached_seconds,
         uncached_seconds,
-        cached_tokens_per_second: tokens as f64 / cached_seconds,
+        cached_tokens_per_second,
         uncached_tokens_per_second: tokens as f64 / uncached_seconds,
         speedup: uncached_seconds / cached_seconds,
         backend: nn::backend::backend_name(),
+        torch_tokens_per_second,
+        torch_speedup: torch_tokens_per_second.map(|torch| cached_tokens_per_second / torch),
     })
 }

@@ -46,6 +46,8 @@ struct BenchArgs {
     batch: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
+    #[command(flatten)]
+    peer: nn::bench::PeerArgs,
 }
 
 #[derive(Args)]
@@ -233,12 +235,14 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Serve(args) => serve(args)?,
         Command::Bench(args) => {
+            let peer = args.peer.peer();
             let report = infer::bench::kv_cache(
                 args.grid,
                 args.d_model,
                 args.layers,
                 args.batch,
                 &args.device,
+                peer.as_ref(),
             )
             .context("infer bench")?;
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -249,6 +253,14 @@ fn run(cli: Cli) -> Result<()> {
                 report.speedup,
                 report.tokens
             );
+            if let (Some(torch), Some(ratio)) =
+                (report.torch_tokens_per_second, report.torch_speedup)
+            {
+                println!(
+                    "KV cache vs PyTorch (same decoder, its own KV cache): {:.1} tokens/s vs {:.1}, ours/PyTorch {:.2}x the throughput",
+                    report.cached_tokens_per_second, torch, ratio
+                );
+            }
         }
     }
     Ok(())

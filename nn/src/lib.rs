@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod backend;
+pub mod bench;
 pub mod block;
 pub mod mlp;
 pub mod position;

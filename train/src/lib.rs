@@ -7,6 +7,7 @@
 //!   with a contrastive image-text objective.
 //! - [`parti`] + [`seq2seq`]: `train parti`, the encoder-decoder Transformer over image tokens.
 
+pub mod bench;
 pub mod parti;
 pub mod pretrain;
 pub mod seq2seq;

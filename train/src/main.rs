@@ -29,6 +29,10 @@ enum Command {
     TextEncoder(TextEncoderArgs),
     /// Train the encoder-decoder transformer from captions to image tokens.
     Parti(PartiArgs),
+    /// Benchmark (not a test): ms per Parti train step, ours against PyTorch in the same run.
+    /// Presets: tiny (the pipeline's model, batch 32) or 350m-slice (the 350M model's width,
+    /// two layers a side, 1024 image tokens).
+    Bench(nn::bench::TrainStepArgs),
 }
 
 #[derive(Args)]
@@ -213,6 +217,11 @@ fn run(cli: Cli) -> Result<()> {
                 metric("mean_tokens_per_text"),
                 metric("unk_rate"),
             );
+        }
+        Command::Bench(args) => {
+            train::bench::parti_step(&args)
+                .context("train bench")?
+                .report();
         }
     }
     Ok(())

@@ -6,6 +6,7 @@
 //!   `vqgan finetune-decoder` (stage 2); [`eval`]: PSNR/SSIM/usage and the reconstruction grid.
 //! - [`encode`]: pairs shards -> token shards, `vqgan reconstruct` and `vqgan decode`.
 
+pub mod bench;
 pub mod data;
 pub mod encode;
 pub mod eval;

@@ -33,6 +33,10 @@ enum Command {
     Reconstruct(ReconstructArgs),
     /// Tokens (a token shard, a `vqgan encode` manifest, or a list) -> PNG files.
     Decode(DecodeArgs),
+    /// Benchmark (not a test): ms per train step, ours against PyTorch in the same run.
+    /// Presets: tiny (64 px, 64 tokens, batch 16) or small (256 px, 1024 tokens: the paper's
+    /// ViT-VQGAN-Small).
+    Bench(nn::bench::TrainStepArgs),
 }
 
 #[derive(Args)]
@@ -253,6 +257,11 @@ fn run(cli: Cli) -> Result<()> {
             let written = encode::decode_to_pngs(&args.vqgan, &rows, &args.out, &args.device)
                 .context("vqgan decode")?;
             println!("{} images written under {}", written.len(), args.out);
+        }
+        Command::Bench(args) => {
+            vqgan::bench::train_step(&args)
+                .context("vqgan bench")?
+                .report();
         }
     }
     Ok(())

@@ -1,0 +1,233 @@
+//! Timing for the `bench` subcommands, and the PyTorch peer they are compared with in the same
+//! run (`bench/torch_models.py`). Benchmarks, not tests: nothing here asserts a time.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::tensor::Tensor;
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("running the PyTorch peer {script} with {python}: {message}")]
+    Peer {
+        python: String,
+        script: String,
+        message: String,
+    },
+}
+
+/// Milliseconds per step: the median of `rounds` timed steps after one untimed warm-up step
+/// (allocator, optimizer state), the way the PyTorch peer times itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct Timing {
+    pub ms_per_step: f64,
+    pub rounds_ms: Vec<f64>,
+}
+
+impl Timing {
+    fn from_rounds(rounds_ms: Vec<f64>) -> Self {
+        let mut sorted = rounds_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        let middle = sorted.len() / 2;
+        let ms_per_step = match sorted.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => sorted[middle],
+            _ => (sorted[middle - 1] + sorted[middle]) / 2.0,
+        };
+        Timing {
+            ms_per_step,
+            rounds_ms,
+        }
+    }
+}
+
+/// Times train steps of `model`: `loss` forward, backward, one `optimizer` step at a fixed
+/// learning rate.
+pub fn time_train_steps<M: Module>(
+    mut model: M,
+    optimizer: &mut ModuleOptimizer,
+    rounds: usize,
+    loss: impl Fn(&M) -> Tensor<1>,
+) -> Timing {
+    let mut rounds_ms = Vec::with_capacity(rounds.max(1));
+    for round in 0..=rounds.max(1) {
+        let started = Instant::now();
+        let grads = GradientsParams::from_grads(loss(&model).backward(), &model);
+        model = optimizer.step(1e-4, model, grads);
+        if round > 0 {
+            rounds_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    Timing::from_rounds(rounds_ms)
+}
+
+/// `bench/torch_models.py` run by a Python that has PyTorch (`make bench-venv` makes one).
+#[derive(Debug, Clone)]
+pub struct TorchPeer {
+    pub python: PathBuf,
+    pub script: PathBuf,
+}
+
+impl TorchPeer {
+    pub fn new(python: &Path, script: &Path) -> Self {
+        Self {
+            python: python.to_path_buf(),
+            script: script.to_path_buf(),
+        }
+    }
+
+    /// Runs one measurement and returns the JSON object the script prints.
+    pub fn run(&self, args: &[String]) -> Result<serde_json::Value, BenchError> {
+        let failed = |message: String| BenchError::Peer {
+            python: self.python.display().to_string(),
+            script: self.script.display().to_string(),
+            message,
+        };
+        let output = Command::new(&self.python)
+            .arg(&self.script)
+            .args(args)
+            .output()
+            .map_err(|e| failed(e.to_string()))?;
+        if !output.status.success() {
+            return Err(failed(String::from_utf8_lossy(&output.stderr).into_owned()));
+        }
+        serde_json::from_slice(&output.stdout)
+            .map_err(|e| failed(format!("it printed no JSON object: {e}")))
+    }
+
+    /// Like [`TorchPeer::run`] for a timed train step: the peer's median milliseconds per step.
+    pub fn ms_per_step(&self, args: &[String]) -> Result<(f64, serde_json::Value), BenchError> {
+        let report = self.run(args)?;
+        let ms = report["ms_per_step"]
+            .as_f64()
+            .ok_or_else(|| BenchError::Peer {
+                python: self.python.display().to_string(),
+                script: self.script.display().to_string(),
+                message: format!("no ms_per_step in {report}"),
+            })?;
+        Ok((ms, report))
+    }
+}
+
+/// Compares our timing of a train step with the peer's `what` (`vqgan-step`, `parti-step`) on
+/// the same preset, batch and rounds; without a peer, only ours is reported.
+pub fn compare_train_step(
+    ours: &Timing,
+    peer: Option<&TorchPeer>,
+    what: &str,
+    preset: &str,
+    batch: usize,
+    rounds: usize,
+    work: String,
+) -> Result<Comparison, BenchError> {
+    let torch = match peer {
+        Some(peer) => Some(peer.ms_per_step(&[
+            what.into(),
+            "--preset".into(),
+            preset.into(),
+            "--batch".into(),
+            batch.to_string(),
+            "--rounds".into(),
+            rounds.to_string(),
+        ])?),
+        None => None,
+    };
+    Ok(Comparison::new(work, ours, torch))
+}
+
+/// One line of a side-by-side table: ours against the peer, and the ratio of times
+/// (below 1: we are faster).
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub work: String,
+    pub backend: &'static str,
+    pub ours_ms: f64,
+    pub torch_ms: Option<f64>,
+    /// ours_ms / torch_ms.
+    pub time_ratio: Option<f64>,
+    pub torch: Option<serde_json::Value>,
+}
+
+impl Comparison {
+    pub fn new(
+        work: impl Into<String>,
+        ours: &Timing,
+        peer: Option<(f64, serde_json::Value)>,
+    ) -> Self {
+        let (torch_ms, torch) = match peer {
+            Some((ms, report)) => (Some(ms), Some(report)),
+            None => (None, None),
+        };
+        Self {
+            work: work.into(),
+            backend: crate::backend::backend_name(),
+            ours_ms: ours.ms_per_step,
+            torch_ms,
+            time_ratio: torch_ms.map(|t| ours.ms_per_step / t),
+            torch,
+        }
+    }
+
+    /// Prints the comparison as JSON, then as one line for people.
+    pub fn report(&self) {
+        match serde_json::to_string(self) {
+            Ok(json) => println!("{json}"),
+            Err(e) => tracing::warn!("benchmark report not serialisable: {e}"),
+        }
+        println!("{}", self.line());
+    }
+
+    pub fn line(&self) -> String {
+        match (self.torch_ms, self.time_ratio) {
+            (Some(torch), Some(ratio)) => format!(
+                "{}: ours ({}) {:.1} ms/step, PyTorch {:.1} ms/step, ours/PyTorch {:.2}x the time",
+                self.work, self.backend, self.ours_ms, torch, ratio
+            ),
+            _ => format!(
+                "{}: ours ({}) {:.1} ms/step (no PyTorch peer: pass --python)",
+                self.work, self.backend, self.ours_ms
+            ),
+        }
+    }
+}
+
+/// `--python` and `--peer-script` of every `bench` subcommand.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PeerArgs {
+    /// A Python with PyTorch (`make bench-venv`: bench/.venv/bin/python); without it only our
+    /// side is measured.
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    #[arg(long, default_value = "bench/torch_models.py")]
+    pub peer_script: PathBuf,
+}
+
+/// The arguments of `vqgan bench` and `train bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainStepArgs {
+    /// Which shapes (the subcommand's help lists them).
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Batch size (default: the one the subcommand's help names).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Timed steps, after one untimed warm-up step; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[command(flatten)]
+    pub peer: PeerArgs,
+}
+
+impl PeerArgs {
+    pub fn peer(&self) -> Option<TorchPeer> {
+        self.python
+            .as_deref()
+            .map(|python| TorchPeer::new(python, &self.peer_script))
+    }
+}

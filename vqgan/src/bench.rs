@@ -1,0 +1,54 @@
+//! `vqgan bench`: one ViT-VQGAN train step (forward, pixel and VQ losses, backward, AdamW) on
+//! random images, against the same architecture in PyTorch (`bench/torch_models.py`).
+
+use burn::optim::AdamWConfig;
+use burn::tensor::{Distribution, Tensor};
+use nn::bench::{Comparison, TrainStepArgs, time_train_steps};
+
+use crate::Error;
+use crate::model::{VitVqgan, VitVqganConfig};
+
+fn preset(name: &str) -> Result<VitVqganConfig, Error> {
+    match name {
+        "tiny" => Ok(VitVqganConfig::tiny()),
+        "small" => Ok(VitVqganConfig::small()),
+        other => Err(Error::Usage(format!(
+            "no benchmark for preset '{other}' (tiny, small)"
+        ))),
+    }
+}
+
+/// Batch 16 unless `--batch` says otherwise.
+pub fn train_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
+    let (name, batch, rounds) = (args.preset.as_str(), args.batch.unwrap_or(16), args.rounds);
+    let config = preset(name)?;
+    let device =
+        nn::backend::training_device(&args.device).map_err(|e| Error::Usage(e.to_string()))?;
+    let _seeded = nn::backend::seed_exclusively(&device, 0);
+    let model: VitVqgan = config.init(&device);
+    let mut optimizer = AdamWConfig::new()
+        .with_beta_2(0.99)
+        .with_weight_decay(1e-4)
+        .init();
+    let size = config.image_size;
+    let images = Tensor::<4>::random(
+        [batch, 3, size, size],
+        Distribution::Uniform(0.0, 1.0),
+        &device,
+    );
+    let ours = time_train_steps(model, &mut optimizer, rounds, |model| {
+        let out = model.forward(images.clone());
+        let error = out.images - images.clone();
+        error.clone().powi_scalar(2).mean() + error.abs().mean() + out.quantized.loss
+    });
+    nn::bench::compare_train_step(
+        &ours,
+        args.peer.peer().as_ref(),
+        "vqgan-step",
+        name,
+        batch,
+        rounds,
+        format!("ViT-VQGAN {name} train step, batch {batch}"),
+    )
+    .map_err(|e| Error::Usage(e.to_string()))
+}

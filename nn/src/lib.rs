@@ -10,6 +10,7 @@ pub mod attention;
 pub mod backend;
 pub mod bench;
 pub mod block;
+pub mod data;
 pub mod mlp;
 pub mod position;
 pub mod training;

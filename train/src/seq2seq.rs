@@ -17,6 +17,7 @@ use burn::optim::{
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use bytes::Bytes;
+use nn::data::{RowStream, StreamConfig};
 use nn::training::{self, Schedule};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -56,7 +57,15 @@ pub struct Seq2SeqConfig {
     pub checkpoint_every: usize,
     pub log_every: usize,
     pub seed: u64,
+    /// Rows held to shuffle across token shards (shards and rows are shuffled anyway).
+    pub shuffle_buffer: usize,
 }
+
+/// Micro-batches the background reader keeps ready.
+const PREFETCH_BATCHES: usize = 4;
+
+/// Validation rows scored at the end (the first found, shard by shard).
+const VALIDATION_LIMIT: usize = 512;
 
 impl Seq2SeqConfig {
     pub fn preset(name: &str) -> Result<Seq2SeqConfig, Error> {
@@ -81,6 +90,7 @@ impl Seq2SeqConfig {
             checkpoint_every: 5000,
             log_every: 100,
             seed: 0,
+            shuffle_buffer: 10_000,
         };
         Ok(match name {
             "tiny" => Seq2SeqConfig {
@@ -97,6 +107,7 @@ impl Seq2SeqConfig {
                 full_attention_every: 3,
                 checkpoint_every: 250,
                 log_every: 50,
+                shuffle_buffer: 512,
                 ..paper
             },
             _ => paper,
@@ -251,6 +262,8 @@ pub fn loss_plot(points: &[(usize, f64)]) -> Result<Vec<u8>, Error> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Progress {
     step: usize,
+    /// Rows of the data order consumed by those steps.
+    data_position: u64,
     log: String,
     curve: Vec<(usize, f64)>,
 }
@@ -268,11 +281,16 @@ pub struct Seq2SeqOptions {
     pub stop_after: Option<usize>,
 }
 
-/// Token rows with tokenised captions; ~5% of keys (by hash) are validation.
-fn examples(
-    tokens: &Upstream,
-    tokenizer: &TextTokenizer,
-) -> Result<(Vec<Example>, Vec<Example>, usize, usize), Error> {
+/// ~5% of keys (by hash) are validation, whatever the sharding.
+fn is_validation(key: &str) -> bool {
+    manifests::digest_bytes(key.as_bytes())
+        .strip_prefix("blake3:")
+        .and_then(|hex| u8::from_str_radix(hex.get(..2)?, 16).ok())
+        .is_some_and(|first| first < 13)
+}
+
+/// The image grid and codebook size a `vqgan encode` manifest declares.
+fn token_shape(tokens: &Upstream) -> Result<(usize, usize), Error> {
     let grid = tokens.manifest.metric_u64("grid").unwrap_or(0) as usize;
     let codebook = tokens.manifest.metric_u64("codebook_size").unwrap_or(0) as usize;
     if grid == 0 || codebook == 0 {
@@ -281,36 +299,112 @@ fn examples(
             tokens.location.uri()
         )));
     }
-    let rows = vqgan::encode::read_token_rows(tokens)
-        .map_err(|e| Error::Data(format!("{}: {e}", tokens.location.uri())))?;
-    let (mut train, mut validation) = (Vec::new(), Vec::new());
-    for row in rows {
-        if row.tokens.len() != grid * grid {
-            warn!(
-                "{}: row '{}' has {} tokens, skipped",
-                tokens.location.uri(),
-                row.key,
-                row.tokens.len()
-            );
-            continue;
+    Ok((grid, codebook))
+}
+
+/// A token row as a training example, or `None` (with a warning) when its token count is not
+/// the grid's.
+fn example(
+    row: vqgan::encode::TokenRow,
+    grid: usize,
+    tokenizer: &TextTokenizer,
+    uri: &str,
+) -> Result<Option<Example>, Error> {
+    if row.tokens.len() != grid * grid {
+        warn!(
+            "{uri}: row '{}' has {} tokens, skipped",
+            row.key,
+            row.tokens.len()
+        );
+        return Ok(None);
+    }
+    Ok(Some(Example {
+        text: tokenizer.encode(&row.caption)?,
+        caption: row.caption,
+        tokens: row.tokens,
+    }))
+}
+
+fn token_shards(tokens: &Upstream) -> Vec<manifests::Artifact> {
+    tokens
+        .artifacts_of_kind(vqgan::encode::TOKENS_KIND)
+        .into_iter()
+        .cloned()
+        .collect()
+}
+
+/// Up to `limit` validation examples, read shard by shard until there are enough. Tiny inputs
+/// may hold none out: then the first training examples stand in, and the flag says so.
+fn validation_examples(
+    tokens: &Upstream,
+    tokenizer: &TextTokenizer,
+    grid: usize,
+    limit: usize,
+) -> Result<(Vec<Example>, bool), Error> {
+    let uri = tokens.location.uri();
+    let (mut validation, mut stand_in) = (Vec::new(), Vec::new());
+    for artifact in token_shards(tokens) {
+        let rows = vqgan::encode::read_token_shard(tokens, &artifact)
+            .map_err(|e| Error::Data(format!("{uri}: {e}")))?;
+        for row in rows {
+            let held = is_validation(&row.key);
+            if !held && stand_in.len() >= limit {
+                continue;
+            }
+            if let Some(example) = example(row, grid, tokenizer, &uri)? {
+                if held {
+                    validation.push(example);
+                } else {
+                    stand_in.push(example);
+                }
+            }
         }
-        let example = Example {
-            text: tokenizer.encode(&row.caption)?,
-            caption: row.caption,
-            tokens: row.tokens,
-        };
-        let digest = manifests::digest_bytes(row.key.as_bytes());
-        let first_byte = digest
-            .strip_prefix("blake3:")
-            .and_then(|hex| u8::from_str_radix(hex.get(..2)?, 16).ok())
-            .unwrap_or(255);
-        if first_byte < 13 {
-            validation.push(example);
-        } else {
-            train.push(example);
+        if validation.len() >= limit {
+            break;
         }
     }
-    Ok((train, validation, grid, codebook))
+    validation.truncate(limit);
+    if validation.is_empty() {
+        return Ok((stand_in, true));
+    }
+    Ok((validation, false))
+}
+
+/// Training examples streamed from the token shards (validation rows left out), captions
+/// tokenised on the background thread, from row `start` of the seeded order on.
+fn example_stream(
+    tokens: &Upstream,
+    tokenizer: &TextTokenizer,
+    grid: usize,
+    config: StreamConfig,
+    start: u64,
+) -> Result<RowStream<Example>, Error> {
+    let uri = tokens.location.uri();
+    let shards = token_shards(tokens);
+    let sizes = shards
+        .iter()
+        .map(|a| {
+            a.rows.map(|rows| rows as usize).ok_or_else(|| {
+                Error::Data(format!("{uri}: no row count for the token shard {}", a.uri))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let (reader, tokenizer, decode_uri) = (tokens.clone(), tokenizer.clone(), uri.clone());
+    RowStream::spawn(
+        sizes,
+        config,
+        start,
+        move |shard| {
+            vqgan::encode::read_token_shard(&reader, &shards[shard]).map_err(|e| e.to_string())
+        },
+        move |_, row: vqgan::encode::TokenRow| {
+            if is_validation(&row.key) {
+                return Ok(None);
+            }
+            example(row, grid, &tokenizer, &decode_uri).map_err(|e| e.to_string())
+        },
+    )
+    .map_err(|e| Error::Data(format!("{uri}: {e}")))
 }
 
 pub fn train_parti(
@@ -330,20 +424,15 @@ pub fn train_parti(
         return Ok(existing);
     }
     let tokenizer = TextTokenizer::from_manifest(&tokenizer_stage)?;
-    let (train, validation, grid, codebook) = examples(&tokens, &tokenizer)?;
-    if train.is_empty() {
+    let (grid, codebook) = token_shape(&tokens)?;
+    let (validation, stand_in) = validation_examples(&tokens, &tokenizer, grid, VALIDATION_LIMIT)?;
+    if validation.is_empty() {
         return Err(Error::Data(format!("{}: no training rows", inputs.tokens)));
     }
-    let validation = if validation.is_empty() {
-        train.iter().take(64).cloned().collect()
-    } else {
-        validation
-    };
-    info!(
-        "{} training images, {} validation",
-        train.len(),
-        validation.len()
-    );
+    if stand_in {
+        warn!("the tokens hold no validation rows: validating on training rows");
+    }
+    info!("{} validation rows", validation.len());
 
     let device =
         nn::backend::training_device(&options.device).map_err(|e| Error::Usage(e.to_string()))?;
@@ -391,6 +480,7 @@ pub fn train_parti(
     }
     let fresh = Progress {
         step: 0,
+        data_position: 0,
         log: String::new(),
         curve: Vec::new(),
     };
@@ -404,6 +494,18 @@ pub fn train_parti(
     };
     let schedule = config.schedule();
     let micro = (config.batch_size / config.accumulation.max(1)).max(1);
+    let stream_config = StreamConfig {
+        seed: config.seed,
+        shuffle_buffer: config.shuffle_buffer,
+        prefetch: PREFETCH_BATCHES * micro,
+    };
+    let mut examples = example_stream(
+        &tokens,
+        &tokenizer,
+        grid,
+        stream_config,
+        progress.data_position,
+    )?;
     while progress.step < config.steps {
         let step = progress.step;
         let mut rng = training::step_rng(config.seed, step);
@@ -411,9 +513,10 @@ pub fn train_parti(
         let mut accumulator = GradientsAccumulator::<Parti>::new();
         let (mut loss_sum, mut accuracy_sum) = (0.0, 0.0);
         for _ in 0..config.accumulation.max(1) {
-            let batch: Vec<&Example> = (0..micro)
-                .map(|_| &train[rng.random_range(0..train.len())])
-                .collect();
+            let owned = examples
+                .next_items(micro)
+                .map_err(|e| Error::Data(format!("{}: {e}", inputs.tokens)))?;
+            let batch: Vec<&Example> = owned.iter().collect();
             let drop = cfg_drops(&mut rng, micro, config.cfg_dropout);
             let (ids, padding) = text_tensors(&batch, &tokenizer, &device);
             let drop = Tensor::<1, Bool>::from_data(drop.as_slice(), &device);
@@ -438,6 +541,7 @@ pub fn train_parti(
             progress.curve.push((step, loss_sum / parts));
         }
         progress.step += 1;
+        progress.data_position = examples.position();
         if checkpointing
             .after_step(&run, progress.step, &model, &optimizer, &progress)
             .map_err(|e| Error::Data(e.to_string()))?
@@ -484,7 +588,7 @@ pub fn train_parti(
     metrics.insert("val_perplexity".into(), json!(val_perplexity));
     metrics.insert("val_token_accuracy".into(), json!(val_accuracy));
     metrics.insert("val_loss".into(), json!(val_loss));
-    metrics.insert("train_images".into(), json!(train.len()));
+    metrics.insert("rows_streamed".into(), json!(progress.data_position));
     metrics.insert("validation_images".into(), json!(validation.len()));
     metrics.insert("parameters".into(), json!(model.num_params()));
     metrics.insert(

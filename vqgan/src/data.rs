@@ -1,8 +1,10 @@
-//! Images from an `ingest pairs` manifest, as `[3, size, size]` tensors in [0, 1].
+//! Images from an `ingest pairs` manifest, as `[3, size, size]` tensors in [0, 1]: streamed
+//! for training (shuffled, decoded in the background, resumable), loaded whole for evaluation.
 
 use burn::tensor::{Device, Tensor};
 use image::RgbImage;
-use manifests::{Upstream, table};
+use manifests::{Artifact, Upstream, table};
+use nn::data::{RowStream, StreamConfig};
 
 use crate::Error;
 
@@ -25,14 +27,7 @@ impl ImageSet {
     }
 
     fn push(&mut self, key: String, caption: String, image: &RgbImage) {
-        let plane = self.size * self.size;
-        let start = self.pixels.len();
-        self.pixels.resize(start + 3 * plane, 0.0);
-        for (i, pixel) in image.pixels().enumerate() {
-            for c in 0..3 {
-                self.pixels[start + c * plane + i] = f32::from(pixel.0[c]) / 255.0;
-            }
-        }
+        self.pixels.extend(channel_first(image));
         self.keys.push(key);
         self.captions.push(caption);
     }
@@ -44,13 +39,206 @@ impl ImageSet {
         for &i in indices {
             data.extend_from_slice(&self.pixels[i * image..(i + 1) * image]);
         }
-        Tensor::<1>::from_floats(data.as_slice(), device).reshape([
-            indices.len(),
-            3,
-            self.size,
-            self.size,
-        ])
+        to_tensor(data, indices.len(), self.size, device)
     }
+}
+
+fn channel_first(image: &RgbImage) -> Vec<f32> {
+    let plane = (image.width() * image.height()) as usize;
+    let mut pixels = vec![0.0; 3 * plane];
+    for (i, pixel) in image.pixels().enumerate() {
+        for c in 0..3 {
+            pixels[c * plane + i] = f32::from(pixel.0[c]) / 255.0;
+        }
+    }
+    pixels
+}
+
+fn to_tensor(data: Vec<f32>, batch: usize, size: usize, device: &Device) -> Tensor<4> {
+    Tensor::<1>::from_floats(data.as_slice(), device).reshape([batch, 3, size, size])
+}
+
+fn decode(uri: &str, key: &str, bytes: &[u8], size: usize) -> Result<RgbImage, Error> {
+    let image = image::load_from_memory(bytes)
+        .map_err(|e| Error::Data(format!("{uri}: row '{key}': {e}")))?
+        .to_rgb8();
+    if image.dimensions() != (size as u32, size as u32) {
+        return Err(Error::Data(format!(
+            "{uri}: row '{key}' is {}x{}, the model expects {size}x{size} (ingest with --size {size})",
+            image.width(),
+            image.height()
+        )));
+    }
+    Ok(image)
+}
+
+fn is_held_out(sha256: &str) -> bool {
+    u8::from_str_radix(sha256.get(..2).unwrap_or("ff"), 16).unwrap_or(255) < HELD_OUT_BELOW
+}
+
+/// A pairs row as stored: what training needs before decoding.
+struct RawImage {
+    uri: String,
+    key: String,
+    sha256: String,
+    image: Vec<u8>,
+}
+
+/// One pairs row as stored.
+struct Row<'a> {
+    uri: &'a str,
+    key: &'a str,
+    sha256: &'a str,
+    caption: &'a str,
+    image: &'a [u8],
+}
+
+/// Calls `visit` on each row of `artifacts` (digest-checked) in order, until it says stop.
+fn visit_rows(
+    upstream: &Upstream,
+    artifacts: &[&Artifact],
+    mut visit: impl FnMut(Row<'_>) -> Result<bool, Error>,
+) -> Result<(), Error> {
+    for artifact in artifacts {
+        let uri = upstream.artifact_location(artifact)?.uri();
+        for batch in table::read_parquet(&uri, upstream.read_artifact(artifact)?)? {
+            let keys = table::column::<arrow_array::StringArray>(&uri, &batch, "key")?;
+            let hashes = table::column::<arrow_array::StringArray>(&uri, &batch, "sha256")?;
+            let captions = table::column::<arrow_array::StringArray>(&uri, &batch, "caption")?;
+            let images = table::column::<arrow_array::BinaryArray>(&uri, &batch, "image")?;
+            for row in 0..batch.num_rows() {
+                let row = Row {
+                    uri: &uri,
+                    key: keys.value(row),
+                    sha256: hashes.value(row),
+                    caption: captions.value(row),
+                    image: images.value(row),
+                };
+                if !visit(row)? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_shard(upstream: &Upstream, artifact: &Artifact) -> Result<Vec<RawImage>, Error> {
+    let mut rows = Vec::new();
+    visit_rows(upstream, &[artifact], |row| {
+        rows.push(RawImage {
+            uri: row.uri.to_string(),
+            key: row.key.to_string(),
+            sha256: row.sha256.to_string(),
+            image: row.image.to_vec(),
+        });
+        Ok(true)
+    })?;
+    Ok(rows)
+}
+
+fn empty_set(size: usize) -> ImageSet {
+    ImageSet {
+        size,
+        pixels: Vec::new(),
+        keys: Vec::new(),
+        captions: Vec::new(),
+    }
+}
+
+fn push_row(set: &mut ImageSet, row: &Row<'_>) -> Result<(), Error> {
+    let image = decode(row.uri, row.key, row.image, set.size)?;
+    set.push(row.key.to_string(), row.caption.to_string(), &image);
+    Ok(())
+}
+
+/// Training images streamed from the pairs shards (held-out rows left out), decoded on a
+/// background thread, in an order fixed by the seed: `position()` after a step is what a
+/// checkpoint stores, and a stream started there continues exactly.
+pub struct ImageStream {
+    rows: RowStream<Vec<f32>>,
+    size: usize,
+}
+
+impl ImageStream {
+    pub fn open(
+        upstream: &Upstream,
+        size: usize,
+        config: StreamConfig,
+        start: u64,
+    ) -> Result<ImageStream, Error> {
+        let artifacts: Vec<Artifact> = upstream
+            .artifacts_of_kind("parquet/pairs")
+            .into_iter()
+            .cloned()
+            .collect();
+        let sizes = artifacts
+            .iter()
+            .map(|a| {
+                a.rows.map(|rows| rows as usize).ok_or_else(|| {
+                    Error::Data(format!(
+                        "{}: the pairs manifest gives no row count for {}",
+                        upstream.location.uri(),
+                        a.uri
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let reader = upstream.clone();
+        let rows = RowStream::spawn(
+            sizes,
+            config,
+            start,
+            move |shard| read_shard(&reader, &artifacts[shard]).map_err(|e| e.to_string()),
+            move |_, raw: RawImage| {
+                if is_held_out(&raw.sha256) {
+                    return Ok(None);
+                }
+                let image =
+                    decode(&raw.uri, &raw.key, &raw.image, size).map_err(|e| e.to_string())?;
+                Ok(Some(channel_first(&image)))
+            },
+        )
+        .map_err(|e| Error::Data(format!("{}: {e}", upstream.location.uri())))?;
+        Ok(ImageStream { rows, size })
+    }
+
+    /// The next `batch` training images as `[batch, 3, size, size]`.
+    pub fn batch(&mut self, batch: usize, device: &Device) -> Result<Tensor<4>, Error> {
+        let images = self
+            .rows
+            .next_items(batch)
+            .map_err(|e| Error::Data(e.to_string()))?;
+        Ok(to_tensor(images.concat(), batch, self.size, device))
+    }
+
+    /// Rows consumed so far (held-out ones included).
+    pub fn position(&self) -> u64 {
+        self.rows.position()
+    }
+}
+
+/// Up to `limit` held-out images, read shard by shard until there are enough (a large data
+/// set is not read whole for them). Tiny inputs may hold out
+/// nothing: then the first training images stand in, and the flag says so.
+pub fn held_out(upstream: &Upstream, size: usize, limit: usize) -> Result<(ImageSet, bool), Error> {
+    let (mut held_out, mut stand_in) = (empty_set(size), empty_set(size));
+    visit_rows(
+        upstream,
+        &upstream.artifacts_of_kind("parquet/pairs"),
+        |row| {
+            if is_held_out(row.sha256) {
+                push_row(&mut held_out, &row)?;
+            } else if stand_in.len() < limit {
+                push_row(&mut stand_in, &row)?;
+            }
+            Ok(held_out.len() < limit)
+        },
+    )?;
+    if held_out.is_empty() {
+        return Ok((stand_in, true));
+    }
+    Ok((held_out, false))
 }
 
 /// Rows whose sha256 starts with a byte below this go to the held-out set (~5%): the split
@@ -59,42 +247,19 @@ const HELD_OUT_BELOW: u8 = 13;
 
 /// Reads every pairs shard (digest-checked) and splits train / held-out by image hash.
 pub fn load(upstream: &Upstream, size: usize) -> Result<(ImageSet, ImageSet), Error> {
-    let empty = || ImageSet {
-        size,
-        pixels: Vec::new(),
-        keys: Vec::new(),
-        captions: Vec::new(),
-    };
-    let (mut train, mut held_out) = (empty(), empty());
-    for artifact in upstream.artifacts_of_kind("parquet/pairs") {
-        let uri = upstream.artifact_location(artifact)?.uri();
-        for batch in table::read_parquet(&uri, upstream.read_artifact(artifact)?)? {
-            let keys = table::column::<arrow_array::StringArray>(&uri, &batch, "key")?;
-            let hashes = table::column::<arrow_array::StringArray>(&uri, &batch, "sha256")?;
-            let captions = table::column::<arrow_array::StringArray>(&uri, &batch, "caption")?;
-            let images = table::column::<arrow_array::BinaryArray>(&uri, &batch, "image")?;
-            for row in 0..batch.num_rows() {
-                let key = keys.value(row).to_string();
-                let image = image::load_from_memory(images.value(row))
-                    .map_err(|e| Error::Data(format!("{uri}: row '{key}': {e}")))?
-                    .to_rgb8();
-                if image.dimensions() != (size as u32, size as u32) {
-                    return Err(Error::Data(format!(
-                        "{uri}: row '{key}' is {}x{}, the model expects {size}x{size} (ingest with --size {size})",
-                        image.width(),
-                        image.height()
-                    )));
-                }
-                let first_byte = u8::from_str_radix(hashes.value(row).get(..2).unwrap_or("ff"), 16)
-                    .unwrap_or(255);
-                let set = if first_byte < HELD_OUT_BELOW {
-                    &mut held_out
-                } else {
-                    &mut train
-                };
-                set.push(key, captions.value(row).to_string(), &image);
-            }
-        }
-    }
+    let (mut train, mut held_out) = (empty_set(size), empty_set(size));
+    visit_rows(
+        upstream,
+        &upstream.artifacts_of_kind("parquet/pairs"),
+        |row| {
+            let set = if is_held_out(row.sha256) {
+                &mut held_out
+            } else {
+                &mut train
+            };
+            push_row(set, &row)?;
+            Ok(true)
+        },
+    )?;
     Ok((train, held_out))
 }

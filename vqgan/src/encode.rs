@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::eval::{self, floats};
 use crate::model::VitVqgan;
 use crate::{Error, load_vqgan, tool};
-use manifests::{Location, Manifest, ShardSpec, StageRun, Upstream, table};
+use manifests::{Artifact, Location, Manifest, ShardSpec, StageRun, Upstream, table};
 
 pub const ENCODE_STAGE: &str = "vqgan.encode";
 pub const RECONSTRUCT_STAGE: &str = "vqgan.reconstruct";
@@ -121,10 +121,15 @@ pub fn tokens_from_parquet(uri: &str, bytes: Bytes) -> Result<Vec<TokenRow>, Err
 pub fn read_token_rows(stage: &Upstream) -> Result<Vec<TokenRow>, Error> {
     let mut rows = Vec::new();
     for artifact in stage.artifacts_of_kind(TOKENS_KIND) {
-        let uri = stage.artifact_location(artifact)?.uri();
-        rows.extend(tokens_from_parquet(&uri, stage.read_artifact(artifact)?)?);
+        rows.extend(read_token_shard(stage, artifact)?);
     }
     Ok(rows)
+}
+
+/// The rows of one token shard of a `vqgan encode` manifest (digest-checked).
+pub fn read_token_shard(stage: &Upstream, artifact: &Artifact) -> Result<Vec<TokenRow>, Error> {
+    let uri = stage.artifact_location(artifact)?.uri();
+    tokens_from_parquet(&uri, stage.read_artifact(artifact)?)
 }
 
 /// Decoded images of one pairs shard at the model's size; rows that fail are counted.

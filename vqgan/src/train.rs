@@ -16,17 +16,17 @@ use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{Device, Tensor};
 use bytes::Bytes;
 use nn::training::{self, Schedule};
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::data::{self, ImageSet};
+use crate::data::{self, ImageSet, ImageStream};
 use crate::eval::{self, reconstruction_grid};
 use crate::model::{VitConfig, VitVqgan, VitVqganConfig};
 use crate::quantize::CodeUsage;
 use crate::{Error, load_vqgan, tool};
 use manifests::{Artifact, Manifest, ShardSpec, StageRun};
+use nn::data::StreamConfig;
 
 pub const STAGE: &str = "vqgan.train";
 pub const FINETUNE_STAGE: &str = "vqgan.finetune_decoder";
@@ -60,7 +60,15 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     pub log_every: usize,
     pub seed: u64,
+    /// Rows held to shuffle across shard boundaries (shards and rows are shuffled anyway).
+    pub shuffle_buffer: usize,
 }
+
+/// Decoded batches the background reader keeps ready, in batches.
+const PREFETCH_BATCHES: usize = 4;
+
+/// Held-out images scored at the end (the first found, shard by shard).
+const HELD_OUT_LIMIT: usize = 512;
 
 impl TrainConfig {
     pub fn preset(name: &str) -> Result<TrainConfig, Error> {
@@ -84,6 +92,7 @@ impl TrainConfig {
             checkpoint_every: 5000,
             log_every: 100,
             seed: 0,
+            shuffle_buffer: 10_000,
         };
         match name {
             "tiny" => Ok(TrainConfig {
@@ -99,6 +108,7 @@ impl TrainConfig {
                 restart_until: 1200,
                 checkpoint_every: 250,
                 log_every: 50,
+                shuffle_buffer: 512,
                 ..paper("tiny")
             }),
             "small" | "base" => Ok(paper(name)),
@@ -141,12 +151,19 @@ impl TrainConfig {
             .init()
     }
 
-    /// The training images of step `step`: a function of the seed and the step only.
-    fn batch_indices(&self, step: usize, images: usize) -> Vec<usize> {
-        let mut rng = training::step_rng(self.seed, step);
-        (0..self.batch_size)
-            .map(|_| rng.random_range(0..images))
-            .collect()
+    /// The training images, from row `position` of the seeded order on.
+    fn image_stream(
+        &self,
+        upstream: &manifests::Upstream,
+        size: usize,
+        position: u64,
+    ) -> Result<ImageStream, Error> {
+        let config = StreamConfig {
+            seed: self.seed,
+            shuffle_buffer: self.shuffle_buffer,
+            prefetch: PREFETCH_BATCHES * self.batch_size,
+        };
+        ImageStream::open(upstream, size, config, position)
     }
 
     fn pixel_loss(&self, output: Tensor<4>, target: Tensor<4>) -> (Tensor<1>, Tensor<1>) {
@@ -219,6 +236,8 @@ pub struct TrainOptions {
 struct Progress {
     /// Steps done.
     step: usize,
+    /// Rows of the data order consumed by those steps.
+    data_position: u64,
     usage: CodeUsage,
     log: String,
 }
@@ -271,7 +290,7 @@ fn publish(
     model: &VitVqgan,
     model_config: &VitVqganConfig,
     held_out: &ImageSet,
-    train_images: usize,
+    rows_streamed: u64,
     log: String,
     mut metrics: Map<String, Value>,
     device: &Device,
@@ -305,7 +324,7 @@ fn publish(
     metrics.insert("held_out_mse".into(), json!(quality.mse));
     metrics.insert("codebook_usage".into(), json!(quality.codebook_usage));
     metrics.insert("codebook_perplexity".into(), json!(quality.perplexity));
-    metrics.insert("train_images".into(), json!(train_images));
+    metrics.insert("rows_streamed".into(), json!(rows_streamed));
     metrics.insert("held_out_images".into(), json!(held_out.len()));
     metrics.insert("parameters".into(), json!(model.num_params()));
     metrics.insert("backend".into(), json!(nn::backend::backend_name()));
@@ -313,29 +332,24 @@ fn publish(
     Ok(run.publish(artifacts, metrics)?)
 }
 
-/// Train and held-out images of a pairs manifest, at the model's size.
-fn images(
-    upstream: &manifests::Upstream,
-    size: usize,
-    uri: &str,
-) -> Result<(ImageSet, ImageSet), Error> {
-    let (train_set, held_out) = data::load(upstream, size)?;
-    if train_set.is_empty() {
-        return Err(Error::Data(format!("{uri}: no training images")));
+/// The held-out images of a pairs manifest, at the model's size.
+fn held_out_images(upstream: &manifests::Upstream, size: usize) -> Result<ImageSet, Error> {
+    let (held_out, stand_in) = data::held_out(upstream, size, HELD_OUT_LIMIT)?;
+    if held_out.is_empty() {
+        return Err(Error::Data(format!(
+            "{}: no images to train on",
+            upstream.location.uri()
+        )));
     }
-    // Tiny inputs may hold out nothing; score on the training images then.
-    let held_out = if held_out.is_empty() {
-        train_set.clone()
-    } else {
-        held_out
-    };
+    if stand_in {
+        warn!("the data holds no image out: scoring on training images");
+    }
     info!(
-        "{} training images, {} held out, {} backend",
-        train_set.len(),
+        "{} held-out images, {} backend",
         held_out.len(),
         nn::backend::backend_name()
     );
-    Ok((train_set, held_out))
+    Ok(held_out)
 }
 
 pub fn train(
@@ -350,23 +364,26 @@ pub fn train(
     if let Some(existing) = run.begin(options.force)? {
         return Ok(existing);
     }
-    let (train_set, held_out) = images(&upstream, model_config.image_size, pairs_uri)?;
+    let held_out = held_out_images(&upstream, model_config.image_size)?;
     let device =
         nn::backend::training_device(&options.device).map_err(|e| Error::Usage(e.to_string()))?;
     device.seed(config.seed);
     let codebook_size = model_config.quantizer.codebook_size;
     let fresh = Progress {
         step: 0,
+        data_position: 0,
         usage: CodeUsage::new(codebook_size),
         log: String::new(),
     };
     let (mut model, mut optimizer, mut progress) =
         training::resume(&run, model_config.init(&device), config.optimizer(), fresh)
             .map_err(|e| Error::Data(e.to_string()))?;
+    let mut images =
+        config.image_stream(&upstream, model_config.image_size, progress.data_position)?;
 
     while progress.step < config.steps {
         let step = progress.step;
-        let x = train_set.batch(&config.batch_indices(step, train_set.len()), &device);
+        let x = images.batch(config.batch_size, &device)?;
         let out = model.forward(x.clone());
         let (pixel_loss, mse) = config.pixel_loss(out.images, x.clone());
         let loss = pixel_loss + out.quantized.loss.clone();
@@ -398,6 +415,7 @@ pub fn train(
             log_line(&mut progress, line);
         }
         progress.step += 1;
+        progress.data_position = images.position();
         after_step(&run, config, options, &model, &optimizer, &progress)?;
     }
     // Usage over the training window too: the held-out set alone is too small to call on
@@ -412,7 +430,7 @@ pub fn train(
         &model,
         &model_config,
         &held_out,
-        train_set.len(),
+        progress.data_position,
         progress.log,
         train_usage,
         &device,
@@ -449,9 +467,10 @@ pub fn finetune_decoder(
     let mut model_config = stage1_config.clone();
     model_config.decoder = config.decoder_config()?;
     model_config.output_sigmoid = config.output_sigmoid;
-    let (train_set, held_out) = images(&upstream, model_config.image_size, pairs_uri)?;
+    let held_out = held_out_images(&upstream, model_config.image_size)?;
     let fresh = Progress {
         step: 0,
+        data_position: 0,
         usage: CodeUsage::new(model_config.quantizer.codebook_size),
         log: String::new(),
     };
@@ -464,9 +483,11 @@ pub fn finetune_decoder(
     .map_err(|e| Error::Data(e.to_string()))?;
     let mut model = frozen.clone();
     model.output_sigmoid = config.output_sigmoid;
+    let mut images =
+        train_config.image_stream(&upstream, model_config.image_size, progress.data_position)?;
     while progress.step < train_config.steps {
         let step = progress.step;
-        let x = train_set.batch(&train_config.batch_indices(step, train_set.len()), &device);
+        let x = images.batch(train_config.batch_size, &device)?;
         // Frozen: the codes carry no gradient back, and the optimizer only sees the decoder.
         let codes = frozen.quantizer.embed(frozen.encode(x.clone())).detach();
         let output = model.patches_to_image(decoder.forward(codes));
@@ -481,6 +502,7 @@ pub fn finetune_decoder(
             log_line(&mut progress, line);
         }
         progress.step += 1;
+        progress.data_position = images.position();
         after_step(&run, train_config, options, &decoder, &optimizer, &progress)?;
     }
     model.decoder = decoder;
@@ -489,7 +511,7 @@ pub fn finetune_decoder(
         &model,
         &model_config,
         &held_out,
-        train_set.len(),
+        progress.data_position,
         progress.log,
         Map::new(),
         &device,

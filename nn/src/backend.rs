@@ -38,6 +38,14 @@ pub fn training_device(spec: &str) -> Result<Device, DeviceError> {
     Ok(device(spec)?.autodiff())
 }
 
+/// Training devices from a comma-separated list (`cuda:0,cuda:1`) for data parallelism on one
+/// machine; the first holds the model between steps.
+pub fn training_devices(spec: &str) -> Result<Vec<Device>, DeviceError> {
+    spec.split(',')
+        .map(|one| training_device(one.trim()))
+        .collect()
+}
+
 // burn-tch is deprecated upstream in favour of CubeCL backends, yet it is the backend the user
 // asked for and the fastest we measured on CPU; 0.22 is pinned so it stays.
 #[cfg(feature = "tch")]

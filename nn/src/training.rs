@@ -6,10 +6,10 @@
 //! optimizer record carries every moment; and the data order and any sampling noise of step `s`
 //! depend only on `(seed, s)`, so nothing about the random stream has to be saved.
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{ModuleOptimizer, OptimizerRecord};
 use burn::store::{BurnpackStore, ModuleSnapshot};
-use burn::tensor::Bytes;
+use burn::tensor::{Bytes, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::de::DeserializeOwned;
@@ -223,4 +223,18 @@ pub fn load_safetensors<M: ModuleSnapshot>(
         )));
     }
     Ok(())
+}
+
+/// Initialises every lazily initialised parameter now, in field order. Burn draws a
+/// parameter's initial values on first use; replicas forked onto several devices and used from
+/// several threads would otherwise race for the generator, and the model would depend on the
+/// thread schedule.
+pub fn materialize<M: Module>(model: &M) {
+    struct Touch;
+    impl ModuleVisitor for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            drop(param.val());
+        }
+    }
+    model.visit(&mut Touch);
 }

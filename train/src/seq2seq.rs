@@ -13,6 +13,7 @@ use burn::grad_clipping::GradientClippingConfig;
 use burn::module::Module;
 use burn::optim::{
     AdafactorConfig, AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer,
+    MultiGradientsParams,
 };
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Bool, Device, Int, Tensor};
@@ -407,6 +408,87 @@ fn example_stream(
     .map_err(|e| Error::Data(format!("{uri}: {e}")))
 }
 
+enum StepGradients {
+    One(GradientsParams),
+    Several(MultiGradientsParams),
+}
+
+/// Gradients of one optimizer step over its micro-batches (examples and CFG drops), and each
+/// micro-batch's loss and token accuracy in order. With several devices (data parallel on one
+/// machine), micro-batch i runs on device i mod n, on a replica forked there, one thread per
+/// device; the optimizer then sums the devices' gradients (Burn's `step_multi`).
+fn step_gradients(
+    model: &Parti,
+    devices: &[Device],
+    micro_batches: &[(Vec<Example>, Vec<bool>)],
+    tokenizer: &TextTokenizer,
+) -> Result<(StepGradients, Vec<(f64, f64)>), Error> {
+    let parts = micro_batches.len() as f64;
+    let run_on = |replica: &Parti, device: &Device, which: usize| {
+        let mut accumulator = GradientsAccumulator::<Parti>::new();
+        let mut losses = Vec::new();
+        for (index, (examples, drop)) in micro_batches.iter().enumerate() {
+            if index % devices.len() != which {
+                continue;
+            }
+            let batch: Vec<&Example> = examples.iter().collect();
+            let (ids, padding) = text_tensors(&batch, tokenizer, device);
+            let drop = Tensor::<1, Bool>::from_data(drop.as_slice(), device);
+            let condition: Condition = replica.condition(ids, padding, Some(drop));
+            let targets = targets_tensor(&batch, device);
+            let (loss, accuracy) =
+                token_loss(replica.forward(targets.clone(), &condition), targets);
+            let scaled = loss.clone().div_scalar(parts);
+            accumulator.accumulate(
+                replica,
+                GradientsParams::from_grads(scaled.backward(), replica),
+            );
+            losses.push((
+                index,
+                loss.into_scalar::<f32>() as f64,
+                accuracy.into_scalar::<f32>() as f64,
+            ));
+        }
+        (accumulator.grads(), losses)
+    };
+    let in_order = |mut losses: Vec<(usize, f64, f64)>| {
+        losses.sort_by_key(|(index, _, _)| *index);
+        losses
+            .into_iter()
+            .map(|(_, loss, accuracy)| (loss, accuracy))
+            .collect()
+    };
+    if devices.len() == 1 {
+        let (grads, losses) = run_on(model, &devices[0], 0);
+        return Ok((StepGradients::One(grads), in_order(losses)));
+    }
+    let replicas: Vec<Parti> = devices.iter().map(|d| model.clone().fork(d)).collect();
+    let results = std::thread::scope(|scope| {
+        let workers: Vec<_> = replicas
+            .iter()
+            .zip(devices)
+            .enumerate()
+            .map(|(which, (replica, device))| scope.spawn(move || run_on(replica, device, which)))
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join())
+            .collect::<Vec<_>>()
+    });
+    let mut grads = Vec::new();
+    let mut losses = Vec::new();
+    for (result, device) in results.into_iter().zip(devices) {
+        let (device_grads, device_losses) =
+            result.map_err(|_| Error::Data("a data-parallel worker thread panicked".into()))?;
+        grads.push((device_grads, device.clone()));
+        losses.extend(device_losses);
+    }
+    Ok((
+        StepGradients::Several(MultiGradientsParams { grads }),
+        in_order(losses),
+    ))
+}
+
 pub fn train_parti(
     config: &Seq2SeqConfig,
     inputs: &Seq2SeqInputs,
@@ -434,8 +516,17 @@ pub fn train_parti(
     }
     info!("{} validation rows", validation.len());
 
-    let device =
-        nn::backend::training_device(&options.device).map_err(|e| Error::Usage(e.to_string()))?;
+    let devices =
+        nn::backend::training_devices(&options.device).map_err(|e| Error::Usage(e.to_string()))?;
+    let device = devices[0].clone();
+    if !config.accumulation.max(1).is_multiple_of(devices.len()) {
+        return Err(Error::Usage(format!(
+            "{} devices share each step's micro-batches: set accumulation to a multiple of {} (it is {})",
+            devices.len(),
+            devices.len(),
+            config.accumulation
+        )));
+    }
     device.seed(config.seed);
     let model_config = PartiConfig::preset(
         &config.model,
@@ -478,6 +569,7 @@ pub fn train_parti(
         )?;
         info!("text encoder initialised from {}", stage.location.uri());
     }
+    training::materialize(&model);
     let fresh = Progress {
         step: 0,
         data_position: 0,
@@ -510,29 +602,22 @@ pub fn train_parti(
         let step = progress.step;
         let mut rng = training::step_rng(config.seed, step);
         let learning_rate = schedule.at(step, config.steps);
-        let mut accumulator = GradientsAccumulator::<Parti>::new();
-        let (mut loss_sum, mut accuracy_sum) = (0.0, 0.0);
-        for _ in 0..config.accumulation.max(1) {
-            let owned = examples
+        let parts = config.accumulation.max(1);
+        let mut micro_batches = Vec::with_capacity(parts);
+        for _ in 0..parts {
+            let batch = examples
                 .next_items(micro)
                 .map_err(|e| Error::Data(format!("{}: {e}", inputs.tokens)))?;
-            let batch: Vec<&Example> = owned.iter().collect();
-            let drop = cfg_drops(&mut rng, micro, config.cfg_dropout);
-            let (ids, padding) = text_tensors(&batch, &tokenizer, &device);
-            let drop = Tensor::<1, Bool>::from_data(drop.as_slice(), &device);
-            let condition: Condition = model.condition(ids, padding, Some(drop));
-            let targets = targets_tensor(&batch, &device);
-            let (loss, accuracy) = token_loss(model.forward(targets.clone(), &condition), targets);
-            let scaled = loss.clone().div_scalar(config.accumulation.max(1) as f64);
-            accumulator.accumulate(
-                &model,
-                GradientsParams::from_grads(scaled.backward(), &model),
-            );
-            loss_sum += loss.into_scalar::<f32>() as f64;
-            accuracy_sum += accuracy.into_scalar::<f32>() as f64;
+            micro_batches.push((batch, cfg_drops(&mut rng, micro, config.cfg_dropout)));
         }
-        model = optimizer.step(learning_rate, model, accumulator.grads());
-        let parts = config.accumulation.max(1) as f64;
+        let (grads, losses) = step_gradients(&model, &devices, &micro_batches, &tokenizer)?;
+        let loss_sum: f64 = losses.iter().map(|(loss, _)| loss).sum();
+        let accuracy_sum: f64 = losses.iter().map(|(_, accuracy)| accuracy).sum();
+        model = match grads {
+            StepGradients::One(grads) => optimizer.step(learning_rate, model, grads),
+            StepGradients::Several(grads) => optimizer.step_multi(learning_rate, model, grads),
+        };
+        let parts = parts as f64;
         if step.is_multiple_of(config.log_every.max(1)) || step + 1 == config.steps {
             let line = json!({"step": step, "learning_rate": learning_rate,
                 "loss": loss_sum / parts, "token_accuracy": accuracy_sum / parts});
@@ -552,9 +637,10 @@ pub fn train_parti(
         }
     }
 
-    let model = model.valid();
-    let eval_device =
-        nn::backend::device(&options.device).map_err(|e| Error::Usage(e.to_string()))?;
+    // With several devices the optimizer leaves each parameter where its gradients met.
+    let model = model.fork(&device).valid();
+    let first_device = options.device.split(',').next().unwrap_or_default().trim();
+    let eval_device = nn::backend::device(first_device).map_err(|e| Error::Usage(e.to_string()))?;
     let (val_loss, val_accuracy) = validate(&model, &validation, &tokenizer, &eval_device);
     let val_perplexity = val_loss.exp();
     info!(

@@ -245,4 +245,35 @@ fn stopped_text_encoder_and_parti_runs_resume_exactly() {
         assert!(whole.metrics[name].as_f64().unwrap().is_finite(), "{name}");
     }
     assert!(dir.path().join("parti-whole/loss.png").exists());
+
+    // Data parallel over two devices (here the CPU twice, so it runs without GPUs): the two
+    // micro-batches of each step go to different replicas and the optimizer sums their
+    // gradients, which must give exactly the single-device run.
+    let parallel = Seq2SeqOptions {
+        device: "cpu,cpu".into(),
+        ..options("parti-parallel", None)
+    };
+    let parallel_manifest = train_parti(&config, &inputs, &parallel).unwrap();
+    assert_eq!(
+        artifact_text(&dir.path().join("parti-whole"), "metrics.jsonl"),
+        artifact_text(&dir.path().join("parti-parallel"), "metrics.jsonl")
+    );
+    assert_eq!(
+        whole.metrics["val_loss"],
+        parallel_manifest.metrics["val_loss"]
+    );
+    let odd = Seq2SeqConfig {
+        accumulation: 3,
+        ..config.clone()
+    };
+    let error = train_parti(
+        &odd,
+        &inputs,
+        &Seq2SeqOptions {
+            device: "cpu,cpu".into(),
+            ..options("parti-odd-parallel", None)
+        },
+    )
+    .unwrap_err();
+    assert!(error.to_string().contains("multiple of 2"), "{error}");
 }

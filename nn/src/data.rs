@@ -91,6 +91,24 @@ impl<'a, R> Epoch<'a, R> {
         self.buffer.len() <= shuffle_buffer && self.next_shard < self.shard_order.len()
     }
 
+    /// Tops the buffer up with the next shards' row references (no row read).
+    fn fill_references(&mut self, shuffle_buffer: usize) {
+        while self.needs_shard(shuffle_buffer) {
+            if let Some((shard, rows)) = self.take_shard() {
+                self.buffer
+                    .extend(rows.into_iter().map(|row| (RowRef { shard, row }, None)));
+            }
+        }
+    }
+
+    /// Replays the first `count` emissions of the epoch on references alone.
+    fn skip(&mut self, count: u64, shuffle_buffer: usize) {
+        for _ in 0..count {
+            self.fill_references(shuffle_buffer);
+            self.pick();
+        }
+    }
+
     /// Removes the next row to emit (the buffer must hold one).
     fn pick(&mut self) -> (RowRef, Option<R>) {
         let index = self.picks.random_range(0..self.buffer.len());
@@ -116,24 +134,14 @@ pub fn row_order(
     while out.len() < count {
         let (epoch, offset) = (position / total, position % total);
         let mut order = Epoch::<()>::new(sizes, seed, epoch);
-        let mut emitted = 0u64;
+        order.skip(offset, shuffle_buffer);
         loop {
-            while order.needs_shard(shuffle_buffer) {
-                if let Some((shard, rows)) = order.take_shard() {
-                    order
-                        .buffer
-                        .extend(rows.into_iter().map(|row| (RowRef { shard, row }, None)));
-                }
-            }
+            order.fill_references(shuffle_buffer);
             if order.buffer.is_empty() || out.len() == count {
                 break;
             }
-            let (row, _) = order.pick();
-            if emitted >= offset {
-                out.push(row);
-                position += 1;
-            }
-            emitted += 1;
+            out.push(order.pick().0);
+            position += 1;
         }
     }
     out
@@ -237,28 +245,14 @@ fn read<R, T>(
     loop {
         let (epoch, offset) = (position / total, position % total);
         let mut order = Epoch::<R>::new(sizes, config.seed, epoch);
-        // Replay the epoch up to the start on references alone.
-        for _ in 0..offset {
-            while order.needs_shard(config.shuffle_buffer) {
-                if let Some((shard, rows)) = order.take_shard() {
-                    order
-                        .buffer
-                        .extend(rows.into_iter().map(|row| (RowRef { shard, row }, None)));
-                }
-            }
-            order.pick();
-        }
+        order.skip(offset, config.shuffle_buffer);
         // Load the rows the buffer holds at that point, one shard read each.
         let mut wanted: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
         for (index, (row, _)) in order.buffer.iter().enumerate() {
             wanted.entry(row.shard).or_default().push(index);
         }
         for (shard, indices) in wanted {
-            let mut rows: Vec<Option<R>> = load(shard)
-                .map_err(StreamError::Data)?
-                .into_iter()
-                .map(Some)
-                .collect();
+            let mut rows = load_rows(load, shard)?;
             for index in indices {
                 let row = order.buffer[index].0.row;
                 order.buffer[index].1 = Some(take_row(&mut rows, shard, row)?);
@@ -267,11 +261,7 @@ fn read<R, T>(
         loop {
             while order.needs_shard(config.shuffle_buffer) {
                 if let Some((shard, order_rows)) = order.take_shard() {
-                    let mut rows: Vec<Option<R>> = load(shard)
-                        .map_err(StreamError::Data)?
-                        .into_iter()
-                        .map(Some)
-                        .collect();
+                    let mut rows = load_rows(load, shard)?;
                     for row in order_rows {
                         let raw = take_row(&mut rows, shard, row)?;
                         order.buffer.push((RowRef { shard, row }, Some(raw)));
@@ -291,6 +281,36 @@ fn read<R, T>(
             }
         }
     }
+}
+
+/// A shard's rows, each taken out once it enters the buffer.
+fn load_rows<R>(
+    load: &dyn Fn(usize) -> Result<Vec<R>, String>,
+    shard: usize,
+) -> Result<Vec<Option<R>>, StreamError> {
+    Ok(load(shard)
+        .map_err(StreamError::Data)?
+        .into_iter()
+        .map(Some)
+        .collect())
+}
+
+/// Rows per shard as a manifest lists them; a shard without a count is an error naming it.
+pub fn shard_sizes(
+    manifest_uri: &str,
+    shards: &[manifests::Artifact],
+) -> Result<Vec<usize>, StreamError> {
+    shards
+        .iter()
+        .map(|shard| {
+            shard.rows.map(|rows| rows as usize).ok_or_else(|| {
+                StreamError::Data(format!(
+                    "{manifest_uri}: the manifest gives no row count for {}",
+                    shard.uri
+                ))
+            })
+        })
+        .collect()
 }
 
 fn take_row<R>(rows: &mut [Option<R>], shard: usize, row: usize) -> Result<R, StreamError> {

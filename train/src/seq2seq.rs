@@ -382,14 +382,7 @@ fn example_stream(
 ) -> Result<RowStream<Example>, Error> {
     let uri = tokens.location.uri();
     let shards = token_shards(tokens);
-    let sizes = shards
-        .iter()
-        .map(|a| {
-            a.rows.map(|rows| rows as usize).ok_or_else(|| {
-                Error::Data(format!("{uri}: no row count for the token shard {}", a.uri))
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let sizes = nn::data::shard_sizes(&uri, &shards).map_err(|e| Error::Data(e.to_string()))?;
     let (reader, tokenizer, decode_uri) = (tokens.clone(), tokenizer.clone(), uri.clone());
     RowStream::spawn(
         sizes,

@@ -172,18 +172,8 @@ impl ImageStream {
             .into_iter()
             .cloned()
             .collect();
-        let sizes = artifacts
-            .iter()
-            .map(|a| {
-                a.rows.map(|rows| rows as usize).ok_or_else(|| {
-                    Error::Data(format!(
-                        "{}: the pairs manifest gives no row count for {}",
-                        upstream.location.uri(),
-                        a.uri
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let sizes = nn::data::shard_sizes(&upstream.location.uri(), &artifacts)
+            .map_err(|e| Error::Data(e.to_string()))?;
         let reader = upstream.clone();
         let rows = RowStream::spawn(
             sizes,

@@ -1,7 +1,8 @@
 //! ViT-VQGAN (Yu et al. 2021, as Parti used it): a ViT encoder over 8x8 patches, a factorised
 //! l2-normalised codebook, and a ViT decoder back to pixels.
 //!
-//! - [`model`]: the network; [`quantize`]: the codebook lookup, usage and dead-code restarts.
+//! - [`model`]: the network; [`quantize`]: the codebook lookup, usage and dead-code restarts;
+//!   [`loss`]: pixel, perceptual and adversarial terms (with the discriminator).
 //! - [`train`]: `vqgan train` (stage 1 on an ingest pairs manifest, [`data`] loads it) and
 //!   `vqgan finetune-decoder` (stage 2); [`eval`]: PSNR/SSIM/usage and the reconstruction grid.
 //! - [`encode`]: pairs shards -> token shards, `vqgan reconstruct` and `vqgan decode`.
@@ -10,6 +11,7 @@ pub mod bench;
 pub mod data;
 pub mod encode;
 pub mod eval;
+pub mod loss;
 pub mod model;
 pub mod quantize;
 pub mod train;

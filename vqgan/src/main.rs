@@ -59,6 +59,10 @@ struct TrainingArgs {
     /// the same command later resumes exactly where it stopped.
     #[arg(long)]
     stop_after: Option<usize>,
+    /// torchvision VGG-16 weights as safetensors (`features.N.weight/bias`, optionally LPIPS's
+    /// `linK.model.1.weight`) for the perceptual loss; without it that term is off.
+    #[arg(long, value_name = "FILE.safetensors")]
+    vgg16: Option<String>,
 }
 
 impl TrainingArgs {
@@ -73,6 +77,7 @@ impl TrainingArgs {
             device: self.device.clone(),
             force: self.stage.force,
             stop_after: self.stop_after,
+            vgg16: self.vgg16.clone(),
         }
     }
 

@@ -207,6 +207,8 @@ pub struct VitVqgan {
 pub struct Reconstruction {
     /// `[batch, 3, size, size]`
     pub images: Tensor<4>,
+    /// The decoder's output before the sigmoid (the images themselves without one).
+    pub logits: Tensor<4>,
     pub quantized: Quantized,
 }
 
@@ -252,12 +254,17 @@ impl VitVqgan {
 
     /// Decoder output -> images (through the sigmoid when the config keeps it).
     pub fn patches_to_image(&self, patches: Tensor<3>) -> Tensor<4> {
-        let patches = if self.output_sigmoid {
-            sigmoid(patches)
+        self.output(patches).0
+    }
+
+    /// Decoder output -> (images, logits): the logits are the output before the sigmoid.
+    pub fn output(&self, patches: Tensor<3>) -> (Tensor<4>, Tensor<4>) {
+        let logits = self.unpatchify(patches);
+        if self.output_sigmoid {
+            (sigmoid(logits.clone()), logits)
         } else {
-            patches
-        };
-        self.unpatchify(patches)
+            (logits.clone(), logits)
+        }
     }
 
     /// Images in [0, 1] -> unquantised codes `[batch, tokens, code_dim]`. Pixels are centred to
@@ -272,8 +279,12 @@ impl VitVqgan {
     pub fn forward(&self, images: Tensor<4>) -> Reconstruction {
         let z = self.encode_continuous(images);
         let quantized = self.quantizer.forward(z);
-        let images = self.patches_to_image(self.decoder.forward(quantized.codes.clone()));
-        Reconstruction { images, quantized }
+        let (images, logits) = self.output(self.decoder.forward(quantized.codes.clone()));
+        Reconstruction {
+            images,
+            logits,
+            quantized,
+        }
     }
 
     /// Images -> token grid `[batch, grid * grid]`.

@@ -1,7 +1,8 @@
 //! `vqgan train` (stage 1 on an `ingest pairs` manifest) and `vqgan finetune-decoder` (Parti's
 //! stage 2: encoder and codebook frozen, a larger decoder trained alone).
 //!
-//! Both: AdamW with warm-up and cosine decay, gradient clipping, L2 (+ optional L1) pixel loss,
+//! Both: AdamW with warm-up and cosine decay, gradient clipping, the [`crate::loss`] objective
+//! (pixel terms, VGG-16 perceptual term, adversarial term with its discriminator),
 //! checkpoints every N steps in the run's work folder, and an exact resume of a killed run (same
 //! command, same config: it continues from the last checkpoint and ends with the same weights
 //! and losses as an uninterrupted run). Held-out PSNR and codebook usage, the weights
@@ -22,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::data::{self, ImageSet, ImageStream};
 use crate::eval::{self, reconstruction_grid};
+use crate::loss::{GeneratorLoss, LossConfig, Objective, Vgg16Features, WithCritic};
 use crate::model::{VitConfig, VitVqgan, VitVqganConfig};
 use crate::quantize::CodeUsage;
 use crate::{Error, load_vqgan, tool};
@@ -46,10 +48,7 @@ pub struct TrainConfig {
     pub beta2: f64,
     pub weight_decay: f64,
     pub grad_clip_norm: f32,
-    /// Weight of the mean squared pixel error.
-    pub l2_weight: f64,
-    /// Weight of the mean absolute pixel error (0: off). Sharper edges than L2 alone.
-    pub l1_weight: f64,
+    pub loss: LossConfig,
     /// Check for dead codes every this many steps (0: never) ...
     pub restart_every: usize,
     /// ... a code is dead when no batch of the last `restart_window` steps chose it ...
@@ -84,8 +83,7 @@ impl TrainConfig {
             beta2: 0.99,
             weight_decay: 1e-4,
             grad_clip_norm: 1.0,
-            l2_weight: 1.0,
-            l1_weight: 0.0,
+            loss: LossConfig::paper(),
             restart_every: 100,
             restart_window: 1000,
             restart_until: 400_000,
@@ -102,7 +100,18 @@ impl TrainConfig {
                 learning_rate: 5e-4,
                 final_learning_rate: 2e-5,
                 warmup_steps: 50,
-                l1_weight: 1.0,
+                loss: LossConfig {
+                    l1_weight: 1.0,
+                    // Off: 64 px tiles of flat colour have little texture to model in logit space.
+                    logit_laplace_weight: 0.0,
+                    // Off: on 2 CPU cores even a 32-channel critic costs ~30x the tiny
+                    // tokenizer's step. `[loss] adversarial_weight = 0.1` turns it on.
+                    adversarial_weight: 0.0,
+                    adversarial_start: 750,
+                    discriminator_channels: 32,
+                    discriminator_max_channels: 128,
+                    ..LossConfig::paper()
+                },
                 restart_every: 10,
                 restart_window: 50,
                 restart_until: 1200,
@@ -165,16 +174,6 @@ impl TrainConfig {
         };
         ImageStream::open(upstream, size, config, position)
     }
-
-    fn pixel_loss(&self, output: Tensor<4>, target: Tensor<4>) -> (Tensor<1>, Tensor<1>) {
-        let error = output - target;
-        let mse = error.clone().powi_scalar(2).mean();
-        let mut loss = mse.clone().mul_scalar(self.l2_weight);
-        if self.l1_weight > 0.0 {
-            loss = loss + error.abs().mean().mul_scalar(self.l1_weight);
-        }
-        (loss, mse)
-    }
 }
 
 /// Parti's stage 2: which larger decoder to train on the frozen stage-1 encoder and codebook.
@@ -192,8 +191,11 @@ impl FinetuneConfig {
     pub fn preset(name: &str) -> Result<FinetuneConfig, Error> {
         let mut train = TrainConfig::preset(name)?;
         train.restart_every = 0;
+        // Parti's fine-tuned decoder outputs raw RGB: no sigmoid, so no logit-Laplace term.
+        train.loss.logit_laplace_weight = 0.0;
         let decoder = if name == "tiny" {
-            train.steps = 400;
+            // A new decoder learns from scratch: at 400 steps it was 3 dB behind stage 1.
+            train.steps = 1000;
             "tiny-large"
         } else {
             "large"
@@ -229,6 +231,9 @@ pub struct TrainOptions {
     /// Stop (with a checkpoint) once this many steps are done, as a time-limited batch job
     /// would be stopped; the same command later resumes. `None`: run to the end.
     pub stop_after: Option<usize>,
+    /// torchvision VGG-16 weights as safetensors (local path or bucket URI), for the
+    /// perceptual term; without them the term is off and the run says so.
+    pub vgg16: Option<String>,
 }
 
 /// What a checkpoint holds besides the model and optimizer records.
@@ -352,6 +357,136 @@ fn held_out_images(upstream: &manifests::Upstream, size: usize) -> Result<ImageS
     Ok(held_out)
 }
 
+/// The VGG-16 file, read and recorded as an input (another file reruns the stage), when the
+/// perceptual term is on; `status` says what the run did about the term, for its manifest.
+fn perceptual_input(
+    run: &mut StageRun,
+    loss: &LossConfig,
+    vgg16: Option<&str>,
+) -> Result<(Option<(String, Bytes)>, String), Error> {
+    match (vgg16, loss.perceptual_weight > 0.0) {
+        (Some(uri), true) => {
+            let bytes = manifests::Location::parse(uri)?.get()?;
+            run.source_input("vgg16", uri, manifests::digest_bytes(&bytes));
+            Ok((Some((uri.to_string(), bytes)), "on".into()))
+        }
+        (None, true) => {
+            warn!(
+                "perceptual loss off: no --vgg16 file (torchvision VGG-16 weights as safetensors) was given"
+            );
+            Ok((None, "off: no --vgg16 file".into()))
+        }
+        (Some(uri), false) => {
+            warn!("{uri} not used: loss.perceptual_weight is 0");
+            Ok((None, "off: weight 0".into()))
+        }
+        (None, false) => Ok((None, "off: weight 0".into())),
+    }
+}
+
+fn objective(
+    loss: &LossConfig,
+    vgg16: Option<(String, Bytes)>,
+    device: &Device,
+) -> Result<Objective, Error> {
+    let perceptual = match vgg16 {
+        Some((uri, bytes)) => {
+            let vgg = Vgg16Features::from_safetensors(&bytes, &uri, device)?;
+            info!(
+                "perceptual loss on: VGG-16 from {uri}{}",
+                if vgg.has_lpips_weights() {
+                    " with LPIPS channel weights"
+                } else {
+                    ""
+                }
+            );
+            Some(vgg)
+        }
+        None => None,
+    };
+    Ok(Objective {
+        config: loss.clone(),
+        perceptual,
+    })
+}
+
+/// The trained module with its discriminator (when the adversarial term is on), the optimizer
+/// and the loop's progress: from the run's last checkpoint, or fresh.
+fn resume<M>(
+    run: &StageRun,
+    config: &TrainConfig,
+    model: M,
+    model_config: &VitVqganConfig,
+    device: &Device,
+) -> Result<(WithCritic<M>, ModuleOptimizer, Progress), Error>
+where
+    WithCritic<M>: Module,
+{
+    let fresh = Progress {
+        step: 0,
+        data_position: 0,
+        usage: CodeUsage::new(model_config.quantizer.codebook_size),
+        log: String::new(),
+    };
+    let trainee = WithCritic {
+        model,
+        critic: config
+            .loss
+            .discriminator(model_config.image_size)
+            .map(|d| d.init(device)),
+    };
+    training::resume(run, trainee, config.optimizer(), fresh)
+        .map_err(|e| Error::Data(e.to_string()))
+}
+
+/// The step's discriminator update on real images and the generator's (detached) output, when
+/// the adversarial term counts; returns its loss for the log.
+fn critic_step<M>(
+    objective: &Objective,
+    optimizer: &mut ModuleOptimizer,
+    trainee: WithCritic<M>,
+    real: Tensor<4>,
+    fake: Tensor<4>,
+    learning_rate: f64,
+    step: usize,
+) -> (WithCritic<M>, Option<f32>)
+where
+    WithCritic<M>: Module,
+{
+    let Some(critic) = trainee
+        .critic
+        .as_ref()
+        .filter(|_| objective.config.adversarial_at(step))
+    else {
+        return (trainee, None);
+    };
+    let loss = objective.discriminator(critic, real, fake);
+    let grads = GradientsParams::from_grads(loss.backward(), critic);
+    let trainee = optimizer.step(learning_rate, trainee, grads);
+    (trainee, Some(loss.into_scalar::<f32>()))
+}
+
+/// One metrics line: step, rate, every loss term, and what the caller adds.
+fn step_line(
+    step: usize,
+    learning_rate: f64,
+    loss: &GeneratorLoss,
+    critic_loss: Option<f32>,
+    extra: Value,
+) -> Value {
+    let mse = loss.mse.clone().into_scalar::<f32>() as f64;
+    let mut line = json!({"step": step, "learning_rate": learning_rate,
+        "loss": loss.total.clone().into_scalar::<f32>(), "mse": mse, "psnr_db": psnr_db(mse)});
+    if let (Value::Object(map), Value::Object(extra)) = (&mut line, extra) {
+        map.extend(loss.logged());
+        map.extend(extra);
+        if let Some(d) = critic_loss {
+            map.insert("discriminator".into(), json!(d));
+        }
+    }
+    line
+}
+
 pub fn train(
     config: &TrainConfig,
     pairs_uri: &str,
@@ -359,8 +494,10 @@ pub fn train(
 ) -> Result<Manifest, Error> {
     let started = Instant::now();
     let model_config = config.model_config()?;
+    config.loss.check(model_config.output_sigmoid)?;
     let mut run = StageRun::new(STAGE, tool(), &options.out, config, ShardSpec::single())?;
     let upstream = run.upstream("pairs", pairs_uri)?;
+    let (vgg16, perceptual) = perceptual_input(&mut run, &config.loss, options.vgg16.as_deref())?;
     if let Some(existing) = run.begin(options.force)? {
         return Ok(existing);
     }
@@ -368,28 +505,40 @@ pub fn train(
     let device =
         nn::backend::training_device(&options.device).map_err(|e| Error::Usage(e.to_string()))?;
     device.seed(config.seed);
-    let codebook_size = model_config.quantizer.codebook_size;
-    let fresh = Progress {
-        step: 0,
-        data_position: 0,
-        usage: CodeUsage::new(codebook_size),
-        log: String::new(),
-    };
-    let (mut model, mut optimizer, mut progress) =
-        training::resume(&run, model_config.init(&device), config.optimizer(), fresh)
-            .map_err(|e| Error::Data(e.to_string()))?;
+    let objective = objective(&config.loss, vgg16, &device)?;
+    let (mut trainee, mut optimizer, mut progress) = resume(
+        &run,
+        config,
+        model_config.init(&device),
+        &model_config,
+        &device,
+    )?;
     let mut images =
         config.image_stream(&upstream, model_config.image_size, progress.data_position)?;
 
     while progress.step < config.steps {
         let step = progress.step;
         let x = images.batch(config.batch_size, &device)?;
-        let out = model.forward(x.clone());
-        let (pixel_loss, mse) = config.pixel_loss(out.images, x.clone());
-        let loss = pixel_loss + out.quantized.loss.clone();
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let out = trainee.model.forward(x.clone());
+        let critic = trainee
+            .critic
+            .as_ref()
+            .filter(|_| config.loss.adversarial_at(step));
+        let loss = objective.generator(out.images.clone(), out.logits, x.clone(), critic);
+        let total = loss.total.clone() + out.quantized.loss.clone();
+        let grads = GradientsParams::from_grads(total.backward(), &trainee.model);
         let learning_rate = config.learning_rate_at(step);
-        model = optimizer.step(learning_rate, model, grads);
+        trainee = optimizer.step(learning_rate, trainee, grads);
+        let critic_loss;
+        (trainee, critic_loss) = critic_step(
+            &objective,
+            &mut optimizer,
+            trainee,
+            x.clone(),
+            out.images,
+            learning_rate,
+            step,
+        );
         progress.usage.record(&out.quantized.indices, step);
 
         let restart = config.restart_every > 0
@@ -400,39 +549,38 @@ pub fn train(
         if restart {
             let dead = progress.usage.dead(step, config.restart_window);
             if dead.iter().any(|d| *d) {
-                let z = model.encode_continuous(x);
-                restarted = model.quantizer.restart_dead_codes(z, &dead);
+                let z = trainee.model.encode_continuous(x);
+                restarted = trainee.model.quantizer.restart_dead_codes(z, &dead);
                 progress.usage.mark_restarted(&dead, step);
             }
         }
         if step.is_multiple_of(config.log_every.max(1)) || step + 1 == config.steps {
-            let mse = mse.into_scalar::<f32>() as f64;
-            let line = json!({"step": step, "learning_rate": learning_rate,
-                "loss": loss.into_scalar::<f32>(), "mse": mse, "psnr_db": psnr_db(mse),
-                "vq_loss": out.quantized.loss.into_scalar::<f32>(),
+            let extra = json!({"vq_loss": out.quantized.loss.into_scalar::<f32>(),
                 "codebook_usage": progress.usage.share(step, config.restart_window),
                 "perplexity": progress.usage.take_counts(), "restarted": restarted});
+            let line = step_line(step, learning_rate, &loss, critic_loss, extra);
             log_line(&mut progress, line);
         }
         progress.step += 1;
         progress.data_position = images.position();
-        after_step(&run, config, options, &model, &optimizer, &progress)?;
+        after_step(&run, config, options, &trainee, &optimizer, &progress)?;
     }
     // Usage over the training window too: the held-out set alone is too small to call on
     // every code of a large codebook.
-    let mut train_usage = Map::new();
-    train_usage.insert(
+    let mut metrics = Map::new();
+    metrics.insert(
         "train_codebook_usage".into(),
         json!(progress.usage.share(config.steps, config.restart_window)),
     );
+    metrics.insert("perceptual_loss".into(), json!(perceptual));
     publish(
         &run,
-        &model,
+        &trainee.model,
         &model_config,
         &held_out,
         progress.data_position,
         progress.log,
-        train_usage,
+        metrics,
         &device,
         started,
     )
@@ -448,6 +596,7 @@ pub fn finetune_decoder(
 ) -> Result<Manifest, Error> {
     let started = Instant::now();
     let train_config = &config.train;
+    train_config.loss.check(config.output_sigmoid)?;
     let mut run = StageRun::new(
         FINETUNE_STAGE,
         tool(),
@@ -457,30 +606,27 @@ pub fn finetune_decoder(
     )?;
     let stage1 = run.upstream("vqgan", vqgan_uri)?;
     let upstream = run.upstream("pairs", pairs_uri)?;
+    let (vgg16, perceptual) =
+        perceptual_input(&mut run, &train_config.loss, options.vgg16.as_deref())?;
     if let Some(existing) = run.begin(options.force)? {
         return Ok(existing);
     }
     let device =
         nn::backend::training_device(&options.device).map_err(|e| Error::Usage(e.to_string()))?;
     device.seed(train_config.seed);
+    let objective = objective(&train_config.loss, vgg16, &device)?;
     let (stage1_config, frozen) = load_vqgan(&stage1, &device)?;
     let mut model_config = stage1_config.clone();
     model_config.decoder = config.decoder_config()?;
     model_config.output_sigmoid = config.output_sigmoid;
     let held_out = held_out_images(&upstream, model_config.image_size)?;
-    let fresh = Progress {
-        step: 0,
-        data_position: 0,
-        usage: CodeUsage::new(model_config.quantizer.codebook_size),
-        log: String::new(),
-    };
-    let (mut decoder, mut optimizer, mut progress) = training::resume(
+    let (mut trainee, mut optimizer, mut progress) = resume(
         &run,
+        train_config,
         model_config.decoder_init(&device),
-        train_config.optimizer(),
-        fresh,
-    )
-    .map_err(|e| Error::Data(e.to_string()))?;
+        &model_config,
+        &device,
+    )?;
     let mut model = frozen.clone();
     model.output_sigmoid = config.output_sigmoid;
     let mut images =
@@ -496,22 +642,36 @@ pub fn finetune_decoder(
                 .quantizer
                 .embed(frozen_encoder.encode(x.clone().inner())),
         );
-        let output = model.patches_to_image(decoder.forward(codes));
-        let (loss, mse) = train_config.pixel_loss(output, x);
-        let grads = GradientsParams::from_grads(loss.backward(), &decoder);
+        let (output, logits) = model.output(trainee.model.forward(codes));
+        let critic = trainee
+            .critic
+            .as_ref()
+            .filter(|_| train_config.loss.adversarial_at(step));
+        let loss = objective.generator(output.clone(), logits, x.clone(), critic);
+        let grads = GradientsParams::from_grads(loss.total.backward(), &trainee.model);
         let learning_rate = train_config.learning_rate_at(step);
-        decoder = optimizer.step(learning_rate, decoder, grads);
+        trainee = optimizer.step(learning_rate, trainee, grads);
+        let critic_loss;
+        (trainee, critic_loss) = critic_step(
+            &objective,
+            &mut optimizer,
+            trainee,
+            x,
+            output,
+            learning_rate,
+            step,
+        );
         if step.is_multiple_of(train_config.log_every.max(1)) || step + 1 == train_config.steps {
-            let mse = mse.into_scalar::<f32>() as f64;
-            let line = json!({"step": step, "learning_rate": learning_rate,
-                "loss": loss.into_scalar::<f32>(), "mse": mse, "psnr_db": psnr_db(mse)});
+            let line = step_line(step, learning_rate, &loss, critic_loss, json!({}));
             log_line(&mut progress, line);
         }
         progress.step += 1;
         progress.data_position = images.position();
-        after_step(&run, train_config, options, &decoder, &optimizer, &progress)?;
+        after_step(&run, train_config, options, &trainee, &optimizer, &progress)?;
     }
-    model.decoder = decoder;
+    model.decoder = trainee.model;
+    let mut metrics = Map::new();
+    metrics.insert("perceptual_loss".into(), json!(perceptual));
     publish(
         &run,
         &model,
@@ -519,7 +679,7 @@ pub fn finetune_decoder(
         &held_out,
         progress.data_position,
         progress.log,
-        Map::new(),
+        metrics,
         &device,
         started,
     )

@@ -3,6 +3,8 @@
 //! result; decoder fine-tuning leaves encoder and codebook bit-identical; encode/decode and
 //! reconstruct work on what train wrote.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
@@ -13,6 +15,7 @@ use burn::module::Module;
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use manifests::Upstream;
 use vqgan::encode::{self, EncodeConfig};
+use vqgan::loss::LossConfig;
 use vqgan::train::{FinetuneConfig, TrainConfig, TrainOptions, finetune_decoder, train};
 use vqgan::{Error, VitVqganConfig, load_vqgan};
 
@@ -69,7 +72,10 @@ fn named_tensors<M: ModuleSnapshot>(module: &M) -> Vec<(String, TensorData)> {
 /// tests doing so at once would interleave their draws.
 static TRAINING: Mutex<()> = Mutex::new(());
 
+/// A few steps of the tiny preset; the adversarial term (with a narrow discriminator) starts
+/// at step 3, so a resume across it must restore the discriminator and its optimizer state.
 fn small_config(steps: usize) -> TrainConfig {
+    let tiny = TrainConfig::preset("tiny").unwrap();
     TrainConfig {
         steps,
         batch_size: 4,
@@ -79,7 +85,13 @@ fn small_config(steps: usize) -> TrainConfig {
         restart_until: steps,
         checkpoint_every: 2,
         log_every: 1,
-        ..TrainConfig::preset("tiny").unwrap()
+        loss: LossConfig {
+            adversarial_start: 3,
+            discriminator_channels: 8,
+            discriminator_max_channels: 16,
+            ..tiny.loss.clone()
+        },
+        ..tiny
     }
 }
 
@@ -89,6 +101,7 @@ fn options(out: &Path, stop_after: Option<usize>) -> TrainOptions {
         device: "cpu".into(),
         force: false,
         stop_after,
+        vgg16: None,
     }
 }
 
@@ -110,8 +123,17 @@ fn trains_from_an_ingest_manifest_and_writes_loadable_weights() {
     let pairs = pairs(dir.path(), 40);
     let out = dir.path().join("vqgan");
     let vqgan = env!("CARGO_BIN_EXE_vqgan");
+    // Random weights of VGG-16's shapes: the perceptual term runs as with torchvision's.
+    let vgg16 = dir.path().join("vgg16.safetensors");
+    std::fs::write(
+        &vgg16,
+        common::safetensors_bytes(&common::random_vgg16(7, "", None)),
+    )
+    .unwrap();
     let args = [
         "train",
+        "--vgg16",
+        vgg16.to_str().unwrap(),
         "--pairs",
         &pairs,
         "--out",
@@ -131,6 +153,17 @@ fn trains_from_an_ingest_manifest_and_writes_loadable_weights() {
     assert!(psnr.is_finite() && psnr > 0.0, "{metrics:?}");
     assert!(usage > 0.0 && usage <= 1.0, "{metrics:?}");
     assert!(ssim > -1.0 && ssim <= 1.0, "{metrics:?}");
+    assert_eq!(metrics["perceptual_loss"], "on", "{metrics:?}");
+    assert!(
+        stage
+            .manifest
+            .inputs
+            .iter()
+            .any(|i| i.name == "vgg16" && !i.digest.is_empty()),
+        "the VGG-16 file is not recorded as an input"
+    );
+    let log = String::from_utf8(artifact_bytes(&out, "metrics.jsonl")).unwrap();
+    assert!(log.lines().all(|l| l.contains("\"perceptual\"")), "{log}");
     assert_eq!(
         stage.manifest.inputs[0].stage.as_deref(),
         Some("ingest.pairs")
@@ -185,6 +218,15 @@ fn a_stopped_run_resumes_to_exactly_the_uninterrupted_result() {
     let (whole_log, resumed_log) = (log(&whole), log(&resumed));
     assert_eq!(whole_log.lines().count(), 7, "{whole_log}");
     assert_eq!(whole_log, resumed_log, "losses differ after resuming");
+    for (step, line) in whole_log.lines().enumerate() {
+        let adversarial = line.contains("\"discriminator\"") && line.contains("\"adversarial\"");
+        assert_eq!(adversarial, step >= 3, "step {step}: {line}");
+    }
+    let (stage, _) = Upstream::read(whole.to_str().unwrap()).unwrap();
+    assert_eq!(
+        stage.manifest.metrics["perceptual_loss"],
+        "off: no --vgg16 file"
+    );
     let device = nn::backend::device("cpu").unwrap();
     let weights = |dir: &Path| {
         let (stage, _) = Upstream::read(dir.to_str().unwrap()).unwrap();
@@ -209,6 +251,7 @@ fn decoder_finetuning_freezes_encoder_and_codebook_and_encode_decode_round_trips
     let mut config = FinetuneConfig::preset("tiny").unwrap();
     config.train = small_config(3);
     config.train.restart_every = 0;
+    config.train.loss.adversarial_start = 1;
     let stage2 = dir.path().join("stage2");
     finetune_decoder(
         &config,

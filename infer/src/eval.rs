@@ -101,6 +101,32 @@ pub fn read_picture(rgb: &[u8], size: usize) -> Option<Reading> {
     })
 }
 
+/// The single object a shapes caption describes (paraphrases included), `None` for two
+/// objects or a caption that is not from the shapes data.
+pub fn caption_object(caption: &str) -> Option<Object> {
+    if caption.contains(" and ") {
+        return None;
+    }
+    let mut best: Option<(usize, Object)> = None;
+    for color in 0..COLORS.len() {
+        for shape in 0..SHAPES.len() {
+            for position in 0..POSITIONS.len() {
+                let object = Object {
+                    color,
+                    shape,
+                    position,
+                };
+                // "at the top" is inside "at the top left": the longest description wins.
+                let text = describe(&object);
+                if caption.contains(&text) && best.is_none_or(|(len, _)| text.len() > len) {
+                    best = Some((text.len(), object));
+                }
+            }
+        }
+    }
+    best.map(|(_, object)| object)
+}
+
 /// Prompts covering every colour, shape and position at least once: `count` objects, spread
 /// over the grid of all combinations by a fixed stride.
 pub fn eval_objects(count: usize) -> Vec<Object> {

@@ -13,7 +13,7 @@ pub mod serve;
 use std::time::Instant;
 
 use bytes::Bytes;
-use manifests::{Location, Manifest, ShardSpec, StageRun, Tool};
+use manifests::{Location, Manifest, ShardSpec, StageRun, Tool, Upstream};
 use serde_json::{Map, json};
 use tracing::info;
 
@@ -122,6 +122,54 @@ impl Default for EvalConfig {
     }
 }
 
+/// Held-out single-object images of the data the model was trained on, encoded and decoded by
+/// its VQGAN and read by the same scorer: what a perfect transformer could reach, since it
+/// can only write tokens this tokenizer decodes. `None` when the lineage has no pairs data
+/// or no single-object captions.
+fn tokenizer_ceiling(
+    generator: &Generator,
+    parti_uri: &str,
+) -> Result<Option<eval::Accuracy>, Error> {
+    let (parti, _) = Upstream::read(parti_uri)?;
+    let Some(tokens) = sample::input_of(&parti, "tokens") else {
+        return Ok(None);
+    };
+    let (tokens, _) = Upstream::read(&tokens)?;
+    let Some(pairs) = sample::input_of(&tokens, "pairs") else {
+        return Ok(None);
+    };
+    let (pairs, _) = Upstream::read(&pairs)?;
+    let size = generator.vqgan_config.image_size;
+    let (held_out, _) = vqgan::data::held_out(&pairs, size, CEILING_IMAGES)?;
+    let (indices, objects): (Vec<usize>, Vec<_>) = (0..held_out.len())
+        .filter_map(|i| eval::caption_object(&held_out.captions[i]).map(|o| (i, o)))
+        .unzip();
+    if indices.is_empty() {
+        return Ok(None);
+    }
+    let image = 3 * size * size;
+    let mut readings = Vec::with_capacity(indices.len());
+    for chunk in indices.chunks(32) {
+        let x = held_out.batch(chunk, &generator.device);
+        let decoded = generator
+            .vqgan
+            .decode(generator.vqgan.encode(x))
+            .clamp(0.0, 1.0)
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| Error::Data(format!("decoded images: {e:?}")))?;
+        readings.extend(
+            decoded
+                .chunks(image)
+                .map(|pixels| eval::read_picture(&to_rgb_bytes(pixels, size), size)),
+        );
+    }
+    Ok(Some(eval::accuracy(&objects, &readings)))
+}
+
+/// Held-out images the tokenizer ceiling reads at most.
+const CEILING_IMAGES: usize = 256;
+
 /// `infer eval`: generates the shapes prompts, reads each kept picture back, and publishes
 /// per-attribute accuracy with a grid of what was generated.
 pub fn evaluate(
@@ -198,6 +246,18 @@ pub fn evaluate(
     metrics.insert("position_accuracy".into(), json!(score.position));
     metrics.insert("all_accuracy".into(), json!(score.all));
     metrics.insert("prompts".into(), json!(score.images));
+    if let Some(ceiling) = tokenizer_ceiling(&generator, parti_uri)? {
+        info!(
+            "tokenizer ceiling (held-out images through the VQGAN): colour {:.3}, shape {:.3}, position {:.3}, all {:.3} over {} images",
+            ceiling.color, ceiling.shape, ceiling.position, ceiling.all, ceiling.images
+        );
+        metrics.insert(
+            "tokenizer_ceiling".into(),
+            json!({"color_accuracy": ceiling.color, "shape_accuracy": ceiling.shape,
+                "position_accuracy": ceiling.position, "all_accuracy": ceiling.all,
+                "images": ceiling.images}),
+        );
+    }
     metrics.insert("reranked".into(), json!(generator.reranker.is_some()));
     metrics.insert("seconds".into(), json!(started.elapsed().as_secs_f64()));
     Ok(run.publish(artifacts, metrics)?)

@@ -121,7 +121,7 @@ pub struct Generator {
 }
 
 /// The upstream input named `name` of a manifest (e.g. the tokenizer of `train parti`).
-fn input_of(stage: &Upstream, name: &str) -> Option<String> {
+pub fn input_of(stage: &Upstream, name: &str) -> Option<String> {
     stage
         .manifest
         .inputs

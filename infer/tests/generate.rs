@@ -85,6 +85,26 @@ fn the_scorer_reads_rendered_shapes_correctly() {
     assert_eq!(read_picture(blank.as_raw(), 64), None);
 }
 
+#[test]
+fn captions_of_the_shapes_data_name_their_object() {
+    use infer::eval::caption_object;
+    for (i, object) in eval_objects(216).iter().enumerate() {
+        let plain = ingest::synth::describe(object);
+        let caption = match i % 4 {
+            0 => plain.clone(),
+            1 => format!("there is {plain}"),
+            2 => format!("a picture of {plain}"),
+            _ => format!("{plain} on a gray background"),
+        };
+        assert_eq!(caption_object(&caption), Some(*object), "{caption}");
+    }
+    assert_eq!(
+        caption_object("a red circle at the top and a blue square on the left"),
+        None
+    );
+    assert_eq!(caption_object("a cat on a mat"), None);
+}
+
 fn run(binary: &Path, args: &[&str]) {
     let output = Command::new(binary).args(args).output().unwrap();
     assert!(
@@ -288,4 +308,16 @@ fn eval_publishes_per_attribute_accuracy() {
     }
     assert_eq!(manifest.metrics["prompts"], 3);
     assert!(out.join("samples.png").exists());
+    // What the tokenizer alone allows: the data's own images through encode and decode.
+    let ceiling = &manifest.metrics["tokenizer_ceiling"];
+    assert!(ceiling["images"].as_u64().unwrap() > 0, "{ceiling}");
+    for name in [
+        "color_accuracy",
+        "shape_accuracy",
+        "position_accuracy",
+        "all_accuracy",
+    ] {
+        let value = ceiling[name].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&value), "{name} {value}");
+    }
 }

@@ -238,11 +238,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(args) => {
             println!(
-                "decode -> centre crop -> {0}x{0} Lanczos -> JPEG q95, one core, images/s",
+                "decode -> centre crop -> {0}x{0} Lanczos -> JPEG q95 4:2:0, images per CPU-second",
                 args.size
             );
-            println!("| photos | ours | Pillow | Pillow draft() | ours / Pillow draft() |");
-            println!("|---|---|---|---|---|");
+            println!(
+                "| photos | ours | Pillow | Pillow draft() | ours / Pillow | ours / Pillow draft() |"
+            );
+            println!("|---|---|---|---|---|---|");
             for photos in &args.photos {
                 let ours = ingest::bench::ours(photos, args.size, args.seconds)?;
                 let (plain, draft) = match &args.python {
@@ -267,12 +269,15 @@ fn run(cli: Cli) -> Result<()> {
                     None => (None, None),
                 };
                 let show = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
-                let ratio = draft.map_or("-".to_string(), |d| format!("{:.2}x", ours / d));
+                let ratio =
+                    |peer: Option<f64>| peer.map_or("-".into(), |p| format!("{:.2}x", ours / p));
                 println!(
-                    "| {} | {ours:.1} | {} | {} | {ratio} |",
+                    "| {} | {ours:.1} | {} | {} | {} | {} |",
                     photos.display(),
                     show(plain),
-                    show(draft)
+                    show(draft),
+                    ratio(plain),
+                    ratio(draft)
                 );
             }
         }

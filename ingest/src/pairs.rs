@@ -47,7 +47,15 @@ impl PairsConfig {
                 caption_column: "caption".into(),
                 has_header: true,
             },
-            image: ImageConfig::with_size(size),
+            image: ImageConfig {
+                // Flat saturated shapes 64 px wide would bleed colour at half-resolution chroma.
+                jpeg_subsampling: if name == "tiny" {
+                    crate::process::JpegSubsampling::Yuv444
+                } else {
+                    crate::process::JpegSubsampling::Yuv420
+                },
+                ..ImageConfig::with_size(size)
+            },
             shard_rows: 1000,
         })
     }

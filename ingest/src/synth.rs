@@ -128,7 +128,7 @@ pub fn render(objects: &[Object], size: u32, jitter: &[(f32, f32, f32)]) -> RgbI
     for (object, &(jx, jy, jr)) in objects.iter().zip(jitter) {
         let (row, col) = ((object.position / 3) as f32, (object.position % 3) as f32);
         let (cx, cy) = ((col + 0.5 + jx) * s / 3.0, (row + 0.5 + jy) * s / 3.0);
-        let r = s * 0.12 * jr;
+        let r = s * 0.15 * jr;
         let color = COLORS[object.color].1;
         let (x0, x1) = (
             ((cx - r - 1.0).max(0.0)) as u32,

@@ -80,9 +80,12 @@ fn the_discriminator_learns_to_tell_real_from_fake() {
         let grads = GradientsParams::from_grads(loss.backward(), &critic);
         critic = optimizer.step(1e-3, critic, grads);
     }
-    // Starts near 2 ln 2 (undecided), ends well below it.
-    assert!((losses[0] - 2.0 * 2f64.ln()).abs() < 0.3, "{losses:?}");
-    assert!(losses[39] < 0.3 * losses[0], "{losses:?}");
+    // Undecided at first (2 ln 2 = 1.39 for logits near 0), then far below it.
+    assert!(losses[0] > 0.8, "{losses:?}");
+    assert!(
+        losses[39] < 0.3 * losses[0] && losses[39] < 0.4,
+        "{losses:?}"
+    );
 }
 
 #[test]

@@ -86,6 +86,7 @@ fn small_config(steps: usize) -> TrainConfig {
         checkpoint_every: 2,
         log_every: 1,
         loss: LossConfig {
+            adversarial_weight: 0.1,
             adversarial_start: 3,
             discriminator_channels: 8,
             discriminator_max_channels: 16,

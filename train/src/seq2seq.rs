@@ -282,12 +282,9 @@ pub struct Seq2SeqOptions {
     pub stop_after: Option<usize>,
 }
 
-/// ~5% of keys (by hash) are validation, whatever the sharding.
+/// ~5% of keys (by their blake3, `nn::data::is_held_out`) are validation, whatever the sharding.
 fn is_validation(key: &str) -> bool {
-    manifests::digest_bytes(key.as_bytes())
-        .strip_prefix("blake3:")
-        .and_then(|hex| u8::from_str_radix(hex.get(..2)?, 16).ok())
-        .is_some_and(|first| first < 13)
+    nn::data::is_held_out(&manifests::digest_bytes(key.as_bytes()))
 }
 
 /// The image grid and codebook size a `vqgan encode` manifest declares.

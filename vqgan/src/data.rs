@@ -72,8 +72,10 @@ fn decode(uri: &str, key: &str, bytes: &[u8], size: usize) -> Result<RgbImage, E
     Ok(image)
 }
 
+/// Held out by the image's sha256 (`nn::data::is_held_out`): the same picture is held out
+/// whichever caption or shard it comes with.
 fn is_held_out(sha256: &str) -> bool {
-    u8::from_str_radix(sha256.get(..2).unwrap_or("ff"), 16).unwrap_or(255) < HELD_OUT_BELOW
+    nn::data::is_held_out(sha256)
 }
 
 /// A pairs row as stored: what training needs before decoding.
@@ -230,10 +232,6 @@ pub fn held_out(upstream: &Upstream, size: usize, limit: usize) -> Result<(Image
     }
     Ok((held_out, false))
 }
-
-/// Rows whose sha256 starts with a byte below this go to the held-out set (~5%): the split
-/// depends only on the image, so it is the same however the data was sharded.
-const HELD_OUT_BELOW: u8 = 13;
 
 /// Reads every pairs shard (digest-checked) and splits train / held-out by image hash.
 pub fn load(upstream: &Upstream, size: usize) -> Result<(ImageSet, ImageSet), Error> {

@@ -453,11 +453,7 @@ fn critic_step<M>(
 where
     WithCritic<M>: Module,
 {
-    let Some(critic) = trainee
-        .critic
-        .as_ref()
-        .filter(|_| objective.config.adversarial_at(step))
-    else {
+    let Some(critic) = trainee.critic_at(&objective.config, step) else {
         return (trainee, None);
     };
     let loss = objective.discriminator(critic, real, fake);
@@ -520,10 +516,7 @@ pub fn train(
         let step = progress.step;
         let x = images.batch(config.batch_size, &device)?;
         let out = trainee.model.forward(x.clone());
-        let critic = trainee
-            .critic
-            .as_ref()
-            .filter(|_| config.loss.adversarial_at(step));
+        let critic = trainee.critic_at(&config.loss, step);
         let loss = objective.generator(out.images.clone(), out.logits, x.clone(), critic);
         let total = loss.total.clone() + out.quantized.loss.clone();
         let grads = GradientsParams::from_grads(total.backward(), &trainee.model);
@@ -643,10 +636,7 @@ pub fn finetune_decoder(
                 .embed(frozen_encoder.encode(x.clone().inner())),
         );
         let (output, logits) = model.output(trainee.model.forward(codes));
-        let critic = trainee
-            .critic
-            .as_ref()
-            .filter(|_| train_config.loss.adversarial_at(step));
+        let critic = trainee.critic_at(&train_config.loss, step);
         let loss = objective.generator(output.clone(), logits, x.clone(), critic);
         let grads = GradientsParams::from_grads(loss.total.backward(), &trainee.model);
         let learning_rate = train_config.learning_rate_at(step);

@@ -234,3 +234,10 @@ pub struct WithCritic<M> {
     pub model: M,
     pub critic: Option<Discriminator>,
 }
+
+impl<M> WithCritic<M> {
+    /// The discriminator when the adversarial term counts at `step`.
+    pub fn critic_at(&self, loss: &LossConfig, step: usize) -> Option<&Discriminator> {
+        self.critic.as_ref().filter(|_| loss.adversarial_at(step))
+    }
+}

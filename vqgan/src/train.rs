@@ -517,9 +517,10 @@ pub fn train(
         let x = images.batch(config.batch_size, &device)?;
         let out = trainee.model.forward(x.clone());
         let critic = trainee.critic_at(&config.loss, step);
-        let loss = objective.generator(out.images.clone(), out.logits, x.clone(), critic);
-        let total = loss.total.clone() + out.quantized.loss.clone();
-        let grads = GradientsParams::from_grads(total.backward(), &trainee.model);
+        let mut loss = objective.generator(out.images.clone(), out.logits, x.clone(), critic);
+        // The codebook terms belong to the total the log reports, as before the objective.
+        loss.total = loss.total + out.quantized.loss.clone();
+        let grads = GradientsParams::from_grads(loss.total.backward(), &trainee.model);
         let learning_rate = config.learning_rate_at(step);
         trainee = optimizer.step(learning_rate, trainee, grads);
         let critic_loss;

@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod dedup;
+pub mod jpeg;
 pub mod pairs;
 pub mod process;
 pub mod shard;

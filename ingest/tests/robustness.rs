@@ -34,6 +34,18 @@ fn huge_png_header() -> Vec<u8> {
     out
 }
 
+/// A real JPEG whose frame header is rewritten to declare 30000 x 30000 pixels.
+fn huge_jpeg_header() -> Vec<u8> {
+    let mut bytes = jpeg(40, 40, 7);
+    let sof = bytes
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("a baseline JPEG");
+    // FFC0, length (2), precision (1), then height and width.
+    bytes[sof + 5..sof + 9].copy_from_slice(&[0x75, 0x30, 0x75, 0x30]);
+    bytes
+}
+
 #[test]
 fn broken_inputs_are_counted_and_never_fatal() {
     let dir = tempfile::tempdir().unwrap();
@@ -42,10 +54,13 @@ fn broken_inputs_are_counted_and_never_fatal() {
         write(&src, &format!("good{i}.png"), png(40, 40, i));
         write(&src, &format!("good{i}.txt"), format!("good {i}"));
     }
+    write(&src, "good3.jpg", jpeg(40, 40, 3));
+    write(&src, "good3.txt", "good 3");
     let good_png = png(40, 40, 99);
+    let good_jpeg = jpeg(48, 48, 98);
     // (file name, file bytes, caption file contents if any)
     type Case<'a> = (&'a str, Vec<u8>, Option<&'a [u8]>);
-    let cases: [Case; 10] = [
+    let cases: [Case; 12] = [
         ("zero.png", vec![], Some(b"zero bytes")),
         (
             "truncated.png",
@@ -64,7 +79,13 @@ fn broken_inputs_are_counted_and_never_fatal() {
             b"this is not an image at all".to_vec(),
             Some(b"text"),
         ),
+        (
+            "cut.jpg",
+            good_jpeg[..good_jpeg.len() * 3 / 5].to_vec(),
+            Some(b"cut short"),
+        ),
         ("huge.png", huge_png_header(), Some(b"a bomb")),
+        ("hugejpeg.jpg", huge_jpeg_header(), Some(b"a jpeg bomb")),
         ("nocap.png", png(40, 40, 50), None),
         ("blank.png", png(40, 40, 51), Some(b"  \n\t ")),
         ("badutf.png", png(40, 40, 52), Some(b"caf\xff\xfe")),
@@ -96,11 +117,11 @@ fn broken_inputs_are_counted_and_never_fatal() {
     ]);
     assert_eq!(code, 0, "{text}");
     let (manifest, rows) = pairs_rows(out.to_str().unwrap());
-    assert_eq!(sorted_keys(&rows), ["good0", "good1", "good2"]);
+    assert_eq!(sorted_keys(&rows), ["good0", "good1", "good2", "good3"]);
     assert_eq!(
         rejected(&manifest),
-        json!({"bad_aspect_ratio": 1, "decode_error": 1, "empty_caption": 1, "empty_file": 1, "invalid_utf8": 1,
-               "no_caption": 1, "no_image": 1, "not_an_image": 2, "too_large": 1, "too_small": 1})
+        json!({"bad_aspect_ratio": 1, "decode_error": 2, "empty_caption": 1, "empty_file": 1, "invalid_utf8": 1,
+               "no_caption": 1, "no_image": 1, "not_an_image": 2, "too_large": 2, "too_small": 1})
     );
     assert!(
         text.contains("huge") && text.contains("too_large"),

@@ -10,7 +10,9 @@ use tracing::{debug, info, warn};
 
 use crate::process::{ImageConfig, RawSample, Reason, Row, process};
 use crate::shard::{PAIRS_KIND, pairs_from_parquet, pairs_to_parquet};
-use crate::sources::{InputFormat, Loaded, SourceConfig, Unit, detect_format, enumerate, load};
+use crate::sources::{
+    InputFormat, Loaded, SourceConfig, Unit, detect_format, enumerate, load, stream_container,
+};
 use crate::{Error, RunOptions, ShardSet, job_range, progress_bar, record_input, tool};
 use manifests::{Location, Manifest, StageRun};
 
@@ -21,7 +23,7 @@ pub const STAGE: &str = "ingest.pairs";
 pub struct PairsConfig {
     pub source: SourceConfig,
     pub image: ImageConfig,
-    /// Samples per output shard (a container file in the input is one shard).
+    /// Samples per output shard (a container file in the input makes its own shards).
     pub shard_rows: usize,
 }
 
@@ -116,18 +118,153 @@ fn process_loaded(loaded: Loaded, config: &ImageConfig) -> Outcome {
     process(sample, config).map_err(|reason| (key, reason))
 }
 
-fn process_chunk(chunk: &Chunk<'_>, config: &ImageConfig) -> Vec<Outcome> {
-    match chunk.units {
-        [container @ Unit::Container(_)] => load(container)
+/// Rows and rejections of the output shard being filled.
+#[derive(Default)]
+struct ShardRows {
+    rows: Vec<Row>,
+    rejected: BTreeMap<String, u64>,
+}
+
+/// What the run carries from shard to shard: the shards written so far, and the image digests
+/// seen (duplicates are the same bytes reached from a different origin: a COCO image with five
+/// captions is one origin, not five duplicates).
+struct Writer<'a> {
+    shards: ShardSet<'a>,
+    seen: HashMap<String, String>,
+    config: &'a ImageConfig,
+    bar: indicatif::ProgressBar,
+}
+
+impl Writer<'_> {
+    /// Whether shard `name` was finished by an interrupted run (digest-checked); its rows then
+    /// count, and only the dedup state is rebuilt from them.
+    fn resumed(&mut self, name: &str) -> Result<bool, Error> {
+        let Some(bytes) = self.shards.resume(name)? else {
+            return Ok(false);
+        };
+        for row in pairs_from_parquet(&self.shards.uri(name), bytes)? {
+            self.seen.entry(row.sha256).or_insert(row.source);
+        }
+        debug!("kept {name} from an interrupted run");
+        Ok(true)
+    }
+
+    /// Processes `loaded` in parallel and adds the outcomes, in order, to `shard`.
+    fn absorb(&mut self, shard: &mut ShardRows, loaded: Vec<Loaded>) {
+        let config = self.config;
+        let outcomes: Vec<Outcome> = loaded
             .into_par_iter()
             .map(|l| process_loaded(l, config))
-            .collect(),
-        // Load and process each sample on the same worker, so at most one source image per
-        // thread is in memory.
-        units => units
+            .collect();
+        self.absorb_outcomes(shard, outcomes);
+    }
+
+    fn absorb_outcomes(&mut self, shard: &mut ShardRows, outcomes: Vec<Outcome>) {
+        for outcome in outcomes {
+            let result = outcome.and_then(|row| match self.seen.get(&row.sha256) {
+                Some(origin) if *origin != row.source => Err((row.key, "duplicate")),
+                _ => {
+                    self.seen.insert(row.sha256.clone(), row.source.clone());
+                    Ok(row)
+                }
+            });
+            match result {
+                Ok(row) => shard.rows.push(row),
+                Err((key, reason)) => {
+                    let count = shard.rejected.entry(reason.to_string()).or_default();
+                    *count += 1;
+                    let before = self.shards.tally.rejected.get(reason).copied().unwrap_or(0);
+                    if before + *count <= 10 {
+                        warn!(key = %key, reason, "rejected sample");
+                    } else {
+                        debug!(key = %key, reason, "rejected sample");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sorts and writes a finished shard.
+    fn finish(&mut self, name: &str, mut shard: ShardRows) -> Result<(), Error> {
+        shard
+            .rows
+            .sort_by(|a, b| (&a.key, &a.source).cmp(&(&b.key, &b.source)));
+        let bytes = pairs_to_parquet(&self.shards.uri(name), &shard.rows)?;
+        let rows = shard.rows.len() as u64;
+        self.shards.write(name, bytes, rows, &shard.rejected)?;
+        let tally = &self.shards.tally;
+        self.bar.set_message(format!(
+            "{} rows, {} rejected",
+            tally.rows,
+            tally.rejected_total()
+        ));
+        if self.bar.is_hidden() {
+            info!(
+                "{name}: {rows} rows ({} rows, {} rejected so far)",
+                tally.rows,
+                tally.rejected_total()
+            );
+        }
+        Ok(())
+    }
+
+    /// Consecutive sample units into one shard; each sample is loaded and processed on the same
+    /// worker, so at most one source image per thread is in memory.
+    fn samples(&mut self, name: &str, units: &[Unit]) -> Result<(), Error> {
+        if self.resumed(name)? {
+            return Ok(());
+        }
+        let config = self.config;
+        let outcomes: Vec<Outcome> = units
             .par_iter()
             .flat_map_iter(|unit| load(unit).into_iter().map(|l| process_loaded(l, config)))
-            .collect(),
+            .collect();
+        let mut shard = ShardRows::default();
+        self.absorb_outcomes(&mut shard, outcomes);
+        self.finish(name, shard)
+    }
+
+    /// A container, streamed: every `shard_rows` of its samples (in container order) make shard
+    /// `{base}-{part}`, processed a few batches of threads' worth at a time, so memory holds
+    /// one batch of sources and one shard of outputs whatever the container's size. A part
+    /// finished by an interrupted run is read past without decoding.
+    fn container(
+        &mut self,
+        base: &str,
+        location: &Location,
+        shard_rows: usize,
+    ) -> Result<(), Error> {
+        let per_shard = shard_rows.max(1);
+        let batch_size = rayon::current_num_threads().max(1) * 8;
+        let (mut part, mut taken, mut skip) = (0usize, 0usize, None::<bool>);
+        let mut shard = ShardRows::default();
+        let mut batch = Vec::new();
+        let name = |part: usize| format!("{base}-{part:04}.parquet");
+        stream_container(location, &mut |loaded| {
+            let skipping = match skip {
+                Some(skipping) => skipping,
+                None => *skip.insert(self.resumed(&name(part))?),
+            };
+            taken += 1;
+            if !skipping {
+                batch.push(loaded);
+            }
+            if batch.len() >= batch_size || taken == per_shard {
+                self.absorb(&mut shard, std::mem::take(&mut batch));
+            }
+            if taken == per_shard {
+                if !skipping {
+                    self.finish(&name(part), std::mem::take(&mut shard))?;
+                }
+                (part, taken, skip) = (part + 1, 0, None);
+            }
+            Ok(())
+        })?;
+        if skip == Some(false) {
+            self.absorb(&mut shard, batch);
+            self.finish(&name(part), shard)?;
+        }
+        Ok(())
     }
 }
 
@@ -157,63 +294,21 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
         range.end
     );
     let chunks = chunks(mine, config.shard_rows);
-    let bar = progress_bar(mine.len() as u64, options.progress, "samples");
-    let mut shards = ShardSet::new(&run, PAIRS_KIND);
-    // Duplicates are the same image bytes reached from a different origin (a COCO image
-    // with five captions is one origin, not five duplicates).
-    let mut seen: HashMap<String, String> = HashMap::new();
+    let mut writer = Writer {
+        shards: ShardSet::new(&run, PAIRS_KIND),
+        seen: HashMap::new(),
+        config: &config.image,
+        bar: progress_bar(mine.len() as u64, options.progress, "samples"),
+    };
     for (index, chunk) in chunks.iter().enumerate() {
-        let name = format!("pairs/part-{:05}-{index:05}.parquet", options.shard.index);
-        if let Some(bytes) = shards.resume(&name)? {
-            for row in pairs_from_parquet(&shards.uri(&name), bytes)? {
-                seen.entry(row.sha256).or_insert(row.source);
-            }
-            debug!("kept {name} from an interrupted run");
-            bar.inc(chunk.units.len() as u64);
-            continue;
+        let base = format!("pairs/part-{:05}-{index:05}", options.shard.index);
+        match chunk.units {
+            [Unit::Container(location)] => writer.container(&base, location, config.shard_rows)?,
+            units => writer.samples(&format!("{base}.parquet"), units)?,
         }
-        let mut rows = Vec::new();
-        let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
-        for outcome in process_chunk(chunk, &config.image) {
-            let result = outcome.and_then(|row| match seen.get(&row.sha256) {
-                Some(origin) if *origin != row.source => Err((row.key, "duplicate")),
-                _ => {
-                    seen.insert(row.sha256.clone(), row.source.clone());
-                    Ok(row)
-                }
-            });
-            match result {
-                Ok(row) => rows.push(row),
-                Err((key, reason)) => {
-                    let count = rejected.entry(reason.to_string()).or_default();
-                    *count += 1;
-                    if shards.tally.rejected.get(reason).copied().unwrap_or(0) + *count <= 10 {
-                        warn!(key = %key, reason, "rejected sample");
-                    } else {
-                        debug!(key = %key, reason, "rejected sample");
-                    }
-                }
-            }
-        }
-        rows.sort_by(|a, b| (&a.key, &a.source).cmp(&(&b.key, &b.source)));
-        let bytes = pairs_to_parquet(&shards.uri(&name), &rows)?;
-        shards.write(&name, bytes, rows.len() as u64, &rejected)?;
-        bar.inc(chunk.units.len() as u64);
-        let tally = &shards.tally;
-        bar.set_message(format!(
-            "{} rows, {} rejected",
-            tally.rows,
-            tally.rejected_total()
-        ));
-        if bar.is_hidden() {
-            info!(
-                "{name}: {} rows ({} rows, {} rejected so far)",
-                rows.len(),
-                tally.rows,
-                tally.rejected_total()
-            );
-        }
+        writer.bar.inc(chunk.units.len() as u64);
     }
+    let Writer { shards, bar, .. } = writer;
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     let ShardSet {

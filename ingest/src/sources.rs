@@ -437,8 +437,8 @@ fn jsonl_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Err
     Ok(units)
 }
 
-/// Reads what a unit refers to. A missing or unreadable object is a rejection of that sample,
-/// never an error of the run; a container that cannot be read at all is one rejection.
+/// Reads what a sample unit refers to. A missing or unreadable object is a rejection of that
+/// sample, never an error of the run.
 pub fn load(unit: &Unit) -> Vec<Loaded> {
     match unit {
         Unit::Rejected { key, reason } => vec![Loaded {
@@ -474,39 +474,97 @@ pub fn load(unit: &Unit) -> Vec<Loaded> {
                 metadata,
             }]
         }
-        Unit::Container(location) => {
-            let rejected = |reason| {
-                vec![Loaded {
-                    key: location.file_name().to_string(),
-                    source: location.uri(),
-                    image: Err(reason),
-                    caption: None,
-                    metadata: None,
-                }]
-            };
-            let Ok(bytes) = location.get() else {
-                return rejected("unreadable");
-            };
-            let name = location.file_name();
-            let result = if name.ends_with(".tar") {
-                Ok(tar_samples(location, bytes))
-            } else {
-                parquet_samples(location, bytes)
-            };
-            result.unwrap_or_else(rejected)
+        // Containers stream through `stream_container` (chunks keep them alone); never loaded
+        // whole.
+        Unit::Container(location) => vec![Loaded::rejected(
+            location.file_name().to_string(),
+            location.uri(),
+            "not_a_sample",
+        )],
+    }
+}
+
+impl Loaded {
+    fn rejected(key: String, source: String, reason: &'static str) -> Loaded {
+        Loaded {
+            key,
+            source,
+            image: Err(reason),
+            caption: None,
+            metadata: None,
         }
     }
 }
 
-fn tar_samples(location: &Location, bytes: Bytes) -> Vec<Loaded> {
+/// Record batches of an img2dataset parquet file are cut to this many rows.
+const PARQUET_BATCH_ROWS: usize = 256;
+
+/// Hands `each` the samples of a container in container order, streaming: a tar holds one
+/// sample in memory at a time, a parquet file one row group's columns. A container that cannot
+/// be read (or is cut short) gives what came before the damage and one rejection for it; only
+/// an error from `each` ends the stream with an error.
+pub fn stream_container(
+    location: &Location,
+    each: &mut dyn FnMut(Loaded) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let whole = |reason| Loaded::rejected(location.file_name().to_string(), location.uri(), reason);
+    if location.file_name().ends_with(".tar") {
+        return match location.reader_from(0) {
+            Ok(reader) => stream_tar(location, reader, each),
+            Err(_) => each(whole("unreadable")),
+        };
+    }
+    // Errors of `each` pass through untouched; the reader's own become one rejection.
+    enum Stop {
+        Each(Error),
+        Reject(&'static str),
+    }
+    let mut stop = None;
+    let mut row_offset = 0usize;
+    let read = table::stream_parquet(location, PARQUET_BATCH_ROWS, &mut |batch| {
+        let result = parquet_samples(location, &batch, row_offset)
+            .map_err(Stop::Reject)
+            .and_then(|samples| {
+                samples
+                    .into_iter()
+                    .try_for_each(|sample| each(sample).map_err(Stop::Each))
+            });
+        row_offset += batch.num_rows();
+        result.map_err(|reason| {
+            stop = Some(reason);
+            manifests::Error::Usage("stopped".into())
+        })
+    });
+    match (stop, read) {
+        (Some(Stop::Each(error)), _) => Err(error),
+        (Some(Stop::Reject(reason)), _) => each(whole(reason)),
+        (None, Ok(())) => Ok(()),
+        (None, Err(_)) => each(whole("unreadable_parquet")),
+    }
+}
+
+/// webdataset order: a sample's members (`KEY.jpg`, `KEY.txt`, `KEY.json`) are adjacent, as
+/// webdataset and img2dataset write them; a sample ends where the next key begins.
+fn stream_tar(
+    location: &Location,
+    reader: Box<dyn Read + Send>,
+    each: &mut dyn FnMut(Loaded) -> Result<(), Error>,
+) -> Result<(), Error> {
     #[derive(Default)]
     struct Member {
         image: Option<Vec<u8>>,
         caption: Option<Vec<u8>>,
         metadata: Option<String>,
     }
-    let mut members: BTreeMap<String, Member> = BTreeMap::new();
-    let mut archive = tar::Archive::new(Cursor::new(bytes));
+    let emit = |key: String, member: Member| Loaded {
+        source: format!("{}#{key}", location.uri()),
+        image: member.image.map(Bytes::from).ok_or("no_image"),
+        caption: member.caption,
+        metadata: member.metadata,
+        key,
+    };
+    let mut archive = tar::Archive::new(reader);
+    let mut pending: Option<(String, Member)> = None;
     let mut truncated = false;
     match archive.entries() {
         Ok(entries) => {
@@ -526,7 +584,11 @@ fn tar_samples(location: &Location, bytes: Bytes) -> Vec<Loaded> {
                     truncated = true;
                     break;
                 }
-                let member = members.entry(stem.to_string()).or_default();
+                if let Some((key, member)) = pending.take_if(|(key, _)| key != stem) {
+                    each(emit(key, member))?;
+                }
+                let (_, member) =
+                    pending.get_or_insert_with(|| (stem.to_string(), Member::default()));
                 match ext.to_ascii_lowercase().as_str() {
                     "txt" => member.caption = Some(data),
                     "json" => member.metadata = String::from_utf8(data).ok(),
@@ -537,26 +599,17 @@ fn tar_samples(location: &Location, bytes: Bytes) -> Vec<Loaded> {
         }
         Err(_) => truncated = true,
     }
-    let mut samples: Vec<Loaded> = members
-        .into_iter()
-        .map(|(key, member)| Loaded {
-            source: format!("{}#{key}", location.uri()),
-            image: member.image.map(Bytes::from).ok_or("no_image"),
-            caption: member.caption,
-            metadata: member.metadata,
-            key,
-        })
-        .collect();
-    if truncated {
-        samples.push(Loaded {
-            key: format!("{}#truncated", location.file_name()),
-            source: location.uri(),
-            image: Err("truncated_archive"),
-            caption: None,
-            metadata: None,
-        });
+    if let Some((key, member)) = pending {
+        each(emit(key, member))?;
     }
-    samples
+    if truncated {
+        each(Loaded::rejected(
+            format!("{}#truncated", location.file_name()),
+            location.uri(),
+            "truncated_archive",
+        ))?;
+    }
+    Ok(())
 }
 
 fn string_at(array: &ArrayRef, i: usize) -> Option<String> {
@@ -583,52 +636,51 @@ fn binary_at(array: &ArrayRef, i: usize) -> Option<Bytes> {
     }
 }
 
-/// img2dataset parquet: the image column is named after its encode format.
-fn parquet_samples(location: &Location, bytes: Bytes) -> Result<Vec<Loaded>, &'static str> {
+/// One record batch of img2dataset parquet (rows from `row_offset` on): the image column is
+/// named after its encode format.
+fn parquet_samples(
+    location: &Location,
+    batch: &RecordBatch,
+    row_offset: usize,
+) -> Result<Vec<Loaded>, &'static str> {
     let uri = location.uri();
-    let batches: Vec<RecordBatch> =
-        table::read_parquet(&uri, bytes).map_err(|_| "unreadable_parquet")?;
-    let mut samples = Vec::new();
-    let mut row_offset = 0usize;
-    for batch in batches {
-        let column = |name: &str| batch.column_by_name(name).cloned();
-        let image_column = ["jpg", "jpeg", "png", "webp", "image"]
-            .iter()
-            .find_map(|name| {
-                column(name).filter(|c| {
-                    matches!(
-                        c.data_type(),
-                        DataType::Binary | DataType::LargeBinary | DataType::BinaryView
-                    )
-                })
+    let column = |name: &str| batch.column_by_name(name).cloned();
+    let image_column = ["jpg", "jpeg", "png", "webp", "image"]
+        .iter()
+        .find_map(|name| {
+            column(name).filter(|c| {
+                matches!(
+                    c.data_type(),
+                    DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+                )
             })
-            .ok_or("no_image_column")?;
-        let (keys, captions, statuses) = (column("key"), column("caption"), column("status"));
-        for i in 0..batch.num_rows() {
-            let key = keys
+        })
+        .ok_or("no_image_column")?;
+    let (keys, captions, statuses) = (column("key"), column("caption"), column("status"));
+    let mut samples = Vec::with_capacity(batch.num_rows());
+    for i in 0..batch.num_rows() {
+        let key = keys
+            .as_ref()
+            .and_then(|k| string_at(k, i))
+            .unwrap_or_else(|| format!("{}-{:09}", location.file_name(), row_offset + i));
+        let failed = statuses
+            .as_ref()
+            .and_then(|s| string_at(s, i))
+            .is_some_and(|status| status != "success");
+        samples.push(Loaded {
+            source: format!("{uri}#{key}"),
+            image: if failed {
+                Err("download_failed")
+            } else {
+                binary_at(&image_column, i).ok_or("no_image")
+            },
+            caption: captions
                 .as_ref()
-                .and_then(|k| string_at(k, i))
-                .unwrap_or_else(|| format!("{}-{:09}", location.file_name(), row_offset + i));
-            let failed = statuses
-                .as_ref()
-                .and_then(|s| string_at(s, i))
-                .is_some_and(|status| status != "success");
-            samples.push(Loaded {
-                source: format!("{uri}#{key}"),
-                image: if failed {
-                    Err("download_failed")
-                } else {
-                    binary_at(&image_column, i).ok_or("no_image")
-                },
-                caption: captions
-                    .as_ref()
-                    .and_then(|c| string_at(c, i))
-                    .map(String::into_bytes),
-                metadata: None,
-                key,
-            });
-        }
-        row_offset += batch.num_rows();
+                .and_then(|c| string_at(c, i))
+                .map(String::into_bytes),
+            metadata: None,
+            key,
+        });
     }
     Ok(samples)
 }

@@ -58,13 +58,14 @@ fn read_documents(
     let name = location.file_name().to_string();
     let stem = name.split('.').next().unwrap_or("doc").to_string();
     let mut out = Vec::new();
-    let Ok(bytes) = location.get() else {
+    // Streamed: a bucket object is fetched a few MiB at a time, never held whole.
+    let Ok(source) = location.reader_from(0) else {
         return (vec![Err("unreadable")], name);
     };
     let reader: Box<dyn Read> = if name.ends_with(".gz") {
-        Box::new(MultiGzDecoder::new(std::io::Cursor::new(bytes)))
+        Box::new(MultiGzDecoder::new(source))
     } else {
-        Box::new(std::io::Cursor::new(bytes))
+        source
     };
     let mut reader = BufReader::new(reader);
     let plain = name.ends_with(".txt") || name.ends_with(".txt.gz");

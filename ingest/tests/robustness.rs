@@ -2,8 +2,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use common::*;
 use manifests::{Location, Manifest};
@@ -265,100 +264,13 @@ fn batch_array_jobs_merge_to_exactly_the_single_job_rows() {
 fn killed_run_resumes_to_exactly_the_uninterrupted_rows() {
     let dir = folder_of(120, 384);
     let src = dir.path().join("src");
-    let args = |out: &std::path::Path| -> Vec<String> {
-        [
-            "pairs",
-            "--input",
-            src.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--size",
-            "32",
-            "--shard-rows",
-            "3",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let reference = dir.path().join("reference");
-    let (code, text) = ingest(
-        &args(&reference)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
+    assert_killed_run_resumes_exactly(
+        dir.path(),
+        |out| pairs_args(&src, out, &["--size", "32", "--shard-rows", "3"]),
+        2,
+        "part-00000-00000.parquet",
+        120,
     );
-    assert_eq!(code, 0, "{text}");
-
-    let out = dir.path().join("killed");
-    let shards = out.join("pairs");
-    let mut killed_mid_run = false;
-    for _attempt in 0..5 {
-        let _ = std::fs::remove_dir_all(&out);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ingest"))
-            .args(args(&out))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            let written = std::fs::read_dir(&shards).map(|d| d.count()).unwrap_or(0);
-            if written >= 2 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        child.kill().unwrap(); // SIGKILL: no cleanup runs
-        child.wait().unwrap();
-        if !out.join("manifest.json").exists() {
-            killed_mid_run = true;
-            break;
-        }
-    }
-    assert!(killed_mid_run, "could not kill the run before it finished");
-    let first_shard = shards.join("part-00000-00000.parquet");
-    let kept_before = std::fs::metadata(&first_shard).unwrap().modified().unwrap();
-
-    let (code, text) = ingest(&args(&out).iter().map(String::as_str).collect::<Vec<_>>());
-    assert_eq!(code, 0, "{text}");
-    let kept_after = std::fs::metadata(&first_shard).unwrap().modified().unwrap();
-    assert_eq!(
-        kept_before, kept_after,
-        "finished shards are kept, not redone"
-    );
-    let (resumed_manifest, resumed) = pairs_rows(out.to_str().unwrap());
-    let (reference_manifest, expected) = pairs_rows(reference.to_str().unwrap());
-    assert_eq!(resumed.len(), 120);
-    assert_eq!(
-        resumed, expected,
-        "resumed run has exactly the rows of the uninterrupted one"
-    );
-    assert_eq!(resumed_manifest.artifacts, reference_manifest.artifacts);
-    assert_eq!(
-        resumed_manifest.metrics["rows"],
-        reference_manifest.metrics["rows"]
-    );
-    let leftovers: Vec<_> = walk(&out.join("_work"));
-    assert!(
-        leftovers.is_empty(),
-        "resume records are cleaned up after publishing: {leftovers:?}"
-    );
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                found.extend(walk(&path));
-            } else {
-                found.push(path);
-            }
-        }
-    }
-    found
 }
 
 #[test]

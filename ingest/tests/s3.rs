@@ -92,6 +92,43 @@ fn pairs_and_text_from_and_to_a_bucket() {
     ]);
     let (_, rows) = text_rows("s3://data/run/text");
     assert_eq!(rows.len(), 2);
+    // Containers are streamed from the bucket by ranged reads (tar front to back, parquet
+    // footer first, then a row group's columns).
+    let containers: Vec<(String, Vec<u8>)> = (0..12u8)
+        .map(|i| (format!("c{i:03}"), png(40, 40, 100 + i)))
+        .collect();
+    Location::parse("s3://data/wds/00000.tar")
+        .unwrap()
+        .put(Bytes::from(webdataset_tar(&containers)))
+        .unwrap();
+    Location::parse("s3://data/i2d/00000.parquet")
+        .unwrap()
+        .put(Bytes::from(img2dataset_parquet(&containers, 5)))
+        .unwrap();
+    for (input, out) in [
+        ("s3://data/wds/", "s3://data/run/wds"),
+        ("s3://data/i2d/", "s3://data/run/i2d"),
+    ] {
+        run(&[
+            "pairs",
+            "--input",
+            input,
+            "--out",
+            out,
+            "--size",
+            "32",
+            "--shard-rows",
+            "5",
+        ]);
+        let (manifest, rows) = pairs_rows(out);
+        assert_eq!(rows.len(), 12, "{input}");
+        assert_eq!(manifest.artifacts.len(), 3, "{input}");
+        assert!(
+            rows.iter()
+                .all(|r| r.caption == format!("caption of {}", r.key))
+        );
+    }
+
     let manifest_text = Location::parse("s3://data/run/pairs/manifest.json")
         .unwrap()
         .get()

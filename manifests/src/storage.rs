@@ -94,6 +94,32 @@ fn store_for(url: &Url) -> Result<Arc<dyn ObjectStore>, Error> {
     Ok(store)
 }
 
+/// Reads an object front to back, `RANGE_BYTES` per request.
+struct RangedReader {
+    location: Location,
+    position: u64,
+    end: u64,
+    buffer: Bytes,
+}
+
+const RANGE_BYTES: u64 = 8 << 20;
+
+impl std::io::Read for RangedReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.buffer.is_empty() && self.position < self.end {
+            let next = (self.position + RANGE_BYTES).min(self.end);
+            self.buffer = self
+                .location
+                .get_range(self.position..next)
+                .map_err(std::io::Error::other)?;
+            self.position += self.buffer.len() as u64;
+        }
+        let n = out.len().min(self.buffer.len());
+        out[..n].copy_from_slice(&self.buffer.split_to(n));
+        Ok(n)
+    }
+}
+
 /// Size and identity of an object, as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectInfo {
@@ -285,6 +311,36 @@ impl Location {
 
     pub fn get_range(&self, range: Range<u64>) -> Result<Bytes, Error> {
         block_on(self.store.get_range(&self.path, range)).map_err(|e| self.store_error("read", e))
+    }
+
+    /// A sequential reader from byte `start`: a local file is read directly, an object in a
+    /// bucket through ranged requests of a few MiB, so an object of any size streams through a
+    /// fixed buffer.
+    pub fn reader_from(&self, start: u64) -> Result<Box<dyn std::io::Read + Send>, Error> {
+        if let Some(path) = self.local_path() {
+            use std::io::{Seek, SeekFrom};
+            let mut file = std::fs::File::open(&path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::NotFound { uri: self.uri() },
+                _ => self.io_error("read", e),
+            })?;
+            file.seek(SeekFrom::Start(start))
+                .map_err(|e| self.io_error("read", e))?;
+            return Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, file)));
+        }
+        Ok(Box::new(RangedReader {
+            location: self.clone(),
+            position: start,
+            end: self.size()?,
+            buffer: Bytes::new(),
+        }))
+    }
+
+    fn io_error(&self, op: &'static str, error: std::io::Error) -> Error {
+        Error::Storage {
+            op,
+            uri: self.uri(),
+            message: error.to_string(),
+        }
     }
 
     pub fn size(&self) -> Result<u64, Error> {

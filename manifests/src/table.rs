@@ -1,7 +1,9 @@
 //! Parquet in and out of memory, with errors that name the file and column.
 //!
 //! Shards are bounded by a stage's rows-per-shard setting, so a shard is read whole (which also
-//! lets its digest be checked) and written whole (one atomic put).
+//! lets its digest be checked) and written whole (one atomic put). Parquet files from outside
+//! the pipeline (img2dataset's) can be any size: `stream_parquet` reads those a row group's
+//! columns at a time.
 
 use std::sync::Arc;
 
@@ -13,7 +15,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
-use crate::Error;
+use crate::{Error, Location};
 
 /// Row groups sized for the payload: images want a few hundred rows, tokens thousands.
 pub fn writer_properties(row_group_rows: usize, compress: bool) -> WriterProperties {
@@ -105,4 +107,68 @@ pub fn column<'a, T: Array + 'static>(
                     .unwrap_or("?")
             ),
         })
+}
+
+/// A parquet file in a bucket, read by ranges: the footer, then the column chunks the reader
+/// asks for.
+struct RangedParquet {
+    location: Location,
+    size: u64,
+}
+
+impl parquet::file::reader::Length for RangedParquet {
+    fn len(&self) -> u64 {
+        self.size
+    }
+}
+
+impl parquet::file::reader::ChunkReader for RangedParquet {
+    type T = Box<dyn std::io::Read + Send>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        self.location
+            .reader_from(start)
+            .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        self.location
+            .get_range(start..start + length as u64)
+            .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
+    }
+}
+
+/// Hands `each` the record batches of a parquet file of any size, `batch_rows` rows at a time,
+/// holding at most one row group's column chunks in memory.
+pub fn stream_parquet(
+    location: &Location,
+    batch_rows: usize,
+    each: &mut dyn FnMut(RecordBatch) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let uri = location.uri();
+    let fail = |reason: String| Error::Table {
+        uri: uri.clone(),
+        reason,
+    };
+    let reader = match location.local_path() {
+        Some(path) => {
+            let file = std::fs::File::open(&path).map_err(|e| fail(e.to_string()))?;
+            ParquetRecordBatchReaderBuilder::try_new(file)
+                .map(|b| b.with_batch_size(batch_rows).build())
+        }
+        None => {
+            let size = location.size()?;
+            ParquetRecordBatchReaderBuilder::try_new(RangedParquet {
+                location: location.clone(),
+                size,
+            })
+            .map(|b| b.with_batch_size(batch_rows).build())
+        }
+    }
+    .map_err(|e| fail(format!("not a readable parquet file: {e}")))?
+    .map_err(|e| fail(e.to_string()))?;
+    for batch in reader {
+        each(batch.map_err(|e| fail(e.to_string()))?)?;
+    }
+    Ok(())
 }

@@ -81,3 +81,177 @@ pub fn sorted_keys(rows: &[Row]) -> Vec<String> {
     keys.sort();
     keys
 }
+
+/// A webdataset tar: `KEY.png` + `KEY.txt` for each (key, png bytes), members adjacent.
+pub fn webdataset_tar(samples: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (key, png) in samples {
+        let caption = format!("caption of {key}");
+        for (name, data) in [
+            (format!("{key}.png"), png.as_slice()),
+            (format!("{key}.txt"), caption.as_bytes()),
+        ] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder.append_data(&mut header, name, data).unwrap();
+        }
+    }
+    builder.into_inner().unwrap()
+}
+
+/// An img2dataset-style parquet (`key`, `caption`, `png` bytes), `row_group` rows per group.
+pub fn img2dataset_parquet(samples: &[(String, Vec<u8>)], row_group: usize) -> Vec<u8> {
+    use arrow_array::{BinaryArray, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
+    use std::sync::Arc;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Utf8, false),
+        Field::new("caption", DataType::Utf8, false),
+        Field::new("png", DataType::Binary, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from_iter_values(samples.iter().map(|s| &s.0))),
+            Arc::new(StringArray::from_iter_values(
+                samples.iter().map(|s| format!("caption of {}", s.0)),
+            )),
+            Arc::new(BinaryArray::from_iter_values(samples.iter().map(|s| &s.1))),
+        ],
+    )
+    .unwrap();
+    manifests::table::write_parquet(
+        "test",
+        schema,
+        &[batch],
+        manifests::table::writer_properties(row_group, false),
+    )
+    .unwrap()
+    .to_vec()
+}
+
+/// A PNG of seeded noise: incompressible, so its size is what a test means it to be.
+pub fn noise_png(side: u32, seed: u64) -> Vec<u8> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let image = RgbImage::from_fn(side, side, |_, _| {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let [r, g, b, ..] = (state >> 24).to_le_bytes();
+        Rgb([r, g, b])
+    });
+    encode(&DynamicImage::ImageRgb8(image), ImageFormat::Png)
+}
+
+/// `ingest pairs --input SRC --out OUT` plus `extra`, as owned arguments.
+pub fn pairs_args(src: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let (src, out) = (src.to_str().unwrap(), out.to_str().unwrap());
+    ["pairs", "--input", src, "--out", out]
+        .iter()
+        .chain(extra)
+        .map(|s| s.to_string())
+        .collect()
+}
+
+pub fn ingest_owned(args: &[String]) -> (i32, String) {
+    ingest(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+pub fn spawn_quiet(args: &[String]) -> std::process::Child {
+    use std::process::Stdio;
+    Command::new(env!("CARGO_BIN_EXE_ingest"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Runs `ingest args(out)` to the end once, then again into a second folder killed (SIGKILL,
+/// no cleanup) once `pairs/` holds `shards_before_kill` files, and resumes it: the resumed run
+/// must keep `first_shard` as it was and end with exactly the uninterrupted run's rows,
+/// artifacts and metrics, and no resume records left.
+pub fn assert_killed_run_resumes_exactly(
+    dir: &Path,
+    args: impl Fn(&Path) -> Vec<String>,
+    shards_before_kill: usize,
+    first_shard: &str,
+    expected_rows: usize,
+) {
+    use std::time::{Duration, Instant};
+    let reference = dir.join("reference");
+    let (code, text) = ingest_owned(&args(&reference));
+    assert_eq!(code, 0, "{text}");
+
+    let out = dir.join("killed");
+    let shards = out.join("pairs");
+    let mut killed_mid_run = false;
+    // From scratch again, up to five times, until a kill lands before the run published.
+    for _attempt in 0..5 {
+        let _ = std::fs::remove_dir_all(&out);
+        let mut child = spawn_quiet(&args(&out));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline
+            && std::fs::read_dir(&shards).map(|d| d.count()).unwrap_or(0) < shards_before_kill
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        if !out.join("manifest.json").exists() {
+            killed_mid_run = true;
+            break;
+        }
+    }
+    assert!(killed_mid_run, "could not kill the run before it finished");
+    let first = shards.join(first_shard);
+    let kept_before = std::fs::metadata(&first).unwrap().modified().unwrap();
+
+    let (code, text) = ingest_owned(&args(&out));
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        std::fs::metadata(&first).unwrap().modified().unwrap(),
+        kept_before,
+        "finished shards are kept, not redone"
+    );
+    let (resumed_manifest, resumed) = pairs_rows(out.to_str().unwrap());
+    let (reference_manifest, expected) = pairs_rows(reference.to_str().unwrap());
+    assert_eq!(resumed.len(), expected_rows);
+    assert_eq!(
+        resumed, expected,
+        "resumed run has exactly the rows of the uninterrupted one"
+    );
+    assert_eq!(resumed_manifest.artifacts, reference_manifest.artifacts);
+    assert_eq!(resumed_manifest.metrics, {
+        let mut metrics = reference_manifest.metrics.clone();
+        metrics.insert(
+            "seconds".into(),
+            resumed_manifest.metrics["seconds"].clone(),
+        );
+        metrics
+    });
+    let leftovers: Vec<_> = walk(&out.join("_work"));
+    assert!(
+        leftovers.is_empty(),
+        "resume records are cleaned up after publishing: {leftovers:?}"
+    );
+}
+
+pub fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                found.extend(walk(&path));
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found
+}

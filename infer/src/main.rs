@@ -110,6 +110,10 @@ struct GenerateArgs {
 struct EvalArgs {
     #[arg(long)]
     parti: String,
+    /// Decode with this VQGAN manifest (e.g. the fine-tuned decoder's, as Parti does) instead
+    /// of the one the training tokens came from.
+    #[arg(long)]
+    vqgan: Option<String>,
     #[arg(long)]
     out: String,
     #[arg(long)]
@@ -216,8 +220,15 @@ fn run(cli: Cli) -> Result<()> {
             let overrides = json!({"prompts": args.prompts, "sampling": args.sampling.overrides()});
             let config: EvalConfig =
                 layered(&defaults, args.sampling.config.as_deref(), overrides)?;
-            let manifest = evaluate(&config, &args.parti, &args.out, &args.device, args.force)
-                .context("infer eval")?;
+            let manifest = evaluate(
+                &config,
+                &args.parti,
+                args.vqgan.as_deref(),
+                &args.out,
+                &args.device,
+                args.force,
+            )
+            .context("infer eval")?;
             let metric = |name: &str| {
                 manifest
                     .metrics

@@ -296,7 +296,8 @@ fn eval_publishes_per_attribute_accuracy() {
             ..SamplingConfig::default()
         },
     };
-    let manifest = infer::evaluate(&config, &parti, out.to_str().unwrap(), "cpu", false).unwrap();
+    let manifest =
+        infer::evaluate(&config, &parti, None, out.to_str().unwrap(), "cpu", false).unwrap();
     for name in [
         "color_accuracy",
         "shape_accuracy",
@@ -320,4 +321,28 @@ fn eval_publishes_per_attribute_accuracy() {
         let value = ceiling[name].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&value), "{name} {value}");
     }
+    // Decoding with a named VQGAN records it as an input; the same one reads the same.
+    let vqgan = dir.join("vqgan").to_str().unwrap().to_string();
+    let named = dir.join("eval-named-vqgan");
+    let again = infer::evaluate(
+        &config,
+        &parti,
+        Some(&vqgan),
+        named.to_str().unwrap(),
+        "cpu",
+        false,
+    )
+    .unwrap();
+    assert!(
+        again
+            .inputs
+            .iter()
+            .any(|input| input.name == "vqgan" && input.stage.as_deref() == Some("vqgan.train")),
+        "{:?}",
+        again.inputs
+    );
+    assert_eq!(
+        again.metrics["all_accuracy"],
+        manifest.metrics["all_accuracy"]
+    );
 }

@@ -81,15 +81,10 @@ fn scaled(side: u32, eighths: u32) -> u32 {
     (u64::from(side) * u64::from(eighths)).div_ceil(8) as u32
 }
 
-pub enum Decoded {
-    Image(RgbImage),
-    /// A colour space this path leaves to the general decoder.
-    Unsupported,
-}
-
-/// Decodes to RGB at `eighths`/8 of the stored size. `decode_error` for anything libjpeg
-/// refuses, including a file that ends before its last scan.
-pub fn decode(bytes: &[u8], header: &Header, eighths: u32) -> Result<Decoded, Reason> {
+/// Decodes to RGB at `eighths`/8 of the stored size; `header` is this file's and says `rgb`.
+/// `decode_error` for anything libjpeg refuses, including a file that ends before its last
+/// scan.
+pub fn decode(bytes: &[u8], header: &Header, eighths: u32) -> Result<RgbImage, Reason> {
     let (width, height) = (
         scaled(header.width, eighths),
         scaled(header.height, eighths),
@@ -116,13 +111,10 @@ pub fn decode(bytes: &[u8], header: &Header, eighths: u32) -> Result<Decoded, Re
             height,
         )
     };
-    match status {
-        OK => RgbImage::from_raw(width, height, pixels)
-            .map(Decoded::Image)
-            .ok_or("decode_error"),
-        UNSUPPORTED => Ok(Decoded::Unsupported),
-        _ => Err("decode_error"),
+    if status != OK {
+        return Err("decode_error");
     }
+    RgbImage::from_raw(width, height, pixels).ok_or("decode_error")
 }
 
 /// Baseline JPEG at `quality` (1..=100), chroma 4:2:0 or 4:4:4.

@@ -217,7 +217,7 @@ impl Writer<'_> {
         let config = self.config;
         let outcomes: Vec<Outcome> = units
             .par_iter()
-            .flat_map_iter(|unit| load(unit).into_iter().map(|l| process_loaded(l, config)))
+            .map(|unit| process_loaded(load(unit), config))
             .collect();
         let mut shard = ShardRows::default();
         self.absorb_outcomes(&mut shard, outcomes);

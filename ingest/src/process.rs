@@ -7,9 +7,9 @@ use image::{
     DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, Rgb, RgbImage, RgbaImage,
 };
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::jpeg;
-use sha2::{Digest, Sha256};
 
 /// How a source image becomes `size` pixels (img2dataset's resize modes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -228,10 +228,7 @@ fn decode_jpeg(bytes: &[u8], config: &ImageConfig) -> Result<Option<(RgbImage, u
         ResizeMode::Border => width.max(height),
     };
     let eighths = jpeg::scale_eighths(limiting, config.size);
-    let rgb = match jpeg::decode(bytes, &header, eighths)? {
-        jpeg::Decoded::Image(rgb) => rgb,
-        jpeg::Decoded::Unsupported => return Ok(None),
-    };
+    let rgb = jpeg::decode(bytes, &header, eighths)?;
     let orientation = jpeg::orientation(bytes);
     if orientation == Orientation::NoTransforms {
         return Ok(Some((rgb, width, height)));

@@ -439,15 +439,9 @@ fn jsonl_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Err
 
 /// Reads what a sample unit refers to. A missing or unreadable object is a rejection of that
 /// sample, never an error of the run.
-pub fn load(unit: &Unit) -> Vec<Loaded> {
+pub fn load(unit: &Unit) -> Loaded {
     match unit {
-        Unit::Rejected { key, reason } => vec![Loaded {
-            key: key.clone(),
-            source: String::new(),
-            image: Err(reason),
-            caption: None,
-            metadata: None,
-        }],
+        Unit::Rejected { key, reason } => Loaded::rejected(key.clone(), String::new(), reason),
         Unit::Sample {
             key,
             image,
@@ -463,7 +457,7 @@ pub fn load(unit: &Unit) -> Vec<Loaded> {
                 .as_ref()
                 .and_then(|l| l.get().ok())
                 .and_then(|b| String::from_utf8(b.to_vec()).ok());
-            vec![Loaded {
+            Loaded {
                 key: key.clone(),
                 source: image.uri(),
                 image: image.get().map_err(|e| match e {
@@ -472,15 +466,15 @@ pub fn load(unit: &Unit) -> Vec<Loaded> {
                 }),
                 caption,
                 metadata,
-            }]
+            }
         }
         // Containers stream through `stream_container` (chunks keep them alone); never loaded
         // whole.
-        Unit::Container(location) => vec![Loaded::rejected(
+        Unit::Container(location) => Loaded::rejected(
             location.file_name().to_string(),
             location.uri(),
             "not_a_sample",
-        )],
+        ),
     }
 }
 

@@ -276,20 +276,14 @@ fn img2dataset_parquet_with_int32_or_float64_metadata() {
 #[test]
 fn webdataset_tars() {
     let dir = tempfile::tempdir().unwrap();
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut add = |name: &str, data: &[u8]| {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        header.set_cksum();
-        builder.append_data(&mut header, name, data).unwrap();
-    };
-    add("000010005.jpg", &jpeg(40, 40, 5));
-    add("000010005.txt", b"from a tar");
-    add("000010005.json", br#"{"similarity": 0.3}"#);
-    add("000010006.jpg", &jpeg(40, 40, 6));
-    add("000010007.txt", b"caption without image");
-    let tar_bytes = builder.into_inner().unwrap();
+    let member = |name: &str, data: &[u8]| (name.to_string(), data.to_vec());
+    let tar_bytes = tar_of(&[
+        member("000010005.jpg", &jpeg(40, 40, 5)),
+        member("000010005.txt", b"from a tar"),
+        member("000010005.json", br#"{"similarity": 0.3}"#),
+        member("000010006.jpg", &jpeg(40, 40, 6)),
+        member("000010007.txt", b"caption without image"),
+    ]);
     write(dir.path(), "src/00000.tar", &tar_bytes);
     // A truncated copy: whatever came before the cut is kept, the cut is counted.
     write(

@@ -327,12 +327,18 @@ impl Location {
                 .map_err(|e| self.io_error("read", e))?;
             return Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, file)));
         }
-        Ok(Box::new(RangedReader {
+        Ok(self.ranged_reader(start, self.size()?))
+    }
+
+    /// Reads `start..end` of an object in a bucket, a few MiB per request, for a caller that
+    /// already knows the object's size (no second `HEAD`).
+    pub fn ranged_reader(&self, start: u64, end: u64) -> Box<dyn std::io::Read + Send> {
+        Box::new(RangedReader {
             location: self.clone(),
             position: start,
-            end: self.size()?,
+            end,
             buffer: Bytes::new(),
-        }))
+        })
     }
 
     fn io_error(&self, op: &'static str, error: std::io::Error) -> Error {

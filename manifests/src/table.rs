@@ -126,9 +126,7 @@ impl parquet::file::reader::ChunkReader for RangedParquet {
     type T = Box<dyn std::io::Read + Send>;
 
     fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
-        self.location
-            .reader_from(start)
-            .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
+        Ok(self.location.ranged_reader(start, self.size))
     }
 
     fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {

@@ -82,23 +82,36 @@ pub fn sorted_keys(rows: &[Row]) -> Vec<String> {
     keys
 }
 
-/// A webdataset tar: `KEY.png` + `KEY.txt` for each (key, png bytes), members adjacent.
-pub fn webdataset_tar(samples: &[(String, Vec<u8>)]) -> Vec<u8> {
+/// A tar of `(name, bytes)` members, in order.
+pub fn tar_of(members: &[(String, Vec<u8>)]) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
-    for (key, png) in samples {
-        let caption = format!("caption of {key}");
-        for (name, data) in [
-            (format!("{key}.png"), png.as_slice()),
-            (format!("{key}.txt"), caption.as_bytes()),
-        ] {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(data.len() as u64);
-            header.set_mode(0o644);
-            header.set_cksum();
-            builder.append_data(&mut header, name, data).unwrap();
-        }
+    for (name, data) in members {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, name, data.as_slice())
+            .unwrap();
     }
     builder.into_inner().unwrap()
+}
+
+/// A webdataset tar: `KEY.png` + `KEY.txt` for each (key, png bytes), members adjacent.
+pub fn webdataset_tar(samples: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let members: Vec<(String, Vec<u8>)> = samples
+        .iter()
+        .flat_map(|(key, png)| {
+            [
+                (format!("{key}.png"), png.clone()),
+                (
+                    format!("{key}.txt"),
+                    format!("caption of {key}").into_bytes(),
+                ),
+            ]
+        })
+        .collect();
+    tar_of(&members)
 }
 
 /// An img2dataset-style parquet (`key`, `caption`, `png` bytes), `row_group` rows per group.

@@ -126,6 +126,9 @@ struct TextArgs {
     /// Minimum document length in characters.
     #[arg(long)]
     min_chars: Option<usize>,
+    /// Documents per output shard (memory holds about one shard's worth).
+    #[arg(long)]
+    shard_rows: Option<usize>,
 }
 
 #[derive(Args)]
@@ -204,7 +207,8 @@ fn run(cli: Cli) -> Result<()> {
             summary(&manifest);
         }
         Command::Text(args) => {
-            let overrides = json!({"input": args.input, "text_field": args.text_field, "min_chars": args.min_chars});
+            let overrides = json!({"input": args.input, "text_field": args.text_field,
+                "min_chars": args.min_chars, "shard_rows": args.shard_rows});
             let config: TextConfig = layered(
                 &TextConfig::preset(""),
                 args.stage.config.as_deref(),

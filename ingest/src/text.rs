@@ -24,6 +24,9 @@ pub struct TextConfig {
     pub text_field: String,
     /// Documents shorter than this many characters are rejected (`too_short`).
     pub min_chars: usize,
+    /// Documents (and refused lines) read into each output shard: a file is read, parsed and
+    /// written this many at a time, so memory depends on this and not on the file's size.
+    pub shard_rows: usize,
 }
 
 impl TextConfig {
@@ -32,6 +35,7 @@ impl TextConfig {
             input: input.to_string(),
             text_field: "text".into(),
             min_chars: 16,
+            shard_rows: 10_000,
         }
     }
 }
@@ -49,95 +53,136 @@ fn is_text_file(name: &str) -> bool {
     .any(|ext| name.ends_with(ext))
 }
 
-/// Documents of one file in order; a malformed line is a rejection, and a truncated or corrupt
-/// compressed stream ends the file with one `truncated_file` rejection (what came before stays).
-fn read_documents(
-    location: &Location,
-    config: &TextConfig,
-) -> (Vec<Result<TextRow, &'static str>>, String) {
-    let name = location.file_name().to_string();
-    let stem = name.split('.').next().unwrap_or("doc").to_string();
-    let mut out = Vec::new();
-    // Streamed: a bucket object is fetched a few MiB at a time, never held whole.
-    let Ok(source) = location.reader_from(0) else {
-        return (vec![Err("unreadable")], name);
-    };
-    let reader: Box<dyn Read> = if name.ends_with(".gz") {
-        Box::new(MultiGzDecoder::new(source))
-    } else {
-        source
-    };
-    let mut reader = BufReader::new(reader);
-    let plain = name.ends_with(".txt") || name.ends_with(".txt.gz");
-    let mut block = String::new();
-    let mut line_number = 0usize;
-    let mut raw = Vec::new();
-    let key = |n: usize| format!("{stem}-{n:09}");
-    loop {
-        raw.clear();
-        match reader.read_until(b'\n', &mut raw) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(_) => {
-                out.push(Err("truncated_file"));
-                break;
-            }
-        }
-        line_number += 1;
-        let Ok(line) = std::str::from_utf8(&raw) else {
-            out.push(Err("invalid_utf8"));
-            continue;
+/// One unit of a text file before parsing: a JSON line, a blank-line-separated block of plain
+/// text, or the reason a read stopped or a line was refused.
+enum Record {
+    Json { line: usize, text: String },
+    Block { line: usize, text: String },
+    Rejected(&'static str),
+}
+
+/// The records of one file in order, read as they are needed: a bucket object is fetched a few
+/// MiB at a time and a file of any size is never held whole. A truncated or corrupt compressed
+/// stream ends the file with one `truncated_file` record (what came before stays).
+struct Records {
+    /// A record to return before reading on.
+    pending: Option<Record>,
+    reader: Option<Box<dyn BufRead>>,
+    plain: bool,
+    block: String,
+    line_number: usize,
+    raw: Vec<u8>,
+}
+
+impl Records {
+    fn open(location: &Location) -> Records {
+        let name = location.file_name();
+        let plain = name.ends_with(".txt") || name.ends_with(".txt.gz");
+        let mut records = Records {
+            pending: None,
+            reader: None,
+            plain,
+            block: String::new(),
+            line_number: 0,
+            raw: Vec::new(),
         };
-        if plain {
-            // One document per blank-line-separated block.
-            if line.trim().is_empty() {
-                if !block.trim().is_empty() {
-                    out.push(Ok(TextRow {
-                        key: key(line_number),
-                        text: std::mem::take(&mut block),
-                        url: None,
-                        timestamp: None,
-                    }));
+        let Ok(source) = location.reader_from(0) else {
+            records.pending = Some(Record::Rejected("unreadable"));
+            return records;
+        };
+        let reader: Box<dyn Read> = if name.ends_with(".gz") {
+            Box::new(MultiGzDecoder::new(source))
+        } else {
+            source
+        };
+        records.reader = Some(Box::new(BufReader::new(reader)));
+        records
+    }
+
+    /// The plain-text block in progress, as a record, if it holds any text.
+    fn take_block(&mut self, line: usize) -> Option<Record> {
+        let text = std::mem::take(&mut self.block);
+        (!text.trim().is_empty()).then_some(Record::Block { line, text })
+    }
+}
+
+impl Iterator for Records {
+    type Item = Record;
+
+    fn next(&mut self) -> Option<Record> {
+        if let Some(record) = self.pending.take() {
+            return Some(record);
+        }
+        loop {
+            let reader = self.reader.as_mut()?;
+            self.raw.clear();
+            match reader.read_until(b'\n', &mut self.raw) {
+                Ok(0) => {
+                    self.reader = None;
+                    return self.take_block(self.line_number + 1);
                 }
-                block.clear();
-            } else {
-                block.push_str(line);
+                Ok(_) => {}
+                Err(_) => {
+                    // The plain-text block read before the cut still counts, after this.
+                    self.reader = None;
+                    self.pending = self.take_block(self.line_number + 1);
+                    return Some(Record::Rejected("truncated_file"));
+                }
             }
-            continue;
-        }
-        if line.trim().is_empty() {
-            continue;
-        }
-        let Ok(serde_json::Value::Object(object)) = serde_json::from_str::<serde_json::Value>(line)
-        else {
-            out.push(Err("malformed_line"));
-            continue;
-        };
-        let field = |name: &str| {
-            object
-                .get(name)
-                .and_then(|v| v.as_str())
-                .map(str::to_string)
-        };
-        match field(&config.text_field) {
-            Some(text) => out.push(Ok(TextRow {
-                key: key(line_number),
-                text,
-                url: field("url"),
-                timestamp: field("timestamp"),
-            })),
-            None => out.push(Err("no_text")),
+            self.line_number += 1;
+            let Ok(line) = std::str::from_utf8(&self.raw) else {
+                return Some(Record::Rejected("invalid_utf8"));
+            };
+            if self.plain {
+                if !line.trim().is_empty() {
+                    self.block.push_str(line);
+                } else if let Some(block) = self.take_block(self.line_number) {
+                    return Some(block);
+                }
+            } else if !line.trim().is_empty() {
+                return Some(Record::Json {
+                    line: self.line_number,
+                    text: line.to_string(),
+                });
+            }
         }
     }
-    if plain && !block.trim().is_empty() {
-        out.push(Ok(TextRow {
-            key: key(line_number + 1),
-            text: block,
+}
+
+/// The document a record holds, keyed `{file stem}-{line:09}`, or why there is none.
+fn parse(record: Record, stem: &str, config: &TextConfig) -> Result<TextRow, &'static str> {
+    let key = |line: usize| format!("{stem}-{line:09}");
+    match record {
+        Record::Rejected(reason) => Err(reason),
+        Record::Block { line, text } => Ok(TextRow {
+            key: key(line),
+            text,
             url: None,
             timestamp: None,
-        }));
+        }),
+        Record::Json { line, text } => {
+            let Ok(serde_json::Value::Object(object)) =
+                serde_json::from_str::<serde_json::Value>(&text)
+            else {
+                return Err("malformed_line");
+            };
+            let field = |name: &str| {
+                object
+                    .get(name)
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string)
+            };
+            match field(&config.text_field) {
+                Some(text) => Ok(TextRow {
+                    key: key(line),
+                    text,
+                    url: field("url"),
+                    timestamp: field("timestamp"),
+                }),
+                None => Err("no_text"),
+            }
+        }
     }
-    (out, name)
 }
 
 pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest, Error> {
@@ -166,46 +211,66 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
     let bar = progress_bar(mine.len() as u64, options.progress, "files");
     let mut shards = ShardSet::new(&run, TEXT_KIND);
     let mut seen: HashSet<blake3::Hash> = HashSet::new();
-    // Files are read in parallel a few at a time; shards are written in file order.
-    let per_batch = rayon::current_num_threads().max(1);
-    for (batch_index, batch) in mine.chunks(per_batch).enumerate() {
-        let documents: Vec<_> = batch
-            .par_iter()
-            .map(|file| read_documents(file, config))
-            .collect();
-        for (offset, (documents, file_name)) in documents.into_iter().enumerate() {
-            let index = batch_index * per_batch + offset;
-            let name = format!("text/part-{:05}-{index:05}.parquet", options.shard.index);
+    let part_records = config.shard_rows.max(1);
+    // Files in order, each a part of `shard_rows` records at a time, parsed in parallel and
+    // deduplicated in order: the shards do not depend on the thread count, and memory on the
+    // part, not on the file.
+    for (index, file) in mine.iter().enumerate() {
+        let file_name = file.file_name().to_string();
+        let stem = file_name.split('.').next().unwrap_or("doc").to_string();
+        let mut records = Records::open(file);
+        for part in 0.. {
+            let chunk: Vec<Record> = records.by_ref().take(part_records).collect();
+            let read = chunk.len();
+            if read == 0 && part > 0 {
+                break;
+            }
+            let name = format!(
+                "text/part-{:05}-{index:05}-{part:04}.parquet",
+                options.shard.index
+            );
             if let Some(bytes) = shards.resume(&name)? {
                 for row in text_from_parquet(&shards.uri(&name), bytes)? {
                     seen.insert(blake3::hash(row.text.as_bytes()));
                 }
-                continue;
-            }
-            let mut rows = Vec::new();
-            let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
-            for document in documents {
-                let outcome = document.and_then(|row| {
-                    if row.text.trim().chars().count() < config.min_chars {
-                        Err("too_short")
-                    } else if !seen.insert(blake3::hash(row.text.as_bytes())) {
-                        Err("duplicate")
-                    } else {
-                        Ok(row)
+            } else {
+                let parsed: Vec<_> = chunk
+                    .into_par_iter()
+                    .map(|record| {
+                        let row = parse(record, &stem, config)?;
+                        if row.text.trim().chars().count() < config.min_chars {
+                            return Err("too_short");
+                        }
+                        let digest = blake3::hash(row.text.as_bytes());
+                        Ok((row, digest))
+                    })
+                    .collect();
+                let mut rows = Vec::new();
+                let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
+                for document in parsed {
+                    let outcome = document.and_then(|(row, digest)| {
+                        if seen.insert(digest) {
+                            Ok(row)
+                        } else {
+                            Err("duplicate")
+                        }
+                    });
+                    match outcome {
+                        Ok(row) => rows.push(row),
+                        Err(reason) => *rejected.entry(reason.to_string()).or_default() += 1,
                     }
-                });
-                match outcome {
-                    Ok(row) => rows.push(row),
-                    Err(reason) => *rejected.entry(reason.to_string()).or_default() += 1,
                 }
+                if !rejected.is_empty() {
+                    info!("{file_name} part {part}: rejected {rejected:?}");
+                }
+                let bytes = text_to_parquet(&shards.uri(&name), &rows)?;
+                shards.write(&name, bytes, rows.len() as u64, &rejected)?;
             }
-            if !rejected.is_empty() {
-                info!("{file_name}: rejected {rejected:?}");
+            if read < part_records {
+                break;
             }
-            let bytes = text_to_parquet(&shards.uri(&name), &rows)?;
-            shards.write(&name, bytes, rows.len() as u64, &rejected)?;
         }
-        bar.inc(batch.len() as u64);
+        bar.inc(1);
     }
     bar.finish_and_clear();
     let ShardSet {

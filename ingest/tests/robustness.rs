@@ -268,8 +268,9 @@ fn killed_run_resumes_to_exactly_the_uninterrupted_rows() {
         dir.path(),
         |out| pairs_args(&src, out, &["--size", "32", "--shard-rows", "3"]),
         2,
-        "part-00000-00000.parquet",
+        "pairs/part-00000-00000.parquet",
         120,
+        pairs_rows,
     );
 }
 

@@ -43,6 +43,62 @@ pub fn is_held_out(hex_digest: &str) -> bool {
 
 const HELD_OUT_BELOW: u8 = 13;
 
+/// The held-out rows an evaluation reads, gathered during one scan of the data: up to `limit`
+/// of them, and beside them the first `limit` training rows, which stand in when the data
+/// holds nothing out (tiny inputs).
+#[derive(Debug)]
+pub struct HeldOutSample<T> {
+    limit: usize,
+    held_out: Vec<T>,
+    stand_in: Vec<T>,
+}
+
+impl<T> HeldOutSample<T> {
+    pub fn new(limit: usize) -> Self {
+        HeldOutSample {
+            limit,
+            held_out: Vec::new(),
+            stand_in: Vec::new(),
+        }
+    }
+
+    /// Whether a row on this side would be kept: callers decode only those.
+    pub fn wants(&self, held_out: bool) -> bool {
+        let side = if held_out {
+            &self.held_out
+        } else {
+            &self.stand_in
+        };
+        side.len() < self.limit
+    }
+
+    /// Keeps `item` if its side wants it.
+    pub fn offer(&mut self, held_out: bool, item: T) {
+        if self.wants(held_out) {
+            let side = if held_out {
+                &mut self.held_out
+            } else {
+                &mut self.stand_in
+            };
+            side.push(item);
+        }
+    }
+
+    /// Enough held-out rows: the scan can stop.
+    pub fn is_full(&self) -> bool {
+        !self.wants(true)
+    }
+
+    /// The held-out rows, or the stand-ins and `true` when nothing was held out.
+    pub fn finish(self) -> (Vec<T>, bool) {
+        if self.held_out.is_empty() {
+            (self.stand_in, true)
+        } else {
+            (self.held_out, false)
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
     pub seed: u64,

@@ -241,3 +241,35 @@ fn about_one_row_in_twenty_is_held_out_by_its_digest_alone() {
     // 13 of 256 first bytes: 5.1%.
     assert!((900..1150).contains(&held), "{held}");
 }
+
+#[test]
+fn held_out_sample_keeps_the_first_held_out_rows_or_says_it_fell_back_on_training_rows() {
+    use nn::data::HeldOutSample;
+    let mut sample = HeldOutSample::new(2);
+    let rows = [
+        (false, 'a'),
+        (true, 'b'),
+        (false, 'c'),
+        (false, 'd'),
+        (true, 'e'),
+    ];
+    let mut scanned = 0;
+    for (held_out, row) in rows {
+        scanned += 1;
+        sample.offer(held_out, row);
+        if sample.is_full() {
+            break;
+        }
+    }
+    assert_eq!(scanned, 5);
+    assert!(!sample.wants(true) && !sample.wants(false));
+    assert_eq!(sample.finish(), (vec!['b', 'e'], false));
+
+    let mut nothing_held_out = HeldOutSample::new(2);
+    for row in ['a', 'b', 'c'] {
+        assert!(!nothing_held_out.is_full());
+        nothing_held_out.offer(false, row);
+    }
+    assert!(nothing_held_out.wants(true) && !nothing_held_out.wants(false));
+    assert_eq!(nothing_held_out.finish(), (vec!['a', 'b'], true));
+}

@@ -18,7 +18,7 @@ use burn::optim::{
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use bytes::Bytes;
-use nn::data::{RowStream, StreamConfig};
+use nn::data::{HeldOutSample, RowStream, StreamConfig};
 use nn::training::{self, Schedule};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -340,32 +340,24 @@ fn validation_examples(
     limit: usize,
 ) -> Result<(Vec<Example>, bool), Error> {
     let uri = tokens.location.uri();
-    let (mut validation, mut stand_in) = (Vec::new(), Vec::new());
+    let mut sample = HeldOutSample::new(limit);
     for artifact in token_shards(tokens) {
         let rows = vqgan::encode::read_token_shard(tokens, &artifact)
             .map_err(|e| Error::Data(format!("{uri}: {e}")))?;
         for row in rows {
-            let held = is_validation(&row.key);
-            if !held && stand_in.len() >= limit {
+            let held_out = is_validation(&row.key);
+            if !sample.wants(held_out) {
                 continue;
             }
             if let Some(example) = example(row, grid, tokenizer, &uri)? {
-                if held {
-                    validation.push(example);
-                } else {
-                    stand_in.push(example);
-                }
+                sample.offer(held_out, example);
             }
         }
-        if validation.len() >= limit {
+        if sample.is_full() {
             break;
         }
     }
-    validation.truncate(limit);
-    if validation.is_empty() {
-        return Ok((stand_in, true));
-    }
-    Ok((validation, false))
+    Ok(sample.finish())
 }
 
 /// Training examples streamed from the token shards (validation rows left out), captions

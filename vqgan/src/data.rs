@@ -4,7 +4,7 @@
 use burn::tensor::{Device, Tensor};
 use image::RgbImage;
 use manifests::{Artifact, Upstream, table};
-use nn::data::{RowStream, StreamConfig};
+use nn::data::{HeldOutSample, RowStream, StreamConfig};
 
 use crate::Error;
 
@@ -214,23 +214,28 @@ impl ImageStream {
 /// set is not read whole for them). Tiny inputs may hold out
 /// nothing: then the first training images stand in, and the flag says so.
 pub fn held_out(upstream: &Upstream, size: usize, limit: usize) -> Result<(ImageSet, bool), Error> {
-    let (mut held_out, mut stand_in) = (empty_set(size), empty_set(size));
+    let mut sample = HeldOutSample::new(limit);
     visit_rows(
         upstream,
         &upstream.artifacts_of_kind("parquet/pairs"),
         |row| {
-            if is_held_out(row.sha256) {
-                push_row(&mut held_out, &row)?;
-            } else if stand_in.len() < limit {
-                push_row(&mut stand_in, &row)?;
+            let held_out = is_held_out(row.sha256);
+            if sample.wants(held_out) {
+                let image = decode(row.uri, row.key, row.image, size)?;
+                sample.offer(
+                    held_out,
+                    (row.key.to_string(), row.caption.to_string(), image),
+                );
             }
-            Ok(held_out.len() < limit)
+            Ok(!sample.is_full())
         },
     )?;
-    if held_out.is_empty() {
-        return Ok((stand_in, true));
+    let (rows, stand_in) = sample.finish();
+    let mut set = empty_set(size);
+    for (key, caption, image) in rows {
+        set.push(key, caption, &image);
     }
-    Ok((held_out, false))
+    Ok((set, stand_in))
 }
 
 /// Reads every pairs shard (digest-checked) and splits train / held-out by image hash.

@@ -158,20 +158,6 @@ fn large_c4_file() -> (Vec<u8>, u64) {
     (gz.finish().unwrap(), plain_bytes)
 }
 
-fn text_args(src: &std::path::Path, out: &std::path::Path, shard_rows: &str) -> Vec<String> {
-    [
-        "text",
-        "--input",
-        src.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]
-    .into_iter()
-    .chain(["--shard-rows", shard_rows])
-    .map(String::from)
-    .collect()
-}
-
 #[test]
 fn a_large_text_file_is_written_a_part_at_a_time_in_bounded_memory() {
     let dir = tempfile::tempdir().unwrap();
@@ -179,7 +165,7 @@ fn a_large_text_file_is_written_a_part_at_a_time_in_bounded_memory() {
     write(dir.path(), "src/c4-train.00000-of-01024.json.gz", &gz);
     let src = dir.path().join("src");
     let out = dir.path().join("out");
-    let (code, peak) = ingest_peak_memory(&text_args(&src, &out, "1000"));
+    let (code, peak) = ingest_peak_memory(&text_args(&src, &out, &["--shard-rows", "1000"]));
     assert_eq!(code, 0);
     assert!(peak > 0, "no memory reading for the child");
     let (manifest, rows) = text_rows(out.to_str().unwrap());
@@ -223,7 +209,7 @@ fn killed_text_run_resumes_to_exactly_the_uninterrupted_documents() {
     let src = dir.path().join("src");
     assert_killed_run_resumes_exactly(
         dir.path(),
-        |out| text_args(&src, out, "500"),
+        |out| text_args(&src, out, &["--shard-rows", "500"]),
         3,
         "text/part-00000-00000-0000.parquet",
         19_982,

@@ -162,8 +162,16 @@ pub fn noise_png(side: u32, seed: u64) -> Vec<u8> {
 
 /// `ingest pairs --input SRC --out OUT` plus `extra`, as owned arguments.
 pub fn pairs_args(src: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    stage_args("pairs", src, out, extra)
+}
+
+pub fn text_args(src: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    stage_args("text", src, out, extra)
+}
+
+fn stage_args(stage: &str, src: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     let (src, out) = (src.to_str().unwrap(), out.to_str().unwrap());
-    ["pairs", "--input", src, "--out", out]
+    [stage, "--input", src, "--out", out]
         .iter()
         .chain(extra)
         .map(|s| s.to_string())

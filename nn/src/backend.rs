@@ -46,6 +46,32 @@ pub fn training_devices(spec: &str) -> Result<Vec<Device>, DeviceError> {
         .collect()
 }
 
+/// The workers that share a training step's `micro_batches`: each device of `spec`,
+/// `per_device` times. Left unset, a lone `cpu` on `flex` gets one worker per core (at most one
+/// per micro-batch): flex runs most kernels of the tiny presets' sizes on one thread, so a
+/// replica per core is what puts the other cores to work, and libtorch, which threads its own
+/// kernels, and GPUs get one each. The worker count changes speed only, never the result.
+pub fn training_workers(
+    spec: &str,
+    per_device: Option<usize>,
+    micro_batches: usize,
+) -> Result<Vec<Device>, DeviceError> {
+    let devices = training_devices(spec)?;
+    let per_device = per_device.unwrap_or_else(|| {
+        let lone_cpu = devices.len() == 1 && spec.trim().eq_ignore_ascii_case("cpu");
+        if lone_cpu && !cfg!(feature = "tch") {
+            let cores = std::thread::available_parallelism().map_or(1, usize::from);
+            cores.min(micro_batches)
+        } else {
+            1
+        }
+    });
+    Ok(devices
+        .iter()
+        .flat_map(|device| std::iter::repeat_n(device.clone(), per_device.max(1)))
+        .collect())
+}
+
 // burn-tch is deprecated upstream in favour of CubeCL backends, yet it is the backend the user
 // asked for and the fastest we measured on CPU; 0.22 is pinned so it stays.
 #[cfg(feature = "tch")]

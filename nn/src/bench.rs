@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
-use burn::tensor::Tensor;
+use burn::tensor::kind::Basic;
+use burn::tensor::{Device, Tensor};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,18 +46,54 @@ impl Timing {
     }
 }
 
-/// Times train steps of `model`: `loss` forward, backward, one `optimizer` step at a fixed
-/// learning rate.
-pub fn time_train_steps<M: Module>(
+/// The share of a step's batch one worker's micro-batch is, and where that worker runs.
+pub struct Share<'a> {
+    pub device: &'a Device,
+    pub part: usize,
+    pub parts: usize,
+}
+
+impl Share<'_> {
+    /// This share of a batch-first tensor, on the worker's device.
+    pub fn of<const D: usize, K: Basic>(&self, batch: &Tensor<D, K>) -> Tensor<D, K> {
+        batch
+            .clone()
+            .chunk(self.parts, 0)
+            .swap_remove(self.part)
+            .to_device(self.device)
+    }
+}
+
+/// Times train steps of `model` as training runs them: the batch split into one micro-batch per
+/// worker ([`crate::training::micro_batch_gradients`]), `loss(replica, share)` forward and
+/// backward on each, then one `optimizer` step at a fixed learning rate.
+pub fn time_train_steps<M: Module + Sync>(
     mut model: M,
     optimizer: &mut ModuleOptimizer,
     rounds: usize,
-    loss: impl Fn(&M) -> Tensor<1>,
+    workers: &[Device],
+    loss: impl Fn(&M, Share) -> Tensor<1> + Sync,
 ) -> Timing {
+    let parts = workers.len().max(1);
     let mut rounds_ms = Vec::with_capacity(rounds.max(1));
     for round in 0..=rounds.max(1) {
         let started = Instant::now();
-        let grads = GradientsParams::from_grads(loss(&model).backward(), &model);
+        let step = crate::training::micro_batch_gradients(
+            &model,
+            workers,
+            parts,
+            |replica, worker, part| {
+                let share = Share {
+                    device: &workers[worker],
+                    part,
+                    parts,
+                };
+                let loss = loss(replica, share).div_scalar(parts as f64);
+                let grads = GradientsParams::from_grads(loss.backward(), replica);
+                Ok::<_, std::convert::Infallible>((grads, ()))
+            },
+        );
+        let Ok((grads, _)) = step;
         model = optimizer.step(1e-4, model, grads);
         if round > 0 {
             rounds_ms.push(started.elapsed().as_secs_f64() * 1000.0);
@@ -220,8 +257,19 @@ pub struct TrainStepArgs {
     pub rounds: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Workers per device, each taking an equal share of the batch, as training runs (default:
+    /// one per core on flex's CPU, else one).
+    #[arg(long)]
+    pub workers: Option<usize>,
     #[command(flatten)]
     pub peer: PeerArgs,
+}
+
+impl TrainStepArgs {
+    /// The workers for a batch of `batch`.
+    pub fn workers(&self, batch: usize) -> Result<Vec<Device>, crate::backend::DeviceError> {
+        crate::backend::training_workers(&self.device, self.workers, batch)
+    }
 }
 
 impl PeerArgs {

@@ -3,7 +3,7 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, LayerNorm, LayerNormConfig};
+use burn::nn::{Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, LinearConfig};
 use burn::tensor::{Bool, Device, Tensor};
 
 use crate::attention::{KvCache, MultiHeadAttention, MultiHeadAttentionConfig};
@@ -54,6 +54,24 @@ impl TransformerBlockConfig {
             mlp: self.mlp_config().init(device),
             dropout: DropoutConfig::new(self.dropout).init(),
         }
+    }
+
+    /// A block whose residual branches start at zero (the attention's and the MLP's output
+    /// projections), so appended to a trained stack it leaves the stack's function exactly as
+    /// it was until training moves it: how a deeper stack starts from a shallower trained one.
+    pub fn init_identity(&self, device: &Device) -> TransformerBlock {
+        let zeros = |d_input, d_output| {
+            LinearConfig::new(d_input, d_output)
+                .with_initializer(Initializer::Zeros)
+                .init(device)
+        };
+        let mut block = self.init(device);
+        block.attention.output = zeros(self.d_model, self.d_model);
+        if let Some(cross) = block.cross.as_mut() {
+            cross.output = zeros(self.d_model, self.d_model);
+        }
+        block.mlp.fc2 = zeros(self.d_mlp, self.d_model);
+        block
     }
 
     /// Parameters, from the shape alone.

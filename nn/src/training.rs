@@ -6,10 +6,12 @@
 //! optimizer record carries every moment; and the data order and any sampling noise of step `s`
 //! depend only on `(seed, s)`, so nothing about the random stream has to be saved.
 
+use std::collections::BTreeMap;
+
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{ModuleOptimizer, OptimizerRecord};
+use burn::optim::{GradientsAccumulator, GradientsParams, ModuleOptimizer, OptimizerRecord};
 use burn::store::{BurnpackStore, ModuleSnapshot};
-use burn::tensor::{Bytes, Tensor};
+use burn::tensor::{Bytes, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::de::DeserializeOwned;
@@ -204,6 +206,48 @@ impl Checkpointing {
     }
 }
 
+/// `module` as safetensors bytes whose header is written in a fixed order. Burn keeps the
+/// file's metadata in a hash map, so two saves of the same weights would otherwise differ in
+/// their header (and digest) from process to process.
+pub fn save_safetensors<M: ModuleSnapshot>(module: &M) -> Result<Vec<u8>, CheckpointError> {
+    let mut store = burn::store::SafetensorsStore::from_bytes(None);
+    module
+        .save_into(&mut store)
+        .map_err(|e| CheckpointError::Record(format!("saving weights: {e}")))?;
+    let bytes = store
+        .get_bytes()
+        .map_err(|e| CheckpointError::Record(format!("saving weights: {e}")))?;
+    canonical_safetensors(&bytes)
+}
+
+fn canonical_safetensors(bytes: &[u8]) -> Result<Vec<u8>, CheckpointError> {
+    let malformed = |why: &str| CheckpointError::Record(format!("saved weights: {why}"));
+    let (length, rest) = bytes
+        .split_first_chunk::<8>()
+        .ok_or_else(|| malformed("no header length"))?;
+    let length = usize::try_from(u64::from_le_bytes(*length))
+        .map_err(|_| malformed("header length out of range"))?;
+    if length > rest.len() {
+        return Err(malformed("header longer than the file"));
+    }
+    let (header, data) = rest.split_at(length);
+    let mut header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| malformed(&e.to_string()))?;
+    if let Some(metadata) = header.get_mut("__metadata__") {
+        let sorted: BTreeMap<String, serde_json::Value> =
+            serde_json::from_value(metadata.take()).map_err(|e| malformed(&e.to_string()))?;
+        *metadata = serde_json::to_value(sorted).map_err(|e| malformed(&e.to_string()))?;
+    }
+    let mut header = serde_json::to_vec(&header).map_err(|e| malformed(&e.to_string()))?;
+    // The format aligns the data to 8 bytes by padding the header with spaces.
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + header.len() + data.len());
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(data);
+    Ok(out)
+}
+
 /// Loads safetensors `bytes` into `module`, which must match them exactly (no tensor missing,
 /// none mismatched); `name` says which file in errors.
 pub fn load_safetensors<M: ModuleSnapshot>(
@@ -237,4 +281,85 @@ pub fn materialize<M: Module>(model: &M) {
         }
     }
     model.visit(&mut Touch);
+}
+
+/// The gradients of one optimizer step split into `micro_batches`, computed by `workers`
+/// (data parallelism on one machine: a thread per worker, each on its own replica of `model`
+/// forked onto its device, taking micro-batches in turn) and summed on the first worker's device
+/// in micro-batch order, so a step comes out bit for bit the same however many workers share
+/// it. `micro_step(replica, worker, index)` runs micro-batch `index` on `workers[worker]` and
+/// returns its gradients (scaled as they are to be summed) and a report; the reports come back
+/// in micro-batch order. The first error stops the step; a worker's panic is resumed here.
+pub fn micro_batch_gradients<M, R, E, F>(
+    model: &M,
+    workers: &[Device],
+    micro_batches: usize,
+    micro_step: F,
+) -> Result<(GradientsParams, Vec<R>), E>
+where
+    M: Module + Sync,
+    R: Send,
+    E: Send,
+    F: Fn(&M, usize, usize) -> Result<(GradientsParams, R), E> + Sync,
+{
+    let mut accumulator = GradientsAccumulator::<M>::new();
+    let mut reports = Vec::with_capacity(micro_batches);
+    let Some(main) = workers.first() else {
+        return Ok((accumulator.grads(), reports));
+    };
+    if workers.len() == 1 {
+        for index in 0..micro_batches {
+            let (grads, report) = micro_step(model, 0, index)?;
+            accumulator.accumulate(model, grads);
+            reports.push(report);
+        }
+        return Ok((accumulator.grads(), reports));
+    }
+    let replicas: Vec<M> = workers
+        .iter()
+        .map(|device| model.clone().fork(device))
+        .collect();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = replicas
+            .iter()
+            .enumerate()
+            .map(|(worker, replica)| {
+                let sender = sender.clone();
+                let micro_step = &micro_step;
+                scope.spawn(move || {
+                    for index in (worker..micro_batches).step_by(workers.len()) {
+                        let result = micro_step(replica, worker, index);
+                        let failed = result.is_err();
+                        // A closed channel means the step already failed elsewhere.
+                        if sender.send((index, result)).is_err() || failed {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        drop(sender);
+        let mut arrived = BTreeMap::new();
+        let mut summed = || {
+            for (index, result) in &receiver {
+                arrived.insert(index, result);
+                while let Some(result) = arrived.remove(&reports.len()) {
+                    let (grads, report) = result?;
+                    accumulator.accumulate(model, grads.to_device(main, model));
+                    reports.push(report);
+                }
+            }
+            Ok(())
+        };
+        let outcome = summed();
+        drop(receiver);
+        for handle in handles {
+            if let Err(panic) = handle.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        outcome
+    })?;
+    Ok((accumulator.grads(), reports))
 }

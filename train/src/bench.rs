@@ -52,10 +52,13 @@ fn preset(name: &str) -> Result<(PartiConfig, usize), Error> {
 pub fn parti_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
     let (name, batch, rounds) = (args.preset.as_str(), args.batch.unwrap_or(32), args.rounds);
     let (config, text_length) = preset(name)?;
-    let device =
-        nn::backend::training_device(&args.device).map_err(|e| Error::Usage(e.to_string()))?;
+    let workers = args
+        .workers(batch)
+        .map_err(|e| Error::Usage(e.to_string()))?;
+    let device = workers[0].clone();
     let _seeded = nn::backend::seed_exclusively(&device, 0);
     let model: Parti = config.init(&device);
+    nn::training::materialize(&model);
     let mut optimizer = AdamWConfig::new().with_weight_decay(0.01).init();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let text: Vec<i32> = (0..batch * text_length)
@@ -70,9 +73,10 @@ pub fn parti_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
         Tensor::<1, Bool>::from_data(vec![false; batch * text_length].as_slice(), &device)
             .reshape([batch, text_length]);
     let targets = Tensor::<1, Int>::from_data(targets.as_slice(), &device).reshape([batch, tokens]);
-    let ours = time_train_steps(model, &mut optimizer, rounds, |model| {
-        let condition = model.condition(text.clone(), padding.clone(), None);
-        token_loss(model.forward(targets.clone(), &condition), targets.clone()).0
+    let ours = time_train_steps(model, &mut optimizer, rounds, &workers, |model, share| {
+        let targets = share.of(&targets);
+        let condition = model.condition(share.of(&text), share.of(&padding), None);
+        token_loss(model.forward(targets.clone(), &condition), targets).0
     });
     nn::bench::compare_train_step(
         &ours,
@@ -81,7 +85,10 @@ pub fn parti_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
         name,
         batch,
         rounds,
-        format!("Parti {name} train step, batch {batch}"),
+        format!(
+            "Parti {name} train step, batch {batch} ({} worker(s))",
+            workers.len()
+        ),
     )
     .map_err(|e| Error::Usage(e.to_string()))
 }

@@ -92,6 +92,10 @@ struct PartiArgs {
     /// A `train text-encoder` manifest to initialise the encoder from (optional).
     #[arg(long)]
     text_encoder: Option<String>,
+    /// Workers per device sharing each step's micro-batches (`accumulation` in the config);
+    /// default: one per core on flex's CPU, else one. Changes speed, never the result.
+    #[arg(long)]
+    workers: Option<usize>,
 }
 
 fn metric(manifest: &manifests::Manifest, name: &str) -> f64 {
@@ -174,6 +178,7 @@ fn run(cli: Cli) -> Result<()> {
             let options = Seq2SeqOptions {
                 out: training.stage.out.clone(),
                 device: training.device.clone(),
+                workers: args.workers,
                 force: training.stage.force,
                 stop_after: training.stop_after,
             };

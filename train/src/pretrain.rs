@@ -13,7 +13,7 @@ use burn::grad_clipping::GradientClippingConfig;
 use burn::module::Module;
 use burn::nn::LinearConfig;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-use burn::store::{ModuleSnapshot, SafetensorsStore};
+use burn::store::ModuleSnapshot;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use bytes::Bytes;
 use nn::training::{self, Schedule};
@@ -377,15 +377,9 @@ fn optimizer(config: &PretrainConfig) -> ModuleOptimizer {
 }
 
 fn safetensors<M: Module>(module: &M, name: &str) -> Result<Bytes, Error> {
-    let mut store = SafetensorsStore::from_bytes(None);
-    module
-        .save_into(&mut store)
+    let bytes = training::save_safetensors(module)
         .map_err(|e| Error::Data(format!("saving {name}: {e}")))?;
-    Ok(Bytes::from(
-        store
-            .get_bytes()
-            .map_err(|e| Error::Data(format!("saving {name}: {e}")))?,
-    ))
+    Ok(Bytes::from(bytes))
 }
 
 pub fn pretrain(

@@ -11,10 +11,7 @@ use std::time::Instant;
 
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::Module;
-use burn::optim::{
-    AdafactorConfig, AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer,
-    MultiGradientsParams,
-};
+use burn::optim::{AdafactorConfig, AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use bytes::Bytes;
@@ -98,6 +95,8 @@ impl Seq2SeqConfig {
                 // The validation loss is nearly flat after ~800 steps on the shapes tokens.
                 steps: 1000,
                 batch_size: 32,
+                // Two micro-batches of 16, so two cores each take one.
+                accumulation: 2,
                 optimizer: "adamw".into(),
                 learning_rate: 1e-3,
                 final_learning_rate: 5e-5,
@@ -278,6 +277,9 @@ pub struct Seq2SeqInputs<'a> {
 pub struct Seq2SeqOptions {
     pub out: String,
     pub device: String,
+    /// Workers per device sharing each step's micro-batches (`None`: one per core on flex's
+    /// CPU, else one); speed only, the result is the same.
+    pub workers: Option<usize>,
     pub force: bool,
     pub stop_after: Option<usize>,
 }
@@ -390,29 +392,23 @@ fn example_stream(
     .map_err(|e| Error::Data(format!("{uri}: {e}")))
 }
 
-enum StepGradients {
-    One(GradientsParams),
-    Several(MultiGradientsParams),
-}
-
 /// Gradients of one optimizer step over its micro-batches (examples and CFG drops), and each
-/// micro-batch's loss and token accuracy in order. With several devices (data parallel on one
-/// machine), micro-batch i runs on device i mod n, on a replica forked there, one thread per
-/// device; the optimizer then sums the devices' gradients (Burn's `step_multi`).
+/// micro-batch's loss and token accuracy in order. The workers share the micro-batches (data
+/// parallel on one machine: several GPUs, or one replica per CPU core on flex).
 fn step_gradients(
     model: &Parti,
-    devices: &[Device],
+    workers: &[Device],
     micro_batches: &[(Vec<Example>, Vec<bool>)],
     tokenizer: &TextTokenizer,
-) -> Result<(StepGradients, Vec<(f64, f64)>), Error> {
+) -> Result<(GradientsParams, Vec<(f64, f64)>), Error> {
     let parts = micro_batches.len() as f64;
-    let run_on = |replica: &Parti, device: &Device, which: usize| {
-        let mut accumulator = GradientsAccumulator::<Parti>::new();
-        let mut losses = Vec::new();
-        for (index, (examples, drop)) in micro_batches.iter().enumerate() {
-            if index % devices.len() != which {
-                continue;
-            }
+    training::micro_batch_gradients(
+        model,
+        workers,
+        micro_batches.len(),
+        |replica, worker, index| {
+            let device = &workers[worker];
+            let (examples, drop) = &micro_batches[index];
             let batch: Vec<&Example> = examples.iter().collect();
             let (ids, padding) = text_tensors(&batch, tokenizer, device);
             let drop = Tensor::<1, Bool>::from_data(drop.as_slice(), device);
@@ -420,55 +416,15 @@ fn step_gradients(
             let targets = targets_tensor(&batch, device);
             let (loss, accuracy) =
                 token_loss(replica.forward(targets.clone(), &condition), targets);
-            let scaled = loss.clone().div_scalar(parts);
-            accumulator.accumulate(
-                replica,
-                GradientsParams::from_grads(scaled.backward(), replica),
-            );
-            losses.push((
-                index,
+            let grads =
+                GradientsParams::from_grads(loss.clone().div_scalar(parts).backward(), replica);
+            let report = (
                 loss.into_scalar::<f32>() as f64,
                 accuracy.into_scalar::<f32>() as f64,
-            ));
-        }
-        (accumulator.grads(), losses)
-    };
-    let in_order = |mut losses: Vec<(usize, f64, f64)>| {
-        losses.sort_by_key(|(index, _, _)| *index);
-        losses
-            .into_iter()
-            .map(|(_, loss, accuracy)| (loss, accuracy))
-            .collect()
-    };
-    if devices.len() == 1 {
-        let (grads, losses) = run_on(model, &devices[0], 0);
-        return Ok((StepGradients::One(grads), in_order(losses)));
-    }
-    let replicas: Vec<Parti> = devices.iter().map(|d| model.clone().fork(d)).collect();
-    let results = std::thread::scope(|scope| {
-        let workers: Vec<_> = replicas
-            .iter()
-            .zip(devices)
-            .enumerate()
-            .map(|(which, (replica, device))| scope.spawn(move || run_on(replica, device, which)))
-            .collect();
-        workers
-            .into_iter()
-            .map(|worker| worker.join())
-            .collect::<Vec<_>>()
-    });
-    let mut grads = Vec::new();
-    let mut losses = Vec::new();
-    for (result, device) in results.into_iter().zip(devices) {
-        let (device_grads, device_losses) =
-            result.map_err(|_| Error::Data("a data-parallel worker thread panicked".into()))?;
-        grads.push((device_grads, device.clone()));
-        losses.extend(device_losses);
-    }
-    Ok((
-        StepGradients::Several(MultiGradientsParams { grads }),
-        in_order(losses),
-    ))
+            );
+            Ok((grads, report))
+        },
+    )
 }
 
 pub fn train_parti(
@@ -498,17 +454,15 @@ pub fn train_parti(
     }
     info!("{} validation rows", validation.len());
 
-    let devices =
-        nn::backend::training_devices(&options.device).map_err(|e| Error::Usage(e.to_string()))?;
-    let device = devices[0].clone();
-    if !config.accumulation.max(1).is_multiple_of(devices.len()) {
-        return Err(Error::Usage(format!(
-            "{} devices share each step's micro-batches: set accumulation to a multiple of {} (it is {})",
-            devices.len(),
-            devices.len(),
-            config.accumulation
-        )));
-    }
+    let workers =
+        nn::backend::training_workers(&options.device, options.workers, config.accumulation.max(1))
+            .map_err(|e| Error::Usage(e.to_string()))?;
+    let device = workers[0].clone();
+    info!(
+        "{} worker(s) share each step's {} micro-batch(es)",
+        workers.len(),
+        config.accumulation.max(1)
+    );
     device.seed(config.seed);
     let model_config = PartiConfig::preset(
         &config.model,
@@ -592,13 +546,10 @@ pub fn train_parti(
                 .map_err(|e| Error::Data(format!("{}: {e}", inputs.tokens)))?;
             micro_batches.push((batch, cfg_drops(&mut rng, micro, config.cfg_dropout)));
         }
-        let (grads, losses) = step_gradients(&model, &devices, &micro_batches, &tokenizer)?;
+        let (grads, losses) = step_gradients(&model, &workers, &micro_batches, &tokenizer)?;
         let loss_sum: f64 = losses.iter().map(|(loss, _)| loss).sum();
         let accuracy_sum: f64 = losses.iter().map(|(_, accuracy)| accuracy).sum();
-        model = match grads {
-            StepGradients::One(grads) => optimizer.step(learning_rate, model, grads),
-            StepGradients::Several(grads) => optimizer.step_multi(learning_rate, model, grads),
-        };
+        model = optimizer.step(learning_rate, model, grads);
         let parts = parts as f64;
         if step.is_multiple_of(config.log_every.max(1)) || step + 1 == config.steps {
             let line = json!({"step": step, "learning_rate": learning_rate,
@@ -619,8 +570,7 @@ pub fn train_parti(
         }
     }
 
-    // With several devices the optimizer leaves each parameter where its gradients met.
-    let model = model.fork(&device).valid();
+    let model = model.valid();
     let first_device = options.device.split(',').next().unwrap_or_default().trim();
     let eval_device = nn::backend::device(first_device).map_err(|e| Error::Usage(e.to_string()))?;
     let (val_loss, val_accuracy) = validate(&model, &validation, &tokenizer, &eval_device);
@@ -630,12 +580,7 @@ pub fn train_parti(
     );
     let config_json = serde_json::to_vec_pretty(&model_config)
         .map_err(|e| Error::Data(format!("model config: {e}")))?;
-    let mut store = burn::store::SafetensorsStore::from_bytes(None);
-    burn::store::ModuleSnapshot::save_into(&model, &mut store)
-        .map_err(|e| Error::Data(format!("saving weights: {e}")))?;
-    let weights = store
-        .get_bytes()
-        .map_err(|e| Error::Data(format!("saving weights: {e}")))?;
+    let weights = training::save_safetensors(&model).map_err(|e| Error::Data(e.to_string()))?;
     let artifacts = vec![
         run.write_artifact("parti.safetensors", PARTI_KIND, Bytes::from(weights), None)?,
         run.write_artifact("parti.json", "config", Bytes::from(config_json), None)?,

@@ -231,6 +231,7 @@ fn stopped_text_encoder_and_parti_runs_resume_exactly() {
     let options = |name: &str, stop_after| Seq2SeqOptions {
         out: dir.path().join(name).to_str().unwrap().to_string(),
         device: "cpu".into(),
+        workers: Some(1),
         force: false,
         stop_after,
     };
@@ -247,8 +248,8 @@ fn stopped_text_encoder_and_parti_runs_resume_exactly() {
     assert!(dir.path().join("parti-whole/loss.png").exists());
 
     // Data parallel over two devices (here the CPU twice, so it runs without GPUs): the two
-    // micro-batches of each step go to different replicas and the optimizer sums their
-    // gradients, which must give exactly the single-device run.
+    // micro-batches of each step go to different replicas, whose gradients are summed in
+    // micro-batch order, which must give exactly the single-worker run.
     let parallel = Seq2SeqOptions {
         device: "cpu,cpu".into(),
         ..options("parti-parallel", None)
@@ -262,18 +263,33 @@ fn stopped_text_encoder_and_parti_runs_resume_exactly() {
         whole.metrics["val_loss"],
         parallel_manifest.metrics["val_loss"]
     );
+    // Three micro-batches on two workers of one CPU (one takes two): still the one-worker run,
+    // down to the weights' digest.
     let odd = Seq2SeqConfig {
         accumulation: 3,
         ..config.clone()
     };
-    let error = train_parti(
+    let one_worker = train_parti(&odd, &inputs, &options("parti-odd-one", None)).unwrap();
+    let two_workers = train_parti(
         &odd,
         &inputs,
         &Seq2SeqOptions {
-            device: "cpu,cpu".into(),
-            ..options("parti-odd-parallel", None)
+            workers: Some(2),
+            ..options("parti-odd-two", None)
         },
     )
-    .unwrap_err();
-    assert!(error.to_string().contains("multiple of 2"), "{error}");
+    .unwrap();
+    assert_eq!(
+        artifact_text(&dir.path().join("parti-odd-one"), "metrics.jsonl"),
+        artifact_text(&dir.path().join("parti-odd-two"), "metrics.jsonl")
+    );
+    let weights = |manifest: &manifests::Manifest| {
+        manifest
+            .artifacts
+            .iter()
+            .find(|a| a.uri.ends_with("parti.safetensors"))
+            .map(|a| a.digest.clone())
+    };
+    assert!(weights(&one_worker).is_some());
+    assert_eq!(weights(&one_worker), weights(&two_workers));
 }

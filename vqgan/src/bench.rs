@@ -22,10 +22,13 @@ fn preset(name: &str) -> Result<VitVqganConfig, Error> {
 pub fn train_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
     let (name, batch, rounds) = (args.preset.as_str(), args.batch.unwrap_or(16), args.rounds);
     let config = preset(name)?;
-    let device =
-        nn::backend::training_device(&args.device).map_err(|e| Error::Usage(e.to_string()))?;
+    let workers = args
+        .workers(batch)
+        .map_err(|e| Error::Usage(e.to_string()))?;
+    let device = workers[0].clone();
     let _seeded = nn::backend::seed_exclusively(&device, 0);
     let model: VitVqgan = config.init(&device);
+    nn::training::materialize(&model);
     let mut optimizer = AdamWConfig::new()
         .with_beta_2(0.99)
         .with_weight_decay(1e-4)
@@ -36,9 +39,10 @@ pub fn train_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
         Distribution::Uniform(0.0, 1.0),
         &device,
     );
-    let ours = time_train_steps(model, &mut optimizer, rounds, |model| {
+    let ours = time_train_steps(model, &mut optimizer, rounds, &workers, |model, share| {
+        let images = share.of(&images);
         let out = model.forward(images.clone());
-        let error = out.images - images.clone();
+        let error = out.images - images;
         error.clone().powi_scalar(2).mean() + error.abs().mean() + out.quantized.loss
     });
     nn::bench::compare_train_step(
@@ -48,7 +52,10 @@ pub fn train_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
         name,
         batch,
         rounds,
-        format!("ViT-VQGAN {name} train step, batch {batch}"),
+        format!(
+            "ViT-VQGAN {name} train step, batch {batch} ({} worker(s))",
+            workers.len()
+        ),
     )
     .map_err(|e| Error::Usage(e.to_string()))
 }

@@ -59,6 +59,10 @@ struct TrainingArgs {
     /// the same command later resumes exactly where it stopped.
     #[arg(long)]
     stop_after: Option<usize>,
+    /// Workers per device sharing each step's micro-batches (`accumulation` in the config);
+    /// default: one per core on flex's CPU, else one. Changes speed, never the result.
+    #[arg(long)]
+    workers: Option<usize>,
     /// torchvision VGG-16 weights as safetensors (`features.N.weight/bias`, optionally LPIPS's
     /// `linK.model.1.weight`) for the perceptual loss; without it that term is off.
     #[arg(long, value_name = "FILE.safetensors")]
@@ -75,6 +79,7 @@ impl TrainingArgs {
         TrainOptions {
             out: self.stage.out.clone(),
             device: self.device.clone(),
+            workers: self.workers,
             force: self.stage.force,
             stop_after: self.stop_after,
             vgg16: self.vgg16.clone(),

@@ -23,9 +23,10 @@ impl VitConfig {
     pub fn tiny() -> Self {
         Self::new(128, 2, 4, 256)
     }
-    /// The CI-sized stand-in for Parti's larger fine-tuned decoder.
+    /// The CI-sized stand-in for Parti's larger fine-tuned decoder: twice the tiny depth at
+    /// its width, so it can start from the stage-1 decoder (`warm_start`).
     pub fn tiny_large() -> Self {
-        Self::new(192, 3, 6, 512)
+        Self::new(128, 4, 4, 256)
     }
     /// ViT-VQGAN Small: 8 blocks, 8 heads, 512, MLP 2048.
     pub fn small() -> Self {
@@ -170,6 +171,34 @@ impl VitVqganConfig {
             norm: LayerNormConfig::new(self.decoder.d_model).init(device),
             to_pixels: LinearConfig::new(self.decoder.d_model, self.patch_values()).init(device),
         }
+    }
+}
+
+impl VitVqganConfig {
+    /// This config's decoder started from `trained`, a decoder of the same width and no more
+    /// blocks (configured as `trained_config`): its layers copied and the extra blocks appended
+    /// as identities, so it begins exactly where `trained` is and only has to improve on it.
+    pub fn decoder_grown_from(
+        &self,
+        trained_config: &VitConfig,
+        trained: VitDecoder,
+        device: &Device,
+    ) -> Result<VitDecoder, crate::Error> {
+        let (want, have) = (&self.decoder, trained_config);
+        if (want.d_model, want.n_heads, want.d_mlp) != (have.d_model, have.n_heads, have.d_mlp)
+            || want.n_layers < have.n_layers
+            || trained.blocks.len() != have.n_layers
+        {
+            return Err(crate::Error::Usage(format!(
+                "a decoder ({want:?}) can start from a trained one ({have:?}) only with the same \
+                 width, heads and MLP and at least as many blocks"
+            )));
+        }
+        let mut decoder = trained;
+        decoder
+            .blocks
+            .extend((have.n_layers..want.n_layers).map(|_| want.block().init_identity(device)));
+        Ok(decoder)
     }
 }
 

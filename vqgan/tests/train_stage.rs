@@ -100,6 +100,7 @@ fn options(out: &Path, stop_after: Option<usize>) -> TrainOptions {
     TrainOptions {
         out: out.to_str().unwrap().to_string(),
         device: "cpu".into(),
+        workers: None,
         force: false,
         stop_after,
         vgg16: None,
@@ -241,6 +242,68 @@ fn a_stopped_run_resumes_to_exactly_the_uninterrupted_result() {
     assert!(!resumed.join("_work").exists());
 }
 
+/// The artifact digests of a published stage, by name.
+fn artifact_digests(dir: &Path) -> Vec<(String, String)> {
+    let (stage, _) = Upstream::read(dir.to_str().unwrap()).unwrap();
+    let digests: Vec<(String, String)> = stage
+        .manifest
+        .artifacts
+        .iter()
+        .map(|a| (a.uri.clone(), a.digest.clone()))
+        .collect();
+    assert!(
+        digests
+            .iter()
+            .any(|(uri, _)| uri.ends_with("model.safetensors"))
+    );
+    digests
+}
+
+#[test]
+fn the_worker_count_changes_nothing_but_speed() {
+    let _serial = TRAINING.lock();
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = pairs(dir.path(), 40);
+    // Three micro-batches of two on two workers: one worker takes two of them. The adversarial
+    // term is on from step 3, so the discriminator sees the workers' reconstructions joined.
+    let config = TrainConfig {
+        batch_size: 6,
+        accumulation: 3,
+        ..small_config(4)
+    };
+    let with_workers = |name: &str, workers: usize| {
+        let out = dir.path().join(name);
+        let options = TrainOptions {
+            workers: Some(workers),
+            ..options(&out, None)
+        };
+        train(&config, &pairs, &options).unwrap();
+        out
+    };
+    let one = with_workers("one", 1);
+    let two = with_workers("two", 2);
+    assert_eq!(artifact_digests(&one), artifact_digests(&two));
+
+    let mut finetune = FinetuneConfig::preset("tiny").unwrap();
+    finetune.train = TrainConfig {
+        restart_every: 0,
+        ..config.clone()
+    };
+    let finetuned = |name: &str, workers: usize| {
+        let out = dir.path().join(name);
+        let options = TrainOptions {
+            workers: Some(workers),
+            ..options(&out, None)
+        };
+        finetune_decoder(&finetune, one.to_str().unwrap(), &pairs, &options).unwrap();
+        out
+    };
+    assert_eq!(
+        artifact_digests(&finetuned("decoder-one", 1)),
+        artifact_digests(&finetuned("decoder-two", 2))
+    );
+}
+
 #[test]
 fn decoder_finetuning_freezes_encoder_and_codebook_and_encode_decode_round_trips() {
     let _serial = TRAINING.lock();
@@ -249,18 +312,23 @@ fn decoder_finetuning_freezes_encoder_and_codebook_and_encode_decode_round_trips
     let stage1 = dir.path().join("stage1");
     train(&small_config(3), &pairs, &options(&stage1, None)).unwrap();
 
+    // Parti's way: a new raw-RGB decoder trained from scratch.
     let mut config = FinetuneConfig::preset("tiny").unwrap();
     config.train = small_config(3);
     config.train.restart_every = 0;
     config.train.loss.adversarial_start = 1;
+    config.warm_start = false;
+    config.output_sigmoid = false;
     let stage2 = dir.path().join("stage2");
-    finetune_decoder(
-        &config,
-        stage1.to_str().unwrap(),
-        &pairs,
-        &options(&stage2, None),
-    )
-    .unwrap();
+    let finetune = |config: &FinetuneConfig, out: &Path| {
+        finetune_decoder(
+            config,
+            stage1.to_str().unwrap(),
+            &pairs,
+            &options(out, None),
+        )
+    };
+    finetune(&config, &stage2).unwrap();
 
     let device = nn::backend::device("cpu").unwrap();
     let read = |dir: &Path| {
@@ -283,11 +351,50 @@ fn decoder_finetuning_freezes_encoder_and_codebook_and_encode_decode_round_trips
         named_tensors(&model2.decoder)
     );
     assert!(
-        config2.decoder.d_model > config1.decoder.d_model,
+        config2.decoder.n_layers > config1.decoder.n_layers,
         "decoder not larger"
     );
     assert!(!config2.output_sigmoid);
     assert!(model2.num_params() > model1.num_params());
+
+    // The tiny preset's way: the deeper decoder starts from stage 1's. With no steps it is
+    // stage 1's decoder exactly (the added blocks are identities): the same reconstructions.
+    let warm = FinetuneConfig {
+        train: TrainConfig {
+            steps: 0,
+            ..config.train.clone()
+        },
+        ..FinetuneConfig::preset("tiny").unwrap()
+    };
+    let untrained = dir.path().join("warm-untrained");
+    finetune(&warm, &untrained).unwrap();
+    assert_eq!(
+        artifact_bytes(&stage1, "reconstructions.png"),
+        artifact_bytes(&untrained, "reconstructions.png")
+    );
+    let (warm_config, warm_model) = read(&untrained);
+    assert!(warm_config.decoder.n_layers > config1.decoder.n_layers);
+    assert!(warm_model.num_params() > model1.num_params());
+    let trained = dir.path().join("warm-trained");
+    finetune(
+        &FinetuneConfig {
+            train: config.train.clone(),
+            ..warm.clone()
+        },
+        &trained,
+    )
+    .unwrap();
+    assert_ne!(
+        named_tensors(&warm_model.decoder),
+        named_tensors(&read(&trained).1.decoder)
+    );
+    // A decoder of another width cannot start from stage 1's.
+    let wider = FinetuneConfig {
+        decoder: "small".into(),
+        ..warm.clone()
+    };
+    let error = finetune(&wider, &dir.path().join("wider")).unwrap_err();
+    assert!(error.to_string().contains("same width"), "{error}");
 
     // Encode with the fine-tuned tokenizer: one token row per pairs row, same tokens as the
     // stage-1 encoder (it is the same encoder), deterministic across runs.

@@ -146,15 +146,10 @@ pub struct GeneratorLoss {
 
 impl GeneratorLoss {
     /// The terms as numbers, for a metrics line.
-    pub fn logged(&self) -> serde_json::Map<String, serde_json::Value> {
+    pub fn numbers(&self) -> Vec<(&'static str, f64)> {
         self.terms
             .iter()
-            .map(|(name, t)| {
-                (
-                    (*name).to_string(),
-                    serde_json::json!(t.clone().into_scalar::<f32>()),
-                )
-            })
+            .map(|(name, t)| (*name, t.clone().into_scalar::<f32>() as f64))
             .collect()
     }
 }

@@ -37,6 +37,9 @@ pub const FINETUNE_STAGE: &str = "vqgan.finetune_decoder";
 pub struct TrainConfig {
     /// Model preset: tiny, small or base.
     pub model: String,
+    /// Codebook entries instead of the model preset's (512 tiny, 8192 small and base).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codebook_size: Option<usize>,
     pub steps: usize,
     pub batch_size: usize,
     /// Micro-batches each batch is split into: run one after another, or at once by several
@@ -80,6 +83,7 @@ impl TrainConfig {
     pub fn preset(name: &str) -> Result<TrainConfig, Error> {
         let paper = |model: &str| TrainConfig {
             model: model.into(),
+            codebook_size: None,
             steps: 500_000,
             batch_size: 256,
             accumulation: 1,
@@ -142,14 +146,25 @@ impl TrainConfig {
     }
 
     pub fn model_config(&self) -> Result<VitVqganConfig, Error> {
-        match self.model.as_str() {
-            "tiny" => Ok(VitVqganConfig::tiny()),
-            "small" => Ok(VitVqganConfig::small()),
-            "base" => Ok(VitVqganConfig::base()),
-            other => Err(Error::Usage(format!(
-                "unknown model '{other}' (tiny, small, base)"
-            ))),
+        let mut config = match self.model.as_str() {
+            "tiny" => VitVqganConfig::tiny(),
+            "small" => VitVqganConfig::small(),
+            "base" => VitVqganConfig::base(),
+            other => {
+                return Err(Error::Usage(format!(
+                    "unknown model '{other}' (tiny, small, base)"
+                )));
+            }
+        };
+        if let Some(size) = self.codebook_size {
+            if !(2..=usize::from(u16::MAX) + 1).contains(&size) {
+                return Err(Error::Usage(format!(
+                    "codebook_size {size}: tokens are stored as u16, so 2..=65536"
+                )));
+            }
+            config.quantizer.codebook_size = size;
         }
+        Ok(config)
     }
 
     pub fn schedule(&self) -> Schedule {

@@ -209,3 +209,30 @@ fn tiny_model_overfits_a_handful_of_images() {
         "PSNR {before:.1} dB -> {after:.1} dB"
     );
 }
+
+#[test]
+fn the_codebook_size_can_be_set_without_changing_the_presets_config_hash() {
+    use vqgan::train::TrainConfig;
+    let preset = TrainConfig::preset("tiny").unwrap();
+    assert_eq!(preset.model_config().unwrap().quantizer.codebook_size, 512);
+    // Unset, the field is not written, so runs made before it existed stay up to date.
+    assert!(
+        !serde_json::to_string(&preset)
+            .unwrap()
+            .contains("codebook_size")
+    );
+    let larger = TrainConfig {
+        codebook_size: Some(1024),
+        ..preset.clone()
+    };
+    assert_eq!(larger.model_config().unwrap().quantizer.codebook_size, 1024);
+    for size in [0, 1, 65537] {
+        let error = TrainConfig {
+            codebook_size: Some(size),
+            ..preset.clone()
+        }
+        .model_config()
+        .unwrap_err();
+        assert!(error.to_string().contains("codebook_size"), "{error}");
+    }
+}

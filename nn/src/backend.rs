@@ -66,10 +66,15 @@ pub fn training_workers(
             1
         }
     });
-    Ok(devices
+    let workers: Vec<Device> = devices
         .iter()
         .flat_map(|device| std::iter::repeat_n(device.clone(), per_device.max(1)))
-        .collect())
+        .collect();
+    tracing::info!(
+        "{} worker(s) share each step's {micro_batches} micro-batch(es)",
+        workers.len()
+    );
+    Ok(workers)
 }
 
 // burn-tch is deprecated upstream in favour of CubeCL backends, yet it is the backend the user

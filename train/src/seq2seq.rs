@@ -458,11 +458,6 @@ pub fn train_parti(
         nn::backend::training_workers(&options.device, options.workers, config.accumulation.max(1))
             .map_err(|e| Error::Usage(e.to_string()))?;
     let device = workers[0].clone();
-    info!(
-        "{} worker(s) share each step's {} micro-batch(es)",
-        workers.len(),
-        config.accumulation.max(1)
-    );
     device.seed(config.seed);
     let model_config = PartiConfig::preset(
         &config.model,
@@ -571,8 +566,7 @@ pub fn train_parti(
     }
 
     let model = model.valid();
-    let first_device = options.device.split(',').next().unwrap_or_default().trim();
-    let eval_device = nn::backend::device(first_device).map_err(|e| Error::Usage(e.to_string()))?;
+    let eval_device = device.clone().inner();
     let (val_loss, val_accuracy) = validate(&model, &validation, &tokenizer, &eval_device);
     let val_perplexity = val_loss.exp();
     info!(

@@ -461,15 +461,8 @@ fn objective(
 
 /// The workers of `options` for the config's micro-batches.
 fn workers(config: &TrainConfig, options: &TrainOptions) -> Result<Vec<Device>, Error> {
-    let workers =
-        nn::backend::training_workers(&options.device, options.workers, config.accumulation.max(1))
-            .map_err(|e| Error::Usage(e.to_string()))?;
-    info!(
-        "{} worker(s) share each step's {} micro-batch(es)",
-        workers.len(),
-        config.accumulation.max(1)
-    );
-    Ok(workers)
+    nn::backend::training_workers(&options.device, options.workers, config.accumulation.max(1))
+        .map_err(|e| Error::Usage(e.to_string()))
 }
 
 /// The trained module with its discriminator (when the adversarial term is on), the optimizer

@@ -213,8 +213,11 @@ fn tiny_model_overfits_a_handful_of_images() {
 #[test]
 fn the_codebook_size_can_be_set_without_changing_the_presets_config_hash() {
     use vqgan::train::TrainConfig;
-    let preset = TrainConfig::preset("tiny").unwrap();
-    assert_eq!(preset.model_config().unwrap().quantizer.codebook_size, 512);
+    let tiny = TrainConfig::preset("tiny").unwrap();
+    assert_eq!(tiny.codebook_size, Some(1024));
+    assert_eq!(tiny.model_config().unwrap().quantizer.codebook_size, 1024);
+    let preset = TrainConfig::preset("small").unwrap();
+    assert_eq!(preset.model_config().unwrap().quantizer.codebook_size, 8192);
     // Unset, the field is not written, so runs made before it existed stay up to date.
     assert!(
         !serde_json::to_string(&preset)
@@ -222,10 +225,13 @@ fn the_codebook_size_can_be_set_without_changing_the_presets_config_hash() {
             .contains("codebook_size")
     );
     let larger = TrainConfig {
-        codebook_size: Some(1024),
+        codebook_size: Some(16384),
         ..preset.clone()
     };
-    assert_eq!(larger.model_config().unwrap().quantizer.codebook_size, 1024);
+    assert_eq!(
+        larger.model_config().unwrap().quantizer.codebook_size,
+        16384
+    );
     for size in [0, 1, 65537] {
         let error = TrainConfig {
             codebook_size: Some(size),
@@ -234,5 +240,31 @@ fn the_codebook_size_can_be_set_without_changing_the_presets_config_hash() {
         .model_config()
         .unwrap_err();
         assert!(error.to_string().contains("codebook_size"), "{error}");
+    }
+}
+
+#[test]
+fn the_code_dimension_can_be_set_without_changing_the_presets_config_hash() {
+    use vqgan::train::TrainConfig;
+    let preset = TrainConfig::preset("tiny").unwrap();
+    assert_eq!(preset.model_config().unwrap().quantizer.code_dim, 32);
+    assert!(!serde_json::to_string(&preset).unwrap().contains("code_dim"));
+    let wider = TrainConfig {
+        code_dim: Some(64),
+        ..preset.clone()
+    };
+    let config = wider.model_config().unwrap();
+    assert_eq!(config.quantizer.code_dim, 64);
+    let model = config.init(&backend::device("cpu").unwrap());
+    assert_eq!(model.quantizer.codebook.val().dims(), [1024, 64]);
+    // The lookup space is a projection of the encoder's 128 channels.
+    for dim in [0, 129] {
+        let error = TrainConfig {
+            code_dim: Some(dim),
+            ..preset.clone()
+        }
+        .model_config()
+        .unwrap_err();
+        assert!(error.to_string().contains("code_dim"), "{error}");
     }
 }

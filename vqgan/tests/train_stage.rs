@@ -17,7 +17,7 @@ use manifests::Upstream;
 use vqgan::encode::{self, EncodeConfig};
 use vqgan::loss::LossConfig;
 use vqgan::train::{FinetuneConfig, TrainConfig, TrainOptions, finetune_decoder, train};
-use vqgan::{Error, VitVqganConfig, load_vqgan};
+use vqgan::{Error, load_vqgan};
 
 fn run(binary: &str, args: &[&str]) -> String {
     let output = Command::new(binary).args(args).output().unwrap();
@@ -175,7 +175,12 @@ fn trains_from_an_ingest_manifest_and_writes_loadable_weights() {
     let weights = stage.artifacts_of_kind("checkpoint")[0];
     let bytes = stage.read_artifact(weights).unwrap().to_vec();
     let device = nn::backend::device("cpu").unwrap();
-    let mut model = VitVqganConfig::tiny().init(&device);
+    // The tiny training preset's model (its codebook is larger than the model preset's).
+    let mut model = TrainConfig::preset("tiny")
+        .unwrap()
+        .model_config()
+        .unwrap()
+        .init(&device);
     let before = model.quantizer.codebook.val().into_data();
     let result = model
         .load_from(&mut SafetensorsStore::from_bytes(Some(bytes)))

@@ -120,8 +120,9 @@ impl Default for EvalConfig {
             prompts: 216,
             // Sharper than `generate`'s default of 1.0: measured on the tiny preset, all-attribute
             // accuracy rose from 0.23 (1.0) to 0.44 (0.5) and 0.47 (0.3) over the same prompts;
-            // on the 1024-code tiny preset, 0.81 (0.5), 0.82 (0.2) and 0.83 (0.1), means over
-            // seeds 0-3 (0.1 was ahead at every seed, and level with greedy decoding's 0.83).
+            // on the 1024-code tiny preset, 0.81 (0.5) and 0.83 (0.1), means over seeds 0-3 (0.1
+            // was ahead at every seed, and level with greedy decoding's 0.83); 0.2 gave 0.82 over
+            // seeds 1-3.
             sampling: SamplingConfig {
                 temperature: 0.1,
                 ..SamplingConfig::default()

@@ -5,7 +5,8 @@ way the Rust side times itself. Prints one JSON object on stdout.
   torch_models.py vqgan-step  --preset tiny|small --batch B --rounds R
   torch_models.py parti-step  --preset tiny|350m-slice --batch B --rounds R
   torch_models.py parti-sample --grid G --d-model D --layers L --batch B
-  (any of them with --naive-attention: attention as separate ops, to locate a gap)
+  (any of them with --naive-attention: attention as separate ops, to locate a gap, and with
+  --device cpu|cuda:N: where to run, the device the Rust side was measured on)
 
 Idiomatic PyTorch rather than a transliteration: fused scaled_dot_product_attention, an in-place
 preallocated KV cache, inference_mode for sampling. Architectures mirror nn/, vqgan/src/model.rs
@@ -215,8 +216,9 @@ class Parti(nn.Module):
         return self.head(self.norm(x))
 
     @torch.inference_mode()
-    def sample_greedy(self, text):
-        """KV-cached greedy decoding of the whole grid; cross keys/values once per prompt."""
+    def sample_greedy(self, text, limit=None):
+        """KV-cached greedy decoding of the whole grid (or its first `limit` tokens); cross
+        keys/values once per prompt."""
         encoded = self.condition(text)
         batch, n = text.shape[0], self.grid * self.grid
         contexts = [(*block.cross.key_value(encoded), None) for block in self.blocks]
@@ -226,7 +228,7 @@ class Parti(nn.Module):
         values = [torch.empty(batch, heads, n, d_head) for _ in self.blocks]
         token = torch.full((batch, 1), self.codebook_size)
         out = []
-        for position in range(n):
+        for position in range(n if limit is None else limit):
             x = self.token_embedding(token) + self.positions[position]
             for layer, block in enumerate(self.blocks):
                 h = block.norm_attention(x)
@@ -264,18 +266,29 @@ def parti_sample(args):
         1000, 16, (d, 2, heads, 4 * d), (d, args.layers, heads, 4 * d), args.grid, 8192, 11
     ).eval()
     text = 5 + torch.arange(args.batch * 16).remainder(900).view(args.batch, 16)
+    model.sample_greedy(text, limit=2)  # warm-up: allocator, kernels (a GPU's first launches)
+    synchronize()
     started = time.perf_counter()
     tokens = model.sample_greedy(text)
+    synchronize()
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "tokens_per_second": tokens.numel() / seconds, "tokens": tokens.shape[1]}
 
 
+def synchronize():
+    """Waits for queued GPU work, so a wall-clock time covers it (a no-op on the CPU)."""
+    if torch.get_default_device().type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(step, rounds):
     step()  # warm-up: allocator, kernels, optimizer state
+    synchronize()
     times = []
     for _ in range(rounds):
         started = time.perf_counter()
         step()
+        synchronize()
         times.append(time.perf_counter() - started)
     return {"ms_per_step": 1000 * statistics.median(times), "rounds_ms": [1000 * t for t in times]}
 
@@ -291,7 +304,10 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--naive-attention", action="store_true")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    # Every tensor and parameter is created there, so the models need no .to() calls.
+    torch.set_default_device(args.device)
     global NAIVE_ATTENTION
     NAIVE_ATTENTION = args.naive_attention
     if args.threads:
@@ -302,6 +318,7 @@ def main():
     result |= {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "device": str(torch.get_default_device()),
         "attention": "naive" if NAIVE_ATTENTION else "fused",
     }
     print(json.dumps(result))

@@ -246,7 +246,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Serve(args) => serve(args)?,
         Command::Bench(args) => {
-            let peer = args.peer.peer();
+            let peer = args.peer.peer(&args.device);
             let report = infer::bench::kv_cache(
                 args.grid,
                 args.d_model,

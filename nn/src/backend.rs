@@ -9,6 +9,11 @@ pub enum DeviceError {
     Unknown(String),
     #[error("device '{0}' needs the libtorch backend: build with --features tch")]
     NeedsTch(String),
+    #[error(
+        "device '{spec}': libtorch sees {visible} CUDA device(s); a CUDA build of libtorch \
+         (LIBTORCH, see the README) and a visible GPU are needed"
+    )]
+    NoCuda { spec: String, visible: usize },
 }
 
 /// The backend this build uses.
@@ -29,7 +34,7 @@ pub fn device(spec: &str) -> Result<Device, DeviceError> {
     };
     match cuda_index {
         None => Ok(cpu_device()),
-        Some(index) => cuda_device(index).ok_or(DeviceError::NeedsTch(spec)),
+        Some(index) => cuda_device(index, &spec),
     }
 }
 
@@ -90,15 +95,24 @@ fn cpu_device() -> Device {
     Device::flex()
 }
 
+/// burn-tch panics on first use of a GPU libtorch does not have (a CPU libtorch has none), so
+/// the count is checked up front.
 #[cfg(feature = "tch")]
 #[allow(deprecated)]
-fn cuda_device(index: usize) -> Option<Device> {
-    Some(Device::libtorch_cuda(index))
+fn cuda_device(index: usize, spec: &str) -> Result<Device, DeviceError> {
+    let visible = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
+    if index >= visible {
+        return Err(DeviceError::NoCuda {
+            spec: spec.to_string(),
+            visible,
+        });
+    }
+    Ok(Device::libtorch_cuda(index))
 }
 
 #[cfg(not(feature = "tch"))]
-fn cuda_device(_index: usize) -> Option<Device> {
-    None
+fn cuda_device(_index: usize, spec: &str) -> Result<Device, DeviceError> {
+    Err(DeviceError::NeedsTch(spec.to_string()))
 }
 
 static RNG_OWNER: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -112,4 +126,23 @@ pub fn seed_exclusively(device: &Device, seed: u64) -> std::sync::MutexGuard<'st
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     device.seed(seed);
     guard
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_without_a_visible_gpu_is_an_error_not_a_panic() {
+        #[cfg(feature = "tch")]
+        if tch::Cuda::device_count() > 0 {
+            return;
+        }
+        for spec in ["cuda", "cuda:1", "gpu"] {
+            let error = device(spec).err().map(|e| e.to_string());
+            let message = error.unwrap_or_else(|| panic!("'{spec}' gave a device without a GPU"));
+            assert!(message.contains(spec), "{message}");
+        }
+        assert!(matches!(device("tpu"), Err(DeviceError::Unknown(_))));
+    }
 }

@@ -107,13 +107,19 @@ pub fn time_train_steps<M: Module + Sync>(
 pub struct TorchPeer {
     pub python: PathBuf,
     pub script: PathBuf,
+    /// PyTorch's name of the device the peer runs on: ours, so a GPU run is compared with
+    /// PyTorch on the same GPU.
+    pub device: String,
 }
 
 impl TorchPeer {
-    pub fn new(python: &Path, script: &Path) -> Self {
+    /// A peer on the device of our `--device` value (`cpu`, `cuda`, `cuda:N`, or a list of
+    /// training devices, of which the first counts).
+    pub fn new(python: &Path, script: &Path, device: &str) -> Self {
         Self {
             python: python.to_path_buf(),
             script: script.to_path_buf(),
+            device: torch_device(device),
         }
     }
 
@@ -127,6 +133,7 @@ impl TorchPeer {
         let output = Command::new(&self.python)
             .arg(&self.script)
             .args(args)
+            .args(["--device", &self.device])
             .output()
             .map_err(|e| failed(e.to_string()))?;
         if !output.status.success() {
@@ -273,9 +280,38 @@ impl TrainStepArgs {
 }
 
 impl PeerArgs {
-    pub fn peer(&self) -> Option<TorchPeer> {
+    /// The peer, on the device our side of the benchmark runs on.
+    pub fn peer(&self, device: &str) -> Option<TorchPeer> {
         self.python
             .as_deref()
-            .map(|python| TorchPeer::new(python, &self.peer_script))
+            .map(|python| TorchPeer::new(python, &self.peer_script, device))
+    }
+}
+
+/// PyTorch's spelling of a `--device` value.
+fn torch_device(spec: &str) -> String {
+    let first = spec
+        .split(',')
+        .next()
+        .unwrap_or("cpu")
+        .trim()
+        .to_ascii_lowercase();
+    match first.as_str() {
+        "cuda" | "gpu" => "cuda:0".into(),
+        _ => first,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::torch_device;
+
+    #[test]
+    fn the_peer_runs_on_our_device() {
+        assert_eq!(torch_device("cpu"), "cpu");
+        assert_eq!(torch_device("CUDA"), "cuda:0");
+        assert_eq!(torch_device("gpu"), "cuda:0");
+        assert_eq!(torch_device("cuda:1"), "cuda:1");
+        assert_eq!(torch_device("cuda:1, cuda:0"), "cuda:1");
     }
 }

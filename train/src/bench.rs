@@ -80,7 +80,7 @@ pub fn parti_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
     });
     nn::bench::compare_train_step(
         &ours,
-        args.peer.peer().as_ref(),
+        args.peer.peer(&args.device).as_ref(),
         "parti-step",
         name,
         batch,

@@ -47,7 +47,7 @@ pub fn train_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
     });
     nn::bench::compare_train_step(
         &ours,
-        args.peer.peer().as_ref(),
+        args.peer.peer(&args.device).as_ref(),
         "vqgan-step",
         name,
         batch,

@@ -23,18 +23,22 @@ pub fn backend_name() -> &'static str {
 
 /// A device for inference from a `--device` value: `cpu`, `cuda` or `cuda:N`.
 pub fn device(spec: &str) -> Result<Device, DeviceError> {
-    let spec = spec.trim().to_ascii_lowercase();
-    let cuda_index = match spec.as_str() {
-        "cpu" => None,
-        "cuda" | "gpu" => Some(0),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(index)) => Some(index),
-            _ => return Err(DeviceError::Unknown(spec.clone())),
-        },
-    };
-    match cuda_index {
+    match cuda_index(spec)? {
         None => Ok(cpu_device()),
-        Some(index) => cuda_device(index, &spec),
+        Some(index) => cuda_device(index, &spec.trim().to_ascii_lowercase()),
+    }
+}
+
+/// The GPU a `--device` value names (`None`: the CPU), without asking whether it exists.
+pub fn cuda_index(spec: &str) -> Result<Option<usize>, DeviceError> {
+    let spec = spec.trim().to_ascii_lowercase();
+    match spec.as_str() {
+        "cpu" => Ok(None),
+        "cuda" | "gpu" => Ok(Some(0)),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(index)) => Ok(Some(index)),
+            _ => Err(DeviceError::Unknown(spec)),
+        },
     }
 }
 

@@ -288,17 +288,13 @@ impl PeerArgs {
     }
 }
 
-/// PyTorch's spelling of a `--device` value.
+/// PyTorch's spelling of a `--device` value (of its first device, for a training list). A value
+/// our side refuses never reaches the peer, so it falls back to the CPU.
 fn torch_device(spec: &str) -> String {
-    let first = spec
-        .split(',')
-        .next()
-        .unwrap_or("cpu")
-        .trim()
-        .to_ascii_lowercase();
-    match first.as_str() {
-        "cuda" | "gpu" => "cuda:0".into(),
-        _ => first,
+    let first = spec.split(',').next().unwrap_or("cpu");
+    match crate::backend::cuda_index(first) {
+        Ok(Some(index)) => format!("cuda:{index}"),
+        _ => "cpu".into(),
     }
 }
 

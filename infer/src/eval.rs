@@ -156,13 +156,33 @@ pub struct Accuracy {
     pub position: f64,
     pub all: f64,
     pub images: usize,
+    /// All-attribute accuracy over the objects asked with each shape (`None`: none asked).
+    /// The 64 px tokenizer's errors are not spread evenly, and these say where they fall.
+    pub all_by_shape: [Option<f64>; SHAPES.len()],
+    /// The same over the objects asked at each position of the 3x3 grid.
+    pub all_by_position: [Option<f64>; POSITIONS.len()],
 }
 
 /// Scores readings against the objects asked for (a missing reading counts as wrong).
 pub fn accuracy(asked: &[Object], read: &[Option<Reading>]) -> Accuracy {
     let n = asked.len().max(1) as f64;
     let (mut color, mut shape, mut position, mut all) = (0.0, 0.0, 0.0, 0.0);
+    // (right, asked) per shape and per position.
+    let mut per_shape = [(0usize, 0usize); SHAPES.len()];
+    let mut per_position = [(0usize, 0usize); POSITIONS.len()];
     for (object, reading) in asked.iter().zip(read) {
+        let right = reading.is_some_and(|r| {
+            r.color == object.color && r.shape == object.shape && r.position == object.position
+        });
+        for (tally, index) in [
+            (&mut per_shape[..], object.shape),
+            (&mut per_position[..], object.position),
+        ] {
+            if let Some((hits, count)) = tally.get_mut(index) {
+                *hits += usize::from(right);
+                *count += 1;
+            }
+        }
         let Some(r) = reading else { continue };
         let (c, s, p) = (
             r.color == object.color,
@@ -180,5 +200,11 @@ pub fn accuracy(asked: &[Object], read: &[Option<Reading>]) -> Accuracy {
         position: position / n,
         all: all / n,
         images: asked.len(),
+        all_by_shape: per_shape.map(share),
+        all_by_position: per_position.map(share),
     }
+}
+
+fn share((hits, count): (usize, usize)) -> Option<f64> {
+    (count > 0).then(|| hits as f64 / count as f64)
 }

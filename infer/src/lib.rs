@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use manifests::{Location, Manifest, ShardSpec, StageRun, Tool, Upstream};
-use serde_json::{Map, json};
+use serde_json::{Map, Value, json};
 use tracing::info;
 
 use sample::{Generator, PromptImages, SamplingConfig};
@@ -176,6 +176,33 @@ fn tokenizer_ceiling(
     Ok(Some(eval::accuracy(&objects, &readings)))
 }
 
+/// All-attribute accuracy per shape and per position, keyed by the captions' words (`null`
+/// where nothing was asked).
+fn breakdown(score: &eval::Accuracy) -> (Value, Value) {
+    let keyed = |names: &[&str], values: &[Option<f64>]| -> Value {
+        Value::Object(
+            names
+                .iter()
+                .zip(values)
+                .map(|(name, value)| (name.to_string(), json!(value)))
+                .collect(),
+        )
+    };
+    (
+        keyed(&ingest::synth::SHAPES, &score.all_by_shape),
+        keyed(&ingest::synth::POSITIONS, &score.all_by_position),
+    )
+}
+
+fn by_shape_line(score: &eval::Accuracy) -> String {
+    ingest::synth::SHAPES
+        .iter()
+        .zip(score.all_by_shape)
+        .filter_map(|(name, value)| value.map(|v| format!("{name} {v:.3}")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Held-out images the tokenizer ceiling reads at most.
 const CEILING_IMAGES: usize = 256;
 
@@ -258,17 +285,24 @@ pub fn evaluate(
     metrics.insert("shape_accuracy".into(), json!(score.shape));
     metrics.insert("position_accuracy".into(), json!(score.position));
     metrics.insert("all_accuracy".into(), json!(score.all));
+    let (by_shape, by_position) = breakdown(&score);
+    info!("all-attribute accuracy by shape: {}", by_shape_line(&score));
+    metrics.insert("all_accuracy_by_shape".into(), by_shape);
+    metrics.insert("all_accuracy_by_position".into(), by_position);
     metrics.insert("prompts".into(), json!(score.images));
     if let Some(ceiling) = tokenizer_ceiling(&generator, parti_uri)? {
         info!(
             "tokenizer ceiling (held-out images through the VQGAN): colour {:.3}, shape {:.3}, position {:.3}, all {:.3} over {} images",
             ceiling.color, ceiling.shape, ceiling.position, ceiling.all, ceiling.images
         );
+        info!("tokenizer ceiling by shape: {}", by_shape_line(&ceiling));
+        let (by_shape, by_position) = breakdown(&ceiling);
         metrics.insert(
             "tokenizer_ceiling".into(),
             json!({"color_accuracy": ceiling.color, "shape_accuracy": ceiling.shape,
                 "position_accuracy": ceiling.position, "all_accuracy": ceiling.all,
-                "images": ceiling.images}),
+                "images": ceiling.images, "all_accuracy_by_shape": by_shape,
+                "all_accuracy_by_position": by_position}),
         );
     }
     metrics.insert("reranked".into(), json!(generator.reranker.is_some()));

@@ -86,6 +86,34 @@ fn the_scorer_reads_rendered_shapes_correctly() {
 }
 
 #[test]
+fn accuracy_is_broken_down_by_shape_and_position() {
+    use infer::eval::Reading;
+    use ingest::synth::Object;
+    let object = |shape, position| Object {
+        shape,
+        color: 2,
+        position,
+    };
+    let asked = [object(0, 0), object(1, 0), object(1, 4)];
+    let read = |o: Object| {
+        Some(Reading {
+            color: o.color,
+            shape: o.shape,
+            position: o.position,
+        })
+    };
+    // The square at the top left reads as a circle; the others read right.
+    let readings = [read(asked[0]), read(object(0, 0)), read(asked[2])];
+    let score = accuracy(&asked, &readings);
+    assert_eq!(score.all_by_shape, [Some(1.0), Some(0.5), None]);
+    let mut by_position = [None; 9];
+    by_position[0] = Some(0.5);
+    by_position[4] = Some(1.0);
+    assert_eq!(score.all_by_position, by_position);
+    assert!((score.all - 2.0 / 3.0).abs() < 1e-12, "{score:?}");
+}
+
+#[test]
 fn captions_of_the_shapes_data_name_their_object() {
     use infer::eval::caption_object;
     for (i, object) in eval_objects(216).iter().enumerate() {
@@ -308,10 +336,31 @@ fn eval_publishes_per_attribute_accuracy() {
         assert!((0.0..=1.0).contains(&value), "{name} {value}");
     }
     assert_eq!(manifest.metrics["prompts"], 3);
+    // The breakdown: one entry per shape and position, a share or null where none was asked.
+    let by_shape = manifest.metrics["all_accuracy_by_shape"]
+        .as_object()
+        .unwrap();
+    assert_eq!(by_shape.len(), SHAPES.len());
+    let by_position = manifest.metrics["all_accuracy_by_position"]
+        .as_object()
+        .unwrap();
+    assert_eq!(by_position.len(), POSITIONS.len());
+    let asked: Vec<_> = by_position.values().filter(|v| !v.is_null()).collect();
+    assert_eq!(asked.len(), 3, "{by_position:?}");
+    for value in by_shape.values().chain(by_position.values()) {
+        assert!(
+            value.is_null() || (0.0..=1.0).contains(&value.as_f64().unwrap()),
+            "{value}"
+        );
+    }
     assert!(out.join("samples.png").exists());
     // What the tokenizer alone allows: the data's own images through encode and decode.
     let ceiling = &manifest.metrics["tokenizer_ceiling"];
     assert!(ceiling["images"].as_u64().unwrap() > 0, "{ceiling}");
+    assert_eq!(
+        ceiling["all_accuracy_by_shape"].as_object().unwrap().len(),
+        SHAPES.len()
+    );
     for name in [
         "color_accuracy",
         "shape_accuracy",

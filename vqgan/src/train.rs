@@ -111,9 +111,10 @@ impl TrainConfig {
         match name {
             "tiny" => Ok(TrainConfig {
                 // Twice the tiny model's 512: patch-wise k-means bounds what 8x8 patches can
-                // keep (512 codes 33.9 dB, shapes read right 79%; 2048 37.6 dB, 91%), and the
-                // tokenizer levels off at that bound (7000 steps 31.8 dB / ceiling 0.78). With
-                // Parti's 1500 steps, 1024 codes: ceiling 0.82, eval 0.81 (512: 0.78, 0.78).
+                // keep (shapes read right on 1000 fresh pictures: 1024 codes 0.80, 2048 0.85,
+                // 4096 0.92; docs/tiny-eval.md), and the tokenizer levels off near that bound.
+                // With Parti's 1500 steps, 1024 codes: ceiling 0.82, eval 0.81 (512: 0.78,
+                // 0.78); 2048 or 4096 learned codes go mostly unused.
                 codebook_size: Some(1024),
                 // Held-out PSNR / tokenizer ceiling (infer eval): 1500 steps 29.7 dB / 0.63,
                 // 3000 31.2 / 0.74, 5000 31.9 / 0.79, 7000 31.8 / 0.78 (level: k-means over the

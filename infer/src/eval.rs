@@ -171,9 +171,19 @@ pub fn accuracy(asked: &[Object], read: &[Option<Reading>]) -> Accuracy {
     let mut per_shape = [(0usize, 0usize); SHAPES.len()];
     let mut per_position = [(0usize, 0usize); POSITIONS.len()];
     for (object, reading) in asked.iter().zip(read) {
-        let right = reading.is_some_and(|r| {
-            r.color == object.color && r.shape == object.shape && r.position == object.position
+        // A missing reading gets every attribute wrong.
+        let (c, s, p) = reading.map_or((false, false, false), |r| {
+            (
+                r.color == object.color,
+                r.shape == object.shape,
+                r.position == object.position,
+            )
         });
+        let right = c && s && p;
+        color += f64::from(u8::from(c));
+        shape += f64::from(u8::from(s));
+        position += f64::from(u8::from(p));
+        all += f64::from(u8::from(right));
         for (tally, index) in [
             (&mut per_shape[..], object.shape),
             (&mut per_position[..], object.position),
@@ -183,16 +193,6 @@ pub fn accuracy(asked: &[Object], read: &[Option<Reading>]) -> Accuracy {
                 *count += 1;
             }
         }
-        let Some(r) = reading else { continue };
-        let (c, s, p) = (
-            r.color == object.color,
-            r.shape == object.shape,
-            r.position == object.position,
-        );
-        color += f64::from(u8::from(c));
-        shape += f64::from(u8::from(s));
-        position += f64::from(u8::from(p));
-        all += f64::from(u8::from(c && s && p));
     }
     Accuracy {
         color: color / n,

@@ -3,7 +3,7 @@
 
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Device, Distribution, Int, Tensor};
 use nn::backend;
 use vqgan::quantize::{QuantizerConfig, usage};
 use vqgan::{VitVqgan, VitVqganConfig};
@@ -118,6 +118,83 @@ fn parameter_counts_follow_from_the_config() {
     let mut larger = tiny();
     larger.decoder = vqgan::model::VitConfig::tiny_large();
     assert_eq!(larger.init(&device).num_params(), larger.num_params());
+    larger.decoder.local_convs = 2;
+    assert_eq!(larger.init(&device).num_params(), larger.num_params());
+}
+
+fn decoded(model: &VitVqgan, indices: &Tensor<2, Int>) -> Vec<f32> {
+    floats(model.decode(indices.clone()))
+}
+
+#[test]
+fn neighbour_convolutions_start_as_the_identity_and_then_mix_neighbouring_codes() {
+    use burn::nn::conv::Conv2dConfig;
+    use burn::nn::{Initializer, PaddingConfig2d};
+    let device = backend::device("cpu").unwrap();
+    let _seeded = backend::seed_exclusively(&device, 1);
+    let mut config = tiny();
+    config.decoder.local_convs = 2;
+    let mut model = config.init(&device);
+    assert_eq!(model.decoder.local.len(), 2);
+    let indices = model.encode(images(2, &device));
+    let with_convs = decoded(&model, &indices);
+    let mut plain = model.clone();
+    plain.decoder.local.clear();
+    assert_eq!(
+        with_convs,
+        decoded(&plain, &indices),
+        "new convolutions are not the identity"
+    );
+
+    // Trained (here: random) convolutions see only the 3x3 neighbourhood: with the blocks
+    // removed, changing token 0's code moves token 1's patch (its neighbour) and not token 63's.
+    model.decoder.blocks.clear();
+    model.decoder.local = (0..2)
+        .map(|_| {
+            Conv2dConfig::new([128, 128], [3, 3])
+                .with_padding(PaddingConfig2d::Same)
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.05,
+                })
+                .init(&device)
+        })
+        .collect();
+    let patches = |indices: &Tensor<2, Int>| {
+        floats(
+            model
+                .decoder
+                .forward(model.quantizer.embed(indices.clone())),
+        )
+    };
+    let one = Tensor::<2, Int>::zeros([1, 64], &device);
+    let other = one
+        .clone()
+        .slice_assign([0..1, 0..1], Tensor::ones([1, 1], &device));
+    let (a, b) = (patches(&one), patches(&other));
+    let moved = |token: usize| {
+        a[token * 192..(token + 1) * 192]
+            .iter()
+            .zip(&b[token * 192..(token + 1) * 192])
+            .any(|(x, y)| x != y)
+    };
+    assert!(moved(0) && moved(1) && moved(8) && moved(9));
+    assert!(
+        !moved(63) && !moved(3),
+        "a 3x3 stack of two reaches only two tokens away"
+    );
+}
+
+#[test]
+fn model_configs_written_before_neighbour_convolutions_still_load() {
+    let mut json = serde_json::to_value(tiny()).unwrap();
+    for stack in ["encoder", "decoder"] {
+        json[stack].as_object_mut().unwrap().remove("local_convs");
+    }
+    assert!(!json.to_string().contains("local_convs"));
+    let config: VitVqganConfig = serde_json::from_value(json).unwrap();
+    assert_eq!(config, tiny());
+    assert_eq!(config.decoder.local_convs, 0);
 }
 
 /// The paper's sizes (ViT-VQGAN Table 1, per ViT stack): Base ~91M and Large ~599M. Our stacks
@@ -214,8 +291,8 @@ fn tiny_model_overfits_a_handful_of_images() {
 fn the_codebook_size_can_be_set_without_changing_the_presets_config_hash() {
     use vqgan::train::TrainConfig;
     let tiny = TrainConfig::preset("tiny").unwrap();
-    assert_eq!(tiny.codebook_size, Some(1024));
-    assert_eq!(tiny.model_config().unwrap().quantizer.codebook_size, 1024);
+    assert_eq!(tiny.codebook_size, Some(2048));
+    assert_eq!(tiny.model_config().unwrap().quantizer.codebook_size, 2048);
     let preset = TrainConfig::preset("small").unwrap();
     assert_eq!(preset.model_config().unwrap().quantizer.codebook_size, 8192);
     // Unset, the field is not written, so runs made before it existed stay up to date.
@@ -244,6 +321,21 @@ fn the_codebook_size_can_be_set_without_changing_the_presets_config_hash() {
 }
 
 #[test]
+fn the_neighbour_convolutions_can_be_set_without_changing_the_presets_config_hash() {
+    use vqgan::train::TrainConfig;
+    let tiny = TrainConfig::preset("tiny").unwrap();
+    assert_eq!(tiny.model_config().unwrap().decoder.local_convs, 2);
+    assert_eq!(tiny.model_config().unwrap().encoder.local_convs, 0);
+    let preset = TrainConfig::preset("small").unwrap();
+    assert_eq!(preset.model_config().unwrap().decoder.local_convs, 0);
+    assert!(
+        !serde_json::to_string(&preset)
+            .unwrap()
+            .contains("decoder_local_convs")
+    );
+}
+
+#[test]
 fn the_code_dimension_can_be_set_without_changing_the_presets_config_hash() {
     use vqgan::train::TrainConfig;
     let preset = TrainConfig::preset("tiny").unwrap();
@@ -256,7 +348,7 @@ fn the_code_dimension_can_be_set_without_changing_the_presets_config_hash() {
     let config = wider.model_config().unwrap();
     assert_eq!(config.quantizer.code_dim, 64);
     let model = config.init(&backend::device("cpu").unwrap());
-    assert_eq!(model.quantizer.codebook.val().dims(), [1024, 64]);
+    assert_eq!(model.quantizer.codebook.val().dims(), [2048, 64]);
     // The lookup space is a projection of the encoder's 128 channels.
     for dim in [0, 129] {
         let error = TrainConfig {

@@ -379,6 +379,10 @@ fn decoder_finetuning_freezes_encoder_and_codebook_and_encode_decode_round_trips
     );
     let (warm_config, warm_model) = read(&untrained);
     assert!(warm_config.decoder.n_layers > config1.decoder.n_layers);
+    // The tiny preset's neighbour convolutions travel with the decoder into stage 2.
+    assert_eq!(config1.decoder.local_convs, 2);
+    assert_eq!(warm_config.decoder.local_convs, 2);
+    assert_eq!(config2.decoder.local_convs, 2);
     assert!(warm_model.num_params() > model1.num_params());
     let trained = dir.path().join("warm-trained");
     finetune(

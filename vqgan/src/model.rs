@@ -207,10 +207,10 @@ impl VitVqganConfig {
 }
 
 impl VitVqganConfig {
-    /// This config's decoder started from `trained`, a decoder of the same width and no more
-    /// blocks or local convolutions (configured as `trained_config`): its layers copied and the
-    /// extra ones appended as identities, so it begins exactly where `trained` is and only has
-    /// to improve on it.
+    /// This config's decoder started from `trained`, a decoder of the same width and local
+    /// convolutions and no more blocks (configured as `trained_config`): its layers copied and
+    /// the extra blocks appended as identities, so it begins exactly where `trained` is and
+    /// only has to improve on it.
     pub fn decoder_grown_from(
         &self,
         trained_config: &VitConfig,
@@ -220,22 +220,19 @@ impl VitVqganConfig {
         let (want, have) = (&self.decoder, trained_config);
         if (want.d_model, want.n_heads, want.d_mlp) != (have.d_model, have.n_heads, have.d_mlp)
             || want.n_layers < have.n_layers
-            || want.local_convs < have.local_convs
+            || want.local_convs != have.local_convs
             || trained.blocks.len() != have.n_layers
             || trained.local.len() != have.local_convs
         {
             return Err(crate::Error::Usage(format!(
                 "a decoder ({want:?}) can start from a trained one ({have:?}) only with the same \
-                 width, heads and MLP and at least as many blocks and local convolutions"
+                 width, heads, MLP and local convolutions and at least as many blocks"
             )));
         }
         let mut decoder = trained;
         decoder
             .blocks
             .extend((have.n_layers..want.n_layers).map(|_| want.block().init_identity(device)));
-        decoder
-            .local
-            .extend((have.local_convs..want.local_convs).map(|_| want.local_conv(device)));
         Ok(decoder)
     }
 }

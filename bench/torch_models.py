@@ -9,8 +9,8 @@ way the Rust side times itself. Prints one JSON object on stdout.
   --device cpu|cuda:N: where to run, the device the Rust side was measured on)
 
 Idiomatic PyTorch rather than a transliteration: fused scaled_dot_product_attention, an in-place
-preallocated KV cache, inference_mode for sampling. Architectures mirror nn/, vqgan/src/model.rs
-and train/src/parti.rs (pre-norm blocks, separate q/k/v/o projections, exact GELU).
+preallocated KV cache, inference_mode for sampling. Architectures mirror nn/, models/src/vqgan.rs
+and models/src/parti.rs (pre-norm blocks, separate q/k/v/o projections, exact GELU).
 """
 
 import argparse
@@ -167,7 +167,7 @@ PARTI = {
 
 
 def conv_allowed(grid, window):
-    """True where a query may see a key, as train/src/parti.rs conv_allowed (position 0 is BOS)."""
+    """True where a query may see a key, as models/src/parti.rs conv_allowed (position 0 is BOS)."""
     n = grid * grid
     q = torch.arange(n)[:, None]
     k = torch.arange(n)[None, :]

@@ -5,10 +5,10 @@
 use std::time::Instant;
 
 use burn::tensor::{Bool, Int, Tensor};
+use models::parti::PartiConfig;
+use models::text_encoder::TextEncoderConfig;
 use nn::bench::TorchPeer;
 use serde::Serialize;
-use train::parti::PartiConfig;
-use train::text_encoder::TextEncoderConfig;
 
 use crate::Error;
 

@@ -3,7 +3,7 @@
 //! colour), the position (its centroid's cell of the 3x3 grid) and the shape (its fill ratio:
 //! squares fill their bounding box, circles about pi/4 of it, triangles about half).
 
-use ingest::synth::{BACKGROUND, COLORS, Object, POSITIONS, SHAPES, describe};
+use shapes::{BACKGROUND, COLORS, Object, POSITIONS, SHAPES, describe};
 
 /// What the scorer read from one picture.
 #[derive(Debug, Clone, Copy, PartialEq)]

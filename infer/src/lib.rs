@@ -14,24 +14,13 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use manifests::{Location, Manifest, ShardSpec, StageRun, Tool, Upstream};
+use nn::images::{png_bytes, to_rgb};
 use serde_json::{Map, Value, json};
 use tracing::info;
 
 use sample::{Generator, PromptImages, SamplingConfig};
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Manifest(#[from] manifests::Error),
-    #[error(transparent)]
-    Train(#[from] train::Error),
-    #[error(transparent)]
-    Vqgan(#[from] vqgan::Error),
-    #[error("{0}")]
-    Data(String),
-    #[error("{0}")]
-    Usage(String),
-}
+pub use nn::Error;
 
 pub fn tool() -> Tool {
     Tool {
@@ -42,12 +31,12 @@ pub fn tool() -> Tool {
 
 /// Channel-first pixels -> RGB bytes (row-major).
 pub fn to_rgb_bytes(pixels: &[f32], size: usize) -> Vec<u8> {
-    vqgan::eval::to_rgb(pixels, size).into_raw()
+    to_rgb(pixels, size).into_raw()
 }
 
 /// PNG of one image (channel-first pixels in [0, 1]).
 pub fn png(pixels: &[f32], size: usize) -> Result<Vec<u8>, Error> {
-    Ok(vqgan::eval::png_bytes(&vqgan::eval::to_rgb(pixels, size))?)
+    png_bytes(&to_rgb(pixels, size))
 }
 
 /// All samples of a prompt side by side, kept ones first.
@@ -56,10 +45,10 @@ pub fn grid_png(result: &PromptImages, size: usize) -> Result<Vec<u8>, Error> {
     order.extend((0..result.images.len()).filter(|i| !result.kept.contains(i)));
     let mut grid = image::RgbImage::new((size * order.len().max(1)) as u32, size as u32);
     for (column, &i) in order.iter().enumerate() {
-        let picture = vqgan::eval::to_rgb(&result.images[i], size);
+        let picture = to_rgb(&result.images[i], size);
         image::imageops::replace(&mut grid, &picture, (column * size) as i64, 0);
     }
-    Ok(vqgan::eval::png_bytes(&grid)?)
+    png_bytes(&grid)
 }
 
 /// `infer generate`: per prompt `p`, the kept samples as `prompt-PPP-sample-K.png` (K = rank
@@ -137,12 +126,12 @@ impl Default for EvalConfig {
 
 /// Held-out single-object images of the data the model was trained on, encoded and decoded by
 /// its VQGAN and read by the same scorer: what a perfect transformer could reach, since it
-/// can only write tokens this tokenizer decodes. `None` when the lineage has no pairs data
-/// or no single-object captions.
+/// can only write tokens this tokenizer decodes, with the held-out rows the image policy
+/// refused. `None` when the lineage has no pairs data or no single-object captions.
 fn tokenizer_ceiling(
     generator: &Generator,
     parti_uri: &str,
-) -> Result<Option<eval::Accuracy>, Error> {
+) -> Result<Option<(eval::Accuracy, nn::images::Rejected)>, Error> {
     let (parti, _) = Upstream::read(parti_uri)?;
     let Some(tokens) = sample::input_of(&parti, "tokens") else {
         return Ok(None);
@@ -153,7 +142,7 @@ fn tokenizer_ceiling(
     };
     let (pairs, _) = Upstream::read(&pairs)?;
     let size = generator.vqgan_config.image_size;
-    let (held_out, _) = vqgan::data::held_out(&pairs, size, CEILING_IMAGES)?;
+    let (held_out, _) = nn::images::held_out(&pairs, size, CEILING_IMAGES)?;
     let (indices, objects): (Vec<usize>, Vec<_>) = (0..held_out.len())
         .filter_map(|i| eval::caption_object(&held_out.captions[i]).map(|o| (i, o)))
         .unzip();
@@ -177,7 +166,10 @@ fn tokenizer_ceiling(
                 .map(|pixels| eval::read_picture(&to_rgb_bytes(pixels, size), size)),
         );
     }
-    Ok(Some(eval::accuracy(&objects, &readings)))
+    Ok(Some((
+        eval::accuracy(&objects, &readings),
+        held_out.rejected,
+    )))
 }
 
 /// All-attribute accuracy per shape and per position, keyed by the captions' words (`null`
@@ -193,13 +185,13 @@ fn breakdown(score: &eval::Accuracy) -> (Value, Value) {
         )
     };
     (
-        keyed(&ingest::synth::SHAPES, &score.all_by_shape),
-        keyed(&ingest::synth::POSITIONS, &score.all_by_position),
+        keyed(&shapes::SHAPES, &score.all_by_shape),
+        keyed(&shapes::POSITIONS, &score.all_by_position),
     )
 }
 
 fn by_shape_line(score: &eval::Accuracy) -> String {
-    ingest::synth::SHAPES
+    shapes::SHAPES
         .iter()
         .zip(score.all_by_shape)
         .filter_map(|(name, value)| value.map(|v| format!("{name} {v:.3}")))
@@ -245,9 +237,9 @@ pub fn evaluate(
             lines.push_str(&format!(
                 "{}\n",
                 json!({"prompt": result.prompt, "read": reading.map(|r| json!({
-                    "color": ingest::synth::COLORS[r.color].0,
-                    "shape": ingest::synth::SHAPES[r.shape],
-                    "position": ingest::synth::POSITIONS[r.position]}))})
+                    "color": shapes::COLORS[r.color].0,
+                    "shape": shapes::SHAPES[r.shape],
+                    "position": shapes::POSITIONS[r.position]}))})
             ));
             readings.push(reading);
             kept_images.push(best.clone());
@@ -262,7 +254,7 @@ pub fn evaluate(
     let rows = kept_images.len().div_ceil(columns).max(1);
     let mut grid = image::RgbImage::new((columns * size) as u32, (rows * size) as u32);
     for (i, pixels) in kept_images.iter().enumerate() {
-        let picture = vqgan::eval::to_rgb(pixels, size);
+        let picture = to_rgb(pixels, size);
         image::imageops::replace(
             &mut grid,
             &picture,
@@ -274,7 +266,7 @@ pub fn evaluate(
         run.write_artifact(
             "samples.png",
             "image/png",
-            Bytes::from(vqgan::eval::png_bytes(&grid)?),
+            Bytes::from(png_bytes(&grid)?),
             None,
         )?,
         run.write_artifact(
@@ -294,7 +286,7 @@ pub fn evaluate(
     metrics.insert("all_accuracy_by_shape".into(), by_shape);
     metrics.insert("all_accuracy_by_position".into(), by_position);
     metrics.insert("prompts".into(), json!(score.images));
-    if let Some(ceiling) = tokenizer_ceiling(&generator, parti_uri)? {
+    if let Some((ceiling, rejected)) = tokenizer_ceiling(&generator, parti_uri)? {
         info!(
             "tokenizer ceiling (held-out images through the VQGAN): colour {:.3}, shape {:.3}, position {:.3}, all {:.3} over {} images",
             ceiling.color, ceiling.shape, ceiling.position, ceiling.all, ceiling.images
@@ -306,7 +298,7 @@ pub fn evaluate(
             json!({"color_accuracy": ceiling.color, "shape_accuracy": ceiling.shape,
                 "position_accuracy": ceiling.position, "all_accuracy": ceiling.all,
                 "images": ceiling.images, "all_accuracy_by_shape": by_shape,
-                "all_accuracy_by_position": by_position}),
+                "all_accuracy_by_position": by_position, "rejected": rejected}),
         );
     }
     metrics.insert("reranked".into(), json!(generator.reranker.is_some()));

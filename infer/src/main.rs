@@ -85,8 +85,9 @@ impl SamplingArgs {
     }
 }
 
+/// The models `generate` and `serve` sample with.
 #[derive(Args)]
-struct GenerateArgs {
+struct ModelArgs {
     /// A `train parti` manifest (tokenizer, VQGAN and reranker are found through its inputs).
     #[arg(long)]
     parti: String,
@@ -96,12 +97,30 @@ struct GenerateArgs {
     /// Override the `train text-encoder` manifest used for reranking.
     #[arg(long)]
     text_encoder: Option<String>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<Generator> {
+        Generator::load(
+            &self.parti,
+            self.vqgan.as_deref(),
+            self.text_encoder.as_deref(),
+            &self.device,
+        )
+        .context("loading the models")
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    models: ModelArgs,
     #[arg(long = "prompt", required = true)]
     prompts: Vec<String>,
     #[arg(long)]
     out: String,
-    #[arg(long, default_value = "cpu")]
-    device: String,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -128,15 +147,8 @@ struct EvalArgs {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// A `train parti` manifest (tokenizer, VQGAN and reranker are found through its inputs).
-    #[arg(long)]
-    parti: String,
-    #[arg(long)]
-    vqgan: Option<String>,
-    #[arg(long)]
-    text_encoder: Option<String>,
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    models: ModelArgs,
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: String,
     /// Most requests (with identical sampling settings) sampled together in one round.
@@ -166,13 +178,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         max_prompt_chars: args.max_prompt_chars,
         batch_wait: Duration::from_millis(args.batch_wait_ms),
     };
-    let generator = Generator::load(
-        &args.parti,
-        args.vqgan.as_deref(),
-        args.text_encoder.as_deref(),
-        &args.device,
-    )
-    .context("loading the models")?;
+    let generator = args.models.load()?;
     let worker = spawn_worker(generator, &config)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let served = runtime.block_on(async {
@@ -199,13 +205,7 @@ fn run(cli: Cli) -> Result<()> {
                 args.sampling.config.as_deref(),
                 args.sampling.overrides(),
             )?;
-            let generator = Generator::load(
-                &args.parti,
-                args.vqgan.as_deref(),
-                args.text_encoder.as_deref(),
-                &args.device,
-            )
-            .context("loading the models")?;
+            let generator = args.models.load()?;
             let prompts: Vec<&str> = args.prompts.iter().map(String::as_str).collect();
             let record =
                 generate_to(&generator, &prompts, &config, &args.out).context("infer generate")?;
@@ -229,13 +229,7 @@ fn run(cli: Cli) -> Result<()> {
                 args.force,
             )
             .context("infer eval")?;
-            let metric = |name: &str| {
-                manifest
-                    .metrics
-                    .get(name)
-                    .and_then(|v| v.as_f64())
-                    .unwrap_or(f64::NAN)
-            };
+            let metric = |name: &str| manifest.metric_f64(name);
             println!(
                 "infer.eval: colour {:.3}, shape {:.3}, position {:.3}, all {:.3}",
                 metric("color_accuracy"),

@@ -4,12 +4,11 @@
 
 use burn::tensor::{Bool, Device, Int, Tensor};
 use manifests::Upstream;
+use models::{
+    Contrastive, Parti, PartiConfig, TextEncoder, TextTokenizer, VitVqgan, VitVqganConfig,
+};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use train::TextTokenizer;
-use train::parti::{Parti, PartiConfig};
-use train::text_encoder::{Contrastive, TextEncoder};
-use vqgan::{VitVqgan, VitVqganConfig};
 
 use crate::Error;
 
@@ -142,7 +141,7 @@ impl Generator {
         let device = nn::backend::device(device).map_err(|e| Error::Usage(e.to_string()))?;
         let (parti_stage, parti_digest) = Upstream::read(parti_uri)?;
         let mut provenance = vec![(parti_stage.location.uri(), parti_digest)];
-        let (parti_config, parti) = train::seq2seq::load_parti(&parti_stage, &device)?;
+        let (parti_config, parti) = models::load_parti(&parti_stage, &device)?;
         let tokenizer_uri = input_of(&parti_stage, "tokenizer").ok_or_else(|| {
             Error::Data(format!(
                 "{parti_uri}: its manifest names no tokenizer input"
@@ -164,7 +163,7 @@ impl Generator {
         };
         let (vqgan_stage, digest) = Upstream::read(&vqgan_uri)?;
         provenance.push((vqgan_stage.location.uri(), digest));
-        let (vqgan_config, vqgan) = vqgan::load_vqgan(&vqgan_stage, &device)?;
+        let (vqgan_config, vqgan) = models::load_vqgan(&vqgan_stage, &device)?;
         if vqgan_config.grid() != parti_config.grid
             || vqgan_config.quantizer.codebook_size != parti_config.codebook_size
         {
@@ -183,7 +182,7 @@ impl Generator {
             Some(uri) => {
                 let (stage, digest) = Upstream::read(&uri)?;
                 provenance.push((stage.location.uri(), digest));
-                let (_, encoder, contrastive) = train::pretrain::load_pretrained(&stage, &device)?;
+                let (_, encoder, contrastive) = models::load_text_encoder(&stage, &device)?;
                 Some((encoder, contrastive))
             }
             None => None,
@@ -206,7 +205,7 @@ impl Generator {
             .map(|p| self.tokenizer.encode(p))
             .collect::<Result<_, _>>()?;
         let rows: Vec<&[u32]> = encoded.iter().map(|r| r.as_slice()).collect();
-        Ok(train::pretrain::pad_batch(
+        Ok(models::text_encoder::pad_batch(
             &rows,
             self.tokenizer.pad_id(),
             self.tokenizer.max_length(),
@@ -301,11 +300,7 @@ impl Generator {
 
     /// Pixels (channel-first, [0, 1]) of token grids.
     pub fn decode(&self, grids: &[Vec<u16>]) -> Result<Vec<Vec<f32>>, Error> {
-        Ok(vqgan::encode::decode_tokens(
-            &self.vqgan,
-            grids,
-            &self.device,
-        )?)
+        models::vqgan::decode_tokens(&self.vqgan, grids, &self.device)
     }
 
     /// Contrastive scores of `images` (channel-first pixels) against `prompt`: higher is a

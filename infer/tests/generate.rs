@@ -2,15 +2,16 @@
 //! facts are known, and `generate` end to end on a small trained model (cached and uncached
 //! sampling agree token for token; files and the JSON record are written).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use infer::eval::{accuracy, eval_objects, read_picture};
 use infer::sample::{Generator, SamplingConfig, sample_token};
-use ingest::synth::{COLORS, POSITIONS, SHAPES, render};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use shapes::{COLORS, POSITIONS, SHAPES, render};
+
+mod common;
 
 #[test]
 fn top_k_top_p_and_temperature_filter_as_documented() {
@@ -88,7 +89,7 @@ fn the_scorer_reads_rendered_shapes_correctly() {
 #[test]
 fn accuracy_is_broken_down_by_shape_and_position() {
     use infer::eval::Reading;
-    use ingest::synth::Object;
+    use shapes::Object;
     let object = |shape, position| Object {
         shape,
         color: 2,
@@ -117,7 +118,7 @@ fn accuracy_is_broken_down_by_shape_and_position() {
 fn captions_of_the_shapes_data_name_their_object() {
     use infer::eval::caption_object;
     for (i, object) in eval_objects(216).iter().enumerate() {
-        let plain = ingest::synth::describe(object);
+        let plain = shapes::describe(object);
         let caption = match i % 4 {
             0 => plain.clone(),
             1 => format!("there is {plain}"),
@@ -133,127 +134,10 @@ fn captions_of_the_shapes_data_name_their_object() {
     assert_eq!(caption_object("a cat on a mat"), None);
 }
 
-fn run(binary: &Path, args: &[&str]) {
-    let output = Command::new(binary).args(args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "{} {args:?}: {}",
-        binary.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 /// A few-step pipeline up to `train parti` (with a text encoder for reranking).
 fn trained() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
-        let bin = |name: &str| Path::new(env!("CARGO_BIN_EXE_infer")).with_file_name(name);
-        let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
-        run(
-            &bin("ingest"),
-            &[
-                "synth",
-                "--out",
-                &p("synth"),
-                "--images",
-                "200",
-                "--documents",
-                "100",
-            ],
-        );
-        run(
-            &bin("ingest"),
-            &[
-                "pairs",
-                "--preset",
-                "tiny",
-                "--input",
-                &p("synth/pairs"),
-                "--out",
-                &p("pairs"),
-            ],
-        );
-        run(
-            &bin("ingest"),
-            &["text", "--input", &p("synth/text"), "--out", &p("text")],
-        );
-        run(
-            &bin("train"),
-            &[
-                "tokenizer",
-                "--text",
-                &p("text"),
-                "--captions",
-                &p("pairs"),
-                "--out",
-                &p("tokenizer"),
-            ],
-        );
-        run(
-            &bin("vqgan"),
-            &[
-                "train",
-                "--pairs",
-                &p("pairs"),
-                "--out",
-                &p("vqgan"),
-                "--steps",
-                "3",
-                "--batch-size",
-                "4",
-            ],
-        );
-        run(
-            &bin("vqgan"),
-            &[
-                "encode",
-                "--vqgan",
-                &p("vqgan"),
-                "--pairs",
-                &p("pairs"),
-                "--out",
-                &p("tokens"),
-            ],
-        );
-        run(
-            &bin("train"),
-            &[
-                "text-encoder",
-                "--tokenizer",
-                &p("tokenizer"),
-                "--text",
-                &p("text"),
-                "--pairs",
-                &p("pairs"),
-                "--out",
-                &p("text-encoder"),
-                "--steps",
-                "3",
-                "--batch-size",
-                "4",
-            ],
-        );
-        run(
-            &bin("train"),
-            &[
-                "parti",
-                "--tokens",
-                &p("tokens"),
-                "--tokenizer",
-                &p("tokenizer"),
-                "--text-encoder",
-                &p("text-encoder"),
-                "--out",
-                &p("parti"),
-                "--steps",
-                "3",
-                "--batch-size",
-                "4",
-            ],
-        );
-        dir
-    })
+    DIR.get_or_init(|| common::trained(true))
 }
 
 #[test]

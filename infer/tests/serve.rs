@@ -14,45 +14,12 @@ use infer::serve::{ServeConfig, WorkerHandle, router, serve, spawn_worker};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-fn run(binary: &Path, args: &[String]) {
-    let output = Command::new(binary).args(args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "{} {args:?}: {}",
-        binary.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
+mod common;
 
 /// A few-step pipeline up to `train parti`; returns the parti manifest's directory.
 fn trained() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
-        let steps = [
-            "ingest synth --out D/synth --images 200 --documents 100",
-            "ingest pairs --preset tiny --input D/synth/pairs --out D/pairs",
-            "ingest text --input D/synth/text --out D/text",
-            "train tokenizer --text D/text --captions D/pairs --out D/tokenizer",
-            "vqgan train --pairs D/pairs --out D/vqgan --steps 3 --batch-size 4",
-            "vqgan encode --vqgan D/vqgan --pairs D/pairs --out D/tokens",
-            "train parti --tokens D/tokens --tokenizer D/tokenizer --out D/parti --steps 3 \
-             --batch-size 4",
-        ];
-        for step in steps {
-            let mut words = step.split_whitespace();
-            let binary =
-                Path::new(env!("CARGO_BIN_EXE_infer")).with_file_name(words.next().unwrap());
-            let args: Vec<String> = words
-                .map(|word| match word.strip_prefix("D/") {
-                    Some(path) => dir.join(path).to_str().unwrap().to_string(),
-                    None => word.to_string(),
-                })
-                .collect();
-            run(&binary, &args);
-        }
-        dir.join("parti")
-    })
+    DIR.get_or_init(|| common::trained(false).join("parti"))
 }
 
 /// A server on a free local port, stopped when dropped.

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::info;
 
-use crate::shard::{PAIRS_KIND, pairs_from_parquet, pairs_to_parquet};
 use crate::{Error, RunOptions, Tally, tool};
+use manifests::shards::pairs;
 use manifests::{Artifact, Manifest, StageRun};
 
 pub const STAGE: &str = "ingest.dedup";
@@ -38,12 +38,12 @@ pub fn dedup(pairs_uri: &str, options: &RunOptions) -> Result<Manifest, Error> {
     let mut seen: HashMap<String, String> = HashMap::new();
     let (mut artifacts, mut rows_kept, mut duplicates) = (Vec::new(), 0u64, 0u64);
     for (index, artifact) in upstream
-        .artifacts_of_kind(PAIRS_KIND)
+        .artifacts_of_kind(pairs::KIND)
         .into_iter()
         .enumerate()
     {
         let location = upstream.artifact_location(artifact)?;
-        let rows = pairs_from_parquet(&location.uri(), upstream.read_artifact(artifact)?)?;
+        let rows = pairs::from_parquet(&location.uri(), upstream.read_artifact(artifact)?)?;
         let total = rows.len();
         let mut kept = Vec::with_capacity(total);
         for row in rows {
@@ -63,10 +63,10 @@ pub fn dedup(pairs_uri: &str, options: &RunOptions) -> Result<Manifest, Error> {
             });
         } else {
             let name = format!("pairs/dedup-{index:05}.parquet");
-            let bytes = pairs_to_parquet(&run.out().join(&name).uri(), &kept)?;
+            let bytes = pairs::to_parquet(&run.out().join(&name).uri(), &kept)?;
             artifacts.push(run.write_artifact(
                 &name,
-                PAIRS_KIND,
+                pairs::KIND,
                 bytes,
                 Some(kept.len() as u64),
             )?);

@@ -4,7 +4,7 @@
 
 use image::RgbImage;
 
-use crate::process::Reason;
+use crate::Reason;
 use image::metadata::Orientation;
 use std::os::raw::{c_int, c_uchar, c_uint, c_ulong};
 

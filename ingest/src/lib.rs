@@ -11,7 +11,6 @@ pub mod dedup;
 pub mod jpeg;
 pub mod pairs;
 pub mod process;
-pub mod shard;
 pub mod sources;
 pub mod synth;
 pub mod text;
@@ -39,6 +38,9 @@ pub fn tool() -> Tool {
         version: env!("CARGO_PKG_VERSION").into(),
     }
 }
+
+/// Why a sample was not ingested; the names are the keys of `metrics.rejected`.
+pub type Reason = &'static str;
 
 /// How a stage runs, as opposed to what it computes (which is its config).
 #[derive(Debug, Clone)]

@@ -8,12 +8,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::{debug, info, warn};
 
-use crate::process::{ImageConfig, RawSample, Reason, Row, process};
-use crate::shard::{PAIRS_KIND, pairs_from_parquet, pairs_to_parquet};
+use crate::Reason;
+use crate::process::{ImageConfig, RawSample, process};
 use crate::sources::{
     InputFormat, Loaded, SourceConfig, Unit, detect_format, enumerate, load, stream_container,
 };
 use crate::{Error, RunOptions, ShardSet, job_range, progress_bar, record_input, tool};
+use manifests::shards::pairs::{self, PairRow};
 use manifests::{Location, Manifest, StageRun};
 
 pub const STAGE: &str = "ingest.pairs";
@@ -94,7 +95,7 @@ fn chunks(units: &[Unit], shard_rows: usize) -> Vec<Chunk<'_>> {
     chunks
 }
 
-type Outcome = Result<Row, (String, Reason)>;
+type Outcome = Result<PairRow, (String, Reason)>;
 
 fn process_loaded(loaded: Loaded, config: &ImageConfig) -> Outcome {
     let Loaded {
@@ -121,7 +122,7 @@ fn process_loaded(loaded: Loaded, config: &ImageConfig) -> Outcome {
 /// Rows and rejections of the output shard being filled.
 #[derive(Default)]
 struct ShardRows {
-    rows: Vec<Row>,
+    rows: Vec<PairRow>,
     rejected: BTreeMap<String, u64>,
 }
 
@@ -142,7 +143,7 @@ impl Writer<'_> {
         let Some(bytes) = self.shards.resume(name)? else {
             return Ok(false);
         };
-        for row in pairs_from_parquet(&self.shards.uri(name), bytes)? {
+        for row in pairs::from_parquet(&self.shards.uri(name), bytes)? {
             self.seen.entry(row.sha256).or_insert(row.source);
         }
         debug!("kept {name} from an interrupted run");
@@ -189,7 +190,7 @@ impl Writer<'_> {
         shard
             .rows
             .sort_by(|a, b| (&a.key, &a.source).cmp(&(&b.key, &b.source)));
-        let bytes = pairs_to_parquet(&self.shards.uri(name), &shard.rows)?;
+        let bytes = pairs::to_parquet(&self.shards.uri(name), &shard.rows)?;
         let rows = shard.rows.len() as u64;
         self.shards.write(name, bytes, rows, &shard.rejected)?;
         let tally = &self.shards.tally;
@@ -295,7 +296,7 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
     );
     let chunks = chunks(mine, config.shard_rows);
     let mut writer = Writer {
-        shards: ShardSet::new(&run, PAIRS_KIND),
+        shards: ShardSet::new(&run, pairs::KIND),
         seen: HashMap::new(),
         config: &config.image,
         bar: progress_bar(mine.len() as u64, options.progress, "samples"),

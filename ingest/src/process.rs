@@ -9,7 +9,8 @@ use image::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::jpeg;
+use crate::{Reason, jpeg};
+use manifests::shards::pairs::PairRow;
 
 /// How a source image becomes `size` pixels (img2dataset's resize modes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -81,21 +82,6 @@ impl ImageConfig {
 /// Alpha is composited on white, as img2dataset does, so transparent logos stay legible.
 const BACKGROUND: [u8; 3] = [255, 255, 255];
 
-/// One sample ready for a shard.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Row {
-    pub key: String,
-    pub caption: String,
-    pub image: Vec<u8>,
-    pub width: u32,
-    pub height: u32,
-    pub original_width: u32,
-    pub original_height: u32,
-    pub sha256: String,
-    pub source: String,
-    pub metadata: Option<String>,
-}
-
 /// A sample as found in the source, before any checks.
 pub struct RawSample<'a> {
     pub key: String,
@@ -105,9 +91,6 @@ pub struct RawSample<'a> {
     pub caption: Option<&'a [u8]>,
     pub metadata: Option<String>,
 }
-
-/// Why a sample was not ingested; the names are the keys of `metrics.rejected`.
-pub type Reason = &'static str;
 
 /// Trims, collapses runs of white space and checks the caption.
 pub fn clean_caption(raw: Option<&[u8]>, max_chars: usize) -> Result<String, Reason> {
@@ -133,7 +116,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-pub fn process(sample: RawSample<'_>, config: &ImageConfig) -> Result<Row, Reason> {
+pub fn process(sample: RawSample<'_>, config: &ImageConfig) -> Result<PairRow, Reason> {
     // Caption first: it is cheap, and a sample without one is useless whatever its image.
     let caption = clean_caption(sample.caption, config.max_caption_chars)?;
     if sample.image.is_empty() {
@@ -142,7 +125,7 @@ pub fn process(sample: RawSample<'_>, config: &ImageConfig) -> Result<Row, Reaso
     let (image, original_width, original_height) = decode(sample.image, config)?;
     let resized = resize(image, config)?;
     let encoded = encode(&resized, config)?;
-    Ok(Row {
+    Ok(PairRow {
         key: sample.key,
         caption,
         width: resized.width(),

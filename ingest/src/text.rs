@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::info;
 
-use crate::shard::{TEXT_KIND, TextRow, text_from_parquet, text_to_parquet};
 use crate::{Error, RunOptions, ShardSet, job_range, progress_bar, record_input, tool};
+use manifests::shards::text::{self, TextRow};
 use manifests::{Location, Manifest, StageRun};
 
 pub const STAGE: &str = "ingest.text";
@@ -209,7 +209,7 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
     }
     let mine = &files[job_range(files.len(), options.shard)];
     let bar = progress_bar(mine.len() as u64, options.progress, "files");
-    let mut shards = ShardSet::new(&run, TEXT_KIND);
+    let mut shards = ShardSet::new(&run, text::KIND);
     let mut seen: HashSet<blake3::Hash> = HashSet::new();
     let part_records = config.shard_rows.max(1);
     // Files in order, each a part of `shard_rows` records at a time, parsed in parallel and
@@ -230,7 +230,7 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
                 options.shard.index
             );
             if let Some(bytes) = shards.resume(&name)? {
-                for row in text_from_parquet(&shards.uri(&name), bytes)? {
+                for row in text::from_parquet(&shards.uri(&name), bytes)? {
                     seen.insert(blake3::hash(row.text.as_bytes()));
                 }
             } else {
@@ -263,7 +263,7 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
                 if !rejected.is_empty() {
                     info!("{file_name} part {part}: rejected {rejected:?}");
                 }
-                let bytes = text_to_parquet(&shards.uri(&name), &rows)?;
+                let bytes = text::to_parquet(&shards.uri(&name), &rows)?;
                 shards.write(&name, bytes, rows.len() as u64, &rejected)?;
             }
             if read < part_records {

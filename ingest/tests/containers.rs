@@ -65,7 +65,7 @@ fn a_large_tar_streams_into_shards_in_bounded_memory() {
     let (manifest, rows) = pairs_rows(out.to_str().unwrap());
     assert_eq!(rows.len(), 1300);
     assert_eq!(
-        rows_per_shard(&manifest, "parquet/pairs"),
+        rows_per_shard(&manifest, manifests::shards::pairs::KIND),
         [400, 400, 400, 100],
         "one container, shards of --shard-rows samples"
     );
@@ -108,7 +108,7 @@ fn parquet_containers_stream_by_row_group_into_shards() {
     ));
     assert_eq!(code, 0, "{text}");
     let (manifest, rows) = pairs_rows(out.to_str().unwrap());
-    let rows_per_shard = rows_per_shard(&manifest, "parquet/pairs");
+    let rows_per_shard = rows_per_shard(&manifest, manifests::shards::pairs::KIND);
     assert_eq!(rows_per_shard, [20, 20, 10]);
     assert_eq!(
         sorted_keys(&rows),
@@ -174,7 +174,7 @@ fn a_large_text_file_is_written_a_part_at_a_time_in_bounded_memory() {
     assert_eq!(rows[0].key, "c4-train-000000001");
     let expected: Vec<u64> = [999; 20].into_iter().chain([0; 10]).collect();
     assert_eq!(
-        rows_per_shard(&manifest, "parquet/text"),
+        rows_per_shard(&manifest, manifests::shards::text::KIND),
         expected,
         "parts of 1000 lines; the last 10 hold only repeats of earlier parts"
     );

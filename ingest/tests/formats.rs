@@ -14,7 +14,7 @@ use serde_json::json;
 fn pairs(
     dir: &std::path::Path,
     extra: &[&str],
-) -> (manifests::Manifest, Vec<ingest::process::Row>) {
+) -> (manifests::Manifest, Vec<manifests::shards::pairs::PairRow>) {
     let out = dir.join("out");
     let out = out.to_str().unwrap();
     let mut args = vec![

@@ -50,7 +50,7 @@ fn pairs_and_text_from_and_to_a_bucket() {
         );
         text
     };
-    run(&[
+    let pairs = [
         "pairs",
         "--input",
         "s3://data/src",
@@ -60,22 +60,13 @@ fn pairs_and_text_from_and_to_a_bucket() {
         "32",
         "--min-source-size",
         "8",
-    ]);
+    ];
+    run(&pairs);
     let (manifest, rows) = pairs_rows("s3://data/run/pairs");
     assert_eq!(sorted_keys(&rows), ["0", "1", "2", "3", "4"]);
     assert_eq!(rejected(&manifest), json!({"not_an_image": 1}));
     assert!(manifest.inputs[0].uri.starts_with("s3://data/src"));
-    let text = run(&[
-        "pairs",
-        "--input",
-        "s3://data/src",
-        "--out",
-        "s3://data/run/pairs",
-        "--size",
-        "32",
-        "--min-source-size",
-        "8",
-    ]);
+    let text = run(&pairs);
     assert!(text.contains("up to date"), "{text}");
 
     let corpus = b"{\"text\": \"a document that lives in a bucket\"}\n{\"text\": \"and another one in the bucket\"}\n";

@@ -4,13 +4,15 @@
 //! hash, the upstream manifests it read (with digests), the artifacts it wrote (with sizes,
 //! digests and row counts) and its metrics. [`StageRun`] implements the behaviour every stage
 //! shares: skip when unchanged, write artifacts before the manifest, resume finished artifacts
-//! after a crash, and refuse inputs whose digests do not match.
+//! after a crash, and refuse inputs whose digests do not match. [`shards`] holds the formats of
+//! the data shards the stages hand each other, each with its one reader and writer.
 
 pub mod cli;
 pub mod config;
 pub mod lineage;
 pub mod manifest;
 pub mod merge;
+pub mod shards;
 pub mod stage;
 pub mod storage;
 pub mod table;

@@ -170,6 +170,14 @@ impl Manifest {
         self.metrics.get(name).and_then(Value::as_u64)
     }
 
+    /// A numeric metric, NaN when missing (for summaries printed by the stage binaries).
+    pub fn metric_f64(&self, name: &str) -> f64 {
+        self.metrics
+            .get(name)
+            .and_then(Value::as_f64)
+            .unwrap_or(f64::NAN)
+    }
+
     /// Checks every artifact: existence and size always, content digest when `full`.
     pub fn verify(&self, manifest_location: &Location, full: bool) -> Vec<Problem> {
         let mut problems = Vec::new();

@@ -50,6 +50,24 @@ impl Upstream {
     pub fn artifacts_of_kind<'a>(&'a self, kind: &'a str) -> Vec<&'a Artifact> {
         self.manifest.artifacts_of_kind(kind).collect()
     }
+
+    /// The first artifact of `kind` (a model's weights or config), or an error naming this
+    /// manifest and the stage that wrote it.
+    pub fn artifact_of_kind(&self, kind: &str) -> Result<&Artifact, Error> {
+        let mut found = self.manifest.artifacts.iter().filter(|a| a.kind == kind);
+        found.next().ok_or_else(|| Error::InvalidManifest {
+            uri: self.location.uri(),
+            reason: format!(
+                "no '{kind}' artifact (written by stage '{}')",
+                self.manifest.stage
+            ),
+        })
+    }
+
+    /// Reads (digest-checked) the first artifact of `kind`.
+    pub fn read_artifact_of_kind(&self, kind: &str) -> Result<Bytes, Error> {
+        self.read_artifact(self.artifact_of_kind(kind)?)
+    }
 }
 
 /// An artifact kept from an interrupted run.

@@ -114,3 +114,88 @@ pub fn start_moto() -> std::io::Result<MotoServer> {
         "moto_server did not answer within 30 s",
     ))
 }
+
+/// Runs pipeline stages for a test fixture: each step is one command line (`ingest pairs
+/// --input D/synth/pairs ...`) whose first word names a stage binary in `bin_dir` (a test's own
+/// binary folder: `cargo test --workspace` builds every stage there) and where `D/` stands for
+/// `dir`. Panics with the failing command and its output.
+pub fn run_stages(bin_dir: &std::path::Path, dir: &std::path::Path, steps: &[impl AsRef<str>]) {
+    for step in steps {
+        let step = step.as_ref();
+        let mut words = step.split_whitespace();
+        let Some(name) = words.next() else { continue };
+        let binary = bin_dir.join(name);
+        assert!(
+            binary.exists(),
+            "{} missing: run `cargo test --release --workspace`",
+            binary.display()
+        );
+        let args: Vec<String> = words
+            .map(|word| match word.strip_prefix("D/") {
+                Some(path) => dir.join(path).display().to_string(),
+                None => word.to_string(),
+            })
+            .collect();
+        let output = Command::new(&binary)
+            .args(&args)
+            .output()
+            .unwrap_or_else(|e| panic!("{step}: {e}"));
+        assert!(
+            output.status.success(),
+            "{step}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// The folder of the stage binaries beside a test's `CARGO_BIN_EXE_*` path.
+pub fn bin_dir(test_binary: &str) -> std::path::PathBuf {
+    std::path::Path::new(test_binary)
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// The command lines (for [`run_stages`]) of a few-step pipeline over `images` synthetic
+/// pictures and `documents` text documents, up to the token shards: `D/pairs`, `D/text`,
+/// `D/tokenizer`, a 3-step `D/vqgan` and `D/tokens`. Fixtures take a prefix, or add their
+/// training stages after it.
+pub fn few_step_pipeline(images: usize, documents: usize) -> Vec<String> {
+    vec![
+        format!("ingest synth --out D/synth --images {images} --documents {documents}"),
+        "ingest pairs --preset tiny --input D/synth/pairs --out D/pairs".into(),
+        "ingest text --input D/synth/text --out D/text".into(),
+        "train tokenizer --text D/text --captions D/pairs --out D/tokenizer".into(),
+        "vqgan train --pairs D/pairs --out D/vqgan --steps 3 --batch-size 4".into(),
+        "vqgan encode --vqgan D/vqgan --pairs D/pairs --out D/tokens".into(),
+    ]
+}
+
+/// The bytes (digest-checked) of the artifact `name` of the manifest in `stage_dir`.
+pub fn artifact_bytes(stage_dir: &std::path::Path, name: &str) -> Vec<u8> {
+    let (stage, _) = crate::Upstream::read(&stage_dir.display().to_string())
+        .unwrap_or_else(|e| panic!("{}: {e}", stage_dir.display()));
+    let artifact = stage
+        .manifest
+        .artifacts
+        .iter()
+        .find(|a| a.uri == name)
+        .unwrap_or_else(|| panic!("{}: no artifact {name}", stage_dir.display()));
+    stage
+        .read_artifact(artifact)
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+        .to_vec()
+}
+
+/// Runs `binary` with `args`: its exit code (-1 when killed) and its stdout then stderr.
+pub fn output_of(binary: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> (i32, String) {
+    let binary = binary.as_ref();
+    let output = Command::new(binary)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", binary.to_string_lossy()));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.code().unwrap_or(-1), text)
+}

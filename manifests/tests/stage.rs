@@ -1,5 +1,3 @@
-use std::process::Command;
-
 use bytes::Bytes;
 use manifests::lineage::lineage;
 use manifests::merge::merge;
@@ -256,13 +254,7 @@ fn reading_a_tampered_input_artifact_names_the_file() {
 }
 
 fn manifests_bin(args: &[&str]) -> (i32, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_manifests"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    (output.status.code().unwrap_or(-1), text)
+    manifests::testing::output_of(env!("CARGO_BIN_EXE_manifests"), args)
 }
 
 #[test]

@@ -10,11 +10,35 @@ pub mod attention;
 pub mod backend;
 pub mod bench;
 pub mod block;
+pub mod cli;
 pub mod data;
+pub mod images;
 pub mod mlp;
 pub mod position;
 pub mod training;
 pub mod vision;
+
+/// The error of parti's model and training code, shared by `models` and the stage crates that
+/// train and use them; each message names the file, row or field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Manifest(#[from] manifests::Error),
+    /// Input data or weights that cannot be used (names the file or field).
+    #[error("{0}")]
+    Data(String),
+    /// A command-line or config mistake.
+    #[error("{0}")]
+    Usage(String),
+    /// The tokenizers library failed (training, loading, encoding or decoding).
+    #[error("{0}")]
+    Tokenizer(String),
+    /// `--stop-after` was reached: the run saved a checkpoint and stopped.
+    #[error(transparent)]
+    Paused(#[from] training::Paused),
+    #[error(transparent)]
+    Checkpoint(#[from] training::CheckpointError),
+}
 
 pub use attention::{KvCache, MultiHeadAttention, MultiHeadAttentionConfig};
 pub use block::{CrossContext, TransformerBlock, TransformerBlockConfig};

@@ -28,6 +28,15 @@ pub enum CheckpointError {
     Storage(#[from] manifests::Error),
 }
 
+/// The deliberate stop of `--stop-after`: the run saved a checkpoint and ends here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "stopped after step {step} as asked (--stop-after); the same command resumes from its checkpoint"
+)]
+pub struct Paused {
+    pub step: usize,
+}
+
 /// Warm-up, then cosine decay (ViT-VQGAN) or exponential decay (Parti) to a final rate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -186,7 +195,15 @@ pub struct Checkpointing {
 }
 
 impl Checkpointing {
-    /// After `done` steps: saves a checkpoint when one is due. Returns true when the run must
+    pub fn new(every: usize, total_steps: usize, stop_after: Option<usize>) -> Checkpointing {
+        Checkpointing {
+            every,
+            total_steps,
+            stop_after,
+        }
+    }
+
+    /// After `done` steps: saves a checkpoint when one is due; [`Paused`] when the run must
     /// stop here (asked to, and not finished).
     pub fn after_step<M: Module, S: Serialize>(
         &self,
@@ -195,14 +212,17 @@ impl Checkpointing {
         model: &M,
         optimizer: &ModuleOptimizer,
         state: &S,
-    ) -> Result<bool, CheckpointError> {
+    ) -> Result<(), crate::Error> {
         let stop = self.stop_after == Some(done);
         let scheduled =
             self.every > 0 && done.is_multiple_of(self.every) && done < self.total_steps;
         if stop || scheduled {
             save_checkpoint(run, done, model, optimizer, state)?;
         }
-        Ok(stop && done < self.total_steps)
+        if stop && done < self.total_steps {
+            return Err(Paused { step: done }.into());
+        }
+        Ok(())
     }
 }
 
@@ -362,4 +382,76 @@ where
         outcome
     })?;
     Ok((accumulator.grads(), reports))
+}
+
+/// The end of a training stage: its artifacts written one by one (before the manifest, as
+/// every stage does), then the manifest with the stage's metrics and what every training stage
+/// reports beside them (`backend`, `seconds`).
+pub struct Publication<'a> {
+    run: &'a StageRun,
+    started: std::time::Instant,
+    artifacts: Vec<manifests::Artifact>,
+}
+
+impl<'a> Publication<'a> {
+    pub fn new(run: &'a StageRun, started: std::time::Instant) -> Publication<'a> {
+        Publication {
+            run,
+            started,
+            artifacts: Vec::new(),
+        }
+    }
+
+    /// Any file (a picture, a log).
+    pub fn file(&mut self, name: &str, kind: &str, bytes: Vec<u8>) -> Result<(), crate::Error> {
+        let artifact = self
+            .run
+            .write_artifact(name, kind, bytes::Bytes::from(bytes), None)?;
+        self.artifacts.push(artifact);
+        Ok(())
+    }
+
+    /// `module`'s weights as safetensors (header in a fixed order, so equal weights give equal
+    /// digests).
+    pub fn weights<M: ModuleSnapshot>(
+        &mut self,
+        name: &str,
+        kind: &str,
+        module: &M,
+    ) -> Result<(), crate::Error> {
+        self.file(name, kind, save_safetensors(module)?)
+    }
+
+    /// A config as pretty JSON.
+    pub fn config<C: Serialize>(
+        &mut self,
+        name: &str,
+        kind: &str,
+        config: &C,
+    ) -> Result<(), crate::Error> {
+        let json = serde_json::to_vec_pretty(config)
+            .map_err(|e| crate::Error::Data(format!("{name}: {e}")))?;
+        self.file(name, kind, json)
+    }
+
+    /// The metrics log (`metrics.jsonl`, one JSON line per logged step).
+    pub fn log(&mut self, log: String) -> Result<(), crate::Error> {
+        self.file("metrics.jsonl", "metrics/jsonl", log.into_bytes())
+    }
+
+    /// Writes the manifest: `metrics` plus the backend and the seconds since the start.
+    pub fn publish(
+        self,
+        mut metrics: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<manifests::Manifest, crate::Error> {
+        metrics.insert(
+            "backend".into(),
+            serde_json::json!(crate::backend::backend_name()),
+        );
+        metrics.insert(
+            "seconds".into(),
+            serde_json::json!(self.started.elapsed().as_secs_f64()),
+        );
+        Ok(self.run.publish(self.artifacts, metrics)?)
+    }
 }

@@ -9,9 +9,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::Error;
-use crate::parti::{Parti, PartiConfig};
-use crate::seq2seq::token_loss;
-use crate::text_encoder::TextEncoderConfig;
+use models::parti::{Parti, PartiConfig, token_loss};
+use models::text_encoder::TextEncoderConfig;
 
 /// `(config, text length)`, the same table as the peer's `PARTI`.
 fn preset(name: &str) -> Result<(PartiConfig, usize), Error> {

@@ -6,9 +6,10 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use manifests::cli::StageArgs;
 use manifests::config::layered;
+use nn::cli::TrainingArgs;
 use serde_json::json;
-use train::pretrain::{PretrainConfig, PretrainInputs, PretrainOptions, pretrain};
-use train::seq2seq::{Seq2SeqConfig, Seq2SeqInputs, Seq2SeqOptions, train_parti};
+use train::parti::{PartiInputs, PartiTrainConfig, train_parti};
+use train::text_encoder::{TextEncoderInputs, TextEncoderTrainConfig, train_text_encoder};
 use train::tokenizer::{self, Sources, TokenizerConfig};
 
 #[derive(Parser)]
@@ -33,35 +34,6 @@ enum Command {
     /// Presets: tiny (the pipeline's model, batch 32) or 350m-slice (the 350M model's width,
     /// two layers a side, 1024 image tokens).
     Bench(nn::bench::TrainStepArgs),
-}
-
-#[derive(Args)]
-struct TrainingArgs {
-    #[command(flatten)]
-    stage: StageArgs,
-    /// cpu, cuda or cuda:N (CUDA needs the tch backend).
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    #[arg(long)]
-    steps: Option<usize>,
-    #[arg(long)]
-    batch_size: Option<usize>,
-    #[arg(long)]
-    learning_rate: Option<f64>,
-    /// Stop after this many steps with a checkpoint; the same command later resumes exactly.
-    #[arg(long)]
-    stop_after: Option<usize>,
-}
-
-impl TrainingArgs {
-    fn overrides(&self) -> serde_json::Value {
-        json!({"steps": self.steps, "batch_size": self.batch_size,
-            "learning_rate": self.learning_rate, "seed": self.stage.seed})
-    }
-
-    fn preset(&self) -> &str {
-        self.stage.preset.as_deref().unwrap_or("tiny")
-    }
 }
 
 #[derive(Args)]
@@ -92,18 +64,26 @@ struct PartiArgs {
     /// A `train text-encoder` manifest to initialise the encoder from (optional).
     #[arg(long)]
     text_encoder: Option<String>,
-    /// Workers per device sharing each step's micro-batches (`accumulation` in the config);
-    /// default: one per core on flex's CPU, else one. Changes speed, never the result.
-    #[arg(long)]
-    workers: Option<usize>,
 }
 
-fn metric(manifest: &manifests::Manifest, name: &str) -> f64 {
-    manifest
-        .metrics
-        .get(name)
-        .and_then(|v| v.as_f64())
-        .unwrap_or(f64::NAN)
+impl TextEncoderArgs {
+    fn inputs(&self) -> TextEncoderInputs<'_> {
+        TextEncoderInputs {
+            tokenizer: &self.tokenizer,
+            text: &self.text,
+            pairs: &self.pairs,
+        }
+    }
+}
+
+impl PartiArgs {
+    fn inputs(&self) -> PartiInputs<'_> {
+        PartiInputs {
+            tokens: &self.tokens,
+            tokenizer: &self.tokenizer,
+            text_encoder: self.text_encoder.as_deref(),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -133,61 +113,35 @@ struct TokenizerArgs {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Bench(args) => {
+            train::bench::parti_step(&args)
+                .context("train bench")?
+                .report();
+        }
         Command::TextEncoder(args) => {
             let training = &args.training;
-            let preset = PretrainConfig::preset(training.preset())?;
-            let config: PretrainConfig = layered(
-                &preset,
-                training.stage.config.as_deref(),
-                training.overrides(),
-            )?;
-            let inputs = PretrainInputs {
-                tokenizer: &args.tokenizer,
-                text: &args.text,
-                pairs: &args.pairs,
-            };
-            let options = PretrainOptions {
-                out: training.stage.out.clone(),
-                device: training.device.clone(),
-                force: training.stage.force,
-                stop_after: training.stop_after,
-            };
-            let manifest = pretrain(&config, &inputs, &options).context("train text-encoder")?;
+            let config = training.config(&TextEncoderTrainConfig::preset(training.preset())?)?;
+            let manifest = train_text_encoder(&config, &args.inputs(), &training.options())
+                .context("train text-encoder")?;
             println!(
                 "{}: held-out MLM accuracy {:.3}, text->image recall@1 {:.3} (chance {:.3}), recall@5 {:.3}",
                 manifest.stage,
-                metric(&manifest, "mlm_accuracy"),
-                metric(&manifest, "recall_at_1"),
-                metric(&manifest, "recall_at_1_chance"),
-                metric(&manifest, "recall_at_5")
+                manifest.metric_f64("mlm_accuracy"),
+                manifest.metric_f64("recall_at_1"),
+                manifest.metric_f64("recall_at_1_chance"),
+                manifest.metric_f64("recall_at_5")
             );
         }
         Command::Parti(args) => {
             let training = &args.training;
-            let preset = Seq2SeqConfig::preset(training.preset())?;
-            let config: Seq2SeqConfig = layered(
-                &preset,
-                training.stage.config.as_deref(),
-                training.overrides(),
-            )?;
-            let inputs = Seq2SeqInputs {
-                tokens: &args.tokens,
-                tokenizer: &args.tokenizer,
-                text_encoder: args.text_encoder.as_deref(),
-            };
-            let options = Seq2SeqOptions {
-                out: training.stage.out.clone(),
-                device: training.device.clone(),
-                workers: args.workers,
-                force: training.stage.force,
-                stop_after: training.stop_after,
-            };
-            let manifest = train_parti(&config, &inputs, &options).context("train parti")?;
+            let config = training.config(&PartiTrainConfig::preset(training.preset())?)?;
+            let manifest =
+                train_parti(&config, &args.inputs(), &training.options()).context("train parti")?;
             println!(
                 "{}: validation perplexity {:.2}, token accuracy {:.3}",
                 manifest.stage,
-                metric(&manifest, "val_perplexity"),
-                metric(&manifest, "val_token_accuracy")
+                manifest.metric_f64("val_perplexity"),
+                manifest.metric_f64("val_token_accuracy")
             );
         }
         Command::Tokenizer(args) => {
@@ -207,13 +161,7 @@ fn run(cli: Cli) -> Result<()> {
             let manifest =
                 tokenizer::train_tokenizer(&config, &sources, &args.stage.out, args.stage.force)
                     .context("train tokenizer")?;
-            let metric = |name: &str| {
-                manifest
-                    .metrics
-                    .get(name)
-                    .and_then(|v| v.as_f64())
-                    .unwrap_or(f64::NAN)
-            };
+            let metric = |name: &str| manifest.metric_f64(name);
             println!(
                 "{}: {} pieces, {} texts, {:.1} tokens per text, unk rate {:.4}",
                 manifest.stage,
@@ -222,11 +170,6 @@ fn run(cli: Cli) -> Result<()> {
                 metric("mean_tokens_per_text"),
                 metric("unk_rate"),
             );
-        }
-        Command::Bench(args) => {
-            train::bench::parti_step(&args)
-                .context("train bench")?
-                .report();
         }
     }
     Ok(())

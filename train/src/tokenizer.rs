@@ -1,30 +1,26 @@
-//! `train tokenizer`: the SentencePiece text tokenizer (a Unigram model, as Parti used) trained on
-//! the `ingest text` corpus and the captions of `ingest pairs` / `vqgan encode` shards, and
-//! [`TextTokenizer`], the trained tokenizer as the text encoder and the transformer use it.
-//!
-//! The tokenizer is a `tokenizers` tokenizer.json: NFKC normalisation, whitespace as the `▁`
-//! meta symbol (prepended to every word, SentencePiece style) and a Metaspace decoder, so
-//! `decode(encode(x)) == NFKC(x)` for text made of known characters. The special tokens have
-//! fixed ids: `<pad>`=0, `<unk>`=1, `<s>`=2, `</s>`=3, `<mask>`=4. Truncation to `max_length` is
-//! stored in the file, so it travels with the tokenizer.
+//! `train tokenizer`: trains the SentencePiece text tokenizer (`models::tokenizer`, a Unigram
+//! model, as Parti used) on the `ingest text` corpus and the captions of `ingest pairs` /
+//! `vqgan encode` shards, or adopts a given tokenizer.json.
 //!
 //! Texts are streamed shard by shard: each shard's texts are normalised and split into words
 //! (in parallel) and only the counts of distinct words are kept, which is also all the Unigram
 //! trainer keeps. The words are handed to the trainer sorted, so the same corpus and config train
 //! the same tokenizer.
+//!
+//! One file over 600 lines, on purpose: the corpus counting, the Unigram training around the
+//! `tokenizers` trainer (its seeding and canonical ordering) and the stage that feeds them share
+//! the config and the special-token rules, and read best top to bottom.
 
 use std::collections::{HashMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
-use arrow_array::StringArray;
 use bytes::Bytes;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, json};
 use tokenizers::models::unigram::{Unigram, UnigramTrainer};
 use tokenizers::normalizers::NFKC;
-use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{
     AddedToken, NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString,
@@ -32,27 +28,20 @@ use tokenizers::{
 };
 use tracing::{info, warn};
 
+use manifests::shards::{CAPTION_KINDS, pairs, text, tokens};
+use manifests::{Artifact, Location, Manifest, ShardSpec, StageRun, Upstream, digest_bytes};
+use models::TextTokenizer;
+use models::tokenizer::{
+    BOS, EOS, META_SPACE, SPECIAL_TOKENS, TOKENIZER_FILE, TOKENIZER_KIND, UNK, metaspace,
+};
+
 use crate::{Error, tool};
-use manifests::{Location, Manifest, ShardSpec, StageRun, Upstream, digest_bytes, table};
 
 pub const STAGE: &str = "train.tokenizer";
-/// The artifact kind of a tokenizers `tokenizer.json`.
-pub const TOKENIZER_KIND: &str = "tokenizer/json";
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
-/// `ingest text` shards (column `text`).
-pub const TEXT_KIND: &str = "parquet/text";
-/// Shards with a `caption` column: `ingest pairs` and `vqgan encode` output.
-pub const CAPTION_KINDS: [&str; 2] = ["parquet/pairs", "parquet/tokens"];
 
-pub const PAD: &str = "<pad>";
-pub const UNK: &str = "<unk>";
-pub const BOS: &str = "<s>";
-pub const EOS: &str = "</s>";
-pub const MASK: &str = "<mask>";
-/// The special tokens, in the order of their fixed ids (0..5) in a trained tokenizer.
-pub const SPECIAL_TOKENS: [&str; 5] = [PAD, UNK, BOS, EOS, MASK];
-/// SentencePiece's whitespace symbol.
-pub const META_SPACE: char = '▁';
+fn tokenizer_error(context: &str) -> impl Fn(tokenizers::Error) -> Error + '_ {
+    move |e| Error::Tokenizer(format!("{context}: {e}"))
+}
 
 /// Presets that get the paper's 16k vocabulary (everything but `tiny`).
 const FULL_PRESETS: [&str; 7] = ["small", "base", "paper", "350M", "750M", "3B", "20B"];
@@ -142,236 +131,6 @@ impl TokenizerConfig {
     }
 }
 
-fn tokenizer_error(context: &str) -> impl Fn(tokenizers::Error) -> Error + '_ {
-    move |e| Error::Tokenizer(format!("{context}: {e}"))
-}
-
-fn metaspace() -> Metaspace {
-    Metaspace::new(META_SPACE, PrependScheme::Always, true)
-}
-
-/// A trained (or adopted) tokenizer with the ids of its special tokens.
-#[derive(Clone)]
-pub struct TextTokenizer {
-    inner: Tokenizer,
-    max_length: usize,
-    pad: u32,
-    unk: u32,
-    bos: u32,
-    eos: u32,
-    mask: u32,
-}
-
-impl std::fmt::Debug for TextTokenizer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TextTokenizer")
-            .field("vocab_size", &self.vocab_size())
-            .field("max_length", &self.max_length)
-            .finish_non_exhaustive()
-    }
-}
-
-impl TextTokenizer {
-    /// A tokenizer.json as `train tokenizer` writes it: it must hold the five special tokens
-    /// and a truncation `max_length`. Padding settings in the file are ignored.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, Error> {
-        Self::load(TOKENIZER_FILE, bytes)
-    }
-
-    /// The `tokenizer/json` artifact of a `train tokenizer` manifest, digest-checked.
-    pub fn from_manifest(stage: &Upstream) -> Result<Self, Error> {
-        let uri = stage.location.uri();
-        let artifact = stage
-            .artifacts_of_kind(TOKENIZER_KIND)
-            .into_iter()
-            .next()
-            .ok_or_else(|| {
-                Error::Data(format!(
-                    "{uri}: no '{TOKENIZER_KIND}' artifact (is this a `train tokenizer` manifest? it is '{}')",
-                    stage.manifest.stage
-                ))
-            })?;
-        let location = stage.artifact_location(artifact)?.uri();
-        Self::load(&location, &stage.read_artifact(artifact)?)
-    }
-
-    /// `name` (the file) is what errors name.
-    fn load(name: &str, bytes: &[u8]) -> Result<Self, Error> {
-        let inner = Tokenizer::from_bytes(bytes)
-            .map_err(|e| Error::Data(format!("{name}: not a tokenizers tokenizer.json: {e}")))?;
-        Self::from_tokenizer(name, inner)
-    }
-
-    fn from_tokenizer(name: &str, mut inner: Tokenizer) -> Result<Self, Error> {
-        let id = |token: &str| {
-            inner.token_to_id(token).ok_or_else(|| {
-                Error::Data(format!(
-                    "{name}: has no '{token}' token (a parti tokenizer has {})",
-                    SPECIAL_TOKENS.join(" ")
-                ))
-            })
-        };
-        let (pad, unk, bos, eos, mask) = (id(PAD)?, id(UNK)?, id(BOS)?, id(EOS)?, id(MASK)?);
-        let max_length = match inner.get_truncation() {
-            Some(truncation) if truncation.max_length > 0 => truncation.max_length,
-            Some(_) => return Err(Error::Data(format!("{name}: truncation.max_length is 0"))),
-            None => {
-                return Err(Error::Data(format!(
-                    "{name}: no truncation.max_length (tokenizers written by `train tokenizer` keep it there)"
-                )));
-            }
-        };
-        inner.with_padding(None);
-        Ok(TextTokenizer {
-            inner,
-            max_length,
-            pad,
-            unk,
-            bos,
-            eos,
-            mask,
-        })
-    }
-
-    /// Ids of `text`, cut to [`max_length`](Self::max_length), not padded; `<s>`/`</s>` around
-    /// it when the tokenizer was built with `add_bos_eos`.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, Error> {
-        let encoding = self
-            .inner
-            .encode(text, true)
-            .map_err(tokenizer_error("encoding"))?;
-        Ok(encoding.get_ids().to_vec())
-    }
-
-    /// Row-major `[texts.len(), length]` ids (each text as [`encode`](Self::encode) gives it,
-    /// cut to `length`, padded with the pad id) and a mask that is true on real tokens.
-    pub fn encode_batch_padded(
-        &self,
-        texts: &[&str],
-        length: usize,
-    ) -> Result<(Vec<u32>, Vec<bool>), Error> {
-        let encodings = self
-            .inner
-            .encode_batch(texts.to_vec(), true)
-            .map_err(tokenizer_error("encoding a batch"))?;
-        let mut ids = vec![self.pad; texts.len() * length];
-        let mut mask = vec![false; texts.len() * length];
-        for (row, encoding) in encodings.iter().enumerate() {
-            for (column, id) in encoding.get_ids().iter().take(length).enumerate() {
-                ids[row * length + column] = *id;
-                mask[row * length + column] = true;
-            }
-        }
-        Ok((ids, mask))
-    }
-
-    /// Text of `ids`, leaving out pad, bos, eos and mask; unknown pieces read `<unk>`.
-    pub fn decode(&self, ids: &[u32]) -> Result<String, Error> {
-        let vocab_size = self.vocab_size();
-        if let Some(bad) = ids.iter().find(|id| **id as usize >= vocab_size) {
-            return Err(Error::Data(format!(
-                "token id {bad} is outside the vocabulary of {vocab_size}"
-            )));
-        }
-        let skip = [self.pad, self.bos, self.eos, self.mask];
-        let kept: Vec<u32> = ids
-            .iter()
-            .copied()
-            .filter(|id| !skip.contains(id))
-            .collect();
-        self.inner
-            .decode(&kept, false)
-            .map_err(tokenizer_error("decoding"))
-    }
-
-    /// `text` as the tokenizer's normaliser (NFKC for trained tokenizers) sees it.
-    pub fn normalize(&self, text: &str) -> Result<String, Error> {
-        let mut normalized = NormalizedString::from(text);
-        if let Some(normalizer) = self.inner.get_normalizer() {
-            normalizer
-                .normalize(&mut normalized)
-                .map_err(tokenizer_error("normalising"))?;
-        }
-        Ok(normalized.get().to_string())
-    }
-
-    /// Pieces, special tokens included (ids run from 0 to `vocab_size - 1`).
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-
-    pub fn pad_id(&self) -> u32 {
-        self.pad
-    }
-
-    pub fn unk_id(&self) -> u32 {
-        self.unk
-    }
-
-    pub fn bos_id(&self) -> u32 {
-        self.bos
-    }
-
-    pub fn eos_id(&self) -> u32 {
-        self.eos
-    }
-
-    pub fn mask_id(&self) -> u32 {
-        self.mask
-    }
-
-    /// Most ids [`encode`](Self::encode) returns for one text.
-    pub fn max_length(&self) -> usize {
-        self.max_length
-    }
-
-    /// The tokenizer.json text (what `train tokenizer` publishes).
-    pub fn to_json(&self) -> Result<String, Error> {
-        self.inner
-            .to_string(true)
-            .map_err(tokenizer_error("serialising tokenizer.json"))
-    }
-
-    /// The underlying `tokenizers` tokenizer.
-    pub fn inner(&self) -> &Tokenizer {
-        &self.inner
-    }
-
-    /// Mean ids per text and the share of unk ids over `texts`, without truncation and without
-    /// bos/eos.
-    pub fn sample_metrics<S: AsRef<str> + Sync>(&self, texts: &[S]) -> Result<(f64, f64), Error> {
-        let mut untruncated = self.inner.clone();
-        untruncated
-            .with_truncation(None)
-            .map_err(tokenizer_error("clearing truncation"))?;
-        let counts = texts
-            .par_iter()
-            .map(|text| {
-                let encoding = untruncated
-                    .encode(text.as_ref(), false)
-                    .map_err(tokenizer_error("encoding the metric sample"))?;
-                let ids = encoding.get_ids();
-                let unk = ids.iter().filter(|id| **id == self.unk).count();
-                Ok((ids.len() as u64, unk as u64))
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
-        let tokens: u64 = counts.iter().map(|(n, _)| n).sum();
-        let unk: u64 = counts.iter().map(|(_, u)| u).sum();
-        let mean = if texts.is_empty() {
-            0.0
-        } else {
-            tokens as f64 / texts.len() as f64
-        };
-        let rate = if tokens == 0 {
-            0.0
-        } else {
-            unk as f64 / tokens as f64
-        };
-        Ok((mean, rate))
-    }
-}
-
-/// Sets what the config decides on any tokenizer: truncation, no padding, and `<s> $A </s>`
 /// post-processing or none.
 fn apply_settings(tokenizer: &mut Tokenizer, config: &TokenizerConfig) -> Result<(), Error> {
     tokenizer
@@ -610,11 +369,11 @@ impl Corpus {
         apply_settings(&mut inner, config)?;
         let tokenizer = TextTokenizer::from_tokenizer("the trained tokenizer", inner)?;
         let ids = [
-            tokenizer.pad,
-            tokenizer.unk,
-            tokenizer.bos,
-            tokenizer.eos,
-            tokenizer.mask,
+            tokenizer.pad_id(),
+            tokenizer.unk_id(),
+            tokenizer.bos_id(),
+            tokenizer.eos_id(),
+            tokenizer.mask_id(),
         ];
         if ids != [0, 1, 2, 3, 4] {
             return Err(Error::Tokenizer(format!(
@@ -769,13 +528,36 @@ fn input_name(base: &str, index: usize) -> String {
     }
 }
 
-/// Adds every `kinds` shard's `column` of `stage` to `corpus`, shard by shard.
+/// The texts of one shard: a text shard's documents, a pairs or token shard's captions.
+fn shard_texts(stage: &Upstream, artifact: &Artifact) -> Result<Vec<String>, Error> {
+    Ok(match artifact.kind.as_str() {
+        text::KIND => text::read(stage, artifact)?
+            .into_iter()
+            .map(|row| row.text)
+            .collect(),
+        pairs::KIND => pairs::read(stage, artifact)?
+            .into_iter()
+            .map(|row| row.caption)
+            .collect(),
+        tokens::KIND => tokens::read(stage, artifact)?
+            .into_iter()
+            .map(|row| row.caption)
+            .collect(),
+        other => {
+            return Err(Error::Data(format!(
+                "{}: '{other}' shards hold no text",
+                stage.location.uri()
+            )));
+        }
+    })
+}
+
+/// Adds the texts of every `kinds` shard of `stage` to `corpus`, shard by shard.
 fn read_texts(
     corpus: &mut Corpus,
     stage: &Upstream,
     flag: &str,
     kinds: &[&str],
-    column: &str,
 ) -> Result<(), Error> {
     let shards: Vec<_> = kinds
         .iter()
@@ -790,12 +572,7 @@ fn read_texts(
         )));
     }
     for artifact in shards {
-        let uri = stage.artifact_location(artifact)?.uri();
-        for batch in table::read_parquet(&uri, stage.read_artifact(artifact)?)? {
-            let values = table::column::<StringArray>(&uri, &batch, column)?;
-            let texts: Vec<&str> = values.iter().flatten().collect();
-            corpus.add(&texts)?;
-        }
+        corpus.add(&shard_texts(stage, artifact)?)?;
     }
     Ok(())
 }
@@ -843,10 +620,10 @@ pub fn train_tokenizer(
         Corpus::new(config)
     };
     for stage in &texts {
-        read_texts(&mut corpus, stage, "--text", &[TEXT_KIND], "text")?;
+        read_texts(&mut corpus, stage, "--text", &[text::KIND])?;
     }
     for stage in &captions {
-        read_texts(&mut corpus, stage, "--captions", &CAPTION_KINDS, "caption")?;
+        read_texts(&mut corpus, stage, "--captions", &CAPTION_KINDS)?;
     }
     let mut metrics = Map::new();
     let tokenizer = match given {

@@ -4,23 +4,15 @@
 //! metrics the pipeline reports.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
 use manifests::Upstream;
-use train::pretrain::{PretrainConfig, PretrainInputs, PretrainOptions, pretrain};
-use train::seq2seq::{Seq2SeqConfig, Seq2SeqInputs, Seq2SeqOptions, train_parti};
-
-fn run(binary: &Path, args: &[&str]) {
-    let output = Command::new(binary).args(args).output().unwrap();
-    assert!(
-        output.status.success(),
-        "{} {args:?}: {}{}",
-        binary.display(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
+use nn::cli::TrainingOptions;
+use nn::training::Paused;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use train::parti::{PartiInputs, PartiTrainConfig, train_parti};
+use train::text_encoder::{TextEncoderInputs, TextEncoderTrainConfig, train_text_encoder};
 
 /// Upstream manifests shared by every test of this file: synth -> pairs, text, tokenizer,
 /// a few-step VQGAN and its token shards.
@@ -28,79 +20,11 @@ fn upstream() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap().keep();
-        let bin = |name: &str| Path::new(env!("CARGO_BIN_EXE_train")).with_file_name(name);
-        let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
-        for name in ["ingest", "vqgan"] {
-            assert!(
-                bin(name).exists(),
-                "{name} missing: run `cargo test --release --workspace`"
-            );
-        }
-        run(
-            &bin("ingest"),
-            &[
-                "synth",
-                "--out",
-                &p("synth"),
-                "--images",
-                "400",
-                "--documents",
-                "200",
-            ],
-        );
-        run(
-            &bin("ingest"),
-            &[
-                "pairs",
-                "--preset",
-                "tiny",
-                "--input",
-                &p("synth/pairs"),
-                "--out",
-                &p("pairs"),
-            ],
-        );
-        run(
-            &bin("ingest"),
-            &["text", "--input", &p("synth/text"), "--out", &p("text")],
-        );
-        run(
-            &bin("train"),
-            &[
-                "tokenizer",
-                "--text",
-                &p("text"),
-                "--captions",
-                &p("pairs"),
-                "--out",
-                &p("tokenizer"),
-            ],
-        );
-        run(
-            &bin("vqgan"),
-            &[
-                "train",
-                "--pairs",
-                &p("pairs"),
-                "--out",
-                &p("vqgan"),
-                "--steps",
-                "3",
-                "--batch-size",
-                "4",
-            ],
-        );
-        run(
-            &bin("vqgan"),
-            &[
-                "encode",
-                "--vqgan",
-                &p("vqgan"),
-                "--pairs",
-                &p("pairs"),
-                "--out",
-                &p("tokens"),
-            ],
+        let bin = manifests::testing::bin_dir(env!("CARGO_BIN_EXE_train"));
+        manifests::testing::run_stages(
+            &bin,
+            &dir,
+            &manifests::testing::few_step_pipeline(400, 200),
         );
         dir
     })
@@ -113,41 +37,34 @@ fn path(name: &str) -> String {
 /// Stages seed the process-wide device generator before initialising; one at a time.
 static TRAINING: Mutex<()> = Mutex::new(());
 
+/// `[tokenizer, text, pairs]` as `train text-encoder` inputs.
+fn text_encoder_inputs(paths: &[String; 3]) -> TextEncoderInputs<'_> {
+    TextEncoderInputs {
+        tokenizer: &paths[0],
+        text: &paths[1],
+        pairs: &paths[2],
+    }
+}
+
 fn artifact_text(dir: &Path, name: &str) -> String {
-    let (stage, _) = Upstream::read(dir.to_str().unwrap()).unwrap();
-    let artifact = stage
-        .manifest
-        .artifacts
-        .iter()
-        .find(|a| a.uri == name)
-        .unwrap();
-    String::from_utf8(stage.read_artifact(artifact).unwrap().to_vec()).unwrap()
+    String::from_utf8(manifests::testing::artifact_bytes(dir, name)).unwrap()
 }
 
 #[test]
 fn contrastive_retrieval_beats_chance_and_the_manifest_has_the_metrics() {
     let _serial = TRAINING.lock();
     let out = tempfile::tempdir().unwrap();
-    let config = PretrainConfig {
+    let config = TextEncoderTrainConfig {
         steps: 160,
         contrastive_every: 2,
         warmup_steps: 10,
-        checkpoint_every: 0,
-        ..PretrainConfig::preset("tiny").unwrap()
+        // The preset checkpoints every 200 steps: none in this run.
+        ..TextEncoderTrainConfig::preset("tiny").unwrap()
     };
-    let (tokenizer, text, pairs) = (path("tokenizer"), path("text"), path("pairs"));
-    let inputs = PretrainInputs {
-        tokenizer: &tokenizer,
-        text: &text,
-        pairs: &pairs,
-    };
-    let options = PretrainOptions {
-        out: out.path().to_str().unwrap().to_string(),
-        device: "cpu".into(),
-        force: false,
-        stop_after: None,
-    };
-    let manifest = pretrain(&config, &inputs, &options).unwrap();
+    let paths = [path("tokenizer"), path("text"), path("pairs")];
+    let inputs = text_encoder_inputs(&paths);
+    let options = TrainingOptions::new(out.path().to_str().unwrap());
+    let manifest = train_text_encoder(&config, &inputs, &options).unwrap();
     let m = |name: &str| manifest.metrics[name].as_f64().unwrap();
     assert!(
         m("recall_at_1") > 2.0 * m("recall_at_1_chance"),
@@ -171,7 +88,7 @@ fn contrastive_retrieval_beats_chance_and_the_manifest_has_the_metrics() {
     assert!(mlm.last().unwrap() < &(0.7 * mlm[0]), "{mlm:?}");
     let (stage, _) = Upstream::read(out.path().to_str().unwrap()).unwrap();
     let device = nn::backend::device("cpu").unwrap();
-    train::pretrain::load_pretrained(&stage, &device).unwrap();
+    models::load_text_encoder(&stage, &device).unwrap();
 }
 
 #[test]
@@ -185,55 +102,51 @@ fn stopped_text_encoder_and_parti_runs_resume_exactly() {
         path("tokens"),
     );
 
-    let config = PretrainConfig {
+    let config = TextEncoderTrainConfig {
         steps: 6,
         batch_size: 8,
         checkpoint_every: 2,
         log_every: 1,
-        ..PretrainConfig::preset("tiny").unwrap()
+        ..TextEncoderTrainConfig::preset("tiny").unwrap()
     };
-    let inputs = PretrainInputs {
+    let inputs = TextEncoderInputs {
         tokenizer: &tokenizer,
         text: &text,
         pairs: &pairs,
     };
-    let options = |name: &str, stop_after| PretrainOptions {
-        out: dir.path().join(name).to_str().unwrap().to_string(),
-        device: "cpu".into(),
-        force: false,
+    let options = |name: &str, stop_after| TrainingOptions {
         stop_after,
+        ..TrainingOptions::new(dir.path().join(name).to_str().unwrap())
     };
-    pretrain(&config, &inputs, &options("whole", None)).unwrap();
+    train_text_encoder(&config, &inputs, &options("whole", None)).unwrap();
     assert!(matches!(
-        pretrain(&config, &inputs, &options("resumed", Some(3))),
-        Err(train::Error::Paused { step: 3 })
+        train_text_encoder(&config, &inputs, &options("resumed", Some(3))),
+        Err(train::Error::Paused(Paused { step: 3 }))
     ));
-    pretrain(&config, &inputs, &options("resumed", None)).unwrap();
+    train_text_encoder(&config, &inputs, &options("resumed", None)).unwrap();
     assert_eq!(
         artifact_text(&dir.path().join("whole"), "metrics.jsonl"),
         artifact_text(&dir.path().join("resumed"), "metrics.jsonl")
     );
 
-    let config = Seq2SeqConfig {
+    let config = PartiTrainConfig {
         steps: 5,
         batch_size: 8,
         accumulation: 2,
         checkpoint_every: 2,
         log_every: 1,
-        ..Seq2SeqConfig::preset("tiny").unwrap()
+        ..PartiTrainConfig::preset("tiny").unwrap()
     };
     let text_encoder = dir.path().join("whole").to_str().unwrap().to_string();
-    let inputs = Seq2SeqInputs {
+    let inputs = PartiInputs {
         tokens: &tokens,
         tokenizer: &tokenizer,
         text_encoder: Some(&text_encoder),
     };
-    let options = |name: &str, stop_after| Seq2SeqOptions {
-        out: dir.path().join(name).to_str().unwrap().to_string(),
-        device: "cpu".into(),
+    let options = |name: &str, stop_after| TrainingOptions {
         workers: Some(1),
-        force: false,
         stop_after,
+        ..TrainingOptions::new(dir.path().join(name).to_str().unwrap())
     };
     let whole = train_parti(&config, &inputs, &options("parti-whole", None)).unwrap();
     assert!(train_parti(&config, &inputs, &options("parti-resumed", Some(2))).is_err());
@@ -250,7 +163,7 @@ fn stopped_text_encoder_and_parti_runs_resume_exactly() {
     // Data parallel over two devices (here the CPU twice, so it runs without GPUs): the two
     // micro-batches of each step go to different replicas, whose gradients are summed in
     // micro-batch order, which must give exactly the single-worker run.
-    let parallel = Seq2SeqOptions {
+    let parallel = TrainingOptions {
         device: "cpu,cpu".into(),
         ..options("parti-parallel", None)
     };
@@ -265,7 +178,7 @@ fn stopped_text_encoder_and_parti_runs_resume_exactly() {
     );
     // Three micro-batches on two workers of one CPU (one takes two): still the one-worker run,
     // down to the weights' digest.
-    let odd = Seq2SeqConfig {
+    let odd = PartiTrainConfig {
         accumulation: 3,
         ..config.clone()
     };
@@ -273,7 +186,7 @@ fn stopped_text_encoder_and_parti_runs_resume_exactly() {
     let two_workers = train_parti(
         &odd,
         &inputs,
-        &Seq2SeqOptions {
+        &TrainingOptions {
             workers: Some(2),
             ..options("parti-odd-two", None)
         },
@@ -292,4 +205,17 @@ fn stopped_text_encoder_and_parti_runs_resume_exactly() {
     };
     assert!(weights(&one_worker).is_some());
     assert_eq!(weights(&one_worker), weights(&two_workers));
+}
+
+#[test]
+fn cfg_dropout_happens_at_the_configured_rate() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let drops = train::parti::cfg_drops(&mut rng, 20_000, 0.1);
+    let rate = drops.iter().filter(|d| **d).count() as f64 / drops.len() as f64;
+    assert!((rate - 0.1).abs() < 0.01, "{rate}");
+    assert!(
+        train::parti::cfg_drops(&mut rng, 100, 0.0)
+            .iter()
+            .all(|d| !d)
+    );
 }

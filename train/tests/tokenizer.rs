@@ -6,7 +6,8 @@ use std::path::Path;
 use std::process::Command;
 
 use manifests::Upstream;
-use train::tokenizer::{TextTokenizer, TokenizerConfig, train_on_texts};
+use models::TextTokenizer;
+use train::tokenizer::{TokenizerConfig, train_on_texts};
 
 const SAMPLES: [&str; 6] = [
     "a red circle at the top left",
@@ -171,14 +172,8 @@ fn bad_configs_and_files_are_clear_errors() {
 }
 
 fn run(binary: &Path, args: &[&str]) -> String {
-    let output = Command::new(binary).args(args).output().unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "{} {args:?}: {text}",
-        binary.display()
-    );
+    let (code, text) = manifests::testing::output_of(binary, args);
+    assert_eq!(code, 0, "{} {args:?}: {text}", binary.display());
     text
 }
 
@@ -187,45 +182,11 @@ fn the_stage_trains_on_ingest_manifests_skips_reruns_and_adopts_files() {
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     let train = Path::new(env!("CARGO_BIN_EXE_train"));
-    // The ingest binary is built by the same `cargo test --workspace`; find it beside ours.
-    let ingest = train.with_file_name("ingest");
-    assert!(
-        ingest.exists(),
-        "{} missing: run `cargo build --release -p ingest` (or `make test`)",
-        ingest.display()
-    );
-    let synth = [
-        "synth",
-        "--out",
-        &path("synth"),
-        "--images",
-        "40",
-        // 30 documents hold only ~54 distinct words (~90 pieces); 300 give the corpus room for
-        // more than 100.
-        "--documents",
-        "300",
-    ];
-    run(&ingest, &synth);
-    let pairs = [
-        "pairs",
-        "--preset",
-        "tiny",
-        "--input",
-        &path("synth/pairs"),
-        "--out",
-        &path("pairs"),
-    ];
-    run(&ingest, &pairs);
-    run(
-        &ingest,
-        &[
-            "text",
-            "--input",
-            &path("synth/text"),
-            "--out",
-            &path("text"),
-        ],
-    );
+    // 30 documents hold only ~54 distinct words (~90 pieces); 300 give the corpus room for
+    // more than 100.
+    let steps = manifests::testing::few_step_pipeline(40, 300);
+    let bin = manifests::testing::bin_dir(env!("CARGO_BIN_EXE_train"));
+    manifests::testing::run_stages(&bin, dir.path(), &steps[..3]);
 
     // No input at all is a usage error.
     let output = Command::new(train)

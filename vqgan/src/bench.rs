@@ -6,7 +6,7 @@ use burn::tensor::{Distribution, Tensor};
 use nn::bench::{Comparison, TrainStepArgs, time_train_steps};
 
 use crate::Error;
-use crate::model::{VitVqgan, VitVqganConfig};
+use models::vqgan::{VitVqgan, VitVqganConfig};
 
 fn preset(name: &str) -> Result<VitVqganConfig, Error> {
     match name {

@@ -1,13 +1,16 @@
 //! Reconstruction quality on held-out images: PSNR, SSIM, codebook usage and perplexity, and a
 //! side-by-side grid a person can look at.
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Device;
+use models::vqgan::VitVqgan;
+use models::vqgan::quantize::perplexity;
+use nn::images::{ImageSet, floats, png_bytes, to_rgb};
 
 use crate::Error;
-use crate::data::ImageSet;
-use crate::model::VitVqgan;
-use crate::quantize::perplexity;
-use crate::train::psnr_db;
+
+pub fn psnr_db(mse: f64) -> f64 {
+    10.0 * (1.0 / mse.max(1e-10)).log10()
+}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Quality {
@@ -17,13 +20,6 @@ pub struct Quality {
     /// Share of the codebook chosen for the held-out images.
     pub codebook_usage: f64,
     pub perplexity: f64,
-}
-
-pub(crate) fn floats<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, Error> {
-    t.into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .map_err(|e| Error::Data(format!("reading a tensor: {e:?}")))
 }
 
 /// Reconstructs `images` in batches and scores them against the originals.
@@ -110,24 +106,6 @@ pub fn ssim(a: &[f32], b: &[f32], size: usize) -> f64 {
         }
     }
     total / windows.max(1) as f64
-}
-
-/// Channel-first `[3, size, size]` floats in [0, 1] -> an RGB image.
-pub fn to_rgb(pixels: &[f32], size: usize) -> image::RgbImage {
-    let plane = size * size;
-    image::RgbImage::from_fn(size as u32, size as u32, |x, y| {
-        let i = y as usize * size + x as usize;
-        let value = |c: usize| (pixels[c * plane + i].clamp(0.0, 1.0) * 255.0).round() as u8;
-        image::Rgb([value(0), value(1), value(2)])
-    })
-}
-
-pub fn png_bytes(image: &image::RgbImage) -> Result<Vec<u8>, Error> {
-    let mut png = Vec::new();
-    image
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .map_err(|e| Error::Data(format!("writing a PNG: {e}")))?;
-    Ok(png)
 }
 
 /// Originals (left) beside reconstructions (right), up to eight held-out images, one per row.

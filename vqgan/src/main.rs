@@ -6,10 +6,13 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use manifests::cli::StageArgs;
 use manifests::config::layered;
+use manifests::shards::tokens::{self, TokenRow};
 use manifests::{Location, Manifest, Upstream};
+use nn::cli::TrainingArgs;
 use serde_json::json;
-use vqgan::encode::{self, EncodeConfig, TokenRow};
-use vqgan::train::{FinetuneConfig, TrainConfig, TrainOptions, finetune_decoder, train};
+use vqgan::config::{FinetuneConfig, TrainConfig};
+use vqgan::encode::{self, EncodeConfig, TokenizerRun};
+use vqgan::train::{Inputs, finetune_decoder, train};
 
 #[derive(Parser)]
 #[command(
@@ -39,55 +42,24 @@ enum Command {
     Bench(nn::bench::TrainStepArgs),
 }
 
+/// What both VQGAN training stages read.
 #[derive(Args)]
-struct TrainingArgs {
-    #[command(flatten)]
-    stage: StageArgs,
+struct ImageInputs {
     /// The `ingest pairs` manifest (or its folder).
     #[arg(long)]
     pairs: String,
-    /// cpu, cuda or cuda:N (CUDA needs the tch backend).
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    #[arg(long)]
-    steps: Option<usize>,
-    #[arg(long)]
-    batch_size: Option<usize>,
-    #[arg(long)]
-    learning_rate: Option<f64>,
-    /// Stop after this many steps with a checkpoint (e.g. before a batch job's time limit);
-    /// the same command later resumes exactly where it stopped.
-    #[arg(long)]
-    stop_after: Option<usize>,
-    /// Workers per device sharing each step's micro-batches (`accumulation` in the config);
-    /// default: one per core on flex's CPU, else one. Changes speed, never the result.
-    #[arg(long)]
-    workers: Option<usize>,
     /// torchvision VGG-16 weights as safetensors (`features.N.weight/bias`, optionally LPIPS's
     /// `linK.model.1.weight`) for the perceptual loss; without it that term is off.
     #[arg(long, value_name = "FILE.safetensors")]
     vgg16: Option<String>,
 }
 
-impl TrainingArgs {
-    fn overrides(&self) -> serde_json::Value {
-        json!({"steps": self.steps, "batch_size": self.batch_size,
-            "learning_rate": self.learning_rate, "seed": self.stage.seed})
-    }
-
-    fn options(&self) -> TrainOptions {
-        TrainOptions {
-            out: self.stage.out.clone(),
-            device: self.device.clone(),
-            workers: self.workers,
-            force: self.stage.force,
-            stop_after: self.stop_after,
-            vgg16: self.vgg16.clone(),
+impl ImageInputs {
+    fn inputs(&self) -> Inputs<'_> {
+        Inputs {
+            pairs: &self.pairs,
+            vgg16: self.vgg16.as_deref(),
         }
-    }
-
-    fn preset(&self) -> &str {
-        self.stage.preset.as_deref().unwrap_or("tiny")
     }
 }
 
@@ -95,12 +67,16 @@ impl TrainingArgs {
 struct TrainArgs {
     #[command(flatten)]
     training: TrainingArgs,
+    #[command(flatten)]
+    inputs: ImageInputs,
 }
 
 #[derive(Args)]
 struct FinetuneArgs {
     #[command(flatten)]
     training: TrainingArgs,
+    #[command(flatten)]
+    inputs: ImageInputs,
     /// The stage-1 `vqgan train` manifest.
     #[arg(long)]
     vqgan: String,
@@ -109,17 +85,37 @@ struct FinetuneArgs {
     decoder: Option<String>,
 }
 
+/// A trained tokenizer and the pairs it reads.
 #[derive(Args)]
-struct EncodeArgs {
-    #[command(flatten)]
-    stage: StageArgs,
+struct TokenizerArgs {
     /// The `vqgan train` or `vqgan finetune-decoder` manifest.
     #[arg(long)]
     vqgan: String,
+    /// The `ingest pairs` manifest (or its folder).
     #[arg(long)]
     pairs: String,
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+impl TokenizerArgs {
+    fn run<'a>(&'a self, out: &'a str, force: bool) -> TokenizerRun<'a> {
+        TokenizerRun {
+            vqgan: &self.vqgan,
+            pairs: &self.pairs,
+            out,
+            device: &self.device,
+            force,
+        }
+    }
+}
+
+#[derive(Args)]
+struct EncodeArgs {
+    #[command(flatten)]
+    stage: StageArgs,
+    #[command(flatten)]
+    tokenizer: TokenizerArgs,
     #[arg(long)]
     batch_size: Option<usize>,
 }
@@ -128,12 +124,8 @@ struct EncodeArgs {
 struct ReconstructArgs {
     #[arg(long)]
     out: String,
-    #[arg(long)]
-    vqgan: String,
-    #[arg(long)]
-    pairs: String,
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    tokenizer: TokenizerArgs,
     #[arg(long)]
     force: bool,
 }
@@ -159,13 +151,7 @@ struct DecodeArgs {
 }
 
 fn summary(manifest: &Manifest) -> String {
-    let metric = |name: &str| {
-        manifest
-            .metrics
-            .get(name)
-            .and_then(|v| v.as_f64())
-            .unwrap_or(f64::NAN)
-    };
+    let metric = |name: &str| manifest.metric_f64(name);
     format!(
         "{}: held-out PSNR {:.2} dB, SSIM {:.3}, codebook usage {:.3}",
         manifest.stage,
@@ -193,23 +179,19 @@ fn token_rows(args: &DecodeArgs) -> Result<Vec<TokenRow>> {
     };
     if source.ends_with(".parquet") {
         let bytes = Location::parse(source)?.get()?;
-        return Ok(encode::tokens_from_parquet(source, bytes)?);
+        return Ok(tokens::from_parquet(source, bytes)?);
     }
     let (stage, _) = Upstream::read(source)?;
-    Ok(encode::read_token_rows(&stage)?)
+    Ok(tokens::read_all(&stage)?)
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(TrainArgs { training }) => {
+        Command::Train(TrainArgs { training, inputs }) => {
             let preset = TrainConfig::preset(training.preset())?;
-            let config: TrainConfig = layered(
-                &preset,
-                training.stage.config.as_deref(),
-                training.overrides(),
-            )?;
+            let config = training.config(&preset)?;
             let manifest =
-                train(&config, &training.pairs, &training.options()).context("vqgan train")?;
+                train(&config, &inputs.inputs(), &training.options()).context("vqgan train")?;
             println!("{}", summary(&manifest));
         }
         Command::FinetuneDecoder(args) => {
@@ -218,9 +200,13 @@ fn run(cli: Cli) -> Result<()> {
             let overrides = json!({"decoder": args.decoder, "train": training.overrides()});
             let config: FinetuneConfig =
                 layered(&preset, training.stage.config.as_deref(), overrides)?;
-            let manifest =
-                finetune_decoder(&config, &args.vqgan, &training.pairs, &training.options())
-                    .context("vqgan finetune-decoder")?;
+            let manifest = finetune_decoder(
+                &config,
+                &args.vqgan,
+                &args.inputs.inputs(),
+                &training.options(),
+            )
+            .context("vqgan finetune-decoder")?;
             println!("{}", summary(&manifest));
         }
         Command::Encode(args) => {
@@ -232,11 +218,7 @@ fn run(cli: Cli) -> Result<()> {
             )?;
             let manifest = encode::encode(
                 &config,
-                &args.vqgan,
-                &args.pairs,
-                &args.stage.out,
-                &args.device,
-                args.stage.force,
+                &args.tokenizer.run(&args.stage.out, args.stage.force),
             )
             .context("vqgan encode")?;
             println!(
@@ -249,14 +231,8 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Reconstruct(args) => {
-            let manifest = encode::reconstruct(
-                &args.vqgan,
-                &args.pairs,
-                &args.out,
-                &args.device,
-                args.force,
-            )
-            .context("vqgan reconstruct")?;
+            let manifest = encode::reconstruct(&args.tokenizer.run(&args.out, args.force))
+                .context("vqgan reconstruct")?;
             println!("{}", summary(&manifest));
         }
         Command::Decode(args) => {

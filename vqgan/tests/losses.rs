@@ -5,8 +5,8 @@ mod common;
 
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Distribution, Tensor, TensorData};
+use models::vqgan::VitVqganConfig;
 use nn::backend;
-use vqgan::VitVqganConfig;
 use vqgan::loss::{
     AdversarialLoss, DiscriminatorConfig, Vgg16Features, discriminator_loss, generator_loss,
     logit_laplace,

@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Mutex;
 
 use burn::tensor::TensorData;
@@ -14,46 +13,43 @@ use burn::tensor::TensorData;
 use burn::module::Module;
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use manifests::Upstream;
-use vqgan::encode::{self, EncodeConfig};
+use models::load_vqgan;
+use models::vqgan::decode_tokens;
+use nn::cli::TrainingOptions;
+use nn::training::Paused;
+use vqgan::Error;
+use vqgan::config::{FinetuneConfig, TrainConfig};
+use vqgan::encode::{self, EncodeConfig, TokenizerRun};
 use vqgan::loss::LossConfig;
-use vqgan::train::{FinetuneConfig, TrainConfig, TrainOptions, finetune_decoder, train};
-use vqgan::{Error, load_vqgan};
+use vqgan::train::{Inputs, finetune_decoder, train};
 
 fn run(binary: &str, args: &[&str]) -> String {
-    let output = Command::new(binary).args(args).output().unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{binary} {args:?}: {text}");
+    let (code, text) = manifests::testing::output_of(binary, args);
+    assert_eq!(code, 0, "{binary} {args:?}: {text}");
     text
 }
 
 /// An `ingest pairs` manifest of `images` synthetic shapes at 64 px, under `dir/pairs`.
 fn pairs(dir: &Path, images: usize) -> String {
-    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
-    // The ingest binary is built by the same `cargo test --workspace`; find it beside ours.
-    let ingest = Path::new(env!("CARGO_BIN_EXE_vqgan")).with_file_name("ingest");
-    assert!(
-        ingest.exists(),
-        "{} missing: run `cargo test --release --workspace` (or `make test`)",
-        ingest.display()
-    );
-    let ingest = ingest.to_str().unwrap();
-    let count = images.to_string();
-    let synth = ["synth", "--out", &path("synth"), "--images", &count];
-    run(ingest, &[&synth[..], &["--documents", "4"]].concat());
-    run(
-        ingest,
-        &[
-            "pairs",
-            "--preset",
-            "tiny",
-            "--input",
-            &path("synth/pairs"),
-            "--out",
-            &path("pairs"),
-        ],
-    );
-    path("pairs")
+    let bin = manifests::testing::bin_dir(env!("CARGO_BIN_EXE_vqgan"));
+    let steps = manifests::testing::few_step_pipeline(images, 4);
+    manifests::testing::run_stages(&bin, dir, &steps[..2]);
+    dir.join("pairs").to_str().unwrap().to_string()
+}
+
+/// `vqgan encode`/`reconstruct` with the tokenizer in `vqgan` over `pairs`, into `out`.
+fn tokenizer_run<'a>(vqgan: &'a Path, pairs: &'a str, out: &'a Path) -> TokenizerRun<'a> {
+    TokenizerRun {
+        vqgan: vqgan.to_str().unwrap(),
+        pairs,
+        out: out.to_str().unwrap(),
+        device: "cpu",
+        force: false,
+    }
+}
+
+fn inputs(pairs: &str) -> Inputs<'_> {
+    Inputs { pairs, vgg16: None }
 }
 
 /// Every parameter of `module` by name, as raw data (bit-exact comparison).
@@ -96,33 +92,33 @@ fn small_config(steps: usize) -> TrainConfig {
     }
 }
 
-fn options(out: &Path, stop_after: Option<usize>) -> TrainOptions {
-    TrainOptions {
-        out: out.to_str().unwrap().to_string(),
-        device: "cpu".into(),
-        workers: None,
-        force: false,
+fn options(out: &Path, stop_after: Option<usize>) -> TrainingOptions {
+    TrainingOptions {
         stop_after,
-        vgg16: None,
+        ..TrainingOptions::new(out.to_str().unwrap())
     }
 }
 
+/// A test's turn at training (one at a time), its folder, and an `ingest pairs` manifest of 40
+/// pictures in it.
+fn setup() -> (
+    std::sync::LockResult<std::sync::MutexGuard<'static, ()>>,
+    tempfile::TempDir,
+    String,
+) {
+    let serial = TRAINING.lock();
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = pairs(dir.path(), 40);
+    (serial, dir, pairs)
+}
+
 fn artifact_bytes(stage_dir: &Path, name: &str) -> Vec<u8> {
-    let (stage, _) = Upstream::read(stage_dir.to_str().unwrap()).unwrap();
-    let artifact = stage
-        .manifest
-        .artifacts
-        .iter()
-        .find(|a| a.uri == name)
-        .unwrap();
-    stage.read_artifact(artifact).unwrap().to_vec()
+    manifests::testing::artifact_bytes(stage_dir, name)
 }
 
 #[test]
 fn trains_from_an_ingest_manifest_and_writes_loadable_weights() {
-    let _serial = TRAINING.lock();
-    let dir = tempfile::tempdir().unwrap();
-    let pairs = pairs(dir.path(), 40);
+    let (_serial, dir, pairs) = setup();
     let out = dir.path().join("vqgan");
     let vqgan = env!("CARGO_BIN_EXE_vqgan");
     // Random weights of VGG-16's shapes: the perceptual term runs as with torchvision's.
@@ -172,7 +168,7 @@ fn trains_from_an_ingest_manifest_and_writes_loadable_weights() {
     );
     assert!(stage.manifest.verify(&stage.location, true).is_empty());
 
-    let weights = stage.artifacts_of_kind("checkpoint")[0];
+    let weights = stage.artifacts_of_kind(models::VQGAN_KIND)[0];
     let bytes = stage.read_artifact(weights).unwrap().to_vec();
     let device = nn::backend::device("cpu").unwrap();
     // The tiny training preset's model (its codebook is larger than the model preset's).
@@ -203,23 +199,21 @@ fn trains_from_an_ingest_manifest_and_writes_loadable_weights() {
 
 #[test]
 fn a_stopped_run_resumes_to_exactly_the_uninterrupted_result() {
-    let _serial = TRAINING.lock();
-    let dir = tempfile::tempdir().unwrap();
-    let pairs = pairs(dir.path(), 40);
+    let (_serial, dir, pairs) = setup();
     let config = small_config(7);
     let whole = dir.path().join("whole");
-    train(&config, &pairs, &options(&whole, None)).unwrap();
+    train(&config, &inputs(&pairs), &options(&whole, None)).unwrap();
 
     let resumed = dir.path().join("resumed");
     // Stopped at step 3 (checkpoints at 2 and at the stop), then the same call again; and a
     // checkpoint written after a restart of dead codes, so their bookkeeping must resume too.
-    match train(&config, &pairs, &options(&resumed, Some(3))) {
-        Err(Error::Paused { step: 3 }) => {}
+    match train(&config, &inputs(&pairs), &options(&resumed, Some(3))) {
+        Err(Error::Paused(Paused { step: 3 })) => {}
         other => panic!("expected a pause at step 3, got {other:?}"),
     }
     assert!(!resumed.join("manifest.json").exists());
-    train(&config, &pairs, &options(&resumed, Some(5))).unwrap_err();
-    train(&config, &pairs, &options(&resumed, None)).unwrap();
+    train(&config, &inputs(&pairs), &options(&resumed, Some(5))).unwrap_err();
+    train(&config, &inputs(&pairs), &options(&resumed, None)).unwrap();
 
     let log = |dir: &Path| String::from_utf8(artifact_bytes(dir, "metrics.jsonl")).unwrap();
     let (whole_log, resumed_log) = (log(&whole), log(&resumed));
@@ -266,9 +260,7 @@ fn artifact_digests(dir: &Path) -> Vec<(String, String)> {
 
 #[test]
 fn the_worker_count_changes_nothing_but_speed() {
-    let _serial = TRAINING.lock();
-    let dir = tempfile::tempdir().unwrap();
-    let pairs = pairs(dir.path(), 40);
+    let (_serial, dir, pairs) = setup();
     // Three micro-batches of two on two workers: one worker takes two of them. The adversarial
     // term is on from step 3, so the discriminator sees the workers' reconstructions joined.
     let config = TrainConfig {
@@ -278,11 +270,11 @@ fn the_worker_count_changes_nothing_but_speed() {
     };
     let with_workers = |name: &str, workers: usize| {
         let out = dir.path().join(name);
-        let options = TrainOptions {
+        let options = TrainingOptions {
             workers: Some(workers),
             ..options(&out, None)
         };
-        train(&config, &pairs, &options).unwrap();
+        train(&config, &inputs(&pairs), &options).unwrap();
         out
     };
     let one = with_workers("one", 1);
@@ -296,11 +288,11 @@ fn the_worker_count_changes_nothing_but_speed() {
     };
     let finetuned = |name: &str, workers: usize| {
         let out = dir.path().join(name);
-        let options = TrainOptions {
+        let options = TrainingOptions {
             workers: Some(workers),
             ..options(&out, None)
         };
-        finetune_decoder(&finetune, one.to_str().unwrap(), &pairs, &options).unwrap();
+        finetune_decoder(&finetune, one.to_str().unwrap(), &inputs(&pairs), &options).unwrap();
         out
     };
     assert_eq!(
@@ -311,11 +303,9 @@ fn the_worker_count_changes_nothing_but_speed() {
 
 #[test]
 fn decoder_finetuning_freezes_encoder_and_codebook_and_encode_decode_round_trips() {
-    let _serial = TRAINING.lock();
-    let dir = tempfile::tempdir().unwrap();
-    let pairs = pairs(dir.path(), 40);
+    let (_serial, dir, pairs) = setup();
     let stage1 = dir.path().join("stage1");
-    train(&small_config(3), &pairs, &options(&stage1, None)).unwrap();
+    train(&small_config(3), &inputs(&pairs), &options(&stage1, None)).unwrap();
 
     // Parti's way: a new raw-RGB decoder trained from scratch.
     let mut config = FinetuneConfig::preset("tiny").unwrap();
@@ -329,7 +319,7 @@ fn decoder_finetuning_freezes_encoder_and_codebook_and_encode_decode_round_trips
         finetune_decoder(
             config,
             stage1.to_str().unwrap(),
-            &pairs,
+            &inputs(&pairs),
             &options(out, None),
         )
     };
@@ -411,15 +401,11 @@ fn decoder_finetuning_freezes_encoder_and_codebook_and_encode_decode_round_trips
         let out = dir.path().join(name);
         encode::encode(
             &EncodeConfig { batch_size: 16 },
-            stage2.to_str().unwrap(),
-            &pairs,
-            out.to_str().unwrap(),
-            "cpu",
-            false,
+            &tokenizer_run(&stage2, &pairs, &out),
         )
         .unwrap();
         let (stage, _) = Upstream::read(out.to_str().unwrap()).unwrap();
-        encode::read_token_rows(&stage).unwrap()
+        manifests::shards::tokens::read_all(&stage).unwrap()
     };
     let (first, second) = (encode_out("tokens"), encode_out("tokens-again"));
     let (pairs_stage, _) = Upstream::read(&pairs).unwrap();
@@ -432,16 +418,13 @@ fn decoder_finetuning_freezes_encoder_and_codebook_and_encode_decode_round_trips
     assert!(first.iter().all(|r| !r.caption.is_empty()));
 
     let grids: Vec<Vec<u16>> = first.iter().take(3).map(|r| r.tokens.clone()).collect();
-    let images = encode::decode_tokens(&model2, &grids, &device).unwrap();
+    let images = decode_tokens(&model2, &grids, &device).unwrap();
     assert_eq!(images.len(), 3);
     assert!(images.iter().all(|i| i.len() == 3 * 64 * 64));
     assert!(images.iter().flatten().all(|v| (0.0..=1.0).contains(v)));
-    assert_eq!(
-        images,
-        encode::decode_tokens(&model2, &grids, &device).unwrap()
-    );
+    assert_eq!(images, decode_tokens(&model2, &grids, &device).unwrap());
     let bad = vec![vec![0u16; 5]];
-    assert!(encode::decode_tokens(&model2, &bad, &device).is_err());
+    assert!(decode_tokens(&model2, &bad, &device).is_err());
 
     // vqgan decode writes one PNG per row; reconstruct records PSNR/SSIM and a grid.
     let pngs = dir.path().join("pngs");
@@ -456,14 +439,7 @@ fn decoder_finetuning_freezes_encoder_and_codebook_and_encode_decode_round_trips
     let png = image::open(pngs.join(format!("{}.png", first[0].key))).unwrap();
     assert_eq!((png.width(), png.height()), (64, 64));
     let reconstruct = dir.path().join("reconstruct");
-    let manifest = encode::reconstruct(
-        stage2.to_str().unwrap(),
-        &pairs,
-        reconstruct.to_str().unwrap(),
-        "cpu",
-        false,
-    )
-    .unwrap();
+    let manifest = encode::reconstruct(&tokenizer_run(&stage2, &pairs, &reconstruct)).unwrap();
     assert!(manifest.metrics["psnr_db"].as_f64().unwrap() > 0.0);
     assert!(reconstruct.join("reconstructions.png").exists());
 }

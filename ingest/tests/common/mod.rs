@@ -4,8 +4,8 @@ use std::path::Path;
 use std::process::Command;
 
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
-use ingest::process::Row;
-use ingest::shard::{TextRow, pairs_from_parquet, text_from_parquet};
+use manifests::shards::pairs::{self, PairRow as Row};
+use manifests::shards::text::{self, TextRow};
 use manifests::{Manifest, Upstream};
 
 /// A picture with a distinct colour per seed, so every test image has unique bytes.
@@ -41,35 +41,28 @@ pub fn write(dir: &Path, name: &str, bytes: impl AsRef<[u8]>) {
     std::fs::write(path, bytes).unwrap();
 }
 
-/// Every row of a pairs manifest, read through digest-checked artifacts.
-pub fn pairs_rows(out: &str) -> (Manifest, Vec<Row>) {
+/// Every row of a manifest's `kind` shards, read through digest-checked artifacts by `read`.
+fn shard_rows<T>(
+    out: &str,
+    kind: &str,
+    read: fn(&Upstream, &manifests::Artifact) -> Result<Vec<T>, manifests::Error>,
+) -> (Manifest, Vec<T>) {
     let (upstream, _) = Upstream::read(out).unwrap();
-    let mut rows = Vec::new();
-    for artifact in upstream.artifacts_of_kind("parquet/pairs") {
-        let bytes = upstream.read_artifact(artifact).unwrap();
-        rows.extend(pairs_from_parquet(&artifact.uri, bytes).unwrap());
-    }
-    (upstream.manifest, rows)
+    let shards = upstream.artifacts_of_kind(kind);
+    let rows = shards.iter().flat_map(|a| read(&upstream, a).unwrap());
+    (upstream.manifest.clone(), rows.collect())
+}
+
+pub fn pairs_rows(out: &str) -> (Manifest, Vec<Row>) {
+    shard_rows(out, pairs::KIND, pairs::read)
 }
 
 pub fn text_rows(out: &str) -> (Manifest, Vec<TextRow>) {
-    let (upstream, _) = Upstream::read(out).unwrap();
-    let mut rows = Vec::new();
-    for artifact in upstream.artifacts_of_kind("parquet/text") {
-        let bytes = upstream.read_artifact(artifact).unwrap();
-        rows.extend(text_from_parquet(&artifact.uri, bytes).unwrap());
-    }
-    (upstream.manifest, rows)
+    shard_rows(out, text::KIND, text::read)
 }
 
 pub fn ingest(args: &[&str]) -> (i32, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_ingest"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    (output.status.code().unwrap_or(-1), text)
+    manifests::testing::output_of(env!("CARGO_BIN_EXE_ingest"), args)
 }
 
 pub fn rejected(manifest: &Manifest) -> serde_json::Value {

@@ -9,7 +9,11 @@ use burn::tensor::{Device, Int, Tensor};
 use nn::{LearnedPositions, LearnedPositionsConfig, TransformerBlock, TransformerBlockConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::quantize::{Quantized, Quantizer, QuantizerConfig};
+pub mod quantize;
+
+use quantize::{Quantized, Quantizer, QuantizerConfig};
+
+pub use quantize::CodeUsage;
 
 /// One ViT stack (the encoder or the decoder). Plain serde rather than a Burn `Config`, so a
 /// field added later can default when an older run's config is read.
@@ -378,4 +382,38 @@ impl VitVqgan {
     pub fn decode(&self, indices: Tensor<2, Int>) -> Tensor<4> {
         self.patches_to_image(self.decoder.forward(self.quantizer.embed(indices)))
     }
+}
+
+/// Token grids -> channel-first `[3, size, size]` pixels in [0, 1], one list per grid.
+pub fn decode_tokens(
+    model: &VitVqgan,
+    tokens: &[Vec<u16>],
+    device: &Device,
+) -> Result<Vec<Vec<f32>>, crate::Error> {
+    let per_grid = model.grid * model.grid;
+    let codebook = model.quantizer.codebook_size();
+    let mut flat = Vec::with_capacity(tokens.len() * per_grid);
+    for (i, grid) in tokens.iter().enumerate() {
+        if grid.len() != per_grid {
+            return Err(crate::Error::Data(format!(
+                "token list {i} has {} tokens, the model's grid needs {per_grid}",
+                grid.len()
+            )));
+        }
+        if let Some(bad) = grid.iter().find(|t| usize::from(**t) >= codebook) {
+            return Err(crate::Error::Data(format!(
+                "token list {i}: token {bad} is outside the codebook of {codebook}"
+            )));
+        }
+        flat.extend(grid.iter().map(|t| i32::from(*t)));
+    }
+    if tokens.is_empty() {
+        return Ok(Vec::new());
+    }
+    let indices =
+        Tensor::<1, Int>::from_data(flat.as_slice(), device).reshape([tokens.len(), per_grid]);
+    let images = nn::images::floats(model.decode(indices).clamp(0.0, 1.0))
+        .map_err(|e| crate::Error::Data(e.to_string()))?;
+    let per_image = images.len() / tokens.len();
+    Ok(images.chunks(per_image).map(|c| c.to_vec()).collect())
 }

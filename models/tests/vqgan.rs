@@ -4,9 +4,9 @@
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Int, Tensor};
+use models::vqgan::quantize::{QuantizerConfig, usage};
+use models::vqgan::{VitVqgan, VitVqganConfig};
 use nn::backend;
-use vqgan::quantize::{QuantizerConfig, usage};
-use vqgan::{VitVqgan, VitVqganConfig};
 
 fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().try_to_vec::<f32>().unwrap()
@@ -116,7 +116,7 @@ fn parameter_counts_follow_from_the_config() {
     let config = tiny();
     assert_eq!(config.init(&device).num_params(), config.num_params());
     let mut larger = tiny();
-    larger.decoder = vqgan::model::VitConfig::tiny_large();
+    larger.decoder = models::vqgan::VitConfig::tiny_large();
     assert_eq!(larger.init(&device).num_params(), larger.num_params());
     larger.decoder.local_convs = 2;
     assert_eq!(larger.init(&device).num_params(), larger.num_params());
@@ -205,7 +205,7 @@ fn model_configs_written_before_neighbour_convolutions_still_load() {
 /// reported rather than asserted.
 #[test]
 fn paper_sizes_match_the_paper_parameter_counts() {
-    use vqgan::model::VitConfig;
+    use models::vqgan::VitConfig;
     let base = VitVqganConfig::base();
     let mut large = VitVqganConfig::small();
     large.decoder = VitConfig::large();
@@ -285,78 +285,4 @@ fn tiny_model_overfits_a_handful_of_images() {
         after > 22.0 && after > before + 8.0,
         "PSNR {before:.1} dB -> {after:.1} dB"
     );
-}
-
-#[test]
-fn the_codebook_size_can_be_set_without_changing_the_presets_config_hash() {
-    use vqgan::train::TrainConfig;
-    let tiny = TrainConfig::preset("tiny").unwrap();
-    assert_eq!(tiny.codebook_size, Some(2048));
-    assert_eq!(tiny.model_config().unwrap().quantizer.codebook_size, 2048);
-    let preset = TrainConfig::preset("small").unwrap();
-    assert_eq!(preset.model_config().unwrap().quantizer.codebook_size, 8192);
-    // Unset, the field is not written, so runs made before it existed stay up to date.
-    assert!(
-        !serde_json::to_string(&preset)
-            .unwrap()
-            .contains("codebook_size")
-    );
-    let larger = TrainConfig {
-        codebook_size: Some(16384),
-        ..preset.clone()
-    };
-    assert_eq!(
-        larger.model_config().unwrap().quantizer.codebook_size,
-        16384
-    );
-    for size in [0, 1, 65537] {
-        let error = TrainConfig {
-            codebook_size: Some(size),
-            ..preset.clone()
-        }
-        .model_config()
-        .unwrap_err();
-        assert!(error.to_string().contains("codebook_size"), "{error}");
-    }
-}
-
-#[test]
-fn the_neighbour_convolutions_can_be_set_without_changing_the_presets_config_hash() {
-    use vqgan::train::TrainConfig;
-    let tiny = TrainConfig::preset("tiny").unwrap();
-    assert_eq!(tiny.model_config().unwrap().decoder.local_convs, 2);
-    assert_eq!(tiny.model_config().unwrap().encoder.local_convs, 0);
-    let preset = TrainConfig::preset("small").unwrap();
-    assert_eq!(preset.model_config().unwrap().decoder.local_convs, 0);
-    assert!(
-        !serde_json::to_string(&preset)
-            .unwrap()
-            .contains("decoder_local_convs")
-    );
-}
-
-#[test]
-fn the_code_dimension_can_be_set_without_changing_the_presets_config_hash() {
-    use vqgan::train::TrainConfig;
-    let preset = TrainConfig::preset("tiny").unwrap();
-    assert_eq!(preset.model_config().unwrap().quantizer.code_dim, 32);
-    assert!(!serde_json::to_string(&preset).unwrap().contains("code_dim"));
-    let wider = TrainConfig {
-        code_dim: Some(64),
-        ..preset.clone()
-    };
-    let config = wider.model_config().unwrap();
-    assert_eq!(config.quantizer.code_dim, 64);
-    let model = config.init(&backend::device("cpu").unwrap());
-    assert_eq!(model.quantizer.codebook.val().dims(), [2048, 64]);
-    // The lookup space is a projection of the encoder's 128 channels.
-    for dim in [0, 129] {
-        let error = TrainConfig {
-            code_dim: Some(dim),
-            ..preset.clone()
-        }
-        .model_config()
-        .unwrap_err();
-        assert!(error.to_string().contains("code_dim"), "{error}");
-    }
 }

@@ -5,15 +5,14 @@
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
-use nn::backend;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use train::parti::{LayerMasks, PartiConfig, conv_allowed};
-use train::seq2seq::token_loss;
-use train::text_encoder::{
+use models::parti::{LayerMasks, PartiConfig, conv_allowed, token_loss};
+use models::text_encoder::{
     ContrastiveConfig, FIRST_ORDINARY_ID, ImageTowerConfig, TextEncoderConfig, mask_tokens,
     mlm_loss,
 };
+use nn::backend;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 
 fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
@@ -271,19 +270,6 @@ fn encoder_padding_is_masked_and_the_null_condition_replaces_the_caption() {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0f32, f32::max);
     assert!(max_diff < 1e-4, "dropped captions still matter: {max_diff}");
-}
-
-#[test]
-fn cfg_dropout_happens_at_the_configured_rate() {
-    let mut rng = ChaCha8Rng::seed_from_u64(9);
-    let drops = train::seq2seq::cfg_drops(&mut rng, 20_000, 0.1);
-    let rate = drops.iter().filter(|d| **d).count() as f64 / drops.len() as f64;
-    assert!((rate - 0.1).abs() < 0.01, "{rate}");
-    assert!(
-        train::seq2seq::cfg_drops(&mut rng, 100, 0.0)
-            .iter()
-            .all(|d| !d)
-    );
 }
 
 #[test]

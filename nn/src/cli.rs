@@ -1,0 +1,90 @@
+//! What every training stage (`vqgan train`, `vqgan finetune-decoder`, `train text-encoder`,
+//! `train parti`) takes on its command line, so the flags mean the same everywhere.
+
+use clap::Args;
+use manifests::cli::StageArgs;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+/// Flags shared by every training command (flattened into each).
+#[derive(Args, Debug, Clone)]
+pub struct TrainingArgs {
+    #[command(flatten)]
+    pub stage: StageArgs,
+    /// cpu, cuda or cuda:N (CUDA needs the tch backend).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// Stop after this many steps with a checkpoint (e.g. before a batch job's time limit);
+    /// the same command later resumes exactly where it stopped.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+    /// Workers per device sharing each step's micro-batches (`accumulation` in the config);
+    /// default: one per core on flex's CPU, else one. Changes speed, never the result.
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
+/// How a training stage runs, as opposed to what it computes (its config).
+#[derive(Debug, Clone)]
+pub struct TrainingOptions {
+    pub out: String,
+    pub device: String,
+    /// Workers per device sharing each step's micro-batches (`None`: one per core on flex's
+    /// CPU, else one); speed only, the result is the same.
+    pub workers: Option<usize>,
+    pub force: bool,
+    /// Stop (with a checkpoint) once this many steps are done, as a time-limited batch job
+    /// would be stopped; the same command later resumes. `None`: run to the end.
+    pub stop_after: Option<usize>,
+}
+
+impl TrainingOptions {
+    /// Options for a run into `out` on the CPU: one worker per core, no stop.
+    pub fn new(out: &str) -> TrainingOptions {
+        TrainingOptions {
+            out: out.to_string(),
+            device: "cpu".into(),
+            workers: None,
+            force: false,
+            stop_after: None,
+        }
+    }
+}
+
+impl TrainingArgs {
+    /// The config keys these flags override (unset ones leave the preset's value).
+    pub fn overrides(&self) -> Value {
+        json!({"steps": self.steps, "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate, "seed": self.stage.seed})
+    }
+
+    pub fn options(&self) -> TrainingOptions {
+        TrainingOptions {
+            out: self.stage.out.clone(),
+            device: self.device.clone(),
+            workers: self.workers,
+            force: self.stage.force,
+            stop_after: self.stop_after,
+        }
+    }
+
+    /// `--preset`, `tiny` when not given.
+    pub fn preset(&self) -> &str {
+        self.stage.preset.as_deref().unwrap_or("tiny")
+    }
+
+    /// The stage's config: `preset`, then the `--config` file, then these flags.
+    pub fn config<C: Serialize + DeserializeOwned>(
+        &self,
+        preset: &C,
+    ) -> Result<C, manifests::Error> {
+        manifests::config::layered(preset, self.stage.config.as_deref(), self.overrides())
+    }
+}

@@ -1,0 +1,204 @@
+//! One optimizer step of the VQGAN stages: the generator's gradients over the micro-batches
+//! (shared by the workers), the discriminator's update, and the step's loss as numbers for its
+//! metrics line.
+
+use burn::module::Module;
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::tensor::{Device, Int, Tensor};
+use nn::training;
+use serde_json::{Value, json};
+
+use crate::Error;
+use crate::config::TrainConfig;
+use crate::eval::psnr_db;
+use crate::loss::{GeneratorLoss, Objective, WithCritic};
+
+/// The step's discriminator update on real images and the generator's (detached) output, when
+/// the adversarial term counts; returns its loss for the log.
+fn critic_step<M>(
+    objective: &Objective,
+    optimizer: &mut ModuleOptimizer,
+    trainee: WithCritic<M>,
+    real: Tensor<4>,
+    fake: Tensor<4>,
+    learning_rate: f64,
+    step: usize,
+) -> (WithCritic<M>, Option<f32>)
+where
+    WithCritic<M>: Module,
+{
+    let Some(critic) = trainee.critic_at(&objective.config, step) else {
+        return (trainee, None);
+    };
+    let loss = objective.discriminator(critic, real, fake);
+    let grads = GradientsParams::from_grads(loss.backward(), critic);
+    let trainee = optimizer.step(learning_rate, trainee, grads);
+    (trainee, Some(loss.into_scalar::<f32>()))
+}
+
+/// A step's loss as numbers, for its metrics line.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LossNumbers {
+    total: f64,
+    mse: f64,
+    /// The codebook terms (stage 1).
+    codebook: Option<f64>,
+    terms: Vec<(&'static str, f64)>,
+}
+
+impl LossNumbers {
+    fn of(loss: &GeneratorLoss, codebook: Option<&Tensor<1>>) -> LossNumbers {
+        LossNumbers {
+            total: loss.total.clone().into_scalar::<f32>() as f64,
+            mse: loss.mse.clone().into_scalar::<f32>() as f64,
+            codebook: codebook.map(|c| c.clone().into_scalar::<f32>() as f64),
+            terms: loss.numbers(),
+        }
+    }
+
+    /// The mean over a step's micro-batches (of equal size but perhaps the last).
+    fn mean(parts: &[&LossNumbers]) -> LossNumbers {
+        let n = parts.len().max(1) as f64;
+        let mean =
+            |value: &dyn Fn(&LossNumbers) -> f64| parts.iter().map(|p| value(p)).sum::<f64>() / n;
+        let first = parts.first().map(|p| (*p).clone()).unwrap_or_default();
+        LossNumbers {
+            total: mean(&|p| p.total),
+            mse: mean(&|p| p.mse),
+            codebook: first.codebook.map(|_| mean(&|p| p.codebook.unwrap_or(0.0))),
+            terms: first
+                .terms
+                .iter()
+                .enumerate()
+                .map(|(i, (name, _))| (*name, mean(&|p| p.terms.get(i).map_or(0.0, |t| t.1))))
+                .collect(),
+        }
+    }
+}
+
+/// One metrics line: step, rate, every loss term, and what the caller adds.
+pub(crate) fn step_line(
+    step: usize,
+    learning_rate: f64,
+    loss: &LossNumbers,
+    critic_loss: Option<f32>,
+    extra: Value,
+) -> Value {
+    let mut line = json!({"step": step, "learning_rate": learning_rate,
+        "loss": loss.total, "mse": loss.mse, "psnr_db": psnr_db(loss.mse)});
+    if let (Value::Object(map), Value::Object(extra)) = (&mut line, extra) {
+        map.extend(
+            loss.terms
+                .iter()
+                .map(|(name, value)| ((*name).to_string(), json!(value))),
+        );
+        if let Some(codebook) = loss.codebook {
+            map.insert("vq_loss".into(), json!(codebook));
+        }
+        map.extend(extra);
+        if let Some(d) = critic_loss {
+            map.insert("discriminator".into(), json!(d));
+        }
+    }
+    line
+}
+
+/// What a model makes of one micro-batch: its images, their logits and, in stage 1, the
+/// codebook loss and the codes chosen.
+pub(crate) struct Forward {
+    pub(crate) images: Tensor<4>,
+    pub(crate) logits: Tensor<4>,
+    pub(crate) codebook: Option<(Tensor<1>, Tensor<2, Int>)>,
+}
+
+/// What one micro-batch hands back besides its gradients.
+pub(crate) struct MicroBatch {
+    /// Its loss as numbers, on a logged step.
+    pub(crate) numbers: Option<LossNumbers>,
+    /// The codes it chose (stage 1).
+    pub(crate) indices: Option<Tensor<2, Int>>,
+    /// Its reconstructions, detached, when the discriminator trains this step.
+    pub(crate) images: Option<Tensor<4>>,
+}
+
+/// The model's gradients for the batch `x`, split into the config's micro-batches and shared
+/// by the workers ([`training::micro_batch_gradients`]); `forward(replica, worker, images)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn step_gradients<M>(
+    trainee: &WithCritic<M>,
+    workers: &[Device],
+    objectives: &[Objective],
+    config: &TrainConfig,
+    step: usize,
+    x: Tensor<4>,
+    logged: bool,
+    forward: &(impl Fn(&WithCritic<M>, usize, Tensor<4>) -> Forward + Sync),
+) -> Result<(GradientsParams, Vec<MicroBatch>), Error>
+where
+    M: Module + Sync,
+    WithCritic<M>: Module + Sync,
+{
+    let pieces = x.chunk(config.accumulation.max(1), 0);
+    let parts = pieces.len() as f64;
+    training::micro_batch_gradients(trainee, workers, pieces.len(), |replica, worker, index| {
+        let x = pieces[index].clone().to_device(&workers[worker]);
+        let out = forward(replica, worker, x.clone());
+        let critic = replica.critic_at(&config.loss, step);
+        let mut loss = objectives[worker].generator(out.images.clone(), out.logits, x, critic);
+        let (codebook_loss, indices) = out.codebook.unzip();
+        if let Some(codebook_loss) = &codebook_loss {
+            // The codebook terms belong to the total the log reports, as before the objective.
+            loss.total = loss.total + codebook_loss.clone();
+        }
+        let grads = GradientsParams::from_grads(
+            loss.total.clone().div_scalar(parts).backward(),
+            &replica.model,
+        );
+        let micro = MicroBatch {
+            numbers: logged.then(|| LossNumbers::of(&loss, codebook_loss.as_ref())),
+            indices,
+            images: critic.map(|_| out.images.detach()),
+        };
+        Ok((grads, micro))
+    })
+}
+
+/// The discriminator's step on the batch `real` and the micro-batches' reconstructions, when
+/// it trains this step.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn critic_update<M>(
+    objective: &Objective,
+    optimizer: &mut ModuleOptimizer,
+    trainee: WithCritic<M>,
+    real: Tensor<4>,
+    micro: &[MicroBatch],
+    learning_rate: f64,
+    step: usize,
+    device: &Device,
+) -> (WithCritic<M>, Option<f32>)
+where
+    WithCritic<M>: Module,
+{
+    let fakes: Vec<Tensor<4>> = micro
+        .iter()
+        .filter_map(|m| m.images.clone())
+        .map(|images| images.to_device(device))
+        .collect();
+    if fakes.is_empty() {
+        return (trainee, None);
+    }
+    critic_step(
+        objective,
+        optimizer,
+        trainee,
+        real,
+        Tensor::cat(fakes, 0),
+        learning_rate,
+        step,
+    )
+}
+
+pub(crate) fn mean_numbers(micro: &[MicroBatch]) -> LossNumbers {
+    let parts: Vec<&LossNumbers> = micro.iter().filter_map(|m| m.numbers.as_ref()).collect();
+    LossNumbers::mean(&parts)
+}

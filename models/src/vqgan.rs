@@ -412,8 +412,7 @@ pub fn decode_tokens(
     }
     let indices =
         Tensor::<1, Int>::from_data(flat.as_slice(), device).reshape([tokens.len(), per_grid]);
-    let images = nn::images::floats(model.decode(indices).clamp(0.0, 1.0))
-        .map_err(|e| crate::Error::Data(e.to_string()))?;
+    let images = nn::images::floats(model.decode(indices).clamp(0.0, 1.0))?;
     let per_image = images.len() / tokens.len();
     Ok(images.chunks(per_image).map(|c| c.to_vec()).collect())
 }

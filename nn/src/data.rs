@@ -286,6 +286,11 @@ impl<T: Send + 'static> RowStream<T> {
     pub fn position(&self) -> u64 {
         self.position
     }
+
+    /// Rows in one pass over the data (an epoch), left-out ones included.
+    pub fn rows_per_epoch(&self) -> u64 {
+        self.total
+    }
 }
 
 impl<T> Drop for RowStream<T> {

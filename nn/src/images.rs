@@ -198,18 +198,35 @@ impl ImageStream {
     }
 
     /// The next `batch` training images as `[batch, 3, size, size]`; rows the image policy
-    /// refuses are counted and passed over.
+    /// refuses are passed over, and counted the first time the stream meets them (a later
+    /// epoch meets the same rows again). A whole pass without a usable image is an error.
     pub fn batch(&mut self, batch: usize, device: &Device) -> Result<Tensor<4>, Error> {
+        let epoch = self.rows.rows_per_epoch();
         let mut images = Vec::with_capacity(batch);
+        let mut since_last_image = 0u64;
         while images.len() < batch {
-            let items = self
+            let before = self.rows.position();
+            let item = self
                 .rows
-                .next_items(batch - images.len())
+                .next_item()
                 .map_err(|e| Error::Data(e.to_string()))?;
-            for item in items {
-                match item {
-                    Ok(pixels) => images.push(pixels),
-                    Err(reason) => *self.rejected.entry(reason.into()).or_default() += 1,
+            since_last_image += self.rows.position() - before;
+            match item {
+                Ok(pixels) => {
+                    images.push(pixels);
+                    since_last_image = 0;
+                }
+                Err(reason) => {
+                    if self.rows.position() <= epoch {
+                        *self.rejected.entry(reason.into()).or_default() += 1;
+                    }
+                    if since_last_image > epoch {
+                        return Err(Error::Data(format!(
+                            "no training image in a whole pass over the pairs: every one was \
+                             refused ({:?})",
+                            self.rejected
+                        )));
+                    }
                 }
             }
         }
@@ -221,15 +238,16 @@ impl ImageStream {
         self.rows.position()
     }
 
-    /// Rows the image policy refused so far, by reason.
+    /// Training rows the image policy refused, by reason, each counted once.
     pub fn rejected(&self) -> &Rejected {
         &self.rejected
     }
 }
 
 /// Up to `limit` held-out images, read shard by shard until there are enough (a large data
-/// set is not read whole for them), with the held-out rows the policy refused. Tiny inputs may
-/// hold out nothing: then the first training images stand in, and the flag says so.
+/// set is not read whole for them), with the held-out rows the policy refused among those read.
+/// Tiny inputs may hold out nothing: then the first training images stand in, and the flag
+/// says so.
 pub fn held_out(upstream: &Upstream, size: usize, limit: usize) -> Result<(ImageSet, bool), Error> {
     let mut sample = HeldOutSample::new(limit);
     let mut set = ImageSet::new(size);

@@ -1,6 +1,9 @@
-//! Building blocks shared by parti's three models (ViT-VQGAN, text encoder, seq2seq), so
-//! attention, MLP, Transformer blocks and position embeddings exist once, and the one place
-//! where the Burn backend is chosen.
+//! What parti's models and training stages share, below the `models` crate: the layers
+//! (attention, MLP, Transformer blocks, position embeddings, patches) so they exist once, the
+//! training machinery ([`training`]: schedules, checkpoints, micro-batch workers, publication;
+//! [`cli`]: the shared training flags), data streams and image batches from pairs shards
+//! ([`data`], [`images`]), the one [`Error`] of model and training code, and the one place
+//! where the Burn backend is chosen ([`backend`]).
 //!
 //! Burn 0.22 tensors are backend-erased (`Tensor<D>`); a [`Device`](burn::tensor::Device) decides
 //! where they run. Model code therefore never names a backend: [`backend::device`] turns a

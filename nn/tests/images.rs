@@ -37,14 +37,21 @@ fn row(key: &str, image: Vec<u8>, sha256: &str) -> PairRow {
 /// row whose bytes are no image.
 fn pairs_manifest(dir: &std::path::Path) -> Upstream {
     // `ff..` is a training row, `00..` a held-out one (`nn::data::is_held_out`).
-    let rows = vec![
-        row("good0", png(8, 10), "ff01"),
-        row("good1", png(8, 20), "ff02"),
-        row("wrong_size", png(16, 30), "ff03"),
-        row("good2", png(8, 40), "ff04"),
-        row("undecodable", b"not an image".to_vec(), "ff05"),
-        row("held", png(8, 50), "0001"),
-    ];
+    publish(
+        dir,
+        vec![
+            row("good0", png(8, 10), "ff01"),
+            row("good1", png(8, 20), "ff02"),
+            row("wrong_size", png(16, 30), "ff03"),
+            row("good2", png(8, 40), "ff04"),
+            row("undecodable", b"not an image".to_vec(), "ff05"),
+            row("held", png(8, 50), "0001"),
+        ],
+    )
+}
+
+/// `rows` as the one shard of a pairs manifest under `dir/pairs`.
+fn publish(dir: &std::path::Path, rows: Vec<PairRow>) -> Upstream {
     let out = dir.join("pairs").display().to_string();
     let tool = Tool {
         name: "test".into(),
@@ -61,7 +68,12 @@ fn pairs_manifest(dir: &std::path::Path) -> Upstream {
     assert!(run.begin(false).unwrap().is_none());
     let bytes = pairs::to_parquet("part-0.parquet", &rows).unwrap();
     let artifact = run
-        .write_artifact("pairs/part-0.parquet", pairs::KIND, bytes, Some(6))
+        .write_artifact(
+            "pairs/part-0.parquet",
+            pairs::KIND,
+            bytes,
+            Some(rows.len() as u64),
+        )
         .unwrap();
     run.publish(vec![artifact], serde_json::Map::new()).unwrap();
     Upstream::read(&out).unwrap().0
@@ -102,10 +114,9 @@ fn the_training_stream_passes_over_refused_rows_and_counts_them() {
     let batch = stream.batch(6, &device).unwrap();
     assert_eq!(batch.dims(), [6, 3, 8, 8]);
     let rejected = stream.rejected().clone();
-    assert!(
-        rejected["wrong_size"] >= 1 && rejected["undecodable"] >= 1,
-        "{rejected:?}"
-    );
+    // Each refused row counted once, though the second pass met them again.
+    assert_eq!(rejected["wrong_size"], 1, "{rejected:?}");
+    assert_eq!(rejected["undecodable"], 1, "{rejected:?}");
     // Resumed at its position with its counts, a stream goes on exactly as the whole one.
     let position = stream.position();
     let next = stream.batch(3, &device).unwrap();
@@ -116,4 +127,26 @@ fn the_training_stream_passes_over_refused_rows_and_counts_them() {
         again.into_data().try_to_vec::<f32>().unwrap()
     );
     assert_eq!(resumed.rejected(), stream.rejected());
+}
+
+#[test]
+fn a_stream_whose_every_training_image_is_refused_stops_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = publish(
+        dir.path(),
+        vec![
+            row("wrong_size", png(16, 30), "ff03"),
+            row("undecodable", b"not an image".to_vec(), "ff05"),
+            row("held", png(8, 50), "0001"),
+        ],
+    );
+    let config = StreamConfig {
+        seed: 0,
+        shuffle_buffer: 0,
+        prefetch: 2,
+    };
+    let mut stream = ImageStream::open(&upstream, 8, config, 0, Default::default()).unwrap();
+    let device = nn::backend::device("cpu").unwrap();
+    let error = stream.batch(1, &device).unwrap_err().to_string();
+    assert!(error.contains("whole pass"), "{error}");
 }

@@ -1,5 +1,6 @@
-//! `train parti`: the encoder-decoder Transformer on `vqgan encode` token shards, captions
-//! tokenised once up front, optionally starting from a `train text-encoder` encoder.
+//! `train parti`: the encoder-decoder Transformer on `vqgan encode` token shards (captions
+//! tokenised on the background reader as rows stream in), optionally starting from a `train
+//! text-encoder` encoder.
 //!
 //! Teacher-forced cross-entropy over the codebook; classifier-free guidance dropout; AdamW or
 //! Adafactor with warm-up then exponential decay, clipping and gradient accumulation;
@@ -476,8 +477,7 @@ pub fn train_parti(
         curve: Vec::new(),
     };
     let (mut model, mut optimizer, mut progress) =
-        training::resume(&run, model, config.optimizer()?, fresh)
-            .map_err(|e| Error::Data(e.to_string()))?;
+        training::resume(&run, model, config.optimizer()?, fresh)?;
     let checkpointing =
         training::Checkpointing::new(config.checkpoint_every, config.steps, options.stop_after);
     let schedule = config.schedule();

@@ -389,8 +389,7 @@ pub fn train_text_encoder(
         log: String::new(),
     };
     let (mut model, mut optimizer, mut progress) =
-        training::resume(&run, model, optimizer(config), fresh)
-            .map_err(|e| Error::Data(e.to_string()))?;
+        training::resume(&run, model, optimizer(config), fresh)?;
     let checkpointing =
         training::Checkpointing::new(config.checkpoint_every, config.steps, options.stop_after);
     let schedule = config.schedule();

@@ -233,8 +233,12 @@ pub fn decode_to_pngs(
     Ok(written)
 }
 
-/// Adds a shard note's `{reason: count}` to the stage's tally.
+/// Adds a shard note's `{reason: count}` to the stage's tally (a bare count, as runs before
+/// the image policy wrote it, counted images that did not decode).
 fn add_rejected(tally: &mut images::Rejected, note: &serde_json::Value) {
+    if let Some(count) = note.as_u64() {
+        *tally.entry("undecodable".into()).or_default() += count;
+    }
     if let Some(counts) = note.as_object() {
         for (reason, count) in counts {
             *tally.entry(reason.clone()).or_default() += count.as_u64().unwrap_or(0);

@@ -167,8 +167,7 @@ where
             .discriminator(model_config.image_size)
             .map(|d| d.init(device)),
     };
-    training::resume(run, trainee, config.optimizer(), fresh)
-        .map_err(|e| Error::Data(e.to_string()))
+    Ok(training::resume(run, trainee, config.optimizer(), fresh)?)
 }
 
 /// What both stages set up before their loop: the run's workers and objectives.

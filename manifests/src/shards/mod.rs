@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | [`pairs::KIND`] `parquet/pairs` | `ingest pairs`, `ingest dedup` | `vqgan *`, `train tokenizer`, `train text-encoder`, `infer eval` |
 //! | [`text::KIND`] `parquet/text` | `ingest text` | `train tokenizer`, `train text-encoder` |
-//! | [`tokens::KIND`] `parquet/tokens` | `vqgan encode` | `train tokenizer`, `train parti` |
+//! | [`tokens::KIND`] `parquet/tokens` | `vqgan encode` | `train tokenizer`, `train parti`, `vqgan decode` |
 
 pub mod pairs;
 pub mod text;

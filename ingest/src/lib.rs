@@ -15,10 +15,10 @@ pub mod sources;
 pub mod synth;
 pub mod text;
 
-use std::collections::BTreeMap;
 use std::ops::Range;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use manifests::shards::Rejected;
 use manifests::{Location, ShardSpec, StageRun, Tool};
 use serde_json::{Map, Value};
 
@@ -173,7 +173,7 @@ impl<'a> ShardSet<'a> {
         name: &str,
         bytes: bytes::Bytes,
         rows: u64,
-        rejected: &BTreeMap<String, u64>,
+        rejected: &Rejected,
     ) -> Result<(), Error> {
         let note = serde_json::json!({ "rejected": rejected });
         let artifact =
@@ -189,18 +189,14 @@ impl<'a> ShardSet<'a> {
 #[derive(Debug, Default)]
 pub struct Tally {
     pub rows: u64,
-    pub rejected: BTreeMap<String, u64>,
+    pub rejected: Rejected,
 }
 
 impl Tally {
     /// Adds a shard's rows and the rejection counts kept in its note.
     pub fn add_note(&mut self, note: &Value, rows: u64) {
         self.rows += rows;
-        if let Some(rejected) = note.get("rejected").and_then(Value::as_object) {
-            for (reason, count) in rejected {
-                *self.rejected.entry(reason.clone()).or_default() += count.as_u64().unwrap_or(0);
-            }
-        }
+        manifests::shards::add_rejected_note(&mut self.rejected, note);
     }
 
     pub fn rejected_total(&self) -> u64 {

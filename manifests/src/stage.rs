@@ -54,8 +54,8 @@ impl Upstream {
     /// The first artifact of `kind` (a model's weights or config), or an error naming this
     /// manifest and the stage that wrote it.
     pub fn artifact_of_kind(&self, kind: &str) -> Result<&Artifact, Error> {
-        let mut found = self.manifest.artifacts.iter().filter(|a| a.kind == kind);
-        found.next().ok_or_else(|| Error::InvalidManifest {
+        let found = self.manifest.artifacts.iter().find(|a| a.kind == kind);
+        found.ok_or_else(|| Error::InvalidManifest {
             uri: self.location.uri(),
             reason: format!(
                 "no '{kind}' artifact (written by stage '{}')",

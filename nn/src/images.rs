@@ -6,8 +6,6 @@
 //! does not decode, or is not `size` x `size`, is skipped, logged with its shard and key, and
 //! counted by reason in [`Rejected`], which the consuming stage puts in its manifest.
 
-use std::collections::BTreeMap;
-
 use burn::tensor::{Device, Tensor};
 use image::RgbImage;
 use manifests::shards::pairs::{self, PairRow, decode_image};
@@ -18,7 +16,7 @@ use crate::Error;
 use crate::data::{HeldOutSample, RowStream, StreamConfig};
 
 /// Rows left out by the image policy, by reason (`undecodable`, `wrong_size`).
-pub type Rejected = BTreeMap<String, u64>;
+pub use manifests::shards::Rejected;
 
 /// Decoded pictures, channel-first, row after row.
 #[derive(Debug, Clone)]

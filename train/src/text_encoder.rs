@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tracing::info;
 
+use manifests::shards::add_rejected;
 use manifests::shards::text as text_shards;
 use manifests::{Manifest, ShardSpec, StageRun, Upstream};
 use models::text_encoder::{
@@ -353,9 +354,7 @@ pub fn train_text_encoder(
     let tokenizer = TextTokenizer::from_manifest(&tokenizer_stage)?;
     let (train_images, held_out_images) = images::load(&pairs, config.image_size)?;
     let mut rejected = train_images.rejected.clone();
-    for (reason, count) in &held_out_images.rejected {
-        *rejected.entry(reason.clone()).or_default() += count;
-    }
+    add_rejected(&mut rejected, &held_out_images.rejected);
     if train_images.is_empty() {
         return Err(Error::Data(format!("{}: no training pairs", inputs.pairs)));
     }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use burn::tensor::{Device, Int, Tensor};
 use bytes::Bytes;
-use manifests::shards::{pairs, tokens};
+use manifests::shards::{add_rejected, add_rejected_note, pairs, tokens};
 use manifests::{Location, Manifest, ShardSpec, StageRun, Upstream};
 use models::load_vqgan;
 use models::vqgan::{VitVqgan, VitVqganConfig, decode_tokens};
@@ -116,7 +116,11 @@ pub fn encode(config: &EncodeConfig, args: &TokenizerRun) -> Result<Manifest, Er
         let relative = format!("tokens/{name}");
         if let Some(done) = run.finished_artifact_noted(&relative)? {
             rows += done.artifact.rows.unwrap_or(0);
-            add_rejected(&mut rejected, &done.note["rejected"]);
+            // Runs before the image policy noted a bare count of images that did not decode.
+            match done.note["rejected"].as_u64() {
+                Some(count) => *rejected.entry("undecodable".into()).or_default() += count,
+                None => add_rejected_note(&mut rejected, &done.note),
+            }
             artifacts.push(done.artifact);
             progress.inc(1);
             continue;
@@ -137,7 +141,7 @@ pub fn encode(config: &EncodeConfig, args: &TokenizerRun) -> Result<Manifest, Er
         let target = run.out().join(&relative).uri();
         let bytes = tokens::to_parquet(&target, &token_rows, grid, codebook_size)?;
         rows += token_rows.len() as u64;
-        add_rejected(&mut rejected, &json!(shard.rejected));
+        add_rejected(&mut rejected, &shard.rejected);
         artifacts.push(run.write_artifact_noted(
             &relative,
             tokens::KIND,
@@ -231,17 +235,4 @@ pub fn decode_to_pngs(
         }
     }
     Ok(written)
-}
-
-/// Adds a shard note's `{reason: count}` to the stage's tally (a bare count, as runs before
-/// the image policy wrote it, counted images that did not decode).
-fn add_rejected(tally: &mut images::Rejected, note: &serde_json::Value) {
-    if let Some(count) = note.as_u64() {
-        *tally.entry("undecodable".into()).or_default() += count;
-    }
-    if let Some(counts) = note.as_object() {
-        for (reason, count) in counts {
-            *tally.entry(reason.clone()).or_default() += count.as_u64().unwrap_or(0);
-        }
-    }
 }

@@ -28,6 +28,7 @@ use crate::eval::{self, reconstruction_grid};
 use crate::loss::{LossConfig, Objective, Vgg16Features, WithCritic};
 use crate::step::{Forward, MicroBatch, critic_update, mean_numbers, step_gradients, step_line};
 use crate::{Error, tool};
+use manifests::shards::add_rejected;
 use manifests::{Manifest, ShardSpec, StageRun, Upstream};
 
 pub const STAGE: &str = "vqgan.train";
@@ -216,9 +217,7 @@ impl Setup<'_> {
         put("codebook_perplexity", json!(quality.perplexity));
         put("rows_streamed", json!(progress.data_position));
         let mut rejected = progress.rejected;
-        for (reason, count) in &held_out.rejected {
-            *rejected.entry(reason.clone()).or_default() += count;
-        }
+        add_rejected(&mut rejected, &held_out.rejected);
         put("rejected", json!(rejected));
         put("held_out_images", json!(held_out.len()));
         put("parameters", json!(model.num_params()));

@@ -13,14 +13,36 @@ pub mod pairs;
 pub mod text;
 pub mod tokens;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow_array::RecordBatch;
+use serde_json::Value;
 
 use crate::Error;
 
 /// Shards with a `caption` column (what `train tokenizer --captions` reads).
 pub const CAPTION_KINDS: [&str; 2] = [pairs::KIND, tokens::KIND];
+
+/// Rows a stage refused, by reason: the `rejected` metric of its manifest, and the note kept
+/// with each shard it writes so a resumed run counts them again.
+pub type Rejected = BTreeMap<String, u64>;
+
+/// Adds `counts` to `into`.
+pub fn add_rejected(into: &mut Rejected, counts: &Rejected) {
+    for (reason, count) in counts {
+        *into.entry(reason.clone()).or_default() += count;
+    }
+}
+
+/// Adds the `rejected` (`{reason: count}`) of a shard note or a manifest's metrics to `into`.
+pub fn add_rejected_note(into: &mut Rejected, note: &Value) {
+    if let Some(counts) = note.get("rejected").and_then(Value::as_object) {
+        for (reason, count) in counts {
+            *into.entry(reason.clone()).or_default() += count.as_u64().unwrap_or(0);
+        }
+    }
+}
 
 /// One record batch of `columns` under `schema`; a mismatch names the shard.
 fn batch(

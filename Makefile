@@ -35,7 +35,7 @@ STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)
 EVAL_PROMPTS ?=
 EVAL_FLAGS := $(if $(EVAL_PROMPTS),--prompts $(EVAL_PROMPTS) --samples 2,)
 
-.PHONY: pipeline build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-models bench-venv
+.PHONY: pipeline build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-models bench-venv bench-distributed
 
 help:
 	@sed -n '3,8p' Makefile
@@ -92,6 +92,12 @@ smoke: build
 	$(MAKE) --no-print-directory pipeline RUN=$(TARGET_DIR)/smoke STEPS=$(SMOKE_STEPS) EVAL_PROMPTS=4 2>&1 | tee $(TARGET_DIR)/smoke.log
 	@test "$$(grep -c 'up to date' $(TARGET_DIR)/smoke.log)" -eq $(PIPELINE_STAGES) || { echo "second pipeline run did not skip every stage"; exit 1; }
 	@echo "smoke: $(PIPELINE_STAGES) passed, 0 failed"
+
+# `train parti` as jobs of 1 and 2 processes (c10d + Gloo on loopback; tch only) on the tokens of
+# a pipeline run ($(RUN): run `make pipeline BACKEND=tch` first).
+bench-distributed: build
+	@test "$(BACKEND)" = tch || { echo "bench-distributed needs BACKEND=tch (c10d comes with libtorch)"; exit 1; }
+	$(BIN)/train bench-distributed --tokens $(RUN)/tokens --tokenizer $(RUN)/tokenizer --out $(TARGET_DIR)/bench-distributed
 
 # Benchmarks (not tests): each prints both sides, measured in the same run, and the ratio.
 BENCH_CACHE := bench/.cache

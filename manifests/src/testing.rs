@@ -199,3 +199,109 @@ pub fn output_of(binary: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> (i32, St
         + &String::from_utf8_lossy(&output.stderr);
     (output.status.code().unwrap_or(-1), text)
 }
+
+/// A loopback port nobody listens on now (a test's rendezvous store binds it next).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
+}
+
+/// The ranks of a training job of `world_size` processes on loopback, started as torchrun
+/// starts them (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), each from
+/// `command()`, with Gloo on the loopback interface.
+pub fn launch_ranks(world_size: usize, command: impl Fn() -> Command) -> Vec<Child> {
+    let port = free_port();
+    (0..world_size)
+        .map(|rank| {
+            command()
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", world_size.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("GLOO_SOCKET_IFNAME", "lo")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting rank {rank}: {e}"))
+        })
+        .collect()
+}
+
+/// Waits for each process: whether it succeeded, and its stdout then stderr.
+pub fn finish(children: Vec<Child>) -> Vec<(bool, String)> {
+    children
+        .into_iter()
+        .map(|child| {
+            let output = child
+                .wait_with_output()
+                .unwrap_or_else(|e| panic!("waiting for a process: {e}"));
+            let text = String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr);
+            (output.status.success(), text)
+        })
+        .collect()
+}
+
+/// Panics with the output of the first process that failed.
+pub fn assert_succeeded(outputs: &[(bool, String)]) {
+    for (rank, (succeeded, text)) in outputs.iter().enumerate() {
+        assert!(succeeded, "process {rank}: {text}");
+    }
+}
+
+/// What two training runs into `a` and `b` must share to count as the same: every artifact
+/// byte for byte, and every metric but the world size and what the wall time decides. Panics naming the
+/// first difference.
+pub fn assert_same_training(a: &std::path::Path, b: &std::path::Path) {
+    let read = |dir: &std::path::Path| {
+        crate::Upstream::read(&dir.display().to_string())
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .0
+            .manifest
+    };
+    let (first, second) = (read(a), read(b));
+    let mut metrics = [first.metrics.clone(), second.metrics.clone()];
+    for map in &mut metrics {
+        map.remove("seconds");
+        map.remove("world_size");
+        map.remove("train_tokens_per_second");
+    }
+    assert_eq!(
+        metrics[0],
+        metrics[1],
+        "metrics of {} and {}",
+        a.display(),
+        b.display()
+    );
+    let names = |manifest: &crate::Manifest| -> Vec<String> {
+        manifest.artifacts.iter().map(|a| a.uri.clone()).collect()
+    };
+    assert_eq!(names(&first), names(&second));
+    for artifact in &first.artifacts {
+        let (x, y) = (
+            artifact_bytes(a, &artifact.uri),
+            artifact_bytes(b, &artifact.uri),
+        );
+        if x == y {
+            continue;
+        }
+        let first_difference = match (std::str::from_utf8(&x), std::str::from_utf8(&y)) {
+            (Ok(x), Ok(y)) => x
+                .lines()
+                .zip(y.lines())
+                .find(|(x, y)| x != y)
+                .map(|(x, y)| format!(":\n{x}\n{y}"))
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        panic!(
+            "{} differs between {} and {}{first_difference}",
+            artifact.uri,
+            a.display(),
+            b.display()
+        );
+    }
+}

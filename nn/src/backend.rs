@@ -14,6 +14,12 @@ pub enum DeviceError {
          (LIBTORCH, see the README) and a visible GPU are needed"
     )]
     NoCuda { spec: String, visible: usize },
+    #[error(
+        "device '{0}': training on several GPUs runs one process per GPU: launch with \
+         `torchrun --nproc-per-node N --no-python ...` and `--device cuda` (README, \
+         \"Training across processes and machines\")"
+    )]
+    OneProcessPerGpu(String),
 }
 
 /// The backend this build uses.
@@ -47,9 +53,17 @@ pub fn training_device(spec: &str) -> Result<Device, DeviceError> {
     Ok(device(spec)?.autodiff())
 }
 
-/// Training devices from a comma-separated list (`cuda:0,cuda:1`) for data parallelism on one
-/// machine; the first holds the model between steps.
+/// Training devices from a comma-separated list (`cpu,cpu`: threads sharing one machine's
+/// cores); the first holds the model between steps. Several GPUs are several processes
+/// ([`crate::distributed`]), never a list.
 pub fn training_devices(spec: &str) -> Result<Vec<Device>, DeviceError> {
+    if spec.contains(',')
+        && spec
+            .split(',')
+            .any(|one| cuda_index(one).ok().flatten().is_some())
+    {
+        return Err(DeviceError::OneProcessPerGpu(spec.to_string()));
+    }
     spec.split(',')
         .map(|one| training_device(one.trim()))
         .collect()
@@ -148,5 +162,9 @@ mod tests {
             assert!(message.contains(spec), "{message}");
         }
         assert!(matches!(device("tpu"), Err(DeviceError::Unknown(_))));
+        let list = training_devices("cuda:0,cuda:1")
+            .err()
+            .map(|e| e.to_string());
+        assert!(list.is_some_and(|m| m.contains("torchrun")));
     }
 }

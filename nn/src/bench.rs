@@ -73,7 +73,7 @@ pub fn time_train_steps<M: Module + Sync>(
     rounds: usize,
     workers: &[Device],
     loss: impl Fn(&M, Share) -> Tensor<1> + Sync,
-) -> Timing {
+) -> Result<Timing, crate::Error> {
     let parts = workers.len().max(1);
     let mut rounds_ms = Vec::with_capacity(rounds.max(1));
     for round in 0..=rounds.max(1) {
@@ -81,6 +81,7 @@ pub fn time_train_steps<M: Module + Sync>(
         let step = crate::training::micro_batch_gradients(
             &model,
             workers,
+            &crate::distributed::Group::single("cpu"),
             parts,
             |replica, worker, part| {
                 let share = Share {
@@ -90,16 +91,16 @@ pub fn time_train_steps<M: Module + Sync>(
                 };
                 let loss = loss(replica, share).div_scalar(parts as f64);
                 let grads = GradientsParams::from_grads(loss.backward(), replica);
-                Ok::<_, std::convert::Infallible>((grads, ()))
+                Ok::<_, crate::Error>((grads, ()))
             },
         );
-        let Ok((grads, _)) = step;
+        let (grads, _) = step?;
         model = optimizer.step(1e-4, model, grads);
         if round > 0 {
             rounds_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         }
     }
-    Timing::from_rounds(rounds_ms)
+    Ok(Timing::from_rounds(rounds_ms))
 }
 
 /// `bench/torch_models.py` run by a Python that has PyTorch (`make bench-venv` makes one).

@@ -1,11 +1,15 @@
 //! What every training stage (`vqgan train`, `vqgan finetune-decoder`, `train text-encoder`,
 //! `train parti`) takes on its command line, so the flags mean the same everywhere.
 
+use std::time::Duration;
+
 use clap::Args;
 use manifests::cli::StageArgs;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+
+use crate::distributed::{DistributedError, DistributedMode, Group};
 
 /// Flags shared by every training command (flattened into each).
 #[derive(Args, Debug, Clone)]
@@ -29,6 +33,14 @@ pub struct TrainingArgs {
     /// default: one per core on flex's CPU, else one. Changes speed, never the result.
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Join the job a launcher describes (torchrun's RANK/WORLD_SIZE/MASTER_ADDR, Slurm's
+    /// SLURM_PROCID/SLURM_NTASKS, a Kubernetes Indexed Job's JOB_COMPLETION_INDEX), one
+    /// process per device (needs the tch backend); `off` trains in this process alone.
+    #[arg(long, value_enum, default_value_t = DistributedMode::Auto)]
+    pub distributed: DistributedMode,
+    /// Seconds to wait for the other processes at the rendezvous and in each collective.
+    #[arg(long, default_value_t = 1800)]
+    pub distributed_timeout: u64,
 }
 
 /// How a training stage runs, as opposed to what it computes (its config).
@@ -43,10 +55,15 @@ pub struct TrainingOptions {
     /// Stop (with a checkpoint) once this many steps are done, as a time-limited batch job
     /// would be stopped; the same command later resumes. `None`: run to the end.
     pub stop_after: Option<usize>,
+    pub distributed: DistributedMode,
+    /// How long to wait for the other processes of a job.
+    pub distributed_timeout: Duration,
 }
 
 impl TrainingOptions {
-    /// Options for a run into `out` on the CPU: one worker per core, no stop.
+    /// Options for a run into `out` on the CPU: one worker per core, no stop, in this process
+    /// alone whatever the environment says (the command line's `--distributed` defaults to
+    /// `auto`; a library caller opts in).
     pub fn new(out: &str) -> TrainingOptions {
         TrainingOptions {
             out: out.to_string(),
@@ -54,7 +71,15 @@ impl TrainingOptions {
             workers: None,
             force: false,
             stop_after: None,
+            distributed: DistributedMode::Off,
+            distributed_timeout: Duration::from_secs(1800),
         }
+    }
+
+    /// This process's place in the job the environment describes (alone unless launched as
+    /// one of several), and so its device.
+    pub fn join(&self) -> Result<Group, DistributedError> {
+        Group::join(self.distributed, &self.device, self.distributed_timeout)
     }
 }
 
@@ -72,6 +97,8 @@ impl TrainingArgs {
             workers: self.workers,
             force: self.stage.force,
             stop_after: self.stop_after,
+            distributed: self.distributed,
+            distributed_timeout: Duration::from_secs(self.distributed_timeout),
         }
     }
 

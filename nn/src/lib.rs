@@ -2,8 +2,9 @@
 //! (attention, MLP, Transformer blocks, position embeddings, patches) so they exist once, the
 //! training machinery ([`training`]: schedules, checkpoints, micro-batch workers, publication;
 //! [`cli`]: the shared training flags), data streams and image batches from pairs shards
-//! ([`data`], [`images`]), the one [`Error`] of model and training code, and the one place
-//! where the Burn backend is chosen ([`backend`]).
+//! ([`data`], [`images`]), training as a job of several processes on c10d ([`distributed`]),
+//! the one [`Error`] of model and training code, and the one place where the Burn backend is
+//! chosen ([`backend`]).
 //!
 //! Burn 0.22 tensors are backend-erased (`Tensor<D>`); a [`Device`](burn::tensor::Device) decides
 //! where they run. Model code therefore never names a backend: [`backend::device`] turns a
@@ -15,6 +16,7 @@ pub mod bench;
 pub mod block;
 pub mod cli;
 pub mod data;
+pub mod distributed;
 pub mod images;
 pub mod mlp;
 pub mod position;
@@ -41,6 +43,9 @@ pub enum Error {
     Paused(#[from] training::Paused),
     #[error(transparent)]
     Checkpoint(#[from] training::CheckpointError),
+    /// A collective failed, a peer was lost, or the launch variables are wrong.
+    #[error(transparent)]
+    Distributed(#[from] distributed::DistributedError),
 }
 
 pub use attention::{KvCache, MultiHeadAttention, MultiHeadAttentionConfig};

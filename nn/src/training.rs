@@ -20,6 +20,8 @@ use tracing::info;
 
 use manifests::StageRun;
 
+use crate::distributed::{DistributedError, Group};
+
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("checkpoint: {0}")]
@@ -192,6 +194,8 @@ pub struct Checkpointing {
     pub every: usize,
     pub total_steps: usize,
     pub stop_after: Option<usize>,
+    /// Whether this process writes them: rank 0 of a job, or a lone process.
+    pub writes: bool,
 }
 
 impl Checkpointing {
@@ -200,6 +204,15 @@ impl Checkpointing {
             every,
             total_steps,
             stop_after,
+            writes: true,
+        }
+    }
+
+    /// Only `group`'s leader writes; the others stop where it stops.
+    pub fn written_by_leader_of(self, group: &Group) -> Checkpointing {
+        Checkpointing {
+            writes: group.is_leader(),
+            ..self
         }
     }
 
@@ -216,7 +229,7 @@ impl Checkpointing {
         let stop = self.stop_after == Some(done);
         let scheduled =
             self.every > 0 && done.is_multiple_of(self.every) && done < self.total_steps;
-        if stop || scheduled {
+        if (stop || scheduled) && self.writes {
             save_checkpoint(run, done, model, optimizer, state)?;
         }
         if stop && done < self.total_steps {
@@ -307,13 +320,39 @@ pub fn materialize<M: Module>(model: &M) {
 /// (data parallelism on one machine: a thread per worker, each on its own replica of `model`
 /// forked onto its device, taking micro-batches in turn) and summed on the first worker's device
 /// in micro-batch order, so a step comes out bit for bit the same however many workers share
-/// it. `micro_step(replica, worker, index)` runs micro-batch `index` on `workers[worker]` and
-/// returns its gradients (scaled as they are to be summed) and a report; the reports come back
-/// in micro-batch order. The first error stops the step; a worker's panic is resumed here.
+/// it. In a job of several processes (`group`), this rank computes only the micro-batches it
+/// [owns](Group::owns) and the sums are all-reduced, so every rank ends with the step's
+/// gradients. `micro_step(replica, worker, index)` runs micro-batch `index` on
+/// `workers[worker]` and returns its gradients (scaled as they are to be summed) and a report;
+/// this rank's reports come back with their micro-batch index, in order
+/// ([`Group::gather_in_order`] collects everyone's). The first error stops the step; a
+/// worker's panic is resumed here.
 pub fn micro_batch_gradients<M, R, E, F>(
     model: &M,
     workers: &[Device],
+    group: &Group,
     micro_batches: usize,
+    micro_step: F,
+) -> Result<(GradientsParams, Vec<(usize, R)>), E>
+where
+    M: Module + Sync,
+    R: Send,
+    E: Send + From<DistributedError>,
+    F: Fn(&M, usize, usize) -> Result<(GradientsParams, R), E> + Sync,
+{
+    let owned: Vec<usize> = (0..micro_batches)
+        .filter(|&index| group.owns(index))
+        .collect();
+    let (grads, reports) = local_gradients(model, workers, &owned, micro_step)?;
+    let grads = group.all_reduce_gradients(model, grads)?;
+    Ok((grads, owned.into_iter().zip(reports).collect()))
+}
+
+/// [`micro_batch_gradients`] of this process: micro-batches `owned`, summed in that order.
+fn local_gradients<M, R, E, F>(
+    model: &M,
+    workers: &[Device],
+    owned: &[usize],
     micro_step: F,
 ) -> Result<(GradientsParams, Vec<R>), E>
 where
@@ -323,12 +362,12 @@ where
     F: Fn(&M, usize, usize) -> Result<(GradientsParams, R), E> + Sync,
 {
     let mut accumulator = GradientsAccumulator::<M>::new();
-    let mut reports = Vec::with_capacity(micro_batches);
+    let mut reports = Vec::with_capacity(owned.len());
     let Some(main) = workers.first() else {
         return Ok((accumulator.grads(), reports));
     };
     if workers.len() == 1 {
-        for index in 0..micro_batches {
+        for &index in owned {
             let (grads, report) = micro_step(model, 0, index)?;
             accumulator.accumulate(model, grads);
             reports.push(report);
@@ -348,11 +387,11 @@ where
                 let sender = sender.clone();
                 let micro_step = &micro_step;
                 scope.spawn(move || {
-                    for index in (worker..micro_batches).step_by(workers.len()) {
-                        let result = micro_step(replica, worker, index);
+                    for position in (worker..owned.len()).step_by(workers.len()) {
+                        let result = micro_step(replica, worker, owned[position]);
                         let failed = result.is_err();
                         // A closed channel means the step already failed elsewhere.
-                        if sender.send((index, result)).is_err() || failed {
+                        if sender.send((position, result)).is_err() || failed {
                             return;
                         }
                     }
@@ -362,8 +401,8 @@ where
         drop(sender);
         let mut arrived = BTreeMap::new();
         let mut summed = || {
-            for (index, result) in &receiver {
-                arrived.insert(index, result);
+            for (position, result) in &receiver {
+                arrived.insert(position, result);
                 while let Some(result) = arrived.remove(&reports.len()) {
                     let (grads, report) = result?;
                     accumulator.accumulate(model, grads.to_device(main, model));

@@ -76,7 +76,7 @@ pub fn parti_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
         let targets = share.of(&targets);
         let condition = model.condition(share.of(&text), share.of(&padding), None);
         token_loss(model.forward(targets.clone(), &condition), targets).0
-    });
+    })?;
     nn::bench::compare_train_step(
         &ours,
         args.peer.peer(&args.device).as_ref(),
@@ -90,4 +90,100 @@ pub fn parti_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
         ),
     )
     .map_err(|e| Error::Usage(e.to_string()))
+}
+
+/// `train bench-distributed`: what a second process buys on this machine.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ScalingArgs {
+    /// The `vqgan encode` manifest to train on.
+    #[arg(long)]
+    pub tokens: String,
+    /// The `train tokenizer` manifest.
+    #[arg(long)]
+    pub tokenizer: String,
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    #[arg(long, default_value_t = 40)]
+    pub steps: usize,
+    /// The largest job to time (1, 2, ... up to this many processes).
+    #[arg(long, default_value_t = 2)]
+    pub processes: usize,
+    /// Where the timed runs write (each run is forced).
+    #[arg(long, default_value = "target/bench-distributed")]
+    pub out: String,
+}
+
+/// Times `train parti` as jobs of 1..=`processes` processes on loopback (c10d + Gloo, launched
+/// as torchrun would, each process with `cores / processes` threads) and reports image tokens
+/// per second of the training loop, speedup and scaling efficiency.
+pub fn scaling(args: &ScalingArgs) -> Result<String, Error> {
+    let program =
+        std::env::current_exe().map_err(|e| Error::Usage(format!("finding this program: {e}")))?;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    // Every process gets the same share of the cores, whatever the job's size, so the
+    // efficiency measures what the job costs beyond its compute (as torchrun's OMP_NUM_THREADS).
+    let threads = (cores / args.processes.max(1)).max(1);
+    let mut rows = Vec::new();
+    for world_size in 1..=args.processes.max(1) {
+        let out = format!("{}/processes-{world_size}", args.out.trim_end_matches('/'));
+        let port = manifests::testing::free_port();
+        let ranks: Vec<std::process::Child> = (0..world_size)
+            .map(|rank| {
+                let mut command = std::process::Command::new(&program);
+                command
+                    .args(["parti", "--preset", &args.preset, "--force"])
+                    .args(["--tokens", &args.tokens, "--tokenizer", &args.tokenizer])
+                    .args(["--steps", &args.steps.to_string(), "--out", &out])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped());
+                if world_size > 1 {
+                    command
+                        .env("RANK", rank.to_string())
+                        .env("LOCAL_RANK", rank.to_string())
+                        .env("WORLD_SIZE", world_size.to_string())
+                        .env("MASTER_ADDR", "127.0.0.1")
+                        .env("MASTER_PORT", port.to_string())
+                        .env("GLOO_SOCKET_IFNAME", "lo");
+                }
+                command.env("OMP_NUM_THREADS", threads.to_string());
+                command
+                    .spawn()
+                    .map_err(|e| Error::Usage(format!("starting rank {rank}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        for (rank, child) in ranks.into_iter().enumerate() {
+            let output = child
+                .wait_with_output()
+                .map_err(|e| Error::Usage(format!("waiting for rank {rank}: {e}")))?;
+            if !output.status.success() {
+                return Err(Error::Usage(format!(
+                    "rank {rank} of {world_size}: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                )));
+            }
+        }
+        let (stage, _) = manifests::Upstream::read(&out)?;
+        let tokens_per_second = stage
+            .manifest
+            .metrics
+            .get("train_tokens_per_second")
+            .and_then(serde_json::Value::as_f64)
+            .ok_or_else(|| Error::Data(format!("{out}: no train_tokens_per_second")))?;
+        rows.push((world_size, tokens_per_second));
+    }
+    let single = rows.first().map_or(1.0, |row| row.1);
+    let mut report = format!(
+        "train parti ({}), {} steps, {threads} thread(s) per process on {cores} core(s), \
+         c10d + Gloo over loopback\n\
+         processes  image tokens/s  speedup  scaling efficiency\n",
+        args.preset, args.steps
+    );
+    for (world_size, tokens_per_second) in rows {
+        let speedup = tokens_per_second / single;
+        report.push_str(&format!(
+            "{world_size:>9}  {tokens_per_second:>14.0}  {speedup:>6.2}x  {:>17.0}%\n",
+            100.0 * speedup / world_size as f64
+        ));
+    }
+    Ok(report)
 }

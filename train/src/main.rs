@@ -34,6 +34,9 @@ enum Command {
     /// Presets: tiny (the pipeline's model, batch 32) or 350m-slice (the 350M model's width,
     /// two layers a side, 1024 image tokens).
     Bench(nn::bench::TrainStepArgs),
+    /// Benchmark (not a test): `train parti` tokens/s as a job of 1, 2, ... processes on this
+    /// machine (c10d + Gloo on loopback; needs the tch backend), and the scaling efficiency.
+    BenchDistributed(train::bench::ScalingArgs),
 }
 
 #[derive(Args)]
@@ -117,6 +120,12 @@ fn run(cli: Cli) -> Result<()> {
             train::bench::parti_step(&args)
                 .context("train bench")?
                 .report();
+        }
+        Command::BenchDistributed(args) => {
+            print!(
+                "{}",
+                train::bench::scaling(&args).context("train bench-distributed")?
+            );
         }
         Command::TextEncoder(args) => {
             let training = &args.training;

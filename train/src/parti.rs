@@ -15,6 +15,7 @@ use burn::module::Module;
 use burn::optim::{AdafactorConfig, AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Bool, Device, Int, Tensor};
 use nn::data::{HeldOutSample, RowStream, StreamConfig};
+use nn::distributed::Group;
 use nn::training::{self, Publication, Schedule};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -373,18 +374,20 @@ fn example_stream(
 }
 
 /// Gradients of one optimizer step over its micro-batches (examples and CFG drops), and each
-/// micro-batch's loss and token accuracy in order. The workers share the micro-batches (data
-/// parallel on one machine: several GPUs, or one replica per CPU core on flex).
+/// micro-batch's loss and token accuracy in order. The workers share this process's
+/// micro-batches (one replica per CPU core on flex), and the ranks of a job share the step's.
 fn step_gradients(
     model: &Parti,
     workers: &[Device],
+    group: &Group,
     micro_batches: &[(Vec<Example>, Vec<bool>)],
     tokenizer: &TextTokenizer,
 ) -> Result<(GradientsParams, Vec<(f64, f64)>), Error> {
     let parts = micro_batches.len() as f64;
-    training::micro_batch_gradients(
+    let (grads, reports) = training::micro_batch_gradients(
         model,
         workers,
+        group,
         micro_batches.len(),
         |replica, worker, index| {
             let device = &workers[worker];
@@ -402,9 +405,10 @@ fn step_gradients(
                 loss.into_scalar::<f32>() as f64,
                 accuracy.into_scalar::<f32>() as f64,
             );
-            Ok((grads, report))
+            Ok::<_, Error>((grads, report))
         },
-    )
+    )?;
+    Ok((grads, group.gather_in_order(reports)?))
 }
 
 pub fn train_parti(
@@ -420,7 +424,8 @@ pub fn train_parti(
         .text_encoder
         .map(|uri| run.upstream("text_encoder", uri))
         .transpose()?;
-    if let Some(existing) = run.begin(options.force)? {
+    let group = options.join()?;
+    if let Some(existing) = group.begin(&run, options.force)? {
         return Ok(existing);
     }
     let tokenizer = TextTokenizer::from_manifest(&tokenizer_stage)?;
@@ -435,7 +440,7 @@ pub fn train_parti(
     info!("{} validation rows", validation.len());
 
     let workers =
-        nn::backend::training_workers(&options.device, options.workers, config.accumulation.max(1))
+        nn::backend::training_workers(group.device(), options.workers, config.accumulation.max(1))
             .map_err(|e| Error::Usage(e.to_string()))?;
     let device = workers[0].clone();
     device.seed(config.seed);
@@ -479,7 +484,8 @@ pub fn train_parti(
     let (mut model, mut optimizer, mut progress) =
         training::resume(&run, model, config.optimizer()?, fresh)?;
     let checkpointing =
-        training::Checkpointing::new(config.checkpoint_every, config.steps, options.stop_after);
+        training::Checkpointing::new(config.checkpoint_every, config.steps, options.stop_after)
+            .written_by_leader_of(&group);
     let schedule = config.schedule();
     let micro = (config.batch_size / config.accumulation.max(1)).max(1);
     let stream_config = StreamConfig {
@@ -494,6 +500,7 @@ pub fn train_parti(
         stream_config,
         progress.data_position,
     )?;
+    let (loop_started, first_step) = (Instant::now(), progress.step);
     while progress.step < config.steps {
         let step = progress.step;
         let mut rng = training::step_rng(config.seed, step);
@@ -506,7 +513,7 @@ pub fn train_parti(
                 .map_err(|e| Error::Data(format!("{}: {e}", inputs.tokens)))?;
             micro_batches.push((batch, cfg_drops(&mut rng, micro, config.cfg_dropout)));
         }
-        let (grads, losses) = step_gradients(&model, &workers, &micro_batches, &tokenizer)?;
+        let (grads, losses) = step_gradients(&model, &workers, &group, &micro_batches, &tokenizer)?;
         let loss_sum: f64 = losses.iter().map(|(loss, _)| loss).sum();
         let accuracy_sum: f64 = losses.iter().map(|(_, accuracy)| accuracy).sum();
         model = optimizer.step(learning_rate, model, grads);
@@ -523,7 +530,14 @@ pub fn train_parti(
         checkpointing.after_step(&run, progress.step, &model, &optimizer, &progress)?;
     }
 
+    // Image tokens the job trained on per second of its training loop (all ranks together).
+    let tokens_per_second = ((progress.step - first_step) * config.batch_size * grid * grid) as f64
+        / loop_started.elapsed().as_secs_f64().max(1e-9);
     let model = model.valid();
+    if !group.is_leader() {
+        // Rank 0 validates and publishes; the manifest is everyone's result.
+        return group.leader_published(&run);
+    }
     let eval_device = device.clone().inner();
     let (val_loss, val_accuracy) = validate(&model, &validation, &tokenizer, &eval_device);
     let val_perplexity = val_loss.exp();
@@ -547,5 +561,9 @@ pub fn train_parti(
         "transformer_parameters",
         json!(model_config.transformer_params()),
     );
-    publication.publish(metrics)
+    put("world_size", json!(group.world_size()));
+    put("train_tokens_per_second", json!(tokens_per_second));
+    let manifest = publication.publish(metrics)?;
+    group.barrier()?;
+    Ok(manifest)
 }

@@ -343,6 +343,14 @@ pub fn train_text_encoder(
             "--workers: `train text-encoder` trains on one worker".into(),
         ));
     }
+    if let Some(launch) = nn::distributed::launched(options.distributed)? {
+        return Err(Error::Usage(format!(
+            "{} launched {} processes, but `train text-encoder` trains in one (its contrastive \
+             loss needs every rank's embeddings, which it does not gather yet): run it alone, \
+             or pass --distributed off",
+            launch.launcher, launch.world_size
+        )));
+    }
     let started = Instant::now();
     let mut run = StageRun::new(STAGE, tool(), &options.out, config, ShardSpec::single())?;
     let tokenizer_stage = run.upstream("tokenizer", inputs.tokenizer)?;

@@ -44,7 +44,7 @@ pub fn train_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
         let out = model.forward(images.clone());
         let error = out.images - images;
         error.clone().powi_scalar(2).mean() + error.abs().mean() + out.quantized.loss
-    });
+    })?;
     nn::bench::compare_train_step(
         &ours,
         args.peer.peer(&args.device).as_ref(),

@@ -4,8 +4,11 @@
 
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
+use burn::tensor::TensorData;
 use burn::tensor::{Device, Int, Tensor};
+use nn::distributed::Group;
 use nn::training;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::Error;
@@ -37,13 +40,13 @@ where
 }
 
 /// A step's loss as numbers, for its metrics line.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct LossNumbers {
     total: f64,
     mse: f64,
     /// The codebook terms (stage 1).
     codebook: Option<f64>,
-    terms: Vec<(&'static str, f64)>,
+    terms: Vec<(String, f64)>,
 }
 
 impl LossNumbers {
@@ -52,7 +55,11 @@ impl LossNumbers {
             total: loss.total.clone().into_scalar::<f32>() as f64,
             mse: loss.mse.clone().into_scalar::<f32>() as f64,
             codebook: codebook.map(|c| c.clone().into_scalar::<f32>() as f64),
-            terms: loss.numbers(),
+            terms: loss
+                .numbers()
+                .into_iter()
+                .map(|(name, value)| (name.to_string(), value))
+                .collect(),
         }
     }
 
@@ -70,7 +77,10 @@ impl LossNumbers {
                 .terms
                 .iter()
                 .enumerate()
-                .map(|(i, (name, _))| (*name, mean(&|p| p.terms.get(i).map_or(0.0, |t| t.1))))
+                .map(|(i, (name, _))| {
+                    let value = mean(&|p| p.terms.get(i).map_or(0.0, |t| t.1));
+                    (name.clone(), value)
+                })
                 .collect(),
         }
     }
@@ -90,7 +100,7 @@ pub(crate) fn step_line(
         map.extend(
             loss.terms
                 .iter()
-                .map(|(name, value)| ((*name).to_string(), json!(value))),
+                .map(|(name, value)| (name.clone(), json!(value))),
         );
         if let Some(codebook) = loss.codebook {
             map.insert("vq_loss".into(), json!(codebook));
@@ -127,6 +137,7 @@ pub(crate) struct MicroBatch {
 pub(crate) fn step_gradients<M>(
     trainee: &WithCritic<M>,
     workers: &[Device],
+    group: &Group,
     objectives: &[Objective],
     config: &TrainConfig,
     step: usize,
@@ -140,27 +151,96 @@ where
 {
     let pieces = x.chunk(config.accumulation.max(1), 0);
     let parts = pieces.len() as f64;
-    training::micro_batch_gradients(trainee, workers, pieces.len(), |replica, worker, index| {
-        let x = pieces[index].clone().to_device(&workers[worker]);
-        let out = forward(replica, worker, x.clone());
-        let critic = replica.critic_at(&config.loss, step);
-        let mut loss = objectives[worker].generator(out.images.clone(), out.logits, x, critic);
-        let (codebook_loss, indices) = out.codebook.unzip();
-        if let Some(codebook_loss) = &codebook_loss {
-            // The codebook terms belong to the total the log reports, as before the objective.
-            loss.total = loss.total + codebook_loss.clone();
-        }
-        let grads = GradientsParams::from_grads(
-            loss.total.clone().div_scalar(parts).backward(),
-            &replica.model,
-        );
-        let micro = MicroBatch {
-            numbers: logged.then(|| LossNumbers::of(&loss, codebook_loss.as_ref())),
-            indices,
-            images: critic.map(|_| out.images.detach()),
+    let (grads, micro) = training::micro_batch_gradients(
+        trainee,
+        workers,
+        group,
+        pieces.len(),
+        |replica, worker, index| {
+            let x = pieces[index].clone().to_device(&workers[worker]);
+            let out = forward(replica, worker, x.clone());
+            let critic = replica.critic_at(&config.loss, step);
+            let mut loss = objectives[worker].generator(out.images.clone(), out.logits, x, critic);
+            let (codebook_loss, indices) = out.codebook.unzip();
+            if let Some(codebook_loss) = &codebook_loss {
+                // The codebook terms belong to the total the log reports, as before the objective.
+                loss.total = loss.total + codebook_loss.clone();
+            }
+            let grads = GradientsParams::from_grads(
+                loss.total.clone().div_scalar(parts).backward(),
+                &replica.model,
+            );
+            let micro = MicroBatch {
+                numbers: logged.then(|| LossNumbers::of(&loss, codebook_loss.as_ref())),
+                indices,
+                images: critic.map(|_| out.images.detach()),
+            };
+            Ok::<_, Error>((grads, micro))
+        },
+    )?;
+    if group.world_size() == 1 {
+        return Ok((grads, micro.into_iter().map(|(_, micro)| micro).collect()));
+    }
+    // Every rank needs every micro-batch's codes (code usage and restarts) and reconstructions
+    // (the discriminator's step), so all ranks update the same way.
+    let mut portable = Vec::with_capacity(micro.len());
+    for (index, micro) in micro {
+        portable.push((index, PortableMicroBatch::of(micro)?));
+    }
+    let device = &workers[0];
+    let micro = group
+        .gather_in_order(portable)?
+        .into_iter()
+        .map(|micro| micro.on(device))
+        .collect();
+    Ok((grads, micro))
+}
+
+/// A [`MicroBatch`] as plain numbers, to send to the other ranks.
+#[derive(Serialize, Deserialize)]
+struct PortableMicroBatch {
+    numbers: Option<LossNumbers>,
+    indices: Option<(Vec<usize>, Vec<i64>)>,
+    images: Option<(Vec<usize>, Vec<f32>)>,
+}
+
+impl PortableMicroBatch {
+    fn of(micro: MicroBatch) -> Result<PortableMicroBatch, Error> {
+        let unreadable = |e| Error::Data(format!("a micro-batch's tensor: {e:?}"));
+        let indices = match micro.indices {
+            None => None,
+            Some(indices) => {
+                let dims = indices.dims().to_vec();
+                let values = indices.into_data_as::<i64>().try_into_vec::<i64>();
+                Some((dims, values.map_err(unreadable)?))
+            }
         };
-        Ok((grads, micro))
-    })
+        let images = match micro.images {
+            None => None,
+            Some(images) => {
+                let dims = images.dims().to_vec();
+                let values = images.into_data_as::<f32>().try_into_vec::<f32>();
+                Some((dims, values.map_err(unreadable)?))
+            }
+        };
+        Ok(PortableMicroBatch {
+            numbers: micro.numbers,
+            indices,
+            images,
+        })
+    }
+
+    fn on(self, device: &Device) -> MicroBatch {
+        MicroBatch {
+            numbers: self.numbers,
+            indices: self
+                .indices
+                .map(|(dims, values)| Tensor::from_data(TensorData::new(values, dims), device)),
+            images: self
+                .images
+                .map(|(dims, values)| Tensor::from_data(TensorData::new(values, dims), device)),
+        }
+    }
 }
 
 /// The discriminator's step on the batch `real` and the micro-batches' reconstructions, when

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use models::vqgan::{CodeUsage, VitConfig, VitVqgan, VitVqganConfig};
 use models::{CONFIG_KIND, VQGAN_KIND, load_vqgan};
 use nn::cli::TrainingOptions;
+use nn::distributed::Group;
 use nn::images::{self, ImageSet, Rejected};
 use nn::training::{self, Publication};
 use serde::{Deserialize, Serialize};
@@ -176,6 +177,8 @@ struct Setup<'a> {
     run: &'a StageRun,
     config: &'a TrainConfig,
     options: &'a TrainingOptions,
+    /// This process's place in the job (alone, or one rank of several).
+    group: Group,
     workers: Vec<Device>,
     objectives: Vec<Objective>,
     /// What the run did about the perceptual term, for the manifest.
@@ -197,6 +200,10 @@ impl Setup<'_> {
         progress: Progress,
         mut metrics: Map<String, Value>,
     ) -> Result<Manifest, Error> {
+        if !self.group.is_leader() {
+            // Rank 0 evaluates and publishes; the manifest is everyone's result.
+            return self.group.leader_published(self.run);
+        }
         let device = self.device();
         let quality = eval::evaluate(model, held_out, device)?;
         info!(
@@ -222,7 +229,10 @@ impl Setup<'_> {
         put("held_out_images", json!(held_out.len()));
         put("parameters", json!(model.num_params()));
         put("perceptual_loss", json!(self.perceptual));
-        publication.publish(metrics)
+        put("world_size", json!(self.group.world_size()));
+        let manifest = publication.publish(metrics)?;
+        self.group.barrier()?;
+        Ok(manifest)
     }
 
     /// The steps from `progress` to the end: each step's gradients over the workers
@@ -260,7 +270,8 @@ impl Setup<'_> {
             config.checkpoint_every,
             config.steps,
             self.options.stop_after,
-        );
+        )
+        .written_by_leader_of(&self.group);
         while progress.step < config.steps {
             let step = progress.step;
             let x = images.batch(config.batch_size, &device)?;
@@ -268,6 +279,7 @@ impl Setup<'_> {
             let (grads, micro) = step_gradients(
                 &trainee,
                 &self.workers,
+                &self.group,
                 &self.objectives,
                 config,
                 step,
@@ -320,11 +332,12 @@ fn begin<'a>(
     let started = Instant::now();
     let upstream = run.upstream("pairs", inputs.pairs)?;
     let (vgg16, perceptual) = perceptual_input(run, &config.loss, inputs.vgg16)?;
-    if let Some(existing) = run.begin(options.force)? {
+    let group = options.join()?;
+    if let Some(existing) = group.begin(run, options.force)? {
         return Ok(Err(existing));
     }
     let workers =
-        nn::backend::training_workers(&options.device, options.workers, config.accumulation.max(1))
+        nn::backend::training_workers(group.device(), options.workers, config.accumulation.max(1))
             .map_err(|e| Error::Usage(e.to_string()))?;
     workers[0].seed(config.seed);
     let objectives = objectives(&config.loss, vgg16, &workers)?;
@@ -332,6 +345,7 @@ fn begin<'a>(
         run,
         config,
         options,
+        group,
         workers,
         objectives,
         perceptual,

@@ -1,0 +1,47 @@
+//! The `tch` build compiles `csrc/c10d.cpp` against libtorch's headers (c10d ships inside
+//! libtorch; see src/distributed.rs). The `flex` build compiles nothing.
+
+fn main() {
+    println!("cargo:rerun-if-changed=csrc");
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    #[cfg(feature = "tch")]
+    compile_c10d();
+}
+
+#[cfg(feature = "tch")]
+fn compile_c10d() {
+    let Some(libtorch) = std::env::var_os("LIBTORCH").map(std::path::PathBuf::from) else {
+        eprintln!(
+            "the tch build needs LIBTORCH: a libtorch folder with include/ and lib/ \
+             (`make BACKEND=tch build` fetches one into ~/.cache/parti/libtorch)"
+        );
+        std::process::exit(1);
+    };
+    let include = libtorch.join("include");
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file("csrc/c10d.cpp")
+        // c10d's Gloo header is compiled only with this, as in PyTorch's own build.
+        .define("USE_C10D_GLOO", None)
+        // The PyPI torch wheels (and libtorch >= 2.7 everywhere) use the C++11 string ABI.
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .include("csrc")
+        // libtorch's own headers as system headers: their warnings are not ours.
+        .flag("-isystem")
+        .flag(include.to_string_lossy().as_ref())
+        .flag("-isystem")
+        .flag(
+            include
+                .join("torch/csrc/api/include")
+                .to_string_lossy()
+                .as_ref(),
+        )
+        .compile("parti_c10d");
+    println!(
+        "cargo:rustc-link-search=native={}",
+        libtorch.join("lib").display()
+    );
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+}

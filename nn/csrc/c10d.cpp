@@ -1,0 +1,182 @@
+// The few c10d calls parti's data-parallel training needs, with a C interface for Rust.
+//
+// c10d is PyTorch's distributed runtime and ships inside libtorch (Gloo in libtorch_cpu), which
+// the `tch` backend already loads; tch-rs binds none of it. Tensors arrive as the `at::Tensor*`
+// a `tch::Tensor` wraps. No C++ exception crosses into Rust: every entry point returns 0, or
+// non-zero with the reason written into `error`.
+
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Group {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::chrono::milliseconds timeout;
+};
+
+void write_error(char* error, size_t capacity, const std::string& message) {
+  if (error == nullptr || capacity == 0) {
+    return;
+  }
+  size_t length = std::min(message.size(), capacity - 1);
+  std::memcpy(error, message.data(), length);
+  error[length] = '\0';
+}
+
+// c10::Error's what() carries a C++ backtrace after the first line; the first line is the
+// message a user can act on.
+std::string first_line(const char* what) {
+  std::string message(what == nullptr ? "" : what);
+  auto end = message.find('\n');
+  return end == std::string::npos ? message : message.substr(0, end);
+}
+
+template <typename F>
+int guarded(char* error, size_t capacity, F&& body) {
+  try {
+    body();
+    return 0;
+  } catch (const c10::Error& e) {
+    write_error(error, capacity, first_line(e.what_without_backtrace()));
+  } catch (const std::exception& e) {
+    write_error(error, capacity, first_line(e.what()));
+  } catch (...) {
+    write_error(error, capacity, "unknown C++ exception");
+  }
+  return 1;
+}
+
+void wait(const Group& group, const c10::intrusive_ptr<c10d::Work>& work) {
+  work->wait(group.timeout);
+}
+
+} // namespace
+
+extern "C" {
+
+// Rendezvous at `host:port` (rank 0 hosts the TCPStore there), then a Gloo process group over
+// `interface` (empty: the host name's address, as torchrun's default).
+int parti_c10d_join(
+    const char* host,
+    uint16_t port,
+    int rank,
+    int world_size,
+    int64_t timeout_ms,
+    const char* interface,
+    void** out,
+    char* error,
+    size_t capacity) {
+  return guarded(error, capacity, [&] {
+    auto group = std::make_unique<Group>();
+    group->timeout = std::chrono::milliseconds(timeout_ms);
+    c10d::TCPStoreOptions options;
+    options.port = port;
+    options.isServer = rank == 0;
+    options.numWorkers = static_cast<size_t>(world_size);
+    options.waitWorkers = true;
+    options.timeout = group->timeout;
+    group->store = c10::make_intrusive<c10d::TCPStore>(std::string(host), options);
+    auto gloo = c10d::ProcessGroupGloo::Options::create(group->timeout);
+    std::string name(interface == nullptr ? "" : interface);
+    gloo->devices.push_back(
+        name.empty() ? c10d::ProcessGroupGloo::createDefaultDevice()
+                     : c10d::ProcessGroupGloo::createDeviceForInterface(name));
+    group->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(
+        group->store, rank, world_size, gloo);
+    *out = group.release();
+  });
+}
+
+void parti_c10d_free(void* group) {
+  delete static_cast<Group*>(group);
+}
+
+// Sums `tensor` (an at::Tensor*) over all ranks, in place.
+int parti_c10d_all_reduce_sum(
+    void* group,
+    void* tensor,
+    char* error,
+    size_t capacity) {
+  return guarded(error, capacity, [&] {
+    auto& g = *static_cast<Group*>(group);
+    std::vector<at::Tensor> tensors{*static_cast<at::Tensor*>(tensor)};
+    c10d::AllreduceOptions options;
+    options.reduceOp = c10d::ReduceOp::SUM;
+    wait(g, g.backend->allreduce(tensors, options));
+  });
+}
+
+// Every rank's `input` into row `rank` of `output` (shape [world_size, ...input's shape]).
+int parti_c10d_all_gather(
+    void* group,
+    void* output,
+    void* input,
+    char* error,
+    size_t capacity) {
+  return guarded(error, capacity, [&] {
+    auto& g = *static_cast<Group*>(group);
+    auto& gathered = *static_cast<at::Tensor*>(output);
+    std::vector<at::Tensor> inputs{*static_cast<at::Tensor*>(input)};
+    std::vector<std::vector<at::Tensor>> outputs{gathered.unbind(0)};
+    wait(g, g.backend->allgather(outputs, inputs));
+  });
+}
+
+// Rank `root`'s `tensor` onto every rank, in place.
+int parti_c10d_broadcast(
+    void* group,
+    void* tensor,
+    int root,
+    char* error,
+    size_t capacity) {
+  return guarded(error, capacity, [&] {
+    auto& g = *static_cast<Group*>(group);
+    std::vector<at::Tensor> tensors{*static_cast<at::Tensor*>(tensor)};
+    c10d::BroadcastOptions options;
+    options.rootRank = root;
+    wait(g, g.backend->broadcast(tensors, options));
+  });
+}
+
+int parti_c10d_barrier(void* group, char* error, size_t capacity) {
+  return guarded(error, capacity, [&] {
+    auto& g = *static_cast<Group*>(group);
+    wait(g, g.backend->barrier());
+  });
+}
+
+// The rendezvous store, for what is not a tensor: which ranks are still there after a failure.
+int parti_c10d_store_set(
+    void* group,
+    const char* key,
+    char* error,
+    size_t capacity) {
+  return guarded(error, capacity, [&] {
+    auto& g = *static_cast<Group*>(group);
+    g.store->set(std::string(key), std::vector<uint8_t>{1});
+  });
+}
+
+int parti_c10d_store_check(
+    void* group,
+    const char* key,
+    int* present,
+    char* error,
+    size_t capacity) {
+  return guarded(error, capacity, [&] {
+    auto& g = *static_cast<Group*>(group);
+    *present = g.store->check({std::string(key)}) ? 1 : 0;
+  });
+}
+
+} // extern "C"

@@ -1,0 +1,211 @@
+//! `train parti` as a job of two processes on loopback (c10d's TCPStore and Gloo, launched as
+//! torchrun would): the same weights, log and metrics as one process with the same global
+//! batch; a rank killed with SIGKILL makes the other exit naming it; the job resumes from its
+//! checkpoint with another world size and ends equal to an uninterrupted run. On the flex build
+//! (one process only) a launch of two is refused with what to do instead.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use manifests::testing::{assert_same_training, assert_succeeded, finish, launch_ranks};
+
+/// Token shards, tokenizer and their upstream, once for the file.
+fn upstream() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        manifests::testing::run_stages(
+            &bin(),
+            &dir,
+            &manifests::testing::few_step_pipeline(120, 60),
+        );
+        std::fs::write(
+            dir.join("parti.toml"),
+            "checkpoint_every = 2\nlog_every = 1\n",
+        )
+        .unwrap();
+        dir
+    })
+}
+
+fn bin() -> PathBuf {
+    manifests::testing::bin_dir(env!("CARGO_BIN_EXE_train"))
+}
+
+fn tch_build() -> bool {
+    nn::backend::backend_name() == "tch"
+}
+
+/// `train parti` into `out` for `steps` steps, checkpointing every 2, not yet started.
+fn parti(out: &Path, steps: usize, extra: &[&str]) -> Command {
+    let dir = upstream();
+    let mut command = Command::new(bin().join("train"));
+    command
+        .args(["parti", "--preset", "tiny", "--steps", &steps.to_string()])
+        .arg("--tokens")
+        .arg(dir.join("tokens"))
+        .arg("--tokenizer")
+        .arg(dir.join("tokenizer"))
+        .arg("--config")
+        .arg(dir.join("parti.toml"))
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for variable in ["RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"] {
+        command.env_remove(variable);
+    }
+    command
+}
+
+fn alone(mut command: Command) -> Vec<(bool, String)> {
+    finish(vec![command.spawn().unwrap()])
+}
+
+#[test]
+fn two_processes_train_what_one_process_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let outputs = finish(launch_ranks(2, || parti(&two, 6, &[])));
+    if !tch_build() {
+        let (succeeded, message) = &outputs[0];
+        assert!(!succeeded, "{message}");
+        assert!(message.contains("--features nn/tch"), "{message}");
+        assert!(message.contains("--distributed off"), "{message}");
+        return;
+    }
+    assert_succeeded(&outputs);
+    assert_succeeded(&alone(parti(&one, 6, &[])));
+    let manifest = std::fs::read_to_string(two.join("manifest.json")).unwrap();
+    assert!(manifest.contains("\"world_size\": 2"), "{manifest}");
+    // Each rank computes one of a step's two micro-batches; the all-reduced sum is the one
+    // process's sum (a single addition of two values, exact in either order): bit-identical.
+    assert_same_training(&one, &two);
+}
+
+/// Polls until the run in `out` has a checkpoint (panics if a rank ends first).
+fn wait_for_checkpoint(out: &Path, children: &mut [Child]) {
+    let started = Instant::now();
+    while !walk(out)
+        .iter()
+        .any(|path| path.ends_with("checkpoint.json"))
+    {
+        for child in children.iter_mut() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("a rank ended ({status}) before the first checkpoint");
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no checkpoint in 300 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .flat_map(|entry| {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path)
+            } else {
+                vec![path]
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_rank_is_named_and_the_job_resumes_with_another_world_size() {
+    if !tch_build() {
+        return; // the flex build refuses a job of two (asserted above)
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 24;
+    let reference = dir.path().join("reference");
+    assert_succeeded(&alone(parti(&reference, steps, &[])));
+
+    // Two ranks; rank 1 is killed (SIGKILL) once the first checkpoint exists.
+    let killed = dir.path().join("killed");
+    let mut children = launch_ranks(2, || parti(&killed, steps, &[]));
+    wait_for_checkpoint(&killed, &mut children);
+    children[1].kill().unwrap();
+    let killed_at = Instant::now();
+    let outputs = finish(children);
+    let (survived, survivor) = &outputs[0];
+    assert!(!survived, "{survivor}");
+    assert!(
+        survivor.contains("rank 0: lost rank 1 during"),
+        "{survivor}"
+    );
+    // Gloo sees the closed connection at once, the roll call takes 3 s; never the 30-minute
+    // collective timeout.
+    assert!(killed_at.elapsed() < Duration::from_secs(60), "{survivor}");
+
+    // The same command in one process resumes the two-process job's checkpoint.
+    let resumed = alone(parti(&killed, steps, &[]));
+    assert_succeeded(&resumed);
+    assert!(
+        resumed[0]
+            .1
+            .contains("resuming from the checkpoint of step"),
+        "{}",
+        resumed[0].1
+    );
+    assert_same_training(&killed, &reference);
+
+    // And the other way: one process stops after 4 steps, two ranks resume.
+    let stopped = dir.path().join("stopped");
+    let paused = alone(parti(&stopped, steps, &["--stop-after", "4"]));
+    assert!(
+        !paused[0].0 && paused[0].1.contains("--stop-after"),
+        "{}",
+        paused[0].1
+    );
+    let outputs = finish(launch_ranks(2, || parti(&stopped, steps, &[])));
+    assert_succeeded(&outputs);
+    for (_, text) in &outputs {
+        assert!(
+            text.contains("resuming from the checkpoint of step 4"),
+            "{text}"
+        );
+    }
+    assert_same_training(&stopped, &reference);
+}
+
+#[test]
+fn the_text_encoder_refuses_a_job_of_several() {
+    let dir = tempfile::tempdir().unwrap();
+    let outputs = finish(launch_ranks(2, || {
+        let mut command = Command::new(bin().join("train"));
+        command
+            .args([
+                "text-encoder",
+                "--tokenizer",
+                "t",
+                "--text",
+                "x",
+                "--pairs",
+                "p",
+            ])
+            .arg("--out")
+            .arg(dir.path());
+        command
+    }));
+    for (succeeded, text) in outputs {
+        assert!(!succeeded, "{text}");
+        assert!(
+            text.contains("`train text-encoder` trains in one"),
+            "{text}"
+        );
+        assert!(text.contains("--distributed off"), "{text}");
+    }
+}

@@ -208,6 +208,24 @@ pub fn free_port() -> u16 {
         .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
 }
 
+/// `program` with piped output and without any launcher's variables, so the environment a test
+/// runs in (a CI job under Slurm, say) cannot make it a rank of some job.
+pub fn lone_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new(program);
+    command.stdout(Stdio::piped()).stderr(Stdio::piped());
+    for variable in [
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "JOB_COMPLETION_INDEX",
+    ] {
+        command.env_remove(variable);
+    }
+    command
+}
+
 /// The ranks of a training job of `world_size` processes on loopback, started as torchrun
 /// starts them (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), each from
 /// `command()`, with Gloo on the loopback interface.

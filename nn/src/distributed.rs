@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor, TensorData};
 use manifests::{Manifest, StageRun};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -393,6 +394,60 @@ impl Group {
         let mut local = local;
         local.sort_by_key(|(index, _)| *index);
         Ok(local.into_iter().map(|(_, item)| item).collect())
+    }
+
+    /// Every rank's `rows` (`[rows, columns]`; the row counts may differ), by rank, the others'
+    /// as constants on `device`: the embeddings of the whole batch for a loss over it, with
+    /// gradients flowing into this rank's own rows only (open_clip's gather). Ours comes back as
+    /// it went, graph and all.
+    pub fn all_gather_rows(
+        &self,
+        rows: Tensor<2>,
+        device: &Device,
+    ) -> Result<Vec<Tensor<2>>, DistributedError> {
+        if self.world_size == 1 {
+            return Ok(vec![rows]);
+        }
+        let [count, columns] = rows.dims();
+        let values = rows
+            .clone()
+            .detach()
+            .into_data_as::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| self.failed("gather of rows", format!("{e:?}")))?;
+        let gathered = self.gather_in_order(vec![(self.rank, (count, values))])?;
+        Ok(gathered
+            .into_iter()
+            .enumerate()
+            .map(|(rank, (count, values))| {
+                if rank == self.rank {
+                    rows.clone()
+                } else {
+                    Tensor::from_data(TensorData::new(values, [count, columns]), device)
+                }
+            })
+            .collect())
+    }
+
+    /// The batch rows of `blocks` (by rank, each holding the rows it [owns](Self::owns)) put
+    /// back in batch order.
+    pub fn interleave(&self, blocks: Vec<Tensor<2>>) -> Tensor<2> {
+        let counts: Vec<usize> = blocks.iter().map(|block| block.dims()[0]).collect();
+        let starts: Vec<usize> = counts
+            .iter()
+            .scan(0, |start, count| {
+                let this = *start;
+                *start += count;
+                Some(this)
+            })
+            .collect();
+        let batch: usize = counts.iter().sum();
+        let order: Vec<i64> = (0..batch)
+            .map(|row| (starts[row % self.world_size] + row / self.world_size) as i64)
+            .collect();
+        let all = Tensor::cat(blocks, 0);
+        let order = Tensor::<1, burn::tensor::Int>::from_data(order.as_slice(), &all.device());
+        all.select(0, order)
     }
 
     /// Rank 0's `value` on every rank (a decision only the leader may take, such as whether

@@ -343,20 +343,13 @@ pub fn train_text_encoder(
             "--workers: `train text-encoder` trains on one worker".into(),
         ));
     }
-    if let Some(launch) = nn::distributed::launched(options.distributed)? {
-        return Err(Error::Usage(format!(
-            "{} launched {} processes, but `train text-encoder` trains in one (its contrastive \
-             loss needs every rank's embeddings, which it does not gather yet): run it alone, \
-             or pass --distributed off",
-            launch.launcher, launch.world_size
-        )));
-    }
     let started = Instant::now();
     let mut run = StageRun::new(STAGE, tool(), &options.out, config, ShardSpec::single())?;
     let tokenizer_stage = run.upstream("tokenizer", inputs.tokenizer)?;
     let text = run.upstream("text", inputs.text)?;
     let pairs = run.upstream("pairs", inputs.pairs)?;
-    if let Some(existing) = run.begin(options.force)? {
+    let group = options.join()?;
+    if let Some(existing) = group.begin(&run, options.force)? {
         return Ok(existing);
     }
     let tokenizer = TextTokenizer::from_manifest(&tokenizer_stage)?;
@@ -381,7 +374,7 @@ pub fn train_text_encoder(
     );
 
     let device =
-        nn::backend::training_device(&options.device).map_err(|e| Error::Usage(e.to_string()))?;
+        nn::backend::training_device(group.device()).map_err(|e| Error::Usage(e.to_string()))?;
     device.seed(config.seed);
     let encoder_config = config.encoder_config(&tokenizer)?;
     let contrastive_config = config.contrastive_config(encoder_config.d_model);
@@ -398,17 +391,33 @@ pub fn train_text_encoder(
     let (mut model, mut optimizer, mut progress) =
         training::resume(&run, model, optimizer(config), fresh)?;
     let checkpointing =
-        training::Checkpointing::new(config.checkpoint_every, config.steps, options.stop_after);
+        training::Checkpointing::new(config.checkpoint_every, config.steps, options.stop_after)
+            .written_by_leader_of(&group);
     let schedule = config.schedule();
+    // The rows of each batch this rank computes (all of them in one process).
+    let own: Vec<usize> = (0..config.batch_size)
+        .filter(|&row| group.owns(row))
+        .collect();
+    let own_rows = Tensor::<1, Int>::from_data(
+        own.iter()
+            .map(|&row| row as i64)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        &device,
+    );
+    let alone = group.world_size() == 1;
     while progress.step < config.steps {
         let step = progress.step;
         let mut rng = training::step_rng(config.seed, step);
         let learning_rate = schedule.at(step, config.steps);
         let contrastive = config.is_contrastive(step);
-        let (loss, accuracy) = if contrastive {
+        // `loss` is this rank's share (its gradients summed over the ranks are the batch's);
+        // `numbers` its (loss, correct, counted) for the log, summed over the ranks.
+        let (loss, numbers) = if contrastive {
             let indices: Vec<usize> = (0..config.batch_size)
                 .map(|_| rng.random_range(0..train_images.len()))
                 .collect();
+            let indices: Vec<usize> = own.iter().map(|&row| indices[row]).collect();
             let (ids, padding) = captions_batch(&train_images, &indices, &tokenizer, &device)?;
             let text = model
                 .contrastive
@@ -416,27 +425,68 @@ pub fn train_text_encoder(
             let pictures = model
                 .contrastive
                 .embed_images(train_images.batch(&indices, &device));
-            (model.contrastive.loss(text, pictures), None)
+            let loss = if alone {
+                model.contrastive.loss(text, pictures)
+            } else {
+                // The whole batch's embeddings, ours with their graph: every rank computes the
+                // whole loss, and its gradients reach the parameters through its own rows.
+                let text = group.interleave(group.all_gather_rows(text, &device)?);
+                let pictures = group.interleave(group.all_gather_rows(pictures, &device)?);
+                model.contrastive.loss(text, pictures)
+            };
+            let value = loss.clone().into_scalar::<f32>() as f64;
+            (loss, (value / group.world_size() as f64, 0.0, 0.0))
         } else {
             let rows: Vec<&[u32]> = (0..config.batch_size)
                 .map(|_| sequences.train[rng.random_range(0..sequences.train.len())].as_slice())
                 .collect();
             let (ids, padding, targets, weights) =
                 mlm_batch(&rows, &tokenizer, config.mask_rate, &mut rng, &device);
+            let batch_count = weights.clone().sum().into_scalar::<f32>() as f64;
+            let (ids, padding, targets, weights) = if alone {
+                (ids, padding, targets, weights)
+            } else {
+                (
+                    ids.select(0, own_rows.clone()),
+                    padding.select(0, own_rows.clone()),
+                    targets.select(0, own_rows.clone()),
+                    weights.select(0, own_rows.clone()),
+                )
+            };
+            let count = weights.clone().sum().into_scalar::<f32>() as f64;
             let logits = model.mlm_head.forward(model.encoder.forward(ids, padding));
             let (loss, accuracy) = mlm_loss(logits, targets, weights);
-            (loss, Some(accuracy))
+            // The mean over this rank's masked tokens, weighted to its share of the batch's.
+            let loss = if alone {
+                loss
+            } else {
+                loss.mul_scalar(count / batch_count.max(1.0))
+            };
+            let value = loss.clone().into_scalar::<f32>() as f64;
+            let correct = accuracy.into_scalar::<f32>() as f64 * count.max(1.0);
+            (loss, (value, correct, count))
         };
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        if contrastive && !alone {
+            // The temperature enters every rank's copy of the whole loss: count it once.
+            let id = model.contrastive.logit_scale.id;
+            if let Some(grad) = grads.remove::<1>(id) {
+                grads.register::<1>(id, grad.div_scalar(group.world_size() as f64));
+            }
+        }
+        let grads = group.all_reduce_gradients(&model, grads)?;
         model = optimizer.step(learning_rate, model, grads);
         if step % config.log_every.max(1) < config.contrastive_every.max(1)
             || step + 1 == config.steps
         {
+            let all = group.gather_in_order(vec![(group.rank(), numbers)])?;
+            let sum = |pick: fn(&(f64, f64, f64)) -> f64| all.iter().map(pick).sum::<f64>();
+            let (loss, correct, counted) = (sum(|n| n.0), sum(|n| n.1), sum(|n| n.2));
             let objective = if contrastive { "contrastive" } else { "mlm" };
             let mut line = json!({"step": step, "objective": objective,
-                "learning_rate": learning_rate, "loss": loss.into_scalar::<f32>()});
-            if let Some(accuracy) = accuracy {
-                line["mlm_accuracy"] = json!(accuracy.into_scalar::<f32>());
+                "learning_rate": learning_rate, "loss": loss as f32});
+            if !contrastive {
+                line["mlm_accuracy"] = json!((correct / counted.max(1.0)) as f32);
             }
             info!("{line}");
             progress.log.push_str(&format!("{line}\n"));
@@ -446,8 +496,12 @@ pub fn train_text_encoder(
     }
 
     let eval_model = model.valid();
+    if !group.is_leader() {
+        // Rank 0 evaluates and publishes; the manifest is everyone's result.
+        return group.leader_published(&run);
+    }
     let eval_device =
-        nn::backend::device(&options.device).map_err(|e| Error::Usage(e.to_string()))?;
+        nn::backend::device(group.device()).map_err(|e| Error::Usage(e.to_string()))?;
     let mlm_accuracy = mlm_accuracy(
         &eval_model,
         &sequences.held_out,
@@ -503,5 +557,8 @@ pub fn train_text_encoder(
     put("rejected", json!(rejected));
     put("held_out_sequences", json!(sequences.held_out.len()));
     put("parameters", json!(eval_model.encoder.num_params()));
-    publication.publish(metrics)
+    put("world_size", json!(group.world_size()));
+    let manifest = publication.publish(metrics)?;
+    group.barrier()?;
+    Ok(manifest)
 }

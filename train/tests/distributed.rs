@@ -1,15 +1,18 @@
 //! `train parti` as a job of two processes on loopback (c10d's TCPStore and Gloo, launched as
 //! torchrun would): the same weights, log and metrics as one process with the same global
 //! batch; a rank killed with SIGKILL makes the other exit naming it; the job resumes from its
-//! checkpoint with another world size and ends equal to an uninterrupted run. On the flex build
-//! (one process only) a launch of two is refused with what to do instead.
+//! checkpoint with another world size and ends equal to an uninterrupted run; `train
+//! text-encoder` as two processes gathers the embeddings and matches one process to rounding.
+//! On the flex build (one process only) a launch of two is refused with what to do instead.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use manifests::testing::{assert_same_training, assert_succeeded, finish, launch_ranks};
+use manifests::testing::{
+    assert_same_training, assert_succeeded, finish, launch_ranks, lone_command,
+};
 
 /// Token shards, tokenizer and their upstream, once for the file.
 fn upstream() -> &'static PathBuf {
@@ -26,6 +29,7 @@ fn upstream() -> &'static PathBuf {
             "checkpoint_every = 2\nlog_every = 1\n",
         )
         .unwrap();
+        std::fs::write(dir.join("text-encoder.toml"), "log_every = 1\n").unwrap();
         dir
     })
 }
@@ -41,7 +45,7 @@ fn tch_build() -> bool {
 /// `train parti` into `out` for `steps` steps, checkpointing every 2, not yet started.
 fn parti(out: &Path, steps: usize, extra: &[&str]) -> Command {
     let dir = upstream();
-    let mut command = Command::new(bin().join("train"));
+    let mut command = lone_command(bin().join("train"));
     command
         .args(["parti", "--preset", "tiny", "--steps", &steps.to_string()])
         .arg("--tokens")
@@ -52,12 +56,7 @@ fn parti(out: &Path, steps: usize, extra: &[&str]) -> Command {
         .arg(dir.join("parti.toml"))
         .arg("--out")
         .arg(out)
-        .args(extra)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    for variable in ["RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"] {
-        command.env_remove(variable);
-    }
+        .args(extra);
     command
 }
 
@@ -181,31 +180,106 @@ fn a_killed_rank_is_named_and_the_job_resumes_with_another_world_size() {
     assert_same_training(&stopped, &reference);
 }
 
+/// `train text-encoder` into `out` for 6 steps (3 contrastive, 3 MLM), not yet started.
+fn text_encoder(out: &Path) -> Command {
+    let dir = upstream();
+    let mut command = lone_command(bin().join("train"));
+    command
+        .args([
+            "text-encoder",
+            "--preset",
+            "tiny",
+            "--steps",
+            "6",
+            "--batch-size",
+            "16",
+        ])
+        .arg("--tokenizer")
+        .arg(dir.join("tokenizer"))
+        .arg("--text")
+        .arg(dir.join("text"))
+        .arg("--pairs")
+        .arg(dir.join("pairs"))
+        .arg("--config")
+        .arg(dir.join("text-encoder.toml"))
+        .arg("--out")
+        .arg(out);
+    command
+}
+
+/// Every float of the safetensors artifact `name` of the stage in `dir`, by tensor name.
+fn weights(dir: &Path, name: &str) -> Vec<(String, Vec<f32>)> {
+    let bytes = manifests::testing::artifact_bytes(dir, name);
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut all: Vec<(String, Vec<f32>)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, values)
+        })
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
 #[test]
-fn the_text_encoder_refuses_a_job_of_several() {
+fn the_text_encoder_trains_as_two_processes_with_the_whole_batch_as_negatives() {
     let dir = tempfile::tempdir().unwrap();
-    let outputs = finish(launch_ranks(2, || {
-        let mut command = Command::new(bin().join("train"));
-        command
-            .args([
-                "text-encoder",
-                "--tokenizer",
-                "t",
-                "--text",
-                "x",
-                "--pairs",
-                "p",
-            ])
-            .arg("--out")
-            .arg(dir.path());
-        command
-    }));
-    for (succeeded, text) in outputs {
-        assert!(!succeeded, "{text}");
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let outputs = finish(launch_ranks(2, || text_encoder(&two)));
+    if !tch_build() {
+        let (succeeded, message) = &outputs[0];
         assert!(
-            text.contains("`train text-encoder` trains in one"),
-            "{text}"
+            !succeeded && message.contains("--features nn/tch"),
+            "{message}"
         );
-        assert!(text.contains("--distributed off"), "{text}");
+        return;
+    }
+    assert_succeeded(&outputs);
+    assert_succeeded(&alone(text_encoder(&one)));
+    // Each rank embeds half the batch and computes the loss over all of it with the other's
+    // embeddings as constants; MLM means are weighted by each rank's masked tokens. The sums
+    // are regrouped (batch of 16 against two of 8), so equal to rounding, not bit for bit.
+    let close = |a: f64, b: f64, what: &str| {
+        assert!(
+            (a - b).abs() <= 2e-4 * (1.0 + a.abs()),
+            "{what}: {a} against {b}"
+        );
+    };
+    let log = |dir: &Path| -> Vec<serde_json::Value> {
+        String::from_utf8(manifests::testing::artifact_bytes(dir, "metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    let (log_one, log_two) = (log(&one), log(&two));
+    assert_eq!(log_one.len(), log_two.len());
+    let mut objectives = std::collections::BTreeSet::new();
+    for (a, b) in log_one.iter().zip(&log_two) {
+        if let Some(objective) = a["objective"].as_str() {
+            objectives.insert(objective.to_string());
+            assert_eq!(a["objective"], b["objective"]);
+            close(
+                a["loss"].as_f64().unwrap(),
+                b["loss"].as_f64().unwrap(),
+                "loss",
+            );
+        }
+    }
+    assert_eq!(objectives.len(), 2, "both objectives ran: {log_one:?}");
+    for name in ["text_encoder.safetensors", "contrastive.safetensors"] {
+        let (a, b) = (weights(&one, name), weights(&two, name));
+        assert_eq!(a.len(), b.len());
+        for ((tensor, x), (_, y)) in a.iter().zip(&b) {
+            for (x, y) in x.iter().zip(y) {
+                close(*x as f64, *y as f64, tensor);
+            }
+        }
     }
 }

@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use manifests::testing::{assert_same_training, assert_succeeded, finish, launch_ranks};
+use manifests::testing::{
+    assert_same_training, assert_succeeded, finish, launch_ranks, lone_command,
+};
 
 fn bin() -> PathBuf {
     manifests::testing::bin_dir(env!("CARGO_BIN_EXE_vqgan"))
@@ -14,16 +16,8 @@ fn bin() -> PathBuf {
 
 /// `vqgan ARGS... --out OUT`, not yet started.
 fn vqgan(args: &[&str], out: &Path) -> Command {
-    let mut command = Command::new(bin().join("vqgan"));
-    command
-        .args(args)
-        .arg("--out")
-        .arg(out)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    for variable in ["RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"] {
-        command.env_remove(variable);
-    }
+    let mut command = lone_command(bin().join("vqgan"));
+    command.args(args).arg("--out").arg(out);
     command
 }
 

@@ -123,15 +123,6 @@ pub fn launch_from(
                 why: "not a whole number".into(),
             })
     };
-    let required = |name: &str, launcher: &str| -> Result<String, DistributedError> {
-        var(name)
-            .filter(|value| !value.trim().is_empty())
-            .ok_or_else(|| DistributedError::Launch {
-                variable: name.into(),
-                value: String::new(),
-                why: format!("{launcher} runs need it (rank 0's address)"),
-            })
-    };
     let port = || -> Result<u16, DistributedError> {
         match var("MASTER_PORT") {
             None => Ok(DEFAULT_PORT),
@@ -145,66 +136,56 @@ pub fn launch_from(
                 }),
         }
     };
-    let launch = if let (Some(rank), Some(world_size)) = (number("RANK")?, number("WORLD_SIZE")?) {
-        if world_size <= 1 {
+    let (launcher, rank, world_size, local_rank_variable) =
+        if let (Some(rank), Some(world_size)) = (number("RANK")?, number("WORLD_SIZE")?) {
+            ("torchrun", rank, world_size, "LOCAL_RANK")
+        } else if let (Some(rank), Some(world_size)) =
+            (number("SLURM_PROCID")?, number("SLURM_NTASKS")?)
+        {
+            ("slurm", rank, world_size, "SLURM_LOCALID")
+        } else if let Some(rank) = number("JOB_COMPLETION_INDEX")? {
+            let world_size = number("WORLD_SIZE")?.ok_or_else(|| DistributedError::Launch {
+                variable: "WORLD_SIZE".into(),
+                value: String::new(),
+                why: "an Indexed Job sets JOB_COMPLETION_INDEX; its spec must set WORLD_SIZE \
+                      (its completions) too"
+                    .into(),
+            })?;
+            ("kubernetes", rank, world_size, "LOCAL_RANK")
+        } else {
             return Ok(None);
-        }
-        Launch {
-            rank,
-            world_size,
-            local_rank: number("LOCAL_RANK")?.unwrap_or(0),
-            master_addr: required("MASTER_ADDR", "torchrun")?,
-            master_port: port()?,
-            launcher: "torchrun",
-        }
-    } else if let (Some(rank), Some(world_size)) =
-        (number("SLURM_PROCID")?, number("SLURM_NTASKS")?)
-    {
-        if world_size <= 1 {
-            return Ok(None);
-        }
-        let master_addr = match var("MASTER_ADDR").filter(|a| !a.trim().is_empty()) {
-            Some(address) => address,
-            None => {
-                let list = var("SLURM_JOB_NODELIST")
-                    .or_else(|| var("SLURM_NODELIST"))
-                    .unwrap_or_default();
-                first_slurm_host(&list).ok_or_else(|| DistributedError::Launch {
-                    variable: "SLURM_JOB_NODELIST".into(),
-                    value: list.clone(),
-                    why: "no host in it; set MASTER_ADDR".into(),
-                })?
-            }
         };
-        Launch {
-            rank,
-            world_size,
-            local_rank: number("SLURM_LOCALID")?.unwrap_or(0),
-            master_addr,
-            master_port: port()?,
-            launcher: "slurm",
-        }
-    } else if let Some(rank) = number("JOB_COMPLETION_INDEX")? {
-        let world_size = number("WORLD_SIZE")?.ok_or_else(|| DistributedError::Launch {
-            variable: "WORLD_SIZE".into(),
-            value: String::new(),
-            why: "an Indexed Job sets JOB_COMPLETION_INDEX; its spec must set WORLD_SIZE \
-                  (its completions) too"
-                .into(),
-        })?;
-        if world_size <= 1 {
-            return Ok(None);
-        }
-        Launch {
-            rank,
-            world_size,
-            local_rank: number("LOCAL_RANK")?.unwrap_or(0),
-            master_addr: required("MASTER_ADDR", "Kubernetes")?,
-            master_port: port()?,
-            launcher: "kubernetes",
-        }
-    } else {
+    if world_size <= 1 {
         return Ok(None);
+    }
+    let master_addr = match var("MASTER_ADDR").filter(|address| !address.trim().is_empty()) {
+        Some(address) => address,
+        // Slurm names the job's nodes; rank 0 runs on the first.
+        None if launcher == "slurm" => {
+            let list = var("SLURM_JOB_NODELIST")
+                .or_else(|| var("SLURM_NODELIST"))
+                .unwrap_or_default();
+            first_slurm_host(&list).ok_or_else(|| DistributedError::Launch {
+                variable: "SLURM_JOB_NODELIST".into(),
+                value: list.clone(),
+                why: "no host in it; set MASTER_ADDR".into(),
+            })?
+        }
+        None => {
+            return Err(DistributedError::Launch {
+                variable: "MASTER_ADDR".into(),
+                value: String::new(),
+                why: format!("{launcher} runs need it (rank 0's address)"),
+            });
+        }
+    };
+    let launch = Launch {
+        rank,
+        world_size,
+        local_rank: number(local_rank_variable)?.unwrap_or(0),
+        master_addr,
+        master_port: port()?,
+        launcher,
     };
     if launch.rank >= launch.world_size {
         return Err(DistributedError::Launch {
@@ -396,17 +377,17 @@ impl Group {
         Ok(local.into_iter().map(|(_, item)| item).collect())
     }
 
-    /// Every rank's `rows` (`[rows, columns]`; the row counts may differ), by rank, the others'
-    /// as constants on `device`: the embeddings of the whole batch for a loss over it, with
-    /// gradients flowing into this rank's own rows only (open_clip's gather). Ours comes back as
-    /// it went, graph and all.
-    pub fn all_gather_rows(
+    /// The whole batch from each rank's `rows` (`[rows it owns, columns]`, row counts may
+    /// differ), in batch order: the others' as constants on `device`, ours with their graph, so
+    /// a loss over the whole batch sends gradients into this rank's rows only (open_clip's
+    /// gather of embeddings).
+    pub fn whole_batch(
         &self,
         rows: Tensor<2>,
         device: &Device,
-    ) -> Result<Vec<Tensor<2>>, DistributedError> {
+    ) -> Result<Tensor<2>, DistributedError> {
         if self.world_size == 1 {
-            return Ok(vec![rows]);
+            return Ok(rows);
         }
         let [count, columns] = rows.dims();
         let values = rows
@@ -416,7 +397,7 @@ impl Group {
             .try_into_vec::<f32>()
             .map_err(|e| self.failed("gather of rows", format!("{e:?}")))?;
         let gathered = self.gather_in_order(vec![(self.rank, (count, values))])?;
-        Ok(gathered
+        let blocks: Vec<Tensor<2>> = gathered
             .into_iter()
             .enumerate()
             .map(|(rank, (count, values))| {
@@ -426,28 +407,19 @@ impl Group {
                     Tensor::from_data(TensorData::new(values, [count, columns]), device)
                 }
             })
-            .collect())
-    }
-
-    /// The batch rows of `blocks` (by rank, each holding the rows it [owns](Self::owns)) put
-    /// back in batch order.
-    pub fn interleave(&self, blocks: Vec<Tensor<2>>) -> Tensor<2> {
-        let counts: Vec<usize> = blocks.iter().map(|block| block.dims()[0]).collect();
-        let starts: Vec<usize> = counts
-            .iter()
-            .scan(0, |start, count| {
-                let this = *start;
-                *start += count;
-                Some(this)
-            })
             .collect();
-        let batch: usize = counts.iter().sum();
+        // Rank r's j-th row is batch row r + j * world_size.
+        let mut starts = Vec::with_capacity(blocks.len());
+        let mut batch = 0;
+        for block in &blocks {
+            starts.push(batch);
+            batch += block.dims()[0];
+        }
         let order: Vec<i64> = (0..batch)
             .map(|row| (starts[row % self.world_size] + row / self.world_size) as i64)
             .collect();
-        let all = Tensor::cat(blocks, 0);
-        let order = Tensor::<1, burn::tensor::Int>::from_data(order.as_slice(), &all.device());
-        all.select(0, order)
+        let order = Tensor::<1, burn::tensor::Int>::from_data(order.as_slice(), device);
+        Ok(Tensor::cat(blocks, 0).select(0, order))
     }
 
     /// Rank 0's `value` on every rank (a decision only the leader may take, such as whether

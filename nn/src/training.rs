@@ -478,9 +478,12 @@ impl<'a> Publication<'a> {
         self.file("metrics.jsonl", "metrics/jsonl", log.into_bytes())
     }
 
-    /// Writes the manifest: `metrics` plus the backend and the seconds since the start.
+    /// Writes the manifest: `metrics` plus the backend, the seconds since the start and the
+    /// job's world size; then lets `group`'s other ranks, waiting in
+    /// [`Group::leader_published`], read it.
     pub fn publish(
         self,
+        group: &Group,
         mut metrics: serde_json::Map<String, serde_json::Value>,
     ) -> Result<manifests::Manifest, crate::Error> {
         metrics.insert(
@@ -491,6 +494,9 @@ impl<'a> Publication<'a> {
             "seconds".into(),
             serde_json::json!(self.started.elapsed().as_secs_f64()),
         );
-        Ok(self.run.publish(self.artifacts, metrics)?)
+        metrics.insert("world_size".into(), serde_json::json!(group.world_size()));
+        let manifest = self.run.publish(self.artifacts, metrics)?;
+        group.barrier()?;
+        Ok(manifest)
     }
 }

@@ -561,9 +561,6 @@ pub fn train_parti(
         "transformer_parameters",
         json!(model_config.transformer_params()),
     );
-    put("world_size", json!(group.world_size()));
     put("train_tokens_per_second", json!(tokens_per_second));
-    let manifest = publication.publish(metrics)?;
-    group.barrier()?;
-    Ok(manifest)
+    publication.publish(&group, metrics)
 }

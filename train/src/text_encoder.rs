@@ -398,13 +398,8 @@ pub fn train_text_encoder(
     let own: Vec<usize> = (0..config.batch_size)
         .filter(|&row| group.owns(row))
         .collect();
-    let own_rows = Tensor::<1, Int>::from_data(
-        own.iter()
-            .map(|&row| row as i64)
-            .collect::<Vec<_>>()
-            .as_slice(),
-        &device,
-    );
+    let own_rows: Vec<i64> = own.iter().map(|&row| row as i64).collect();
+    let own_rows = Tensor::<1, Int>::from_data(own_rows.as_slice(), &device);
     let alone = group.world_size() == 1;
     while progress.step < config.steps {
         let step = progress.step;
@@ -412,8 +407,9 @@ pub fn train_text_encoder(
         let learning_rate = schedule.at(step, config.steps);
         let contrastive = config.is_contrastive(step);
         // `loss` is this rank's share (its gradients summed over the ranks are the batch's);
-        // `numbers` its (loss, correct, counted) for the log, summed over the ranks.
-        let (loss, numbers) = if contrastive {
+        // for the log, its value counts `loss_weight` times and its MLM accuracy `count` times
+        // in the sums over the ranks. Read back only on logged steps.
+        let (loss, loss_weight, accuracy) = if contrastive {
             let indices: Vec<usize> = (0..config.batch_size)
                 .map(|_| rng.random_range(0..train_images.len()))
                 .collect();
@@ -428,43 +424,41 @@ pub fn train_text_encoder(
             let loss = if alone {
                 model.contrastive.loss(text, pictures)
             } else {
-                // The whole batch's embeddings, ours with their graph: every rank computes the
-                // whole loss, and its gradients reach the parameters through its own rows.
-                let text = group.interleave(group.all_gather_rows(text, &device)?);
-                let pictures = group.interleave(group.all_gather_rows(pictures, &device)?);
+                // The whole batch's embeddings, ours with their graph, in one exchange: every
+                // rank computes the whole loss, and its gradients reach the parameters through
+                // its own rows.
+                let width = text.dims()[1];
+                let both = group.whole_batch(Tensor::cat(vec![text, pictures], 1), &device)?;
+                let [_, columns] = both.dims();
+                let text = both.clone().narrow(1, 0, width);
+                let pictures = both.narrow(1, width, columns - width);
                 model.contrastive.loss(text, pictures)
             };
-            let value = loss.clone().into_scalar::<f32>() as f64;
-            (loss, (value / group.world_size() as f64, 0.0, 0.0))
+            (loss, 1.0 / group.world_size() as f64, None)
         } else {
             let rows: Vec<&[u32]> = (0..config.batch_size)
                 .map(|_| sequences.train[rng.random_range(0..sequences.train.len())].as_slice())
                 .collect();
             let (ids, padding, targets, weights) =
                 mlm_batch(&rows, &tokenizer, config.mask_rate, &mut rng, &device);
-            let batch_count = weights.clone().sum().into_scalar::<f32>() as f64;
-            let (ids, padding, targets, weights) = if alone {
-                (ids, padding, targets, weights)
+            if alone {
+                let logits = model.mlm_head.forward(model.encoder.forward(ids, padding));
+                let (loss, accuracy) = mlm_loss(logits, targets, weights);
+                (loss, 1.0, Some((accuracy, 1.0)))
             } else {
-                (
+                let batch_count = weights.clone().sum().into_scalar::<f32>() as f64;
+                let weights = weights.select(0, own_rows.clone());
+                let count = weights.clone().sum().into_scalar::<f32>() as f64;
+                let logits = model.mlm_head.forward(model.encoder.forward(
                     ids.select(0, own_rows.clone()),
                     padding.select(0, own_rows.clone()),
-                    targets.select(0, own_rows.clone()),
-                    weights.select(0, own_rows.clone()),
-                )
-            };
-            let count = weights.clone().sum().into_scalar::<f32>() as f64;
-            let logits = model.mlm_head.forward(model.encoder.forward(ids, padding));
-            let (loss, accuracy) = mlm_loss(logits, targets, weights);
-            // The mean over this rank's masked tokens, weighted to its share of the batch's.
-            let loss = if alone {
-                loss
-            } else {
-                loss.mul_scalar(count / batch_count.max(1.0))
-            };
-            let value = loss.clone().into_scalar::<f32>() as f64;
-            let correct = accuracy.into_scalar::<f32>() as f64 * count.max(1.0);
-            (loss, (value, correct, count))
+                ));
+                let (loss, accuracy) =
+                    mlm_loss(logits, targets.select(0, own_rows.clone()), weights);
+                // The mean over this rank's masked tokens, weighted to its share of the batch's.
+                let loss = loss.mul_scalar(count / batch_count.max(1.0));
+                (loss, 1.0, Some((accuracy, count.max(1.0))))
+            }
         };
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
         if contrastive && !alone {
@@ -479,6 +473,13 @@ pub fn train_text_encoder(
         if step % config.log_every.max(1) < config.contrastive_every.max(1)
             || step + 1 == config.steps
         {
+            let value = loss.into_scalar::<f32>() as f64 * loss_weight;
+            let numbers = match accuracy {
+                Some((accuracy, count)) => {
+                    (value, accuracy.into_scalar::<f32>() as f64 * count, count)
+                }
+                None => (value, 0.0, 0.0),
+            };
             let all = group.gather_in_order(vec![(group.rank(), numbers)])?;
             let sum = |pick: fn(&(f64, f64, f64)) -> f64| all.iter().map(pick).sum::<f64>();
             let (loss, correct, counted) = (sum(|n| n.0), sum(|n| n.1), sum(|n| n.2));
@@ -557,8 +558,5 @@ pub fn train_text_encoder(
     put("rejected", json!(rejected));
     put("held_out_sequences", json!(sequences.held_out.len()));
     put("parameters", json!(eval_model.encoder.num_params()));
-    put("world_size", json!(group.world_size()));
-    let manifest = publication.publish(metrics)?;
-    group.barrier()?;
-    Ok(manifest)
+    publication.publish(&group, metrics)
 }

@@ -229,10 +229,7 @@ impl Setup<'_> {
         put("held_out_images", json!(held_out.len()));
         put("parameters", json!(model.num_params()));
         put("perceptual_loss", json!(self.perceptual));
-        put("world_size", json!(self.group.world_size()));
-        let manifest = publication.publish(metrics)?;
-        self.group.barrier()?;
-        Ok(manifest)
+        publication.publish(&self.group, metrics)
     }
 
     /// The steps from `progress` to the end: each step's gradients over the workers

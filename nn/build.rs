@@ -1,15 +1,16 @@
-//! The `tch` build compiles `csrc/c10d.cpp` against libtorch's headers (c10d ships inside
-//! libtorch; see src/distributed.rs). The `flex` build compiles nothing.
+//! The `tch` build compiles `csrc/` against libtorch's headers: c10d for training across
+//! processes (it ships inside libtorch; see src/distributed.rs) and the autograd call behind the
+//! fused operations and the fused AdamW step (src/fused.rs). The `flex` build compiles nothing.
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     #[cfg(feature = "tch")]
-    compile_c10d();
+    compile_against_libtorch();
 }
 
 #[cfg(feature = "tch")]
-fn compile_c10d() {
+fn compile_against_libtorch() {
     let Some(libtorch) = std::env::var_os("LIBTORCH").map(std::path::PathBuf::from) else {
         eprintln!(
             "the tch build needs LIBTORCH: a libtorch folder with include/ and lib/ \
@@ -22,6 +23,8 @@ fn compile_c10d() {
         .cpp(true)
         .std("c++17")
         .file("csrc/c10d.cpp")
+        .file("csrc/autograd.cpp")
+        .file("csrc/adamw.cpp")
         // c10d's Gloo header is compiled only with this, as in PyTorch's own build.
         .define("USE_C10D_GLOO", None)
         // The PyPI torch wheels (and libtorch >= 2.7 everywhere) use the C++11 string ABI.
@@ -37,7 +40,7 @@ fn compile_c10d() {
                 .to_string_lossy()
                 .as_ref(),
         )
-        .compile("parti_c10d");
+        .compile("parti_libtorch");
     println!(
         "cargo:rustc-link-search=native={}",
         libtorch.join("lib").display()

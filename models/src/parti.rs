@@ -15,6 +15,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Int, Tensor};
 use nn::attention::{KvCache, padding_mask};
+use nn::fused::{cross_entropy, layer_norm};
 use nn::{CrossContext, LearnedPositions, LearnedPositionsConfig, TransformerBlock};
 
 use crate::Error;
@@ -314,7 +315,7 @@ impl Parti {
                 context.as_ref(),
             );
         }
-        self.head.forward(self.norm.forward(x))
+        self.head.forward(layer_norm(&self.norm, x))
     }
 
     /// Logits `[batch, codebook]` of the last of `inputs` (BOS + tokens so far) by a full
@@ -341,7 +342,9 @@ impl Parti {
     pub fn start(&self, condition: &Condition) -> DecoderState {
         let cross_mask = padding_mask(condition.padding.clone());
         DecoderState {
-            caches: self.blocks.iter().map(|_| KvCache::default()).collect(),
+            caches: (0..self.blocks.len())
+                .map(|_| KvCache::with_capacity(self.tokens()))
+                .collect(),
             contexts: self
                 .blocks
                 .iter()
@@ -375,7 +378,7 @@ impl Parti {
         state.position += 1;
         let [batch, _, _] = x.dims();
         self.head
-            .forward(self.norm.forward(x))
+            .forward(layer_norm(&self.norm, x))
             .reshape([batch, self.bos_id()])
     }
 }
@@ -383,14 +386,12 @@ impl Parti {
 /// Teacher-forced cross-entropy (mean over tokens) and token accuracy.
 pub fn token_loss(logits: Tensor<3>, targets: Tensor<2, Int>) -> (Tensor<1>, Tensor<1>) {
     let [batch, len, _] = logits.dims();
-    let picked = burn::tensor::activation::log_softmax(logits.clone(), 2)
-        .gather(2, targets.clone().reshape([batch, len, 1]))
-        .reshape([batch, len]);
+    let losses = cross_entropy(logits.clone(), targets.clone());
     let accuracy = logits
         .argmax(2)
         .reshape([batch, len])
         .equal(targets)
         .float()
         .mean();
-    (picked.mean().neg(), accuracy)
+    (losses.mean(), accuracy)
 }

@@ -11,6 +11,7 @@ use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, L
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use nn::attention::padding_mask;
+use nn::fused::{cross_entropy, layer_norm};
 use nn::{LearnedPositions, LearnedPositionsConfig, TransformerBlock, TransformerBlockConfig};
 use rand::Rng;
 
@@ -93,7 +94,7 @@ impl TextEncoder {
         for block in &self.blocks {
             x = block.forward(x, Some(mask.clone()), None);
         }
-        self.norm.forward(x)
+        layer_norm(&self.norm, x)
     }
 }
 
@@ -156,7 +157,7 @@ impl ImageTower {
         for block in &self.blocks {
             x = block.forward(x, None, None);
         }
-        self.norm.forward(x).mean_dim(1).squeeze_dim::<2>(1)
+        layer_norm(&self.norm, x).mean_dim(1).squeeze_dim::<2>(1)
     }
 }
 
@@ -239,12 +240,9 @@ pub fn mlm_loss(
     weights: Tensor<2>,
 ) -> (Tensor<1>, Tensor<1>) {
     let [batch, len, _] = logits.dims();
-    let log_probs = log_softmax(logits.clone(), 2);
-    let picked = log_probs
-        .gather(2, targets.clone().reshape([batch, len, 1]))
-        .reshape([batch, len]);
+    let losses = cross_entropy(logits.clone(), targets.clone());
     let count = weights.clone().sum().clamp_min(1.0);
-    let loss = (picked * weights.clone()).sum().neg() / count.clone();
+    let loss = (losses * weights.clone()).sum() / count.clone();
     let predicted = logits.argmax(2).reshape([batch, len]);
     let correct = predicted.equal(targets).float() * weights;
     (loss, correct.sum() / count)

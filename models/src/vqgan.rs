@@ -6,6 +6,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::{Device, Int, Tensor};
+use nn::fused::layer_norm;
 use nn::{LearnedPositions, LearnedPositionsConfig, TransformerBlock, TransformerBlockConfig};
 use serde::{Deserialize, Serialize};
 
@@ -290,7 +291,7 @@ impl VitEncoder {
         for block in &self.blocks {
             x = block.forward(x, None, None);
         }
-        self.to_codes.forward(self.norm.forward(x))
+        self.to_codes.forward(layer_norm(&self.norm, x))
     }
 }
 
@@ -324,7 +325,7 @@ impl VitDecoder {
         for block in &self.blocks {
             x = block.forward(x, None, None);
         }
-        self.to_pixels.forward(self.norm.forward(x))
+        self.to_pixels.forward(layer_norm(&self.norm, x))
     }
 }
 

@@ -8,11 +8,10 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
-#include <algorithm>
+#include "guarded.h"
+
 #include <chrono>
 #include <cstdint>
-#include <cstring>
-#include <exception>
 #include <string>
 #include <vector>
 
@@ -23,38 +22,6 @@ struct Group {
   c10::intrusive_ptr<c10d::Backend> backend;
   std::chrono::milliseconds timeout;
 };
-
-void write_error(char* error, size_t capacity, const std::string& message) {
-  if (error == nullptr || capacity == 0) {
-    return;
-  }
-  size_t length = std::min(message.size(), capacity - 1);
-  std::memcpy(error, message.data(), length);
-  error[length] = '\0';
-}
-
-// c10::Error's what() carries a C++ backtrace after the first line; the first line is the
-// message a user can act on.
-std::string first_line(const char* what) {
-  std::string message(what == nullptr ? "" : what);
-  auto end = message.find('\n');
-  return end == std::string::npos ? message : message.substr(0, end);
-}
-
-template <typename F>
-int guarded(char* error, size_t capacity, F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const c10::Error& e) {
-    write_error(error, capacity, first_line(e.what_without_backtrace()));
-  } catch (const std::exception& e) {
-    write_error(error, capacity, first_line(e.what()));
-  } catch (...) {
-    write_error(error, capacity, "unknown C++ exception");
-  }
-  return 1;
-}
 
 void wait(const Group& group, const c10::intrusive_ptr<c10d::Work>& work) {
   work->wait(group.timeout);
@@ -76,7 +43,7 @@ int parti_c10d_join(
     void** out,
     char* error,
     size_t capacity) {
-  return guarded(error, capacity, [&] {
+  return parti::guarded(error, capacity, [&] {
     auto group = std::make_unique<Group>();
     group->timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions options;
@@ -107,7 +74,7 @@ int parti_c10d_all_reduce_sum(
     void* tensor,
     char* error,
     size_t capacity) {
-  return guarded(error, capacity, [&] {
+  return parti::guarded(error, capacity, [&] {
     auto& g = *static_cast<Group*>(group);
     std::vector<at::Tensor> tensors{*static_cast<at::Tensor*>(tensor)};
     c10d::AllreduceOptions options;
@@ -123,7 +90,7 @@ int parti_c10d_all_gather(
     void* input,
     char* error,
     size_t capacity) {
-  return guarded(error, capacity, [&] {
+  return parti::guarded(error, capacity, [&] {
     auto& g = *static_cast<Group*>(group);
     auto& gathered = *static_cast<at::Tensor*>(output);
     std::vector<at::Tensor> inputs{*static_cast<at::Tensor*>(input)};
@@ -139,7 +106,7 @@ int parti_c10d_broadcast(
     int root,
     char* error,
     size_t capacity) {
-  return guarded(error, capacity, [&] {
+  return parti::guarded(error, capacity, [&] {
     auto& g = *static_cast<Group*>(group);
     std::vector<at::Tensor> tensors{*static_cast<at::Tensor*>(tensor)};
     c10d::BroadcastOptions options;
@@ -149,7 +116,7 @@ int parti_c10d_broadcast(
 }
 
 int parti_c10d_barrier(void* group, char* error, size_t capacity) {
-  return guarded(error, capacity, [&] {
+  return parti::guarded(error, capacity, [&] {
     auto& g = *static_cast<Group*>(group);
     wait(g, g.backend->barrier());
   });
@@ -161,7 +128,7 @@ int parti_c10d_store_set(
     const char* key,
     char* error,
     size_t capacity) {
-  return guarded(error, capacity, [&] {
+  return parti::guarded(error, capacity, [&] {
     auto& g = *static_cast<Group*>(group);
     g.store->set(std::string(key), std::vector<uint8_t>{1});
   });
@@ -173,7 +140,7 @@ int parti_c10d_store_check(
     int* present,
     char* error,
     size_t capacity) {
-  return guarded(error, capacity, [&] {
+  return parti::guarded(error, capacity, [&] {
     auto& g = *static_cast<Group*>(group);
     *present = g.store->check({std::string(key)}) ? 1 : 0;
   });

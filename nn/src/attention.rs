@@ -7,12 +7,9 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
-use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Tensor};
 
-/// Blocked scores are set to this rather than -inf, so a row with every key blocked (a padded
-/// query) stays finite; softmax still gives blocked keys a weight of exactly 0 elsewhere.
-const BLOCKED: f32 = -1.0e9;
+use crate::fused;
 
 #[derive(Config, Debug)]
 pub struct MultiHeadAttentionConfig {
@@ -57,20 +54,75 @@ impl MultiHeadAttentionConfig {
 }
 
 /// Keys and values of the positions seen so far, per layer, for incremental decoding.
+///
+/// Preallocated: each step writes its keys and values in place into `[batch, heads, capacity,
+/// d_head]` buffers (the backend writes in place into storage nothing else holds) and attention
+/// reads the first `len` positions as a view, so a 1024-token sample copies no cache. Without a
+/// capacity (or past it) the buffers grow by doubling.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    /// `[batch, heads, seen, d_head]`
-    pub keys: Option<Tensor<4>>,
-    pub values: Option<Tensor<4>>,
+    keys: Option<Tensor<4>>,
+    values: Option<Tensor<4>>,
+    len: usize,
+    capacity: usize,
 }
 
 impl KvCache {
+    /// A cache that holds `capacity` positions before it needs to grow.
+    pub fn with_capacity(capacity: usize) -> Self {
+        KvCache {
+            capacity,
+            ..Default::default()
+        }
+    }
+
     pub fn len(&self) -> usize {
-        self.keys.as_ref().map_or(0, |k| k.dims()[2])
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
+    }
+
+    /// Appends `[batch, heads, new, d_head]` keys and values; returns views of all positions
+    /// seen so far.
+    pub fn append(&mut self, keys: Tensor<4>, values: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let [batch, heads, new, d_head] = keys.dims();
+        let end = self.len + new;
+        let allocated = self.keys.as_ref().map_or(0, |k| k.dims()[2]);
+        if self.keys.is_none() || end > allocated {
+            let size = end.max(self.capacity).max(2 * allocated);
+            let grow = |buffer: Option<Tensor<4>>| {
+                let fresh = Tensor::zeros([batch, heads, size, d_head], &keys.device());
+                match buffer {
+                    Some(old) => {
+                        fresh.slice_assign([0..batch, 0..heads, 0..allocated, 0..d_head], old)
+                    }
+                    None => fresh,
+                }
+            };
+            self.keys = Some(grow(self.keys.take()));
+            self.values = Some(grow(self.values.take()));
+        }
+        let region = [0..batch, 0..heads, self.len..end, 0..d_head];
+        let write = |buffer: &mut Option<Tensor<4>>, new: Tensor<4>| {
+            // Taken out, so the backend sees the buffer unshared and writes in place.
+            let written = buffer.take().map(|b| b.slice_assign(region.clone(), new));
+            *buffer = written;
+        };
+        write(&mut self.keys, keys);
+        write(&mut self.values, values);
+        self.len = end;
+        let seen = |buffer: &Option<Tensor<4>>| {
+            buffer
+                .as_ref()
+                .map(|b| b.clone().slice([0..batch, 0..heads, 0..end, 0..d_head]))
+        };
+        match (seen(&self.keys), seen(&self.values)) {
+            (Some(keys), Some(values)) => (keys, values),
+            // Unreachable: both buffers exist once `end > 0` (grown above).
+            _ => unreachable!("the cache's buffers are allocated before the first write"),
+        }
     }
 }
 
@@ -111,16 +163,7 @@ impl MultiHeadAttention {
         mask: Option<Tensor<4, Bool>>,
     ) -> Tensor<3> {
         let (keys, values) = self.project_key_value(x.clone());
-        let keys = match cache.keys.take() {
-            Some(previous) => Tensor::cat(vec![previous, keys], 2),
-            None => keys,
-        };
-        let values = match cache.values.take() {
-            Some(previous) => Tensor::cat(vec![previous, values], 2),
-            None => values,
-        };
-        cache.keys = Some(keys.clone());
-        cache.values = Some(values.clone());
+        let (keys, values) = cache.append(keys, values);
         self.attend(x, keys, values, mask)
     }
 
@@ -133,21 +176,8 @@ impl MultiHeadAttention {
         mask: Option<Tensor<4, Bool>>,
     ) -> Tensor<3> {
         let [batch, q_len, d_model] = queries.dims();
-        let d_head = d_model / self.n_heads;
         let queries = self.split_heads(self.query.forward(queries));
-        let scores = queries
-            .matmul(keys.swap_dims(2, 3))
-            .mul_scalar(1.0 / (d_head as f64).sqrt());
-        let scores = match mask {
-            Some(mask) => {
-                let shape = scores.dims();
-                scores.mask_fill(mask.expand(shape), BLOCKED)
-            }
-            None => scores,
-        };
-        let weights = self.dropout.forward(softmax(scores, 3));
-        let context = weights
-            .matmul(values)
+        let context = fused::attention(queries, keys, values, mask, &self.dropout)
             .swap_dims(1, 2)
             .reshape([batch, q_len, d_model]);
         self.output.forward(context)

@@ -7,6 +7,7 @@ use burn::nn::{Dropout, DropoutConfig, Initializer, LayerNorm, LayerNormConfig, 
 use burn::tensor::{Bool, Device, Tensor};
 
 use crate::attention::{KvCache, MultiHeadAttention, MultiHeadAttentionConfig};
+use crate::fused;
 use crate::mlp::{Mlp, MlpConfig};
 
 #[derive(Config, Debug)]
@@ -103,7 +104,7 @@ impl TransformerBlock {
         mask: Option<Tensor<4, Bool>>,
         context: Option<&CrossContext>,
     ) -> Tensor<3> {
-        let h = self.norm_attention.forward(x.clone());
+        let h = fused::layer_norm(&self.norm_attention, x.clone());
         let x = x + self
             .dropout
             .forward(self.attention.forward(h.clone(), h, mask));
@@ -118,7 +119,7 @@ impl TransformerBlock {
         mask: Option<Tensor<4, Bool>>,
         context: Option<&CrossContext>,
     ) -> Tensor<3> {
-        let h = self.norm_attention.forward(x.clone());
+        let h = fused::layer_norm(&self.norm_attention, x.clone());
         let x = x + self
             .dropout
             .forward(self.attention.forward_cached(h, cache, mask));
@@ -139,7 +140,7 @@ impl TransformerBlock {
     fn cross_and_mlp(&self, x: Tensor<3>, context: Option<&CrossContext>) -> Tensor<3> {
         let x = match (&self.cross, &self.norm_cross, context) {
             (Some(cross), Some(norm), Some(context)) => {
-                let h = norm.forward(x.clone());
+                let h = fused::layer_norm(norm, x.clone());
                 let attended = cross.attend(
                     h,
                     context.keys.clone(),
@@ -150,7 +151,7 @@ impl TransformerBlock {
             }
             _ => x,
         };
-        let h = self.norm_mlp.forward(x.clone());
+        let h = fused::layer_norm(&self.norm_mlp, x.clone());
         x + self.dropout.forward(self.mlp.forward(h))
     }
 }

@@ -15,8 +15,11 @@ pub mod backend;
 pub mod bench;
 pub mod block;
 pub mod cli;
+#[cfg(feature = "tch")]
+mod csrc;
 pub mod data;
 pub mod distributed;
+pub mod fused;
 pub mod images;
 pub mod mlp;
 pub mod position;

@@ -20,19 +20,25 @@ fn kv_cache_reproduces_the_full_causal_forward_at_every_step() {
     let block = TransformerBlockConfig::new(16, 4, 32).init(&device);
     let x = random([2, 7, 16], &device);
     let full = block.forward(x.clone(), Some(causal_mask(7, &device)), None);
-    let mut cache = KvCache::default();
-    for t in 0..7 {
-        let step = block.forward_cached(
-            x.clone().slice([0..2, t..t + 1, 0..16]),
-            &mut cache,
-            None,
-            None,
-        );
-        let expected = full.clone().slice([0..2, t..t + 1, 0..16]);
-        let diff = max_abs_diff(step, expected);
-        assert!(diff < 1e-5, "step {t}: cached output differs by {diff}");
+    // Growing from nothing, growing past a small capacity, and preallocated for the whole run.
+    for mut cache in [
+        KvCache::default(),
+        KvCache::with_capacity(3),
+        KvCache::with_capacity(7),
+    ] {
+        for t in 0..7 {
+            let step = block.forward_cached(
+                x.clone().slice([0..2, t..t + 1, 0..16]),
+                &mut cache,
+                None,
+                None,
+            );
+            let expected = full.clone().slice([0..2, t..t + 1, 0..16]);
+            let diff = max_abs_diff(step, expected);
+            assert!(diff < 1e-5, "step {t}: cached output differs by {diff}");
+        }
+        assert_eq!(cache.len(), 7);
     }
-    assert_eq!(cache.len(), 7);
 }
 
 #[test]

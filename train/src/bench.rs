@@ -2,7 +2,6 @@
 //! cross-attention, cross-entropy over the codebook, backward, AdamW) on random data, against the
 //! same architecture in PyTorch (`bench/torch_models.py`).
 
-use burn::optim::AdamWConfig;
 use burn::tensor::{Bool, Int, Tensor};
 use nn::bench::{Comparison, TrainStepArgs, time_train_steps};
 use rand::{Rng, SeedableRng};
@@ -58,7 +57,11 @@ pub fn parti_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
     let _seeded = nn::backend::seed_exclusively(&device, 0);
     let model: Parti = config.init(&device);
     nn::training::materialize(&model);
-    let mut optimizer = AdamWConfig::new().with_weight_decay(0.01).init();
+    let mut optimizer = nn::fused::AdamW {
+        weight_decay: 0.01,
+        ..Default::default()
+    }
+    .init();
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let text: Vec<i32> = (0..batch * text_length)
         .map(|_| rng.random_range(5..config.encoder.vocab_size as i32))

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::Module;
-use burn::optim::{AdafactorConfig, AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{AdafactorConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Bool, Device, Int, Tensor};
 use nn::data::{HeldOutSample, RowStream, StreamConfig};
 use nn::distributed::Group;
@@ -133,20 +133,21 @@ impl PartiTrainConfig {
     }
 
     fn optimizer(&self) -> Result<ModuleOptimizer, Error> {
-        let clipping = Some(GradientClippingConfig::Norm(self.grad_clip_norm));
         match self.optimizer.as_str() {
-            "adamw" => Ok(AdamWConfig::new()
-                .with_beta_2(0.96)
-                .with_weight_decay(self.weight_decay as f32)
-                .with_grad_clipping(clipping)
-                .init()),
+            "adamw" => Ok(nn::fused::AdamW {
+                beta_2: 0.96,
+                weight_decay: self.weight_decay as f32,
+                grad_clip_norm: Some(self.grad_clip_norm),
+                ..Default::default()
+            }
+            .init()),
             // Burn's Adafactor keeps no first moment (Parti's kept an int8 one, beta1 0.9); the
             // schedule here drives the rate, so its relative step and parameter scaling are off.
             "adafactor" => Ok(AdafactorConfig::new()
                 .with_relative_step(false)
                 .with_scale_parameter(false)
                 .with_weight_decay(self.weight_decay as f32)
-                .with_grad_clipping(clipping)
+                .with_grad_clipping(Some(GradientClippingConfig::Norm(self.grad_clip_norm)))
                 .init()),
             other => Err(Error::Usage(format!(
                 "unknown optimizer '{other}' (adamw, adafactor)"

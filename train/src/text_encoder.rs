@@ -8,10 +8,9 @@
 
 use std::time::Instant;
 
-use burn::grad_clipping::GradientClippingConfig;
 use burn::module::Module;
 use burn::nn::LinearConfig;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Bool, Device, Int, Tensor};
 use nn::training::{self, Publication, Schedule};
 use rand::Rng;
@@ -325,11 +324,13 @@ pub struct TextEncoderInputs<'a> {
 }
 
 fn optimizer(config: &TextEncoderTrainConfig) -> ModuleOptimizer {
-    AdamWConfig::new()
-        .with_beta_2(0.98)
-        .with_weight_decay(config.weight_decay as f32)
-        .with_grad_clipping(Some(GradientClippingConfig::Norm(config.grad_clip_norm)))
-        .init()
+    nn::fused::AdamW {
+        beta_2: 0.98,
+        weight_decay: config.weight_decay as f32,
+        grad_clip_norm: Some(config.grad_clip_norm),
+        ..Default::default()
+    }
+    .init()
 }
 
 pub fn train_text_encoder(

@@ -1,7 +1,6 @@
 //! `vqgan bench`: one ViT-VQGAN train step (forward, pixel and VQ losses, backward, AdamW) on
 //! random images, against the same architecture in PyTorch (`bench/torch_models.py`).
 
-use burn::optim::AdamWConfig;
 use burn::tensor::{Distribution, Tensor};
 use nn::bench::{Comparison, TrainStepArgs, time_train_steps};
 
@@ -29,10 +28,11 @@ pub fn train_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
     let _seeded = nn::backend::seed_exclusively(&device, 0);
     let model: VitVqgan = config.init(&device);
     nn::training::materialize(&model);
-    let mut optimizer = AdamWConfig::new()
-        .with_beta_2(0.99)
-        .with_weight_decay(1e-4)
-        .init();
+    let mut optimizer = nn::fused::AdamW {
+        beta_2: 0.99,
+        ..Default::default()
+    }
+    .init();
     let size = config.image_size;
     let images = Tensor::<4>::random(
         [batch, 3, size, size],

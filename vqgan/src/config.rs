@@ -1,8 +1,7 @@
 //! What `vqgan train` and `vqgan finetune-decoder` compute: their configs and named presets
 //! (the paper's ViT-VQGAN schedule, and the tiny pipeline's, with the measurements behind it).
 
-use burn::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamWConfig, ModuleOptimizer};
+use burn::optim::ModuleOptimizer;
 use models::vqgan::{VitConfig, VitVqganConfig};
 use nn::data::StreamConfig;
 use nn::images::{ImageStream, Rejected};
@@ -193,12 +192,14 @@ impl TrainConfig {
     }
 
     pub(crate) fn optimizer(&self) -> ModuleOptimizer {
-        AdamWConfig::new()
-            .with_beta_1(self.beta1 as f32)
-            .with_beta_2(self.beta2 as f32)
-            .with_weight_decay(self.weight_decay as f32)
-            .with_grad_clipping(Some(GradientClippingConfig::Norm(self.grad_clip_norm)))
-            .init()
+        nn::fused::AdamW {
+            beta_1: self.beta1 as f32,
+            beta_2: self.beta2 as f32,
+            weight_decay: self.weight_decay as f32,
+            grad_clip_norm: Some(self.grad_clip_norm),
+            ..Default::default()
+        }
+        .init()
     }
 
     /// The training images, from row `position` of the seeded order on.

@@ -14,6 +14,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 
 use super::{DistributedError, Launch};
+use crate::csrc::checked;
 
 unsafe extern "C" {
     fn parti_c10d_join(
@@ -64,22 +65,9 @@ unsafe extern "C" {
     ) -> c_int;
 }
 
-const ERROR_CAPACITY: usize = 2048;
-
 /// How long survivors of a failed collective wait for each other to check in, to tell which
 /// ranks are gone.
 const ROLL_CALL: Duration = Duration::from_secs(3);
-
-/// Calls `body` with an error buffer; a non-zero return becomes the buffer's message.
-fn checked(body: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String> {
-    let mut error = vec![0u8; ERROR_CAPACITY];
-    let code = body(error.as_mut_ptr().cast(), ERROR_CAPACITY);
-    if code == 0 {
-        return Ok(());
-    }
-    let end = error.iter().position(|&b| b == 0).unwrap_or(error.len());
-    Err(String::from_utf8_lossy(&error[..end]).into_owned())
-}
 
 /// A joined c10d process group (TCPStore rendezvous + Gloo).
 pub(super) struct ProcessGroup {

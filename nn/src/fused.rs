@@ -1,0 +1,175 @@
+//! The Transformer's hot operations, each one fused kernel forward and backward where the backend
+//! has one.
+//!
+//! Burn 0.22's autodiff has no backward of its own for attention, layer norm or softmax, so under
+//! it each becomes several ops, and attention materialises its `[heads, n, n]` scores in both
+//! directions. On `tch`, [`attention`], [`layer_norm`] and [`cross_entropy`] are Burn custom
+//! autodiff operations (`libtorch`) that run PyTorch's own kernels both ways:
+//! `scaled_dot_product_attention` (libtorch picks flash, memory-efficient or math per device, as
+//! PyTorch does), `layer_norm` and `cross_entropy`. On `flex` they are the compositions below,
+//! exactly what ran before. GELU needs nothing here: burn-autodiff has a GELU backward of its own,
+//! which burn-tch runs as libtorch's `gelu_backward`.
+//!
+//! Training steps on `tch` also take their AdamW update from one fused libtorch kernel per
+//! parameter ([`AdamW`]), where Burn's AdamW runs a dozen tensor ops.
+//!
+//! `PARTI_FUSED=off` in the environment runs the compositions (and Burn's AdamW) on every
+//! backend: an escape hatch should a kernel misbehave, and how tests compare whole training runs
+//! both ways in one build.
+//!
+//! The `*_composed` functions are public so tests can hold each fused operation against its
+//! composition, forward and backward, on the backend they were built for.
+
+use std::sync::OnceLock;
+
+use burn::grad_clipping::GradientClippingConfig;
+use burn::nn::{Dropout, LayerNorm};
+use burn::optim::{AdamWConfig, ModuleOptimizer};
+use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::{Bool, Int, Tensor};
+
+#[cfg(feature = "tch")]
+mod libtorch;
+
+/// Blocked scores are set to this rather than -inf, so a row with every key blocked (a padded
+/// query) stays finite; softmax still gives blocked keys a weight of exactly 0 elsewhere. The
+/// fused kernel adds it as a bias, to the same effect.
+pub const BLOCKED: f32 = -1.0e9;
+
+/// The epsilon of every layer norm in parti (Burn's default, which no config changes; Burn keeps
+/// a module's own epsilon private).
+pub const LAYER_NORM_EPSILON: f64 = 1e-5;
+
+/// Whether the fused kernels run: on `tch`, unless `PARTI_FUSED` is `off` or `0`.
+pub fn enabled() -> bool {
+    static ENABLED: OnceLock<bool> = OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        cfg!(feature = "tch") && !matches!(std::env::var("PARTI_FUSED").as_deref(), Ok("off" | "0"))
+    })
+}
+
+/// Scaled dot-product attention of `queries: [batch, heads, q, d_head]` over
+/// `keys`/`values: [batch, heads, k, d_head]`; `mask` is broadcastable to `[batch, heads, q, k]`,
+/// `true` blocking a query from a key. `dropout` applies to the attention weights: while it is
+/// active (a rate above zero, in training) the composition runs, so its draws come from Burn's
+/// seeded generator as before.
+pub fn attention(
+    queries: Tensor<4>,
+    keys: Tensor<4>,
+    values: Tensor<4>,
+    mask: Option<Tensor<4, Bool>>,
+    dropout: &Dropout,
+) -> Tensor<4> {
+    #[cfg(feature = "tch")]
+    if enabled() && (dropout.prob == 0.0 || !queries.device().is_autodiff()) {
+        return libtorch::attention(queries, keys, values, mask);
+    }
+    attention_composed(queries, keys, values, mask, dropout)
+}
+
+/// [`attention`] as separate ops: scores, mask, softmax, dropout, weighted sum.
+pub fn attention_composed(
+    queries: Tensor<4>,
+    keys: Tensor<4>,
+    values: Tensor<4>,
+    mask: Option<Tensor<4, Bool>>,
+    dropout: &Dropout,
+) -> Tensor<4> {
+    let d_head = queries.dims()[3];
+    let scores = queries
+        .matmul(keys.swap_dims(2, 3))
+        .mul_scalar(1.0 / (d_head as f64).sqrt());
+    let scores = match mask {
+        Some(mask) => {
+            let shape = scores.dims();
+            scores.mask_fill(mask.expand(shape), BLOCKED)
+        }
+        None => scores,
+    };
+    dropout.forward(softmax(scores, 3)).matmul(values)
+}
+
+/// `norm` applied over the last dimension of `x`.
+pub fn layer_norm<const D: usize>(norm: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "tch")]
+    if let (true, Some(beta)) = (enabled(), &norm.beta) {
+        return libtorch::layer_norm(x, norm.gamma.val(), beta.val());
+    }
+    layer_norm_composed(norm, x)
+}
+
+/// [`layer_norm`] as Burn composes it.
+pub fn layer_norm_composed<const D: usize>(norm: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
+    norm.forward(x)
+}
+
+/// The cross-entropy of each position: `logits: [batch, len, classes]`, `targets: [batch, len]`
+/// -> `-log softmax(logits)[target]`, `[batch, len]`.
+pub fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
+    #[cfg(feature = "tch")]
+    if enabled() {
+        return libtorch::cross_entropy(logits, targets);
+    }
+    cross_entropy_composed(logits, targets)
+}
+
+/// [`cross_entropy`] as log-softmax, gather and negation.
+pub fn cross_entropy_composed(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
+    let [batch, len, _] = logits.dims();
+    log_softmax(logits, 2)
+        .gather(2, targets.reshape([batch, len, 1]))
+        .reshape([batch, len])
+        .neg()
+}
+
+/// AdamW with Burn's arithmetic and state (checkpoints hold Burn's `AdamWState` either way); on
+/// `tch` each parameter's step is libtorch's fused kernel (`torch.optim.AdamW(fused=True)`), one
+/// pass over the parameter, its gradient and both moments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamW {
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    pub weight_decay: f32,
+    /// Clips each gradient step to this global norm.
+    pub grad_clip_norm: Option<f32>,
+}
+
+impl Default for AdamW {
+    /// Burn's `AdamWConfig` defaults.
+    fn default() -> Self {
+        AdamW {
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-5,
+            weight_decay: 1e-4,
+            grad_clip_norm: None,
+        }
+    }
+}
+
+impl AdamW {
+    pub fn init(&self) -> ModuleOptimizer {
+        let clipping = self.grad_clip_norm.map(GradientClippingConfig::Norm);
+        #[cfg(feature = "tch")]
+        if enabled() {
+            let optimizer = ModuleOptimizer::from(libtorch::FusedAdamW {
+                beta_1: self.beta_1,
+                beta_2: self.beta_2,
+                epsilon: self.epsilon,
+                weight_decay: self.weight_decay,
+            });
+            return match clipping {
+                Some(clipping) => optimizer.with_grad_clipping(clipping.init()),
+                None => optimizer,
+            };
+        }
+        AdamWConfig::new()
+            .with_beta_1(self.beta_1)
+            .with_beta_2(self.beta_2)
+            .with_epsilon(self.epsilon)
+            .with_weight_decay(self.weight_decay)
+            .with_grad_clipping(clipping)
+            .init()
+    }
+}

@@ -1,0 +1,499 @@
+#![allow(deprecated)] // burn-tch: see nn::backend for why it stays.
+//! The fused operations on `tch`: a Burn backend extension implemented for `LibTorch` (inference:
+//! the kernel alone) and for `Autodiff<LibTorch>` (training: a custom autodiff operation).
+//!
+//! The training forward runs the kernel on inputs marked as requiring a gradient, so libtorch
+//! records the one-node graph PyTorch would (saving, for attention, the output and log-sum-exp,
+//! never the scores); the backward hands Burn's incoming gradient to `torch::autograd::grad`
+//! (`csrc/autograd.cpp`), which runs the matching backward kernel.
+
+use std::ffi::{c_char, c_int, c_void};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::libtorch::TchTensor;
+use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
+use burn::backend::{Autodiff, Backend, Dispatch, ExtensionType, LibTorch, backend_extension};
+use burn::optim::{AdamWState, AdaptiveMomentumState, LearningRate, Optimizer};
+use burn::tensor::{Bool, Device, Int, Tensor};
+
+use super::{BLOCKED, LAYER_NORM_EPSILON};
+use crate::csrc::checked;
+
+unsafe extern "C" {
+    fn parti_autograd_grad(
+        output: *mut c_void,
+        grad_output: *mut c_void,
+        inputs: *mut *mut c_void,
+        count: usize,
+        results: *mut *mut c_void,
+        error: *mut c_char,
+        capacity: usize,
+    ) -> c_int;
+}
+
+#[backend_extension(LibTorch, Autodiff)]
+pub trait FusedOps: Backend {
+    fn fused_attention(
+        queries: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+    /// `blocked`: `true` where a query may not see a key.
+    fn fused_attention_masked(
+        queries: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        blocked: BoolTensor<Self>,
+    ) -> FloatTensor<Self>;
+    fn fused_layer_norm(
+        input: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+    fn fused_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self>;
+}
+
+pub(super) fn attention(
+    queries: Tensor<4>,
+    keys: Tensor<4>,
+    values: Tensor<4>,
+    mask: Option<Tensor<4, Bool>>,
+) -> Tensor<4> {
+    let (queries, keys, values) = (
+        queries.into_dispatch(),
+        keys.into_dispatch(),
+        values.into_dispatch(),
+    );
+    Tensor::from_dispatch(match mask {
+        Some(mask) => <Dispatch as FusedOps>::fused_attention_masked(
+            queries,
+            keys,
+            values,
+            mask.into_dispatch(),
+        ),
+        None => <Dispatch as FusedOps>::fused_attention(queries, keys, values),
+    })
+}
+
+pub(super) fn layer_norm<const D: usize>(
+    input: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_layer_norm(
+        input.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+    ))
+}
+
+pub(super) fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_cross_entropy(
+        logits.into_dispatch(),
+        targets.into_dispatch(),
+    ))
+}
+
+/// The kernels, on libtorch tensors: PyTorch's own functional calls.
+mod kernels {
+    use tch::{Kind, Reduction, Tensor};
+
+    pub fn attention(
+        queries: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Tensor {
+        let scale = 1.0 / (queries.size()[3] as f64).sqrt();
+        Tensor::scaled_dot_product_attention(queries, keys, values, bias, 0.0, false, scale, false)
+    }
+
+    /// A `true`-blocks mask as the additive bias SDPA takes (finite, as the composition's fill).
+    pub fn attention_bias(blocked: &Tensor, kind: Kind) -> Tensor {
+        blocked.to_kind(kind) * f64::from(super::BLOCKED)
+    }
+
+    pub fn layer_norm(input: &Tensor, gamma: &Tensor, beta: &Tensor) -> Tensor {
+        let features = input.size().last().copied().unwrap_or(1);
+        input.layer_norm(
+            [features],
+            Some(gamma),
+            Some(beta),
+            super::LAYER_NORM_EPSILON,
+            true,
+        )
+    }
+
+    /// `[batch, len, classes]` logits, `[batch, len]` targets -> `[batch, len]` losses.
+    pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
+        let size = logits.size();
+        let classes = size.last().copied().unwrap_or(1);
+        logits
+            .reshape([-1, classes])
+            .cross_entropy_loss::<Tensor>(
+                &targets.reshape([-1]).to_kind(Kind::Int64),
+                None,
+                Reduction::None,
+                -100,
+                0.0,
+            )
+            .reshape(targets.size())
+    }
+}
+
+impl FusedOps for LibTorch {
+    fn fused_attention(queries: TchTensor, keys: TchTensor, values: TchTensor) -> TchTensor {
+        TchTensor::new(kernels::attention(
+            &queries.tensor,
+            &keys.tensor,
+            &values.tensor,
+            None,
+        ))
+    }
+
+    fn fused_attention_masked(
+        queries: TchTensor,
+        keys: TchTensor,
+        values: TchTensor,
+        blocked: TchTensor,
+    ) -> TchTensor {
+        let bias = kernels::attention_bias(&blocked.tensor, queries.tensor.kind());
+        TchTensor::new(kernels::attention(
+            &queries.tensor,
+            &keys.tensor,
+            &values.tensor,
+            Some(&bias),
+        ))
+    }
+
+    fn fused_layer_norm(input: TchTensor, gamma: TchTensor, beta: TchTensor) -> TchTensor {
+        TchTensor::new(kernels::layer_norm(
+            &input.tensor,
+            &gamma.tensor,
+            &beta.tensor,
+        ))
+    }
+
+    fn fused_cross_entropy(logits: TchTensor, targets: TchTensor) -> TchTensor {
+        TchTensor::new(kernels::cross_entropy(&logits.tensor, &targets.tensor))
+    }
+}
+
+impl<C: CheckpointStrategy> FusedOps for Autodiff<LibTorch, C> {
+    fn fused_attention(
+        queries: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        recorded::<C, 3>([queries, keys, values], |[q, k, v]| {
+            kernels::attention(q, k, v, None)
+        })
+    }
+
+    fn fused_attention_masked(
+        queries: FloatTensor<Self>,
+        keys: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        blocked: BoolTensor<Self>,
+    ) -> FloatTensor<Self> {
+        recorded::<C, 3>([queries, keys, values], |[q, k, v]| {
+            let bias = kernels::attention_bias(&blocked.tensor, q.kind());
+            kernels::attention(q, k, v, Some(&bias))
+        })
+    }
+
+    fn fused_layer_norm(
+        input: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        recorded::<C, 3>([input, gamma, beta], |[x, gamma, beta]| {
+            kernels::layer_norm(x, gamma, beta)
+        })
+    }
+
+    fn fused_cross_entropy(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        recorded::<C, 1>([logits], |[logits]| {
+            kernels::cross_entropy(logits, &targets.tensor)
+        })
+    }
+}
+
+/// The operation's node in Burn's graph; its backward is libtorch's.
+#[derive(Debug)]
+struct LibtorchKernel;
+
+/// What the backward needs, held from the forward.
+#[derive(Debug, Clone)]
+struct Recorded {
+    /// The inputs as libtorch leaves (requiring a gradient), which the recorded graph ends at.
+    leaves: Vec<TchTensor>,
+    /// The output with its recorded graph.
+    output: TchTensor,
+    /// Burn's own handles on the inputs and on the output it was given: held here, they make
+    /// burn-tch see the storage as shared, so it never writes into it in place (that would
+    /// invalidate what libtorch saved for the backward).
+    #[expect(dead_code, reason = "held for its effect on burn-tch, never read")]
+    pinned: Vec<TchTensor>,
+}
+
+/// Runs `kernel` on the inputs' libtorch tensors as one Burn autodiff operation whose backward
+/// is the backward libtorch recorded for it.
+fn recorded<C: CheckpointStrategy, const N: usize>(
+    inputs: [FloatTensor<Autodiff<LibTorch, C>>; N],
+    kernel: impl FnOnce(&[tch::Tensor; N]) -> tch::Tensor,
+) -> FloatTensor<Autodiff<LibTorch, C>> {
+    let nodes = inputs.each_ref().map(|input| input.node());
+    match LibtorchKernel
+        .prepare::<C>(nodes)
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let primitives = inputs.map(|input| input.into_primitive());
+            let leaves = primitives
+                .each_ref()
+                .map(|input| input.tensor.detach().set_requires_grad(true));
+            let output = tch::with_grad(|| kernel(&leaves));
+            let given = TchTensor::new(output.detach());
+            let mut pinned = primitives.to_vec();
+            pinned.push(given.clone());
+            let state = Recorded {
+                leaves: leaves.into_iter().map(TchTensor::new).collect(),
+                output: TchTensor::new(output),
+                pinned,
+            };
+            prep.finish(state, given)
+        }
+        OpsKind::UnTracked(prep) => {
+            let primitives = inputs.map(|input| input.into_primitive());
+            let tensors = primitives
+                .each_ref()
+                .map(|input| input.tensor.shallow_clone());
+            prep.finish(TchTensor::new(tch::no_grad(|| kernel(&tensors))))
+        }
+    }
+}
+
+impl<const N: usize> Backward<LibTorch, N> for LibtorchKernel {
+    type State = Recorded;
+
+    fn backward(self, ops: Ops<Recorded, N>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad_output = grads.consume::<LibTorch>(&ops.node);
+        let Recorded { leaves, output, .. } = ops.state;
+        // Only the inputs Burn wants a gradient for: libtorch skips the rest of the work.
+        let wanted: Vec<_> = ops
+            .parents
+            .iter()
+            .zip(&leaves)
+            .filter_map(|(parent, leaf)| parent.as_ref().map(|parent| (parent.id, leaf)))
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let gradients = match grad(&output, &grad_output, wanted.iter().map(|(_, leaf)| *leaf)) {
+            Ok(gradients) => gradients,
+            // Burn's backward cannot return an error; libtorch refusing its own recorded graph
+            // is a bug, reported as such.
+            Err(message) => panic!("libtorch's backward of a fused operation failed: {message}"),
+        };
+        for ((id, leaf), gradient) in wanted.into_iter().zip(gradients) {
+            let gradient = gradient.unwrap_or_else(|| leaf.tensor.zeros_like());
+            grads.register::<LibTorch>(id, TchTensor::new(gradient));
+        }
+    }
+}
+
+/// `torch::autograd::grad(output, leaves, grad_output)`; `None` for a leaf the output does not
+/// depend on.
+fn grad<'a>(
+    output: &TchTensor,
+    grad_output: &TchTensor,
+    leaves: impl Iterator<Item = &'a TchTensor>,
+) -> Result<Vec<Option<tch::Tensor>>, String> {
+    let mut inputs: Vec<*mut c_void> = leaves
+        .map(|leaf| leaf.tensor.as_ptr().cast_mut().cast())
+        .collect();
+    let mut results: Vec<*mut c_void> = vec![std::ptr::null_mut(); inputs.len()];
+    checked(|error, capacity| unsafe {
+        parti_autograd_grad(
+            output.tensor.as_ptr().cast_mut().cast(),
+            grad_output.tensor.as_ptr().cast_mut().cast(),
+            inputs.as_mut_ptr(),
+            inputs.len(),
+            results.as_mut_ptr(),
+            error,
+            capacity,
+        )
+    })?;
+    // Each non-null result is a new at::Tensor* that the tch::Tensor now owns (and frees).
+    Ok(results
+        .into_iter()
+        .map(|result| (!result.is_null()).then(|| unsafe { tch::Tensor::from_ptr(result.cast()) }))
+        .collect())
+}
+
+unsafe extern "C" {
+    #[allow(clippy::too_many_arguments)]
+    fn parti_fused_adamw(
+        param: *mut c_void,
+        grad: *mut c_void,
+        moment_1: *mut c_void,
+        moment_2: *mut c_void,
+        step: i64,
+        lr: f64,
+        beta_1: f64,
+        beta_2: f64,
+        weight_decay: f64,
+        epsilon: f64,
+        error: *mut c_char,
+        capacity: usize,
+    ) -> c_int;
+}
+
+/// A parameter and its two AdamW moments, updated together.
+#[derive(ExtensionType)]
+pub struct AdamWTensors<B: Backend> {
+    pub param: FloatTensor<B>,
+    pub moment_1: FloatTensor<B>,
+    pub moment_2: FloatTensor<B>,
+}
+
+/// Optimizers see parameters without their autodiff wrapper, so only `LibTorch` is listed.
+#[backend_extension(LibTorch)]
+pub trait FusedAdamWOps: Backend {
+    #[allow(clippy::too_many_arguments)]
+    fn fused_adamw_step(
+        #[extension_type] tensors: AdamWTensors<Self>,
+        grad: FloatTensor<Self>,
+        step: u64,
+        lr: f64,
+        beta_1: f64,
+        beta_2: f64,
+        weight_decay: f64,
+        epsilon: f64,
+    ) -> AdamWTensors<Self>;
+}
+
+impl FusedAdamWOps for LibTorch {
+    fn fused_adamw_step(
+        tensors: AdamWTensors<Self>,
+        grad: TchTensor,
+        step: u64,
+        lr: f64,
+        beta_1: f64,
+        beta_2: f64,
+        weight_decay: f64,
+        epsilon: f64,
+    ) -> AdamWTensors<Self> {
+        // The kernel writes in place: into storage only this step holds (burn-tch's own rule for
+        // in-place ops), else into a copy, so a model clone kept elsewhere never changes.
+        let owned = |tensor: TchTensor| {
+            if tensor.can_mut() && tensor.tensor.is_contiguous() {
+                tensor
+            } else {
+                TchTensor::new(tensor.tensor.contiguous().copy())
+            }
+        };
+        let (param, moment_1, moment_2) = (
+            owned(tensors.param),
+            owned(tensors.moment_1),
+            owned(tensors.moment_2),
+        );
+        let grad = grad.tensor.contiguous();
+        let pointer = |tensor: &tch::Tensor| tensor.as_ptr().cast_mut().cast::<c_void>();
+        let result = checked(|error, capacity| unsafe {
+            parti_fused_adamw(
+                pointer(&param.tensor),
+                pointer(&grad),
+                pointer(&moment_1.tensor),
+                pointer(&moment_2.tensor),
+                i64::try_from(step).unwrap_or(i64::MAX),
+                lr,
+                beta_1,
+                beta_2,
+                weight_decay,
+                epsilon,
+                error,
+                capacity,
+            )
+        });
+        if let Err(message) = result {
+            // Shapes and kinds always match here (the optimizer made the moments from the
+            // gradient); a refusal is a bug, and Burn's optimizer step cannot return an error.
+            panic!("libtorch's fused AdamW step failed: {message}");
+        }
+        AdamWTensors {
+            param,
+            moment_1,
+            moment_2,
+        }
+    }
+}
+
+/// [`super::AdamW`] on `tch`: Burn's AdamW arithmetic (the same state, so the same checkpoints)
+/// as libtorch's fused kernel, one pass per parameter instead of a dozen tensor ops.
+#[derive(Clone, Debug)]
+pub(super) struct FusedAdamW {
+    pub(super) beta_1: f32,
+    pub(super) beta_2: f32,
+    pub(super) epsilon: f32,
+    pub(super) weight_decay: f32,
+}
+
+impl Optimizer for FusedAdamW {
+    type State<const D: usize> = AdamWState<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<AdamWState<D>>,
+    ) -> (Tensor<D>, Option<AdamWState<D>>) {
+        // Burn's first step sets the moments from the gradient alone: the same as a step from
+        // zero moments.
+        let (time, moment_1, moment_2) = match state {
+            Some(AdamWState { momentum }) => (momentum.time, momentum.moment_1, momentum.moment_2),
+            None => (0, grad.zeros_like(), grad.zeros_like()),
+        };
+        let time = time + 1;
+        let updated = <Dispatch as FusedAdamWOps>::fused_adamw_step(
+            AdamWTensors {
+                param: tensor.into_dispatch(),
+                moment_1: moment_1.into_dispatch(),
+                moment_2: moment_2.into_dispatch(),
+            },
+            grad.into_dispatch(),
+            time as u64,
+            lr,
+            f64::from(self.beta_1),
+            f64::from(self.beta_2),
+            f64::from(self.weight_decay),
+            f64::from(self.epsilon),
+        );
+        let momentum = AdaptiveMomentumState::new(
+            time,
+            Tensor::from_dispatch(updated.moment_1),
+            Tensor::from_dispatch(updated.moment_2),
+        );
+        (
+            Tensor::from_dispatch(updated.param),
+            Some(AdamWState { momentum }),
+        )
+    }
+
+    fn to_device<const D: usize>(mut state: AdamWState<D>, device: &Device) -> AdamWState<D> {
+        state.momentum = state.momentum.to_device(device);
+        state
+    }
+}

@@ -1,0 +1,270 @@
+//! Each fused operation against its composition, forward and in every gradient, for every mask
+//! kind the models use (none, causal, the conv-shaped window, key padding, cross-attention with
+//! padding). On `tch` that holds libtorch's kernels (SDPA, layer norm, cross-entropy, through a
+//! Burn custom autodiff operation) against Burn's composed ops; on `flex` there is no fused
+//! kernel and both sides run the composition, so there the test checks only the plumbing.
+//!
+//! Tolerance: the fused kernels sum in another order (attention blockwise with a running
+//! maximum, layer norm in one pass), so results agree to f32 rounding, not bit for bit:
+//! max |a - b| <= 2e-5 * (1 + max |b|).
+
+use burn::nn::{DropoutConfig, LayerNormConfig};
+use burn::tensor::activation::gelu;
+use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
+use nn::attention::{causal_mask, padding_mask};
+use nn::{backend, fused};
+
+fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
+}
+
+#[track_caller]
+fn assert_close<const D: usize>(what: &str, ours: Tensor<D>, reference: Tensor<D>) {
+    assert_eq!(ours.dims(), reference.dims(), "{what}: shapes");
+    let scale = reference.clone().abs().max().into_scalar::<f32>();
+    let difference = (ours - reference).abs().max().into_scalar::<f32>();
+    assert!(
+        difference <= 2e-5 * (1.0 + scale),
+        "{what}: differs by {difference} (values up to {scale})"
+    );
+}
+
+/// `true` where query `q` may not see key `k`: later keys, and keys outside a window of
+/// `window` positions (the 1-D cousin of Parti's conv-shaped mask).
+fn window_mask(len: usize, window: usize, device: &Device) -> Tensor<4, Bool> {
+    let blocked: Vec<bool> = (0..len * len)
+        .map(|i| {
+            let (q, k) = (i / len, i % len);
+            k > q || q - k > window
+        })
+        .collect();
+    Tensor::<1, Bool>::from_data(blocked.as_slice(), device).reshape([1, 1, len, len])
+}
+
+/// Keys `valid..len` of each row padded, `valid` counting down from `len` per row.
+fn key_padding(batch: usize, len: usize, device: &Device) -> Tensor<4, Bool> {
+    let padded: Vec<bool> = (0..batch * len)
+        .map(|i| i % len >= len - (i / len) % (len / 2))
+        .collect();
+    padding_mask(Tensor::<1, Bool>::from_data(padded.as_slice(), device).reshape([batch, len]))
+}
+
+type Attention =
+    fn(Tensor<4>, Tensor<4>, Tensor<4>, Option<Tensor<4, Bool>>, &burn::nn::Dropout) -> Tensor<4>;
+
+/// Fused and composed attention on the same inputs: output, and the gradients of a random
+/// projection of it with respect to queries, keys and values.
+fn check_attention(what: &str, q_len: usize, k_len: usize, mask: Option<Tensor<4, Bool>>) {
+    let device = backend::training_device("cpu").unwrap();
+    let _seeded = backend::seed_exclusively(&device, 7);
+    let (batch, heads, d_head) = (3, 4, 16);
+    let queries = random([batch, heads, q_len, d_head], &device);
+    let keys = random([batch, heads, k_len, d_head], &device);
+    let values = random([batch, heads, k_len, d_head], &device);
+    let projection = random([batch, heads, q_len, d_head], &device);
+    let no_dropout = DropoutConfig::new(0.0).init();
+    let run = |attention: Attention| {
+        let (q, k, v) = (
+            queries.clone().require_grad(),
+            keys.clone().require_grad(),
+            values.clone().require_grad(),
+        );
+        let out = attention(q.clone(), k.clone(), v.clone(), mask.clone(), &no_dropout);
+        let grads = (out.clone() * projection.clone()).sum().backward();
+        let grad = |x: &Tensor<4>| x.grad(&grads).expect("a gradient");
+        (out.inner(), grad(&q), grad(&k), grad(&v))
+    };
+    let fused = run(fused::attention);
+    let composed = run(fused::attention_composed);
+    assert_close(&format!("{what}: output"), fused.0, composed.0);
+    assert_close(&format!("{what}: d queries"), fused.1, composed.1);
+    assert_close(&format!("{what}: d keys"), fused.2, composed.2);
+    assert_close(&format!("{what}: d values"), fused.3, composed.3);
+}
+
+#[test]
+fn attention_matches_its_composition_for_every_mask_kind() {
+    let device = backend::device("cpu").unwrap();
+    check_attention("no mask", 12, 12, None);
+    check_attention("causal", 12, 12, Some(causal_mask(12, &device)));
+    check_attention("window", 12, 12, Some(window_mask(12, 3, &device)));
+    check_attention("key padding", 12, 12, Some(key_padding(3, 12, &device)));
+    check_attention("cross, padded", 9, 14, Some(key_padding(3, 14, &device)));
+}
+
+#[test]
+fn a_causal_mask_blocks_every_later_key_exactly_in_the_fused_kernel() {
+    // The bias is finite (as the composition's fill), yet a blocked key's weight, and so its
+    // gradient, must be exactly zero.
+    let device = backend::training_device("cpu").unwrap();
+    let keys = random([1, 2, 6, 8], &device).require_grad();
+    let values = random([1, 2, 6, 8], &device).require_grad();
+    let queries = random([1, 2, 6, 8], &device);
+    let out = fused::attention(
+        queries,
+        keys.clone(),
+        values.clone(),
+        Some(causal_mask(6, &device)),
+        &DropoutConfig::new(0.0).init(),
+    );
+    let grads = out.slice([0..1, 0..2, 2..3, 0..8]).sum().backward();
+    for grad in [keys.grad(&grads), values.grad(&grads)] {
+        let later = grad.expect("a gradient").slice([0..1, 0..2, 3..6, 0..8]);
+        assert_eq!(later.abs().max().into_scalar::<f32>(), 0.0);
+    }
+}
+
+#[test]
+fn layer_norm_matches_its_composition_with_all_three_gradients() {
+    let device = backend::training_device("cpu").unwrap();
+    let _seeded = backend::seed_exclusively(&device, 11);
+    let mut norm = LayerNormConfig::new(24).init(&device);
+    // Away from ones and zeros, so the gradients through gamma and beta are exercised.
+    norm.gamma = norm.gamma.map(|_| random([24], &device).require_grad());
+    let beta = norm
+        .beta
+        .take()
+        .map(|beta| beta.map(|_| random([24], &device).require_grad()));
+    norm.beta = beta;
+    let input = random([4, 10, 24], &device).mul_scalar(3.0).add_scalar(1.5);
+    let projection = random([4, 10, 24], &device);
+    let run = |apply: fn(&burn::nn::LayerNorm, Tensor<3>) -> Tensor<3>| {
+        let x = input.clone().require_grad();
+        let out = apply(&norm, x.clone());
+        let grads = (out.clone() * projection.clone()).sum().backward();
+        let gamma = norm.gamma.val().grad(&grads).expect("d gamma");
+        let beta = norm.beta.as_ref().and_then(|b| b.val().grad(&grads));
+        (
+            out.inner(),
+            x.grad(&grads).expect("d input"),
+            gamma,
+            beta.expect("d beta"),
+        )
+    };
+    let fused = run(fused::layer_norm);
+    let composed = run(fused::layer_norm_composed);
+    assert_close("layer norm: output", fused.0, composed.0);
+    assert_close("layer norm: d input", fused.1, composed.1);
+    assert_close("layer norm: d gamma", fused.2, composed.2);
+    assert_close("layer norm: d beta", fused.3, composed.3);
+}
+
+#[test]
+fn cross_entropy_matches_its_composition_with_its_gradient() {
+    let device = backend::training_device("cpu").unwrap();
+    let _seeded = backend::seed_exclusively(&device, 13);
+    let (batch, len, classes) = (3, 7, 50);
+    let logits = random([batch, len, classes], &device).mul_scalar(4.0);
+    let targets: Vec<i64> = (0..batch * len)
+        .map(|i| (i * 17 % classes) as i64)
+        .collect();
+    let targets = Tensor::<1, Int>::from_data(targets.as_slice(), &device).reshape([batch, len]);
+    let weights = random([batch, len], &device);
+    let run = |loss: fn(Tensor<3>, Tensor<2, Int>) -> Tensor<2>| {
+        let x = logits.clone().require_grad();
+        let out = loss(x.clone(), targets.clone());
+        let grads = (out.clone() * weights.clone()).sum().backward();
+        (out.inner(), x.grad(&grads).expect("d logits"))
+    };
+    let fused = run(fused::cross_entropy);
+    let composed = run(fused::cross_entropy_composed);
+    assert_close("cross-entropy: losses", fused.0, composed.0);
+    assert_close("cross-entropy: d logits", fused.1, composed.1);
+}
+
+#[test]
+fn gelu_backward_matches_the_exact_gelu_derivative() {
+    // GELU is fused by Burn itself (its autodiff calls the backend's gelu_backward, libtorch's
+    // kernel on tch); held here against the erf formula's derivative.
+    let device = backend::training_device("cpu").unwrap();
+    let _seeded = backend::seed_exclusively(&device, 17);
+    let x = random([5, 40], &device).mul_scalar(3.0).require_grad();
+    let grads = gelu(x.clone()).sum().backward();
+    let input = x.clone().inner();
+    let cdf = input
+        .clone()
+        .div_scalar(std::f64::consts::SQRT_2)
+        .erf()
+        .add_scalar(1.0)
+        .mul_scalar(0.5);
+    let pdf = input
+        .clone()
+        .powi_scalar(2)
+        .mul_scalar(-0.5)
+        .exp()
+        .div_scalar((2.0 * std::f64::consts::PI).sqrt());
+    let expected = cdf + input * pdf;
+    assert_close("gelu: d input", x.grad(&grads).expect("d input"), expected);
+}
+
+#[test]
+fn adamw_matches_burns_adamw_over_several_steps() {
+    // On tch the step is libtorch's fused kernel; Burn's AdamW is the reference (on flex both
+    // sides are Burn's).
+    use burn::nn::{Linear, LinearConfig};
+    use burn::optim::{AdamWConfig, GradientsParams};
+    let device = backend::training_device("cpu").unwrap();
+    let _seeded = backend::seed_exclusively(&device, 19);
+    let initial: Linear = LinearConfig::new(12, 6).init(&device);
+    let inputs: Vec<Tensor<2>> = (0..5).map(|_| random([8, 12], &device)).collect();
+    let settings = nn::fused::AdamW {
+        beta_1: 0.8,
+        beta_2: 0.95,
+        epsilon: 1e-6,
+        weight_decay: 0.1,
+        grad_clip_norm: None,
+    };
+    let mut fused = settings.init();
+    let mut reference = AdamWConfig::new()
+        .with_beta_1(0.8)
+        .with_beta_2(0.95)
+        .with_epsilon(1e-6)
+        .with_weight_decay(0.1)
+        .init();
+    let (mut ours, mut theirs) = (initial.clone(), initial);
+    for (step, x) in inputs.iter().enumerate() {
+        let grads = |model: &Linear| {
+            let loss = model.forward(x.clone()).powi_scalar(2).mean();
+            GradientsParams::from_grads(loss.backward(), model)
+        };
+        let lr = 0.05 / (step + 1) as f64;
+        let (g_ours, g_theirs) = (grads(&ours), grads(&theirs));
+        ours = fused.step(lr, ours, g_ours);
+        theirs = reference.step(lr, theirs, g_theirs);
+    }
+    assert_close(
+        "adamw: weight",
+        ours.weight.val().inner(),
+        theirs.weight.val().inner(),
+    );
+    let bias = |model: &Linear| {
+        model
+            .bias
+            .as_ref()
+            .map(|b| b.val().inner())
+            .expect("a bias")
+    };
+    assert_close("adamw: bias", bias(&ours), bias(&theirs));
+    // The state is Burn's AdamW state: a record of one loads into the other, and the next step
+    // agrees.
+    let mut swapped = AdamWConfig::new()
+        .with_beta_1(0.8)
+        .with_beta_2(0.95)
+        .with_epsilon(1e-6)
+        .with_weight_decay(0.1)
+        .init()
+        .load_record(fused.to_record());
+    let x = random([8, 12], &device);
+    let grads = |model: &Linear| {
+        let loss = model.forward(x.clone()).powi_scalar(2).mean();
+        GradientsParams::from_grads(loss.backward(), model)
+    };
+    let (g_ours, g_theirs) = (grads(&ours), grads(&ours));
+    let next_fused = fused.step(0.01, ours.clone(), g_ours);
+    let next_swapped = swapped.step(0.01, ours, g_theirs);
+    assert_close(
+        "adamw: step after a record swap",
+        next_fused.weight.val().inner(),
+        next_swapped.weight.val().inner(),
+    );
+}

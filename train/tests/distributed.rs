@@ -5,11 +5,14 @@
 //! text-encoder` as two processes gathers the embeddings and matches one process to rounding.
 //! On the flex build (one process only) a launch of two is refused with what to do instead.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::{bin, parti_command};
 use manifests::testing::{
     assert_same_training, assert_succeeded, finish, launch_ranks, lone_command,
 };
@@ -34,29 +37,14 @@ fn upstream() -> &'static PathBuf {
     })
 }
 
-fn bin() -> PathBuf {
-    manifests::testing::bin_dir(env!("CARGO_BIN_EXE_train"))
-}
-
 fn tch_build() -> bool {
     nn::backend::backend_name() == "tch"
 }
 
 /// `train parti` into `out` for `steps` steps, checkpointing every 2, not yet started.
 fn parti(out: &Path, steps: usize, extra: &[&str]) -> Command {
-    let dir = upstream();
-    let mut command = lone_command(bin().join("train"));
-    command
-        .args(["parti", "--preset", "tiny", "--steps", &steps.to_string()])
-        .arg("--tokens")
-        .arg(dir.join("tokens"))
-        .arg("--tokenizer")
-        .arg(dir.join("tokenizer"))
-        .arg("--config")
-        .arg(dir.join("parti.toml"))
-        .arg("--out")
-        .arg(out)
-        .args(extra);
+    let mut command = parti_command(upstream(), out, steps);
+    command.args(extra);
     command
 }
 

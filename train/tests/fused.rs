@@ -3,27 +3,16 @@
 //! within rounding on `tch`, where the kernels sum in another order, and bit for bit on `flex`,
 //! where both runs are the composition.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use manifests::testing::{assert_succeeded, finish, lone_command};
+use std::path::Path;
 
-fn bin() -> PathBuf {
-    manifests::testing::bin_dir(env!("CARGO_BIN_EXE_train"))
-}
+use common::{bin, parti_command};
+use manifests::testing::{assert_succeeded, finish};
 
 /// Per-step training losses and the final validation loss of a `train parti` run.
 fn curve(upstream: &Path, out: &Path, fused: bool) -> (Vec<f64>, f64) {
-    let mut command = lone_command(bin().join("train"));
-    command
-        .args(["parti", "--preset", "tiny", "--steps", "16"])
-        .arg("--tokens")
-        .arg(upstream.join("tokens"))
-        .arg("--tokenizer")
-        .arg(upstream.join("tokenizer"))
-        .arg("--config")
-        .arg(upstream.join("parti.toml"))
-        .arg("--out")
-        .arg(out);
+    let mut command = parti_command(upstream, out, 16);
     if fused {
         command.env_remove("PARTI_FUSED");
     } else {

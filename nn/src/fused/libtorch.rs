@@ -104,19 +104,18 @@ pub(super) fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tenso
 mod kernels {
     use tch::{Kind, Reduction, Tensor};
 
+    /// `blocked` (`true`: a query may not see a key) goes in as the additive bias SDPA takes,
+    /// finite as the composition's fill.
     pub fn attention(
         queries: &Tensor,
         keys: &Tensor,
         values: &Tensor,
-        bias: Option<&Tensor>,
+        blocked: Option<&Tensor>,
     ) -> Tensor {
         let scale = 1.0 / (queries.size()[3] as f64).sqrt();
+        let bias =
+            blocked.map(|blocked| blocked.to_kind(queries.kind()) * f64::from(super::BLOCKED));
         Tensor::scaled_dot_product_attention(queries, keys, values, bias, 0.0, false, scale, false)
-    }
-
-    /// A `true`-blocks mask as the additive bias SDPA takes (finite, as the composition's fill).
-    pub fn attention_bias(blocked: &Tensor, kind: Kind) -> Tensor {
-        blocked.to_kind(kind) * f64::from(super::BLOCKED)
     }
 
     pub fn layer_norm(input: &Tensor, gamma: &Tensor, beta: &Tensor) -> Tensor {
@@ -163,12 +162,11 @@ impl FusedOps for LibTorch {
         values: TchTensor,
         blocked: TchTensor,
     ) -> TchTensor {
-        let bias = kernels::attention_bias(&blocked.tensor, queries.tensor.kind());
         TchTensor::new(kernels::attention(
             &queries.tensor,
             &keys.tensor,
             &values.tensor,
-            Some(&bias),
+            Some(&blocked.tensor),
         ))
     }
 
@@ -203,8 +201,7 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<LibTorch, C> {
         blocked: BoolTensor<Self>,
     ) -> FloatTensor<Self> {
         recorded::<C, 3>([queries, keys, values], |[q, k, v]| {
-            let bias = kernels::attention_bias(&blocked.tensor, q.kind());
-            kernels::attention(q, k, v, Some(&bias))
+            kernels::attention(q, k, v, Some(&blocked.tensor))
         })
     }
 

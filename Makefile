@@ -2,6 +2,7 @@
 #
 #   make pipeline            every stage on the embedded default data (tiny preset) into runs/default
 #   make pipeline RUN=s3://bucket/prefix   the same, on a bucket (credentials from AWS_* variables)
+#   make status              which stages under RUN are up to date, and why the others are not
 #   make test                the test suite (installs moto, an S3 server, into .venv for the storage tests)
 #   make pipeline BACKEND=tch   the same on libtorch (fetches a CPU libtorch from PyPI once, ~910 MB)
 #   make bench               benchmarks against PyTorch and Pillow on this machine (installs them into bench/.venv)
@@ -35,10 +36,10 @@ STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)
 EVAL_PROMPTS ?=
 EVAL_FLAGS := $(if $(EVAL_PROMPTS),--prompts $(EVAL_PROMPTS) --samples 2,)
 
-.PHONY: pipeline build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-models bench-venv bench-distributed
+.PHONY: pipeline status build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-models bench-venv bench-distributed
 
 help:
-	@sed -n '3,8p' Makefile
+	@sed -n '3,9p' Makefile
 
 build: $(BACKEND_SETUP)
 	$(CARGO) build --release --workspace $(FEATURES)
@@ -63,6 +64,10 @@ pipeline: build
 	$(BIN)/manifests lineage $(RUN)/eval
 	@echo "pipeline done: manifests under $(RUN)/*/manifest.json"
 
+# Exit 0 when every stage under RUN is up to date; 1 (naming why) otherwise. Runs nothing.
+status: build
+	$(BIN)/manifests status $(RUN)
+
 venv: .venv/bin/moto_server
 
 .venv/bin/moto_server:
@@ -85,12 +90,15 @@ SMOKE_STEPS := 5
 # Stage commands in `pipeline` (each says "up to date" when rerun unchanged).
 PIPELINE_STAGES := 11
 
-# The whole chain end to end at smoke size, twice: the second run must skip every stage.
+# The whole chain end to end at smoke size, twice: the second run, on the same folder spelled
+# another way (absolute, through a symlink), must skip every stage, and `manifests status` agree.
 smoke: build
-	rm -rf $(TARGET_DIR)/smoke
+	rm -rf $(TARGET_DIR)/smoke $(TARGET_DIR)/smoke-link
 	$(MAKE) --no-print-directory pipeline RUN=$(TARGET_DIR)/smoke STEPS=$(SMOKE_STEPS) EVAL_PROMPTS=4
-	$(MAKE) --no-print-directory pipeline RUN=$(TARGET_DIR)/smoke STEPS=$(SMOKE_STEPS) EVAL_PROMPTS=4 2>&1 | tee $(TARGET_DIR)/smoke.log
+	ln -s $(abspath $(TARGET_DIR))/smoke $(TARGET_DIR)/smoke-link
+	$(MAKE) --no-print-directory pipeline RUN=$(abspath $(TARGET_DIR))/smoke-link STEPS=$(SMOKE_STEPS) EVAL_PROMPTS=4 2>&1 | tee $(TARGET_DIR)/smoke.log
 	@test "$$(grep -c 'up to date' $(TARGET_DIR)/smoke.log)" -eq $(PIPELINE_STAGES) || { echo "second pipeline run did not skip every stage"; exit 1; }
+	$(BIN)/manifests status $(TARGET_DIR)/smoke
 	@echo "smoke: $(PIPELINE_STAGES) passed, 0 failed"
 
 # `train parti` as jobs of 1 and 2 processes (c10d + Gloo on loopback; tch only) on the tokens of

@@ -19,6 +19,7 @@ use std::ops::Range;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use manifests::shards::Rejected;
+use manifests::sources::SourceSet;
 use manifests::{Location, ShardSpec, StageRun, Tool};
 use serde_json::{Map, Value};
 
@@ -59,9 +60,9 @@ pub fn job_range(n: usize, shard: ShardSpec) -> Range<usize> {
     (index * n / count)..((index + 1) * n / count)
 }
 
-/// Identifies raw source data by its listing (names, sizes, change markers), which changes
-/// whenever a file is added, removed or rewritten, without reading every byte.
-pub fn source_digest(locations: &[Location]) -> Result<String, Error> {
+/// How a `parti.manifest/v1` manifest identified raw source data: by its listing (names, sizes,
+/// change markers). Computed only to judge a manifest written under that rule.
+fn v1_listing_digest(locations: &[Location]) -> Result<String, Error> {
     let mut listing = String::new();
     for location in locations {
         let objects = if location.exists()? {
@@ -69,6 +70,7 @@ pub fn source_digest(locations: &[Location]) -> Result<String, Error> {
                 location: location.clone(),
                 size: location.size()?,
                 e_tag: None,
+                version: None,
             }]
         } else {
             location.list()?
@@ -88,12 +90,15 @@ pub fn source_digest(locations: &[Location]) -> Result<String, Error> {
 
 /// Records where the input came from. When it is the output of another parti stage (a
 /// `manifest.json` in the input folder or the one above it), that manifest becomes the
-/// upstream input and every artifact it lists is digest-checked first; otherwise the raw
-/// sources are identified by their listings.
+/// upstream input and every artifact it lists is digest-checked first; otherwise the input
+/// file or folder is identified by content ([`SourceSet`]). `named` are the files a list in
+/// the input names (images of a CSV or COCO file), under the names the list gives them: they
+/// are inputs too. `image_roots` only matter to judge a v1 manifest, which listed them.
 pub fn record_input(
     run: &mut StageRun,
     input: &Location,
-    extra_sources: &[Location],
+    named: &[(String, Location)],
+    image_roots: &[Location],
 ) -> Result<(), Error> {
     let candidates = [
         input.join(manifests::MANIFEST_FILE),
@@ -106,6 +111,12 @@ pub fn record_input(
             break;
         }
     }
+    let named_files = |set: &mut SourceSet| -> Result<(), Error> {
+        for (name, location) in named {
+            set.name(name.clone(), location)?;
+        }
+        Ok(())
+    };
     match upstream {
         Some(manifest) => {
             let upstream = run.upstream("source", &manifest.uri())?;
@@ -115,19 +126,27 @@ pub fn record_input(
                     upstream.manifest.stage
                 )));
             }
-            if !extra_sources.is_empty() {
-                run.source_input(
-                    "extra",
-                    &extra_sources[0].uri(),
-                    source_digest(extra_sources)?,
-                );
+            if !named.is_empty() {
+                let mut set = SourceSet::new(run.previous_input("images"));
+                named_files(&mut set)?;
+                run.record_source(set.into_input("images", &input.uri())?);
+            }
+            if run.judged_as_v1() && !image_roots.is_empty() {
+                let digest = v1_listing_digest(image_roots)?;
+                run.record_v1_source("extra", &image_roots[0].uri(), digest);
             }
         }
         None => {
-            let all: Vec<Location> = std::iter::once(input.clone())
-                .chain(extra_sources.iter().cloned())
-                .collect();
-            run.source_input("source", &input.uri(), source_digest(&all)?);
+            let mut set = SourceSet::new(run.previous_input("source"));
+            set.list(input)?;
+            named_files(&mut set)?;
+            run.record_source(set.into_input("source", &input.uri())?);
+            if run.judged_as_v1() {
+                let all: Vec<Location> = std::iter::once(input.clone())
+                    .chain(image_roots.iter().cloned())
+                    .collect();
+                run.record_v1_source("source", &input.uri(), v1_listing_digest(&all)?);
+            }
         }
     }
     Ok(())

@@ -269,23 +269,52 @@ impl Writer<'_> {
     }
 }
 
+/// The images a COCO, CSV, TSV or JSONL file names, each once, under its path relative to the
+/// image root (as the list spells it): inputs of the run like the list itself. Folders and
+/// containers are identified by listing them instead.
+fn named_images(units: &[Unit], format: InputFormat, root: &Location) -> Vec<(String, Location)> {
+    let lists = [
+        InputFormat::Coco,
+        InputFormat::Csv,
+        InputFormat::Tsv,
+        InputFormat::Jsonl,
+    ];
+    if !lists.contains(&format) {
+        return Vec::new();
+    }
+    let mut named = BTreeMap::new();
+    for unit in units {
+        if let Unit::Sample { image, .. } = unit {
+            let name = image.relative_to(root).unwrap_or_else(|| image.uri());
+            named.entry(name).or_insert_with(|| image.clone());
+        }
+    }
+    named.into_iter().collect()
+}
+
 pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manifest, Error> {
     let started = Instant::now();
     let input = Location::parse(&config.source.input)?;
     let format = detect_format(&input, config.source.format)?;
-    let mut run = StageRun::new(STAGE, tool(), &options.out, config, options.shard)?;
+    let mut run = StageRun::new(STAGE, tool(), &options.out, config, options.shard)?
+        .with_locations(&["/source/input", "/source/image_root"]);
     let image_roots: Vec<Location> = config
         .source
         .image_root
         .iter()
         .map(|r| Location::parse(r))
         .collect::<Result<_, _>>()?;
-    record_input(&mut run, &input, &image_roots)?;
+    let units = enumerate(&config.source, format)?;
+    let named = named_images(
+        &units,
+        format,
+        image_roots.first().unwrap_or(&input.parent()),
+    );
+    record_input(&mut run, &input, &named, &image_roots)?;
     if let Some(existing) = run.begin(options.force)? {
         return Ok(existing);
     }
 
-    let units = enumerate(&config.source, format)?;
     let range = job_range(units.len(), options.shard);
     let mine = &units[range.clone()];
     info!(

@@ -187,8 +187,9 @@ fn parse(record: Record, stem: &str, config: &TextConfig) -> Result<TextRow, &'s
 
 pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest, Error> {
     let input = Location::parse(&config.input)?;
-    let mut run = StageRun::new(STAGE, tool(), &options.out, config, options.shard)?;
-    record_input(&mut run, &input, &[])?;
+    let mut run = StageRun::new(STAGE, tool(), &options.out, config, options.shard)?
+        .with_locations(&["/input"]);
+    record_input(&mut run, &input, &[], &[])?;
     if let Some(existing) = run.begin(options.force)? {
         return Ok(existing);
     }

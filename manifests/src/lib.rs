@@ -1,7 +1,7 @@
 //! Manifests and storage: the contract that connects parti's stage binaries.
 //!
-//! Every stage run writes one manifest (`parti.manifest/v1`) recording its effective config and
-//! hash, the upstream manifests it read (with digests), the artifacts it wrote (with sizes,
+//! Every stage run writes one manifest (`parti.manifest/v2`) recording its effective config and
+//! hash, the inputs it read (by content identity, see [`sources`]), the artifacts it wrote (with sizes,
 //! digests and row counts) and its metrics. [`StageRun`] implements the behaviour every stage
 //! shares: skip when unchanged, write artifacts before the manifest, resume finished artifacts
 //! after a crash, and refuse inputs whose digests do not match. [`shards`] holds the formats of
@@ -13,14 +13,17 @@ pub mod lineage;
 pub mod manifest;
 pub mod merge;
 pub mod shards;
+pub mod sources;
 pub mod stage;
+pub mod status;
 pub mod storage;
 pub mod table;
 #[doc(hidden)]
 pub mod testing;
 
 pub use manifest::{
-    Artifact, Input, MANIFEST_FILE, Manifest, Problem, SCHEMA, ShardSpec, Tool, manifest_location,
+    Artifact, Input, MANIFEST_FILE, Manifest, Problem, SCHEMA, SCHEMA_V1, ShardSpec, Tool,
+    manifest_location,
 };
 pub use stage::{Finished, Freshness, StageRun, Upstream};
 pub use storage::{Location, ObjectInfo};

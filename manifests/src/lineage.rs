@@ -10,7 +10,8 @@ pub struct LineageEntry {
     pub uri: String,
     pub stage: Option<String>,
     pub digest: String,
-    /// `ok`, `changed` (the upstream manifest's digest differs from the recorded one),
+    /// `ok`, `changed` (the upstream stage's identity differs from the recorded one, or for a
+    /// v1 manifest the upstream manifest's bytes),
     /// `missing`, or `source` (raw data, not a stage).
     pub status: String,
 }
@@ -52,13 +53,13 @@ fn walk(manifest: &Manifest, depth: usize, entries: &mut Vec<LineageEntry>) -> R
             continue;
         }
         match manifest_location(&input.uri).and_then(|l| Manifest::read(&l)) {
-            Ok((upstream, digest)) => {
-                entry.status = if digest == input.digest {
-                    "ok"
+            Ok((upstream, bytes_digest)) => {
+                let now = if manifest.is_v1() {
+                    bytes_digest
                 } else {
-                    "changed"
-                }
-                .into();
+                    upstream.identity()
+                };
+                entry.status = if now == input.digest { "ok" } else { "changed" }.into();
                 entries.push(entry);
                 walk(&upstream, depth + 1, entries)?;
             }

@@ -1,4 +1,4 @@
-//! `manifests`: inspect, verify, merge and trace the manifests that connect parti's stages.
+//! `manifests`: inspect, verify, merge, trace and judge the manifests that connect parti's stages.
 
 use std::process::ExitCode;
 
@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use manifests::lineage::lineage;
 use manifests::merge::merge;
+use manifests::status::status;
 use manifests::{Location, Manifest, manifest_location};
 
 #[derive(Parser)]
@@ -43,6 +44,13 @@ enum Command {
     },
     /// Print the chain of upstream stages with their digests, flagging changed links.
     Lineage { uri: String },
+    /// For every stage manifest under RUN: up to date, or stale and why (an artifact, a source
+    /// file or an upstream stage changed), without running anything. Exit 0 when all are up to
+    /// date, 1 otherwise. A stage's own settings are the next command's; this checks the rest.
+    Status {
+        #[arg(value_name = "RUN")]
+        run: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -115,6 +123,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 merged.artifacts.len()
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { run } => {
+            let run = Location::parse(&run)?;
+            let statuses = status(&run).with_context(|| format!("status of {run}"))?;
+            if statuses.is_empty() {
+                anyhow::bail!("{run}: no stage manifests below it");
+            }
+            let width = statuses.iter().map(|s| s.stage.len()).max().unwrap_or(0);
+            for stage in &statuses {
+                let folder = stage.location.parent();
+                let place = folder.relative_to(&run).unwrap_or_else(|| folder.uri());
+                match &stage.stale {
+                    None => println!("up to date  {:width$}  {place}", stage.stage),
+                    Some(why) => println!("stale       {:width$}  {place}: {why}", stage.stage),
+                }
+            }
+            let stale = statuses.iter().filter(|s| s.stale.is_some()).count();
+            println!("{} up to date, {stale} stale", statuses.len() - stale);
+            Ok(if stale == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Lineage { uri } => {
             let entries = lineage(&uri)?;

@@ -7,7 +7,12 @@ use serde_json::{Map, Value};
 use crate::storage::Location;
 use crate::{Error, digest_bytes};
 
-pub const SCHEMA: &str = "parti.manifest/v1";
+/// What every run writes. v2 records inputs by content identity (see [`Input`]).
+pub const SCHEMA: &str = "parti.manifest/v2";
+/// Written before inputs were identified by content: an input's `digest` is the bytes of the
+/// upstream manifest, or a listing of names, sizes and change markers of the raw source. Still
+/// read and verified; a stage judges its own v1 manifest by the v1 rule (see `StageRun`).
+pub const SCHEMA_V1: &str = "parti.manifest/v1";
 pub const MANIFEST_FILE: &str = "manifest.json";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,7 +39,9 @@ impl ShardSpec {
 }
 
 /// Something a stage read: an upstream manifest (`kind = "manifest"`) or raw source data
-/// (`kind = "source"`, digest over its listing).
+/// (`kind = "source"`). `digest` is its identity, never its location: for an upstream stage
+/// [`Manifest::identity`] (its config hash and artifact digests), for raw data a digest over its
+/// files' names and contents (see the `sources` module). `uri` records where it was read this time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Input {
     /// The role this input plays, e.g. `pairs`, `tokens`, `source`.
@@ -44,6 +51,43 @@ pub struct Input {
     pub digest: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage: Option<String>,
+    /// An upstream stage's config hash, to tell a changed setting from changed data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+    /// Raw data: the file or folder listed whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listed: Option<String>,
+    /// Raw data: every file read, with its content digest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<SourceFile>,
+}
+
+impl Input {
+    /// Same role, kind and identity: where it was read from does not matter.
+    pub fn same_identity(&self, other: &Input) -> bool {
+        self.name == other.name
+            && self.kind == other.kind
+            && self.digest == other.digest
+            && self.stage == other.stage
+    }
+}
+
+/// One file a stage read, as its manifest records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceFile {
+    /// Relative to the listed folder (empty for a listed single file), or as the list names it.
+    pub name: String,
+    pub uri: String,
+    pub bytes: u64,
+    /// Local files: modification time in nanoseconds since 1970, the fast check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modified_ns: Option<u64>,
+    /// `blake3:...` of the bytes (local files), `etag:...`/`version:...` (bucket objects), or
+    /// `missing` (named by a list, not there).
+    pub digest: String,
+    /// Named by a list rather than found by listing `Input::listed`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub named: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,16 +168,38 @@ impl Manifest {
                 uri: location.uri(),
                 reason: e.to_string(),
             })?;
-        if manifest.schema != SCHEMA {
+        if manifest.schema != SCHEMA && manifest.schema != SCHEMA_V1 {
             return Err(Error::InvalidManifest {
                 uri: location.uri(),
                 reason: format!(
-                    "schema '{}' is not '{SCHEMA}' (written by a different parti version?)",
+                    "schema '{}' is neither '{SCHEMA}' nor '{SCHEMA_V1}' (written by a newer parti?)",
                     manifest.schema
                 ),
             });
         }
         Ok(manifest)
+    }
+
+    pub fn is_v1(&self) -> bool {
+        self.schema == SCHEMA_V1
+    }
+
+    /// What a downstream stage records as this stage's identity: its stage, config hash, shard
+    /// and artifact digests, not when it ran or what it measured. A rerun that writes the same
+    /// artifacts under the same config leaves every stage below it up to date (early cutoff).
+    pub fn identity(&self) -> String {
+        let artifacts: Vec<(&str, &str)> = self
+            .artifacts
+            .iter()
+            .map(|a| (a.uri.as_str(), a.digest.as_str()))
+            .collect();
+        let identity = serde_json::json!({
+            "stage": self.stage,
+            "config_hash": self.config_hash,
+            "shard": self.shard,
+            "artifacts": artifacts,
+        });
+        digest_bytes(identity.to_string().as_bytes())
     }
 
     pub fn to_bytes(&self) -> Bytes {

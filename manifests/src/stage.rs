@@ -10,6 +10,7 @@ use crate::manifest::{
     self, Artifact, Input, MANIFEST_FILE, Manifest, ShardSpec, Tool, config_hash,
     manifest_location, read_verified,
 };
+use crate::sources::{SourceSet, changed_file};
 use crate::storage::Location;
 use crate::{Error, digest_bytes};
 
@@ -36,6 +37,20 @@ impl Upstream {
         let location = manifest_location(uri)?;
         let (manifest, digest) = Manifest::read(&location)?;
         Ok((Upstream { manifest, location }, digest))
+    }
+
+    /// How a stage that reads this upstream records it as its input `name`.
+    pub fn as_input(&self, name: &str) -> Input {
+        Input {
+            name: name.to_string(),
+            uri: self.location.uri(),
+            kind: "manifest".to_string(),
+            digest: self.manifest.identity(),
+            stage: Some(self.manifest.stage.clone()),
+            config_hash: Some(self.manifest.config_hash.clone()),
+            listed: None,
+            files: Vec::new(),
+        }
     }
 
     pub fn artifact_location(&self, artifact: &Artifact) -> Result<Location, Error> {
@@ -92,6 +107,12 @@ pub struct StageRun {
     config_hash: String,
     shard: ShardSpec,
     inputs: Vec<Input>,
+    /// How a `parti.manifest/v1` document would have recorded config and inputs, to judge a
+    /// manifest written before content identities by its own rule (so upgrading reruns nothing).
+    v1_config_hash: String,
+    v1_inputs: Vec<Input>,
+    /// This stage's manifest from an earlier run, if any: the fast check for source files.
+    previous: Option<Manifest>,
 }
 
 impl StageRun {
@@ -113,15 +134,39 @@ impl StageRun {
             source_name: stage.to_string(),
             reason: e.to_string(),
         })?;
-        Ok(StageRun {
+        let mut run = StageRun {
             out: Location::parse(out_uri)?,
             stage: stage.to_string(),
             tool,
             config_hash: config_hash(&config),
+            v1_config_hash: config_hash(&config),
             config,
             shard,
             inputs: Vec::new(),
-        })
+            v1_inputs: Vec::new(),
+            previous: None,
+        };
+        run.previous = Manifest::read(&run.manifest_location())
+            .ok()
+            .map(|(manifest, _)| manifest);
+        Ok(run)
+    }
+
+    /// Leaves the config fields at these JSON pointers (e.g. `/source/input`) out of the config
+    /// hash: they name where data is, and the data is identified as an input by its content, so
+    /// another spelling of the same place is not a changed config. The manifest still records
+    /// them in `config`.
+    pub fn with_locations(mut self, pointers: &[&str]) -> StageRun {
+        let mut hashed = self.config.clone();
+        for pointer in pointers {
+            if let Some((parent, key)) = pointer.rsplit_once('/')
+                && let Some(Value::Object(object)) = hashed.pointer_mut(parent)
+            {
+                object.remove(key);
+            }
+        }
+        self.config_hash = config_hash(&hashed);
+        self
     }
 
     pub fn out(&self) -> &Location {
@@ -136,27 +181,58 @@ impl StageRun {
         self.shard
     }
 
-    /// Reads an upstream manifest and records it as input `name`.
+    /// Reads an upstream manifest and records it as input `name`, identified by the upstream
+    /// stage's config hash and artifact digests ([`Manifest::identity`]).
     pub fn upstream(&mut self, name: &str, uri: &str) -> Result<Upstream, Error> {
-        let (upstream, digest) = Upstream::read(uri)?;
-        self.inputs.push(Input {
-            name: name.to_string(),
-            uri: upstream.location.uri(),
-            kind: "manifest".to_string(),
-            digest,
-            stage: Some(upstream.manifest.stage.clone()),
+        let (upstream, bytes_digest) = Upstream::read(uri)?;
+        let input = upstream.as_input(name);
+        self.v1_inputs.push(Input {
+            digest: bytes_digest,
+            config_hash: None,
+            ..input.clone()
         });
+        self.inputs.push(input);
         Ok(upstream)
     }
 
-    /// Records raw source data (not produced by a stage), identified by `digest`.
-    pub fn source_input(&mut self, name: &str, uri: &str, digest: String) {
-        self.inputs.push(Input {
+    /// This input as the stage's previous manifest recorded it (for [`SourceSet::new`]).
+    pub fn previous_input(&self, name: &str) -> Option<&Input> {
+        let previous = self.previous.as_ref()?;
+        previous.inputs.iter().find(|input| input.name == name)
+    }
+
+    /// Records one raw source file whose bytes the stage has read (e.g. a weights file).
+    pub fn source_bytes(&mut self, name: &str, uri: &str, bytes: &[u8]) -> Result<(), Error> {
+        let mut set = SourceSet::new(None);
+        set.list_read(&Location::parse(uri)?, bytes)?;
+        self.record_source(set.into_input(name, uri)?);
+        self.record_v1_source(name, uri, digest_bytes(bytes));
+        Ok(())
+    }
+
+    /// Records raw source data identified by content (built with [`SourceSet`]).
+    pub fn record_source(&mut self, input: Input) {
+        self.inputs.push(input);
+    }
+
+    /// Whether this stage's existing manifest predates content identities: only then does a
+    /// stage need to say how v1 identified its raw sources ([`StageRun::record_v1_source`]).
+    pub fn judged_as_v1(&self) -> bool {
+        self.previous.as_ref().is_some_and(Manifest::is_v1)
+    }
+
+    /// A raw source as a v1 manifest recorded it (`digest` over its listing), to judge a v1
+    /// manifest by the rule it was written under.
+    pub fn record_v1_source(&mut self, name: &str, uri: &str, digest: String) {
+        self.v1_inputs.push(Input {
             name: name.to_string(),
             uri: uri.to_string(),
             kind: "source".to_string(),
             digest,
             stage: None,
+            config_hash: None,
+            listed: None,
+            files: Vec::new(),
         });
     }
 
@@ -173,7 +249,8 @@ impl StageRun {
     }
 
     /// Up to date means: a manifest exists for this stage and shard, its config hash and input
-    /// digests equal ours, and every artifact it lists verifies by digest.
+    /// identities equal ours, and every artifact it lists verifies by digest. A v1 manifest is
+    /// judged by the v1 rule: the whole config hashed, inputs equal in URI and v1 digest.
     pub fn freshness(&self) -> Result<Freshness, Error> {
         let location = self.manifest_location();
         let existing = match Manifest::read(&location) {
@@ -187,14 +264,24 @@ impl StageRun {
             Err(e) => return Err(e),
         };
         let expected_shard = (!self.shard.is_single()).then_some(self.shard);
+        let (config_hash, inputs_changed) = if existing.is_v1() {
+            let changed = (existing.inputs != self.v1_inputs)
+                .then(|| "inputs changed (judged as parti.manifest/v1 judged them)".to_string());
+            (&self.v1_config_hash, changed)
+        } else {
+            (
+                &self.config_hash,
+                changed_input(&existing.inputs, &self.inputs),
+            )
+        };
         let stale = if existing.stage != self.stage {
             Some(format!("manifest is for stage '{}'", existing.stage))
-        } else if existing.config_hash != self.config_hash {
+        } else if existing.config_hash != *config_hash {
             Some("config changed".to_string())
         } else if existing.shard != expected_shard {
             Some("shard changed".to_string())
-        } else if existing.inputs != self.inputs {
-            Some("inputs changed".to_string())
+        } else if inputs_changed.is_some() {
+            inputs_changed
         } else {
             let problems = existing.verify(&location, true);
             (!problems.is_empty()).then(|| format!("artifact changed: {}", problems[0]))
@@ -230,8 +317,13 @@ impl StageRun {
     /// them, and by job, so the jobs of an array sharing one output never touch each other's.
     fn work_dir(&self) -> Location {
         let hash = self.config_hash.trim_start_matches("blake3:");
+        let identities: Vec<(&str, &str, &str)> = self
+            .inputs
+            .iter()
+            .map(|i| (i.name.as_str(), i.kind.as_str(), i.digest.as_str()))
+            .collect();
         let inputs = digest_bytes(
-            serde_json::to_string(&self.inputs)
+            serde_json::to_string(&identities)
                 .unwrap_or_default()
                 .as_bytes(),
         );
@@ -426,4 +518,33 @@ impl StageRun {
         info!(stage = %self.stage, manifest = %location, "published");
         Ok(manifest)
     }
+}
+
+/// Why the inputs a manifest recorded are not the inputs now, in words; `None` when every input
+/// has the same identity (wherever it was read from).
+pub fn changed_input(recorded: &[Input], now: &[Input]) -> Option<String> {
+    for input in now {
+        let Some(before) = recorded.iter().find(|r| r.name == input.name) else {
+            return Some(format!("new input '{}' ({})", input.name, input.uri));
+        };
+        if before.same_identity(input) {
+            continue;
+        }
+        if input.kind != "manifest" {
+            let file = changed_file(before, input).unwrap_or_else(|| input.uri.clone());
+            return Some(format!("source '{}' changed: {file}", input.name));
+        }
+        let stage = input.stage.as_deref().unwrap_or("?");
+        return Some(if before.config_hash != input.config_hash {
+            format!("upstream {stage} ({}) ran with other settings", input.uri)
+        } else if before.stage != input.stage {
+            format!("input '{}' is now stage {stage}", input.name)
+        } else {
+            format!("upstream {stage} ({}) wrote different artifacts", input.uri)
+        });
+    }
+    recorded
+        .iter()
+        .find(|r| !now.iter().any(|i| i.name == r.name))
+        .map(|r| format!("input '{}' ({}) is no longer given", r.name, r.uri))
 }

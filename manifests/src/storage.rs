@@ -127,6 +127,8 @@ pub struct ObjectInfo {
     pub size: u64,
     /// Provider change marker (ETag, or inode/mtime/size for local files).
     pub e_tag: Option<String>,
+    /// Object version, where the bucket keeps versions.
+    pub version: Option<String>,
 }
 
 /// A file or a folder in some object store.
@@ -183,7 +185,8 @@ impl Location {
             return Err(invalid("empty location"));
         }
         if !looks_like_url(uri) {
-            let absolute = std::path::absolute(uri).map_err(|e| invalid(&e.to_string()))?;
+            let absolute =
+                lexically_normal(&std::path::absolute(uri).map_err(|e| invalid(&e.to_string()))?);
             let url =
                 Url::from_file_path(&absolute).map_err(|()| invalid("not a valid local path"))?;
             let mut location = Self::from_url(&url, uri)?;
@@ -355,6 +358,18 @@ impl Location {
             .map_err(|e| self.store_error("stat", e))
     }
 
+    /// Size and change markers of the object here, as the store reports them.
+    pub fn info(&self) -> Result<ObjectInfo, Error> {
+        let meta =
+            block_on(self.store.head(&self.path)).map_err(|e| self.store_error("stat", e))?;
+        Ok(ObjectInfo {
+            location: self.clone(),
+            size: meta.size,
+            e_tag: meta.e_tag,
+            version: meta.version,
+        })
+    }
+
     /// Whether an object (a file, not a folder) is here.
     pub fn exists(&self) -> Result<bool, Error> {
         // Locally a path below a file is an error for object_store ("not a directory");
@@ -415,11 +430,29 @@ impl Location {
                 },
                 size: meta.size,
                 e_tag: meta.e_tag,
+                version: meta.version,
             })
             .collect();
         objects.sort_by(|a, b| a.location.path.cmp(&b.location.path));
         Ok(objects)
     }
+}
+
+/// `a/./b/../c` as `a/c`, without touching the filesystem (`std::path::absolute` keeps `..`,
+/// which object_store refuses).
+fn lexically_normal(path: &std::path::Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut normal = std::path::PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::ParentDir => {
+                normal.pop();
+            }
+            Component::CurDir => {}
+            other => normal.push(other),
+        }
+    }
+    normal
 }
 
 fn percent_decode(path: &str) -> String {
@@ -438,6 +471,9 @@ mod tests {
         let plain = Location::parse(dir.path().to_str().unwrap()).unwrap();
         let url = Location::parse(&format!("file://{}", dir.path().display())).unwrap();
         assert_eq!(plain, url);
+        let name = dir.path().file_name().unwrap().to_str().unwrap();
+        let dotted = dir.path().join("x/./..").join(format!("../{name}"));
+        assert_eq!(Location::parse(dotted.to_str().unwrap()).unwrap(), plain);
         assert_eq!(plain.uri(), dir.path().display().to_string());
     }
 

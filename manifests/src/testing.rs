@@ -226,6 +226,69 @@ pub fn lone_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     command
 }
 
+/// Polls until the training run in `out` has saved a checkpoint (its index in the work
+/// folder); panics if one of `children` ends first, or after 300 s.
+pub fn wait_for_checkpoint(out: &std::path::Path, children: &mut [Child]) {
+    let started = Instant::now();
+    while !files_below(out)
+        .iter()
+        .any(|path| path.ends_with("checkpoint.json"))
+    {
+        for child in children.iter_mut() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("a process ended ({status}) before the first checkpoint");
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no checkpoint in 300 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn files_below(dir: &std::path::Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .flat_map(|entry| {
+            let path = entry.path();
+            if path.is_dir() {
+                files_below(&path)
+            } else {
+                vec![path]
+            }
+        })
+        .collect()
+}
+
+/// Starts `command` (a training stage writing to `out`), waits for its first checkpoint and
+/// kills it with SIGKILL: no cleanup, as the OOM killer or a preempted node would. Panics if
+/// the run published its manifest before the kill landed.
+pub fn kill_after_checkpoint(mut command: Command, out: &std::path::Path) {
+    let mut child = command.spawn().unwrap();
+    wait_for_checkpoint(out, std::slice::from_mut(&mut child));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !out.join("manifest.json").exists(),
+        "the run finished before it was killed"
+    );
+}
+
+/// Every process succeeded and resumed from a checkpoint rather than starting over.
+pub fn assert_resumed(outputs: &[(bool, String)]) {
+    assert_succeeded(outputs);
+    for (_, text) in outputs {
+        assert!(
+            text.contains("resuming from the checkpoint of step"),
+            "{text}"
+        );
+    }
+}
+
 /// The ranks of a training job of `world_size` processes on loopback, started as torchrun
 /// starts them (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), each from
 /// `command()`, with Gloo on the loopback interface.

@@ -51,7 +51,7 @@ fn manifest_round_trips_through_storage() {
     let (read, digest) = Manifest::read(&location).unwrap();
     assert_eq!(read, manifest);
     assert_eq!(digest, manifests::digest_bytes(&location.get().unwrap()));
-    assert_eq!(read.schema, "parti.manifest/v1");
+    assert_eq!(read.schema, "parti.manifest/v2");
     assert_eq!(read.artifacts[0].rows, Some(3));
     assert_eq!(read.metrics["rejected"], json!({}));
     // The hash is of the canonical config: key order does not matter.
@@ -313,7 +313,15 @@ fn merge_and_lineage_commands_work_on_local_folders() {
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("pairs [demo]"), "{text}");
 
-    // Rewriting the upstream manifest breaks the recorded link.
+    // Rewriting the upstream manifest with the same artifacts keeps the link (early cutoff);
+    // an upstream rerun with other settings breaks it.
+    let (code, _) = manifests_bin(&["merge", up, up]);
+    assert_eq!(code, 0);
+    let (code, text) = manifests_bin(&["lineage", down.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    let other = json!({"other": true});
+    partial(up, 0, 2, &other, 2, json!({}));
+    partial(up, 1, 2, &other, 3, json!({}));
     let (code, _) = manifests_bin(&["merge", up, up]);
     assert_eq!(code, 0);
     let (code, text) = manifests_bin(&["lineage", down.to_str().unwrap()]);

@@ -29,7 +29,7 @@ use tokenizers::{
 use tracing::{info, warn};
 
 use manifests::shards::{CAPTION_KINDS, pairs, text, tokens};
-use manifests::{Artifact, Location, Manifest, ShardSpec, StageRun, Upstream, digest_bytes};
+use manifests::{Artifact, Location, Manifest, ShardSpec, StageRun, Upstream};
 use models::TextTokenizer;
 use models::tokenizer::{
     BOS, EOS, META_SPACE, SPECIAL_TOKENS, TOKENIZER_FILE, TOKENIZER_KIND, UNK, metaspace,
@@ -597,7 +597,7 @@ pub fn train_tokenizer(
         Some(uri) => {
             let location = Location::parse(uri)?;
             let bytes = location.get()?;
-            run.source_input("tokenizer", &location.uri(), digest_bytes(&bytes));
+            run.source_bytes("tokenizer", &location.uri(), &bytes)?;
             Some((location.uri(), bytes))
         }
         None => None,

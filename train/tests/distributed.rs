@@ -4,17 +4,20 @@
 //! checkpoint with another world size and ends equal to an uninterrupted run; `train
 //! text-encoder` as two processes gathers the embeddings and matches one process to rounding.
 //! On the flex build (one process only) a launch of two is refused with what to do instead.
+//! And on either build, one process killed with SIGKILL after a checkpoint resumes to the
+//! uninterrupted run's weights.
 
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::{bin, parti_command};
 use manifests::testing::{
-    assert_same_training, assert_succeeded, finish, launch_ranks, lone_command,
+    assert_resumed, assert_same_training, assert_succeeded, finish, kill_after_checkpoint,
+    launch_ranks, lone_command, wait_for_checkpoint,
 };
 
 /// Token shards, tokenizer and their upstream, once for the file.
@@ -73,41 +76,16 @@ fn two_processes_train_what_one_process_trains() {
     assert_same_training(&one, &two);
 }
 
-/// Polls until the run in `out` has a checkpoint (panics if a rank ends first).
-fn wait_for_checkpoint(out: &Path, children: &mut [Child]) {
-    let started = Instant::now();
-    while !walk(out)
-        .iter()
-        .any(|path| path.ends_with("checkpoint.json"))
-    {
-        for child in children.iter_mut() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("a rank ended ({status}) before the first checkpoint");
-            }
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "no checkpoint in 300 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .flat_map(|entry| {
-            let path = entry.path();
-            if path.is_dir() {
-                walk(&path)
-            } else {
-                vec![path]
-            }
-        })
-        .collect()
+#[test]
+fn a_process_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 24;
+    let reference = dir.path().join("reference");
+    assert_succeeded(&alone(parti(&reference, steps, &[])));
+    let killed = dir.path().join("killed");
+    kill_after_checkpoint(parti(&killed, steps, &[]), &killed);
+    assert_resumed(&alone(parti(&killed, steps, &[])));
+    assert_same_training(&killed, &reference);
 }
 
 #[test]
@@ -138,15 +116,7 @@ fn a_killed_rank_is_named_and_the_job_resumes_with_another_world_size() {
     assert!(killed_at.elapsed() < Duration::from_secs(60), "{survivor}");
 
     // The same command in one process resumes the two-process job's checkpoint.
-    let resumed = alone(parti(&killed, steps, &[]));
-    assert_succeeded(&resumed);
-    assert!(
-        resumed[0]
-            .1
-            .contains("resuming from the checkpoint of step"),
-        "{}",
-        resumed[0].1
-    );
+    assert_resumed(&alone(parti(&killed, steps, &[])));
     assert_same_training(&killed, &reference);
 
     // And the other way: one process stops after 4 steps, two ranks resume.
@@ -158,13 +128,12 @@ fn a_killed_rank_is_named_and_the_job_resumes_with_another_world_size() {
         paused[0].1
     );
     let outputs = finish(launch_ranks(2, || parti(&stopped, steps, &[])));
-    assert_succeeded(&outputs);
-    for (_, text) in &outputs {
-        assert!(
-            text.contains("resuming from the checkpoint of step 4"),
-            "{text}"
-        );
-    }
+    assert_resumed(&outputs);
+    assert!(
+        outputs
+            .iter()
+            .all(|(_, text)| text.contains("checkpoint of step 4"))
+    );
     assert_same_training(&stopped, &reference);
 }
 

@@ -245,7 +245,7 @@ fn the_stage_trains_on_ingest_manifests_skips_reruns_and_adopts_files() {
     let (adopted, _) = Upstream::read(&path("adopted")).unwrap();
     assert_eq!(adopted.manifest.inputs[0].kind, "source");
     assert_eq!(
-        adopted.manifest.inputs[0].digest,
+        adopted.manifest.inputs[0].files[0].digest,
         manifests::digest_bytes(&std::fs::read(&file).unwrap())
     );
     let adopted = TextTokenizer::from_manifest(&adopted).unwrap();

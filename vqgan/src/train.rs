@@ -88,7 +88,7 @@ fn perceptual_input(
     match (vgg16, loss.perceptual_weight > 0.0) {
         (Some(uri), true) => {
             let bytes = manifests::Location::parse(uri)?.get()?;
-            run.source_input("vgg16", uri, manifests::digest_bytes(&bytes));
+            run.source_bytes("vgg16", uri, &bytes)?;
             Ok((Some((uri.to_string(), bytes)), "on".into()))
         }
         (None, true) => {

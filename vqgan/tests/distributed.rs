@@ -2,12 +2,15 @@
 //! TCPStore and Gloo, launched as torchrun would) end with the same weights, log and metrics as
 //! one process with the same global batch, with code restarts and the discriminator on: every
 //! rank sees every micro-batch's codes and reconstructions. The flex build refuses the launch.
+//! On either build, `vqgan train` killed with SIGKILL after a checkpoint resumes to the
+//! uninterrupted run's weights.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use manifests::testing::{
-    assert_same_training, assert_succeeded, finish, launch_ranks, lone_command,
+    assert_resumed, assert_same_training, assert_succeeded, finish, kill_after_checkpoint,
+    launch_ranks, lone_command,
 };
 
 fn bin() -> PathBuf {
@@ -76,4 +79,36 @@ fn two_processes_train_both_vqgan_stages_as_one_does() {
     assert_succeeded(&finish(launch_ranks(2, || vqgan(&stage2, &two))));
     assert_succeeded(&finish(vec![vqgan(&stage2, &one).spawn().unwrap()]));
     assert_same_training(&one, &two);
+}
+
+#[test]
+fn a_process_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = manifests::testing::few_step_pipeline(40, 4);
+    manifests::testing::run_stages(&bin(), dir.path(), &steps[..2]);
+    let pairs = dir.path().join("pairs");
+    // Code restarts and the discriminator on, so their state must resume too.
+    let config = dir.path().join("vqgan.toml");
+    std::fs::write(
+        &config,
+        "batch_size = 4\ncheckpoint_every = 2\nrestart_every = 2\nrestart_window = 2\n\
+         log_every = 1\n\n[loss]\nadversarial_weight = 0.1\nadversarial_start = 3\n\
+         discriminator_channels = 8\ndiscriminator_max_channels = 16\n",
+    )
+    .unwrap();
+    let args = [
+        "train",
+        "--pairs",
+        pairs.to_str().unwrap(),
+        "--steps",
+        "16",
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    let reference = dir.path().join("reference");
+    assert_succeeded(&finish(vec![vqgan(&args, &reference).spawn().unwrap()]));
+    let killed = dir.path().join("killed");
+    kill_after_checkpoint(vqgan(&args, &killed), &killed);
+    assert_resumed(&finish(vec![vqgan(&args, &killed).spawn().unwrap()]));
+    assert_same_training(&killed, &reference);
 }

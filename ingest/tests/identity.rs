@@ -1,0 +1,314 @@
+//! Pipeline identity: a stage skips by the content of what it reads, not by how its location is
+//! spelled; an edit that keeps a file's size still reruns it; an upstream rerun that writes the
+//! same artifacts leaves the stages below it up to date; `manifests status` says all of it
+//! without running anything; manifests written as `parti.manifest/v1` still read, verify and
+//! skip.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{ingest_owned, pairs_args, pairs_rows, png, write};
+use manifests::digest_bytes;
+use serde_json::Value;
+
+/// `manifests ARGS`: exit code and output.
+fn manifests_cli(args: &[&str]) -> (i32, String) {
+    let bin = manifests::testing::bin_dir(env!("CARGO_BIN_EXE_ingest")).join("manifests");
+    manifests::testing::output_of(bin, args)
+}
+
+/// `manifests status RUN`: exit code and output.
+fn status(run: &Path) -> (i32, String) {
+    manifests_cli(&["status", run.to_str().unwrap()])
+}
+
+fn assert_ran(args: &[String], why: &str) -> String {
+    let (code, text) = ingest_owned(args);
+    assert_eq!(code, 0, "{text}");
+    assert!(!text.contains("up to date"), "expected a rerun: {text}");
+    assert!(text.contains(why), "expected '{why}' in: {text}");
+    text
+}
+
+fn assert_skipped(args: &[String]) {
+    let (code, text) = ingest_owned(args);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("up to date"), "expected a skip: {text}");
+}
+
+fn assert_up_to_date(run: &Path) {
+    let (code, text) = status(run);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains(", 0 stale"), "{text}");
+}
+
+fn assert_stale(run: &Path, why: &str) {
+    let (code, text) = status(run);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains(why), "expected '{why}' in: {text}");
+}
+
+/// The same absolute path, spelled relative to the current directory.
+fn relative(path: &Path) -> PathBuf {
+    let cwd = std::env::current_dir().unwrap();
+    let ups = cwd.components().count() - 1;
+    let mut relative = PathBuf::new();
+    for _ in 0..ups {
+        relative.push("..");
+    }
+    relative.join(path.strip_prefix("/").unwrap())
+}
+
+#[test]
+fn the_same_folder_spelled_four_ways_is_one_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    for i in 0..6u8 {
+        write(&src, &format!("{i:03}.png"), png(48, 48, i));
+        write(&src, &format!("{i:03}.txt"), format!("caption {i}"));
+    }
+    let run = dir.path().join("run");
+    let out = run.join("pairs");
+    let args = |input: &str| pairs_args(Path::new(input), &out, &["--size", "32"]);
+    run_all(&[&args(src.to_str().unwrap())]);
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&src, &link).unwrap();
+    for spelling in [
+        relative(&src).display().to_string(),
+        format!("file://{}", src.display()),
+        link.display().to_string(),
+        format!("{}/", src.display()),
+    ] {
+        assert_skipped(&args(&spelling));
+    }
+    assert_up_to_date(&run);
+
+    // A file added to the folder is a changed input, and so is a changed caption file.
+    write(&src, "006.png", png(48, 48, 6));
+    assert_stale(&run, "006.png added");
+    assert_ran(&args(src.to_str().unwrap()), "006.png added");
+    write(&src, "002.txt", "caption 9");
+    assert_stale(&run, "002.txt changed");
+    assert_ran(&args(link.to_str().unwrap()), "002.txt changed");
+    assert_up_to_date(&run);
+}
+
+/// A list file naming six images beside it, as CSV, JSONL or COCO JSON; `caption(i)` is the
+/// caption of image `i`.
+fn list(format: &str, caption: impl Fn(usize) -> String) -> (&'static str, String) {
+    match format {
+        "csv" => {
+            let rows: String = (0..6)
+                .map(|i| format!("images/{i}.png,{}\n", caption(i)))
+                .collect();
+            ("list.csv", format!("image,caption\n{rows}"))
+        }
+        "jsonl" => {
+            let rows: String = (0..6)
+                .map(|i| {
+                    serde_json::json!({"image": format!("images/{i}.png"), "caption": caption(i)})
+                        .to_string()
+                        + "\n"
+                })
+                .collect();
+            ("list.jsonl", rows)
+        }
+        _ => {
+            let images: Vec<Value> = (0..6)
+                .map(|i| serde_json::json!({"id": i, "file_name": format!("images/{i}.png")}))
+                .collect();
+            let annotations: Vec<Value> = (0..6)
+                .map(|i| serde_json::json!({"id": 100 + i, "image_id": i, "caption": caption(i)}))
+                .collect();
+            let coco = serde_json::json!({"images": images, "annotations": annotations});
+            ("captions.json", coco.to_string())
+        }
+    }
+}
+
+#[test]
+fn a_same_size_caption_edit_in_a_list_and_a_changed_named_image_rerun() {
+    for format in ["csv", "jsonl", "coco"] {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        for i in 0..6u8 {
+            write(&src, &format!("images/{i}.png"), png(48, 48, i));
+        }
+        let (name, text) = list(format, |i| format!("a red cat number {i}"));
+        write(&src, name, &text);
+        let run = dir.path().join("run");
+        let out = run.join("pairs");
+        let args = pairs_args(&src.join(name), &out, &["--size", "32"]);
+        let (code, output) = ingest_owned(&args);
+        assert_eq!(code, 0, "{format}: {output}");
+        assert_skipped(&args);
+        assert_up_to_date(&run);
+
+        // Same size, other caption: the fast check (size, time) sends it to its digest.
+        let (_, edited) = list(format, |i| {
+            if i == 3 {
+                "a red dog number 3".into()
+            } else {
+                format!("a red cat number {i}")
+            }
+        });
+        assert_eq!(edited.len(), text.len());
+        write(&src, name, &edited);
+        assert_stale(&run, &format!("{name} changed"));
+        assert_ran(&args, &format!("{name} changed"));
+        let (_, rows) = pairs_rows(out.to_str().unwrap());
+        assert!(
+            rows.iter().any(|r| r.caption == "a red dog number 3"),
+            "{format}: the rerun read the edit: {:?}",
+            rows.iter().map(|r| &r.caption).collect::<Vec<_>>()
+        );
+        assert_skipped(&args);
+
+        // An image the list names, redrawn: the list is the same, the input is not.
+        write(&src, "images/4.png", png(48, 48, 40));
+        assert_stale(&run, "images/4.png changed");
+        assert_ran(&args, "images/4.png changed");
+        assert_up_to_date(&run);
+
+        // Touched but unchanged: digested again, same identity, still up to date.
+        let png_path = src.join("images/5.png");
+        let bytes = std::fs::read(&png_path).unwrap();
+        std::fs::write(&png_path, bytes).unwrap();
+        assert_up_to_date(&run);
+        assert_skipped(&args);
+
+        // A named image gone: stale, and the rerun counts its sample as rejected.
+        std::fs::remove_file(src.join("images/0.png")).unwrap();
+        assert_stale(&run, "images/0.png is gone");
+        assert_ran(&args, "images/0.png is gone");
+    }
+}
+
+/// `ingest synth` (`images` pictures) into `run/synth`, then `ingest pairs` on its pictures.
+fn synth_then_pairs(run: &Path, images: usize) -> (Vec<String>, Vec<String>) {
+    let synth: Vec<String> = [
+        "synth",
+        "--out",
+        run.join("synth").to_str().unwrap(),
+        "--images",
+        &images.to_string(),
+        "--documents",
+        "4",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let pairs = pairs_args(
+        &run.join("synth/pairs"),
+        &run.join("pairs"),
+        &["--preset", "tiny"],
+    );
+    (synth, pairs)
+}
+
+fn run_all(commands: &[&[String]]) {
+    for args in commands {
+        let (code, text) = ingest_owned(args);
+        assert_eq!(code, 0, "{text}");
+    }
+}
+
+#[test]
+fn an_upstream_rerun_with_identical_output_leaves_downstream_up_to_date() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let (synth, pairs) = synth_then_pairs(&run, 20);
+    run_all(&[&synth, &pairs]);
+    let manifest_before = std::fs::read(run.join("synth/manifest.json")).unwrap();
+
+    let forced: Vec<String> = synth.iter().cloned().chain(["--force".into()]).collect();
+    assert_ran(&forced, "--force");
+    assert_ne!(
+        std::fs::read(run.join("synth/manifest.json")).unwrap(),
+        manifest_before,
+        "the upstream manifest was rewritten (a new created_at)"
+    );
+    assert_up_to_date(&run);
+    assert_skipped(&pairs);
+    let (code, text) = manifests_cli(&["lineage", run.join("pairs").to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+
+    // Other settings upstream (other pictures): downstream is stale and says why.
+    let (more, _) = synth_then_pairs(&run, 21);
+    run_all(&[&more]);
+    assert_stale(&run, "upstream ingest.synth");
+    assert_stale(&run, "ran with other settings");
+    assert_ran(&pairs, "ran with other settings");
+    assert_up_to_date(&run);
+
+    // An artifact damaged after the fact: status names it.
+    let shard = run.join("pairs/pairs/part-00000-00000.parquet");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&shard, bytes).unwrap();
+    assert_stale(&run, "part-00000-00000.parquet");
+}
+
+#[test]
+fn v1_manifests_still_read_verify_and_skip() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let (synth, pairs) = synth_then_pairs(&run, 20);
+    run_all(&[&synth, &pairs]);
+    // Rewrite the pairs manifest as parti 0.1 wrote it: schema v1, the whole config hashed
+    // (input path included), and the upstream identified by its manifest's bytes.
+    let manifest_path = run.join("pairs/manifest.json");
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    manifest["schema"] = "parti.manifest/v1".into();
+    manifest["config_hash"] = manifests::manifest::config_hash(&manifest["config"]).into();
+    let synth_bytes = std::fs::read(run.join("synth/manifest.json")).unwrap();
+    let input = manifest["inputs"][0].as_object_mut().unwrap();
+    input.insert("digest".into(), digest_bytes(&synth_bytes).into());
+    input.remove("config_hash");
+    std::fs::write(
+        &manifest_path,
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+
+    let pairs_dir = run.join("pairs");
+    let pairs_uri = pairs_dir.to_str().unwrap();
+    let (code, text) = manifests_cli(&["verify", pairs_uri]);
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = manifests_cli(&["show", pairs_uri]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("parti.manifest/v1"), "{text}");
+    let (code, text) = manifests_cli(&["lineage", pairs_uri]);
+    assert_eq!(code, 0, "{text}");
+    assert!(!pairs_rows(pairs_uri).1.is_empty(), "its shards still read");
+    assert_up_to_date(&run);
+    assert_skipped(&pairs);
+    let written = std::fs::read(&manifest_path).unwrap();
+    assert!(
+        String::from_utf8_lossy(&written).contains("parti.manifest/v1"),
+        "an up-to-date v1 manifest is left as it is"
+    );
+
+    // A downstream stage reads it as its upstream.
+    let dedup = dir.path().join("dedup");
+    let (code, text) = common::ingest(&[
+        "dedup",
+        "--pairs",
+        pairs_uri,
+        "--out",
+        dedup.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+
+    // Judged by the v1 rule, an upstream rewritten is a change; the rerun writes v2.
+    let forced: Vec<String> = synth.iter().cloned().chain(["--force".into()]).collect();
+    ingest_owned(&forced);
+    assert_stale(&run, "was rewritten");
+    assert_ran(&pairs, "inputs changed");
+    let written = std::fs::read(&manifest_path).unwrap();
+    assert!(String::from_utf8_lossy(&written).contains("parti.manifest/v2"));
+    assert_up_to_date(&run);
+}

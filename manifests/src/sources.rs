@@ -1,0 +1,272 @@
+//! Raw source data (anything not written by a parti stage), identified by content.
+//!
+//! The location a command names is a place; the identity is what is there. A folder is known by
+//! its listing, every object below it named relative to it, so the same folder reached through
+//! another spelling (relative, absolute, `file://`, a symlink) has the same identity, and a file
+//! added or removed changes it. A local file is known by its size and modification time as a fast
+//! check, backed by a blake3 digest of its bytes whenever either differs from what the stage's
+//! previous manifest recorded (so an unchanged file is not read again). A bucket object is known
+//! by what the store reports: size, ETag and version. Files that a list names (images in a CSV,
+//! a COCO or a JSONL file) are identified the same way, under the name the list gives them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::time::UNIX_EPOCH;
+
+use crate::manifest::{Input, SourceFile};
+use crate::storage::{Location, ObjectInfo};
+use crate::{Error, digest_bytes};
+
+/// `digest` of a file a list names that is not there (the stage rejects its samples).
+pub const MISSING: &str = "missing";
+
+/// Builds a source input's file list and identity.
+pub struct SourceSet {
+    /// What the stage's previous manifest recorded, by URI: the fast check's reference.
+    previous: HashMap<String, SourceFile>,
+    listed: Option<String>,
+    files: Vec<SourceFile>,
+    /// Named bucket objects, identified together at the end (one listing per folder, not one
+    /// request per object).
+    pending: Vec<(String, Location)>,
+}
+
+impl SourceSet {
+    /// `previous`: the same input in the stage's last manifest, whose digests are reused for
+    /// files whose size and modification time are unchanged.
+    pub fn new(previous: Option<&Input>) -> SourceSet {
+        let previous = previous
+            .map(|input| {
+                input
+                    .files
+                    .iter()
+                    .map(|f| (f.uri.clone(), f.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        SourceSet {
+            previous,
+            listed: None,
+            files: Vec::new(),
+            pending: Vec::new(),
+        }
+    }
+
+    /// Everything below `location` (a folder), or the file itself.
+    pub fn list(&mut self, location: &Location) -> Result<(), Error> {
+        self.listed = Some(location.uri());
+        if location.exists()? {
+            let file = self.identify(String::new(), &location.info()?, false)?;
+            self.files.push(file);
+            return Ok(());
+        }
+        for object in location.list()? {
+            let name = object.location.relative_to(location).unwrap_or_default();
+            let file = self.identify(name, &object, false)?;
+            self.files.push(file);
+        }
+        Ok(())
+    }
+
+    /// The listed input is one file whose bytes the stage has already read.
+    pub fn list_read(&mut self, location: &Location, bytes: &[u8]) -> Result<(), Error> {
+        self.listed = Some(location.uri());
+        self.files.push(SourceFile {
+            name: String::new(),
+            uri: location.uri(),
+            bytes: bytes.len() as u64,
+            modified_ns: location.local_path().and_then(|path| modified_ns(&path)),
+            digest: digest_bytes(bytes),
+            named: false,
+        });
+        Ok(())
+    }
+
+    /// A file a list names, under `name` (the list's own spelling, so the identity does not
+    /// depend on where the list's folder is mounted).
+    pub fn name(&mut self, name: String, location: &Location) -> Result<(), Error> {
+        if !location.is_local() {
+            self.pending.push((name, location.clone()));
+            return Ok(());
+        }
+        let file = match location.info() {
+            Ok(info) => self.identify(name, &info, true)?,
+            Err(Error::NotFound { .. }) => missing(name, location),
+            Err(e) => return Err(e),
+        };
+        self.files.push(file);
+        Ok(())
+    }
+
+    /// The input, named `name` and recorded at `uri`, with its identity: a digest over every
+    /// file's name and content digest (never its location).
+    pub fn into_input(mut self, name: &str, uri: &str) -> Result<Input, Error> {
+        self.identify_pending()?;
+        let mut files = self.files;
+        files.sort_by(|a, b| (a.named, &a.name).cmp(&(b.named, &b.name)));
+        files.dedup_by(|a, b| a.named == b.named && a.name == b.name);
+        Ok(Input {
+            name: name.to_string(),
+            uri: uri.to_string(),
+            kind: "source".into(),
+            digest: identity(&files),
+            stage: None,
+            config_hash: None,
+            listed: self.listed,
+            files,
+        })
+    }
+
+    fn identify_pending(&mut self) -> Result<(), Error> {
+        let mut folders: BTreeMap<String, Vec<(String, Location)>> = BTreeMap::new();
+        for (name, location) in std::mem::take(&mut self.pending) {
+            folders
+                .entry(location.parent().uri())
+                .or_default()
+                .push((name, location));
+        }
+        for named in folders.into_values() {
+            let listing: HashMap<String, ObjectInfo> = named[0]
+                .1
+                .parent()
+                .list()?
+                .into_iter()
+                .map(|info| (info.location.uri(), info))
+                .collect();
+            for (name, location) in named {
+                let file = match listing.get(&location.uri()) {
+                    Some(info) => self.identify(name, info, true)?,
+                    None => missing(name, &location),
+                };
+                self.files.push(file);
+            }
+        }
+        Ok(())
+    }
+
+    fn identify(&self, name: String, info: &ObjectInfo, named: bool) -> Result<SourceFile, Error> {
+        let uri = info.location.uri();
+        let Some(path) = info.location.local_path() else {
+            let digest = match (&info.e_tag, &info.version) {
+                (None, None) => digest_bytes(&info.location.get()?),
+                (e_tag, version) => format!(
+                    "etag:{}/version:{}",
+                    e_tag.as_deref().unwrap_or_default(),
+                    version.as_deref().unwrap_or_default()
+                ),
+            };
+            return Ok(SourceFile {
+                name,
+                uri,
+                bytes: info.size,
+                modified_ns: None,
+                digest,
+                named,
+            });
+        };
+        let modified_ns = modified_ns(&path);
+        let digest = match self.previous.get(&uri) {
+            Some(previous)
+                if previous.bytes == info.size
+                    && modified_ns.is_some()
+                    && previous.modified_ns == modified_ns =>
+            {
+                previous.digest.clone()
+            }
+            _ => digest_file(&info.location, &path)?,
+        };
+        Ok(SourceFile {
+            name,
+            uri,
+            bytes: info.size,
+            modified_ns,
+            digest,
+            named,
+        })
+    }
+}
+
+fn missing(name: String, location: &Location) -> SourceFile {
+    SourceFile {
+        name,
+        uri: location.uri(),
+        bytes: 0,
+        modified_ns: None,
+        digest: MISSING.into(),
+        named: true,
+    }
+}
+
+fn modified_ns(path: &std::path::Path) -> Option<u64> {
+    let modified = std::fs::metadata(path).ok()?.modified().ok()?;
+    u64::try_from(modified.duration_since(UNIX_EPOCH).ok()?.as_nanos()).ok()
+}
+
+fn digest_file(location: &Location, path: &std::path::Path) -> Result<String, Error> {
+    let failed = |e: std::io::Error| Error::Storage {
+        op: "read",
+        uri: location.uri(),
+        message: e.to_string(),
+    };
+    let mut file = std::fs::File::open(path).map_err(failed)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer).map_err(failed)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(format!("blake3:{}", hasher.finalize().to_hex()))
+}
+
+fn identity(files: &[SourceFile]) -> String {
+    let mut lines = String::new();
+    for file in files {
+        let role = if file.named { "named" } else { "listed" };
+        lines.push_str(&format!("{role}\t{}\t{}\n", file.name, file.digest));
+    }
+    digest_bytes(lines.as_bytes())
+}
+
+/// The recorded source input as it is now: its folder listed again and every named file looked
+/// at again (`manifests status`; a stage rebuilds its inputs from its own arguments instead).
+pub fn recheck(recorded: &Input) -> Result<Input, Error> {
+    let mut set = SourceSet::new(Some(recorded));
+    if let Some(listed) = &recorded.listed {
+        set.list(&Location::parse(listed)?)?;
+    }
+    for file in recorded.files.iter().filter(|f| f.named) {
+        set.name(file.name.clone(), &Location::parse(&file.uri)?)?;
+    }
+    set.into_input(&recorded.name, &recorded.uri)
+}
+
+/// Which file makes two identities of the same source input differ, in words.
+pub fn changed_file(before: &Input, now: &Input) -> Option<String> {
+    let index = |input: &Input| -> BTreeMap<(bool, String), SourceFile> {
+        input
+            .files
+            .iter()
+            .map(|f| ((f.named, f.name.clone()), f.clone()))
+            .collect()
+    };
+    let (before, now) = (index(before), index(now));
+    for (key, file) in &now {
+        match before.get(key) {
+            None => return Some(format!("{} added", file.uri)),
+            Some(old) if old.digest != file.digest && file.digest == MISSING => {
+                return Some(format!("{} is gone", file.uri));
+            }
+            Some(old) if old.digest != file.digest => {
+                return Some(format!("{} changed", file.uri));
+            }
+            Some(_) => {}
+        }
+    }
+    before
+        .iter()
+        .find(|(key, _)| !now.contains_key(*key))
+        .map(|(_, file)| format!("{} removed", file.uri))
+}

@@ -68,6 +68,17 @@ fn pairs_and_text_from_and_to_a_bucket() {
     assert!(manifest.inputs[0].uri.starts_with("s3://data/src"));
     let text = run(&pairs);
     assert!(text.contains("up to date"), "{text}");
+    // The same prefix with a trailing slash is the same input; an object rewritten with other
+    // bytes of the same length is not (its ETag changed).
+    let mut slashed = pairs;
+    slashed[2] = "s3://data/src/";
+    let text = run(&slashed);
+    assert!(text.contains("up to date"), "{text}");
+    src.join("3.txt")
+        .put(Bytes::from_static(b"caption 9"))
+        .unwrap();
+    let text = run(&slashed);
+    assert!(text.contains("s3://data/src/3.txt changed"), "{text}");
 
     let corpus = b"{\"text\": \"a document that lives in a bucket\"}\n{\"text\": \"and another one in the bucket\"}\n";
     Location::parse("s3://data/c4/part.jsonl")

@@ -214,9 +214,30 @@ pub fn evaluate(
 ) -> Result<Manifest, Error> {
     let started = Instant::now();
     let mut run = StageRun::new(EVAL_STAGE, tool(), out, config, ShardSpec::single())?;
-    run.upstream("parti", parti_uri)?;
+    let parti = run.upstream("parti", parti_uri)?;
     if let Some(vqgan) = vqgan_uri {
         run.upstream("vqgan", vqgan)?;
+    }
+    // The generator and the ceiling read these through the transformer's lineage.
+    for (name, uri) in [
+        ("tokenizer", sample::input_of(&parti, "tokenizer")),
+        ("text_encoder", sample::input_of(&parti, "text_encoder")),
+    ] {
+        if let Some(uri) = uri {
+            run.read_through(name, &uri)?;
+        }
+    }
+    if let Some(tokens) = sample::input_of(&parti, "tokens") {
+        let tokens = run.read_through("tokens", &tokens)?;
+        let mut behind_tokens = vec!["pairs"];
+        if vqgan_uri.is_none() {
+            behind_tokens.push("vqgan");
+        }
+        for name in behind_tokens {
+            if let Some(uri) = sample::input_of(&tokens, name) {
+                run.read_through(name, &uri)?;
+            }
+        }
     }
     if let Some(existing) = run.begin(force)? {
         return Ok(existing);

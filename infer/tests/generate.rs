@@ -238,6 +238,19 @@ fn eval_publishes_per_attribute_accuracy() {
         );
     }
     assert!(out.join("samples.png").exists());
+    // Every stage it reads through the transformer's lineage is an input of its own, so early
+    // cutoff below (tokens that stay the same under another decoder) cannot hide a change.
+    let mut read: Vec<&str> = manifest.inputs.iter().map(|i| i.name.as_str()).collect();
+    read.sort_unstable();
+    let expected = [
+        "pairs",
+        "parti",
+        "text_encoder",
+        "tokenizer",
+        "tokens",
+        "vqgan",
+    ];
+    assert_eq!(read, expected);
     // What the tokenizer alone allows: the data's own images through encode and decode.
     let ceiling = &manifest.metrics["tokenizer_ceiling"];
     assert!(ceiling["images"].as_u64().unwrap() > 0, "{ceiling}");

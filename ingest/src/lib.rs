@@ -20,7 +20,7 @@ use std::ops::Range;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use manifests::shards::Rejected;
 use manifests::sources::SourceSet;
-use manifests::{Location, ShardSpec, StageRun, Tool};
+use manifests::{Location, Manifest, ShardSpec, StageRun, Tool};
 use serde_json::{Map, Value};
 
 #[derive(Debug, thiserror::Error)]
@@ -88,68 +88,81 @@ fn v1_listing_digest(locations: &[Location]) -> Result<String, Error> {
     Ok(manifests::digest_bytes(listing.as_bytes()))
 }
 
-/// Records where the input came from. When it is the output of another parti stage (a
+/// Records where the input came from and decides whether the stage runs (as
+/// [`StageRun::begin`]). When the input is the output of another parti stage (a
 /// `manifest.json` in the input folder or the one above it), that manifest becomes the
 /// upstream input and every artifact it lists is digest-checked first; otherwise the input
 /// file or folder is identified by content ([`SourceSet`]). `named` are the files a list in
 /// the input names (images of a CSV or COCO file), under the names the list gives them: they
-/// are inputs too. `image_roots` only matter to judge a v1 manifest, which listed them.
-pub fn record_input(
+/// are inputs too. `image_roots` only matter to judge a v1 manifest, which listed them; such a
+/// manifest is judged before the sources are digested, so a skip does not read every file.
+pub fn begin_with_input(
     run: &mut StageRun,
     input: &Location,
     named: &[(String, Location)],
     image_roots: &[Location],
-) -> Result<(), Error> {
+    force: bool,
+) -> Result<Option<Manifest>, Error> {
     let candidates = [
         input.join(manifests::MANIFEST_FILE),
         input.parent().join(manifests::MANIFEST_FILE),
     ];
     let mut upstream = None;
     for candidate in candidates {
-        if candidate.exists()? && manifests::Manifest::read(&candidate).is_ok() {
+        if candidate.exists()? && Manifest::read(&candidate).is_ok() {
             upstream = Some(candidate);
             break;
         }
     }
-    let named_files = |set: &mut SourceSet| -> Result<(), Error> {
-        for (name, location) in named {
-            set.name(name.clone(), location)?;
+    if let Some(manifest) = &upstream {
+        let upstream = run.upstream("source", &manifest.uri())?;
+        if let Some(problem) = upstream.manifest.verify(&upstream.location, true).first() {
+            return Err(Error::Usage(format!(
+                "upstream stage {} has a bad artifact: {problem}",
+                upstream.manifest.stage
+            )));
         }
-        Ok(())
-    };
-    match upstream {
-        Some(manifest) => {
-            let upstream = run.upstream("source", &manifest.uri())?;
-            if let Some(problem) = upstream.manifest.verify(&upstream.location, true).first() {
-                return Err(Error::Usage(format!(
-                    "upstream stage {} has a bad artifact: {problem}",
-                    upstream.manifest.stage
-                )));
-            }
-            if !named.is_empty() {
-                let mut set = SourceSet::new(run.previous_input("images"));
-                named_files(&mut set)?;
-                run.record_source(set.into_input("images", &input.uri())?);
-            }
-            if run.judged_as_v1() && !image_roots.is_empty() {
+    }
+    if run.judged_as_v1() {
+        match upstream {
+            Some(_) if !image_roots.is_empty() => {
                 let digest = v1_listing_digest(image_roots)?;
                 run.record_v1_source("extra", &image_roots[0].uri(), digest);
             }
-        }
-        None => {
-            let mut set = SourceSet::new(run.previous_input("source"));
-            set.list(input)?;
-            named_files(&mut set)?;
-            run.record_source(set.into_input("source", &input.uri())?);
-            if run.judged_as_v1() {
+            Some(_) => {}
+            None => {
                 let all: Vec<Location> = std::iter::once(input.clone())
                     .chain(image_roots.iter().cloned())
                     .collect();
                 run.record_v1_source("source", &input.uri(), v1_listing_digest(&all)?);
             }
         }
+        if let Some(existing) = run.begin(force)? {
+            return Ok(Some(existing));
+        }
     }
-    Ok(())
+    let (name, mut set) = match upstream {
+        Some(_) if named.is_empty() => return finish_begin(run, force),
+        Some(_) => ("images", SourceSet::new(run.previous_input("images"))),
+        None => {
+            let mut set = SourceSet::new(run.previous_input("source"));
+            set.list(input)?;
+            ("source", set)
+        }
+    };
+    for (file, location) in named {
+        set.name(file.clone(), location)?;
+    }
+    run.record_source(set.into_input(name, &input.uri())?);
+    finish_begin(run, force)
+}
+
+/// `begin` once every input is recorded; a v1 manifest was judged (and withdrawn) already.
+fn finish_begin(run: &StageRun, force: bool) -> Result<Option<Manifest>, Error> {
+    if run.judged_as_v1() {
+        return Ok(None);
+    }
+    Ok(run.begin(force)?)
 }
 
 /// The shards of one job: each is kept from an interrupted run or written now, and counted.

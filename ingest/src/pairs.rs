@@ -13,7 +13,7 @@ use crate::process::{ImageConfig, RawSample, process};
 use crate::sources::{
     InputFormat, Loaded, SourceConfig, Unit, detect_format, enumerate, load, stream_container,
 };
-use crate::{Error, RunOptions, ShardSet, job_range, progress_bar, record_input, tool};
+use crate::{Error, RunOptions, ShardSet, begin_with_input, job_range, progress_bar, tool};
 use manifests::shards::pairs::{self, PairRow};
 use manifests::{Location, Manifest, StageRun};
 
@@ -310,8 +310,8 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
         format,
         image_roots.first().unwrap_or(&input.parent()),
     );
-    record_input(&mut run, &input, &named, &image_roots)?;
-    if let Some(existing) = run.begin(options.force)? {
+    if let Some(existing) = begin_with_input(&mut run, &input, &named, &image_roots, options.force)?
+    {
         return Ok(existing);
     }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::info;
 
-use crate::{Error, RunOptions, ShardSet, job_range, progress_bar, record_input, tool};
+use crate::{Error, RunOptions, ShardSet, begin_with_input, job_range, progress_bar, tool};
 use manifests::shards::text::{self, TextRow};
 use manifests::{Location, Manifest, StageRun};
 
@@ -189,8 +189,7 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
     let input = Location::parse(&config.input)?;
     let mut run = StageRun::new(STAGE, tool(), &options.out, config, options.shard)?
         .with_locations(&["/input"]);
-    record_input(&mut run, &input, &[], &[])?;
-    if let Some(existing) = run.begin(options.force)? {
+    if let Some(existing) = begin_with_input(&mut run, &input, &[], &[], options.force)? {
         return Ok(existing);
     }
     let files: Vec<Location> = if input.exists()? {

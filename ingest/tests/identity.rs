@@ -182,6 +182,15 @@ fn a_same_size_caption_edit_in_a_list_and_a_changed_named_image_rerun() {
         std::fs::remove_file(src.join("images/0.png")).unwrap();
         assert_stale(&run, "images/0.png is gone");
         assert_ran(&args, "images/0.png is gone");
+        let (manifest, rows) = pairs_rows(out.to_str().unwrap());
+        assert_eq!(rows.len(), 5, "{format}");
+        assert_eq!(common::rejected(&manifest).as_object().unwrap().len(), 1);
+
+        // The list renamed (same bytes): its name can decide row keys and format, so it reruns.
+        let renamed = src.join(format!("renamed-{name}"));
+        std::fs::rename(src.join(name), &renamed).unwrap();
+        let renamed_args = pairs_args(&renamed, &out, &["--size", "32"]);
+        assert_ran(&renamed_args, &format!("renamed-{name} added"));
     }
 }
 

@@ -188,11 +188,12 @@ impl Manifest {
     /// and artifact digests, not when it ran or what it measured. A rerun that writes the same
     /// artifacts under the same config leaves every stage below it up to date (early cutoff).
     pub fn identity(&self) -> String {
-        let artifacts: Vec<(&str, &str)> = self
+        let mut artifacts: Vec<(&str, &str)> = self
             .artifacts
             .iter()
             .map(|a| (a.uri.as_str(), a.digest.as_str()))
             .collect();
+        artifacts.sort_unstable();
         let identity = serde_json::json!({
             "stage": self.stage,
             "config_hash": self.config_hash,

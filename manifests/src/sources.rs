@@ -6,7 +6,8 @@
 //! added or removed changes it. A local file is known by its size and modification time as a fast
 //! check, backed by a blake3 digest of its bytes whenever either differs from what the stage's
 //! previous manifest recorded (so an unchanged file is not read again). A bucket object is known
-//! by what the store reports: size, ETag and version. Files that a list names (images in a CSV,
+//! by what the store reports: size, ETag and version (read and digested only when the store
+//! reports neither). Files that a list names (images in a CSV,
 //! a COCO or a JSONL file) are identified the same way, under the name the list gives them.
 
 use std::collections::{BTreeMap, HashMap};
@@ -52,11 +53,13 @@ impl SourceSet {
         }
     }
 
-    /// Everything below `location` (a folder), or the file itself.
+    /// Everything below `location` (a folder), or the file itself (named by its file name: a
+    /// renamed list can mean other row keys or another format).
     pub fn list(&mut self, location: &Location) -> Result<(), Error> {
         self.listed = Some(location.uri());
         if location.exists()? {
-            let file = self.identify(String::new(), &location.info()?, false)?;
+            let name = location.file_name().to_string();
+            let file = self.identify(name, &location.info()?, false)?;
             self.files.push(file);
             return Ok(());
         }
@@ -70,12 +73,18 @@ impl SourceSet {
 
     /// The listed input is one file whose bytes the stage has already read.
     pub fn list_read(&mut self, location: &Location, bytes: &[u8]) -> Result<(), Error> {
+        if !location.is_local() {
+            // Identified as any bucket object is, so `recheck` agrees without a download.
+            return self.list(location);
+        }
         self.listed = Some(location.uri());
         self.files.push(SourceFile {
-            name: String::new(),
+            name: location.file_name().to_string(),
             uri: location.uri(),
             bytes: bytes.len() as u64,
-            modified_ns: location.local_path().and_then(|path| modified_ns(&path)),
+            modified_ns: location
+                .local_path()
+                .and_then(|path| trusted_modified_ns(&path)),
             digest: digest_bytes(bytes),
             named: false,
         });
@@ -89,10 +98,13 @@ impl SourceSet {
             self.pending.push((name, location.clone()));
             return Ok(());
         }
+        // Not there, a path through a file, no permission: the stage rejects the sample, and
+        // the input records it as missing rather than failing the run.
         let file = match location.info() {
-            Ok(info) => self.identify(name, &info, true)?,
-            Err(Error::NotFound { .. }) => missing(name, location),
-            Err(e) => return Err(e),
+            Ok(info) => self
+                .identify(name.clone(), &info, true)
+                .unwrap_or_else(|_| missing(name, location)),
+            Err(_) => missing(name, location),
         };
         self.files.push(file);
         Ok(())
@@ -129,7 +141,7 @@ impl SourceSet {
             let listing: HashMap<String, ObjectInfo> = named[0]
                 .1
                 .parent()
-                .list()?
+                .list_folder()?
                 .into_iter()
                 .map(|info| (info.location.uri(), info))
                 .collect();
@@ -150,9 +162,10 @@ impl SourceSet {
             let digest = match (&info.e_tag, &info.version) {
                 (None, None) => digest_bytes(&info.location.get()?),
                 (e_tag, version) => format!(
-                    "etag:{}/version:{}",
+                    "etag:{}/version:{}/bytes:{}",
                     e_tag.as_deref().unwrap_or_default(),
-                    version.as_deref().unwrap_or_default()
+                    version.as_deref().unwrap_or_default(),
+                    info.size
                 ),
             };
             return Ok(SourceFile {
@@ -164,7 +177,7 @@ impl SourceSet {
                 named,
             });
         };
-        let modified_ns = modified_ns(&path);
+        let modified_ns = trusted_modified_ns(&path);
         let digest = match self.previous.get(&uri) {
             Some(previous)
                 if previous.bytes == info.size
@@ -197,8 +210,18 @@ fn missing(name: String, location: &Location) -> SourceFile {
     }
 }
 
-fn modified_ns(path: &std::path::Path) -> Option<u64> {
+/// Below this age a modification time is not recorded: a file rewritten with the same size
+/// within the same clock tick as its digest was taken (1 s on some filesystems, a few ms on
+/// Linux) would otherwise pass the fast check unread (git's "racy clean" problem).
+const RACY_SECONDS: u64 = 3;
+
+/// The file's modification time in ns, if it is old enough to vouch for the digest taken now.
+fn trusted_modified_ns(path: &std::path::Path) -> Option<u64> {
     let modified = std::fs::metadata(path).ok()?.modified().ok()?;
+    let age = std::time::SystemTime::now().duration_since(modified).ok()?;
+    if age.as_secs() < RACY_SECONDS {
+        return None;
+    }
     u64::try_from(modified.duration_since(UNIX_EPOCH).ok()?.as_nanos()).ok()
 }
 

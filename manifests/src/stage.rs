@@ -195,6 +195,15 @@ impl StageRun {
         Ok(upstream)
     }
 
+    /// Records an upstream stage this stage reads through another one's inputs (the VQGAN
+    /// behind a token shard): like [`StageRun::upstream`], so early cutoff cannot hide a change
+    /// there, but not part of the v1 rule, which did not record these.
+    pub fn read_through(&mut self, name: &str, uri: &str) -> Result<Upstream, Error> {
+        let (upstream, _) = Upstream::read(uri)?;
+        self.inputs.push(upstream.as_input(name));
+        Ok(upstream)
+    }
+
     /// This input as the stage's previous manifest recorded it (for [`SourceSet::new`]).
     pub fn previous_input(&self, name: &str) -> Option<&Input> {
         let previous = self.previous.as_ref()?;

@@ -122,7 +122,7 @@ fn judge(
             if changed.is_some() {
                 return Ok(changed);
             }
-        } else if manifest.is_v1() || input.listed.is_none() {
+        } else if manifest.is_v1() || (input.listed.is_none() && input.files.is_empty()) {
             return Ok(Some(format!(
                 "source '{}' was recorded by {} without its files; the stage's next run decides",
                 input.name, manifest.schema

@@ -410,6 +410,33 @@ impl Location {
         }
     }
 
+    /// An object listed below this location, in the same store and spelling.
+    fn listed(&self, meta: object_store::ObjectMeta) -> ObjectInfo {
+        ObjectInfo {
+            location: Location {
+                store: self.store.clone(),
+                root_uri: self.root_uri.clone(),
+                path: meta.location,
+                local: self.local,
+            },
+            size: meta.size,
+            e_tag: meta.e_tag,
+            version: meta.version,
+        }
+    }
+
+    /// The objects directly in this folder (not below its subfolders). A missing folder is
+    /// empty.
+    pub fn list_folder(&self) -> Result<Vec<ObjectInfo>, Error> {
+        let prefix = (!self.path.as_ref().is_empty()).then_some(&self.path);
+        let listed = match block_on(self.store.list_with_delimiter(prefix)) {
+            Ok(listed) => listed.objects,
+            Err(object_store::Error::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(self.store_error("list", e)),
+        };
+        Ok(listed.into_iter().map(|meta| self.listed(meta)).collect())
+    }
+
     /// Every object below this folder, recursively, sorted by path. A missing folder is empty.
     pub fn list(&self) -> Result<Vec<ObjectInfo>, Error> {
         let prefix = (!self.path.as_ref().is_empty()).then_some(&self.path);
@@ -419,20 +446,8 @@ impl Location {
             Err(object_store::Error::NotFound { .. }) => Vec::new(),
             Err(e) => return Err(self.store_error("list", e)),
         };
-        let mut objects: Vec<ObjectInfo> = metas
-            .into_iter()
-            .map(|meta| ObjectInfo {
-                location: Location {
-                    store: self.store.clone(),
-                    root_uri: self.root_uri.clone(),
-                    path: meta.location,
-                    local: self.local,
-                },
-                size: meta.size,
-                e_tag: meta.e_tag,
-                version: meta.version,
-            })
-            .collect();
+        let mut objects: Vec<ObjectInfo> =
+            metas.into_iter().map(|meta| self.listed(meta)).collect();
         objects.sort_by(|a, b| a.location.path.cmp(&b.location.path));
         Ok(objects)
     }

@@ -11,7 +11,8 @@ use tracing::{debug, info, warn};
 use crate::Reason;
 use crate::process::{ImageConfig, RawSample, process};
 use crate::sources::{
-    InputFormat, Loaded, SourceConfig, Unit, detect_format, enumerate, load, stream_container,
+    InputFormat, Loaded, SourceConfig, Unit, detect_format, enumerate, image_root, load,
+    stream_container,
 };
 use crate::{Error, RunOptions, ShardSet, begin_with_input, job_range, progress_bar, tool};
 use manifests::shards::pairs::{self, PairRow};
@@ -305,11 +306,7 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
         .map(|r| Location::parse(r))
         .collect::<Result<_, _>>()?;
     let units = enumerate(&config.source, format)?;
-    let named = named_images(
-        &units,
-        format,
-        image_roots.first().unwrap_or(&input.parent()),
-    );
+    let named = named_images(&units, format, &image_root(&config.source, &input)?);
     if let Some(existing) = begin_with_input(&mut run, &input, &named, &image_roots, options.force)?
     {
         return Ok(existing);

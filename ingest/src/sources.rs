@@ -230,7 +230,8 @@ fn folder_units(input: &Location) -> Result<Vec<Unit>, Error> {
     Ok(units)
 }
 
-fn image_root(config: &SourceConfig, table: &Location) -> Result<Location, Error> {
+/// The folder that image paths in the list `table` are relative to.
+pub fn image_root(config: &SourceConfig, table: &Location) -> Result<Location, Error> {
     match &config.image_root {
         Some(root) => Ok(Location::parse(root)?),
         None => Ok(table.parent()),

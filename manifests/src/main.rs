@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use manifests::lineage::lineage;
+use manifests::manifest::is_part_manifest;
 use manifests::merge::merge;
 use manifests::status::status;
 use manifests::{Location, Manifest, manifest_location};
@@ -99,10 +100,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     part_locations.push(Location::parse(uri)?);
                 } else {
                     let listed = Location::parse(uri)?.list()?;
-                    part_locations.extend(listed.into_iter().map(|o| o.location).filter(|l| {
-                        let name = l.file_name();
-                        name.starts_with("manifest.part-") && name.ends_with(".json")
-                    }));
+                    part_locations.extend(
+                        listed
+                            .into_iter()
+                            .map(|o| o.location)
+                            .filter(|l| is_part_manifest(l.file_name())),
+                    );
                 }
             }
             let mut loaded = Vec::new();

@@ -117,6 +117,11 @@ pub struct Manifest {
     pub metrics: Map<String, Value>,
 }
 
+/// The manifest of one job of a batch array: `manifest.part-IIIII-of-NNNNN.json`.
+pub fn is_part_manifest(file_name: &str) -> bool {
+    file_name.starts_with("manifest.part-") && file_name.ends_with(".json")
+}
+
 /// A folder URI means the `manifest.json` inside it.
 pub fn manifest_location(uri: &str) -> Result<Location, Error> {
     let location = Location::parse(uri)?;

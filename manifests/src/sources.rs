@@ -11,7 +11,6 @@
 //! a COCO or a JSONL file) are identified the same way, under the name the list gives them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
 use std::time::UNIX_EPOCH;
 
 use crate::manifest::{Input, SourceFile};
@@ -231,16 +230,9 @@ fn digest_file(location: &Location, path: &std::path::Path) -> Result<String, Er
         uri: location.uri(),
         message: e.to_string(),
     };
-    let mut file = std::fs::File::open(path).map_err(failed)?;
+    let file = std::fs::File::open(path).map_err(failed)?;
     let mut hasher = blake3::Hasher::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buffer).map_err(failed)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-    }
+    hasher.update_reader(file).map_err(failed)?;
     Ok(format!("blake3:{}", hasher.finalize().to_hex()))
 }
 

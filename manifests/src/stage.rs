@@ -134,12 +134,13 @@ impl StageRun {
             source_name: stage.to_string(),
             reason: e.to_string(),
         })?;
+        let hash = config_hash(&config);
         let mut run = StageRun {
             out: Location::parse(out_uri)?,
             stage: stage.to_string(),
             tool,
-            config_hash: config_hash(&config),
-            v1_config_hash: config_hash(&config),
+            config_hash: hash.clone(),
+            v1_config_hash: hash,
             config,
             shard,
             inputs: Vec::new(),

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::Error;
-use crate::manifest::{MANIFEST_FILE, Manifest};
+use crate::manifest::{MANIFEST_FILE, Manifest, is_part_manifest};
 use crate::sources::recheck;
 use crate::stage::{Upstream, changed_input};
 use crate::storage::Location;
@@ -20,30 +20,33 @@ pub struct StageStatus {
     pub stale: Option<String>,
 }
 
+/// A manifest read once: where it is, what it says, and the digest of its bytes (how a v1
+/// manifest identified it).
+type Read = (Location, Manifest, String);
+
 /// Every manifest below `run`, upstream stages before the stages that read them.
 pub fn status(run: &Location) -> Result<Vec<StageStatus>, Error> {
-    let mut manifests = BTreeMap::new();
+    let mut manifests: BTreeMap<String, Read> = BTreeMap::new();
     for object in run.list()? {
         let name = object.location.file_name();
-        let is_manifest = name == MANIFEST_FILE
-            || (name.starts_with("manifest.part-") && name.ends_with(".json"));
+        let is_manifest = name == MANIFEST_FILE || is_part_manifest(name);
         let in_work_folder = object
             .location
             .relative_to(run)
             .is_some_and(|relative| relative.split('/').any(|part| part == "_work"));
         if is_manifest && !in_work_folder {
-            let (manifest, _) = Manifest::read(&object.location)?;
-            manifests.insert(object.location.uri(), (object.location, manifest));
+            let (manifest, digest) = Manifest::read(&object.location)?;
+            manifests.insert(object.location.uri(), (object.location, manifest, digest));
         }
     }
     let mut judged: BTreeMap<String, StageStatus> = BTreeMap::new();
     let mut statuses = Vec::new();
     for uri in ordering(&manifests)? {
-        let (location, manifest) = &manifests[&uri];
+        let (location, manifest, _) = &manifests[&uri];
         let status = StageStatus {
             location: location.clone(),
             stage: manifest.stage.clone(),
-            stale: judge(location, manifest, &judged)?,
+            stale: judge(location, manifest, &manifests, &judged)?,
         };
         judged.insert(uri, status.clone());
         statuses.push(status);
@@ -51,7 +54,7 @@ pub fn status(run: &Location) -> Result<Vec<StageStatus>, Error> {
     Ok(statuses)
 }
 
-fn ordering(manifests: &BTreeMap<String, (Location, Manifest)>) -> Result<Vec<String>, Error> {
+fn ordering(manifests: &BTreeMap<String, Read>) -> Result<Vec<String>, Error> {
     let mut order = Vec::new();
     for uri in manifests.keys() {
         visit(uri, manifests, &mut order, 0)?;
@@ -62,7 +65,7 @@ fn ordering(manifests: &BTreeMap<String, (Location, Manifest)>) -> Result<Vec<St
 /// Depth first over upstream links that stay inside the run.
 fn visit(
     uri: &str,
-    manifests: &BTreeMap<String, (Location, Manifest)>,
+    manifests: &BTreeMap<String, Read>,
     order: &mut Vec<String>,
     depth: usize,
 ) -> Result<(), Error> {
@@ -75,7 +78,7 @@ fn visit(
             "{uri}: upstream chain deeper than 64 stages: is there a cycle?"
         )));
     }
-    if let Some((_, manifest)) = manifests.get(uri) {
+    if let Some((_, manifest, _)) = manifests.get(uri) {
         for input in manifest.inputs.iter().filter(|i| i.kind == "manifest") {
             if manifests.contains_key(&input.uri) {
                 visit(&input.uri, manifests, order, depth + 1)?;
@@ -86,9 +89,12 @@ fn visit(
     Ok(())
 }
 
+/// Why the stage of `manifest` is stale, if it is; upstream manifests under the run come from
+/// `read`, the others are read now.
 fn judge(
     location: &Location,
     manifest: &Manifest,
+    read: &BTreeMap<String, Read>,
     judged: &BTreeMap<String, StageStatus>,
 ) -> Result<Option<String>, Error> {
     if let Some(problem) = manifest.verify(location, true).first() {
@@ -101,12 +107,21 @@ fn judge(
             {
                 return Ok(Some(format!("upstream {} is stale", upstream.stage)));
             }
-            let (upstream, bytes_digest) = match Upstream::read(&input.uri) {
-                Ok(read) => read,
-                Err(Error::NotFound { .. }) => {
-                    return Ok(Some(format!("upstream manifest {} is gone", input.uri)));
+            let (upstream, bytes_digest) = match read.get(&input.uri) {
+                Some((location, manifest, digest)) => {
+                    let upstream = Upstream {
+                        manifest: manifest.clone(),
+                        location: location.clone(),
+                    };
+                    (upstream, digest.clone())
                 }
-                Err(e) => return Err(e),
+                None => match Upstream::read(&input.uri) {
+                    Ok(read) => read,
+                    Err(Error::NotFound { .. }) => {
+                        return Ok(Some(format!("upstream manifest {} is gone", input.uri)));
+                    }
+                    Err(e) => return Err(e),
+                },
             };
             let changed = if manifest.is_v1() {
                 (bytes_digest != input.digest).then(|| {

@@ -247,7 +247,8 @@ pub fn wait_for_checkpoint(out: &std::path::Path, children: &mut [Child]) {
     }
 }
 
-fn files_below(dir: &std::path::Path) -> Vec<PathBuf> {
+/// Every file below `dir`, recursively (none when it does not exist).
+pub fn files_below(dir: &std::path::Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };

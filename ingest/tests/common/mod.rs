@@ -253,24 +253,9 @@ pub fn assert_killed_run_resumes_exactly<R: PartialEq + std::fmt::Debug>(
         without_seconds(&resumed_manifest),
         without_seconds(&reference_manifest)
     );
-    let leftovers: Vec<_> = walk(&out.join("_work"));
+    let leftovers = manifests::testing::files_below(&out.join("_work"));
     assert!(
         leftovers.is_empty(),
         "resume records are cleaned up after publishing: {leftovers:?}"
     );
-}
-
-pub fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                found.extend(walk(&path));
-            } else {
-                found.push(path);
-            }
-        }
-    }
-    found
 }

@@ -36,7 +36,7 @@ STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)
 EVAL_PROMPTS ?=
 EVAL_FLAGS := $(if $(EVAL_PROMPTS),--prompts $(EVAL_PROMPTS) --samples 2,)
 
-.PHONY: pipeline status build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-models bench-venv bench-distributed
+.PHONY: pipeline status build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-models bench-venv bench-distributed bench-serve
 
 help:
 	@sed -n '3,9p' Makefile
@@ -132,10 +132,16 @@ bench-models: build bench/.venv/bin/python
 	$(BIN)/train bench --preset 350m-slice --batch 1 $(PEER)
 	$(BIN)/infer bench $(PEER)
 
+# `infer serve` under 64 concurrent single-sample requests, with cross-request batching and one
+# request at a time, on the tiny model of $(RUN) (made by `make pipeline` if it is not there).
+bench-serve: pipeline
+	$(BIN)/infer bench-serve --parti $(RUN)/parti --clients 64
+
 # Both backends, each against the same PyTorch runs' shapes (tch fetches libtorch once).
 bench: bench-ingest
 	$(MAKE) --no-print-directory bench-models BACKEND=flex
 	$(MAKE) --no-print-directory bench-models BACKEND=tch
+	$(MAKE) --no-print-directory bench-serve
 
 fmt:
 	$(CARGO) fmt --all

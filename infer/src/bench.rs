@@ -139,3 +139,140 @@ pub fn kv_cache(
         torch_speedup: torch_tokens_per_second.map(|torch| cached_tokens_per_second / torch),
     })
 }
+
+/// One side of the load benchmark: `clients` requests sent at once to a server taking at most
+/// `max_batch` requests per round.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadRun {
+    pub max_batch: usize,
+    pub seconds: f64,
+    pub requests_per_second: f64,
+    pub latency_p50_seconds: f64,
+    pub latency_p99_seconds: f64,
+    pub rounds: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    pub clients: usize,
+    pub samples_per_request: usize,
+    pub model: String,
+    pub backend: &'static str,
+    /// Every client's request in rounds of up to `clients`, whatever their settings.
+    pub batched: LoadRun,
+    /// One request per round.
+    pub one_at_a_time: LoadRun,
+    /// batched / one-at-a-time requests per second.
+    pub speedup: f64,
+}
+
+/// `infer bench-serve`: `clients` single-sample requests with distinct seeds (and the model's
+/// other settings) against an in-process `infer serve` on loopback, with cross-request batching
+/// and then one request at a time, same model, same run.
+pub fn serve_load(parti: &str, clients: usize, device: &str) -> Result<LoadReport, Error> {
+    use crate::sample::Generator;
+    use crate::serve::{DEFAULT_QUEUE, ServeConfig};
+    if clients == 0 {
+        return Err(Error::Usage("--clients must be at least 1".into()));
+    }
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| Error::Data(format!("starting the async runtime: {e}")))?;
+    let mut runs = Vec::new();
+    let mut model = String::new();
+    for max_batch in [clients, 1] {
+        let generator = Generator::load(parti, None, None, device)?;
+        model = generator.name.clone();
+        let config = ServeConfig {
+            max_batch,
+            queue: clients.max(DEFAULT_QUEUE),
+            ..ServeConfig::new(generator.recommended.clone())
+        };
+        let worker = crate::serve::spawn_worker(generator, &config)?;
+        let run = runtime.block_on(load(worker.clone(), config, clients));
+        worker.shutdown();
+        runs.push(run?);
+    }
+    let one_at_a_time = runs.pop().ok_or_else(|| Error::Data("no runs".into()))?;
+    let batched = runs.pop().ok_or_else(|| Error::Data("no runs".into()))?;
+    Ok(LoadReport {
+        clients,
+        samples_per_request: 1,
+        model,
+        backend: nn::backend::backend_name(),
+        speedup: batched.requests_per_second / one_at_a_time.requests_per_second.max(1e-12),
+        batched,
+        one_at_a_time,
+    })
+}
+
+/// Sends one warm-up request, then `clients` at once; every answer must be 200.
+async fn load(
+    worker: crate::serve::WorkerHandle,
+    config: crate::serve::ServeConfig,
+    clients: usize,
+) -> Result<LoadRun, Error> {
+    let failed = |what: &str, e: &dyn std::fmt::Display| Error::Data(format!("{what}: {e}"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| failed("binding a loopback port", &e))?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| failed("reading the bound address", &e))?;
+    let url = format!("http://{address}/v1/generate");
+    let max_batch = config.max_batch;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let router = crate::serve::router(worker.clone(), config);
+    let server = tokio::spawn(crate::serve::serve(listener, router, async {
+        let _ = stopped.await;
+    }));
+    let client = reqwest::Client::new();
+    let prompts: Vec<String> = crate::eval::eval_objects(clients)
+        .iter()
+        .map(crate::eval::prompt)
+        .collect();
+    let send = |seed: usize| {
+        let (client, url) = (client.clone(), url.clone());
+        let prompt = prompts[seed % prompts.len()].clone();
+        async move {
+            let started = Instant::now();
+            let body = serde_json::json!({"prompt": prompt, "seed": seed, "samples": 1, "keep": 1});
+            let response = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .map_err(|e| failed("sending a request", &e))?;
+            let status = response.status();
+            let bytes = response
+                .bytes()
+                .await
+                .map_err(|e| failed("reading an answer", &e))?;
+            if !status.is_success() {
+                return Err(Error::Data(format!(
+                    "HTTP {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                )));
+            }
+            Ok::<f64, Error>(started.elapsed().as_secs_f64())
+        }
+    };
+    send(0).await?;
+    let rounds_before = worker.stats().rounds;
+    let started = Instant::now();
+    let answers = futures::future::join_all((0..clients).map(send)).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    let _ = server.await;
+    let mut latencies = answers.into_iter().collect::<Result<Vec<f64>, Error>>()?;
+    latencies.sort_by(f64::total_cmp);
+    let at = |share: f64| latencies[((latencies.len() - 1) as f64 * share).round() as usize];
+    Ok(LoadRun {
+        max_batch,
+        seconds,
+        requests_per_second: clients as f64 / seconds.max(1e-12),
+        latency_p50_seconds: at(0.5),
+        latency_p99_seconds: at(0.99),
+        rounds: worker.stats().rounds - rounds_before,
+    })
+}

@@ -18,7 +18,7 @@ use nn::images::{png_bytes, to_rgb};
 use serde_json::{Map, Value, json};
 use tracing::info;
 
-use sample::{Generator, PromptImages, SamplingConfig};
+use sample::{Generator, PromptImages, SamplingConfig, SamplingSettings};
 
 pub use nn::Error;
 
@@ -57,12 +57,21 @@ pub fn grid_png(result: &PromptImages, size: usize) -> Result<Vec<u8>, Error> {
 pub fn generate_to(
     generator: &Generator,
     prompts: &[&str],
-    config: &SamplingConfig,
+    sampling: &SamplingSettings,
     out: &str,
 ) -> Result<serde_json::Value, Error> {
     let started = Instant::now();
+    let config = &sampling.settings;
     let out = Location::parse(out)?;
-    let results = generator.generate(prompts, config)?;
+    // In chunks, so the sampling batch stays a sensible size and the bar moves; a prompt's
+    // images do not depend on the prompts it is batched with.
+    let bar = nn::progress::bar(prompts.len() as u64, 0, "prompts", "infer generate");
+    let mut results = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(PROMPTS_PER_BATCH) {
+        results.extend(generator.generate(chunk, config)?);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
     let size = generator.vqgan_config.image_size;
     let mut records = Vec::new();
     for (p, result) in results.iter().enumerate() {
@@ -82,6 +91,8 @@ pub fn generate_to(
     let record = json!({
         "prompts": records,
         "settings": config,
+        "settings_from": sampling.source,
+        "model": generator.name,
         "manifests": generator.provenance.iter().map(|(uri, digest)| json!({"uri": uri, "digest": digest})).collect::<Vec<_>>(),
         "backend": nn::backend::backend_name(),
         "seconds": started.elapsed().as_secs_f64(),
@@ -94,34 +105,41 @@ pub fn generate_to(
 
 pub const EVAL_STAGE: &str = "infer.eval";
 
+/// Prompts `generate` and `eval` sample in one batch.
+const PROMPTS_PER_BATCH: usize = 16;
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
     /// Prompts (one object each) spread over every colour, shape and position.
     pub prompts: usize,
+    /// The model's own settings unless told otherwise ([`sampling_settings`]); recorded, so
+    /// `generate` and `serve` can sample as measured (`--sampling-from` this manifest).
     pub sampling: SamplingConfig,
 }
 
-impl Default for EvalConfig {
-    fn default() -> Self {
-        EvalConfig {
-            // Every colour x shape x position once (~20 s on 2 cores for the tiny model).
-            prompts: 216,
-            // Sharper than `generate`'s default of 1.0: measured on the tiny preset, all-attribute
-            // accuracy rose from 0.23 (1.0) to 0.44 (0.5) and 0.47 (0.3) over the same prompts;
-            // on the 1024-code tiny preset, 0.81 (0.5) and 0.83 (0.1), means over seeds 0-3 (0.1
-            // was ahead at every seed, and level with greedy decoding's 0.83); 0.2 gave 0.82 over
-            // seeds 1-3.
-            // Guidance 1.1 rather than the paper's 1.2 (`generate`'s default): over sampling
-            // seeds 0-9 with the tiny preset, 1.2 read 0.896, 1.1 0.904 and 1.0 (off) 0.899
-            // (colour slips to 0.995 below 1.2); 1.4 0.860 and 2.0 0.76 (seeds 0-3).
-            sampling: SamplingConfig {
-                temperature: 0.1,
-                guidance_scale: 1.1,
-                ..SamplingConfig::default()
-            },
-        }
-    }
+/// Every colour x shape x position once (~20 s on 2 cores for the tiny model).
+pub const EVAL_PROMPTS: usize = 216;
+
+/// The settings a command samples with: those `from` records (a `train parti` or `infer eval`
+/// manifest), else those the transformer's manifest recommends, under a TOML `file` and the
+/// command line's `overrides`; the source says which.
+pub fn sampling_settings(
+    parti_uri: &str,
+    from: Option<&str>,
+    file: Option<&str>,
+    overrides: Value,
+) -> Result<SamplingSettings, Error> {
+    let (stage, _) = Upstream::read(from.unwrap_or(parti_uri))?;
+    let base = SamplingSettings::from_manifest(&stage)?;
+    let settings: SamplingConfig = manifests::config::layered(&base.settings, file, overrides)?;
+    settings.validate()?;
+    let source = if settings == base.settings {
+        base.source
+    } else {
+        format!("{} with command-line overrides", base.source)
+    };
+    Ok(SamplingSettings { settings, source })
 }
 
 /// Held-out single-object images of the data the model was trained on, encoded and decoded by
@@ -250,8 +268,8 @@ pub fn evaluate(
     let mut readings = Vec::new();
     let mut kept_images = Vec::new();
     let mut lines = String::new();
-    // In chunks, so the sampling batch stays a sensible size.
-    for chunk in prompt_refs.chunks(16) {
+    let bar = nn::progress::bar(prompt_refs.len() as u64, 0, "prompts", "infer eval");
+    for chunk in prompt_refs.chunks(PROMPTS_PER_BATCH) {
         for result in generator.generate(chunk, &config.sampling)? {
             let best = &result.images[result.kept[0]];
             let reading = eval::read_picture(&to_rgb_bytes(best, size), size);
@@ -265,7 +283,9 @@ pub fn evaluate(
             readings.push(reading);
             kept_images.push(best.clone());
         }
+        bar.inc(chunk.len() as u64);
     }
+    bar.finish_and_clear();
     let score = eval::accuracy(&objects, &readings);
     info!(
         "colour {:.3}, shape {:.3}, position {:.3}, all {:.3} over {} prompts",

@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use infer::sample::{Generator, SamplingConfig};
-use infer::serve::{ServeConfig, router, shutdown_signal, spawn_worker};
-use infer::{EvalConfig, evaluate, generate_to};
-use manifests::config::layered;
+use infer::sample::{Generator, SamplingSettings};
+use infer::serve::{
+    DEFAULT_MAX_BATCH, DEFAULT_QUEUE, ServeConfig, router, shutdown_signal, spawn_worker,
+};
+use infer::{EVAL_PROMPTS, EvalConfig, evaluate, generate_to, sampling_settings};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -31,6 +32,20 @@ enum Command {
     Serve(ServeArgs),
     /// Benchmark: sampling throughput with and without the KV cache (same decoder, same run).
     Bench(BenchArgs),
+    /// Load benchmark: concurrent single-sample requests against `serve` with cross-request
+    /// batching and one request at a time (same model, same run).
+    BenchServe(BenchServeArgs),
+}
+
+#[derive(Args)]
+struct BenchServeArgs {
+    /// A `train parti` manifest (e.g. runs/default/parti after `make pipeline`).
+    #[arg(long)]
+    parti: String,
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -74,6 +89,10 @@ struct SamplingArgs {
     /// TOML file with sampling settings, under the command-line values.
     #[arg(long)]
     config: Option<String>,
+    /// Start from the settings this manifest records (an `infer eval` manifest: the settings
+    /// it measured) instead of those the transformer's manifest recommends.
+    #[arg(long)]
+    sampling_from: Option<String>,
 }
 
 impl SamplingArgs {
@@ -82,6 +101,29 @@ impl SamplingArgs {
             "top_k": self.top_k, "top_p": self.top_p, "samples": self.samples,
             "keep": self.keep, "seed": self.seed,
             "use_cache": if self.no_cache { Some(false) } else { None }})
+    }
+
+    /// The settings to sample `parti` with, and where they came from.
+    fn settings(&self, parti: &str) -> Result<SamplingSettings> {
+        let settings = sampling_settings(
+            parti,
+            self.sampling_from.as_deref(),
+            self.config.as_deref(),
+            self.overrides(),
+        )
+        .context("sampling settings")?;
+        eprintln!(
+            "sampling with temperature {}, guidance {}, top-k {}, top-p {}, {} samples keeping {}, seed {}: {}",
+            settings.settings.temperature,
+            settings.settings.guidance_scale,
+            settings.settings.top_k,
+            settings.settings.top_p,
+            settings.settings.samples,
+            settings.settings.keep,
+            settings.settings.seed,
+            settings.source
+        );
+        Ok(settings)
     }
 }
 
@@ -149,13 +191,16 @@ struct EvalArgs {
 struct ServeArgs {
     #[command(flatten)]
     models: ModelArgs,
+    /// Default settings for requests that do not give them (the model's own unless changed).
+    #[command(flatten)]
+    sampling: SamplingArgs,
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: String,
-    /// Most requests (with identical sampling settings) sampled together in one round.
-    #[arg(long, default_value_t = 8)]
+    /// Most requests sampled together in one round, whatever their settings.
+    #[arg(long, default_value_t = DEFAULT_MAX_BATCH)]
     max_batch: usize,
     /// Most requests waiting for the sampler; more are answered with 503.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = DEFAULT_QUEUE)]
     queue: usize,
     /// Seconds a request may wait and sample before it is answered with 504.
     #[arg(long, default_value_t = 120.0)]
@@ -177,6 +222,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         timeout: Duration::from_secs_f64(args.timeout_s),
         max_prompt_chars: args.max_prompt_chars,
         batch_wait: Duration::from_millis(args.batch_wait_ms),
+        sampling: args.sampling.settings(&args.models.parti)?,
     };
     let generator = args.models.load()?;
     let worker = spawn_worker(generator, &config)?;
@@ -200,15 +246,11 @@ fn serve(args: ServeArgs) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => {
-            let config: SamplingConfig = layered(
-                &SamplingConfig::default(),
-                args.sampling.config.as_deref(),
-                args.sampling.overrides(),
-            )?;
+            let sampling = args.sampling.settings(&args.models.parti)?;
             let generator = args.models.load()?;
             let prompts: Vec<&str> = args.prompts.iter().map(String::as_str).collect();
-            let record =
-                generate_to(&generator, &prompts, &config, &args.out).context("infer generate")?;
+            let record = generate_to(&generator, &prompts, &sampling, &args.out)
+                .context("infer generate")?;
             println!(
                 "{} prompts -> {} (see generations.json)",
                 record["prompts"].as_array().map(Vec::len).unwrap_or(0),
@@ -216,10 +258,10 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Eval(args) => {
-            let defaults = EvalConfig::default();
-            let overrides = json!({"prompts": args.prompts, "sampling": args.sampling.overrides()});
-            let config: EvalConfig =
-                layered(&defaults, args.sampling.config.as_deref(), overrides)?;
+            let config = EvalConfig {
+                prompts: args.prompts.unwrap_or(EVAL_PROMPTS),
+                sampling: args.sampling.settings(&args.parti)?.settings,
+            };
             let manifest = evaluate(
                 &config,
                 &args.parti,
@@ -239,6 +281,24 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Serve(args) => serve(args)?,
+        Command::BenchServe(args) => {
+            let report = infer::bench::serve_load(&args.parti, args.clients, &args.device)
+                .context("infer bench-serve")?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            println!(
+                "{} single-sample requests at once on the {} model: {:.2} requests/s batched ({} rounds, p50 {:.2} s, p99 {:.2} s) vs {:.2} one at a time (p50 {:.2} s, p99 {:.2} s): {:.1}x",
+                report.clients,
+                report.model,
+                report.batched.requests_per_second,
+                report.batched.rounds,
+                report.batched.latency_p50_seconds,
+                report.batched.latency_p99_seconds,
+                report.one_at_a_time.requests_per_second,
+                report.one_at_a_time.latency_p50_seconds,
+                report.one_at_a_time.latency_p99_seconds,
+                report.speedup
+            );
+        }
         Command::Bench(args) => {
             let peer = args.peer.peer(&args.device);
             let report = infer::bench::kv_cache(

@@ -7,66 +7,10 @@ use manifests::Upstream;
 use models::{
     Contrastive, Parti, PartiConfig, TextEncoder, TextTokenizer, VitVqgan, VitVqganConfig,
 };
+pub use models::{SamplingConfig, SamplingSettings};
 use rand::Rng;
-use serde::{Deserialize, Serialize};
 
 use crate::Error;
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SamplingConfig {
-    /// `logits = uncond + scale * (cond - uncond)`; 1 turns guidance off (Parti: 1.2).
-    pub guidance_scale: f64,
-    pub temperature: f64,
-    /// Keep only the k most likely tokens (0: all).
-    pub top_k: usize,
-    /// Keep the smallest set of tokens whose probability reaches p (1: all).
-    pub top_p: f64,
-    /// Samples per prompt (Parti: 16, reranked).
-    pub samples: usize,
-    /// Kept per prompt after reranking.
-    pub keep: usize,
-    pub seed: u64,
-    /// Use the KV cache (false: recompute the whole prefix each step, for comparison).
-    pub use_cache: bool,
-}
-
-impl Default for SamplingConfig {
-    fn default() -> Self {
-        SamplingConfig {
-            guidance_scale: 1.2,
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            samples: 4,
-            keep: 1,
-            seed: 0,
-            use_cache: true,
-        }
-    }
-}
-
-impl SamplingConfig {
-    pub fn validate(&self) -> Result<(), Error> {
-        let bad = |what: &str| Err(Error::Usage(what.to_string()));
-        if !(0.0..=20.0).contains(&self.guidance_scale) {
-            return bad("guidance_scale must be within 0..=20");
-        }
-        if !(self.temperature > 0.0 && self.temperature <= 10.0) {
-            return bad("temperature must be within (0, 10]");
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad("top_p must be within (0, 1]");
-        }
-        if self.samples == 0 || self.samples > 64 {
-            return bad("samples must be within 1..=64");
-        }
-        if self.keep == 0 || self.keep > self.samples {
-            return bad("keep must be within 1..=samples");
-        }
-        Ok(())
-    }
-}
 
 /// Draws one token from `logits` after temperature, top-k and top-p.
 pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut impl Rng) -> usize {
@@ -115,6 +59,10 @@ pub struct Generator {
     pub vqgan_config: VitVqganConfig,
     pub reranker: Option<(TextEncoder, Contrastive)>,
     pub device: Device,
+    /// The transformer's preset (`config.model` of its manifest), e.g. `tiny`.
+    pub name: String,
+    /// The settings the transformer's manifest recommends.
+    pub recommended: SamplingSettings,
     /// Manifest URI -> digest of every model used, for the records next to the images.
     pub provenance: Vec<(String, String)>,
 }
@@ -142,6 +90,14 @@ impl Generator {
         let (parti_stage, parti_digest) = Upstream::read(parti_uri)?;
         let mut provenance = vec![(parti_stage.location.uri(), parti_digest)];
         let (parti_config, parti) = models::load_parti(&parti_stage, &device)?;
+        let name = parti_stage
+            .manifest
+            .config
+            .get("model")
+            .and_then(|name| name.as_str())
+            .unwrap_or("parti")
+            .to_string();
+        let recommended = SamplingSettings::from_manifest(&parti_stage)?;
         let tokenizer_uri = input_of(&parti_stage, "tokenizer").ok_or_else(|| {
             Error::Data(format!(
                 "{parti_uri}: its manifest names no tokenizer input"
@@ -195,6 +151,8 @@ impl Generator {
             vqgan_config,
             reranker,
             device,
+            name,
+            recommended,
             provenance,
         })
     }
@@ -213,37 +171,57 @@ impl Generator {
         ))
     }
 
-    /// Token grids for every prompt, `samples` each (prompt-major), all rows in one batch.
+    /// Token grids for every prompt, `samples` each (prompt-major), all rows in one batch;
+    /// sample `k` of every prompt draws from random stream `k` of `config.seed`, so a prompt's
+    /// images do not depend on the prompts beside it (`generate`, `eval` and `serve` agree).
     pub fn sample_tokens(
         &self,
         prompts: &[&str],
         config: &SamplingConfig,
     ) -> Result<Vec<Vec<u16>>, Error> {
         config.validate()?;
-        let rows: Vec<&str> = prompts
+        let rows: Vec<Row> = prompts
             .iter()
-            .flat_map(|p| std::iter::repeat_n(*p, config.samples))
+            .flat_map(|&prompt| {
+                (0..config.samples).map(move |stream| Row {
+                    prompt,
+                    settings: config,
+                    stream,
+                })
+            })
             .collect();
+        self.sample_rows(&rows, config.use_cache)
+    }
+
+    /// Token grids for `rows`, decoded together in one batch whatever their settings: each row
+    /// has its own guidance, temperature, top-k/top-p and random stream, so a row's tokens do
+    /// not depend on the rows beside it. Guided rows add an unconditional stream each.
+    /// `use_cache: false` recomputes the whole prefix every step (for comparison).
+    pub fn sample_rows(&self, rows: &[Row], use_cache: bool) -> Result<Vec<Vec<u16>>, Error> {
         let batch = rows.len();
         if batch == 0 {
             return Ok(Vec::new());
         }
-        let guided = (config.guidance_scale - 1.0).abs() > f64::EPSILON;
-        let (ids, padding) = self.text(&rows)?;
-        let (ids, padding, drop) = if guided {
-            // Conditional rows, then the same rows with the null condition.
-            let mut drop = vec![false; batch];
-            drop.extend(vec![true; batch]);
-            (
-                Tensor::cat(vec![ids.clone(), ids], 0),
-                Tensor::cat(vec![padding.clone(), padding], 0),
-                Some(Tensor::<1, Bool>::from_data(drop.as_slice(), &self.device)),
-            )
-        } else {
-            (ids, padding, None)
-        };
+        for row in rows {
+            row.settings.validate()?;
+        }
+        // Conditional rows first, then the guided rows again with the null condition.
+        let guided: Vec<usize> = (0..batch)
+            .filter(|&row| rows[row].settings.guided())
+            .collect();
+        let mut unconditional = vec![None; batch];
+        for (offset, &row) in guided.iter().enumerate() {
+            unconditional[row] = Some(batch + offset);
+        }
+        let mut prompts: Vec<&str> = rows.iter().map(|row| row.prompt).collect();
+        prompts.extend(guided.iter().map(|&row| rows[row].prompt));
+        let streams = prompts.len();
+        let (ids, padding) = self.text(&prompts)?;
+        let drop = (!guided.is_empty()).then(|| {
+            let drop: Vec<bool> = (0..streams).map(|stream| stream >= batch).collect();
+            Tensor::<1, Bool>::from_data(drop.as_slice(), &self.device)
+        });
         let condition = self.parti.condition(ids, padding, drop);
-        let streams = if guided { 2 * batch } else { batch };
         let masks = self.parti.masks(&self.device);
         let n = self.parti.tokens();
         let vocab = self.parti_config.codebook_size;
@@ -251,11 +229,13 @@ impl Generator {
         let mut grids = vec![Vec::with_capacity(n); batch];
         let mut inputs: Vec<i32> = vec![self.parti.bos_id() as i32; streams];
         let mut history: Vec<Vec<i32>> = vec![vec![self.parti.bos_id() as i32]; streams];
-        let mut rngs: Vec<_> = (0..batch)
-            .map(|row| nn::training::step_rng(config.seed, row))
+        let mut rngs: Vec<_> = rows
+            .iter()
+            .map(|row| nn::training::step_rng(row.settings.seed, row.stream))
             .collect();
+        let mut guided_logits = vec![0f32; vocab];
         for _ in 0..n {
-            let logits = if config.use_cache {
+            let logits = if use_cache {
                 let input = Tensor::<1, Int>::from_data(inputs.as_slice(), &self.device)
                     .reshape([streams, 1]);
                 self.parti.step(input, &mut state, &masks)
@@ -266,29 +246,30 @@ impl Generator {
                     .reshape([streams, len]);
                 self.parti.last_logits_uncached(prefix, &condition, &masks)
             };
-            let logits = if guided {
-                let conditional = logits.clone().slice([0..batch, 0..vocab]);
-                let unconditional = logits.slice([batch..2 * batch, 0..vocab]);
-                unconditional.clone()
-                    + (conditional - unconditional).mul_scalar(config.guidance_scale)
-            } else {
-                logits
-            };
             let values = logits
                 .into_data()
                 .convert::<f32>()
                 .try_to_vec::<f32>()
                 .map_err(|e| Error::Data(format!("reading logits: {e:?}")))?;
             for (row, grid) in grids.iter_mut().enumerate() {
-                let token = sample_token(
-                    &values[row * vocab..(row + 1) * vocab],
-                    config,
-                    &mut rngs[row],
-                );
+                let settings = rows[row].settings;
+                let conditional = &values[row * vocab..(row + 1) * vocab];
+                let logits = match unconditional[row] {
+                    Some(stream) => {
+                        let scale = settings.guidance_scale as f32;
+                        let null = &values[stream * vocab..(stream + 1) * vocab];
+                        for ((out, &c), &u) in guided_logits.iter_mut().zip(conditional).zip(null) {
+                            *out = u + (c - u) * scale;
+                        }
+                        guided_logits.as_slice()
+                    }
+                    None => conditional,
+                };
+                let token = sample_token(logits, settings, &mut rngs[row]);
                 grid.push(token as u16);
                 inputs[row] = token as i32;
-                if guided {
-                    inputs[batch + row] = token as i32;
+                if let Some(stream) = unconditional[row] {
+                    inputs[stream] = token as i32;
                 }
             }
             for (stream, past) in history.iter_mut().enumerate() {
@@ -344,25 +325,44 @@ impl Generator {
         config: &SamplingConfig,
     ) -> Result<Vec<PromptImages>, Error> {
         let grids = self.sample_tokens(prompts, config)?;
-        let mut results = Vec::new();
-        for (index, prompt) in prompts.iter().enumerate() {
-            let mine = &grids[index * config.samples..(index + 1) * config.samples];
-            let images = self.decode(mine)?;
-            let scores = self.scores(prompt, &images)?;
-            let mut order: Vec<usize> = (0..images.len()).collect();
-            if let Some(scores) = &scores {
-                order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-            }
-            results.push(PromptImages {
-                prompt: prompt.to_string(),
-                kept: order.iter().take(config.keep).copied().collect(),
-                scores,
-                tokens: mine.to_vec(),
-                images,
-            });
-        }
-        Ok(results)
+        prompts
+            .iter()
+            .zip(grids.chunks(config.samples))
+            .map(|(prompt, mine)| self.finish(prompt, config, mine.to_vec()))
+            .collect()
     }
+
+    /// One prompt's sampled grids decoded, scored by the reranker and ordered best first. Only
+    /// the prompt's own grids take part, so the outcome does not depend on other prompts.
+    pub fn finish(
+        &self,
+        prompt: &str,
+        config: &SamplingConfig,
+        tokens: Vec<Vec<u16>>,
+    ) -> Result<PromptImages, Error> {
+        let images = self.decode(&tokens)?;
+        let scores = self.scores(prompt, &images)?;
+        let mut order: Vec<usize> = (0..images.len()).collect();
+        if let Some(scores) = &scores {
+            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+        }
+        Ok(PromptImages {
+            prompt: prompt.to_string(),
+            kept: order.iter().take(config.keep).copied().collect(),
+            scores,
+            tokens,
+            images,
+        })
+    }
+}
+
+/// One row of a batched decode ([`Generator::sample_rows`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Row<'a> {
+    pub prompt: &'a str,
+    pub settings: &'a SamplingConfig,
+    /// Which random stream of `settings.seed` the row draws from (a request's sample index).
+    pub stream: usize,
 }
 
 /// One prompt's samples; `kept` indexes `images` best first.

@@ -1,10 +1,13 @@
 //! `infer serve`: an HTTP front end to one [`Generator`].
 //!
-//! - `POST /v1/generate`: JSON `{"prompt": "...", "samples": 1, "keep": 1, "guidance_scale": 1.2,
-//!   "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0, "format": "base64" | "png"}`
-//!   (everything but `prompt` optional: [`SamplingConfig::default`] except `samples` and `keep`,
-//!   1). `base64` answers `{"prompt", "images": [{"png_base64", "score"}], "seed", "batch",
-//!   "seconds"}` with the kept images best first; `png` answers the best image as `image/png`.
+//! - `POST /v1/generate`: JSON `{"prompt": "...", "samples": 4, "keep": 1, "guidance_scale": 1.1,
+//!   "temperature": 0.1, "top_k": 0, "top_p": 1.0, "seed": 0, "format": "base64" | "png"}`
+//!   (everything but `prompt` optional: the model's own settings, [`ServeConfig::sampling`]).
+//!   `base64` answers `{"prompt", "images": [{"png_base64", "score", "sample"}], "seed",
+//!   "sampling", "batch", "seconds"}` with the kept images best first; `png` answers the best
+//!   image as `image/png`.
+//! - `GET /v1/model`: the model's name, manifest digests and default sampling settings (and
+//!   where they came from).
 //! - `GET /healthz`: `{"status": "ok", "rounds", "requests", "queued", "rejected", ...}`.
 //! - `GET /`: a page to try prompts (`/?prompt=...&autorun=1` fills the box and generates).
 //!
@@ -13,13 +16,13 @@
 //! timeout, 500 when sampling failed.
 //!
 //! **Batching.** One worker thread owns the generator; requests wait in a FIFO queue of at most
-//! `queue` requests. Whenever the worker is free it takes the oldest request and, from the
-//! requests waiting at that moment (after waiting up to `batch_wait` for more to arrive), every
-//! one whose sampling settings are *identical* (all of [`SamplingConfig`], seed included; only
-//! the prompt differs), up to `max_batch` requests, and samples all their prompts in one loop
-//! ([`Generator::generate`]). Requests with other settings keep their place and run in a later
-//! round. A request's random stream depends on its row in the round, so the same request can
-//! give different images depending on what it was batched with; it is reproducible only alone.
+//! `queue` requests. Whenever the worker is free it takes the oldest `max_batch` requests
+//! waiting (after waiting up to `batch_wait` for more to arrive), whatever their settings, and
+//! decodes all their samples as the rows of one batch ([`Generator::sample_rows`]): every row
+//! carries its own guidance, temperature, top-k/top-p and random stream (the request's seed and
+//! the sample's index), so a request's images depend only on the request, alone or in a crowd.
+//! Requests that arrive during a round join the next one: the rows of a batch share one KV
+//! cache position, so a request cannot start while others are half-way through their grids.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -41,7 +44,7 @@ use serde_json::json;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::sample::{Generator, PromptImages, SamplingConfig};
+use crate::sample::{Generator, PromptImages, Row, SamplingConfig, SamplingSettings};
 use crate::{Error, png};
 
 /// The page served at `/`.
@@ -52,7 +55,7 @@ pub const MAX_SAMPLES: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// Most requests sampled together in one round.
+    /// Most requests sampled together in one round (whatever their settings).
     pub max_batch: usize,
     /// Most requests waiting for the worker; more are refused with 503.
     pub queue: usize,
@@ -62,16 +65,25 @@ pub struct ServeConfig {
     /// How long the worker waits after a request arrives for others to join its round
     /// (0: start at once with whatever is waiting).
     pub batch_wait: Duration,
+    /// What a request does not say: the model's settings, or those of `--sampling-from`.
+    pub sampling: SamplingSettings,
 }
 
-impl Default for ServeConfig {
-    fn default() -> Self {
+/// Requests per round and queue places by default: 64 clients at once are answered within a
+/// round or two, more wait, and 503 is left for a queue four times that.
+pub const DEFAULT_MAX_BATCH: usize = 64;
+pub const DEFAULT_QUEUE: usize = 256;
+
+impl ServeConfig {
+    /// The defaults, sampling with `sampling`.
+    pub fn new(sampling: SamplingSettings) -> ServeConfig {
         ServeConfig {
-            max_batch: 8,
-            queue: 32,
+            max_batch: DEFAULT_MAX_BATCH,
+            queue: DEFAULT_QUEUE,
             timeout: Duration::from_secs(120),
             max_prompt_chars: 500,
             batch_wait: Duration::ZERO,
+            sampling,
         }
     }
 }
@@ -115,8 +127,8 @@ impl GenerateRequest {
                 config.max_prompt_chars
             ));
         }
-        let defaults = SamplingConfig::default();
-        let samples = self.samples.unwrap_or(1);
+        let defaults = &config.sampling.settings;
+        let samples = self.samples.unwrap_or(defaults.samples.min(MAX_SAMPLES));
         if !(1..=MAX_SAMPLES).contains(&samples) {
             return Err(format!("samples must be within 1..={MAX_SAMPLES}"));
         }
@@ -126,7 +138,7 @@ impl GenerateRequest {
             top_k: self.top_k.unwrap_or(defaults.top_k),
             top_p: self.top_p.unwrap_or(defaults.top_p),
             samples,
-            keep: self.keep.unwrap_or(1),
+            keep: self.keep.unwrap_or(defaults.keep.min(samples)),
             seed: self.seed.unwrap_or(defaults.seed),
             use_cache: true,
         };
@@ -165,6 +177,8 @@ struct Shared {
     batch_wait: Duration,
     image_size: usize,
     text_tokens: usize,
+    /// The model's name and the manifests it was loaded from, for `/v1/model`.
+    model: serde_json::Value,
     rounds: AtomicU64,
     requests: AtomicU64,
     rejected: AtomicU64,
@@ -221,6 +235,13 @@ pub fn spawn_worker(generator: Generator, config: &ServeConfig) -> Result<Worker
         batch_wait: config.batch_wait,
         image_size: generator.vqgan_config.image_size,
         text_tokens: generator.tokenizer.max_length(),
+        model: json!({
+            "name": generator.name,
+            "manifests": generator.provenance.iter()
+                .map(|(uri, digest)| json!({"uri": uri, "digest": digest}))
+                .collect::<Vec<_>>(),
+            "backend": nn::backend::backend_name(),
+        }),
         rounds: AtomicU64::new(0),
         requests: AtomicU64::new(0),
         rejected: AtomicU64::new(0),
@@ -299,26 +320,10 @@ impl WorkerHandle {
     }
 }
 
-/// Removes the next round from the queue: the oldest request and the following ones with the
-/// same settings, up to `max_batch`.
+/// Removes the next round from the queue: the oldest `max_batch` requests.
 fn take_round(jobs: &mut VecDeque<Job>, max_batch: usize) -> Vec<Job> {
-    let mut round: Vec<Job> = jobs.pop_front().into_iter().collect();
-    let mut i = 0;
-    while i < jobs.len() && round.len() < max_batch {
-        if jobs[i].config == round[0].config {
-            round.extend(jobs.remove(i));
-        } else {
-            i += 1;
-        }
-    }
-    round
-}
-
-/// How many waiting requests could share the oldest one's round.
-fn compatible(jobs: &VecDeque<Job>) -> usize {
-    jobs.front().map_or(0, |first| {
-        jobs.iter().filter(|job| job.config == first.config).count()
-    })
+    let take = jobs.len().min(max_batch);
+    jobs.drain(..take).collect()
 }
 
 /// The next round, or `None` once the worker is shut down.
@@ -338,7 +343,7 @@ fn next_round(shared: &Shared) -> Option<Vec<Job>> {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
     }
     let deadline = Instant::now() + shared.batch_wait;
-    while !queue.closed && compatible(&queue.jobs) < shared.max_batch {
+    while !queue.closed && queue.jobs.len() < shared.max_batch {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
@@ -362,28 +367,28 @@ fn work(generator: Generator, shared: &Shared) {
             continue;
         }
         let started = Instant::now();
-        let prompts: Vec<&str> = round.iter().map(|job| job.prompt.as_str()).collect();
-        let config = &round[0].config;
-        let outcome = catch_unwind(AssertUnwindSafe(|| generator.generate(&prompts, config)));
+        let rows: Vec<Row> = round
+            .iter()
+            .flat_map(|job| {
+                (0..job.config.samples).map(|stream| Row {
+                    prompt: &job.prompt,
+                    settings: &job.config,
+                    stream,
+                })
+            })
+            .collect();
+        let outcome = catch_unwind(AssertUnwindSafe(|| generator.sample_rows(&rows, true)));
         let batch = round.len();
         shared.rounds.fetch_add(1, Ordering::Relaxed);
         shared.requests.fetch_add(batch as u64, Ordering::Relaxed);
-        info!(
-            "sampled {batch} prompts x {} samples in {:.2} s",
-            config.samples,
-            started.elapsed().as_secs_f64()
-        );
-        match outcome {
-            Ok(Ok(results)) if results.len() == batch => {
-                for (job, images) in round.into_iter().zip(results) {
-                    let _ = job.reply.send(Ok(Generated { images, batch }));
-                }
-            }
+        let grids = match outcome {
+            Ok(Ok(grids)) if grids.len() == rows.len() => grids,
             failed => {
                 let message = match failed {
-                    Ok(Ok(results)) => format!(
-                        "sampling returned {} results for {batch} prompts",
-                        results.len()
+                    Ok(Ok(grids)) => format!(
+                        "sampling returned {} grids for {} rows",
+                        grids.len(),
+                        rows.len()
                     ),
                     Ok(Err(e)) => format!("sampling failed: {e}"),
                     Err(_) => "sampling panicked (see the server log)".to_string(),
@@ -392,7 +397,26 @@ fn work(generator: Generator, shared: &Shared) {
                 for job in round {
                     let _ = job.reply.send(Err(message.clone()));
                 }
+                continue;
             }
+        };
+        info!(
+            "sampled {batch} requests ({} rows) in {:.2} s",
+            rows.len(),
+            started.elapsed().as_secs_f64()
+        );
+        let mut grids = grids.into_iter();
+        for job in round {
+            let mine: Vec<Vec<u16>> = grids.by_ref().take(job.config.samples).collect();
+            let finished = catch_unwind(AssertUnwindSafe(|| {
+                generator.finish(&job.prompt, &job.config, mine)
+            }));
+            let reply = match finished {
+                Ok(Ok(images)) => Ok(Generated { images, batch }),
+                Ok(Err(e)) => Err(format!("decoding failed: {e}")),
+                Err(_) => Err("decoding panicked (see the server log)".to_string()),
+            };
+            let _ = job.reply.send(reply);
         }
     }
 }
@@ -413,6 +437,7 @@ pub fn router(worker: WorkerHandle, config: ServeConfig) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/healthz", get(healthz))
+        .route("/v1/model", get(model))
         .route("/v1/generate", post(generate))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .with_state(App {
@@ -441,6 +466,15 @@ async fn healthz(State(app): State<App>) -> Json<serde_json::Value> {
     }))
 }
 
+async fn model(State(app): State<App>) -> Json<serde_json::Value> {
+    let mut model = app.worker.shared.model.clone();
+    model["sampling"] = json!(app.config.sampling.settings);
+    model["sampling_from"] = json!(app.config.sampling.source);
+    model["image_size"] = json!(app.worker.image_size());
+    model["max_samples"] = json!(MAX_SAMPLES);
+    Json(model)
+}
+
 async fn generate(
     State(app): State<App>,
     body: Result<Json<GenerateRequest>, JsonRejection>,
@@ -454,8 +488,7 @@ async fn generate(
         Ok(sampling) => sampling,
         Err(message) => return error(StatusCode::UNPROCESSABLE_ENTITY, message),
     };
-    let seed = sampling.seed;
-    let waiting = match app.worker.submit(request.prompt.clone(), sampling) {
+    let waiting = match app.worker.submit(request.prompt.clone(), sampling.clone()) {
         Ok(waiting) => waiting,
         Err(Refused::Full) => {
             return error(
@@ -503,21 +536,22 @@ async fn generate(
     };
     match format {
         Format::Png => {
-            let (best, _) = pngs.into_iter().next().unwrap_or_default();
+            let (best, _, _) = pngs.into_iter().next().unwrap_or_default();
             ([(header::CONTENT_TYPE, "image/png")], best).into_response()
         }
         Format::Base64 => {
             let images: Vec<_> = pngs
                 .iter()
-                .map(|(bytes, score)| {
+                .map(|(bytes, score, sample)| {
                     json!({"png_base64": base64::engine::general_purpose::STANDARD.encode(bytes),
-                        "score": score})
+                        "score": score, "sample": sample})
                 })
                 .collect();
             Json(json!({
                 "prompt": request.prompt,
                 "images": images,
-                "seed": seed,
+                "seed": sampling.seed,
+                "sampling": sampling,
                 "batch": batch,
                 "seconds": started.elapsed().as_secs_f64(),
             }))
@@ -526,8 +560,8 @@ async fn generate(
     }
 }
 
-/// One image's PNG and its reranking score.
-type Encoded = (Vec<u8>, Option<f64>);
+/// One image's PNG, its reranking score and its sample index.
+type Encoded = (Vec<u8>, Option<f64>, usize);
 
 /// PNGs of the kept images (only the best for [`Format::Png`]) with their scores.
 fn encode(generated: &Generated, size: usize, format: Format) -> Result<Vec<Encoded>, Error> {
@@ -541,6 +575,7 @@ fn encode(generated: &Generated, size: usize, format: Format) -> Result<Vec<Enco
             Ok((
                 png(&result.images[i], size)?,
                 result.scores.as_ref().map(|s| s[i]),
+                i,
             ))
         })
         .collect()

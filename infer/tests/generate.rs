@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use infer::eval::{accuracy, eval_objects, read_picture};
-use infer::sample::{Generator, SamplingConfig, sample_token};
+use infer::sample::{Generator, Row, SamplingConfig, SamplingSettings, sample_token};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use shapes::{COLORS, POSITIONS, SHAPES, render};
@@ -177,9 +177,54 @@ fn cached_and_uncached_sampling_agree_and_generate_writes_images_and_a_record() 
         generator.sample_tokens(&prompts, &config).unwrap(),
         "same seed, same tokens"
     );
+    // A prompt's samples do not depend on the prompts beside it, nor on their settings.
+    let alone = generator.sample_tokens(&prompts[1..], &config).unwrap();
+    assert_eq!(
+        alone[..],
+        cached[2..],
+        "batched with another prompt, other tokens"
+    );
+    let hot = SamplingConfig {
+        temperature: 3.0,
+        guidance_scale: 1.0,
+        top_k: 7,
+        seed: 99,
+        ..config.clone()
+    };
+    let rows: Vec<Row> = [
+        (prompts[0], &hot),
+        (prompts[1], &config),
+        (prompts[0], &config),
+    ]
+    .iter()
+    .flat_map(|&(prompt, settings)| {
+        (0..2).map(move |stream| Row {
+            prompt,
+            settings,
+            stream,
+        })
+    })
+    .collect();
+    let mixed = generator.sample_rows(&rows, true).unwrap();
+    assert_eq!(
+        mixed[2..4],
+        cached[2..],
+        "other settings beside it changed a row"
+    );
+    assert_eq!(mixed[4..], cached[..2]);
+    assert_ne!(
+        mixed[..2],
+        cached[..2],
+        "the hot row's own settings were not used"
+    );
 
     let out = dir.join("generated");
-    let record = infer::generate_to(&generator, &prompts, &config, out.to_str().unwrap()).unwrap();
+    let settings = SamplingSettings {
+        settings: config.clone(),
+        source: "the test".into(),
+    };
+    let record =
+        infer::generate_to(&generator, &prompts, &settings, out.to_str().unwrap()).unwrap();
     let listed = record["prompts"].as_array().unwrap();
     assert_eq!(listed.len(), 2);
     for (p, entry) in listed.iter().enumerate() {
@@ -193,6 +238,7 @@ fn cached_and_uncached_sampling_agree_and_generate_writes_images_and_a_record() 
     let saved: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("generations.json")).unwrap()).unwrap();
     assert_eq!(saved["settings"]["samples"], 2);
+    assert_eq!(saved["settings_from"], "the test");
     assert!(saved["manifests"].as_array().unwrap().len() >= 3);
 }
 
@@ -291,4 +337,126 @@ fn eval_publishes_per_attribute_accuracy() {
         again.metrics["all_accuracy"],
         manifest.metrics["all_accuracy"]
     );
+}
+
+/// Runs the `infer` binary; its stdout and stderr.
+fn infer(args: &[&str]) -> (String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_infer"))
+        .args(args)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout).to_string(),
+        String::from_utf8_lossy(&output.stderr).to_string(),
+    );
+    assert!(
+        output.status.success(),
+        "infer {args:?}:\n{stdout}\n{stderr}"
+    );
+    (stdout, stderr)
+}
+
+#[test]
+fn generate_at_its_defaults_samples_as_eval_does() {
+    let dir = trained();
+    let parti = dir.join("parti");
+    let parti = parti.to_str().unwrap();
+    let eval_out = dir.join("eval-defaults");
+    let eval_out = eval_out.to_str().unwrap();
+    let (_, said) = infer(&[
+        "eval",
+        "--parti",
+        parti,
+        "--out",
+        eval_out,
+        "--prompts",
+        "8",
+    ]);
+    assert!(said.contains("train.parti recommendation"), "{said}");
+    let eval: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(format!("{eval_out}/manifest.json")).unwrap())
+            .unwrap();
+    // The model's own settings: the tiny preset's recommendation, recorded by `train parti`.
+    let recommended: serde_json::Value = serde_json::from_slice::<serde_json::Value>(
+        &std::fs::read(format!("{parti}/manifest.json")).unwrap(),
+    )
+    .unwrap()["config"]["sampling"]
+        .clone();
+    assert_eq!(recommended["temperature"], 0.1);
+    assert_eq!(eval["config"]["sampling"], recommended);
+
+    let objects = eval_objects(8);
+    let prompts: Vec<String> = objects.iter().map(infer::eval::prompt).collect();
+    let out = dir.join("generate-defaults");
+    let out = out.to_str().unwrap();
+    let mut args = vec!["generate", "--parti", parti, "--out", out];
+    for prompt in &prompts {
+        args.extend(["--prompt", prompt.as_str()]);
+    }
+    infer(&args);
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(format!("{out}/generations.json")).unwrap()).unwrap();
+    assert_eq!(
+        record["settings"], recommended,
+        "generate's defaults are not eval's"
+    );
+    assert!(
+        record["settings_from"]
+            .as_str()
+            .unwrap()
+            .starts_with("train.parti recommendation"),
+        "{}",
+        record["settings_from"]
+    );
+    // The same pictures, read by the same scorer, prompt by prompt.
+    let readings: Vec<_> = (0..prompts.len())
+        .map(|p| {
+            let png = image::open(format!("{out}/prompt-{p:03}-sample-0.png"))
+                .unwrap()
+                .to_rgb8();
+            read_picture(png.as_raw(), 64)
+        })
+        .collect();
+    let eval_readings = std::fs::read_to_string(format!("{eval_out}/readings.jsonl")).unwrap();
+    for (line, reading) in eval_readings.lines().zip(&readings) {
+        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+        let read = reading.map(|r| {
+            serde_json::json!({"color": COLORS[r.color].0, "shape": SHAPES[r.shape],
+                "position": POSITIONS[r.position]})
+        });
+        assert_eq!(line["read"], serde_json::json!(read), "{}", line["prompt"]);
+    }
+    let all = accuracy(&objects, &readings).all;
+    let eval_all = eval["metrics"]["all_accuracy"].as_f64().unwrap();
+    assert!(
+        (all - eval_all).abs() <= 0.03,
+        "generate {all:.3} vs eval {eval_all:.3}"
+    );
+
+    // Pointed at the evaluation, generate says it samples with the settings eval measured.
+    let measured = dir.join("generate-measured");
+    let (_, said) = infer(&[
+        "generate",
+        "--parti",
+        parti,
+        "--sampling-from",
+        eval_out,
+        "--temperature",
+        "0.5",
+        "--prompt",
+        "a red circle",
+        "--out",
+        measured.to_str().unwrap(),
+    ]);
+    assert!(said.contains("infer.eval measured settings"), "{said}");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(measured.join("generations.json")).unwrap()).unwrap();
+    let from = record["settings_from"].as_str().unwrap();
+    assert!(
+        from.starts_with("infer.eval measured settings")
+            && from.ends_with("command-line overrides"),
+        "{from}"
+    );
+    assert_eq!(record["settings"]["temperature"], 0.5);
+    assert_eq!(record["settings"]["guidance_scale"], 1.1);
 }

@@ -1,6 +1,7 @@
-//! `infer serve` in process on a small trained model: health and page, PNGs back, JSON errors
-//! for bad requests, concurrent requests batched into shared sampling rounds, 503 on a full
-//! queue, 504 past the timeout, and the page generating in a headless browser.
+//! `infer serve` in process on a small trained model: health, model and page, PNGs back, JSON
+//! errors for bad requests, concurrent requests with mixed settings batched into shared sampling
+//! rounds (a request's images the same alone and in the crowd), 64 clients at once all answered,
+//! 503 on a full queue, 504 past the timeout, and the page generating in a headless browser.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use futures::future::join_all;
-use infer::sample::Generator;
+use infer::sample::{Generator, SamplingSettings};
 use infer::serve::{ServeConfig, WorkerHandle, router, serve, spawn_worker};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -38,13 +39,20 @@ impl Drop for Server {
     }
 }
 
-async fn start(config: ServeConfig) -> Server {
+/// A server with the defaults `infer serve` has, sampling with the model's own settings.
+async fn start_default() -> Server {
+    start(ServeConfig::new).await
+}
+
+/// A server whose config is made from the model's recommended sampling settings.
+async fn start(config: impl FnOnce(SamplingSettings) -> ServeConfig) -> Server {
     let generator = tokio::task::spawn_blocking(|| {
         let parti = trained().to_str().unwrap().to_string();
         Generator::load(&parti, None, None, "cpu").unwrap()
     })
     .await
     .unwrap();
+    let config = config(generator.recommended.clone());
     let worker = spawn_worker(generator, &config).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -152,7 +160,7 @@ fn decode_base64_png(text: &str) -> image::DynamicImage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_page_are_served() {
-    let server = start(ServeConfig::default()).await;
+    let server = start_default().await;
     let health = server.health().await;
     assert_eq!(health["status"], "ok");
     assert_eq!(
@@ -160,6 +168,44 @@ async fn health_and_page_are_served() {
         (Some(0), Some(0))
     );
     assert_eq!(health["image_size"], 64);
+    assert_eq!(
+        (health["max_batch"].as_u64(), health["queue"].as_u64()),
+        (Some(64), Some(256))
+    );
+    // The model says what it is and what it samples with: the tiny preset's recommendation.
+    let model = server.get("/v1/model").await;
+    assert_eq!(model.status, 200);
+    let model = model.json();
+    assert_eq!(model["name"], "tiny");
+    let parti = &model["manifests"][0];
+    assert!(
+        parti["uri"]
+            .as_str()
+            .unwrap()
+            .ends_with("parti/manifest.json")
+    );
+    let digest = parti["digest"].as_str().unwrap();
+    assert_eq!(
+        digest.strip_prefix("blake3:").map(str::len),
+        Some(64),
+        "{digest}"
+    );
+    assert_eq!(
+        (
+            model["sampling"]["temperature"].as_f64(),
+            model["sampling"]["guidance_scale"].as_f64(),
+            model["sampling"]["samples"].as_u64(),
+        ),
+        (Some(0.1), Some(1.1), Some(4))
+    );
+    assert!(
+        model["sampling_from"]
+            .as_str()
+            .unwrap()
+            .starts_with("train.parti recommendation"),
+        "{}",
+        model["sampling_from"]
+    );
     let page = server.get("/").await;
     assert_eq!(page.status, 200);
     assert!(
@@ -177,7 +223,7 @@ async fn health_and_page_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generate_returns_decodable_pngs() {
-    let server = start(ServeConfig::default()).await;
+    let server = start_default().await;
     let request =
         json!({"prompt": "a red circle at the top left", "samples": 2, "keep": 2, "seed": 7});
     let answer = server.generate(request.clone()).await;
@@ -222,7 +268,7 @@ async fn generate_returns_decodable_pngs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_json_errors_and_the_server_lives_on() {
-    let server = start(ServeConfig::default()).await;
+    let server = start_default().await;
     let long = "a".repeat(501);
     let invalid = [
         (json!({"prompt": ""}), "prompt"),
@@ -285,63 +331,110 @@ async fn bad_requests_get_json_errors_and_the_server_lives_on() {
     assert_eq!(fine.status, 200);
 }
 
+/// The kept images of a 200 answer, as base64 PNGs.
+fn images_of(answer: &Answer) -> Vec<Value> {
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    answer.json()["images"].as_array().unwrap().clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_requests_share_sampling_rounds() {
-    let server = start(ServeConfig {
+async fn requests_with_mixed_settings_share_rounds_and_keep_their_images() {
+    let server = start(|sampling| ServeConfig {
         batch_wait: Duration::from_millis(500),
-        ..ServeConfig::default()
+        ..ServeConfig::new(sampling)
     })
     .await;
-    let prompts = [
-        "a red circle at the top left",
-        "a blue square in the center",
-        "a green triangle at the bottom right",
-        "a yellow circle at the top right",
+    // Warm, hot and guided, greedy-ish and nucleus: all in one batched decode.
+    let mine = json!({"prompt": "a red circle at the top left", "seed": 11, "samples": 3,
+        "keep": 3, "temperature": 1.0, "top_k": 50});
+    let others = [
+        json!({"prompt": "a blue square in the center", "seed": 1}),
+        json!({"prompt": "a green triangle at the bottom right", "seed": 2, "temperature": 2.0,
+            "guidance_scale": 1.0}),
+        json!({"prompt": "a yellow circle at the top right", "seed": 3, "top_p": 0.5,
+            "samples": 2}),
+        json!({"prompt": "a purple square", "seed": 4, "guidance_scale": 3.0, "top_k": 5}),
+        json!({"prompt": "a red circle at the top left", "seed": 12, "samples": 3, "keep": 3,
+            "temperature": 1.0, "top_k": 50}),
     ];
-    let same: Vec<_> = prompts
+    let alone = server.generate(mine.clone()).await;
+    assert_eq!(alone.json()["batch"], 1);
+    let alone = images_of(&alone);
+    assert_eq!(alone.len(), 3);
+
+    let crowd: Vec<_> = others
         .iter()
-        .map(|prompt| server.generate(json!({"prompt": prompt, "seed": 1})))
+        .cloned()
+        .chain([mine.clone()])
+        .map(|body| server.generate(body))
         .collect();
-    // Other settings: never in the same round as the others.
-    let other = server.generate(json!({"prompt": "a purple square", "seed": 2, "samples": 2}));
-    let (same, other) = tokio::join!(join_all(same), other);
-    for (answer, prompt) in same.iter().zip(prompts) {
-        assert_eq!(
-            answer.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&answer.body)
-        );
-        let body = answer.json();
-        assert_eq!(body["prompt"], prompt);
+    let crowd = join_all(crowd).await;
+    for answer in &crowd {
         assert!(
-            body["batch"].as_u64().unwrap() >= 2,
-            "{prompt}: sampled alone"
+            answer.json()["batch"].as_u64().unwrap() >= 2,
+            "sampled alone: {}",
+            answer.json()["prompt"]
         );
-        let picture = decode_base64_png(body["images"][0]["png_base64"].as_str().unwrap());
+        let picture = decode_base64_png(images_of(answer)[0]["png_base64"].as_str().unwrap());
         assert_eq!(picture.width(), 64);
     }
-    assert_eq!(other.status, 200);
-    assert_eq!(other.json()["batch"], 1);
+    assert_eq!(
+        images_of(&crowd[5]),
+        alone,
+        "the same request gave other images inside a batch of mixed settings"
+    );
+    assert_ne!(
+        images_of(&crowd[4]),
+        alone,
+        "another seed, the same images: the seed is not the request's own"
+    );
     let health = server.health().await;
     let (rounds, requests) = (
         health["rounds"].as_u64().unwrap(),
         health["requests"].as_u64().unwrap(),
     );
-    assert_eq!(requests, 5);
+    assert_eq!(requests, 7);
     assert!(
         rounds < requests,
         "{rounds} rounds for {requests} requests: nothing was batched"
     );
-    assert!(rounds >= 2, "different settings shared a round");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_clients_with_their_own_seeds_are_all_answered() {
+    let server = start_default().await;
+    let clients: Vec<_> = (0..64u64)
+        .map(|seed| {
+            server.generate(json!({"prompt": format!("a red circle number {seed}"), "seed": seed}))
+        })
+        .collect();
+    let answers = join_all(clients).await;
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+    assert!(
+        statuses.iter().all(|&status| status == 200),
+        "not 64 x 200: {statuses:?}"
+    );
+    let health = server.health().await;
+    assert_eq!(health["requests"], 64);
+    assert_eq!(health["rejected"], 0);
+    assert!(
+        health["rounds"].as_u64().unwrap() < 64,
+        "{} rounds: distinct seeds were not batched",
+        health["rounds"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_503() {
-    let server = start(ServeConfig {
+    let server = start(|sampling| ServeConfig {
         queue: 1,
         max_batch: 1,
-        ..ServeConfig::default()
+        ..ServeConfig::new(sampling)
     })
     .await;
     let requests: Vec<_> = (0..8)
@@ -369,9 +462,9 @@ async fn a_full_queue_answers_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_past_its_timeout_answers_504() {
-    let server = start(ServeConfig {
+    let server = start(|sampling| ServeConfig {
         timeout: Duration::from_millis(1),
-        ..ServeConfig::default()
+        ..ServeConfig::new(sampling)
     })
     .await;
     let answer = server
@@ -428,7 +521,7 @@ fn browser_dom(url: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_generates_in_a_headless_browser() {
-    let server = start(ServeConfig::default()).await;
+    let server = start_default().await;
     let url = format!(
         "{}/?prompt=a%20red%20circle&samples=2&seed=3&autorun=1",
         server.url
@@ -465,6 +558,25 @@ async fn the_page_generates_in_a_headless_browser() {
     assert!(
         dom.contains("image(s) in"),
         "the status line did not report success"
+    );
+    // A download link per image, the model's name and manifest digest, and where the
+    // defaults came from.
+    assert_eq!(dom.matches(r#"class="download""#).count(), 2, "{dom}");
+    assert!(dom.contains(r#"download="parti-seed-3-sample-"#), "{dom}");
+    let model = server.get("/v1/model").await.json();
+    let digest = model["manifests"][0]["digest"].as_str().unwrap();
+    let hex = digest.strip_prefix("blake3:").unwrap();
+    assert!(
+        dom.contains("<code title=") && dom.contains(&format!(">{}</code>", &hex[..12])),
+        "no manifest digest in the page:\n{dom}"
+    );
+    assert!(
+        dom.contains("<strong>tiny</strong>"),
+        "no model name:\n{dom}"
+    );
+    assert!(
+        dom.contains("defaults: train.parti recommendation"),
+        "{dom}"
     );
     assert_eq!(server.health().await["requests"], 1);
 }

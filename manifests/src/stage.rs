@@ -174,6 +174,11 @@ impl StageRun {
         &self.out
     }
 
+    /// The stage's name, e.g. `vqgan.train`.
+    pub fn stage(&self) -> &str {
+        &self.stage
+    }
+
     pub fn config_hash(&self) -> &str {
         &self.config_hash
     }

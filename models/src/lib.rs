@@ -7,12 +7,14 @@
 //! - [`text_encoder`]: the BERT-style text encoder, its MLM head and the contrastive pair
 //!   (image tower + projections) that reranks samples.
 //! - [`parti`]: the encoder-decoder Transformer from caption to image tokens.
+//! - [`sampling`]: the sampling settings a model recommends, recorded in its manifest.
 //!
 //! Each model loads from the manifest of the stage that trained it ([`load_vqgan`],
 //! [`load_text_encoder`], [`load_parti`]); the artifact kinds those stages publish are the
 //! constants here, so writer and reader cannot drift apart.
 
 pub mod parti;
+pub mod sampling;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod vqgan;
@@ -23,6 +25,7 @@ use manifests::Upstream;
 use serde::de::DeserializeOwned;
 
 pub use parti::{Parti, PartiConfig};
+pub use sampling::{SamplingConfig, SamplingSettings};
 pub use text_encoder::{Contrastive, PretrainedConfigs, TextEncoder, TextEncoderConfig};
 pub use tokenizer::TextTokenizer;
 pub use vqgan::{VitVqgan, VitVqganConfig};

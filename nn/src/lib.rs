@@ -2,7 +2,7 @@
 //! (attention, MLP, Transformer blocks, position embeddings, patches) so they exist once, the
 //! training machinery ([`training`]: schedules, checkpoints, micro-batch workers, publication;
 //! [`cli`]: the shared training flags), data streams and image batches from pairs shards
-//! ([`data`], [`images`]), training as a job of several processes on c10d ([`distributed`]),
+//! ([`data`], [`images`]), progress bars and training charts ([`progress`], [`plot`]), training as a job of several processes on c10d ([`distributed`]),
 //! the one [`Error`] of model and training code, and the one place where the Burn backend is
 //! chosen ([`backend`]).
 //!
@@ -22,7 +22,9 @@ pub mod distributed;
 pub mod fused;
 pub mod images;
 pub mod mlp;
+pub mod plot;
 pub mod position;
+pub mod progress;
 pub mod training;
 pub mod vision;
 

@@ -12,6 +12,7 @@ use burn::module::Module;
 use burn::nn::LinearConfig;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Bool, Device, Int, Tensor};
+use nn::progress::{Curves, Steps, is_evaluation_step};
 use nn::training::{self, Publication, Schedule};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -315,7 +316,14 @@ fn mlm_accuracy(
 struct Progress {
     step: usize,
     log: String,
+    /// MLM and contrastive losses and held-out MLM accuracy / recall@1 by step, for
+    /// `training.png`.
+    #[serde(default)]
+    curves: Curves,
 }
+
+/// Held-out evaluations over a run, for the chart (the last at the end).
+const HELD_OUT_POINTS: usize = 5;
 
 pub struct TextEncoderInputs<'a> {
     pub tokenizer: &'a str,
@@ -388,6 +396,7 @@ pub fn train_text_encoder(
     let fresh = Progress {
         step: 0,
         log: String::new(),
+        curves: Curves::default(),
     };
     let (mut model, mut optimizer, mut progress) =
         training::resume(&run, model, optimizer(config), fresh)?;
@@ -402,6 +411,24 @@ pub fn train_text_encoder(
     let own_rows: Vec<i64> = own.iter().map(|&row| row as i64).collect();
     let own_rows = Tensor::<1, Int>::from_data(own_rows.as_slice(), &device);
     let alone = group.world_size() == 1;
+    // Held-out MLM accuracy and text->image recall@1 / @5.
+    let held_out_readings = |model: &Pretraining, device: &Device| {
+        let accuracy = mlm_accuracy(model, &sequences.held_out, &tokenizer, config, device);
+        let recall = recall_at(
+            &model.encoder,
+            &model.contrastive,
+            &held_out_images,
+            &tokenizer,
+            device,
+        )?;
+        Ok::<_, Error>((accuracy, recall))
+    };
+    let bar = Steps::new(
+        "train text-encoder",
+        config.steps,
+        progress.step,
+        group.is_leader(),
+    );
     while progress.step < config.steps {
         let step = progress.step;
         let mut rng = training::step_rng(config.seed, step);
@@ -490,12 +517,28 @@ pub fn train_text_encoder(
             if !contrastive {
                 line["mlm_accuracy"] = json!((correct / counted.max(1.0)) as f32);
             }
-            info!("{line}");
-            progress.log.push_str(&format!("{line}\n"));
+            bar.line(&line, &mut progress.log);
+            progress.curves.training(objective, step, loss);
         }
         progress.step += 1;
+        // Held-out points along the way (the last one is the final evaluation).
+        if group.is_leader()
+            && progress.step < config.steps
+            && is_evaluation_step(step, config.steps, HELD_OUT_POINTS)
+        {
+            let (accuracy, (recall, _)) =
+                held_out_readings(&model.valid(), &device.clone().inner())?;
+            progress
+                .curves
+                .held_out("mlm_accuracy", progress.step, accuracy);
+            progress
+                .curves
+                .held_out("recall_at_1", progress.step, recall);
+        }
+        bar.set_done(progress.step);
         checkpointing.after_step(&run, progress.step, &model, &optimizer, &progress)?;
     }
+    bar.finish();
 
     let eval_model = model.valid();
     if !group.is_leader() {
@@ -504,20 +547,7 @@ pub fn train_text_encoder(
     }
     let eval_device =
         nn::backend::device(group.device()).map_err(|e| Error::Usage(e.to_string()))?;
-    let mlm_accuracy = mlm_accuracy(
-        &eval_model,
-        &sequences.held_out,
-        &tokenizer,
-        config,
-        &eval_device,
-    );
-    let (recall_at_1, recall_at_5) = recall_at(
-        &eval_model.encoder,
-        &eval_model.contrastive,
-        &held_out_images,
-        &tokenizer,
-        &eval_device,
-    )?;
+    let (mlm_accuracy, (recall_at_1, recall_at_5)) = held_out_readings(&eval_model, &eval_device)?;
     // Chance level of recall@1: how often a random image shares the query's caption.
     let n = held_out_images.len() as f64;
     let chance = held_out_images
@@ -532,6 +562,12 @@ pub fn train_text_encoder(
     let held_out_line = json!({"step": config.steps, "held_out": {"mlm_accuracy": mlm_accuracy,
         "recall_at_1": recall_at_1, "recall_at_5": recall_at_5, "recall_at_1_chance": chance}});
     progress.log.push_str(&format!("{held_out_line}\n"));
+    progress
+        .curves
+        .held_out("mlm_accuracy", progress.step, mlm_accuracy);
+    progress
+        .curves
+        .held_out("recall_at_1", progress.step, recall_at_1);
     let configs = PretrainedConfigs {
         text_encoder: encoder_config,
         contrastive: contrastive_config,
@@ -548,6 +584,8 @@ pub fn train_text_encoder(
         &eval_model.contrastive,
     )?;
     publication.config("models.json", CONFIG_KIND, &configs)?;
+    let chart = nn::plot::training_chart("train text-encoder", &progress.curves)?;
+    publication.file("training.png", "image/png", chart)?;
     publication.log(progress.log)?;
     let mut metrics = Map::new();
     let mut put = |name: &str, value: Value| metrics.insert(name.into(), value);

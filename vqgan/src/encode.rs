@@ -103,7 +103,7 @@ pub fn encode(config: &EncodeConfig, args: &TokenizerRun) -> Result<Manifest, Er
     let (size, grid) = (model_config.image_size, model_config.grid());
     let codebook_size = model_config.quantizer.codebook_size;
     let shards = pairs::shards(&pairs);
-    let progress = indicatif::ProgressBar::new(shards.len() as u64);
+    let progress = nn::progress::bar(shards.len() as u64, 0, "shards", "vqgan encode");
     let (mut artifacts, mut rows) = (Vec::new(), 0u64);
     let mut rejected = images::Rejected::new();
     for artifact in shards {

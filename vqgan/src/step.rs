@@ -42,8 +42,8 @@ where
 /// A step's loss as numbers, for its metrics line.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct LossNumbers {
-    total: f64,
-    mse: f64,
+    pub(crate) total: f64,
+    pub(crate) mse: f64,
     /// The codebook terms (stage 1).
     codebook: Option<f64>,
     terms: Vec<(String, f64)>,

@@ -19,6 +19,7 @@ use models::{CONFIG_KIND, VQGAN_KIND, load_vqgan};
 use nn::cli::TrainingOptions;
 use nn::distributed::Group;
 use nn::images::{self, ImageSet, Rejected};
+use nn::progress::{Curves, Steps, is_evaluation_step};
 use nn::training::{self, Publication};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -56,6 +57,19 @@ struct Progress {
     rejected: Rejected,
     usage: CodeUsage,
     log: String,
+    /// Training loss and held-out PSNR / SSIM / codebook usage by step, for `training.png`.
+    #[serde(default)]
+    curves: Curves,
+}
+
+/// Held-out evaluations over a run, for the chart (the last at the end).
+const HELD_OUT_POINTS: usize = 5;
+
+/// Puts a held-out reading on the chart at `step`.
+fn chart_quality(curves: &mut Curves, step: usize, quality: &eval::Quality) {
+    curves.held_out("psnr_db", step, quality.psnr_db);
+    curves.held_out("ssim", step, quality.ssim);
+    curves.held_out("codebook_usage", step, quality.codebook_usage);
 }
 
 /// The held-out images of a pairs manifest, at the model's size.
@@ -161,6 +175,7 @@ where
         rejected: Rejected::new(),
         usage: CodeUsage::new(model_config.quantizer.codebook_size),
         log: String::new(),
+        curves: Curves::default(),
     };
     let trainee = WithCritic {
         model,
@@ -197,7 +212,7 @@ impl Setup<'_> {
         model: &VitVqgan,
         model_config: &VitVqganConfig,
         held_out: &ImageSet,
-        progress: Progress,
+        mut progress: Progress,
         mut metrics: Map<String, Value>,
     ) -> Result<Manifest, Error> {
         if !self.group.is_leader() {
@@ -210,11 +225,15 @@ impl Setup<'_> {
             "held-out PSNR {:.2} dB, SSIM {:.3}, codebook usage {:.3}",
             quality.psnr_db, quality.ssim, quality.codebook_usage
         );
+        chart_quality(&mut progress.curves, progress.step, &quality);
         let mut publication = Publication::new(self.run, self.started);
         publication.weights("model.safetensors", VQGAN_KIND, model)?;
         publication.config("model.json", CONFIG_KIND, model_config)?;
         let grid = reconstruction_grid(model, held_out, device)?;
         publication.file("reconstructions.png", "image/png", grid)?;
+        let chart =
+            nn::plot::training_chart(&self.run.stage().replace('.', " "), &progress.curves)?;
+        publication.file("training.png", "image/png", chart)?;
         publication.log(progress.log)?;
         let mut put = |name: &str, value: Value| metrics.insert(name.into(), value);
         put("psnr_db", json!(quality.psnr_db));
@@ -235,11 +254,15 @@ impl Setup<'_> {
     /// The steps from `progress` to the end: each step's gradients over the workers
     /// (`forward(replica, worker, images)`), the optimizer and critic updates, then
     /// `after_update(trainee, progress, micro-batches, images, step, logged)`, which returns the
-    /// stage's own fields for a logged step's metrics line; checkpoints on schedule.
+    /// stage's own fields for a logged step's metrics line; checkpoints on schedule, and
+    /// `held_out` read through `as_vqgan(model)` at a few points for the chart.
+    #[allow(clippy::too_many_arguments)]
     fn train_loop<M>(
         &self,
         upstream: &Upstream,
         image_size: usize,
+        held_out: &ImageSet,
+        as_vqgan: impl Fn(&M) -> VitVqgan,
         (mut trainee, mut optimizer, mut progress): (WithCritic<M>, ModuleOptimizer, Progress),
         forward: impl Fn(&WithCritic<M>, usize, Tensor<4>) -> Forward + Sync,
         mut after_update: impl FnMut(
@@ -269,6 +292,12 @@ impl Setup<'_> {
             self.options.stop_after,
         )
         .written_by_leader_of(&self.group);
+        let bar = Steps::new(
+            &self.run.stage().replace('.', " "),
+            config.steps,
+            progress.step,
+            self.group.is_leader(),
+        );
         while progress.step < config.steps {
             let step = progress.step;
             let x = images.batch(config.batch_size, &device)?;
@@ -299,21 +328,28 @@ impl Setup<'_> {
             );
             let extra = after_update(&mut trainee, &mut progress, &micro, x, step, logged);
             if logged {
-                let line = step_line(
-                    step,
-                    learning_rate,
-                    &mean_numbers(&micro),
-                    critic_loss,
-                    extra,
-                );
-                info!("{line}");
-                progress.log.push_str(&format!("{line}\n"));
+                let numbers = mean_numbers(&micro);
+                let line = step_line(step, learning_rate, &numbers, critic_loss, extra);
+                bar.line(&line, &mut progress.log);
+                progress.curves.training("loss", step, numbers.total);
+                progress.curves.training("mse", step, numbers.mse);
             }
             progress.step += 1;
             progress.data_position = images.position();
             progress.rejected = images.rejected().clone();
+            // Held-out points along the way (the last one is the final evaluation).
+            if self.group.is_leader()
+                && progress.step < config.steps
+                && is_evaluation_step(step, config.steps, HELD_OUT_POINTS)
+            {
+                let model = as_vqgan(&trainee.model).valid();
+                let quality = eval::evaluate(&model, held_out, &device.clone().inner())?;
+                chart_quality(&mut progress.curves, progress.step, &quality);
+            }
+            bar.set_done(progress.step);
             checkpointing.after_step(self.run, progress.step, &trainee, &optimizer, &progress)?;
         }
+        bar.finish();
         Ok((trainee, progress))
     }
 }
@@ -376,6 +412,8 @@ pub fn train(
     let (trainee, progress) = setup.train_loop(
         &upstream,
         model_config.image_size,
+        &held_out,
+        VitVqgan::clone,
         resumed,
         |replica, _, x| {
             let out = replica.model.forward(x);
@@ -472,9 +510,16 @@ pub fn finetune_decoder(
         .iter()
         .map(|worker| frozen.clone().valid().fork(&worker.clone().inner()))
         .collect();
+    let as_vqgan = |decoder: &_| {
+        let mut whole = model.clone();
+        whole.decoder = Clone::clone(decoder);
+        whole
+    };
     let (trainee, progress) = setup.train_loop(
         &upstream,
         model_config.image_size,
+        &held_out,
+        as_vqgan,
         resumed,
         |replica, worker, x| {
             let encoder = &frozen_encoders[worker];

@@ -4,7 +4,7 @@
 //! writes the plain JSON log lines otherwise, so a job's log stays greppable. [`Curves`] holds a
 //! training stage's loss and held-out metrics by step; it lives in the stage's checkpointed
 //! progress (a resumed run draws the whole curve) and becomes the `training.png` artifact
-//! ([`crate::plot::training_chart`]).
+//! (drawn by `plot::training_chart`).
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;

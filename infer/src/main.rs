@@ -207,8 +207,9 @@ struct ServeArgs {
     timeout_s: f64,
     #[arg(long, default_value_t = 500)]
     max_prompt_chars: usize,
-    /// Milliseconds the sampler waits after a request for others to join its round.
-    #[arg(long, default_value_t = 0)]
+    /// Milliseconds the sampler waits after a request for others to join its round (clients
+    /// that send together share one round instead of one waiting behind the other's).
+    #[arg(long, default_value_t = 5)]
     batch_wait_ms: u64,
 }
 

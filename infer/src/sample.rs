@@ -13,41 +13,56 @@ use rand::Rng;
 use crate::Error;
 
 /// Draws one token from `logits` after temperature, top-k and top-p.
+///
+/// Only top-p needs the candidates in order, so only it sorts them: without filters every token
+/// is a candidate in index order, and top-k selects its candidates in linear time. Sorting all
+/// 2048 logits of every row at every step was a sixth of a batched decode's time on the CPU.
 pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut impl Rng) -> usize {
-    let temperature = config.temperature as f32;
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if config.top_k > 0 {
-        order.truncate(config.top_k);
+    let descending = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
+    let mut candidates: Vec<usize> = (0..logits.len()).collect();
+    if config.top_k > 0 && config.top_k < candidates.len() {
+        candidates.select_nth_unstable_by(config.top_k - 1, descending);
+        candidates.truncate(config.top_k);
     }
-    let best = logits[order[0]];
-    let mut weights: Vec<f64> = order
+    if config.top_p < 1.0 {
+        candidates.sort_by(descending);
+    }
+    let best = candidates
+        .iter()
+        .map(|&i| logits[i])
+        .fold(f32::NEG_INFINITY, f32::max);
+    let temperature = config.temperature as f32;
+    let mut weights: Vec<f64> = candidates
         .iter()
         .map(|&i| f64::from(((logits[i] - best) / temperature).exp()))
         .collect();
-    let total: f64 = weights.iter().sum();
     if config.top_p < 1.0 {
+        let total: f64 = weights.iter().sum();
         let mut cumulative = 0.0;
-        let mut cut = weights.len();
-        for (rank, w) in weights.iter().enumerate() {
-            cumulative += w / total;
-            if cumulative >= config.top_p {
-                cut = rank + 1;
-                break;
-            }
-        }
+        let cut = weights
+            .iter()
+            .position(|w| {
+                cumulative += w / total;
+                cumulative >= config.top_p
+            })
+            .map_or(weights.len(), |rank| rank + 1);
         weights.truncate(cut);
-        order.truncate(cut);
+        candidates.truncate(cut);
     }
     let total: f64 = weights.iter().sum();
     let mut draw = rng.random::<f64>() * total;
-    for (rank, w) in weights.iter().enumerate() {
-        draw -= w;
-        if draw <= 0.0 {
-            return order[rank];
+    let mut last_possible = candidates[0];
+    for (&token, &weight) in candidates.iter().zip(&weights) {
+        if weight > 0.0 {
+            last_possible = token;
+        }
+        draw -= weight;
+        if draw <= 0.0 && weight > 0.0 {
+            return token;
         }
     }
-    order[weights.len() - 1]
+    // Rounding left a sliver of the draw: the last token that had any weight.
+    last_possible
 }
 
 /// Everything sampling needs, loaded from manifests.
@@ -193,11 +208,19 @@ impl Generator {
         self.sample_rows(&rows, config.use_cache)
     }
 
-    /// Token grids for `rows`, decoded together in one batch whatever their settings: each row
+    /// Token grids for `rows`, decoded together whatever their settings: each row
     /// has its own guidance, temperature, top-k/top-p and random stream, so a row's tokens do
     /// not depend on the rows beside it. Guided rows add an unconditional stream each.
     /// `use_cache: false` recomputes the whole prefix every step (for comparison).
+    ///
+    /// On flex the rows are split across the CPU's cores ([`across_cores`]); a row's tokens do
+    /// not depend on the rows beside it, so the split changes no token.
     pub fn sample_rows(&self, rows: &[Row], use_cache: bool) -> Result<Vec<Vec<u16>>, Error> {
+        across_cores(rows, |part| self.sample_batch(part, use_cache))
+    }
+
+    /// [`Generator::sample_rows`] as one batch.
+    fn sample_batch(&self, rows: &[Row], use_cache: bool) -> Result<Vec<Vec<u16>>, Error> {
         let batch = rows.len();
         if batch == 0 {
             return Ok(Vec::new());
@@ -284,12 +307,21 @@ impl Generator {
         models::vqgan::decode_tokens(&self.vqgan, grids, &self.device)
     }
 
-    /// Contrastive scores of `images` (channel-first pixels) against `prompt`: higher is a
-    /// better match. `None` without a text encoder manifest.
-    pub fn scores(&self, prompt: &str, images: &[Vec<f32>]) -> Result<Option<Vec<f64>>, Error> {
+    /// Contrastive scores of `images` (channel-first pixels), image `i` against
+    /// `prompts[owners[i]]`: higher is a better match. `None` without a text encoder manifest.
+    /// One text-tower and one image-tower call for all of them.
+    pub fn scores(
+        &self,
+        prompts: &[&str],
+        images: &[Vec<f32>],
+        owners: &[usize],
+    ) -> Result<Option<Vec<f64>>, Error> {
         let Some((encoder, contrastive)) = &self.reranker else {
             return Ok(None);
         };
+        if images.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
         let size = self.vqgan_config.image_size;
         let wanted = contrastive.image_tower.positions.embedding.dims()[0];
         let tower_size = (wanted as f64).sqrt() as usize * contrastive.image_tower.patch_size;
@@ -298,7 +330,7 @@ impl Generator {
                 "the reranker sees {tower_size} px images, the VQGAN makes {size} px"
             )));
         }
-        let (ids, padding) = self.text(&[prompt])?;
+        let (ids, padding) = self.text(prompts)?;
         let text = contrastive.embed_text(encoder.forward(ids, padding.clone()), padding);
         let flat: Vec<f32> = images.iter().flatten().copied().collect();
         let pictures = contrastive.embed_images(
@@ -309,13 +341,20 @@ impl Generator {
                 size,
             ]),
         );
-        let similarity = pictures.matmul(text.transpose());
-        let values = similarity
+        // [images, prompts]: each image's similarity to every prompt; it keeps its owner's.
+        let similarity = pictures
+            .matmul(text.transpose())
             .into_data()
             .convert::<f32>()
             .try_to_vec::<f32>()
             .map_err(|e| Error::Data(format!("reading scores: {e:?}")))?;
-        Ok(Some(values.into_iter().map(f64::from).collect()))
+        Ok(Some(
+            owners
+                .iter()
+                .enumerate()
+                .map(|(image, &owner)| f64::from(similarity[image * prompts.len() + owner]))
+                .collect(),
+        ))
     }
 
     /// Samples, decodes and reranks: per prompt, the kept images (best first) with scores.
@@ -325,35 +364,111 @@ impl Generator {
         config: &SamplingConfig,
     ) -> Result<Vec<PromptImages>, Error> {
         let grids = self.sample_tokens(prompts, config)?;
-        prompts
+        let sampled = prompts
             .iter()
             .zip(grids.chunks(config.samples))
-            .map(|(prompt, mine)| self.finish(prompt, config, mine.to_vec()))
-            .collect()
+            .map(|(&prompt, tokens)| Sampled {
+                prompt,
+                config,
+                tokens: tokens.to_vec(),
+            })
+            .collect::<Vec<_>>();
+        self.finish(&sampled)
     }
 
-    /// One prompt's sampled grids decoded, scored by the reranker and ordered best first. Only
-    /// the prompt's own grids take part, so the outcome does not depend on other prompts.
-    pub fn finish(
-        &self,
-        prompt: &str,
-        config: &SamplingConfig,
-        tokens: Vec<Vec<u16>>,
-    ) -> Result<PromptImages, Error> {
-        let images = self.decode(&tokens)?;
-        let scores = self.scores(prompt, &images)?;
-        let mut order: Vec<usize> = (0..images.len()).collect();
-        if let Some(scores) = &scores {
-            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-        }
-        Ok(PromptImages {
-            prompt: prompt.to_string(),
-            kept: order.iter().take(config.keep).copied().collect(),
-            scores,
-            tokens,
-            images,
-        })
+    /// Each prompt's sampled grids decoded, scored by the reranker against its own prompt and
+    /// ordered best first. All prompts share one decode and one reranker call (the per-call cost
+    /// dominates small batches on the CPU); a prompt's ranking involves only its own grids.
+    ///
+    /// On flex the prompts are split across the CPU's cores as in [`Generator::sample_rows`].
+    pub fn finish(&self, sampled: &[Sampled]) -> Result<Vec<PromptImages>, Error> {
+        across_cores(sampled, |part| self.finish_together(part))
     }
+
+    fn finish_together(&self, sampled: &[Sampled]) -> Result<Vec<PromptImages>, Error> {
+        let grids: Vec<Vec<u16>> = sampled
+            .iter()
+            .flat_map(|prompt| prompt.tokens.iter().cloned())
+            .collect();
+        let owners: Vec<usize> = sampled
+            .iter()
+            .enumerate()
+            .flat_map(|(owner, prompt)| std::iter::repeat_n(owner, prompt.tokens.len()))
+            .collect();
+        let prompts: Vec<&str> = sampled.iter().map(|prompt| prompt.prompt).collect();
+        let mut images = self.decode(&grids)?.into_iter();
+        let mut scores = self
+            .scores(&prompts, images.as_slice(), &owners)?
+            .map(Vec::into_iter);
+        Ok(sampled
+            .iter()
+            .map(|prompt| {
+                let count = prompt.tokens.len();
+                let images: Vec<Vec<f32>> = images.by_ref().take(count).collect();
+                let scores: Option<Vec<f64>> = scores
+                    .as_mut()
+                    .map(|all| all.by_ref().take(count).collect());
+                let mut order: Vec<usize> = (0..count).collect();
+                if let Some(scores) = &scores {
+                    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+                }
+                PromptImages {
+                    prompt: prompt.prompt.to_string(),
+                    kept: order.into_iter().take(prompt.config.keep).collect(),
+                    scores,
+                    tokens: prompt.tokens.clone(),
+                    images,
+                }
+            })
+            .collect())
+    }
+}
+
+/// `work` over contiguous parts of `items`, results in order. On flex one part per core, each on
+/// its own thread: flex runs the tiny presets' matrix products on one thread, so one batch would
+/// leave the other cores idle. Elsewhere one part (libtorch threads its own kernels, and a GPU
+/// wants one large batch). Callers only split work whose items do not depend on each other.
+fn across_cores<T: Sync, R: Send>(
+    items: &[T],
+    work: impl Fn(&[T]) -> Result<Vec<R>, Error> + Sync,
+) -> Result<Vec<R>, Error> {
+    let cores = if nn::backend::backend_name() == "flex" {
+        std::thread::available_parallelism().map_or(1, usize::from)
+    } else {
+        1
+    };
+    let parts = cores.min(items.len());
+    if parts <= 1 {
+        return work(items);
+    }
+    let work = &work;
+    let results: Vec<Result<Vec<R>, Error>> = std::thread::scope(|scope| {
+        let running: Vec<_> = items
+            .chunks(items.len().div_ceil(parts))
+            .map(|part| scope.spawn(move || work(part)))
+            .collect();
+        running
+            .into_iter()
+            .map(|thread| {
+                thread
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Data("an inference thread panicked".into())))
+            })
+            .collect()
+    });
+    let mut all = Vec::with_capacity(items.len());
+    for part in results {
+        all.extend(part?);
+    }
+    Ok(all)
+}
+
+/// One prompt's sampled token grids, to be decoded and reranked ([`Generator::finish`]).
+#[derive(Debug, Clone)]
+pub struct Sampled<'a> {
+    pub prompt: &'a str,
+    pub config: &'a SamplingConfig,
+    pub tokens: Vec<Vec<u16>>,
 }
 
 /// One row of a batched decode ([`Generator::sample_rows`]).

@@ -18,11 +18,13 @@
 //! **Batching.** One worker thread owns the generator; requests wait in a FIFO queue of at most
 //! `queue` requests. Whenever the worker is free it takes the oldest `max_batch` requests
 //! waiting (after waiting up to `batch_wait` for more to arrive), whatever their settings, and
-//! decodes all their samples as the rows of one batch ([`Generator::sample_rows`]): every row
+//! decodes all their samples as the rows of one batch ([`Generator::sample_rows`]; on flex one
+//! batch per CPU core): every row
 //! carries its own guidance, temperature, top-k/top-p and random stream (the request's seed and
 //! the sample's index), so a request's images depend only on the request, alone or in a crowd.
 //! Requests that arrive during a round join the next one: the rows of a batch share one KV
 //! cache position, so a request cannot start while others are half-way through their grids.
+//! After the round, all its grids are decoded and reranked together ([`Generator::finish`]).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -44,7 +46,7 @@ use serde_json::json;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::sample::{Generator, PromptImages, Row, SamplingConfig, SamplingSettings};
+use crate::sample::{Generator, PromptImages, Row, Sampled, SamplingConfig, SamplingSettings};
 use crate::{Error, png};
 
 /// The page served at `/`.
@@ -63,7 +65,8 @@ pub struct ServeConfig {
     pub timeout: Duration,
     pub max_prompt_chars: usize,
     /// How long the worker waits after a request arrives for others to join its round
-    /// (0: start at once with whatever is waiting).
+    /// (0: start at once with whatever is waiting). The default, 5 ms, lets requests sent
+    /// together share a round rather than the first running alone while the rest wait.
     pub batch_wait: Duration,
     /// What a request does not say: the model's settings, or those of `--sampling-from`.
     pub sampling: SamplingSettings,
@@ -82,7 +85,7 @@ impl ServeConfig {
             queue: DEFAULT_QUEUE,
             timeout: Duration::from_secs(120),
             max_prompt_chars: 500,
-            batch_wait: Duration::ZERO,
+            batch_wait: Duration::from_millis(5),
             sampling,
         }
     }
@@ -406,17 +409,35 @@ fn work(generator: Generator, shared: &Shared) {
             started.elapsed().as_secs_f64()
         );
         let mut grids = grids.into_iter();
-        for job in round {
-            let mine: Vec<Vec<u16>> = grids.by_ref().take(job.config.samples).collect();
-            let finished = catch_unwind(AssertUnwindSafe(|| {
-                generator.finish(&job.prompt, &job.config, mine)
-            }));
-            let reply = match finished {
-                Ok(Ok(images)) => Ok(Generated { images, batch }),
-                Ok(Err(e)) => Err(format!("decoding failed: {e}")),
-                Err(_) => Err("decoding panicked (see the server log)".to_string()),
-            };
-            let _ = job.reply.send(reply);
+        let sampled: Vec<Sampled> = round
+            .iter()
+            .map(|job| Sampled {
+                prompt: &job.prompt,
+                config: &job.config,
+                tokens: grids.by_ref().take(job.config.samples).collect(),
+            })
+            .collect();
+        let finishing = Instant::now();
+        match catch_unwind(AssertUnwindSafe(|| generator.finish(&sampled))) {
+            Ok(Ok(finished)) => {
+                info!(
+                    "decoded and reranked {batch} requests in {:.2} s",
+                    finishing.elapsed().as_secs_f64()
+                );
+                for (job, images) in round.into_iter().zip(finished) {
+                    let _ = job.reply.send(Ok(Generated { images, batch }));
+                }
+            }
+            failed => {
+                let message = match failed {
+                    Ok(Err(e)) => format!("decoding failed: {e}"),
+                    _ => "decoding panicked (see the server log)".to_string(),
+                };
+                warn!("{message}");
+                for job in round {
+                    let _ = job.reply.send(Err(message.clone()));
+                }
+            }
         }
     }
 }

@@ -64,6 +64,44 @@ fn top_k_top_p_and_temperature_filter_as_documented() {
 }
 
 #[test]
+fn unfiltered_and_top_k_draws_follow_the_softmax() {
+    // Probabilities 1/7, 2/7, 4/7 at temperature 1, whatever order the sampler walks them in.
+    let logits = [0.0f32, 2f32.ln(), 4f32.ln()];
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let plain = SamplingConfig::default();
+    let draws = 14_000;
+    let mut counts = [0usize; 3];
+    for _ in 0..draws {
+        counts[sample_token(&logits, &plain, &mut rng)] += 1;
+    }
+    for (token, &count) in counts.iter().enumerate() {
+        let p = f64::from(1u32 << token) / 7.0;
+        let expected = p * draws as f64;
+        let sigma = (draws as f64 * p * (1.0 - p)).sqrt();
+        assert!(
+            (count as f64 - expected).abs() < 5.0 * sigma,
+            "token {token}: {count} draws, expected {expected:.0}"
+        );
+    }
+    // Top-2 of four: the two largest in the ratio 1:2, never the others.
+    let logits = [2f32.ln(), -3.0, 4f32.ln(), -1.0];
+    let top2 = SamplingConfig {
+        top_k: 2,
+        ..SamplingConfig::default()
+    };
+    let mut counts = [0usize; 4];
+    for _ in 0..draws {
+        counts[sample_token(&logits, &top2, &mut rng)] += 1;
+    }
+    assert_eq!(counts[1] + counts[3], 0);
+    let share = counts[2] as f64 / draws as f64;
+    assert!(
+        (share - 2.0 / 3.0).abs() < 0.02,
+        "share of the best: {share}"
+    );
+}
+
+#[test]
 fn the_scorer_reads_rendered_shapes_correctly() {
     let objects = eval_objects(COLORS.len() * SHAPES.len() * POSITIONS.len());
     assert_eq!(objects.len(), 216);

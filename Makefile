@@ -32,9 +32,19 @@ FORCE_FLAG := $(if $(FORCE),--force,)
 # STEPS=N caps every training stage at N steps (the smoke run uses it); empty: the preset's.
 STEPS ?=
 STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)
-# EVAL_PROMPTS=N: fewer evaluation prompts (the smoke run uses it).
+# EVAL_PROMPTS=N: fewer evaluation prompts and held-out captions (the smoke run uses it).
 EVAL_PROMPTS ?=
-EVAL_FLAGS := $(if $(EVAL_PROMPTS),--prompts $(EVAL_PROMPTS) --samples 2,)
+EVAL_FLAGS := $(if $(EVAL_PROMPTS),--prompts $(EVAL_PROMPTS) --captions $(EVAL_PROMPTS) --samples 2,)
+# Your own data (README, "Train on your own data"): PAIRS is anything `ingest pairs` reads (a
+# folder of images with .txt captions, a COCO captions file, CSV/TSV/JSONL, img2dataset parquet,
+# webdataset tars; local or a bucket), PAIRS_FLAGS its options (e.g. --image-root DIR); TEXT
+# anything `ingest text` reads, else the captions of PAIRS' training rows. Without PAIRS: the
+# shapes data that `ingest synth` makes.
+PAIRS ?=
+PAIRS_FLAGS ?=
+TEXT ?=
+PAIRS_INPUT := $(or $(PAIRS),$(RUN)/synth/pairs)
+TEXT_INPUT := $(or $(TEXT),$(if $(PAIRS),$(RUN)/pairs,$(RUN)/synth/text))
 
 .PHONY: pipeline status build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-models bench-venv bench-distributed bench-serve
 
@@ -49,9 +59,11 @@ $(LIBTORCH)/VERSION: tools/fetch-libtorch.py
 
 # Stages hand manifests to each other; each one skips itself when its inputs and config are unchanged.
 pipeline: build
+ifeq ($(PAIRS),)
 	$(BIN)/ingest synth --preset $(PRESET) --out $(RUN)/synth $(FORCE_FLAG)
-	$(BIN)/ingest pairs --preset $(PRESET) --input $(RUN)/synth/pairs --out $(RUN)/pairs $(FORCE_FLAG)
-	$(BIN)/ingest text --input $(RUN)/synth/text --out $(RUN)/text $(FORCE_FLAG)
+endif
+	$(BIN)/ingest pairs --preset $(PRESET) --input $(PAIRS_INPUT) $(PAIRS_FLAGS) --out $(RUN)/pairs $(FORCE_FLAG)
+	$(BIN)/ingest text --input $(TEXT_INPUT) --out $(RUN)/text $(FORCE_FLAG)
 	$(BIN)/vqgan train --preset $(PRESET) --pairs $(RUN)/pairs --out $(RUN)/vqgan $(STEPS_FLAG) $(FORCE_FLAG)
 	$(BIN)/vqgan finetune-decoder --preset $(PRESET) --vqgan $(RUN)/vqgan --pairs $(RUN)/pairs --out $(RUN)/vqgan-decoder $(STEPS_FLAG) $(FORCE_FLAG)
 	$(BIN)/vqgan reconstruct --vqgan $(RUN)/vqgan-decoder --pairs $(RUN)/pairs --out $(RUN)/vqgan-reconstruct $(FORCE_FLAG)
@@ -68,11 +80,24 @@ pipeline: build
 status: build
 	$(BIN)/manifests status $(RUN)
 
-venv: .venv/bin/moto_server
+# Real photographs for the own-data test (infer/tests/own_data.rs): the ones scikit-image ships
+# in its wheel (the same as `make bench` uses), taken from the pinned wheel, nothing else of it.
+PHOTOS := .venv/skimage-data/astronaut.png
+
+venv: .venv/bin/moto_server $(PHOTOS)
 
 .venv/bin/moto_server:
 	$(PYTHON) -m venv .venv
 	.venv/bin/pip install --quiet 'moto[server]==5.2.5'
+
+$(PHOTOS): .venv/bin/moto_server
+	.venv/bin/pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
+		--platform manylinux_2_28_x86_64 scikit-image==0.26.0 -d .venv/wheels
+	.venv/bin/python -c 'import glob, pathlib, zipfile; \
+		wheel = zipfile.ZipFile(glob.glob(".venv/wheels/scikit_image-0.26.0-*.whl")[0]); \
+		out = pathlib.Path(".venv/skimage-data"); out.mkdir(exist_ok=True); \
+		[(out / pathlib.Path(n).name).write_bytes(wheel.read(n)) for n in wheel.namelist() \
+		 if n.startswith("skimage/data/") and n.endswith((".png", ".jpg"))]'
 
 test: venv
 	$(CARGO) test --release --workspace

@@ -127,6 +127,14 @@ pub fn caption_object(caption: &str) -> Option<Object> {
     best.map(|(_, object)| object)
 }
 
+/// Whether `caption` is a shapes caption: each of its objects (" and " between two) one the
+/// shapes data describes.
+pub fn is_shapes_caption(caption: &str) -> bool {
+    caption
+        .split(" and ")
+        .all(|object| caption_object(object).is_some())
+}
+
 /// Prompts covering every colour, shape and position at least once: `count` objects, spread
 /// over the grid of all combinations by a fixed stride.
 pub fn eval_objects(count: usize) -> Vec<Object> {

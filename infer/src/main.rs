@@ -9,7 +9,7 @@ use infer::sample::{Generator, SamplingSettings};
 use infer::serve::{
     DEFAULT_MAX_BATCH, DEFAULT_QUEUE, ServeConfig, router, shutdown_signal, spawn_worker,
 };
-use infer::{EVAL_PROMPTS, EvalConfig, evaluate, generate_to, sampling_settings};
+use infer::{EVAL_CAPTIONS, EVAL_PROMPTS, EvalConfig, evaluate, generate_to, sampling_settings};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -155,11 +155,16 @@ impl ModelArgs {
     }
 }
 
+/// Held-out captions `generate` draws when no prompt is given.
+const DEFAULT_PROMPTS: usize = 4;
+
 #[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
     models: ModelArgs,
-    #[arg(long = "prompt", required = true)]
+    /// A caption to draw (repeat for several) [default: the first few held-out captions of the
+    /// data the model was trained on]
+    #[arg(long = "prompt")]
     prompts: Vec<String>,
     #[arg(long)]
     out: String,
@@ -177,8 +182,13 @@ struct EvalArgs {
     vqgan: Option<String>,
     #[arg(long)]
     out: String,
+    /// Shapes prompts (shapes data only) [default: every colour x shape x position, 216]
     #[arg(long)]
     prompts: Option<usize>,
+    /// Distinct held-out captions generated and scored against their real pictures (any data;
+    /// needs the transformer's text encoder)
+    #[arg(long, default_value_t = EVAL_CAPTIONS)]
+    captions: usize,
     #[arg(long, default_value = "cpu")]
     device: String,
     #[arg(long)]
@@ -249,7 +259,22 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => {
             let sampling = args.sampling.settings(&args.models.parti)?;
             let generator = args.models.load()?;
-            let prompts: Vec<&str> = args.prompts.iter().map(String::as_str).collect();
+            let held_out;
+            let prompts: Vec<&str> = if args.prompts.is_empty() {
+                held_out = infer::held_out_captions(
+                    &args.models.parti,
+                    generator.vqgan_config.image_size,
+                    DEFAULT_PROMPTS,
+                )
+                .context("no --prompt given, and the held-out captions cannot be read")?;
+                eprintln!(
+                    "no --prompt given: drawing {} held-out captions of the training data",
+                    held_out.len()
+                );
+                held_out.iter().map(String::as_str).collect()
+            } else {
+                args.prompts.iter().map(String::as_str).collect()
+            };
             let record = generate_to(&generator, &prompts, &sampling, &args.out)
                 .context("infer generate")?;
             println!(
@@ -261,6 +286,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => {
             let config = EvalConfig {
                 prompts: args.prompts.unwrap_or(EVAL_PROMPTS),
+                captions: args.captions,
                 sampling: args.sampling.settings(&args.parti)?.settings,
             };
             let manifest = evaluate(
@@ -273,13 +299,28 @@ fn run(cli: Cli) -> Result<()> {
             )
             .context("infer eval")?;
             let metric = |name: &str| manifest.metric_f64(name);
-            println!(
-                "infer.eval: colour {:.3}, shape {:.3}, position {:.3}, all {:.3}",
-                metric("color_accuracy"),
-                metric("shape_accuracy"),
-                metric("position_accuracy"),
-                metric("all_accuracy")
-            );
+            if manifest.metrics.contains_key("all_accuracy") {
+                println!(
+                    "infer.eval: colour {:.3}, shape {:.3}, position {:.3}, all {:.3}",
+                    metric("color_accuracy"),
+                    metric("shape_accuracy"),
+                    metric("position_accuracy"),
+                    metric("all_accuracy")
+                );
+            }
+            if let Some(captions) = manifest.metrics.get("captions") {
+                let read =
+                    |side: &str, name: &str| captions[side][name].as_f64().unwrap_or(f64::NAN);
+                println!(
+                    "infer.eval: {} held-out captions: similarity {:.3} (real pictures {:.3}), retrieval top-1 {:.3} (real {:.3}, chance {:.3})",
+                    captions["captions"],
+                    read("generated", "similarity"),
+                    read("real", "similarity"),
+                    read("generated", "retrieval_top1"),
+                    read("real", "retrieval_top1"),
+                    captions["chance_top1"].as_f64().unwrap_or(f64::NAN),
+                );
+            }
         }
         Command::Serve(args) => serve(args)?,
         Command::BenchServe(args) => {

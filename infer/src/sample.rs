@@ -269,11 +269,7 @@ impl Generator {
                     .reshape([streams, len]);
                 self.parti.last_logits_uncached(prefix, &condition, &masks)
             };
-            let values = logits
-                .into_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .map_err(|e| Error::Data(format!("reading logits: {e:?}")))?;
+            let values = read_floats(logits, "logits")?;
             for (row, grid) in grids.iter_mut().enumerate() {
                 let settings = rows[row].settings;
                 let conditional = &values[row * vocab..(row + 1) * vocab];
@@ -307,6 +303,48 @@ impl Generator {
         models::vqgan::decode_tokens(&self.vqgan, grids, &self.device)
     }
 
+    /// Unit-length contrastive embeddings of `prompts`, `[prompts, dim]`; `None` without a
+    /// text encoder manifest (no reranker).
+    pub fn text_embeddings(&self, prompts: &[&str]) -> Result<Option<Tensor<2>>, Error> {
+        let Some((encoder, contrastive)) = &self.reranker else {
+            return Ok(None);
+        };
+        let (ids, padding) = self.text(prompts)?;
+        Ok(Some(contrastive.embed_text(
+            encoder.forward(ids, padding.clone()),
+            padding,
+        )))
+    }
+
+    /// Unit-length contrastive embeddings of `images: [n, 3, size, size]` (pixels in [0, 1]),
+    /// `[n, dim]`; `None` without a reranker.
+    pub fn image_embeddings(&self, images: Tensor<4>) -> Result<Option<Tensor<2>>, Error> {
+        let Some((_, contrastive)) = &self.reranker else {
+            return Ok(None);
+        };
+        let size = self.vqgan_config.image_size;
+        let wanted = contrastive.image_tower.positions.embedding.dims()[0];
+        let tower_size = (wanted as f64).sqrt() as usize * contrastive.image_tower.patch_size;
+        if tower_size != size {
+            return Err(Error::Data(format!(
+                "the reranker sees {tower_size} px images, the VQGAN makes {size} px"
+            )));
+        }
+        Ok(Some(contrastive.embed_images(images)))
+    }
+
+    /// Channel-first pixels of `images` as one `[n, 3, size, size]` batch.
+    pub fn pixel_batch(&self, images: &[Vec<f32>]) -> Tensor<4> {
+        let size = self.vqgan_config.image_size;
+        let flat: Vec<f32> = images.iter().flatten().copied().collect();
+        Tensor::<1>::from_floats(flat.as_slice(), &self.device).reshape([
+            images.len(),
+            3,
+            size,
+            size,
+        ])
+    }
+
     /// Contrastive scores of `images` (channel-first pixels), image `i` against
     /// `prompts[owners[i]]`: higher is a better match. `None` without a text encoder manifest.
     /// One text-tower and one image-tower call for all of them.
@@ -316,38 +354,17 @@ impl Generator {
         images: &[Vec<f32>],
         owners: &[usize],
     ) -> Result<Option<Vec<f64>>, Error> {
-        let Some((encoder, contrastive)) = &self.reranker else {
+        if images.is_empty() {
+            return Ok(self.reranker.as_ref().map(|_| Vec::new()));
+        }
+        let (Some(text), Some(pictures)) = (
+            self.text_embeddings(prompts)?,
+            self.image_embeddings(self.pixel_batch(images))?,
+        ) else {
             return Ok(None);
         };
-        if images.is_empty() {
-            return Ok(Some(Vec::new()));
-        }
-        let size = self.vqgan_config.image_size;
-        let wanted = contrastive.image_tower.positions.embedding.dims()[0];
-        let tower_size = (wanted as f64).sqrt() as usize * contrastive.image_tower.patch_size;
-        if tower_size != size {
-            return Err(Error::Data(format!(
-                "the reranker sees {tower_size} px images, the VQGAN makes {size} px"
-            )));
-        }
-        let (ids, padding) = self.text(prompts)?;
-        let text = contrastive.embed_text(encoder.forward(ids, padding.clone()), padding);
-        let flat: Vec<f32> = images.iter().flatten().copied().collect();
-        let pictures = contrastive.embed_images(
-            Tensor::<1>::from_floats(flat.as_slice(), &self.device).reshape([
-                images.len(),
-                3,
-                size,
-                size,
-            ]),
-        );
         // [images, prompts]: each image's similarity to every prompt; it keeps its owner's.
-        let similarity = pictures
-            .matmul(text.transpose())
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .map_err(|e| Error::Data(format!("reading scores: {e:?}")))?;
+        let similarity = read_floats(pictures.matmul(text.transpose()), "scores")?;
         Ok(Some(
             owners
                 .iter()
@@ -422,6 +439,15 @@ impl Generator {
             })
             .collect())
     }
+}
+
+/// The values of `tensor`, row-major; `what` names them in an error.
+pub fn read_floats<const D: usize>(tensor: Tensor<D>, what: &str) -> Result<Vec<f32>, Error> {
+    tensor
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .map_err(|e| Error::Data(format!("reading {what}: {e:?}")))
 }
 
 /// `work` over contiguous parts of `items`, results in order. On flex one part per core, each on

@@ -287,6 +287,7 @@ fn eval_publishes_per_attribute_accuracy() {
     let out = dir.join("eval");
     let config = infer::EvalConfig {
         prompts: 3,
+        captions: 6,
         sampling: SamplingConfig {
             samples: 2,
             ..SamplingConfig::default()
@@ -322,6 +323,24 @@ fn eval_publishes_per_attribute_accuracy() {
         );
     }
     assert!(out.join("samples.png").exists());
+    assert_eq!(manifest.metrics["data"], "shapes");
+    // The caption evaluation beside the shapes metrics: six distinct held-out captions, the
+    // generated and the real pictures each scored against all six.
+    let captions = &manifest.metrics["captions"];
+    assert_eq!(captions["captions"], 6, "{captions}");
+    assert!((captions["chance_top1"].as_f64().unwrap() - 1.0 / 6.0).abs() < 1e-9);
+    for side in ["generated", "real"] {
+        let similarity = captions[side]["similarity"].as_f64().unwrap();
+        assert!((-1.0..=1.0).contains(&similarity), "{captions}");
+        let (top1, top5) = (
+            captions[side]["retrieval_top1"].as_f64().unwrap(),
+            captions[side]["retrieval_top5"].as_f64().unwrap(),
+        );
+        assert!(0.0 <= top1 && top1 <= top5 && top5 <= 1.0, "{captions}");
+    }
+    let lines = std::fs::read_to_string(out.join("captions.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 6);
+    assert!(out.join("captions.png").exists());
     // Every stage it reads through the transformer's lineage is an input of its own, so early
     // cutoff below (tokens that stay the same under another decoder) cannot hide a change.
     let mut read: Vec<&str> = manifest.inputs.iter().map(|i| i.name.as_str()).collect();
@@ -497,4 +516,39 @@ fn generate_at_its_defaults_samples_as_eval_does() {
     );
     assert_eq!(record["settings"]["temperature"], 0.5);
     assert_eq!(record["settings"]["guidance_scale"], 1.1);
+}
+
+#[test]
+fn generate_without_prompts_draws_held_out_captions() {
+    let dir = trained();
+    let parti = dir.join("parti");
+    let out = dir.join("generate-held-out");
+    let (_, said) = infer(&[
+        "generate",
+        "--parti",
+        parti.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--samples",
+        "1",
+    ]);
+    assert!(said.contains("held-out captions"), "{said}");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("generations.json")).unwrap()).unwrap();
+    let prompts: Vec<&str> = record["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["prompt"].as_str().unwrap())
+        .collect();
+    // Distinct captions of the data's held-out rows (the shapes data here).
+    assert_eq!(prompts.len(), 4, "{prompts:?}");
+    let mut distinct = prompts.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 4, "{prompts:?}");
+    assert!(
+        prompts.iter().all(|p| infer::eval::is_shapes_caption(p)),
+        "{prompts:?}"
+    );
 }

@@ -11,7 +11,7 @@ use tracing::info;
 
 use crate::{Error, RunOptions, ShardSet, begin_with_input, job_range, progress_bar, tool};
 use manifests::shards::text::{self, TextRow};
-use manifests::{Location, Manifest, StageRun};
+use manifests::{Location, Manifest, StageRun, Upstream};
 
 pub const STAGE: &str = "ingest.text";
 
@@ -185,12 +185,102 @@ fn parse(record: Record, stem: &str, config: &TextConfig) -> Result<TextRow, &'s
     }
 }
 
+/// The `ingest pairs` stage `input` is the folder of, if it is one.
+fn pairs_stage(input: &Location) -> Result<Option<Upstream>, Error> {
+    let manifest = input.join(manifests::MANIFEST_FILE);
+    if !manifest.exists()? {
+        return Ok(None);
+    }
+    let (stage, _) = Upstream::read(&input.uri())?;
+    Ok((stage.manifest.stage == crate::pairs::STAGE).then_some(stage))
+}
+
+/// Text shards from the captions of an `ingest pairs` stage, one per pairs shard: the corpus
+/// when a data set comes without text of its own (`make pipeline PAIRS=...` without `TEXT`).
+/// Held-out rows are left out, so the text encoder never reads the captions it is judged on.
+fn captions_as_text(
+    config: &TextConfig,
+    options: &RunOptions,
+    run: StageRun,
+    pairs: &Upstream,
+) -> Result<Manifest, Error> {
+    let sources = manifests::shards::pairs::shards(pairs);
+    let mine = &sources[job_range(sources.len(), options.shard)];
+    let bar = progress_bar(mine.len() as u64, options.progress, "shards");
+    let mut shards = ShardSet::new(&run, text::KIND);
+    let mut seen: HashSet<blake3::Hash> = HashSet::new();
+    for (index, source) in mine.iter().enumerate() {
+        let name = format!(
+            "text/part-{:05}-{index:05}-0000.parquet",
+            options.shard.index
+        );
+        if let Some(bytes) = shards.resume(&name)? {
+            for row in text::from_parquet(&shards.uri(&name), bytes)? {
+                seen.insert(blake3::hash(row.text.as_bytes()));
+            }
+        } else {
+            let mut rows = Vec::new();
+            let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
+            for pair in manifests::shards::pairs::read(pairs, source)? {
+                let outcome = if manifests::shards::is_held_out(&pair.sha256) {
+                    Err("held_out")
+                } else if pair.caption.trim().chars().count() < config.min_chars {
+                    Err("too_short")
+                } else if !seen.insert(blake3::hash(pair.caption.as_bytes())) {
+                    Err("duplicate")
+                } else {
+                    Ok(TextRow {
+                        key: pair.key,
+                        text: pair.caption,
+                        url: None,
+                        timestamp: None,
+                    })
+                };
+                match outcome {
+                    Ok(row) => rows.push(row),
+                    Err(reason) => *rejected.entry(reason.to_string()).or_default() += 1,
+                }
+            }
+            let bytes = text::to_parquet(&shards.uri(&name), &rows)?;
+            shards.write(&name, bytes, rows.len() as u64, &rejected)?;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let what = format!("captions of {}", pairs.location.uri());
+    publish(&run, shards, ("pairs_shards", mine.len()), &what)
+}
+
+/// Publishes the text shards written, with `count` (a metric: what was read, how many), and
+/// logs what came of it.
+fn publish(
+    run: &StageRun,
+    shards: ShardSet,
+    count: (&str, usize),
+    what: &str,
+) -> Result<Manifest, Error> {
+    let ShardSet {
+        tally, artifacts, ..
+    } = shards;
+    let mut metrics = tally.metrics();
+    metrics.insert(count.0.into(), json!(count.1));
+    let manifest = run.publish(artifacts, metrics)?;
+    info!(
+        "ingest text: {} {what}, rejected {:?}",
+        tally.rows, tally.rejected
+    );
+    Ok(manifest)
+}
+
 pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest, Error> {
     let input = Location::parse(&config.input)?;
     let mut run = StageRun::new(STAGE, tool(), &options.out, config, options.shard)?
         .with_locations(&["/input"]);
     if let Some(existing) = begin_with_input(&mut run, &input, &[], &[], options.force)? {
         return Ok(existing);
+    }
+    if let Some(pairs) = pairs_stage(&input)? {
+        return captions_as_text(config, options, run, &pairs);
     }
     let files: Vec<Location> = if input.exists()? {
         vec![input.clone()]
@@ -273,15 +363,5 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let ShardSet {
-        tally, artifacts, ..
-    } = shards;
-    let mut metrics = tally.metrics();
-    metrics.insert("files".into(), json!(mine.len()));
-    let manifest = run.publish(artifacts, metrics)?;
-    info!(
-        "ingest text: {} documents, rejected {:?}",
-        tally.rows, tally.rejected
-    );
-    Ok(manifest)
+    publish(&run, shards, ("files", mine.len()), "documents")
 }

@@ -463,6 +463,81 @@ fn text_corpora_c4_gz_jsonl_and_plain() {
 }
 
 #[test]
+fn text_from_the_captions_of_a_pairs_stage_leaves_held_out_rows_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let captions = 40;
+    for i in 0..captions {
+        write(&src, &format!("{i:03}.png"), png(40, 40, i as u8));
+        // One caption twice (a duplicate) and one too short.
+        let caption = match i {
+            1 => "caption number zero of the set".to_string(),
+            2 => "tiny".to_string(),
+            _ => format!("caption number {i} of the set"),
+        };
+        write(&src, &format!("{i:03}.txt"), caption);
+    }
+    let (pairs_manifest, pairs) = pairs(dir.path(), &["--input", src.to_str().unwrap()]);
+    assert_eq!(pairs.len(), captions);
+    let pairs_out = dir.path().join("out");
+    let out = dir.path().join("text");
+    let (code, text) = ingest(&[
+        "text",
+        "--input",
+        pairs_out.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let (manifest, rows) = text_rows(out.to_str().unwrap());
+    let held_out: Vec<&str> = pairs
+        .iter()
+        .filter(|p| manifests::shards::is_held_out(&p.sha256))
+        .map(|p| p.caption.as_str())
+        .collect();
+    let expected: Vec<&str> = pairs
+        .iter()
+        .filter(|p| !manifests::shards::is_held_out(&p.sha256))
+        .map(|p| p.caption.as_str())
+        .filter(|c| *c != "tiny")
+        .collect();
+    assert!(!held_out.is_empty(), "the test needs a held-out row");
+    let mut expected_distinct = expected.clone();
+    expected_distinct.sort_unstable();
+    expected_distinct.dedup();
+    let mut texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
+    texts.sort_unstable();
+    assert_eq!(texts, expected_distinct);
+    assert!(
+        held_out
+            .iter()
+            .all(|c| !texts.contains(c) || expected.contains(c))
+    );
+    let rejected = rejected(&manifest);
+    assert_eq!(
+        rejected["held_out"].as_u64().unwrap_or(0),
+        held_out.len() as u64
+    );
+    // Every pairs row is a text row or a rejection.
+    let refused: u64 = rejected
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(rows.len() as u64 + refused, captions as u64);
+    // The pairs stage is the text stage's recorded upstream.
+    assert!(
+        manifest
+            .inputs
+            .iter()
+            .any(|input| input.stage.as_deref() == Some(pairs_manifest.stage.as_str())),
+        "{:?}",
+        manifest.inputs
+    );
+}
+
+#[test]
 fn cmyk_jpeg_is_converted_to_rgb() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");

@@ -29,19 +29,7 @@ pub enum StreamError {
     Stopped,
 }
 
-/// Whether a row whose identifying digest (hex, an optional `algo:` prefix allowed) is this
-/// belongs to the held-out ~5% (first byte below 13): a rule of the row alone, so the split is
-/// the same however the data is sharded or shuffled. Unreadable digests are training rows.
-pub fn is_held_out(hex_digest: &str) -> bool {
-    let hex = hex_digest
-        .split_once(':')
-        .map_or(hex_digest, |(_, hex)| hex);
-    hex.get(..2)
-        .and_then(|first| u8::from_str_radix(first, 16).ok())
-        .is_some_and(|first| first < HELD_OUT_BELOW)
-}
-
-const HELD_OUT_BELOW: u8 = 13;
+pub use manifests::shards::is_held_out;
 
 /// The held-out rows an evaluation reads, gathered during one scan of the data: up to `limit`
 /// of them, and beside them the first `limit` training rows, which stand in when the data

@@ -24,6 +24,21 @@ use crate::Error;
 /// Shards with a `caption` column (what `train tokenizer --captions` reads).
 pub const CAPTION_KINDS: [&str; 2] = [pairs::KIND, tokens::KIND];
 
+/// Whether a row whose identifying digest (hex, an optional `algo:` prefix allowed) is this
+/// belongs to the held-out ~5% (first byte below 13): a rule of the row alone, so the split is
+/// the same however the data is sharded or shuffled, and for every stage that reads it (a pairs
+/// row is identified by its image's sha256). Unreadable digests are training rows.
+pub fn is_held_out(hex_digest: &str) -> bool {
+    let hex = hex_digest
+        .split_once(':')
+        .map_or(hex_digest, |(_, hex)| hex);
+    hex.get(..2)
+        .and_then(|first| u8::from_str_radix(first, 16).ok())
+        .is_some_and(|first| first < HELD_OUT_BELOW)
+}
+
+const HELD_OUT_BELOW: u8 = 13;
+
 /// Rows a stage refused, by reason: the `rejected` metric of its manifest, and the note kept
 /// with each shard it writes so a resumed run counts them again.
 pub type Rejected = BTreeMap<String, u64>;

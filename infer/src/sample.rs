@@ -15,8 +15,9 @@ use crate::Error;
 /// Draws one token from `logits` after temperature, top-k and top-p.
 ///
 /// Only top-p needs the candidates in order, so only it sorts them: without filters every token
-/// is a candidate in index order, and top-k selects its candidates in linear time. Sorting all
-/// 2048 logits of every row at every step was a sixth of a batched decode's time on the CPU.
+/// is a candidate in index order, and top-k selects its candidates in linear time (a sort of
+/// every row's logits at every step is a visible share of a batched decode on the CPU:
+/// BENCHMARKS.md, "Serving").
 pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut impl Rng) -> usize {
     let descending = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
     let mut candidates: Vec<usize> = (0..logits.len()).collect();

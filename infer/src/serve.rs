@@ -143,7 +143,8 @@ impl GenerateRequest {
             samples,
             keep: self.keep.unwrap_or(defaults.keep.min(samples)),
             seed: self.seed.unwrap_or(defaults.seed),
-            use_cache: true,
+            // The server's choice (`--no-cache`), not the request's.
+            use_cache: defaults.use_cache,
         };
         sampling.validate().map_err(|e| match e {
             Error::Usage(message) => message,
@@ -380,7 +381,8 @@ fn work(generator: Generator, shared: &Shared) {
                 })
             })
             .collect();
-        let outcome = catch_unwind(AssertUnwindSafe(|| generator.sample_rows(&rows, true)));
+        let use_cache = round.iter().all(|job| job.config.use_cache);
+        let outcome = catch_unwind(AssertUnwindSafe(|| generator.sample_rows(&rows, use_cache)));
         let batch = round.len();
         shared.rounds.fetch_add(1, Ordering::Relaxed);
         shared.requests.fetch_add(batch as u64, Ordering::Relaxed);

@@ -580,3 +580,21 @@ async fn the_page_generates_in_a_headless_browser() {
     );
     assert_eq!(server.health().await["requests"], 1);
 }
+
+#[test]
+fn requests_sample_with_the_servers_cache_choice() {
+    // `infer serve --no-cache` recomputes every step for every request (a request cannot ask).
+    let mut defaults = SamplingSettings {
+        settings: infer::sample::SamplingConfig::default(),
+        source: "test".into(),
+    };
+    let request: infer::serve::GenerateRequest =
+        serde_json::from_value(json!({"prompt": "a red circle"})).unwrap();
+    let cached = request
+        .sampling(&ServeConfig::new(defaults.clone()))
+        .unwrap();
+    assert!(cached.use_cache);
+    defaults.settings.use_cache = false;
+    let uncached = request.sampling(&ServeConfig::new(defaults)).unwrap();
+    assert!(!uncached.use_cache);
+}

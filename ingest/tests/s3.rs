@@ -94,6 +94,37 @@ fn pairs_and_text_from_and_to_a_bucket() {
     ]);
     let (_, rows) = text_rows("s3://data/run/text");
     assert_eq!(rows.len(), 2);
+    // No corpus of its own (`make pipeline PAIRS=s3://...` without TEXT): the captions of the
+    // pairs stage in the bucket, its held-out rows left out.
+    run(&[
+        "text",
+        "--input",
+        "s3://data/run/pairs",
+        "--out",
+        "s3://data/run/captions",
+        "--min-chars",
+        "1",
+    ]);
+    let (captions_manifest, captions) = text_rows("s3://data/run/captions");
+    let (_, pairs_now) = pairs_rows("s3://data/run/pairs");
+    let mut expected: Vec<&str> = pairs_now
+        .iter()
+        .filter(|row| !manifests::shards::is_held_out(&row.sha256))
+        .map(|row| row.caption.as_str())
+        .collect();
+    expected.sort_unstable();
+    assert!(!expected.is_empty());
+    let mut read: Vec<&str> = captions.iter().map(|row| row.text.as_str()).collect();
+    read.sort_unstable();
+    assert_eq!(read, expected);
+    assert!(
+        captions_manifest
+            .inputs
+            .iter()
+            .any(|input| input.uri.starts_with("s3://data/run/pairs")),
+        "{:?}",
+        captions_manifest.inputs
+    );
     // Containers are streamed from the bucket by ranged reads (tar front to back, parquet
     // footer first, then a row group's columns).
     let containers: Vec<(String, Vec<u8>)> = (0..12u8)

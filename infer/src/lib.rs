@@ -462,9 +462,8 @@ pub fn evaluate(
     }
     let generator = Generator::load(parti_uri, vqgan_uri, None, device)?;
     let size = generator.vqgan_config.image_size;
-    let (parti_stage, _) = Upstream::read(parti_uri)?;
     let held_out = held_out_pairs(
-        &parti_stage,
+        &parti,
         size,
         CEILING_IMAGES.max(HELD_OUT_ROWS_PER_CAPTION * config.captions),
     )?;

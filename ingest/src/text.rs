@@ -214,11 +214,7 @@ fn captions_as_text(
             "text/part-{:05}-{index:05}-0000.parquet",
             options.shard.index
         );
-        if let Some(bytes) = shards.resume(&name)? {
-            for row in text::from_parquet(&shards.uri(&name), bytes)? {
-                seen.insert(blake3::hash(row.text.as_bytes()));
-            }
-        } else {
+        if !resumed(&mut shards, &name, &mut seen)? {
             let mut rows = Vec::new();
             let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
             for pair in manifests::shards::pairs::read(pairs, source)? {
@@ -249,6 +245,22 @@ fn captions_as_text(
     bar.finish_and_clear();
     let what = format!("captions of {}", pairs.location.uri());
     publish(&run, shards, ("pairs_shards", mine.len()), &what)
+}
+
+/// Whether an interrupted run already wrote shard `name`: its texts then join `seen`, so the
+/// rows after it are deduplicated as in an uninterrupted run.
+fn resumed(
+    shards: &mut ShardSet,
+    name: &str,
+    seen: &mut HashSet<blake3::Hash>,
+) -> Result<bool, Error> {
+    let Some(bytes) = shards.resume(name)? else {
+        return Ok(false);
+    };
+    for row in text::from_parquet(&shards.uri(name), bytes)? {
+        seen.insert(blake3::hash(row.text.as_bytes()));
+    }
+    Ok(true)
 }
 
 /// Publishes the text shards written, with `count` (a metric: what was read, how many), and
@@ -319,11 +331,7 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
                 "text/part-{:05}-{index:05}-{part:04}.parquet",
                 options.shard.index
             );
-            if let Some(bytes) = shards.resume(&name)? {
-                for row in text::from_parquet(&shards.uri(&name), bytes)? {
-                    seen.insert(blake3::hash(row.text.as_bytes()));
-                }
-            } else {
+            if !resumed(&mut shards, &name, &mut seen)? {
                 let parsed: Vec<_> = chunk
                     .into_par_iter()
                     .map(|record| {

@@ -656,10 +656,16 @@ fn retry_failed(
                 .entry(row.sha256.clone())
                 .or_insert(row.source.clone());
         }
+        let failures = read_failures(&writer.shards, &artifact.uri)?;
+        // A retry killed midway resumes like any run: every shard it did not rewrite yet is kept.
+        let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+        for (_, reason) in &failures {
+            *counts.entry(reason.as_str()).or_default() += 1;
+        }
+        run.record_finished(artifact, json!({ "rejected": counts }))?;
         let Some(units) = chunk_units.get(&artifact.uri) else {
             continue;
         };
-        let failures = read_failures(&writer.shards, &artifact.uri)?;
         let again: HashSet<&str> = failures
             .iter()
             .filter(|(_, reason)| is_transient(reason))

@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-/// A loopback HTTP/1.1 server, one thread per connection, counting requests per path.
+/// A loopback HTTP/1.1 server, one thread per connection, counting requests per path and
+/// `User-Agent` (so a rerun's requests are told from a killed run's late ones).
 struct FaultServer {
     port: u16,
-    requests: Arc<Mutex<HashMap<String, usize>>>,
+    requests: Arc<Mutex<HashMap<(String, String), usize>>>,
     /// Makes `/flaky500.jpg` answer with its image (a server that recovered).
     recovered: Arc<AtomicBool>,
 }
@@ -47,17 +48,34 @@ impl FaultServer {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// Requests whose (User-Agent, path) pass `keep`.
+    fn requests_where(&self, keep: impl Fn(&str, &str) -> bool) -> usize {
+        let requests = self.requests.lock().unwrap();
+        requests
+            .iter()
+            .filter(|((agent, path), _)| keep(agent, path))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Requests for `path`, from any client.
     fn count(&self, path: &str) -> usize {
+        self.requests_where(|_, p| p == path)
+    }
+
+    /// Requests (for any path) sent with this `User-Agent`.
+    fn total_from(&self, agent: &str) -> usize {
+        self.requests_where(|a, _| a == agent)
+    }
+
+    fn count_from(&self, agent: &str, path: &str) -> usize {
+        let key = (agent.to_string(), path.to_string());
         self.requests
             .lock()
             .unwrap()
-            .get(path)
+            .get(&key)
             .copied()
             .unwrap_or(0)
-    }
-
-    fn total(&self) -> usize {
-        self.requests.lock().unwrap().values().sum()
     }
 
     fn reset(&self) {
@@ -83,18 +101,29 @@ fn respond(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], bod
     let _ = stream.write_all(body);
 }
 
-fn serve(mut stream: TcpStream, counts: &Mutex<HashMap<String, usize>>, recovered: &AtomicBool) {
+fn serve(
+    mut stream: TcpStream,
+    counts: &Mutex<HashMap<(String, String), usize>>,
+    recovered: &AtomicBool,
+) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut request_line = String::new();
     if reader.read_line(&mut request_line).is_err() {
         return;
     }
+    let mut agent = String::new();
     loop {
         let mut line = String::new();
         match reader.read_line(&mut line) {
             Ok(0) | Err(_) => return,
             Ok(_) if line == "\r\n" => break,
-            Ok(_) => {}
+            Ok(_) => {
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("user-agent")
+                {
+                    agent = value.trim().to_string();
+                }
+            }
         }
     }
     let path = request_line
@@ -107,9 +136,13 @@ fn serve(mut stream: TcpStream, counts: &Mutex<HashMap<String, usize>>, recovere
         .to_string();
     let seen_before = {
         let mut counts = counts.lock().unwrap();
-        let count = counts.entry(path.clone()).or_default();
-        *count += 1;
-        *count - 1
+        let before: usize = counts
+            .iter()
+            .filter(|((_, p), _)| *p == path)
+            .map(|(_, n)| n)
+            .sum();
+        *counts.entry((agent, path.clone())).or_default() += 1;
+        before
     };
     let jpeg_type = [("Content-Type", "image/jpeg".to_string())];
     let numbered = |prefix: &str| {
@@ -500,7 +533,8 @@ fn killed_download_resumes_without_fetching_finished_shards_again() {
         .collect();
     let list = dir.path().join("urls.csv");
     write_url_csv(&list, &urls);
-    let args = |out: &Path| {
+    // Each run names itself in its User-Agent (not part of the config, so resume still works).
+    let args = |out: &Path, agent: &str| {
         let mut args = pairs_args(
             &list,
             out,
@@ -513,19 +547,29 @@ fn killed_download_resumes_without_fetching_finished_shards_again() {
                 "2",
                 "--per-host-concurrency",
                 "2",
+                "--user-agent",
+                agent,
             ],
         );
         args.extend(FAST_LIMITS.iter().map(|s| s.to_string()));
         args
     };
     let reference = dir.path().join("reference");
-    let (code, text) = ingest_owned(&args(&reference));
+    let (code, text) = ingest_owned(&args(&reference, "reference"));
     assert_eq!(code, 0, "{text}");
-    assert_eq!(server.total(), samples);
+    assert_eq!(server.total_from("reference"), samples);
 
     let out = dir.path().join("killed");
     let shards = out.join("pairs");
-    kill_mid_run(&args(&out), &out, &shards, 1);
+    // Killed once the first shard's resume record is written (the shard itself is written just
+    // before it), so at least that shard is finished for the rerun.
+    let work = out.join("_work");
+    kill_mid_run(&args(&out, "killed"), &out, || {
+        manifests::testing::files_below(&work).iter().any(|file| {
+            let name = file.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with("pairs__") && name.ends_with(".parquet.json")
+        })
+    });
     let modified = |path: &Path| std::fs::metadata(path).unwrap().modified().unwrap();
     let before: Vec<(std::path::PathBuf, std::time::SystemTime)> = std::fs::read_dir(&shards)
         .unwrap()
@@ -535,8 +579,7 @@ fn killed_download_resumes_without_fetching_finished_shards_again() {
         .map(|p| (p.clone(), modified(&p)))
         .collect();
 
-    server.reset();
-    let (code, text) = ingest_owned(&args(&out));
+    let (code, text) = ingest_owned(&args(&out, "rerun"));
     assert_eq!(code, 0, "{text}");
     let kept: Vec<usize> = before
         .iter()
@@ -553,13 +596,16 @@ fn killed_download_resumes_without_fetching_finished_shards_again() {
     for shard in &kept {
         for n in shard * shard_rows..(shard + 1) * shard_rows {
             assert_eq!(
-                server.count(&format!("/slow/{n}.jpg")),
+                server.count_from("rerun", &format!("/slow/{n}.jpg")),
                 0,
                 "row {n} of kept shard {shard} was downloaded again"
             );
         }
     }
-    assert_eq!(server.total(), samples - kept.len() * shard_rows);
+    assert_eq!(
+        server.total_from("rerun"),
+        samples - kept.len() * shard_rows
+    );
 
     assert_same_as_reference(&out, &reference, samples, pairs_rows);
 }

@@ -205,7 +205,9 @@ pub fn assert_killed_run_resumes_exactly<R: PartialEq + std::fmt::Debug>(
     let out = dir.join("killed");
     let (folder, first_shard) = first_shard.split_once('/').unwrap();
     let shards = out.join(folder);
-    kill_mid_run(&args(&out), &out, &shards, shards_before_kill);
+    kill_mid_run(&args(&out), &out, || {
+        std::fs::read_dir(&shards).map(|d| d.count()).unwrap_or(0) >= shards_before_kill
+    });
     let first = shards.join(first_shard);
     let kept_before = std::fs::metadata(&first).unwrap().modified().unwrap();
 
@@ -224,18 +226,15 @@ pub fn assert_killed_run_resumes_exactly<R: PartialEq + std::fmt::Debug>(
     );
 }
 
-/// Starts `ingest args` (writing to `out`) and kills it (SIGKILL, no cleanup) once `shards`
-/// holds `shards_before_kill` files; from scratch again, up to five times, until a kill lands
-/// before the run published.
-pub fn kill_mid_run(args: &[String], out: &Path, shards: &Path, shards_before_kill: usize) {
+/// Starts `ingest args` (writing to `out`) and kills it (SIGKILL, no cleanup) once `ready`
+/// says so; from scratch again, up to five times, until a kill lands before the run published.
+pub fn kill_mid_run(args: &[String], out: &Path, ready: impl Fn() -> bool) {
     use std::time::{Duration, Instant};
     for _attempt in 0..5 {
         let _ = std::fs::remove_dir_all(out);
         let mut child = spawn_quiet(args);
         let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline
-            && std::fs::read_dir(shards).map(|d| d.count()).unwrap_or(0) < shards_before_kill
-        {
+        while Instant::now() < deadline && !ready() {
             std::thread::sleep(Duration::from_millis(2));
         }
         child.kill().unwrap();

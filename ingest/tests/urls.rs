@@ -481,43 +481,59 @@ fn url_lists_in_tsv_jsonl_and_parquet() {
     assert_eq!(rows[0].source, server.url("/img/7.jpg"));
 
     // LAION layout: URL and caption columns under other names, extra columns kept as metadata.
-    let parquet_dir = dir.path().join("laion");
-    std::fs::create_dir_all(&parquet_dir).unwrap();
-    let batch = arrow_array::RecordBatch::try_from_iter([
-        (
-            "URL",
-            std::sync::Arc::new(arrow_array::StringArray::from(vec![
-                server.url("/img/5.jpg"),
-                server.url("/img/6.jpg"),
-                server.url("/404.jpg"),
-                "not a url".to_string(),
-            ])) as arrow_array::ArrayRef,
-        ),
-        (
-            "TEXT",
-            std::sync::Arc::new(arrow_array::StringArray::from(vec!["a", "b", "c", "d"])),
-        ),
-        (
-            "LICENSE",
-            std::sync::Arc::new(arrow_array::StringArray::from(vec!["cc-by", "?", "?", "?"])),
-        ),
-    ])
+    let laion = dir.path().join("laion");
+    let urls = [
+        server.url("/img/5.jpg"),
+        server.url("/img/6.jpg"),
+        server.url("/404.jpg"),
+        "not a url".to_string(),
+    ];
+    write_string_parquet(
+        &laion.join("part-0.parquet"),
+        &[
+            ("URL", &urls),
+            ("TEXT", &["a", "b", "c", "d"].map(String::from)),
+            ("LICENSE", &["cc-by", "?", "?", "?"].map(String::from)),
+        ],
+    );
+    let (manifest, rows) = downloaded(
+        &laion,
+        dir.path(),
+        "laion",
+        &["--url-column", "URL", "--caption-column", "TEXT"],
+    );
+    assert_eq!(sorted_keys(&rows), ["part-0-000000000", "part-0-000000001"]);
+    assert_eq!(rows[0].metadata.as_deref(), Some(r#"{"LICENSE":"cc-by"}"#));
+    assert_eq!(rejected(&manifest), json!({"http_404": 1, "bad_url": 1}));
+
+    // DataComp/img2dataset-input layout: `url` and `caption` need no flags.
+    let datacomp = dir.path().join("datacomp.parquet");
+    write_string_parquet(
+        &datacomp,
+        &[
+            ("url", &[server.url("/img/8.jpg")]),
+            ("caption", &["eight".to_string()]),
+        ],
+    );
+    let (_, rows) = downloaded(&datacomp, dir.path(), "datacomp", &[]);
+    assert_eq!(sorted_keys(&rows), ["datacomp-000000000"]);
+    assert_eq!(rows[0].caption, "eight");
+}
+
+/// A parquet file of string columns.
+fn write_string_parquet(path: &Path, columns: &[(&str, &[String])]) {
+    let batch = arrow_array::RecordBatch::try_from_iter(columns.iter().map(|(name, values)| {
+        let array = arrow_array::StringArray::from(values.to_vec());
+        (*name, Arc::new(array) as arrow_array::ArrayRef)
+    }))
     .unwrap();
     let mut buffer = Vec::new();
     let mut writer =
         parquet::arrow::ArrowWriter::try_new(&mut buffer, batch.schema(), None).unwrap();
     writer.write(&batch).unwrap();
     writer.close().unwrap();
-    std::fs::write(parquet_dir.join("part-0.parquet"), buffer).unwrap();
-    let (manifest, rows) = downloaded(
-        &parquet_dir,
-        dir.path(),
-        "parquet",
-        &["--url-column", "URL", "--caption-column", "TEXT"],
-    );
-    assert_eq!(sorted_keys(&rows), ["part-0-000000000", "part-0-000000001"]);
-    assert_eq!(rows[0].metadata.as_deref(), Some(r#"{"LICENSE":"cc-by"}"#));
-    assert_eq!(rejected(&manifest), json!({"http_404": 1, "bad_url": 1}));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, buffer).unwrap();
 }
 
 /// Killed (SIGKILL) after its first shard, a URL run resumes: finished shards are kept and not

@@ -741,9 +741,8 @@ fn retry_failed(
         *rejected.entry(reason.clone()).or_default() += count;
     }
     rejected.retain(|_, count| *count > 0);
-    let rows = existing.metric_u64("rows").unwrap_or(0)
-        - replaced_rows.min(existing.metric_u64("rows").unwrap_or(0))
-        + tally.rows;
+    let previous_rows = existing.metric_u64("rows").unwrap_or(0);
+    let rows = previous_rows.saturating_sub(replaced_rows) + tally.rows;
     let mut metrics = existing.metrics.clone();
     metrics.insert("rows".into(), json!(rows));
     metrics.insert("rejected".into(), json!(rejected));

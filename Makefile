@@ -46,7 +46,7 @@ TEXT ?=
 PAIRS_INPUT := $(or $(PAIRS),$(RUN)/synth/pairs)
 TEXT_INPUT := $(or $(TEXT),$(if $(PAIRS),$(RUN)/pairs,$(RUN)/synth/text))
 
-.PHONY: pipeline status build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-models bench-venv bench-distributed bench-serve
+.PHONY: pipeline status build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-urls bench-models bench-venv bench-distributed bench-serve
 
 help:
 	@sed -n '3,9p' Makefile
@@ -148,6 +148,10 @@ $(BENCH_CACHE)/photos-3mp: bench/.venv/bin/python bench/make_photos.py
 bench-ingest: build $(BENCH_CACHE)/photos-3mp
 	$(BIN)/ingest bench --python bench/.venv/bin/python --photos $(BENCH_CACHE)/photos-0.4mp --photos $(BENCH_CACHE)/photos-3mp
 
+# `ingest pairs` and img2dataset over one list of 2000 URLs served from loopback, same run.
+bench-urls: build $(BENCH_CACHE)/photos-3mp
+	$(BIN)/ingest bench-urls --python bench/.venv/bin/python --photos $(BENCH_CACHE)/photos-0.4mp --count 2000 --work $(BENCH_CACHE)/urls
+
 # Each model benchmark prints ours (on BACKEND) and PyTorch's figure, measured in the same run.
 PEER := --python bench/.venv/bin/python
 bench-models: build bench/.venv/bin/python
@@ -163,7 +167,7 @@ bench-serve: pipeline
 	$(BIN)/infer bench-serve --parti $(RUN)/parti --clients 64
 
 # Both backends, each against the same PyTorch runs' shapes (tch fetches libtorch once).
-bench: bench-ingest
+bench: bench-ingest bench-urls
 	$(MAKE) --no-print-directory bench-models BACKEND=flex
 	$(MAKE) --no-print-directory bench-models BACKEND=tch
 	$(MAKE) --no-print-directory bench-serve

@@ -52,7 +52,7 @@ pub fn ours(photos: &Path, size: u32, seconds: f64) -> Result<f64, Error> {
     Ok(done as f64 / (process_cpu_seconds() - started))
 }
 
-fn read_photos(photos: &Path) -> Result<Vec<Vec<u8>>, Error> {
+pub fn read_photos(photos: &Path) -> Result<Vec<Vec<u8>>, Error> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(photos)
         .map_err(|e| Error::Io(format!("{}: {e}", photos.display())))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))

@@ -7,7 +7,9 @@
 //! - [`synth`]: the embedded default data (captioned shapes), so the pipeline needs no download.
 
 pub mod bench;
+pub mod bench_urls;
 pub mod dedup;
+pub mod download;
 pub mod jpeg;
 pub mod pairs;
 pub mod process;
@@ -51,6 +53,8 @@ pub struct RunOptions {
     pub shard: ShardSpec,
     /// Draw a progress bar (on a terminal only; otherwise progress is logged per shard).
     pub progress: bool,
+    /// How images named by URL are fetched (not part of the config).
+    pub download: download::DownloadOptions,
 }
 
 /// The contiguous slice of `n` units that job `shard.index` of `shard.count` handles.
@@ -184,7 +188,11 @@ impl<'a> ShardSet<'a> {
     }
 
     pub fn uri(&self, name: &str) -> String {
-        self.run.out().join(name).uri()
+        self.location(name).uri()
+    }
+
+    pub fn location(&self, name: &str) -> Location {
+        self.run.out().join(name)
     }
 
     /// The contents of shard `name` if an interrupted run finished it (digest-checked); it is

@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use std::time::Duration;
+
 use ingest::RunOptions;
+use ingest::download::DownloadOptions;
 use ingest::pairs::{PairsConfig, ingest_pairs};
 use ingest::process::{OutputFormat, ResizeMode};
 use ingest::sources::{CocoCaptions, InputFormat};
@@ -36,7 +39,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Image-text pairs (folder, COCO, CSV/TSV/JSONL, img2dataset parquet, webdataset tars).
-    Pairs(PairsArgs),
+    Pairs(Box<PairsArgs>),
     /// Text corpora (C4 json.gz, JSONL, plain text) for text-encoder pretraining.
     Text(TextArgs),
     /// Remove duplicate images across the jobs of a batch array (run after `manifests merge`).
@@ -45,6 +48,32 @@ enum Command {
     Synth(SynthArgs),
     /// Images per second per core against Pillow on the same photos (see `make bench`).
     Bench(BenchArgs),
+    /// `ingest pairs` against img2dataset over one URL list served from loopback.
+    BenchUrls(BenchUrlsArgs),
+}
+
+#[derive(Args)]
+struct BenchUrlsArgs {
+    /// Folder of .jpg photos; URL N serves photo N modulo their number (as distinct files).
+    #[arg(long)]
+    photos: std::path::PathBuf,
+    /// URLs in the list.
+    #[arg(long, default_value_t = 2000)]
+    count: usize,
+    #[arg(long, default_value_t = 256)]
+    size: u32,
+    /// Python whose environment has img2dataset (bench/.venv/bin/python).
+    #[arg(long)]
+    python: Option<std::path::PathBuf>,
+    /// img2dataset worker processes (one per core).
+    #[arg(long, default_value_t = 2)]
+    processes: usize,
+    /// img2dataset threads per process; ours gets processes x threads downloads in flight.
+    #[arg(long, default_value_t = 32)]
+    threads: usize,
+    /// Work folder (emptied first).
+    #[arg(long, default_value = "bench/.cache/urls")]
+    work: std::path::PathBuf,
 }
 
 #[derive(Args)]
@@ -110,6 +139,68 @@ struct PairsArgs {
     /// Samples per output shard.
     #[arg(long)]
     shard_rows: Option<usize>,
+    #[command(flatten)]
+    download: DownloadArgs,
+}
+
+/// Images named by http(s) URL in the input list are downloaded.
+#[derive(Args)]
+struct DownloadArgs {
+    /// Column or JSON field with image URLs (default: --image-column, else `url`; for COCO,
+    /// e.g. `coco_url`).
+    #[arg(long)]
+    url_column: Option<String>,
+    /// Downloads in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Downloads in flight to one host at once.
+    #[arg(long, default_value_t = 16)]
+    per_host_concurrency: usize,
+    #[arg(long, default_value_t = 10_000)]
+    connect_timeout_ms: u64,
+    /// Longest wait for the next bytes of a response.
+    #[arg(long, default_value_t = 10_000)]
+    read_timeout_ms: u64,
+    /// Longest one attempt may take in all (a slow drip ends here).
+    #[arg(long, default_value_t = 30_000)]
+    timeout_ms: u64,
+    #[arg(long, default_value_t = 5)]
+    max_redirects: usize,
+    /// Further attempts after a transient failure (timeout, dns, connect_failed, http_429,
+    /// http_5xx, truncated), with exponential backoff or the server's Retry-After.
+    #[arg(long, default_value_t = 2)]
+    retries: u32,
+    #[arg(long, default_value_t = 500)]
+    retry_backoff_ms: u64,
+    #[arg(long)]
+    user_agent: Option<String>,
+    /// On a finished run: fetch again only the rows that failed for a transient reason.
+    #[arg(long)]
+    retry_failed: bool,
+    /// Bodies longer than this are abandoned while streaming (too_large; default 32 MiB).
+    #[arg(long)]
+    max_download_bytes: Option<u64>,
+    /// Download images whose server says `X-Robots-Tag: noai`/`noimageai` (refused by default).
+    #[arg(long)]
+    ignore_opt_out: bool,
+}
+
+impl DownloadArgs {
+    fn options(&self) -> DownloadOptions {
+        let defaults = DownloadOptions::default();
+        DownloadOptions {
+            concurrency: self.concurrency.max(1),
+            per_host: self.per_host_concurrency.max(1),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            read_timeout: Duration::from_millis(self.read_timeout_ms),
+            request_timeout: Duration::from_millis(self.timeout_ms),
+            max_redirects: self.max_redirects,
+            retries: self.retries,
+            backoff: Duration::from_millis(self.retry_backoff_ms),
+            user_agent: self.user_agent.clone().unwrap_or(defaults.user_agent),
+            retry_failed: self.retry_failed,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -167,6 +258,7 @@ fn options(stage: &StageArgs, job: Option<&JobArgs>) -> Result<RunOptions> {
             None => manifests::ShardSpec::single(),
         },
         progress: std::io::stderr().is_terminal(),
+        download: DownloadOptions::default(),
     })
 }
 
@@ -184,6 +276,7 @@ fn run(cli: Cli) -> Result<()> {
                     "image_column": args.image_column,
                     "caption_column": args.caption_column,
                     "has_header": if args.no_header { Some(false) } else { None },
+                    "url_column": args.download.url_column,
                 },
                 "image": {
                     "size": args.size,
@@ -196,13 +289,21 @@ fn run(cli: Cli) -> Result<()> {
                     "jpeg_quality": args.jpeg_quality,
                 },
                 "shard_rows": args.shard_rows,
+                "download": without_nulls(json!({
+                    "max_bytes": args.download.max_download_bytes,
+                    "honor_opt_out": if args.download.ignore_opt_out { Some(false) } else { None },
+                })),
             });
             let config: PairsConfig = layered(&preset, args.stage.config.as_deref(), overrides)?;
             anyhow::ensure!(
                 !config.source.input.is_empty(),
                 "give --input (or source.input in --config)"
             );
-            let manifest = ingest_pairs(&config, &options(&args.stage, Some(&args.job))?)
+            let options = RunOptions {
+                download: args.download.options(),
+                ..options(&args.stage, Some(&args.job))?
+            };
+            let manifest = ingest_pairs(&config, &options)
                 .with_context(|| format!("ingest pairs from {}", config.source.input))?;
             summary(&manifest);
         }
@@ -228,6 +329,7 @@ fn run(cli: Cli) -> Result<()> {
                 force: args.force,
                 shard: manifests::ShardSpec::single(),
                 progress: false,
+                download: DownloadOptions::default(),
             };
             let manifest = ingest::dedup::dedup(&args.pairs, &options)
                 .with_context(|| format!("ingest dedup of {}", args.pairs))?;
@@ -285,8 +387,84 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+        Command::BenchUrls(args) => bench_urls(&args)?,
     }
     Ok(())
+}
+
+fn bench_urls(args: &BenchUrlsArgs) -> Result<()> {
+    use ingest::bench_urls::{Measured, img2dataset, ours, serve_photos, write_url_list};
+    let photos = ingest::bench::read_photos(&args.photos)?;
+    let port = serve_photos(photos)?;
+    let _ = std::fs::remove_dir_all(&args.work);
+    std::fs::create_dir_all(&args.work)
+        .with_context(|| format!("creating {}", args.work.display()))?;
+    let list = args.work.join("urls.csv");
+    write_url_list(&list, port, args.count)?;
+    let concurrency = args.processes * args.threads;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ours = ours(&list, &args.work.join("ours"), args.size, concurrency)
+        .context("ingest pairs over the URL list")?;
+    let peer = match &args.python {
+        Some(python) => Some(
+            img2dataset(
+                python,
+                &list,
+                &args.work.join("img2dataset"),
+                args.size,
+                args.processes,
+                args.threads,
+            )
+            .context("img2dataset over the URL list")?,
+        ),
+        None => None,
+    };
+    println!(
+        "{} URLs of {} on loopback, {}x{} centre crop, JPEG q95, {cores} cores; {concurrency} downloads in flight each",
+        args.count,
+        args.photos.display(),
+        args.size,
+        args.size
+    );
+    println!("| tool | images | wall s | CPU s | images/s | images/s per core (per CPU-second) |");
+    println!("|---|---|---|---|---|---|");
+    let row = |name: &str, m: &Measured| {
+        println!(
+            "| {name} | {} | {:.2} | {:.2} | {:.1} | {:.1} |",
+            m.images,
+            m.wall,
+            m.cpu,
+            m.per_second(),
+            m.per_cpu_second()
+        )
+    };
+    row("ingest pairs", &ours);
+    if let Some(peer) = &peer {
+        row("img2dataset", peer);
+        println!(
+            "ours / img2dataset: {:.2}x images/s, {:.2}x images per CPU-second",
+            ours.per_second() / peer.per_second(),
+            ours.per_cpu_second() / peer.per_cpu_second()
+        );
+    }
+    Ok(())
+}
+
+/// An override object without its unset fields (null when none is set), so a section the
+/// preset leaves out appears only when a flag sets part of it.
+fn without_nulls(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(object) => {
+            let kept: serde_json::Map<_, _> =
+                object.into_iter().filter(|(_, v)| !v.is_null()).collect();
+            if kept.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::Value::Object(kept)
+            }
+        }
+        other => other,
+    }
 }
 
 /// The final line a person or a batch log reads.

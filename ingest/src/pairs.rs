@@ -1,6 +1,7 @@
 //! `ingest pairs`: image-text pairs from any supported layout into Parquet shards.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -9,6 +10,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::Reason;
+use crate::download::{DownloadRules, Downloader, is_transient};
 use crate::process::{ImageConfig, RawSample, process};
 use crate::sources::{
     InputFormat, Loaded, SourceConfig, Unit, detect_format, enumerate, image_root, load,
@@ -27,6 +29,9 @@ pub struct PairsConfig {
     pub image: ImageConfig,
     /// Samples per output shard (a container file in the input makes its own shards).
     pub shard_rows: usize,
+    /// What makes a download fail (size cap, opt-out); only URL lists use it.
+    #[serde(default, skip_serializing_if = "DownloadRules::is_default")]
+    pub download: DownloadRules,
 }
 
 impl PairsConfig {
@@ -50,6 +55,7 @@ impl PairsConfig {
                 image_column: "image".into(),
                 caption_column: "caption".into(),
                 has_header: true,
+                url_column: None,
             },
             image: ImageConfig {
                 // Flat saturated shapes 64 px wide would bleed colour at half-resolution chroma.
@@ -61,6 +67,7 @@ impl PairsConfig {
                 ..ImageConfig::with_size(size)
             },
             shard_rows: 1000,
+            download: DownloadRules::default(),
         })
     }
 }
@@ -125,6 +132,8 @@ fn process_loaded(loaded: Loaded, config: &ImageConfig) -> Outcome {
 struct ShardRows {
     rows: Vec<PairRow>,
     rejected: BTreeMap<String, u64>,
+    /// Each rejected sample (key, reason): the shard's failure record in URL runs.
+    failed: Vec<(String, String)>,
 }
 
 /// What the run carries from shard to shard: the shards written so far, and the image digests
@@ -173,6 +182,7 @@ impl Writer<'_> {
             match result {
                 Ok(row) => shard.rows.push(row),
                 Err((key, reason)) => {
+                    shard.failed.push((key.clone(), reason.to_string()));
                     let count = shard.rejected.entry(reason.to_string()).or_default();
                     *count += 1;
                     let before = self.shards.tally.rejected.get(reason).copied().unwrap_or(0);
@@ -226,6 +236,94 @@ impl Writer<'_> {
         self.finish(name, shard)
     }
 
+    /// Keeps the (key, reason) of every rejected sample of shard `name`, beside the output, so a
+    /// `--retry-failed` run knows which rows to fetch again. Written before the shard, so a
+    /// finished shard always has one.
+    fn write_failures(&self, name: &str, failed: &[(String, String)]) -> Result<(), Error> {
+        let mut lines = String::new();
+        for (key, reason) in failed {
+            lines.push_str(&json!({"key": key, "reason": reason}).to_string());
+            lines.push('\n');
+        }
+        self.shards
+            .location(&failures_name(name))
+            .put(bytes::Bytes::from(lines))?;
+        Ok(())
+    }
+
+    /// The shards of a job with URLs to fetch, finished in order: downloads run on an async
+    /// runtime (at most `concurrency` at once, and never more than [`SHARDS_AHEAD`] shards past
+    /// the oldest unfinished one) and hand each body to the rayon pool to decode, so no
+    /// download waits on one decoding thread and no decode on a slow server.
+    fn fetch_slots(
+        &mut self,
+        mut slots: Vec<Slot<'_>>,
+        downloader: Arc<Downloader>,
+        concurrency: usize,
+        shard_rows: usize,
+    ) -> Result<(), Error> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(rayon::current_num_threads().clamp(1, 4))
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Io(format!("async runtime: {e}")))?;
+        let mut work = Vec::new();
+        let mut outcomes: Vec<Vec<Option<Outcome>>> = Vec::with_capacity(slots.len());
+        for (index, slot) in slots.iter_mut().enumerate() {
+            let units = match &mut slot.work {
+                SlotWork::Fetch { units, .. } => std::mem::take(units),
+                _ => Vec::new(),
+            };
+            outcomes.push((0..units.len()).map(|_| None).collect());
+            work.extend(
+                units
+                    .into_iter()
+                    .enumerate()
+                    .map(|(position, unit)| (index, position, unit)),
+            );
+        }
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let (lowest_sender, lowest) = tokio::sync::watch::channel(0usize);
+        let config = Arc::new(self.config.clone());
+        runtime.spawn(produce(
+            work,
+            lowest,
+            Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
+            downloader,
+            config,
+            sender,
+        ));
+        let mut received = vec![0usize; slots.len()];
+        for (index, slot) in slots.into_iter().enumerate() {
+            match slot.work {
+                SlotWork::Kept => {}
+                SlotWork::Container(location) => {
+                    self.container(&slot.name, location, shard_rows)?
+                }
+                SlotWork::Fetch { start, .. } => {
+                    while received[index] < outcomes[index].len() {
+                        let (at, position, outcome) = receiver.recv().map_err(|_| {
+                            Error::Io("the download workers stopped before the end".into())
+                        })?;
+                        received[at] += 1;
+                        outcomes[at][position] = Some(outcome);
+                    }
+                    let mut shard = start;
+                    let done = std::mem::take(&mut outcomes[index]);
+                    self.absorb_outcomes(&mut shard, done.into_iter().flatten().collect());
+                    self.write_failures(&slot.name, &shard.failed)?;
+                    self.finish(&slot.name, shard)?;
+                }
+            }
+            self.bar.inc(slot.samples as u64);
+            // The producer stops when every sender is gone; a send error only means it has.
+            let _ = lowest_sender.send(index + 1);
+        }
+        drop(receiver);
+        runtime.shutdown_background();
+        Ok(())
+    }
+
     /// A container, streamed: every `shard_rows` of its samples (in container order) make shard
     /// `{base}-{part}`, processed a few batches of threads' worth at a time, so memory holds
     /// one batch of sources and one shard of outputs whatever the container's size. A part
@@ -270,6 +368,116 @@ impl Writer<'_> {
     }
 }
 
+/// Output shards a URL run may have in flight past the oldest unfinished one.
+const SHARDS_AHEAD: usize = 4;
+
+/// One output shard of a URL run, in order.
+struct Slot<'a> {
+    /// The shard (`.parquet`) or, for a container, the base of its shards' names.
+    name: String,
+    samples: usize,
+    work: SlotWork<'a>,
+}
+
+enum SlotWork<'a> {
+    /// Finished by an interrupted run, or needing nothing in a `--retry-failed` run.
+    Kept,
+    Container(&'a Location),
+    /// Units to fetch (or read), added to `start`: empty, or the rows and remaining failures a
+    /// `--retry-failed` run keeps.
+    Fetch {
+        units: Vec<Unit>,
+        start: ShardRows,
+    },
+}
+
+/// Feeds the units of a URL run to the downloader in order, each holding one of `in_flight`'s
+/// permits from its request until its decode ends, which bounds the raw bytes in memory.
+async fn produce(
+    work: Vec<(usize, usize, Unit)>,
+    mut lowest: tokio::sync::watch::Receiver<usize>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+    downloader: Arc<Downloader>,
+    config: Arc<ImageConfig>,
+    sender: std::sync::mpsc::Sender<(usize, usize, Outcome)>,
+) {
+    for (slot, position, unit) in work {
+        loop {
+            let oldest_unfinished = *lowest.borrow();
+            if slot < oldest_unfinished + SHARDS_AHEAD {
+                break;
+            }
+            if lowest.changed().await.is_err() {
+                return;
+            }
+        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let (downloader, config, sender) = (downloader.clone(), config.clone(), sender.clone());
+        tokio::spawn(async move {
+            let loaded = match unit {
+                Unit::Url {
+                    key,
+                    url,
+                    caption,
+                    metadata,
+                } => {
+                    let image = downloader.fetch(&url).await;
+                    Loaded {
+                        key,
+                        source: url,
+                        image,
+                        caption,
+                        metadata,
+                    }
+                }
+                // A local path in a URL list, or a row rejected while listing.
+                other => {
+                    rayon::spawn(move || {
+                        let outcome = process_loaded(load(&other), &config);
+                        let _ = sender.send((slot, position, outcome));
+                        drop(permit);
+                    });
+                    return;
+                }
+            };
+            rayon::spawn(move || {
+                let outcome = process_loaded(loaded, &config);
+                let _ = sender.send((slot, position, outcome));
+                drop(permit);
+            });
+        });
+    }
+}
+
+/// Where the failure record of shard `name` (`pairs/part-….parquet`) is kept.
+fn failures_name(name: &str) -> String {
+    let stem = name
+        .trim_start_matches("pairs/")
+        .trim_end_matches(".parquet");
+    format!("failed/{stem}.jsonl")
+}
+
+/// The (key, reason) lines of a failure record; a missing record has none.
+fn read_failures(shards: &ShardSet<'_>, name: &str) -> Result<Vec<(String, String)>, Error> {
+    let bytes = match shards.location(&failures_name(name)).get() {
+        Ok(bytes) => bytes,
+        Err(manifests::Error::NotFound { .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    #[derive(Deserialize)]
+    struct Line {
+        key: String,
+        reason: String,
+    }
+    Ok(bytes
+        .split(|b| *b == b'\n')
+        .filter_map(|line| serde_json::from_slice::<Line>(line).ok())
+        .map(|line| (line.key, line.reason))
+        .collect())
+}
+
 /// The images a COCO, CSV, TSV or JSONL file names, each once, under its path relative to the
 /// image root (as the list spells it): inputs of the run like the list itself. Folders and
 /// containers are identified by listing them instead.
@@ -307,13 +515,17 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
         .collect::<Result<_, _>>()?;
     let units = enumerate(&config.source, format)?;
     let named = named_images(&units, format, &image_root(&config.source, &input)?);
-    if let Some(existing) = begin_with_input(&mut run, &input, &named, &image_roots, options.force)?
-    {
+    let existing = begin_with_input(&mut run, &input, &named, &image_roots, options.force)?;
+    let range = job_range(units.len(), options.shard);
+    let mine = &units[range.clone()];
+    let downloads = mine.iter().any(|unit| matches!(unit, Unit::Url { .. }));
+    if let Some(existing) = existing {
+        if downloads && options.download.retry_failed {
+            return retry_failed(&run, existing, config, options, mine);
+        }
         return Ok(existing);
     }
 
-    let range = job_range(units.len(), options.shard);
-    let mine = &units[range.clone()];
     info!(
         "{format:?} input {input}: {} units, this job takes {}..{}",
         units.len(),
@@ -327,13 +539,52 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
         config: &config.image,
         bar: progress_bar(mine.len() as u64, options.progress, "samples"),
     };
-    for (index, chunk) in chunks.iter().enumerate() {
-        let base = format!("pairs/part-{:05}-{index:05}", options.shard.index);
-        match chunk.units {
-            [Unit::Container(location)] => writer.container(&base, location, config.shard_rows)?,
-            units => writer.samples(&format!("{base}.parquet"), units)?,
+    if downloads {
+        let mut slots = Vec::with_capacity(chunks.len());
+        for (index, chunk) in chunks.iter().enumerate() {
+            let base = shard_base(options.shard.index, index);
+            slots.push(match chunk.units {
+                [Unit::Container(location)] => Slot {
+                    name: base,
+                    samples: 1,
+                    work: SlotWork::Container(location),
+                },
+                units => {
+                    let name = format!("{base}.parquet");
+                    let work = if writer.resumed(&name)? {
+                        SlotWork::Kept
+                    } else {
+                        SlotWork::Fetch {
+                            units: units.to_vec(),
+                            start: ShardRows::default(),
+                        }
+                    };
+                    Slot {
+                        name,
+                        samples: units.len(),
+                        work,
+                    }
+                }
+            });
         }
-        writer.bar.inc(chunk.units.len() as u64);
+        let downloader = downloader(config, options)?;
+        writer.fetch_slots(
+            slots,
+            downloader,
+            options.download.concurrency,
+            config.shard_rows,
+        )?;
+    } else {
+        for (index, chunk) in chunks.iter().enumerate() {
+            let base = shard_base(options.shard.index, index);
+            match chunk.units {
+                [Unit::Container(location)] => {
+                    writer.container(&base, location, config.shard_rows)?
+                }
+                units => writer.samples(&format!("{base}.parquet"), units)?,
+            }
+            writer.bar.inc(chunk.units.len() as u64);
+        }
     }
     let Writer { shards, bar, .. } = writer;
     bar.finish_and_clear();
@@ -351,6 +602,155 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
         tally.rows,
         tally.rejected_total(),
         tally.rejected,
+        run.manifest_location()
+    );
+    Ok(manifest)
+}
+
+fn shard_base(job: u32, chunk: usize) -> String {
+    format!("pairs/part-{job:05}-{chunk:05}")
+}
+
+fn downloader(config: &PairsConfig, options: &RunOptions) -> Result<Arc<Downloader>, Error> {
+    Downloader::new(options.download.clone(), config.download.clone())
+        .map(Arc::new)
+        .map_err(Error::Io)
+}
+
+/// `--retry-failed` on a finished run: fetches again the rows whose failure was transient
+/// (timeout, DNS, connection, 429, 5xx, cut short), adds those that now succeed to their shards
+/// (rewritten) and publishes the manifest again with the counts updated. Shards without such
+/// rows are kept as they are.
+fn retry_failed(
+    run: &StageRun,
+    existing: Manifest,
+    config: &PairsConfig,
+    options: &RunOptions,
+    mine: &[Unit],
+) -> Result<Manifest, Error> {
+    let started = Instant::now();
+    let chunk_units: HashMap<String, &[Unit]> = chunks(mine, config.shard_rows)
+        .into_iter()
+        .enumerate()
+        .map(|(index, chunk)| {
+            let name = format!("{}.parquet", shard_base(options.shard.index, index));
+            (name, chunk.units)
+        })
+        .collect();
+    let mut writer = Writer {
+        shards: ShardSet::new(run, pairs::KIND),
+        seen: HashMap::new(),
+        config: &config.image,
+        bar: progress_bar(0, options.progress, "samples"),
+    };
+    let mut slots = Vec::new();
+    let mut replaced_rows = 0u64;
+    let mut replaced_rejected: BTreeMap<String, u64> = BTreeMap::new();
+    let mut retried = 0u64;
+    for artifact in existing.artifacts.iter().filter(|a| a.kind == pairs::KIND) {
+        let bytes = writer.shards.location(&artifact.uri).get()?;
+        let rows = pairs::from_parquet(&writer.shards.uri(&artifact.uri), bytes)?;
+        for row in &rows {
+            writer
+                .seen
+                .entry(row.sha256.clone())
+                .or_insert(row.source.clone());
+        }
+        let failures = read_failures(&writer.shards, &artifact.uri)?;
+        // A retry killed midway resumes like any run: every shard it did not rewrite yet is kept.
+        let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+        for (_, reason) in &failures {
+            *counts.entry(reason.as_str()).or_default() += 1;
+        }
+        run.record_finished(artifact, json!({ "rejected": counts }))?;
+        let Some(units) = chunk_units.get(&artifact.uri) else {
+            continue;
+        };
+        let again: HashSet<&str> = failures
+            .iter()
+            .filter(|(_, reason)| is_transient(reason))
+            .map(|(key, _)| key.as_str())
+            .collect();
+        let units: Vec<Unit> = units
+            .iter()
+            .filter(|unit| matches!(unit, Unit::Url { key, .. } if again.contains(key.as_str())))
+            .cloned()
+            .collect();
+        if units.is_empty() {
+            continue;
+        }
+        retried += units.len() as u64;
+        replaced_rows += artifact.rows.unwrap_or(0);
+        let mut start = ShardRows {
+            rows,
+            ..ShardRows::default()
+        };
+        for (key, reason) in &failures {
+            *replaced_rejected.entry(reason.clone()).or_default() += 1;
+            let retrying = is_transient(reason) && again.contains(key.as_str());
+            if !retrying {
+                *start.rejected.entry(reason.clone()).or_default() += 1;
+                start.failed.push((key.clone(), reason.clone()));
+            }
+        }
+        slots.push(Slot {
+            name: artifact.uri.clone(),
+            samples: units.len(),
+            work: SlotWork::Fetch { units, start },
+        });
+    }
+    info!(
+        "--retry-failed: {retried} rows of {} shards to fetch again",
+        slots.len()
+    );
+    writer.bar.set_length(retried);
+    writer.fetch_slots(
+        slots,
+        downloader(config, options)?,
+        options.download.concurrency,
+        config.shard_rows,
+    )?;
+    let Writer { shards, bar, .. } = writer;
+    bar.finish_and_clear();
+    let ShardSet {
+        tally,
+        artifacts: rewritten,
+        ..
+    } = shards;
+    let artifacts: Vec<manifests::Artifact> = existing
+        .artifacts
+        .iter()
+        .map(|old| {
+            rewritten
+                .iter()
+                .find(|new| new.uri == old.uri)
+                .unwrap_or(old)
+                .clone()
+        })
+        .collect();
+    let mut rejected: BTreeMap<String, u64> = existing
+        .metrics
+        .get("rejected")
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default();
+    for (reason, count) in replaced_rejected {
+        let entry = rejected.entry(reason).or_default();
+        *entry = entry.saturating_sub(count);
+    }
+    for (reason, count) in &tally.rejected {
+        *rejected.entry(reason.clone()).or_default() += count;
+    }
+    rejected.retain(|_, count| *count > 0);
+    let previous_rows = existing.metric_u64("rows").unwrap_or(0);
+    let rows = previous_rows.saturating_sub(replaced_rows) + tally.rows;
+    let mut metrics = existing.metrics.clone();
+    metrics.insert("rows".into(), json!(rows));
+    metrics.insert("rejected".into(), json!(rejected));
+    metrics.insert("retried".into(), json!(retried));
+    metrics.insert("seconds".into(), json!(started.elapsed().as_secs_f64()));
+    let manifest = run.publish(artifacts, metrics)?;
+    info!(
+        "ingest pairs --retry-failed: {retried} rows fetched again, {rows} rows now -> {}",
         run.manifest_location()
     );
     Ok(manifest)

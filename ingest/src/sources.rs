@@ -61,6 +61,20 @@ pub struct SourceConfig {
     pub caption_column: String,
     /// Whether CSV/TSV files start with a header row (CC3M and CC12M do not).
     pub has_header: bool,
+    /// Column (or JSON field) with image URLs, when it is not `image_column`; without it a
+    /// list whose header lacks `image_column` reads its images from a `url` column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_column: Option<String>,
+}
+
+/// The column of URL lists that has no `image_column` (LAION, DataComp, img2dataset inputs).
+const DEFAULT_URL_COLUMN: &str = "url";
+
+impl SourceConfig {
+    /// The column naming each row's image: `url_column` if given, else `image_column`.
+    fn image_field(&self) -> &str {
+        self.url_column.as_deref().unwrap_or(&self.image_column)
+    }
 }
 
 const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "bmp"];
@@ -81,6 +95,13 @@ pub enum Unit {
         metadata: Option<Location>,
     },
     Container(Location),
+    /// An image to download (`http://` or `https://`), with the row's caption and extra columns.
+    Url {
+        key: String,
+        url: String,
+        caption: Option<Vec<u8>>,
+        metadata: Option<String>,
+    },
     /// Found broken while enumerating (a malformed table row, a caption without an image).
     Rejected {
         key: String,
@@ -155,6 +176,7 @@ pub fn enumerate(config: &SourceConfig, format: InputFormat) -> Result<Vec<Unit>
         InputFormat::Csv | InputFormat::Tsv => table_units(config, &input, format),
         InputFormat::Jsonl => jsonl_units(config, &input),
         InputFormat::Parquet | InputFormat::Webdataset => {
+            let is_parquet = format == InputFormat::Parquet;
             let wanted = if format == InputFormat::Parquet {
                 "parquet"
             } else {
@@ -170,7 +192,17 @@ pub fn enumerate(config: &SourceConfig, format: InputFormat) -> Result<Vec<Unit>
                     .filter(|l| extension(l.file_name()).as_deref() == Some(wanted))
                     .collect()
             };
-            Ok(files.into_iter().map(Unit::Container).collect())
+            let mut units = Vec::new();
+            for file in files {
+                match is_parquet
+                    .then(|| parquet_url_units(config, &file))
+                    .flatten()
+                {
+                    Some(rows) => units.extend(rows),
+                    None => units.push(Unit::Container(file)),
+                }
+            }
+            Ok(units)
         }
     }
 }
@@ -256,6 +288,9 @@ struct CocoFile {
 struct CocoImage {
     id: u64,
     file_name: String,
+    /// `coco_url`, `flickr_url`: read when `--url-column` names one.
+    #[serde(flatten)]
+    other: serde_json::Map<String, serde_json::Value>,
 }
 #[derive(Deserialize)]
 struct CocoAnnotation {
@@ -282,6 +317,12 @@ fn coco_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Erro
     let mut units = Vec::new();
     for image in images {
         let key = format!("{:012}", image.id);
+        let url = config
+            .url_column
+            .as_ref()
+            .and_then(|field| image.other.get(field))
+            .and_then(|v| v.as_str())
+            .filter(|url| is_url(url));
         let location = match image_location(&root, &image.file_name) {
             Ok(location) => location,
             Err(_) => {
@@ -311,11 +352,20 @@ fn coco_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Erro
                 CocoCaptions::First => key.clone(),
                 CocoCaptions::All => format!("{key}-{:09}", annotation.id),
             };
-            units.push(Unit::Sample {
-                key,
-                image: location.clone(),
-                caption: CaptionRef::Text(annotation.caption.clone().into_bytes()),
-                metadata: None,
+            let caption = annotation.caption.clone().into_bytes();
+            units.push(match url {
+                Some(url) => Unit::Url {
+                    key,
+                    url: url.to_string(),
+                    caption: Some(caption),
+                    metadata: None,
+                },
+                None => Unit::Sample {
+                    key,
+                    image: location.clone(),
+                    caption: CaptionRef::Text(caption),
+                    metadata: None,
+                },
             });
         }
     }
@@ -359,7 +409,15 @@ fn table_units(
     } else {
         None
     };
-    let image_col = column_index(&config.image_column, headers.as_ref())?;
+    let image_col = match (&config.url_column, headers.as_ref()) {
+        (None, Some(headers))
+            if !headers.iter().any(|h| h == config.image_column.as_bytes())
+                && headers.iter().any(|h| h == DEFAULT_URL_COLUMN.as_bytes()) =>
+        {
+            column_index(DEFAULT_URL_COLUMN, Some(headers))?
+        }
+        _ => column_index(config.image_field(), headers.as_ref())?,
+    };
     let caption_col = column_index(&config.caption_column, headers.as_ref())?;
     let mut units = Vec::new();
     for (row, record) in reader.byte_records().enumerate() {
@@ -396,8 +454,17 @@ fn table_units(
 }
 
 fn sample_from_row(root: &Location, key: String, path: &str, caption: Option<Vec<u8>>) -> Unit {
-    match image_location(root, path.trim()) {
-        Ok(image) if !path.trim().is_empty() => Unit::Sample {
+    let path = path.trim();
+    if is_url(path) {
+        return Unit::Url {
+            key,
+            url: path.to_string(),
+            caption,
+            metadata: None,
+        };
+    }
+    match image_location(root, path) {
+        Ok(image) if !path.is_empty() => Unit::Sample {
             key,
             image,
             caption: caption.map_or(CaptionRef::Missing, CaptionRef::Text),
@@ -426,7 +493,14 @@ fn jsonl_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Err
             });
             continue;
         };
-        let Some(path) = object.get(&config.image_column).and_then(|v| v.as_str()) else {
+        let path = object.get(config.image_field()).or_else(|| {
+            config
+                .url_column
+                .is_none()
+                .then(|| object.get(DEFAULT_URL_COLUMN))
+                .flatten()
+        });
+        let Some(path) = path.and_then(|v| v.as_str()) else {
             units.push(Unit::Rejected {
                 key,
                 reason: "bad_path",
@@ -473,6 +547,8 @@ pub fn load(unit: &Unit) -> Loaded {
                 metadata,
             }
         }
+        // Downloads go through the URL pipeline of `ingest pairs`, never loaded here.
+        Unit::Url { key, url, .. } => Loaded::rejected(key.clone(), url.clone(), "not_a_sample"),
         // Containers stream through `stream_container` (chunks keep them alone); never loaded
         // whole.
         Unit::Container(location) => Loaded::rejected(
@@ -493,6 +569,110 @@ impl Loaded {
             metadata: None,
         }
     }
+}
+
+/// Whether a list names this image by URL (downloaded) rather than by path or bucket URI.
+pub fn is_url(path: &str) -> bool {
+    let lower = path.get(..8).unwrap_or(path).to_ascii_lowercase();
+    lower.starts_with("http://") || lower.starts_with("https://")
+}
+
+/// The rows of a parquet URL list (LAION, DataComp: a URL column and no image bytes), or None
+/// when the file holds images (img2dataset output) or cannot be read (it is then a container,
+/// and its damage is counted when it is streamed). Other string columns become the row's JSON
+/// metadata.
+fn parquet_url_units(config: &SourceConfig, location: &Location) -> Option<Vec<Unit>> {
+    let stem = location
+        .file_name()
+        .trim_end_matches(".parquet")
+        .to_string();
+    let mut units = Vec::new();
+    let mut is_list = None;
+    let mut row_offset = 0usize;
+    let read = table::stream_parquet(location, PARQUET_BATCH_ROWS, &mut |batch| {
+        let url_name = match config.url_column.as_deref() {
+            Some(name) => name,
+            None if batch.column_by_name(&config.image_column).is_some_and(|c| {
+                matches!(
+                    c.data_type(),
+                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+                )
+            }) =>
+            {
+                &config.image_column
+            }
+            None => DEFAULT_URL_COLUMN,
+        };
+        let urls = batch.column_by_name(url_name).cloned();
+        let has_images = parquet_image_column(&batch).is_some();
+        let Some(urls) = urls.filter(|_| !has_images) else {
+            is_list = Some(false);
+            return Err(manifests::Error::Usage("not a URL list".into()));
+        };
+        is_list = Some(true);
+        let captions = batch.column_by_name(&config.caption_column).cloned();
+        let schema = batch.schema();
+        let extra: Vec<(&str, &ArrayRef)> = schema
+            .fields()
+            .iter()
+            .zip(batch.columns())
+            .map(|(field, column)| (field.name().as_str(), column))
+            .filter(|(name, _)| *name != url_name && *name != config.caption_column)
+            .collect();
+        for i in 0..batch.num_rows() {
+            let key = format!("{stem}-{:09}", row_offset + i);
+            let caption = captions
+                .as_ref()
+                .and_then(|c| string_at(c, i))
+                .map(String::into_bytes);
+            let mut fields = serde_json::Map::new();
+            for (name, column) in &extra {
+                if let Some(value) = string_at(column, i) {
+                    fields.insert(name.to_string(), serde_json::Value::String(value));
+                }
+            }
+            let metadata =
+                (!fields.is_empty()).then(|| serde_json::Value::Object(fields).to_string());
+            units.push(match string_at(&urls, i) {
+                Some(url) if is_url(url.trim()) => Unit::Url {
+                    key,
+                    url: url.trim().to_string(),
+                    caption,
+                    metadata,
+                },
+                _ => Unit::Rejected {
+                    key,
+                    reason: "bad_url",
+                },
+            });
+        }
+        row_offset += batch.num_rows();
+        Ok(())
+    });
+    match (is_list, read) {
+        (Some(true), Ok(())) => Some(units),
+        (Some(true), Err(_)) => {
+            units.push(Unit::Rejected {
+                key: format!("{stem}-truncated"),
+                reason: "unreadable_parquet",
+            });
+            Some(units)
+        }
+        _ => None,
+    }
+}
+
+fn parquet_image_column(batch: &RecordBatch) -> Option<ArrayRef> {
+    ["jpg", "jpeg", "png", "webp", "image"]
+        .iter()
+        .find_map(|name| {
+            batch.column_by_name(name).cloned().filter(|c| {
+                matches!(
+                    c.data_type(),
+                    DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+                )
+            })
+        })
 }
 
 /// Record batches of an img2dataset parquet file are cut to this many rows.
@@ -644,17 +824,7 @@ fn parquet_samples(
 ) -> Result<Vec<Loaded>, &'static str> {
     let uri = location.uri();
     let column = |name: &str| batch.column_by_name(name).cloned();
-    let image_column = ["jpg", "jpeg", "png", "webp", "image"]
-        .iter()
-        .find_map(|name| {
-            column(name).filter(|c| {
-                matches!(
-                    c.data_type(),
-                    DataType::Binary | DataType::LargeBinary | DataType::BinaryView
-                )
-            })
-        })
-        .ok_or("no_image_column")?;
+    let image_column = parquet_image_column(batch).ok_or("no_image_column")?;
     let (keys, captions, statuses) = (column("key"), column("caption"), column("status"));
     let mut samples = Vec::with_capacity(batch.num_rows());
     for i in 0..batch.num_rows() {

@@ -384,10 +384,16 @@ impl StageRun {
             rows,
         };
         self.out.join(relative_uri).put(bytes)?;
-        let record = serde_json::json!({ "artifact": artifact, "note": note });
-        self.work_record(relative_uri)
-            .put(Bytes::from(record.to_string()))?;
+        self.record_finished(&artifact, note)?;
         Ok(artifact)
+    }
+
+    /// Records an artifact already in place (say, listed by this stage's published manifest) as
+    /// finished, so a run that rewrites some artifacts and is killed keeps the others.
+    pub fn record_finished(&self, artifact: &Artifact, note: Value) -> Result<(), Error> {
+        let record = serde_json::json!({ "artifact": artifact, "note": note });
+        self.work_record(&artifact.uri)
+            .put(Bytes::from(record.to_string()))
     }
 
     /// An artifact finished by an earlier, interrupted run with the same config and inputs, if

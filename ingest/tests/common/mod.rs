@@ -198,7 +198,6 @@ pub fn assert_killed_run_resumes_exactly<R: PartialEq + std::fmt::Debug>(
     expected_rows: usize,
     rows_of: impl Fn(&str) -> (Manifest, Vec<R>),
 ) {
-    use std::time::{Duration, Instant};
     let reference = dir.join("reference");
     let (code, text) = ingest_owned(&args(&reference));
     assert_eq!(code, 0, "{text}");
@@ -206,25 +205,9 @@ pub fn assert_killed_run_resumes_exactly<R: PartialEq + std::fmt::Debug>(
     let out = dir.join("killed");
     let (folder, first_shard) = first_shard.split_once('/').unwrap();
     let shards = out.join(folder);
-    let mut killed_mid_run = false;
-    // From scratch again, up to five times, until a kill lands before the run published.
-    for _attempt in 0..5 {
-        let _ = std::fs::remove_dir_all(&out);
-        let mut child = spawn_quiet(&args(&out));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline
-            && std::fs::read_dir(&shards).map(|d| d.count()).unwrap_or(0) < shards_before_kill
-        {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        if !out.join("manifest.json").exists() {
-            killed_mid_run = true;
-            break;
-        }
-    }
-    assert!(killed_mid_run, "could not kill the run before it finished");
+    kill_mid_run(&args(&out), &out, || {
+        std::fs::read_dir(&shards).map(|d| d.count()).unwrap_or(0) >= shards_before_kill
+    });
     let first = shards.join(first_shard);
     let kept_before = std::fs::metadata(&first).unwrap().modified().unwrap();
 
@@ -235,6 +218,42 @@ pub fn assert_killed_run_resumes_exactly<R: PartialEq + std::fmt::Debug>(
         kept_before,
         "finished shards are kept, not redone"
     );
+    assert_same_as_reference(&out, &reference, expected_rows, rows_of);
+    let leftovers = manifests::testing::files_below(&out.join("_work"));
+    assert!(
+        leftovers.is_empty(),
+        "resume records are cleaned up after publishing: {leftovers:?}"
+    );
+}
+
+/// Starts `ingest args` (writing to `out`) and kills it (SIGKILL, no cleanup) once `ready`
+/// says so; from scratch again, up to five times, until a kill lands before the run published.
+pub fn kill_mid_run(args: &[String], out: &Path, ready: impl Fn() -> bool) {
+    use std::time::{Duration, Instant};
+    for _attempt in 0..5 {
+        let _ = std::fs::remove_dir_all(out);
+        let mut child = spawn_quiet(args);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline && !ready() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        if !out.join("manifest.json").exists() {
+            return;
+        }
+    }
+    panic!("could not kill the run before it finished");
+}
+
+/// The run in `out` has exactly the rows (as `rows_of` reads them, `expected_rows` of them),
+/// artifacts and metrics (but the wall time) of the run in `reference`.
+pub fn assert_same_as_reference<R: PartialEq + std::fmt::Debug>(
+    out: &Path,
+    reference: &Path,
+    expected_rows: usize,
+    rows_of: impl Fn(&str) -> (Manifest, Vec<R>),
+) {
     let (resumed_manifest, resumed) = rows_of(out.to_str().unwrap());
     let (reference_manifest, expected) = rows_of(reference.to_str().unwrap());
     assert_eq!(resumed.len(), expected_rows);
@@ -252,10 +271,5 @@ pub fn assert_killed_run_resumes_exactly<R: PartialEq + std::fmt::Debug>(
     assert_eq!(
         without_seconds(&resumed_manifest),
         without_seconds(&reference_manifest)
-    );
-    let leftovers = manifests::testing::files_below(&out.join("_work"));
-    assert!(
-        leftovers.is_empty(),
-        "resume records are cleaned up after publishing: {leftovers:?}"
     );
 }

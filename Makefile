@@ -44,6 +44,13 @@ PAIRS ?=
 PAIRS_FLAGS ?=
 TEXT ?=
 PAIRS_INPUT := $(or $(PAIRS),$(RUN)/synth/pairs)
+# The super-resolution stage's targets: the same pictures at its output size (a second pairs
+# stage of the same source; the shapes data is drawn again at that size).
+SUPERRES_SIZE := $(if $(filter tiny,$(PRESET)),256,512)
+LARGE_INPUT := $(or $(PAIRS),$(RUN)/synth-large/pairs)
+# Drawn shapes are stored losslessly: JPEG's ringing at their edges is noise the model could
+# not learn and would be scored against.
+LARGE_FLAGS := $(if $(PAIRS),$(PAIRS_FLAGS),--output-format png)
 TEXT_INPUT := $(or $(TEXT),$(if $(PAIRS),$(RUN)/pairs,$(RUN)/synth/text))
 
 .PHONY: pipeline status build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-urls bench-models bench-venv bench-distributed bench-serve
@@ -61,11 +68,14 @@ $(LIBTORCH)/VERSION: tools/fetch-libtorch.py
 pipeline: build
 ifeq ($(PAIRS),)
 	$(BIN)/ingest synth --preset $(PRESET) --out $(RUN)/synth $(FORCE_FLAG)
+	$(BIN)/ingest synth --preset $(PRESET) --size $(SUPERRES_SIZE) --out $(RUN)/synth-large $(FORCE_FLAG)
 endif
 	$(BIN)/ingest pairs --preset $(PRESET) --input $(PAIRS_INPUT) $(PAIRS_FLAGS) --out $(RUN)/pairs $(FORCE_FLAG)
+	$(BIN)/ingest pairs --preset $(PRESET) --size $(SUPERRES_SIZE) --input $(LARGE_INPUT) $(LARGE_FLAGS) --out $(RUN)/pairs-large $(FORCE_FLAG)
 	$(BIN)/ingest text --input $(TEXT_INPUT) --out $(RUN)/text $(FORCE_FLAG)
 	$(BIN)/vqgan train --preset $(PRESET) --pairs $(RUN)/pairs --out $(RUN)/vqgan $(STEPS_FLAG) $(FORCE_FLAG)
 	$(BIN)/vqgan finetune-decoder --preset $(PRESET) --vqgan $(RUN)/vqgan --pairs $(RUN)/pairs --out $(RUN)/vqgan-decoder $(STEPS_FLAG) $(FORCE_FLAG)
+	$(BIN)/vqgan superres --preset $(PRESET) --pairs $(RUN)/pairs-large --vqgan $(RUN)/vqgan-decoder --out $(RUN)/superres $(STEPS_FLAG) $(FORCE_FLAG)
 	$(BIN)/vqgan reconstruct --vqgan $(RUN)/vqgan-decoder --pairs $(RUN)/pairs --out $(RUN)/vqgan-reconstruct $(FORCE_FLAG)
 	$(BIN)/vqgan encode --vqgan $(RUN)/vqgan-decoder --pairs $(RUN)/pairs --out $(RUN)/tokens $(FORCE_FLAG)
 	$(BIN)/train tokenizer --preset $(PRESET) --text $(RUN)/text --captions $(RUN)/pairs --out $(RUN)/tokenizer $(FORCE_FLAG)
@@ -113,7 +123,7 @@ test-backend: $(BACKEND_SETUP)
 
 SMOKE_STEPS := 5
 # Stage commands in `pipeline` (each says "up to date" when rerun unchanged).
-PIPELINE_STAGES := 11
+PIPELINE_STAGES := 14
 
 # The whole chain end to end at smoke size, twice: the second run, on the same folder spelled
 # another way (absolute, through a symlink), must skip every stage, and `manifests status` agree.

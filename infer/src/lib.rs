@@ -56,7 +56,8 @@ pub fn grid_png(result: &PromptImages, size: usize) -> Result<Vec<u8>, Error> {
 }
 
 /// `infer generate`: per prompt `p`, the kept samples as `prompt-PPP-sample-K.png` (K = rank
-/// after reranking), all samples as `prompt-PPP-grid.png`, and `generations.json` listing
+/// after reranking; enlarged when the generator has an upscaler), all samples as
+/// `prompt-PPP-grid.png` at the VQGAN's size, and `generations.json` listing
 /// prompts, files, seeds, settings, scores and the digests of the manifests used.
 pub fn generate_to(
     generator: &Generator,
@@ -77,13 +78,25 @@ pub fn generate_to(
     }
     bar.finish_and_clear();
     let size = generator.vqgan_config.image_size;
+    // Only the kept pictures are enlarged: the grids show every sample at the VQGAN's size.
+    let kept: Vec<Vec<f32>> = results
+        .iter()
+        .flat_map(|result| result.kept.iter().map(|&i| result.images[i].clone()))
+        .collect();
+    let (kept, kept_size) = match &generator.upscaler {
+        Some(_) => (generator.upscale(&kept)?, generator.upscaled_size()),
+        None => (kept, size),
+    };
+    let mut kept = kept.into_iter();
     let mut records = Vec::new();
     for (p, result) in results.iter().enumerate() {
         let mut files = Vec::new();
         for (rank, &i) in result.kept.iter().enumerate() {
             let name = format!("prompt-{p:03}-sample-{rank}.png");
-            out.join(&name)
-                .put(Bytes::from(png(&result.images[i], size)?))?;
+            let pixels = kept
+                .next()
+                .ok_or_else(|| Error::Data("fewer enlarged pictures than kept ones".into()))?;
+            out.join(&name).put(Bytes::from(png(&pixels, kept_size)?))?;
             files.push(json!({"file": name, "sample": i,
                 "score": result.scores.as_ref().map(|s| s[i])}));
         }
@@ -96,6 +109,9 @@ pub fn generate_to(
         "prompts": records,
         "settings": config,
         "settings_from": sampling.source,
+        "image_size": kept_size,
+        "upscaled_by": generator.upscaler.as_ref().map(|u| json!({"manifest": u.uri,
+            "from": size, "to": u.config.output_size()})),
         "model": generator.name,
         "manifests": generator.provenance.iter().map(|(uri, digest)| json!({"uri": uri, "digest": digest})).collect::<Vec<_>>(),
         "backend": nn::backend::backend_name(),

@@ -141,17 +141,27 @@ struct ModelArgs {
     text_encoder: Option<String>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Enlarge the kept pictures with this `vqgan superres` manifest's super-resolution model
+    /// (e.g. runs/default/superres: 64 -> 256 px on the tiny preset).
+    #[arg(long, value_name = "SUPERRES_MANIFEST")]
+    upscale: Option<String>,
 }
 
 impl ModelArgs {
     fn load(&self) -> Result<Generator> {
-        Generator::load(
+        let generator = Generator::load(
             &self.parti,
             self.vqgan.as_deref(),
             self.text_encoder.as_deref(),
             &self.device,
         )
-        .context("loading the models")
+        .context("loading the models")?;
+        match &self.upscale {
+            Some(uri) => generator
+                .with_upscaler(uri)
+                .with_context(|| format!("--upscale {uri}")),
+            None => Ok(generator),
+        }
     }
 }
 

@@ -5,7 +5,8 @@
 use burn::tensor::{Bool, Device, Int, Tensor};
 use manifests::Upstream;
 use models::{
-    Contrastive, Parti, PartiConfig, TextEncoder, TextTokenizer, VitVqgan, VitVqganConfig,
+    Contrastive, Parti, PartiConfig, SuperResConfig, SuperResolution, TextEncoder, TextTokenizer,
+    VitVqgan, VitVqganConfig,
 };
 pub use models::{SamplingConfig, SamplingSettings};
 use rand::Rng;
@@ -81,6 +82,16 @@ pub struct Generator {
     pub recommended: SamplingSettings,
     /// Manifest URI -> digest of every model used, for the records next to the images.
     pub provenance: Vec<(String, String)>,
+    /// The super-resolution model that enlarges kept pictures, when one was loaded.
+    pub upscaler: Option<Upscaler>,
+}
+
+/// A `vqgan superres` model, loaded to enlarge the tokenizer's pictures.
+pub struct Upscaler {
+    pub model: SuperResolution,
+    pub config: SuperResConfig,
+    /// Its manifest's URI.
+    pub uri: String,
 }
 
 /// The upstream input named `name` of a manifest (e.g. the tokenizer of `train parti`).
@@ -170,6 +181,60 @@ impl Generator {
             name,
             recommended,
             provenance,
+            upscaler: None,
+        })
+    }
+
+    /// Loads the super-resolution model of a `vqgan superres` manifest to enlarge kept
+    /// pictures ([`Generator::upscale`]); it must take this VQGAN's picture size.
+    pub fn with_upscaler(mut self, superres_uri: &str) -> Result<Generator, Error> {
+        let (stage, digest) = Upstream::read(superres_uri)?;
+        let (config, model) = models::load_superres(&stage, &self.device)?;
+        let size = self.vqgan_config.image_size;
+        if config.input_size != size {
+            return Err(Error::Usage(format!(
+                "{superres_uri}: the super-resolution model enlarges {} px pictures, the VQGAN \
+                 makes {size} px",
+                config.input_size
+            )));
+        }
+        self.provenance.push((stage.location.uri(), digest));
+        self.upscaler = Some(Upscaler {
+            model,
+            config,
+            uri: stage.location.uri(),
+        });
+        Ok(self)
+    }
+
+    /// Side of the pictures [`Generator::upscale`] makes (the VQGAN's without an upscaler).
+    pub fn upscaled_size(&self) -> usize {
+        self.upscaler
+            .as_ref()
+            .map_or(self.vqgan_config.image_size, |u| u.config.output_size())
+    }
+
+    /// `images` (channel-first pixels at the VQGAN's size) enlarged by the super-resolution
+    /// model, clamped to [0, 1]; an error without one. On flex split across the CPU's cores.
+    pub fn upscale(&self, images: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, Error> {
+        let Some(upscaler) = &self.upscaler else {
+            return Err(Error::Usage(
+                "no super-resolution model loaded (infer --upscale SUPERRES_MANIFEST)".into(),
+            ));
+        };
+        let size = upscaler.config.output_size();
+        across_cores(images, |part| {
+            let mut enlarged = Vec::with_capacity(part.len());
+            // A few at a time: the enlarged activations of a whole round would be large.
+            for chunk in part.chunks(UPSCALE_BATCH) {
+                let pixels = upscaler
+                    .model
+                    .forward(self.pixel_batch(chunk))
+                    .clamp(0.0, 1.0);
+                let values = read_floats(pixels, "enlarged pictures")?;
+                enlarged.extend(values.chunks(3 * size * size).map(<[f32]>::to_vec));
+            }
+            Ok(enlarged)
         })
     }
 
@@ -441,6 +506,9 @@ impl Generator {
             .collect())
     }
 }
+
+/// Pictures the super-resolution model enlarges in one call.
+const UPSCALE_BATCH: usize = 4;
 
 /// The values of `tensor`, row-major; `what` names them in an error.
 pub fn read_floats<const D: usize>(tensor: Tensor<D>, what: &str) -> Result<Vec<f32>, Error> {

@@ -1,11 +1,12 @@
 //! `infer serve`: an HTTP front end to one [`Generator`].
 //!
 //! - `POST /v1/generate`: JSON `{"prompt": "...", "samples": 4, "keep": 1, "guidance_scale": 1.1,
-//!   "temperature": 0.1, "top_k": 0, "top_p": 1.0, "seed": 0, "format": "base64" | "png"}`
-//!   (everything but `prompt` optional: the model's own settings, [`ServeConfig::sampling`]).
-//!   `base64` answers `{"prompt", "images": [{"png_base64", "score", "sample"}], "seed",
-//!   "sampling", "batch", "seconds"}` with the kept images best first; `png` answers the best
-//!   image as `image/png`.
+//!   "temperature": 0.1, "top_k": 0, "top_p": 1.0, "seed": 0, "upscale": true,
+//!   "format": "base64" | "png"}` (everything but `prompt` optional: the model's own settings,
+//!   [`ServeConfig::sampling`]; `upscale` defaults to whether the server loaded a
+//!   super-resolution model, `--upscale`). `base64` answers `{"prompt", "images": [{"png_base64",
+//!   "score", "sample"}], "image_size", "upscaled", "seed", "sampling", "batch", "seconds"}`
+//!   with the kept images best first; `png` answers the best image as `image/png`.
 //! - `GET /v1/model`: the model's name, manifest digests and default sampling settings (and
 //!   where they came from).
 //! - `GET /healthz`: `{"status": "ok", "rounds", "requests", "queued", "rejected", ...}`.
@@ -103,6 +104,8 @@ pub struct GenerateRequest {
     pub top_k: Option<usize>,
     pub top_p: Option<f64>,
     pub seed: Option<u64>,
+    /// Enlarge the kept pictures with the server's super-resolution model.
+    pub upscale: Option<bool>,
     #[serde(default)]
     pub format: Format,
 }
@@ -118,6 +121,17 @@ pub enum Format {
 }
 
 impl GenerateRequest {
+    /// Whether to enlarge this request's pictures: as asked, else whenever the server can.
+    pub fn upscale(&self, upscaled_size: Option<usize>) -> Result<bool, String> {
+        match (self.upscale, upscaled_size) {
+            (Some(true), None) => Err("this server has no super-resolution model (start it \
+                 with --upscale SUPERRES_MANIFEST)"
+                .into()),
+            (Some(wanted), _) => Ok(wanted),
+            (None, available) => Ok(available.is_some()),
+        }
+    }
+
     /// The sampling settings of a valid request, or what is wrong with it.
     pub fn sampling(&self, config: &ServeConfig) -> Result<SamplingConfig, String> {
         if self.prompt.trim().is_empty() {
@@ -157,6 +171,8 @@ impl GenerateRequest {
 /// What the worker sends back for one request.
 struct Generated {
     images: PromptImages,
+    /// The kept pictures enlarged, in `images.kept` order, when the request asked for it.
+    enlarged: Option<Vec<Vec<f32>>>,
     /// Requests sampled in the same round.
     batch: usize,
 }
@@ -164,6 +180,7 @@ struct Generated {
 struct Job {
     prompt: String,
     config: SamplingConfig,
+    upscale: bool,
     reply: oneshot::Sender<Result<Generated, String>>,
 }
 
@@ -180,6 +197,8 @@ struct Shared {
     capacity: usize,
     batch_wait: Duration,
     image_size: usize,
+    /// Side of the enlarged pictures, when the generator has a super-resolution model.
+    upscaled_size: Option<usize>,
     text_tokens: usize,
     /// The model's name and the manifests it was loaded from, for `/v1/model`.
     model: serde_json::Value,
@@ -238,6 +257,10 @@ pub fn spawn_worker(generator: Generator, config: &ServeConfig) -> Result<Worker
         capacity: config.queue,
         batch_wait: config.batch_wait,
         image_size: generator.vqgan_config.image_size,
+        upscaled_size: generator
+            .upscaler
+            .as_ref()
+            .map(|upscaler| upscaler.config.output_size()),
         text_tokens: generator.tokenizer.max_length(),
         model: json!({
             "name": generator.name,
@@ -245,6 +268,11 @@ pub fn spawn_worker(generator: Generator, config: &ServeConfig) -> Result<Worker
                 .map(|(uri, digest)| json!({"uri": uri, "digest": digest}))
                 .collect::<Vec<_>>(),
             "backend": nn::backend::backend_name(),
+            "upscale": generator.upscaler.as_ref().map(|upscaler| json!({
+                "manifest": upscaler.uri,
+                "from": upscaler.config.input_size,
+                "to": upscaler.config.output_size(),
+            })),
         }),
         rounds: AtomicU64::new(0),
         requests: AtomicU64::new(0),
@@ -266,6 +294,7 @@ impl WorkerHandle {
         &self,
         prompt: String,
         config: SamplingConfig,
+        upscale: bool,
     ) -> Result<oneshot::Receiver<Result<Generated, String>>, Refused> {
         let (reply, receive) = oneshot::channel();
         let mut queue = self.shared.lock();
@@ -281,6 +310,7 @@ impl WorkerHandle {
         queue.jobs.push_back(Job {
             prompt,
             config,
+            upscale,
             reply,
         });
         self.shared.arrived.notify_all();
@@ -299,6 +329,11 @@ impl WorkerHandle {
     /// Side of the generated images in pixels.
     pub fn image_size(&self) -> usize {
         self.shared.image_size
+    }
+
+    /// Side of the enlarged images, when the server has a super-resolution model.
+    pub fn upscaled_size(&self) -> Option<usize> {
+        self.shared.upscaled_size
     }
 
     /// Refuses new requests, answers the waiting ones with 503, lets the round in progress
@@ -420,14 +455,23 @@ fn work(generator: Generator, shared: &Shared) {
             })
             .collect();
         let finishing = Instant::now();
-        match catch_unwind(AssertUnwindSafe(|| generator.finish(&sampled))) {
-            Ok(Ok(finished)) => {
+        let finished = catch_unwind(AssertUnwindSafe(|| {
+            let finished = generator.finish(&sampled)?;
+            let enlarged = enlarge_kept(&generator, &round, &finished)?;
+            Ok::<_, Error>((finished, enlarged))
+        }));
+        match finished {
+            Ok(Ok((finished, enlarged))) => {
                 info!(
                     "decoded and reranked {batch} requests in {:.2} s",
                     finishing.elapsed().as_secs_f64()
                 );
-                for (job, images) in round.into_iter().zip(finished) {
-                    let _ = job.reply.send(Ok(Generated { images, batch }));
+                for ((job, images), enlarged) in round.into_iter().zip(finished).zip(enlarged) {
+                    let _ = job.reply.send(Ok(Generated {
+                        images,
+                        enlarged,
+                        batch,
+                    }));
                 }
             }
             failed => {
@@ -442,6 +486,33 @@ fn work(generator: Generator, shared: &Shared) {
             }
         }
     }
+}
+
+/// The kept pictures of the round's requests that asked for it, enlarged in one call; per
+/// request in round order, `None` for those that did not ask.
+fn enlarge_kept(
+    generator: &Generator,
+    round: &[Job],
+    finished: &[PromptImages],
+) -> Result<Vec<Option<Vec<Vec<f32>>>>, Error> {
+    let wanted: Vec<Vec<f32>> = round
+        .iter()
+        .zip(finished)
+        .filter(|(job, _)| job.upscale)
+        .flat_map(|(_, images)| images.kept.iter().map(|&i| images.images[i].clone()))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(vec![None; round.len()]);
+    }
+    let mut enlarged = generator.upscale(&wanted)?.into_iter();
+    Ok(round
+        .iter()
+        .zip(finished)
+        .map(|(job, images)| {
+            job.upscale
+                .then(|| enlarged.by_ref().take(images.kept.len()).collect())
+        })
+        .collect())
 }
 
 #[derive(Clone)]
@@ -494,6 +565,7 @@ async fn model(State(app): State<App>) -> Json<serde_json::Value> {
     model["sampling"] = json!(app.config.sampling.settings);
     model["sampling_from"] = json!(app.config.sampling.source);
     model["image_size"] = json!(app.worker.image_size());
+    model["upscaled_size"] = json!(app.worker.upscaled_size());
     model["max_samples"] = json!(MAX_SAMPLES);
     Json(model)
 }
@@ -511,7 +583,14 @@ async fn generate(
         Ok(sampling) => sampling,
         Err(message) => return error(StatusCode::UNPROCESSABLE_ENTITY, message),
     };
-    let waiting = match app.worker.submit(request.prompt.clone(), sampling.clone()) {
+    let upscale = match request.upscale(app.worker.upscaled_size()) {
+        Ok(upscale) => upscale,
+        Err(message) => return error(StatusCode::UNPROCESSABLE_ENTITY, message),
+    };
+    let waiting = match app
+        .worker
+        .submit(request.prompt.clone(), sampling.clone(), upscale)
+    {
         Ok(waiting) => waiting,
         Err(Refused::Full) => {
             return error(
@@ -548,7 +627,10 @@ async fn generate(
         Ok(Ok(Err(message))) => return error(StatusCode::INTERNAL_SERVER_ERROR, message),
         Ok(Ok(Ok(generated))) => generated,
     };
-    let size = app.worker.image_size();
+    let size = match (&generated.enlarged, app.worker.upscaled_size()) {
+        (Some(_), Some(upscaled)) => upscaled,
+        _ => app.worker.image_size(),
+    };
     let format = request.format;
     let batch = generated.batch;
     let encoded = tokio::task::spawn_blocking(move || encode(&generated, size, format)).await;
@@ -573,6 +655,8 @@ async fn generate(
             Json(json!({
                 "prompt": request.prompt,
                 "images": images,
+                "image_size": size,
+                "upscaled": upscale,
                 "seed": sampling.seed,
                 "sampling": sampling,
                 "batch": batch,
@@ -594,12 +678,15 @@ fn encode(generated: &Generated, size: usize, format: Format) -> Result<Vec<Enco
         .kept
         .iter()
         .take(wanted)
-        .map(|&i| {
-            Ok((
-                png(&result.images[i], size)?,
-                result.scores.as_ref().map(|s| s[i]),
-                i,
-            ))
+        .enumerate()
+        .map(|(rank, &i)| {
+            let pixels = match &generated.enlarged {
+                Some(enlarged) => enlarged
+                    .get(rank)
+                    .ok_or_else(|| Error::Data("fewer enlarged pictures than kept ones".into()))?,
+                None => &result.images[i],
+            };
+            Ok((png(pixels, size)?, result.scores.as_ref().map(|s| s[i]), i))
         })
         .collect()
 }

@@ -552,3 +552,66 @@ fn generate_without_prompts_draws_held_out_captions() {
         "{prompts:?}"
     );
 }
+
+#[test]
+fn generate_upscale_writes_enlarged_pictures_and_records_the_model() {
+    let dir = trained();
+    let superres = common::superres(dir);
+    let out = dir.join("generate-upscaled");
+    let (said, _) = infer(&[
+        "generate",
+        "--parti",
+        dir.join("parti").to_str().unwrap(),
+        "--upscale",
+        superres.to_str().unwrap(),
+        "--prompt",
+        "a red circle at the top left",
+        "--samples",
+        "2",
+        "--keep",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(said.contains("generations.json"), "{said}");
+    for rank in 0..2 {
+        let picture = image::open(out.join(format!("prompt-000-sample-{rank}.png"))).unwrap();
+        assert_eq!((picture.width(), picture.height()), (256, 256));
+    }
+    // The grid shows every sample at the tokenizer's size.
+    let grid = image::open(out.join("prompt-000-grid.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (128, 64));
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("generations.json")).unwrap()).unwrap();
+    assert_eq!(record["image_size"], 256);
+    assert_eq!(record["upscaled_by"]["from"], 64);
+    assert_eq!(record["upscaled_by"]["to"], 256);
+    let manifest = record["upscaled_by"]["manifest"].as_str().unwrap();
+    assert!(manifest.ends_with("superres/manifest.json") || manifest.contains("superres"));
+    assert!(
+        record["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["uri"] == manifest),
+        "{record}"
+    );
+
+    // A model for other picture sizes is refused by name.
+    let (code, text) = manifests::testing::output_of(
+        env!("CARGO_BIN_EXE_infer"),
+        &[
+            "generate",
+            "--parti",
+            dir.join("parti").to_str().unwrap(),
+            "--upscale",
+            dir.join("parti").to_str().unwrap(),
+            "--prompt",
+            "a red circle",
+            "--out",
+            dir.join("generate-refused").to_str().unwrap(),
+        ],
+    );
+    assert_ne!(code, 0, "{text}");
+    assert!(text.contains("--upscale"), "{text}");
+}

@@ -23,6 +23,12 @@ fn trained() -> &'static PathBuf {
     DIR.get_or_init(|| common::trained(false).join("parti"))
 }
 
+/// A 2-step super-resolution model (64 -> 256 px) on the trained model's tokenizer.
+fn superres() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| common::superres(trained().parent().unwrap()))
+}
+
 /// A server on a free local port, stopped when dropped.
 struct Server {
     url: String,
@@ -46,9 +52,21 @@ async fn start_default() -> Server {
 
 /// A server whose config is made from the model's recommended sampling settings.
 async fn start(config: impl FnOnce(SamplingSettings) -> ServeConfig) -> Server {
-    let generator = tokio::task::spawn_blocking(|| {
+    start_with_upscaler(None, config).await
+}
+
+/// [`start`], enlarging with the super-resolution model of `upscale` (a manifest folder).
+async fn start_with_upscaler(
+    upscale: Option<PathBuf>,
+    config: impl FnOnce(SamplingSettings) -> ServeConfig,
+) -> Server {
+    let generator = tokio::task::spawn_blocking(move || {
         let parti = trained().to_str().unwrap().to_string();
-        Generator::load(&parti, None, None, "cpu").unwrap()
+        let generator = Generator::load(&parti, None, None, "cpu").unwrap();
+        match upscale {
+            Some(superres) => generator.with_upscaler(superres.to_str().unwrap()).unwrap(),
+            None => generator,
+        }
     })
     .await
     .unwrap();
@@ -597,4 +615,71 @@ fn requests_sample_with_the_servers_cache_choice() {
     defaults.settings.use_cache = false;
     let uncached = request.sampling(&ServeConfig::new(defaults)).unwrap();
     assert!(!uncached.use_cache);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_a_super_resolution_model_enlarges_unless_asked_not_to() {
+    let superres = tokio::task::spawn_blocking(superres).await.unwrap();
+    let server = start_with_upscaler(Some(superres.clone()), ServeConfig::new).await;
+    let model = server.get("/v1/model").await.json();
+    assert_eq!(model["upscale"]["from"], 64, "{model}");
+    assert_eq!(model["upscale"]["to"], 256, "{model}");
+    assert_eq!(model["upscaled_size"], 256, "{model}");
+    let manifests: Vec<&str> = model["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["uri"].as_str().unwrap())
+        .collect();
+    assert!(
+        manifests.iter().any(|uri| uri.contains("superres")),
+        "{manifests:?}"
+    );
+    let side = |png_base64: &Value| {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(png_base64.as_str().unwrap())
+            .unwrap();
+        let picture = image::load_from_memory(&bytes).unwrap();
+        (picture.width(), picture.height())
+    };
+    let prompt = "a red circle at the top left";
+    // Enlarged by default on a server that can.
+    let answer = server
+        .generate(json!({"prompt": prompt, "samples": 2, "keep": 2}))
+        .await;
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let body = answer.json();
+    assert_eq!(body["upscaled"], true);
+    assert_eq!(body["image_size"], 256);
+    for image in body["images"].as_array().unwrap() {
+        assert_eq!(side(&image["png_base64"]), (256, 256));
+    }
+    // Asked not to: the tokenizer's size, the same pictures as the small server's.
+    let small = server
+        .generate(json!({"prompt": prompt, "samples": 2, "keep": 2, "upscale": false}))
+        .await
+        .json();
+    assert_eq!(small["upscaled"], false);
+    assert_eq!(side(&small["images"][0]["png_base64"]), (64, 64));
+    // The PNG answer is the best picture, enlarged.
+    let png = server
+        .generate(json!({"prompt": prompt, "samples": 1, "format": "png"}))
+        .await;
+    assert_eq!(png.content_type, "image/png");
+    let picture = image::load_from_memory(&png.body).unwrap();
+    assert_eq!((picture.width(), picture.height()), (256, 256));
+
+    // A server without one refuses the request, saying how to start one that can.
+    let plain = start_default().await;
+    let refused = plain
+        .generate(json!({"prompt": prompt, "upscale": true}))
+        .await;
+    assert_eq!(refused.status, 422);
+    assert!(refused.error().contains("--upscale"), "{}", refused.error());
+    assert!(plain.get("/v1/model").await.json()["upscale"].is_null());
 }

@@ -7,14 +7,16 @@
 //! - [`text_encoder`]: the BERT-style text encoder, its MLM head and the contrastive pair
 //!   (image tower + projections) that reranks samples.
 //! - [`parti`]: the encoder-decoder Transformer from caption to image tokens.
+//! - [`superres`]: the WDSR super-resolution model that enlarges the tokenizer's pictures.
 //! - [`sampling`]: the sampling settings a model recommends, recorded in its manifest.
 //!
 //! Each model loads from the manifest of the stage that trained it ([`load_vqgan`],
-//! [`load_text_encoder`], [`load_parti`]); the artifact kinds those stages publish are the
+//! [`load_text_encoder`], [`load_parti`], [`load_superres`]); the artifact kinds those stages publish are the
 //! constants here, so writer and reader cannot drift apart.
 
 pub mod parti;
 pub mod sampling;
+pub mod superres;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod vqgan;
@@ -26,6 +28,7 @@ use serde::de::DeserializeOwned;
 
 pub use parti::{Parti, PartiConfig};
 pub use sampling::{SamplingConfig, SamplingSettings};
+pub use superres::{SuperResConfig, SuperResolution};
 pub use text_encoder::{Contrastive, PretrainedConfigs, TextEncoder, TextEncoderConfig};
 pub use tokenizer::TextTokenizer;
 pub use vqgan::{VitVqgan, VitVqganConfig};
@@ -42,6 +45,8 @@ pub const TEXT_ENCODER_KIND: &str = "checkpoint/text-encoder";
 pub const CONTRASTIVE_KIND: &str = "checkpoint/contrastive";
 /// Parti's weights (`train parti`).
 pub const PARTI_KIND: &str = "checkpoint/parti";
+/// The super-resolution model's weights (`vqgan superres`).
+pub const SUPERRES_KIND: &str = "checkpoint/superres";
 
 /// The config artifact of `stage`, parsed.
 fn read_config<C: DeserializeOwned>(stage: &Upstream) -> Result<C, Error> {
@@ -97,5 +102,17 @@ pub fn load_parti(stage: &Upstream, device: &Device) -> Result<(PartiConfig, Par
     let config: PartiConfig = read_config(stage)?;
     let mut model = config.init(device);
     load_weights(&mut model, stage, PARTI_KIND)?;
+    Ok((config, model))
+}
+
+/// The super-resolution model a `vqgan superres` manifest publishes.
+pub fn load_superres(
+    stage: &Upstream,
+    device: &Device,
+) -> Result<(SuperResConfig, SuperResolution), Error> {
+    let config: SuperResConfig = read_config(stage)?;
+    config.check()?;
+    let mut model = config.init(device);
+    load_weights(&mut model, stage, SUPERRES_KIND)?;
     Ok((config, model))
 }

@@ -119,12 +119,17 @@ pub fn reconstruction_grid(
     let indices: Vec<usize> = (0..rows).collect();
     let x = images.batch(&indices, device);
     let y = model.forward(x.clone()).images.detach().clamp(0.0, 1.0);
-    let (x, y) = (floats(x)?, floats(y)?);
-    let mut grid = image::RgbImage::new(2 * size as u32, (rows * size) as u32);
+    side_by_side(&[floats(x)?, floats(y)?], rows, size)
+}
+
+/// `rows` pictures of `size` px from each of `columns` (channel-first pixels, picture after
+/// picture), one picture per row and one source per column, as a PNG.
+pub fn side_by_side(columns: &[Vec<f32>], rows: usize, size: usize) -> Result<Vec<u8>, Error> {
     let per_image = 3 * size * size;
+    let mut grid = image::RgbImage::new((columns.len() * size) as u32, (rows * size) as u32);
     for row in 0..rows {
-        for (column, source) in [&x, &y].into_iter().enumerate() {
-            let picture = to_rgb(&source[row * per_image..(row + 1) * per_image], size);
+        for (column, pixels) in columns.iter().enumerate() {
+            let picture = to_rgb(&pixels[row * per_image..(row + 1) * per_image], size);
             image::imageops::replace(
                 &mut grid,
                 &picture,

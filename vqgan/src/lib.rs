@@ -6,6 +6,8 @@
 //!   `step`; [`loss`]: pixel, perceptual and adversarial terms (with the discriminator).
 //! - [`eval`]: PSNR/SSIM/usage and the reconstruction grid.
 //! - [`encode`]: pairs shards -> token shards, `vqgan reconstruct` and `vqgan decode`.
+//! - [`superres`]: `vqgan superres`, Parti's super-resolution model trained to enlarge the
+//!   tokenizer's pictures.
 
 pub mod bench;
 pub mod config;
@@ -13,6 +15,7 @@ pub mod encode;
 pub mod eval;
 pub mod loss;
 mod step;
+pub mod superres;
 pub mod train;
 
 use manifests::Tool;

@@ -12,6 +12,7 @@ use nn::cli::TrainingArgs;
 use serde_json::json;
 use vqgan::config::{FinetuneConfig, TrainConfig};
 use vqgan::encode::{self, EncodeConfig, TokenizerRun};
+use vqgan::superres::{SuperResStageConfig, train_superres};
 use vqgan::train::{Inputs, finetune_decoder, train};
 
 #[derive(Parser)]
@@ -36,6 +37,9 @@ enum Command {
     Reconstruct(ReconstructArgs),
     /// Tokens (a token shard, a `vqgan encode` manifest, or a list) -> PNG files.
     Decode(DecodeArgs),
+    /// Parti's super-resolution model: trains on the pictures of a pairs stage at the larger
+    /// size to enlarge the tokenizer's output (presets: tiny 64 -> 256, 512, 1024).
+    Superres(SuperresArgs),
     /// Benchmark (not a test): ms per train step, ours against PyTorch in the same run.
     /// Presets: tiny (64 px, 64 tokens, batch 16) or small (256 px, 1024 tokens: the paper's
     /// ViT-VQGAN-Small).
@@ -128,6 +132,19 @@ struct ReconstructArgs {
     tokenizer: TokenizerArgs,
     #[arg(long)]
     force: bool,
+}
+
+#[derive(Args)]
+struct SuperresArgs {
+    #[command(flatten)]
+    training: TrainingArgs,
+    /// An `ingest pairs` manifest (or its folder) at the model's output size: the targets.
+    #[arg(long)]
+    pairs: String,
+    /// The `vqgan train`/`finetune-decoder` manifest whose pictures the model learns to enlarge
+    /// (the config's `input = "tokenizer"`).
+    #[arg(long)]
+    vqgan: Option<String>,
 }
 
 #[derive(Args)]
@@ -243,6 +260,28 @@ fn run(cli: Cli) -> Result<()> {
             let written = encode::decode_to_pngs(&args.vqgan, &rows, &args.out, &args.device)
                 .context("vqgan decode")?;
             println!("{} images written under {}", written.len(), args.out);
+        }
+        Command::Superres(args) => {
+            let training = &args.training;
+            let preset = SuperResStageConfig::preset(training.preset())?;
+            let config = training.config(&preset)?;
+            let manifest = train_superres(
+                &config,
+                &args.pairs,
+                args.vqgan.as_deref(),
+                &training.options(),
+            )
+            .context("vqgan superres")?;
+            let metric = |name: &str| manifest.metric_f64(name);
+            println!(
+                "{}: held-out PSNR {:.2} dB (bicubic {:.2} dB, {:+.2} dB), SSIM {:.3} (bicubic {:.3})",
+                manifest.stage,
+                metric("psnr_db"),
+                metric("bicubic_psnr_db"),
+                metric("psnr_gain_db"),
+                metric("ssim"),
+                metric("bicubic_ssim")
+            );
         }
         Command::Bench(args) => {
             vqgan::bench::train_step(&args)

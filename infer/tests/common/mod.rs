@@ -23,3 +23,24 @@ pub fn trained(reranker: bool) -> PathBuf {
     manifests::testing::run_stages(&bin, &dir, &steps);
     dir
 }
+
+/// A 2-step `vqgan superres` model (64 -> 256 px, crops of 8 pixels) on the tokenizer of a
+/// [`trained`] folder, under `dir/superres`; returns its folder.
+#[allow(dead_code)]
+pub fn superres(dir: &std::path::Path) -> PathBuf {
+    let bin = manifests::testing::bin_dir(env!("CARGO_BIN_EXE_infer"));
+    let config = dir.join("superres.toml");
+    std::fs::write(&config, "patch = 8\nheld_out = 2\nlog_every = 1\n").unwrap();
+    let steps = [
+        "ingest synth --out D/synth-large --images 20 --documents 2 --size 256".to_string(),
+        "ingest pairs --preset tiny --size 256 --input D/synth-large/pairs --out D/pairs-large"
+            .to_string(),
+        format!(
+            "vqgan superres --pairs D/pairs-large --vqgan D/vqgan --out D/superres --steps 2 \
+             --batch-size 4 --config {}",
+            config.display()
+        ),
+    ];
+    manifests::testing::run_stages(&bin, dir, &steps);
+    dir.join("superres")
+}

@@ -574,9 +574,11 @@ async fn the_page_generates_in_a_headless_browser() {
         assert_eq!((picture.width(), picture.height()), (64, 64));
     }
     assert!(
-        dom.contains("image(s) in"),
-        "the status line did not report success"
+        dom.contains("image(s) in") && dom.contains(" s, 64 px"),
+        "the status line did not report success and the pictures' size"
     );
+    // No super-resolution model on this server: its enlarge box stays hidden.
+    assert!(dom.contains(r#"id="upscale-option" hidden"#), "{dom}");
     // A download link per image, the model's name and manifest digest, and where the
     // defaults came from.
     assert_eq!(dom.matches(r#"class="download""#).count(), 2, "{dom}");

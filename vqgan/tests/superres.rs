@@ -1,6 +1,7 @@
-//! `vqgan superres` end to end on small pairs stages: a stopped run resumes to exactly the
-//! uninterrupted one, a rerun skips, and the tokenizer input mode reads the tokenizer it names
-//! (checked against the model's input size).
+//! `vqgan superres` end to end on small pairs stages: a short run beats bicubic upsampling on
+//! held-out pictures, a stopped run resumes to exactly the uninterrupted one, a rerun skips, and
+//! the tokenizer input mode reads the tokenizer it names (checked against the model's input
+//! size).
 
 use std::path::Path;
 
@@ -25,7 +26,8 @@ fn fixture(dir: &Path, images: usize, tokenizer: bool) {
         "ingest synth --out D/synth-large --images {images} --documents 4 --size 256"
     ));
     steps.push(
-        "ingest pairs --preset tiny --size 256 --input D/synth-large/pairs --out D/pairs-large"
+        "ingest pairs --preset tiny --size 256 --output-format png --input D/synth-large/pairs \
+         --out D/pairs-large"
             .into(),
     );
     if tokenizer {
@@ -156,4 +158,34 @@ fn the_tokenizer_input_mode_reads_the_tokenizer_and_checks_its_size() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("256"), "{err}");
+}
+
+#[test]
+fn a_short_run_beats_bicubic_on_held_out_pictures() {
+    // 400 steps of 8 crops on 300 drawn scenes: about +1.7 dB when measured (the tiny
+    // preset's 1500 steps through the tokenizer: +1.8 dB, README).
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path(), 300, false);
+    let pairs = dir.path().join("pairs-large").display().to_string();
+    let config = SuperResStageConfig {
+        input: InputKind::Downscale,
+        steps: 400,
+        batch_size: 8,
+        warmup_steps: 10,
+        held_out: 8,
+        log_every: 50,
+        shuffle_buffer: 64,
+        ..SuperResStageConfig::preset("tiny").unwrap()
+    };
+    let out = dir.path().join("superres");
+    let manifest = train_superres(&config, &pairs, None, &options(&out, None)).unwrap();
+    let (ours, bicubic) = (
+        manifest.metric_f64("psnr_db"),
+        manifest.metric_f64("bicubic_psnr_db"),
+    );
+    assert!(
+        ours > bicubic + 0.5,
+        "held-out PSNR {ours:.2} dB, bicubic {bicubic:.2} dB"
+    );
+    assert!(manifest.metric_f64("ssim") > manifest.metric_f64("bicubic_ssim"));
 }

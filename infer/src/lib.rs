@@ -70,7 +70,13 @@ pub fn generate_to(
     let out = Location::parse(out)?;
     // In chunks, so the sampling batch stays a sensible size and the bar moves; a prompt's
     // images do not depend on the prompts it is batched with.
-    let bar = nn::progress::bar(prompts.len() as u64, 0, "prompts", "infer generate");
+    let bar = nn::progress::bar(
+        prompts.len() as u64,
+        0,
+        "prompts",
+        "infer generate",
+        nn::progress::bars_shown(),
+    );
     let mut results = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(PROMPTS_PER_BATCH) {
         results.extend(generator.generate(chunk, config)?);
@@ -183,7 +189,13 @@ fn shapes_metrics(
     let mut readings = Vec::new();
     let mut kept_images = Vec::new();
     let mut lines = String::new();
-    let bar = nn::progress::bar(prompt_refs.len() as u64, 0, "prompts", "infer eval");
+    let bar = nn::progress::bar(
+        prompt_refs.len() as u64,
+        0,
+        "prompts",
+        "infer eval",
+        nn::progress::bars_shown(),
+    );
     for chunk in prompt_refs.chunks(PROMPTS_PER_BATCH) {
         for result in generator.generate(chunk, &config.sampling)? {
             let best = &result.images[result.kept[0]];
@@ -277,7 +289,13 @@ fn caption_metrics(
         .map(|&i| held_out.captions[i].as_str())
         .collect();
     let mut generated = Vec::with_capacity(texts.len());
-    let bar = nn::progress::bar(texts.len() as u64, 0, "captions", "infer eval");
+    let bar = nn::progress::bar(
+        texts.len() as u64,
+        0,
+        "captions",
+        "infer eval",
+        nn::progress::bars_shown(),
+    );
     for chunk in texts.chunks(PROMPTS_PER_BATCH) {
         for result in generator.generate(chunk, &config.sampling)? {
             generated.push(result.images[result.kept[0]].clone());

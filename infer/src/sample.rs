@@ -20,6 +20,17 @@ use crate::Error;
 /// every row's logits at every step is a visible share of a batched decode on the CPU:
 /// BENCHMARKS.md, "Serving").
 pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut impl Rng) -> usize {
+    let temperature = config.temperature as f32;
+    let filtered = (config.top_k > 0 && config.top_k < logits.len()) || config.top_p < 1.0;
+    if !filtered {
+        // Every token a candidate, in index order: no list of candidates to build.
+        let best = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f64> = logits
+            .iter()
+            .map(|&logit| weight(logit, best, temperature))
+            .collect();
+        return draw(&weights, rng).unwrap_or(0);
+    }
     let descending = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
     let mut candidates: Vec<usize> = (0..logits.len()).collect();
     if config.top_k > 0 && config.top_k < candidates.len() {
@@ -33,10 +44,9 @@ pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut impl Rng)
         .iter()
         .map(|&i| logits[i])
         .fold(f32::NEG_INFINITY, f32::max);
-    let temperature = config.temperature as f32;
     let mut weights: Vec<f64> = candidates
         .iter()
-        .map(|&i| f64::from(((logits[i] - best) / temperature).exp()))
+        .map(|&i| weight(logits[i], best, temperature))
         .collect();
     if config.top_p < 1.0 {
         let total: f64 = weights.iter().sum();
@@ -51,16 +61,34 @@ pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut impl Rng)
         weights.truncate(cut);
         candidates.truncate(cut);
     }
+    draw(&weights, rng).map_or(candidates[0], |chosen| candidates[chosen])
+}
+
+/// The unnormalised probability of `logit` at `temperature`, `best` the largest logit.
+fn weight(logit: f32, best: f32, temperature: f32) -> f64 {
+    let exponent = (logit - best) / temperature;
+    // `exp` of anything below about -103.97 rounds to exactly 0 in f32, so skipping it changes
+    // no weight; at low temperatures most of a codebook's tokens are that far below the best,
+    // and the exponentials were a visible share of a batched decode on the CPU.
+    if exponent < -104.0 {
+        0.0
+    } else {
+        f64::from(exponent.exp())
+    }
+}
+
+/// The position a uniform draw lands on in `weights`; `None` when no weight is positive.
+fn draw(weights: &[f64], rng: &mut impl Rng) -> Option<usize> {
     let total: f64 = weights.iter().sum();
     let mut draw = rng.random::<f64>() * total;
-    let mut last_possible = candidates[0];
-    for (&token, &weight) in candidates.iter().zip(&weights) {
+    let mut last_possible = None;
+    for (position, &weight) in weights.iter().enumerate() {
         if weight > 0.0 {
-            last_possible = token;
+            last_possible = Some(position);
         }
         draw -= weight;
         if draw <= 0.0 && weight > 0.0 {
-            return token;
+            return Some(position);
         }
     }
     // Rounding left a sliver of the draw: the last token that had any weight.

@@ -63,6 +63,54 @@ fn top_k_top_p_and_temperature_filter_as_documented() {
     );
 }
 
+/// The sampler as first written: every token's exponential, then one walk of the draw.
+fn plain_draw(logits: &[f32], temperature: f32, rng: &mut impl rand::Rng) -> usize {
+    let best = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let weights: Vec<f64> = logits
+        .iter()
+        .map(|&l| f64::from(((l - best) / temperature).exp()))
+        .collect();
+    let mut draw = rng.random::<f64>() * weights.iter().sum::<f64>();
+    let mut last = 0;
+    for (token, &weight) in weights.iter().enumerate() {
+        if weight > 0.0 {
+            last = token;
+        }
+        draw -= weight;
+        if draw <= 0.0 && weight > 0.0 {
+            return token;
+        }
+    }
+    last
+}
+
+#[test]
+fn skipping_exponentials_that_round_to_zero_draws_the_same_tokens() {
+    // Wide logits at low temperatures: most exponents fall below f32's smallest number.
+    let mut source = ChaCha8Rng::seed_from_u64(7);
+    for temperature in [0.05f32, 0.1, 0.5, 1.0] {
+        for _ in 0..200 {
+            let logits: Vec<f32> = (0..2048)
+                .map(|_| rand::Rng::random_range(&mut source, -30.0f32..30.0))
+                .collect();
+            let config = SamplingConfig {
+                temperature: f64::from(temperature),
+                ..SamplingConfig::default()
+            };
+            let seed = rand::Rng::random::<u64>(&mut source);
+            let (mut ours, mut plain) = (
+                ChaCha8Rng::seed_from_u64(seed),
+                ChaCha8Rng::seed_from_u64(seed),
+            );
+            assert_eq!(
+                sample_token(&logits, &config, &mut ours),
+                plain_draw(&logits, temperature, &mut plain),
+                "temperature {temperature}"
+            );
+        }
+    }
+}
+
 #[test]
 fn unfiltered_and_top_k_draws_follow_the_softmax() {
     // Probabilities 1/7, 2/7, 4/7 at temperature 1, whatever order the sampler walks them in.

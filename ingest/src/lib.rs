@@ -19,7 +19,6 @@ pub mod text;
 
 use std::ops::Range;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use manifests::shards::Rejected;
 use manifests::sources::SourceSet;
 use manifests::{Location, Manifest, ShardSpec, StageRun, Tool};
@@ -250,21 +249,4 @@ impl Tally {
         metrics.insert("rejected".into(), serde_json::json!(self.rejected));
         metrics
     }
-}
-
-pub fn progress_bar(total: u64, enabled: bool, unit: &str) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(
-        Some(total),
-        if enabled {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
-    );
-    let template =
-        format!("{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}) {{msg}}");
-    if let Ok(style) = ProgressStyle::with_template(&template) {
-        bar.set_style(style);
-    }
-    bar
 }

@@ -1,6 +1,5 @@
 //! `ingest`: the first stage of the parti pipeline.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -257,7 +256,7 @@ fn options(stage: &StageArgs, job: Option<&JobArgs>) -> Result<RunOptions> {
             Some(job) => job.shard()?,
             None => manifests::ShardSpec::single(),
         },
-        progress: std::io::stderr().is_terminal(),
+        progress: manifests::progress::bars_shown(),
         download: DownloadOptions::default(),
     })
 }

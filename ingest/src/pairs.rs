@@ -16,7 +16,7 @@ use crate::sources::{
     InputFormat, Loaded, SourceConfig, Unit, detect_format, enumerate, image_root, load,
     stream_container,
 };
-use crate::{Error, RunOptions, ShardSet, begin_with_input, job_range, progress_bar, tool};
+use crate::{Error, RunOptions, ShardSet, begin_with_input, job_range, tool};
 use manifests::shards::pairs::{self, PairRow};
 use manifests::{Location, Manifest, StageRun};
 
@@ -537,7 +537,13 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
         shards: ShardSet::new(&run, pairs::KIND),
         seen: HashMap::new(),
         config: &config.image,
-        bar: progress_bar(mine.len() as u64, options.progress, "samples"),
+        bar: manifests::progress::bar(
+            mine.len() as u64,
+            0,
+            "samples",
+            "ingest pairs",
+            options.progress,
+        ),
     };
     if downloads {
         let mut slots = Vec::with_capacity(chunks.len());
@@ -641,7 +647,7 @@ fn retry_failed(
         shards: ShardSet::new(run, pairs::KIND),
         seen: HashMap::new(),
         config: &config.image,
-        bar: progress_bar(0, options.progress, "samples"),
+        bar: manifests::progress::bar(0, 0, "samples", "ingest pairs", options.progress),
     };
     let mut slots = Vec::new();
     let mut replaced_rows = 0u64;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::info;
 
-use crate::{Error, RunOptions, ShardSet, begin_with_input, job_range, progress_bar, tool};
+use crate::{Error, RunOptions, ShardSet, begin_with_input, job_range, tool};
 use manifests::shards::text::{self, TextRow};
 use manifests::{Location, Manifest, StageRun, Upstream};
 
@@ -206,7 +206,13 @@ fn captions_as_text(
 ) -> Result<Manifest, Error> {
     let sources = manifests::shards::pairs::shards(pairs);
     let mine = &sources[job_range(sources.len(), options.shard)];
-    let bar = progress_bar(mine.len() as u64, options.progress, "shards");
+    let bar = manifests::progress::bar(
+        mine.len() as u64,
+        0,
+        "shards",
+        "ingest text",
+        options.progress,
+    );
     let mut shards = ShardSet::new(&run, text::KIND);
     let mut seen: HashSet<blake3::Hash> = HashSet::new();
     for (index, source) in mine.iter().enumerate() {
@@ -310,7 +316,13 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
         )));
     }
     let mine = &files[job_range(files.len(), options.shard)];
-    let bar = progress_bar(mine.len() as u64, options.progress, "files");
+    let bar = manifests::progress::bar(
+        mine.len() as u64,
+        0,
+        "files",
+        "ingest text",
+        options.progress,
+    );
     let mut shards = ShardSet::new(&run, text::KIND);
     let mut seen: HashSet<blake3::Hash> = HashSet::new();
     let part_records = config.shard_rows.max(1);

@@ -12,6 +12,7 @@ pub mod config;
 pub mod lineage;
 pub mod manifest;
 pub mod merge;
+pub mod progress;
 pub mod shards;
 pub mod sources;
 pub mod stage;

@@ -7,8 +7,11 @@
 //! autodiff operations (`libtorch`) that run PyTorch's own kernels both ways:
 //! `scaled_dot_product_attention` (libtorch picks flash, memory-efficient or math per device, as
 //! PyTorch does), `layer_norm` and `cross_entropy`. On `flex` they are the compositions below,
-//! exactly what ran before. GELU needs nothing here: burn-autodiff has a GELU backward of its own,
-//! which burn-tch runs as libtorch's `gelu_backward`.
+//! exactly what ran before. GELU needs nothing for training: burn-autodiff has a GELU backward of
+//! its own, which burn-tch runs as libtorch's `gelu_backward`. Outside autodiff on `flex`
+//! (sampling, decoding, encoding, held-out evaluation) [`gelu`] evaluates erf as a rational
+//! function that the compiler vectorises, as PyTorch's and Eigen's CPU kernels do, instead of
+//! flex's one-value-at-a-time libm call.
 //!
 //! Training steps on `tch` also take their AdamW update from one fused libtorch kernel per
 //! parameter ([`AdamW`]), where Burn's AdamW runs a dozen tensor ops.
@@ -26,7 +29,7 @@ use burn::grad_clipping::GradientClippingConfig;
 use burn::nn::{Dropout, LayerNorm};
 use burn::optim::{AdamWConfig, ModuleOptimizer};
 use burn::tensor::activation::{log_softmax, softmax};
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
 
 #[cfg(feature = "tch")]
 mod libtorch;
@@ -46,6 +49,58 @@ pub fn enabled() -> bool {
     *ENABLED.get_or_init(|| {
         cfg!(feature = "tch") && !matches!(std::env::var("PARTI_FUSED").as_deref(), Ok("off" | "0"))
     })
+}
+
+/// GELU, `x * (1 + erf(x / sqrt 2)) / 2`. Under autodiff, and on `tch`, Burn's own (exact erf,
+/// with its gradient). Outside autodiff on `flex`, [`erf_rational`] over the values: flex's
+/// scalar libm erf was a fifth of a batched decode's time on the CPU (BENCHMARKS.md, "Serving");
+/// the rational form is within 4e-7 of erf, a few units in the last place of f32.
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let vectorised = cfg!(not(feature = "tch"))
+        && !matches!(std::env::var("PARTI_FUSED").as_deref(), Ok("off" | "0"));
+    if !vectorised || x.device().is_autodiff() || x.dtype() != DType::F32 {
+        return burn::tensor::activation::gelu(x);
+    }
+    let (shape, device) = (x.shape(), x.device());
+    let data = x.into_data();
+    let Ok(values) = data.as_slice::<f32>() else {
+        return burn::tensor::activation::gelu(Tensor::from_data(data, &device));
+    };
+    let activated: Vec<f32> = values
+        .iter()
+        .map(|&v| 0.5 * v * (1.0 + erf_rational(v * std::f32::consts::FRAC_1_SQRT_2)))
+        .collect();
+    Tensor::from_data(TensorData::new(activated, shape), &device)
+}
+
+/// erf as Eigen's and XLA's single-precision rational approximation: odd degree-13 over even
+/// degree-8 polynomials on [-4, 4], where erf reaches +-1 in f32. No branch and no exp, so a
+/// loop over it vectorises.
+pub fn erf_rational(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let p = [
+        -2.726_142_3e-10,
+        2.770_681_4e-8,
+        -2.101_024e-6,
+        -5.692_506_4e-5,
+        -7.349_906e-4,
+        -2.954_6e-3,
+        -1.609_603_3e-2,
+    ]
+    .iter()
+    .fold(0.0f32, |acc, &c| acc * x2 + c)
+        * x;
+    let q = [
+        -1.456_607_2e-5,
+        -2.133_740_6e-4,
+        -1.682_827e-3,
+        -7.373_329e-3,
+        -1.426_474e-2,
+    ]
+    .iter()
+    .fold(0.0f32, |acc, &c| acc * x2 + c);
+    p / q
 }
 
 /// Scaled dot-product attention of `queries: [batch, heads, q, d_head]` over

@@ -3,7 +3,6 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
-use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Tensor};
 
 #[derive(Config, Debug)]
@@ -38,7 +37,9 @@ impl MlpConfig {
 
 impl Mlp {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        self.fc2
-            .forward(self.dropout.forward(gelu(self.fc1.forward(x))))
+        self.fc2.forward(
+            self.dropout
+                .forward(crate::fused::gelu(self.fc1.forward(x))),
+        )
     }
 }

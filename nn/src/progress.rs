@@ -6,38 +6,13 @@
 //! progress (a resumed run draws the whole curve) and becomes the `training.png` artifact
 //! (drawn by `plot::training_chart`).
 
-use std::collections::BTreeMap;
-use std::io::IsTerminal;
-
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use tracing::info;
 
-/// Whether progress bars are drawn: stderr is a terminal and `PARTI_PROGRESS` is not `off`.
-pub fn bars_shown() -> bool {
-    std::io::stderr().is_terminal() && std::env::var("PARTI_PROGRESS").as_deref() != Ok("off")
-}
-
-/// A bar over `total` units of `unit` (steps, prompts, shards), `done` of them already done;
-/// hidden when [`bars_shown`] is false.
-pub fn bar(total: u64, done: u64, unit: &str, label: &str) -> ProgressBar {
-    let target = if bars_shown() {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    };
-    let bar = ProgressBar::with_draw_target(Some(total), target);
-    let template = format!(
-        "{label} {{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}, ETA {{eta}}) {{msg}}"
-    );
-    if let Ok(style) = ProgressStyle::with_template(&template) {
-        bar.set_style(style);
-    }
-    bar.set_position(done);
-    bar.reset_eta();
-    bar
-}
+pub use manifests::progress::{bar, bars_shown};
 
 /// A training loop's visible progress.
 pub struct Steps {
@@ -47,11 +22,13 @@ pub struct Steps {
 impl Steps {
     /// Steps `done..total` of `stage` are left; only the job's leader (`shown`) draws a bar.
     pub fn new(stage: &str, total: usize, done: usize, shown: bool) -> Steps {
-        let bar = if shown {
-            bar(total as u64, done as u64, "steps", stage)
-        } else {
-            ProgressBar::hidden()
-        };
+        let bar = bar(
+            total as u64,
+            done as u64,
+            "steps",
+            stage,
+            shown && bars_shown(),
+        );
         Steps { bar }
     }
 
@@ -110,6 +87,13 @@ impl Curves {
     pub fn held_out(&mut self, name: &str, step: usize, value: f64) {
         push(&mut self.held_out, name, step, value);
     }
+
+    /// Several held-out readings `(name, value)` taken at `step`.
+    pub fn held_out_at(&mut self, step: usize, readings: &[(&str, f64)]) {
+        for &(name, value) in readings {
+            self.held_out(name, step, value);
+        }
+    }
 }
 
 fn push(series: &mut BTreeMap<String, Vec<(usize, f64)>>, name: &str, step: usize, value: f64) {
@@ -121,9 +105,37 @@ fn push(series: &mut BTreeMap<String, Vec<(usize, f64)>>, name: &str, step: usiz
     }
 }
 
-/// Evaluation points of a run of `steps` steps: about `points` of them, evenly spaced, the
-/// last step always among them.
-pub fn is_evaluation_step(step: usize, steps: usize, points: usize) -> bool {
+/// Whether the held-out set is read after step `step` (0-based) of a run of `steps` steps:
+/// about `points` times, evenly spaced, but not after the last step, whose reading is the
+/// stage's final evaluation (pushed to the chart by the stage itself).
+pub fn is_midway_evaluation(step: usize, steps: usize, points: usize) -> bool {
     let every = steps.div_ceil(points.max(1)).max(1);
-    step + 1 == steps || (step + 1).is_multiple_of(every)
+    step + 1 < steps && (step + 1).is_multiple_of(every)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn midway_evaluations_are_evenly_spaced_and_leave_the_last_step_to_the_final_one() {
+        let after = |steps, points| {
+            (0..steps)
+                .filter(|&step| is_midway_evaluation(step, steps, points))
+                .collect::<Vec<_>>()
+        };
+        // Every 4th step of 20 (steps 4, 8, 12, 16 done); the 20th is the final evaluation.
+        assert_eq!(after(20, 5), vec![3, 7, 11, 15]);
+        assert_eq!(after(3, 5), vec![0, 1]);
+        assert!(after(1, 5).is_empty());
+        assert!(after(0, 5).is_empty());
+    }
+
+    #[test]
+    fn readings_taken_together_land_at_one_step_and_non_finite_ones_are_left_out() {
+        let mut curves = Curves::default();
+        curves.held_out_at(7, &[("psnr_db", 30.0), ("ssim", f64::NAN)]);
+        assert_eq!(curves.held_out["psnr_db"], vec![(7, 30.0)]);
+        assert!(!curves.held_out.contains_key("ssim"));
+    }
 }

@@ -268,3 +268,36 @@ fn adamw_matches_burns_adamw_over_several_steps() {
         next_swapped.weight.val().inner(),
     );
 }
+
+#[test]
+fn gelu_outside_autodiff_is_within_f32_rounding_of_the_exact_one_and_training_keeps_burns() {
+    let device = backend::device("cpu").unwrap();
+    // Every region of erf: the linear middle, the bend, the tails where it reaches +-1.
+    let values: Vec<f32> = (-12_000..=12_000).map(|i| i as f32 / 1000.0).collect();
+    let x = Tensor::<1>::from_floats(values.as_slice(), &device);
+    let ours = fused::gelu(x.clone())
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let exact = gelu(x).into_data().try_to_vec::<f32>().unwrap();
+    for ((&v, &a), &b) in values.iter().zip(&ours).zip(&exact) {
+        assert!(
+            (a - b).abs() <= 1e-6 * (1.0 + v.abs()),
+            "gelu({v}): {a} against {b}"
+        );
+    }
+    // On the training device (and on tch everywhere) it is Burn's GELU, value for value.
+    let training = backend::training_device("cpu").unwrap();
+    let x = random([4, 33], &training);
+    let ours = fused::gelu(x.clone())
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let burns = gelu(x).into_data().try_to_vec::<f32>().unwrap();
+    assert_eq!(ours, burns);
+    // erf itself: odd, 0 at 0, +-1 in the tails.
+    assert_eq!(fused::erf_rational(0.0), 0.0);
+    assert_eq!(fused::erf_rational(-1.3), -fused::erf_rational(1.3));
+    assert!((fused::erf_rational(9.0) - 1.0).abs() < 4e-7);
+    assert!((fused::erf_rational(0.5) - 0.520_499_9).abs() < 4e-7);
+}

@@ -16,7 +16,7 @@ use burn::optim::{AdafactorConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Bool, Device, Int, Tensor};
 use nn::data::{HeldOutSample, RowStream, StreamConfig};
 use nn::distributed::Group;
-use nn::progress::{Curves, Steps, is_evaluation_step};
+use nn::progress::{Curves, Steps, is_midway_evaluation};
 use nn::training::{self, Publication, Schedule};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -524,22 +524,17 @@ pub fn train_parti(
         progress.step += 1;
         progress.data_position = examples.position();
         // Held-out points along the way (the last one is the final validation below).
-        if group.is_leader()
-            && progress.step < config.steps
-            && is_evaluation_step(step, config.steps, HELD_OUT_POINTS)
-        {
+        if group.is_leader() && is_midway_evaluation(step, config.steps, HELD_OUT_POINTS) {
             let (loss, accuracy) = validate(
                 &model.valid(),
                 &validation,
                 &tokenizer,
                 &device.clone().inner(),
             );
-            progress
-                .curves
-                .held_out("perplexity", progress.step, loss.exp());
-            progress
-                .curves
-                .held_out("token_accuracy", progress.step, accuracy);
+            progress.curves.held_out_at(
+                progress.step,
+                &[("perplexity", loss.exp()), ("token_accuracy", accuracy)],
+            );
         }
         bar.set_done(progress.step);
         checkpointing.after_step(&run, progress.step, &model, &optimizer, &progress)?;
@@ -557,12 +552,13 @@ pub fn train_parti(
     let eval_device = device.clone().inner();
     let (val_loss, val_accuracy) = validate(&model, &validation, &tokenizer, &eval_device);
     let val_perplexity = val_loss.exp();
-    progress
-        .curves
-        .held_out("perplexity", progress.step, val_perplexity);
-    progress
-        .curves
-        .held_out("token_accuracy", progress.step, val_accuracy);
+    progress.curves.held_out_at(
+        progress.step,
+        &[
+            ("perplexity", val_perplexity),
+            ("token_accuracy", val_accuracy),
+        ],
+    );
     info!(
         "validation perplexity {val_perplexity:.2} (codebook {codebook}), token accuracy {val_accuracy:.3}"
     );

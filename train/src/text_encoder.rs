@@ -12,7 +12,7 @@ use burn::module::Module;
 use burn::nn::LinearConfig;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Bool, Device, Int, Tensor};
-use nn::progress::{Curves, Steps, is_evaluation_step};
+use nn::progress::{Curves, Steps, is_midway_evaluation};
 use nn::training::{self, Publication, Schedule};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -522,18 +522,13 @@ pub fn train_text_encoder(
         }
         progress.step += 1;
         // Held-out points along the way (the last one is the final evaluation).
-        if group.is_leader()
-            && progress.step < config.steps
-            && is_evaluation_step(step, config.steps, HELD_OUT_POINTS)
-        {
+        if group.is_leader() && is_midway_evaluation(step, config.steps, HELD_OUT_POINTS) {
             let (accuracy, (recall, _)) =
                 held_out_readings(&model.valid(), &device.clone().inner())?;
-            progress
-                .curves
-                .held_out("mlm_accuracy", progress.step, accuracy);
-            progress
-                .curves
-                .held_out("recall_at_1", progress.step, recall);
+            progress.curves.held_out_at(
+                progress.step,
+                &[("mlm_accuracy", accuracy), ("recall_at_1", recall)],
+            );
         }
         bar.set_done(progress.step);
         checkpointing.after_step(&run, progress.step, &model, &optimizer, &progress)?;
@@ -562,12 +557,10 @@ pub fn train_text_encoder(
     let held_out_line = json!({"step": config.steps, "held_out": {"mlm_accuracy": mlm_accuracy,
         "recall_at_1": recall_at_1, "recall_at_5": recall_at_5, "recall_at_1_chance": chance}});
     progress.log.push_str(&format!("{held_out_line}\n"));
-    progress
-        .curves
-        .held_out("mlm_accuracy", progress.step, mlm_accuracy);
-    progress
-        .curves
-        .held_out("recall_at_1", progress.step, recall_at_1);
+    progress.curves.held_out_at(
+        progress.step,
+        &[("mlm_accuracy", mlm_accuracy), ("recall_at_1", recall_at_1)],
+    );
     let configs = PretrainedConfigs {
         text_encoder: encoder_config,
         contrastive: contrastive_config,

@@ -103,7 +103,13 @@ pub fn encode(config: &EncodeConfig, args: &TokenizerRun) -> Result<Manifest, Er
     let (size, grid) = (model_config.image_size, model_config.grid());
     let codebook_size = model_config.quantizer.codebook_size;
     let shards = pairs::shards(&pairs);
-    let progress = nn::progress::bar(shards.len() as u64, 0, "shards", "vqgan encode");
+    let progress = nn::progress::bar(
+        shards.len() as u64,
+        0,
+        "shards",
+        "vqgan encode",
+        nn::progress::bars_shown(),
+    );
     let (mut artifacts, mut rows) = (Vec::new(), 0u64);
     let mut rejected = images::Rejected::new();
     for artifact in shards {

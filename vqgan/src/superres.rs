@@ -24,7 +24,7 @@ use models::{CONFIG_KIND, SUPERRES_KIND, load_vqgan};
 use nn::cli::TrainingOptions;
 use nn::data::StreamConfig;
 use nn::images::{self, ImageSet, Rejected, floats};
-use nn::progress::{Curves, Steps, is_evaluation_step};
+use nn::progress::{Curves, Steps, is_midway_evaluation};
 use nn::training::{self, Publication, Schedule};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -516,10 +516,7 @@ pub fn train_superres(
         progress.step += 1;
         progress.data_position = pictures.position();
         progress.rejected = pictures.rejected().clone();
-        if group.is_leader()
-            && progress.step < config.steps
-            && is_evaluation_step(step, config.steps, HELD_OUT_POINTS)
-        {
+        if group.is_leader() && is_midway_evaluation(step, config.steps, HELD_OUT_POINTS) {
             let quality = evaluate(&model.valid(), &degrade, &held_out, &inner_device)?;
             chart_quality(&mut progress.curves, progress.step, &quality);
         }
@@ -569,7 +566,12 @@ pub fn train_superres(
 }
 
 fn chart_quality(curves: &mut Curves, step: usize, quality: &Quality) {
-    curves.held_out("psnr_db", step, quality.psnr_db);
-    curves.held_out("bicubic_psnr_db", step, quality.bicubic_psnr_db);
-    curves.held_out("ssim", step, quality.ssim);
+    curves.held_out_at(
+        step,
+        &[
+            ("psnr_db", quality.psnr_db),
+            ("bicubic_psnr_db", quality.bicubic_psnr_db),
+            ("ssim", quality.ssim),
+        ],
+    );
 }

@@ -19,7 +19,7 @@ use models::{CONFIG_KIND, VQGAN_KIND, load_vqgan};
 use nn::cli::TrainingOptions;
 use nn::distributed::Group;
 use nn::images::{self, ImageSet, Rejected};
-use nn::progress::{Curves, Steps, is_evaluation_step};
+use nn::progress::{Curves, Steps, is_midway_evaluation};
 use nn::training::{self, Publication};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -67,9 +67,14 @@ const HELD_OUT_POINTS: usize = 5;
 
 /// Puts a held-out reading on the chart at `step`.
 fn chart_quality(curves: &mut Curves, step: usize, quality: &eval::Quality) {
-    curves.held_out("psnr_db", step, quality.psnr_db);
-    curves.held_out("ssim", step, quality.ssim);
-    curves.held_out("codebook_usage", step, quality.codebook_usage);
+    curves.held_out_at(
+        step,
+        &[
+            ("psnr_db", quality.psnr_db),
+            ("ssim", quality.ssim),
+            ("codebook_usage", quality.codebook_usage),
+        ],
+    );
 }
 
 /// The held-out images of a pairs manifest, at the model's size.
@@ -338,10 +343,7 @@ impl Setup<'_> {
             progress.data_position = images.position();
             progress.rejected = images.rejected().clone();
             // Held-out points along the way (the last one is the final evaluation).
-            if self.group.is_leader()
-                && progress.step < config.steps
-                && is_evaluation_step(step, config.steps, HELD_OUT_POINTS)
-            {
+            if self.group.is_leader() && is_midway_evaluation(step, config.steps, HELD_OUT_POINTS) {
                 let model = as_vqgan(&trainee.model).valid();
                 let quality = eval::evaluate(&model, held_out, &device.clone().inner())?;
                 chart_quality(&mut progress.curves, progress.step, &quality);

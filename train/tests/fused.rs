@@ -1,7 +1,8 @@
 //! `train parti` with the fused kernels (libtorch's attention, layer norm, cross-entropy and
 //! AdamW on `tch`) and with the compositions (`PARTI_FUSED=off`) follows the same loss curve:
 //! within rounding on `tch`, where the kernels sum in another order, and bit for bit on `flex`,
-//! where both runs are the composition.
+//! where both trainings are the composition (only the validation pass, outside autodiff, differs
+//! there: its GELU takes the rational erf unless `PARTI_FUSED=off`).
 
 mod common;
 
@@ -50,7 +51,10 @@ fn fused_kernels_leave_the_loss_curve_unchanged() {
     assert!(fused[15] < 0.9 * fused[0], "{fused:?}");
     if nn::backend::backend_name() == "flex" {
         assert_eq!(fused, composed);
-        assert_eq!(fused_validation, composed_validation);
+        assert!(
+            (fused_validation - composed_validation).abs() <= 1e-5 * composed_validation.abs(),
+            "validation loss: rational erf {fused_validation}, libm erf {composed_validation}"
+        );
         return;
     }
     // The kernels did run: they round differently from the composition.

@@ -227,10 +227,14 @@ struct ServeArgs {
     timeout_s: f64,
     #[arg(long, default_value_t = 500)]
     max_prompt_chars: usize,
-    /// Milliseconds the sampler waits after a request for others to join its round (clients
-    /// that send together share one round instead of one waiting behind the other's).
+    /// Milliseconds without a new request the sampler waits for before it starts a round
+    /// (clients that send together share one round instead of one waiting behind the other's).
     #[arg(long, default_value_t = 5)]
     batch_wait_ms: u64,
+    /// The most milliseconds the sampler waits in all before a round, however often requests
+    /// keep arriving.
+    #[arg(long, default_value_t = 50)]
+    batch_wait_limit_ms: u64,
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
@@ -243,6 +247,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         timeout: Duration::from_secs_f64(args.timeout_s),
         max_prompt_chars: args.max_prompt_chars,
         batch_wait: Duration::from_millis(args.batch_wait_ms),
+        batch_wait_limit: Duration::from_millis(args.batch_wait_limit_ms),
         sampling: args.sampling.settings(&args.models.parti)?,
     };
     let generator = args.models.load()?;

@@ -18,7 +18,8 @@
 //!
 //! **Batching.** One worker thread owns the generator; requests wait in a FIFO queue of at most
 //! `queue` requests. Whenever the worker is free it takes the oldest `max_batch` requests
-//! waiting (after waiting up to `batch_wait` for more to arrive), whatever their settings, and
+//! waiting (after waiting for more to arrive: until `batch_wait` passes without a new request,
+//! at most `batch_wait_limit` in all), whatever their settings, and
 //! decodes all their samples as the rows of one batch ([`Generator::sample_rows`]; on flex one
 //! batch per CPU core): every row
 //! carries its own guidance, temperature, top-k/top-p and random stream (the request's seed and
@@ -65,10 +66,15 @@ pub struct ServeConfig {
     /// How long a request may wait and sample before it is answered with 504.
     pub timeout: Duration,
     pub max_prompt_chars: usize,
-    /// How long the worker waits after a request arrives for others to join its round
-    /// (0: start at once with whatever is waiting). The default, 5 ms, lets requests sent
-    /// together share a round rather than the first running alone while the rest wait.
+    /// How long the worker waits, after the latest request arrived, for others to join its
+    /// round before it starts (0: start at once with whatever is waiting). Requests sent
+    /// together reach the queue over some milliseconds (their connections and bodies are
+    /// handled one by one); waiting for a quiet gap rather than a fixed time after the first
+    /// lets them share a round rather than the first few running alone while the rest wait.
     pub batch_wait: Duration,
+    /// The most the worker waits in all before starting a round, however often requests
+    /// keep arriving.
+    pub batch_wait_limit: Duration,
     /// What a request does not say: the model's settings, or those of `--sampling-from`.
     pub sampling: SamplingSettings,
 }
@@ -87,6 +93,7 @@ impl ServeConfig {
             timeout: Duration::from_secs(120),
             max_prompt_chars: 500,
             batch_wait: Duration::from_millis(5),
+            batch_wait_limit: Duration::from_millis(50),
             sampling,
         }
     }
@@ -196,6 +203,7 @@ struct Shared {
     max_batch: usize,
     capacity: usize,
     batch_wait: Duration,
+    batch_wait_limit: Duration,
     image_size: usize,
     /// Side of the enlarged pictures, when the generator has a super-resolution model.
     upscaled_size: Option<usize>,
@@ -256,6 +264,7 @@ pub fn spawn_worker(generator: Generator, config: &ServeConfig) -> Result<Worker
         max_batch: config.max_batch,
         capacity: config.queue,
         batch_wait: config.batch_wait,
+        batch_wait_limit: config.batch_wait_limit,
         image_size: generator.vqgan_config.image_size,
         upscaled_size: generator
             .upscaler
@@ -381,9 +390,16 @@ fn next_round(shared: &Shared) -> Option<Vec<Job>> {
             .wait(queue)
             .unwrap_or_else(|poisoned| poisoned.into_inner());
     }
-    let deadline = Instant::now() + shared.batch_wait;
+    let limit = Instant::now() + shared.batch_wait_limit;
+    let mut quiet_until = Instant::now() + shared.batch_wait;
+    let mut waiting = queue.jobs.len();
     while !queue.closed && queue.jobs.len() < shared.max_batch {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        if queue.jobs.len() > waiting {
+            quiet_until = now + shared.batch_wait;
+        }
+        waiting = queue.jobs.len();
+        let left = quiet_until.min(limit).saturating_duration_since(now);
         if left.is_zero() {
             break;
         }

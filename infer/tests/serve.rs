@@ -364,6 +364,7 @@ fn images_of(answer: &Answer) -> Vec<Value> {
 async fn requests_with_mixed_settings_share_rounds_and_keep_their_images() {
     let server = start(|sampling| ServeConfig {
         batch_wait: Duration::from_millis(500),
+        batch_wait_limit: Duration::from_millis(500),
         ..ServeConfig::new(sampling)
     })
     .await;
@@ -444,6 +445,54 @@ async fn sixty_four_clients_with_their_own_seeds_are_all_answered() {
         health["rounds"].as_u64().unwrap() < 64,
         "{} rounds: distinct seeds were not batched",
         health["rounds"]
+    );
+}
+
+/// Requests that trickle in, each well within `batch_wait` of the one before but together over
+/// more than `batch_wait`, still share one round: the worker waits for a quiet gap, not a fixed
+/// time after the first. With a `batch_wait_limit` shorter than the trickle, the first round
+/// starts without the last ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_in_a_trickle_share_a_round_up_to_the_wait_limit() {
+    async fn trickle(server: &Server) -> Vec<u64> {
+        // Spaced by 200 ms: each arrival restarts a 600 ms wait; the five span 800 ms.
+        let sent = (0..5u64).map(|i| async move {
+            tokio::time::sleep(Duration::from_millis(200 * i)).await;
+            server
+                .generate(json!({"prompt": "a red circle", "seed": i}))
+                .await
+        });
+        let mut batches = Vec::new();
+        for answer in join_all(sent).await {
+            assert_eq!(
+                answer.status,
+                200,
+                "{}",
+                String::from_utf8_lossy(&answer.body)
+            );
+            batches.push(answer.json()["batch"].as_u64().unwrap());
+        }
+        batches
+    }
+    let patient = start(|sampling| ServeConfig {
+        batch_wait: Duration::from_millis(600),
+        batch_wait_limit: Duration::from_secs(30),
+        ..ServeConfig::new(sampling)
+    })
+    .await;
+    assert_eq!(trickle(&patient).await, vec![5; 5]);
+    assert_eq!(patient.health().await["rounds"], 1);
+
+    let limited = start(|sampling| ServeConfig {
+        batch_wait: Duration::from_millis(600),
+        batch_wait_limit: Duration::from_millis(300),
+        ..ServeConfig::new(sampling)
+    })
+    .await;
+    let batches = trickle(&limited).await;
+    assert!(
+        batches[0] < 5,
+        "the limit did not cut the first round: {batches:?}"
     );
 }
 

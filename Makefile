@@ -52,6 +52,10 @@ LARGE_INPUT := $(or $(PAIRS),$(RUN)/synth-large/pairs)
 # not learn and would be scored against.
 LARGE_FLAGS := $(if $(PAIRS),$(PAIRS_FLAGS),--output-format png)
 TEXT_INPUT := $(or $(TEXT),$(if $(PAIRS),$(RUN)/pairs,$(RUN)/synth/text))
+# Both pairs stages read PAIRS; when it is a URL list, the second takes the images the first
+# downloaded from this local folder (DOWNLOADS= to go without; not for a bucket RUN).
+DOWNLOADS ?= $(if $(findstring ://,$(RUN)),,$(RUN)/downloads)
+DOWNLOAD_FLAGS := $(if $(and $(PAIRS),$(DOWNLOADS)),--download-cache $(DOWNLOADS),)
 
 .PHONY: pipeline status build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-urls bench-models bench-venv bench-distributed bench-serve
 
@@ -70,8 +74,8 @@ ifeq ($(PAIRS),)
 	$(BIN)/ingest synth --preset $(PRESET) --out $(RUN)/synth $(FORCE_FLAG)
 	$(BIN)/ingest synth --preset $(PRESET) --size $(SUPERRES_SIZE) --out $(RUN)/synth-large $(FORCE_FLAG)
 endif
-	$(BIN)/ingest pairs --preset $(PRESET) --input $(PAIRS_INPUT) $(PAIRS_FLAGS) --out $(RUN)/pairs $(FORCE_FLAG)
-	$(BIN)/ingest pairs --preset $(PRESET) --size $(SUPERRES_SIZE) --input $(LARGE_INPUT) $(LARGE_FLAGS) --out $(RUN)/pairs-large $(FORCE_FLAG)
+	$(BIN)/ingest pairs --preset $(PRESET) --input $(PAIRS_INPUT) $(PAIRS_FLAGS) $(DOWNLOAD_FLAGS) --out $(RUN)/pairs $(FORCE_FLAG)
+	$(BIN)/ingest pairs --preset $(PRESET) --size $(SUPERRES_SIZE) --input $(LARGE_INPUT) $(LARGE_FLAGS) $(DOWNLOAD_FLAGS) --out $(RUN)/pairs-large $(FORCE_FLAG)
 	$(BIN)/ingest text --input $(TEXT_INPUT) --out $(RUN)/text $(FORCE_FLAG)
 	$(BIN)/vqgan train --preset $(PRESET) --pairs $(RUN)/pairs --out $(RUN)/vqgan $(STEPS_FLAG) $(FORCE_FLAG)
 	$(BIN)/vqgan finetune-decoder --preset $(PRESET) --vqgan $(RUN)/vqgan --pairs $(RUN)/pairs --out $(RUN)/vqgan-decoder $(STEPS_FLAG) $(FORCE_FLAG)

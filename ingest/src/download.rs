@@ -1,11 +1,16 @@
 //! Images named by URL: fetched with async I/O under bounded concurrency (overall and per
 //! host), timeouts, a size cap enforced while streaming, content sniffing, retries with backoff
-//! for transient failures only, a DNS cache and the `X-Robots-Tag: noai` opt-out.
+//! for transient failures only, a DNS cache and the `X-Robots-Tag: noai` opt-out. With a
+//! download cache (`--download-cache DIR`), each URL's outcome is kept in a local folder, so a
+//! second stage over the same list (`make pipeline`'s larger copy for super-resolution) or a
+//! killed run's rerun downloads nothing it already has.
 //!
 //! Every failure is a [`Reason`] (`http_404`, `timeout`, `dns`, ...), never an error of the run.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -61,6 +66,10 @@ pub struct DownloadOptions {
     pub user_agent: String,
     /// Only rows whose earlier failure was transient are fetched again (`--retry-failed`).
     pub retry_failed: bool,
+    /// A local folder keeping each URL's outcome under the [`DownloadRules`] it was fetched
+    /// with: the body, or a failure another attempt would not change (transient ones are not
+    /// kept). Another stage over the same list reads it instead of the network.
+    pub cache: Option<PathBuf>,
 }
 
 impl Default for DownloadOptions {
@@ -79,6 +88,7 @@ impl Default for DownloadOptions {
                 env!("CARGO_PKG_VERSION")
             ),
             retry_failed: false,
+            cache: None,
         }
     }
 }
@@ -96,6 +106,22 @@ pub const TRANSIENT: [Reason; 6] = [
 pub fn is_transient(reason: &str) -> bool {
     TRANSIENT.contains(&reason)
 }
+
+/// Failure reasons that the same request under the same rules would meet again: what the
+/// download cache keeps besides bodies.
+const PERMANENT: [Reason; 11] = [
+    "bad_url",
+    "http_3xx",
+    "http_403",
+    "http_404",
+    "http_410",
+    "http_4xx",
+    "too_many_redirects",
+    "opted_out",
+    "too_large",
+    "not_an_image",
+    "empty_file",
+];
 
 /// Longest backoff honoured from a `Retry-After` header; a server asking for more gets a
 /// transient failure (retried by a later `--retry-failed` run) rather than a stalled job.
@@ -164,6 +190,10 @@ pub struct Downloader {
     options: DownloadOptions,
     rules: DownloadRules,
     hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// The rules as the cache keys them (a change of rules is a different entry).
+    rules_key: String,
+    /// Numbers the cache's temporary files, so concurrent writes never share one.
+    cache_writes: AtomicU64,
 }
 
 impl Downloader {
@@ -178,11 +208,15 @@ impl Downloader {
             .pool_max_idle_per_host(options.per_host.max(1))
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?;
+        let rules_key =
+            serde_json::to_string(&rules).map_err(|e| format!("download rules: {e}"))?;
         Ok(Downloader {
             client,
             options,
             rules,
             hosts: Mutex::new(HashMap::new()),
+            rules_key,
+            cache_writes: AtomicU64::new(0),
         })
     }
 
@@ -196,8 +230,59 @@ impl Downloader {
         }
     }
 
-    /// The image bytes at `url`, retrying transient failures with backoff.
+    /// The image bytes at `url`: from the download cache when it has the URL's outcome, else
+    /// from the network (kept in the cache unless the failure was transient).
     pub async fn fetch(&self, url: &str) -> Result<Bytes, Reason> {
+        let Some(entry) = self.cache_entry(url) else {
+            return self.download(url).await;
+        };
+        if let Some(outcome) = read_cached(&entry).await {
+            return outcome;
+        }
+        let outcome = self.download(url).await;
+        if let Err(e) = self.keep(&entry, &outcome).await {
+            tracing::warn!("download cache {}: {e}", entry.display());
+        }
+        outcome
+    }
+
+    /// Where the cache keeps `url`'s outcome under these rules (without an extension).
+    fn cache_entry(&self, url: &str) -> Option<PathBuf> {
+        let dir = self.options.cache.as_ref()?;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(self.rules_key.as_bytes());
+        hasher.update(b"\n");
+        hasher.update(url.as_bytes());
+        let name = hasher.finalize().to_hex();
+        Some(dir.join(&name[..2]).join(name.as_str()))
+    }
+
+    /// Writes `outcome` to `entry` through a temporary file renamed into place, so a killed
+    /// run leaves whole entries or none.
+    async fn keep(&self, entry: &Path, outcome: &Result<Bytes, Reason>) -> std::io::Result<()> {
+        let (extension, contents): (&str, &[u8]) = match outcome {
+            Ok(bytes) => ("image", bytes),
+            Err(reason) if PERMANENT.contains(reason) => ("failed", reason.as_bytes()),
+            Err(_) => return Ok(()),
+        };
+        if let Some(folder) = entry.parent() {
+            tokio::fs::create_dir_all(folder).await?;
+        }
+        let temporary = entry.with_extension(format!(
+            "partial-{}-{}",
+            std::process::id(),
+            self.cache_writes.fetch_add(1, Ordering::Relaxed)
+        ));
+        tokio::fs::write(&temporary, contents).await?;
+        let renamed = tokio::fs::rename(&temporary, entry.with_extension(extension)).await;
+        if renamed.is_err() {
+            let _ = tokio::fs::remove_file(&temporary).await;
+        }
+        renamed
+    }
+
+    /// The image bytes at `url` from the network, retrying transient failures with backoff.
+    async fn download(&self, url: &str) -> Result<Bytes, Reason> {
         let parsed = reqwest::Url::parse(url).map_err(|_| "bad_url")?;
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err("bad_url");
@@ -284,6 +369,19 @@ impl Downloader {
         }
         Ok(body.freeze())
     }
+}
+
+/// The outcome the cache keeps at `entry`, if it keeps one (an unreadable or unknown entry is
+/// a miss: the URL is downloaded again).
+async fn read_cached(entry: &Path) -> Option<Result<Bytes, Reason>> {
+    if let Ok(body) = tokio::fs::read(entry.with_extension("image")).await {
+        return Some(Ok(Bytes::from(body)));
+    }
+    let reason = tokio::fs::read(entry.with_extension("failed")).await.ok()?;
+    PERMANENT
+        .iter()
+        .find(|known| known.as_bytes() == reason.as_slice())
+        .map(|known| Err(*known))
 }
 
 fn request_reason(error: &reqwest::Error) -> Reason {

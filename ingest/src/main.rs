@@ -1,5 +1,6 @@
 //! `ingest`: the first stage of the parti pipeline.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -182,6 +183,11 @@ struct DownloadArgs {
     /// Download images whose server says `X-Robots-Tag: noai`/`noimageai` (refused by default).
     #[arg(long)]
     ignore_opt_out: bool,
+    /// Local folder keeping every URL's outcome (the image as served, or a failure that would
+    /// recur), read before downloading: a second stage over the same list, or a rerun, fetches
+    /// nothing it has. Not part of the stage's identity; delete it to download afresh.
+    #[arg(long)]
+    download_cache: Option<PathBuf>,
 }
 
 impl DownloadArgs {
@@ -198,6 +204,7 @@ impl DownloadArgs {
             backoff: Duration::from_millis(self.retry_backoff_ms),
             user_agent: self.user_agent.clone().unwrap_or(defaults.user_agent),
             retry_failed: self.retry_failed,
+            cache: self.download_cache.clone(),
         }
     }
 }
@@ -298,6 +305,14 @@ fn run(cli: Cli) -> Result<()> {
                 !config.source.input.is_empty(),
                 "give --input (or source.input in --config)"
             );
+            if let Some(cache) = &args.download.download_cache {
+                anyhow::ensure!(
+                    !cache.to_string_lossy().contains("://"),
+                    "--download-cache {}: give a local folder (the cache is read and written \
+                     next to the downloads; a bucket would put a round trip before each one)",
+                    cache.display()
+                );
+            }
             let options = RunOptions {
                 download: args.download.options(),
                 ..options(&args.stage, Some(&args.job))?

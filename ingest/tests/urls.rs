@@ -625,3 +625,75 @@ fn killed_download_resumes_without_fetching_finished_shards_again() {
 
     assert_same_as_reference(&out, &reference, samples, pairs_rows);
 }
+
+/// Two stages over one URL list at two sizes (as `make pipeline` ingests own data for the
+/// tokenizer and for super-resolution) sharing `--download-cache`: the second requests nothing
+/// but the transient failure, counts the same rejections, and stores what a stage without the
+/// cache stores.
+#[test]
+fn a_download_cache_serves_a_second_stage_of_the_same_list() {
+    let server = FaultServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let good = 6;
+    let mut urls: Vec<(String, String)> = (0..good)
+        .map(|n| (server.url(&format!("/img/{n}.jpg")), format!("picture {n}")))
+        .collect();
+    // Permanent failures are kept; a 503 is transient and asked again.
+    for fault in ["/404.jpg", "/html.jpg", "/noai.jpg", "/500.jpg"] {
+        urls.push((server.url(fault), format!("fault {fault}")));
+    }
+    let list = dir.path().join("urls.csv");
+    write_url_csv(&list, &urls);
+    let cache = dir.path().join("downloads");
+    let stage = |name: &str, size: &str, cached: bool| {
+        let out = dir.path().join(name);
+        let mut extra = vec!["--size", size];
+        if cached {
+            extra.extend(["--download-cache", cache.to_str().unwrap()]);
+        }
+        let mut args = pairs_args(&list, &out, &extra);
+        args.extend(FAST_LIMITS.iter().map(|s| s.to_string()));
+        let (code, text) = ingest_owned(&args);
+        assert_eq!(code, 0, "{text}");
+        pairs_rows(out.to_str().unwrap())
+    };
+
+    let (small, small_rows) = stage("small", "32", true);
+    assert_eq!(small_rows.len(), good);
+    let first_requests = server.requests_where(|_, _| true);
+    server.reset();
+    let (large, large_rows) = stage("large", "48", true);
+    assert_eq!(
+        server.requests_where(|_, path| path != "/500.jpg"),
+        0,
+        "the second stage downloaded again what the cache keeps"
+    );
+    assert!(
+        server.count("/500.jpg") >= 1,
+        "a transient failure is not kept"
+    );
+    assert_eq!(large.metrics["rejected"], small.metrics["rejected"]);
+    assert_eq!(sorted_keys(&large_rows), sorted_keys(&small_rows));
+    assert!(large_rows.iter().all(|row| row.width == 48));
+
+    server.reset();
+    let (uncached, uncached_rows) = stage("uncached", "48", false);
+    assert_eq!(server.requests_where(|_, _| true), first_requests);
+    assert_eq!(uncached.metrics["rejected"], large.metrics["rejected"]);
+    let by_key = |rows: &[manifests::shards::pairs::PairRow]| {
+        let mut rows: Vec<(String, String, String)> = rows
+            .iter()
+            .map(|r| (r.key.clone(), r.caption.clone(), r.sha256.clone()))
+            .collect();
+        rows.sort();
+        rows
+    };
+    assert_eq!(by_key(&large_rows), by_key(&uncached_rows));
+
+    // A bucket is refused for the cache, by name.
+    let mut args = pairs_args(&list, &dir.path().join("bucket"), &[]);
+    args.extend(["--download-cache".into(), "s3://bucket/downloads".into()]);
+    let (code, text) = ingest_owned(&args);
+    assert_ne!(code, 0);
+    assert!(text.contains("s3://bucket/downloads"), "{text}");
+}

@@ -59,6 +59,16 @@ impl FaultServer {
     }
 
     /// Requests for `path`, from any client.
+    /// `(url, caption)` rows: `good` numbered images, then one row per fault path.
+    fn images_then_faults(&self, good: usize, faults: &[&str]) -> Vec<(String, String)> {
+        let images =
+            (0..good).map(|n| (self.url(&format!("/img/{n}.jpg")), format!("picture {n}")));
+        let faults = faults
+            .iter()
+            .map(|fault| (self.url(fault), format!("fault {fault}")));
+        images.chain(faults).collect()
+    }
+
     fn count(&self, path: &str) -> usize {
         self.requests_where(|_, p| p == path)
     }
@@ -278,9 +288,6 @@ fn every_fault_is_counted_by_reason_and_nothing_hangs() {
     let server = FaultServer::start();
     let dir = tempfile::tempdir().unwrap();
     let good = 12;
-    let mut urls: Vec<(String, String)> = (0..good)
-        .map(|n| (server.url(&format!("/img/{n}.jpg")), format!("picture {n}")))
-        .collect();
     let faults = [
         "/404.jpg",
         "/500.jpg",
@@ -297,9 +304,7 @@ fn every_fault_is_counted_by_reason_and_nothing_hangs() {
         "/drip.jpg",
         "/never.jpg",
     ];
-    for fault in faults {
-        urls.push((server.url(fault), format!("fault {fault}")));
-    }
+    let mut urls = server.images_then_faults(good, &faults);
     urls.push((
         format!("http://127.0.0.1:{}/refused.jpg", closed_port()),
         "nobody listens".into(),
@@ -635,13 +640,8 @@ fn a_download_cache_serves_a_second_stage_of_the_same_list() {
     let server = FaultServer::start();
     let dir = tempfile::tempdir().unwrap();
     let good = 6;
-    let mut urls: Vec<(String, String)> = (0..good)
-        .map(|n| (server.url(&format!("/img/{n}.jpg")), format!("picture {n}")))
-        .collect();
-    // Permanent failures are kept; a 503 is transient and asked again.
-    for fault in ["/404.jpg", "/html.jpg", "/noai.jpg", "/500.jpg"] {
-        urls.push((server.url(fault), format!("fault {fault}")));
-    }
+    // Permanent failures are kept; a 500 is transient and asked again.
+    let urls = server.images_then_faults(good, &["/404.jpg", "/html.jpg", "/noai.jpg", "/500.jpg"]);
     let list = dir.path().join("urls.csv");
     write_url_csv(&list, &urls);
     let cache = dir.path().join("downloads");

@@ -43,12 +43,15 @@ pub const BLOCKED: f32 = -1.0e9;
 /// a module's own epsilon private).
 pub const LAYER_NORM_EPSILON: f64 = 1e-5;
 
+/// Whether `PARTI_FUSED` is `off` or `0` (read once: [`gelu`] asks on every call).
+fn turned_off() -> bool {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    *OFF.get_or_init(|| matches!(std::env::var("PARTI_FUSED").as_deref(), Ok("off" | "0")))
+}
+
 /// Whether the fused kernels run: on `tch`, unless `PARTI_FUSED` is `off` or `0`.
 pub fn enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| {
-        cfg!(feature = "tch") && !matches!(std::env::var("PARTI_FUSED").as_deref(), Ok("off" | "0"))
-    })
+    cfg!(feature = "tch") && !turned_off()
 }
 
 /// GELU, `x * (1 + erf(x / sqrt 2)) / 2`. Under autodiff, and on `tch`, Burn's own (exact erf,
@@ -56,8 +59,7 @@ pub fn enabled() -> bool {
 /// scalar libm erf was a fifth of a batched decode's time on the CPU (BENCHMARKS.md, "Serving");
 /// the rational form is within 4e-7 of erf, a few units in the last place of f32.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    let vectorised = cfg!(not(feature = "tch"))
-        && !matches!(std::env::var("PARTI_FUSED").as_deref(), Ok("off" | "0"));
+    let vectorised = cfg!(not(feature = "tch")) && !turned_off();
     if !vectorised || x.device().is_autodiff() || x.dtype() != DType::F32 {
         return burn::tensor::activation::gelu(x);
     }

@@ -57,7 +57,7 @@ TEXT_INPUT := $(or $(TEXT),$(if $(PAIRS),$(RUN)/pairs,$(RUN)/synth/text))
 DOWNLOADS ?= $(if $(findstring ://,$(RUN)),,$(RUN)/downloads)
 DOWNLOAD_FLAGS := $(if $(and $(PAIRS),$(DOWNLOADS)),--download-cache $(DOWNLOADS),)
 
-.PHONY: pipeline status build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-urls bench-models bench-venv bench-distributed bench-serve
+.PHONY: pipeline status build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-urls bench-models bench-venv bench-distributed bench-serve nccl
 
 help:
 	@sed -n '3,9p' Makefile
@@ -139,6 +139,21 @@ smoke: build
 	@test "$$(grep -c 'up to date' $(TARGET_DIR)/smoke.log)" -eq $(PIPELINE_STAGES) || { echo "second pipeline run did not skip every stage"; exit 1; }
 	$(BIN)/manifests status $(TARGET_DIR)/smoke
 	@echo "smoke: $(PIPELINE_STAGES) passed, 0 failed"
+
+# NCCL for training on GPUs (README, "Training across processes and machines"): nn/csrc/nccl.cpp
+# against a CUDA libtorch's headers and CUDA's and NCCL's, into libparti_nccl.so beside the
+# binaries, where a rank on a GPU loads it (or PARTI_NCCL_LIBRARY). On a machine with CUDA.
+CUDA_HOME ?= /usr/local/cuda
+NCCL_INCLUDE ?= $(CUDA_HOME)/include
+CXX ?= g++
+nccl:
+	@test -f $(LIBTORCH)/include/torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp || { echo "LIBTORCH=$(LIBTORCH) has no c10d headers: point it at a CUDA libtorch"; exit 1; }
+	@test -f $(NCCL_INCLUDE)/nccl.h || { echo "no nccl.h in NCCL_INCLUDE=$(NCCL_INCLUDE)"; exit 1; }
+	mkdir -p $(BIN)
+	$(CXX) -std=c++17 -O2 -shared -fPIC -DUSE_C10D_NCCL -D_GLIBCXX_USE_CXX11_ABI=1 \
+		-isystem $(LIBTORCH)/include -isystem $(LIBTORCH)/include/torch/csrc/api/include \
+		-isystem $(CUDA_HOME)/include -isystem $(NCCL_INCLUDE) -Inn/csrc \
+		nn/csrc/nccl.cpp -o $(BIN)/libparti_nccl.so
 
 # `train parti` as jobs of 1 and 2 processes (c10d + Gloo on loopback; tch only) on the tokens of
 # a pipeline run ($(RUN): run `make pipeline BACKEND=tch` first).

@@ -50,6 +50,7 @@ class Attention(nn.Module):
 # --naive-attention: scores materialised, masked and soft-maxed as separate ops, as Burn's
 # autodiff does; the difference to the fused kernel shows where a gap to PyTorch comes from.
 NAIVE_ATTENTION = False
+PROFILE = ""
 
 
 def naive_attention(queries, keys, values, allowed):
@@ -146,9 +147,10 @@ def vqgan_step(args):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        out, vq_loss = model(images)
-        error = out - images
-        loss = error.pow(2).mean() + error.abs().mean() + vq_loss
+        with autocast(args):
+            out, vq_loss = model(images)
+            error = out - images
+            loss = error.pow(2).mean() + error.abs().mean() + vq_loss
         loss.backward()
         optimizer.step()
 
@@ -253,8 +255,10 @@ def parti_step(args):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        logits = model(text, targets)
-        F.cross_entropy(logits.reshape(-1, model.codebook_size), targets.reshape(-1)).backward()
+        with autocast(args):
+            logits = model(text, targets)
+            loss = F.cross_entropy(logits.reshape(-1, model.codebook_size), targets.reshape(-1))
+        loss.backward()
         optimizer.step()
 
     return timed(step, args.rounds) | {"params": sum(p.numel() for p in model.parameters())}
@@ -275,6 +279,12 @@ def parti_sample(args):
     return {"seconds": seconds, "tokens_per_second": tokens.numel() / seconds, "tokens": tokens.shape[1]}
 
 
+def autocast(args):
+    """bf16 autocast for `--precision bf16` (forward and loss; backward follows), as ours."""
+    device = torch.get_default_device().type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+
 def synchronize():
     """Waits for queued GPU work, so a wall-clock time covers it (a no-op on the CPU)."""
     if torch.get_default_device().type == "cuda":
@@ -285,11 +295,21 @@ def timed(step, rounds):
     step()  # warm-up: allocator, kernels, optimizer state
     synchronize()
     times = []
-    for _ in range(rounds):
+    for index in range(rounds):
+        profiler = None
+        if PROFILE and index == rounds - 1:  # the last step, as ours records it
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.get_default_device().type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            profiler = torch.profiler.profile(activities=activities)
+            profiler.__enter__()
         started = time.perf_counter()
         step()
         synchronize()
         times.append(time.perf_counter() - started)
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+            profiler.export_chrome_trace(PROFILE)
     return {"ms_per_step": 1000 * statistics.median(times), "rounds_ms": [1000 * t for t in times]}
 
 
@@ -305,11 +325,14 @@ def main():
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--naive-attention", action="store_true")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=["f32", "bf16"], default="f32")
+    parser.add_argument("--profile", default="", help="Chrome trace of the last timed step")
     args = parser.parse_args()
     # Every tensor and parameter is created there, so the models need no .to() calls.
     torch.set_default_device(args.device)
-    global NAIVE_ATTENTION
+    global NAIVE_ATTENTION, PROFILE
     NAIVE_ATTENTION = args.naive_attention
+    PROFILE = args.profile
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -320,6 +343,7 @@ def main():
         "threads": torch.get_num_threads(),
         "device": str(torch.get_default_device()),
         "attention": "naive" if NAIVE_ATTENTION else "fused",
+        "precision": args.precision,
     }
     print(json.dumps(result))
 

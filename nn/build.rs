@@ -1,6 +1,7 @@
 //! The `tch` build compiles `csrc/` against libtorch's headers: c10d for training across
 //! processes (it ships inside libtorch; see src/distributed.rs) and the autograd call behind the
 //! fused operations and the fused AdamW step (src/fused.rs). The `flex` build compiles nothing.
+//! `csrc/nccl.cpp` is not compiled here: it needs CUDA's headers (`make nccl`).
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc");
@@ -25,6 +26,9 @@ fn compile_against_libtorch() {
         .file("csrc/c10d.cpp")
         .file("csrc/autograd.cpp")
         .file("csrc/adamw.cpp")
+        .file("csrc/autocast.cpp")
+        .file("csrc/cuda.cpp")
+        .file("csrc/profiler.cpp")
         // c10d's Gloo header is compiled only with this, as in PyTorch's own build.
         .define("USE_C10D_GLOO", None)
         // The PyPI torch wheels (and libtorch >= 2.7 everywhere) use the C++11 string ABI.
@@ -46,5 +50,12 @@ fn compile_against_libtorch() {
         libtorch.join("lib").display()
     );
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    // A CUDA libtorch: its CUDA half too (burn-tch's build refers to it), so a GPU is there from
+    // the start.
+    if libtorch.join("lib/libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
+    }
     println!("cargo:rustc-link-lib=dylib=c10");
+    // dlopen, for libtorch_cuda and the NCCL library (libc since glibc 2.34, libdl before).
+    println!("cargo:rustc-link-lib=dylib=dl");
 }

@@ -10,6 +10,8 @@
 
 #include "guarded.h"
 
+#include <dlfcn.h>
+
 #include <chrono>
 #include <cstdint>
 #include <string>
@@ -27,12 +29,41 @@ void wait(const Group& group, const c10::intrusive_ptr<c10d::Work>& work) {
   work->wait(group.timeout);
 }
 
+// nccl.cpp's entry point, from the library `make nccl` builds on a CUDA machine.
+using NcclBackend = int (*)(void*, int, int, int, int64_t, void**, char*, size_t);
+
+c10::intrusive_ptr<c10d::Backend> nccl_backend(
+    const char* library,
+    c10::intrusive_ptr<c10d::Store>& store,
+    int rank,
+    int world_size,
+    int device,
+    std::chrono::milliseconds timeout) {
+  void* handle = dlopen(library, RTLD_NOW | RTLD_GLOBAL);
+  TORCH_CHECK(
+      handle != nullptr,
+      "NCCL on CUDA needs ", library, " (`make nccl` builds it on a machine with CUDA): ",
+      dlerror());
+  auto make = reinterpret_cast<NcclBackend>(dlsym(handle, "parti_nccl_backend"));
+  TORCH_CHECK(make != nullptr, library, " has no parti_nccl_backend: ", dlerror());
+  char message[1024] = {0};
+  void* made = nullptr;
+  int code = make(&store, rank, world_size, device, timeout.count(), &made, message,
+                  sizeof message);
+  TORCH_CHECK(code == 0 && made != nullptr, "ProcessGroupNCCL: ", message);
+  auto owned = static_cast<c10::intrusive_ptr<c10d::Backend>*>(made);
+  auto backend = *owned;
+  delete owned;
+  return backend;
+}
+
 } // namespace
 
 extern "C" {
 
-// Rendezvous at `host:port` (rank 0 hosts the TCPStore there), then a Gloo process group over
-// `interface` (empty: the host name's address, as torchrun's default).
+// Rendezvous at `host:port` (rank 0 hosts the TCPStore there), then the process group: NCCL on
+// GPU `cuda_device` through `nccl_library` when `cuda_device` >= 0, else Gloo over `interface`
+// (empty: the host name's address, as torchrun's default).
 int parti_c10d_join(
     const char* host,
     uint16_t port,
@@ -40,6 +71,8 @@ int parti_c10d_join(
     int world_size,
     int64_t timeout_ms,
     const char* interface,
+    int cuda_device,
+    const char* nccl_library,
     void** out,
     char* error,
     size_t capacity) {
@@ -53,6 +86,12 @@ int parti_c10d_join(
     options.waitWorkers = true;
     options.timeout = group->timeout;
     group->store = c10::make_intrusive<c10d::TCPStore>(std::string(host), options);
+    if (cuda_device >= 0) {
+      group->backend = nccl_backend(
+          nccl_library, group->store, rank, world_size, cuda_device, group->timeout);
+      *out = group.release();
+      return;
+    }
     auto gloo = c10d::ProcessGroupGloo::Options::create(group->timeout);
     std::string name(interface == nullptr ? "" : interface);
     gloo->devices.push_back(
@@ -64,8 +103,13 @@ int parti_c10d_join(
   });
 }
 
+// Shuts the backend down first, as `destroy_process_group()` does (NCCL tears its
+// communicators down and warns when it is skipped).
 void parti_c10d_free(void* group) {
-  delete static_cast<Group*>(group);
+  auto* g = static_cast<Group*>(group);
+  char ignored[256];
+  parti::guarded(ignored, sizeof ignored, [&] { g->backend->shutdown(); });
+  delete g;
 }
 
 // Sums `tensor` (an at::Tensor*) over all ranks, in place.

@@ -67,16 +67,23 @@ impl Share<'_> {
 /// Times train steps of `model` as training runs them: the batch split into one micro-batch per
 /// worker ([`crate::training::micro_batch_gradients`]), `loss(replica, share)` forward and
 /// backward on each, then one `optimizer` step at a fixed learning rate.
+/// `args.precision` covers each forward and backward pass, as in training.
 pub fn time_train_steps<M: Module + Sync>(
     mut model: M,
     optimizer: &mut ModuleOptimizer,
-    rounds: usize,
+    args: &TrainStepArgs,
     workers: &[Device],
     loss: impl Fn(&M, Share) -> Tensor<1> + Sync,
 ) -> Result<Timing, crate::Error> {
+    let rounds = args.rounds;
     let parts = workers.len().max(1);
     let mut rounds_ms = Vec::with_capacity(rounds.max(1));
-    for round in 0..=rounds.max(1) {
+    let last = rounds.max(1);
+    for round in 0..=last {
+        let profiler = match &args.profile {
+            Some(path) if round == last => Some(Profiler::start(path, &args.device)?),
+            _ => None,
+        };
         let started = Instant::now();
         let step = crate::training::micro_batch_gradients(
             &model,
@@ -89,6 +96,7 @@ pub fn time_train_steps<M: Module + Sync>(
                     part,
                     parts,
                 };
+                let _autocast = crate::fused::Autocast::begin(args.precision, &args.device)?;
                 let loss = loss(replica, share).div_scalar(parts as f64);
                 let grads = GradientsParams::from_grads(loss.backward(), replica);
                 Ok::<_, crate::Error>((grads, ()))
@@ -96,11 +104,85 @@ pub fn time_train_steps<M: Module + Sync>(
         );
         let (grads, _) = step?;
         model = optimizer.step(1e-4, model, grads);
+        // The GPU's queue drained, so the clock covers the step (as the peer synchronises).
+        sync(workers);
         if round > 0 {
             rounds_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         }
+        if let Some(profiler) = profiler {
+            profiler.save()?;
+        }
     }
     Ok(Timing::from_rounds(rounds_ms))
+}
+
+/// libtorch's profiler recording one step (`--profile`).
+struct Profiler<'a> {
+    #[cfg_attr(not(feature = "tch"), allow(dead_code))]
+    path: &'a Path,
+}
+
+#[cfg(feature = "tch")]
+unsafe extern "C" {
+    fn parti_profiler_start(
+        cuda: std::ffi::c_int,
+        error: *mut std::ffi::c_char,
+        capacity: usize,
+    ) -> std::ffi::c_int;
+    fn parti_profiler_stop(
+        path: *const std::ffi::c_char,
+        error: *mut std::ffi::c_char,
+        capacity: usize,
+    ) -> std::ffi::c_int;
+}
+
+impl<'a> Profiler<'a> {
+    fn start(path: &'a Path, device: &str) -> Result<Self, crate::Error> {
+        #[cfg(feature = "tch")]
+        {
+            let cuda = crate::backend::cuda_index(device)
+                .map_err(|e| crate::Error::Usage(e.to_string()))?
+                .is_some();
+            crate::csrc::checked(|error, capacity| unsafe {
+                parti_profiler_start(std::ffi::c_int::from(cuda), error, capacity)
+            })
+            .map_err(|e| crate::Error::Usage(format!("starting libtorch's profiler: {e}")))?;
+            Ok(Profiler { path })
+        }
+        #[cfg(not(feature = "tch"))]
+        {
+            let _ = (path, device);
+            Err(crate::Error::Usage(
+                "--profile records with libtorch's profiler: build with --features nn/tch".into(),
+            ))
+        }
+    }
+
+    fn save(self) -> Result<(), crate::Error> {
+        #[cfg(feature = "tch")]
+        {
+            let failed = |e: String| {
+                crate::Error::Usage(format!("writing the trace {}: {e}", self.path.display()))
+            };
+            let path = std::ffi::CString::new(self.path.to_string_lossy().as_bytes())
+                .map_err(|e| failed(e.to_string()))?;
+            crate::csrc::checked(|error, capacity| unsafe {
+                parti_profiler_stop(path.as_ptr(), error, capacity)
+            })
+            .map_err(failed)?;
+            tracing::info!("trace of the last step: {}", self.path.display());
+        }
+        Ok(())
+    }
+}
+
+/// Waits until `devices` have finished the work queued on them: reading one value back from
+/// each does it on every backend (a CPU's work is already done).
+fn sync(devices: &[Device]) {
+    for device in devices {
+        let one = Tensor::<1>::zeros([1], device);
+        let _ = one.into_data();
+    }
 }
 
 /// `bench/torch_models.py` run by a Python that has PyTorch (`make bench-venv` makes one).
@@ -162,23 +244,35 @@ impl TorchPeer {
 /// the same preset, batch and rounds; without a peer, only ours is reported.
 pub fn compare_train_step(
     ours: &Timing,
-    peer: Option<&TorchPeer>,
+    args: &TrainStepArgs,
     what: &str,
-    preset: &str,
     batch: usize,
-    rounds: usize,
     work: String,
 ) -> Result<Comparison, BenchError> {
-    let torch = match peer {
-        Some(peer) => Some(peer.ms_per_step(&[
-            what.into(),
-            "--preset".into(),
-            preset.into(),
-            "--batch".into(),
-            batch.to_string(),
-            "--rounds".into(),
-            rounds.to_string(),
-        ])?),
+    let torch = match args.peer.peer(&args.device) {
+        Some(peer) => Some(
+            peer.ms_per_step(&[
+                what.into(),
+                "--preset".into(),
+                args.preset.clone(),
+                "--batch".into(),
+                batch.to_string(),
+                "--rounds".into(),
+                args.rounds.to_string(),
+                "--precision".into(),
+                if args.precision.is_f32() {
+                    "f32"
+                } else {
+                    "bf16"
+                }
+                .into(),
+                "--profile".into(),
+                args.profile
+                    .as_ref()
+                    .map(|path| format!("{}.torch.json", path.display()))
+                    .unwrap_or_default(),
+            ])?,
+        ),
         None => None,
     };
     Ok(Comparison::new(work, ours, torch))
@@ -195,6 +289,21 @@ pub struct Comparison {
     /// ours_ms / torch_ms.
     pub time_ratio: Option<f64>,
     pub torch: Option<serde_json::Value>,
+    /// Where the model's FLOPs per step are counted ([`Comparison::with_model_flops`]).
+    pub utilisation: Option<Utilisation>,
+}
+
+/// Model FLOPs utilisation: the FLOPs a step's model needs (counted from its shapes) over the
+/// measured step time, against the device's peak.
+#[derive(Debug, Clone, Serialize)]
+pub struct Utilisation {
+    pub model_tflop_per_step: f64,
+    pub ours_tflops: f64,
+    pub torch_tflops: Option<f64>,
+    /// `--peak-tflops`: the device's peak for the precision measured.
+    pub peak_tflops: Option<f64>,
+    pub ours_mfu: Option<f64>,
+    pub torch_mfu: Option<f64>,
 }
 
 impl Comparison {
@@ -214,7 +323,24 @@ impl Comparison {
             torch_ms,
             time_ratio: torch_ms.map(|t| ours.ms_per_step / t),
             torch,
+            utilisation: None,
         }
+    }
+
+    /// Adds model FLOPs utilisation for a step of `flops` against `peak_tflops`.
+    pub fn with_model_flops(mut self, flops: f64, peak_tflops: Option<f64>) -> Self {
+        let tflops = |ms: f64| flops / (ms / 1000.0) / 1e12;
+        let ours_tflops = tflops(self.ours_ms);
+        let torch_tflops = self.torch_ms.map(tflops);
+        self.utilisation = Some(Utilisation {
+            model_tflop_per_step: flops / 1e12,
+            ours_tflops,
+            torch_tflops,
+            peak_tflops,
+            ours_mfu: peak_tflops.map(|peak| ours_tflops / peak),
+            torch_mfu: peak_tflops.zip(torch_tflops).map(|(peak, t)| t / peak),
+        });
+        self
     }
 
     /// Prints the comparison as JSON, then as one line for people.
@@ -227,6 +353,26 @@ impl Comparison {
     }
 
     pub fn line(&self) -> String {
+        let mut line = self.timing_line();
+        if let Some(u) = &self.utilisation {
+            line += &format!(
+                "; {:.3} TFLOP/step: ours {:.1} TFLOP/s",
+                u.model_tflop_per_step, u.ours_tflops
+            );
+            if let Some(mfu) = u.ours_mfu {
+                line += &format!(" (MFU {:.1}%)", 100.0 * mfu);
+            }
+            if let Some(torch) = u.torch_tflops {
+                line += &format!(", PyTorch {torch:.1} TFLOP/s");
+            }
+            if let Some(mfu) = u.torch_mfu {
+                line += &format!(" (MFU {:.1}%)", 100.0 * mfu);
+            }
+        }
+        line
+    }
+
+    fn timing_line(&self) -> String {
         match (self.torch_ms, self.time_ratio) {
             (Some(torch), Some(ratio)) => format!(
                 "{}: ours ({}) {:.1} ms/step, PyTorch {:.1} ms/step, ours/PyTorch {:.2}x the time",
@@ -265,6 +411,18 @@ pub struct TrainStepArgs {
     pub rounds: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// f32, or bf16 autocast (tch; the peer runs under `torch.autocast` then).
+    #[arg(long, value_enum, default_value_t)]
+    pub precision: crate::fused::Precision,
+    /// The device's peak TFLOP/s at this precision, for model FLOPs utilisation where the
+    /// subcommand counts its model's FLOPs (`train bench`).
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Writes a Chrome trace of the last timed step here (tch: libtorch's profiler, every op
+    /// and GPU kernel; the peer writes PATH.torch.json with torch.profiler);
+    /// `bench/trace_summary.py` sums the kernels by kind.
+    #[arg(long, value_name = "PATH")]
+    pub profile: Option<PathBuf>,
     /// Workers per device, each taking an equal share of the batch, as training runs (default:
     /// one per core on flex's CPU, else one).
     #[arg(long)]

@@ -8,9 +8,10 @@
 //! A checkpoint holds the global step and data position, so a job can resume with another
 //! world size.
 //!
-//! The runtime is c10d's (`TCPStore` rendezvous, `ProcessGroupGloo`), reached through
-//! `csrc/c10d.cpp` in the `tch` build; the `flex` build trains in one process and says so when
-//! a launcher asks for more.
+//! The runtime is c10d's (`TCPStore` rendezvous; `ProcessGroupGloo` on CPU, `ProcessGroupNCCL`
+//! on GPUs), reached through `csrc/c10d.cpp` in the `tch` build (NCCL through the library `make
+//! nccl` builds from `csrc/nccl.cpp` on a machine with CUDA); the `flex` build trains in one
+//! process and says so when a launcher asks for more.
 
 use std::time::Duration;
 
@@ -24,13 +25,17 @@ use serde::de::DeserializeOwned;
 #[cfg(feature = "tch")]
 mod c10d;
 
-/// `--distributed`: join the process group a launcher describes (`auto`), or ignore its
-/// variables and train in this process alone (`off`).
+/// `--distributed`: join the process group a launcher describes when it has several processes
+/// (`auto`), ignore its variables and train in this process alone (`off`), or join a process
+/// group even as a job of one (`on`: the collectives run as they would with more ranks, which
+/// is how NCCL is checked on a machine with one GPU; without launcher variables, a group of one
+/// at 127.0.0.1:`MASTER_PORT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum DistributedMode {
     #[default]
     Auto,
     Off,
+    On,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +114,47 @@ const DEFAULT_PORT: u16 = 29500;
 pub fn launch_from(
     var: impl Fn(&str) -> Option<String>,
 ) -> Result<Option<Launch>, DistributedError> {
+    Ok(launch_described(var)?.filter(|launch| launch.world_size > 1))
+}
+
+/// [`launch_from`] for `--distributed on`: a job of one joins a group too, and without launcher
+/// variables this process is that job, its store at 127.0.0.1:`MASTER_PORT`.
+pub fn launch_from_forced(
+    var: impl Fn(&str) -> Option<String>,
+) -> Result<Launch, DistributedError> {
+    if let Some(launch) = launch_described(&var)? {
+        return Ok(launch);
+    }
+    Ok(Launch {
+        rank: 0,
+        world_size: 1,
+        local_rank: 0,
+        master_addr: LOOPBACK.into(),
+        master_port: master_port(&var)?,
+        launcher: "none",
+    })
+}
+
+const LOOPBACK: &str = "127.0.0.1";
+
+fn master_port(var: impl Fn(&str) -> Option<String>) -> Result<u16, DistributedError> {
+    match var("MASTER_PORT") {
+        None => Ok(DEFAULT_PORT),
+        Some(value) => value
+            .trim()
+            .parse::<u16>()
+            .map_err(|_| DistributedError::Launch {
+                variable: "MASTER_PORT".into(),
+                value,
+                why: "not a TCP port".into(),
+            }),
+    }
+}
+
+/// The launch the variables describe, a job of one included.
+fn launch_described(
+    var: impl Fn(&str) -> Option<String>,
+) -> Result<Option<Launch>, DistributedError> {
     let number = |name: &str| -> Result<Option<usize>, DistributedError> {
         let Some(value) = var(name) else {
             return Ok(None);
@@ -122,19 +168,6 @@ pub fn launch_from(
                 value: value.clone(),
                 why: "not a whole number".into(),
             })
-    };
-    let port = || -> Result<u16, DistributedError> {
-        match var("MASTER_PORT") {
-            None => Ok(DEFAULT_PORT),
-            Some(value) => value
-                .trim()
-                .parse::<u16>()
-                .map_err(|_| DistributedError::Launch {
-                    variable: "MASTER_PORT".into(),
-                    value,
-                    why: "not a TCP port".into(),
-                }),
-        }
     };
     let (launcher, rank, world_size, local_rank_variable) =
         if let (Some(rank), Some(world_size)) = (number("RANK")?, number("WORLD_SIZE")?) {
@@ -155,11 +188,17 @@ pub fn launch_from(
         } else {
             return Ok(None);
         };
-    if world_size <= 1 {
-        return Ok(None);
+    if world_size == 0 {
+        return Err(DistributedError::Launch {
+            variable: "WORLD_SIZE".into(),
+            value: "0".into(),
+            why: "a job has at least one process".into(),
+        });
     }
     let master_addr = match var("MASTER_ADDR").filter(|address| !address.trim().is_empty()) {
         Some(address) => address,
+        // A job of one is its own rendezvous.
+        None if world_size == 1 => LOOPBACK.to_string(),
         // Slurm names the job's nodes; rank 0 runs on the first.
         None if launcher == "slurm" => {
             let list = var("SLURM_JOB_NODELIST")
@@ -184,7 +223,7 @@ pub fn launch_from(
         world_size,
         local_rank: number(local_rank_variable)?.unwrap_or(0),
         master_addr,
-        master_port: port()?,
+        master_port: master_port(&var)?,
         launcher,
     };
     if launch.rank >= launch.world_size {
@@ -199,10 +238,12 @@ pub fn launch_from(
 
 /// The job a launcher describes, unless `mode` is off (`None`: a lone process).
 pub fn launched(mode: DistributedMode) -> Result<Option<Launch>, DistributedError> {
-    if mode == DistributedMode::Off {
-        return Ok(None);
+    let var = |name: &str| std::env::var(name).ok();
+    match mode {
+        DistributedMode::Off => Ok(None),
+        DistributedMode::Auto => launch_from(var),
+        DistributedMode::On => launch_from_forced(var).map(Some),
     }
-    launch_from(|name| std::env::var(name).ok())
 }
 
 /// The first host of a Slurm node list: `gpu[03-05,09],cpu1` -> `gpu03`.
@@ -292,7 +333,17 @@ impl Group {
             launch.master_addr,
             launch.master_port
         );
-        let c10d = c10d::ProcessGroup::join(launch, timeout)?;
+        let address = format!("{}:{}", launch.master_addr, launch.master_port);
+        let unusable = |e: crate::backend::DeviceError| DistributedError::Join {
+            rank: launch.rank,
+            address: address.clone(),
+            message: e.to_string(),
+        };
+        // The device is checked before the rendezvous, and for a GPU this loads libtorch's
+        // CUDA half, where the NCCL library's symbols live.
+        crate::backend::device(&device).map_err(unusable)?;
+        let cuda = crate::backend::cuda_index(&device).map_err(unusable)?;
+        let c10d = c10d::ProcessGroup::join(launch, timeout, cuda)?;
         Ok(Group {
             rank: launch.rank,
             world_size: launch.world_size,
@@ -579,6 +630,33 @@ mod tests {
                 .unwrap_or_default();
             assert!(message.contains(named), "{pairs:?}: {message}");
         }
+    }
+
+    #[test]
+    fn distributed_on_joins_a_group_of_one() {
+        let alone = launch_from_forced(env(&[("MASTER_PORT", "29600")])).ok();
+        assert_eq!(
+            alone,
+            Some(Launch {
+                rank: 0,
+                world_size: 1,
+                local_rank: 0,
+                master_addr: "127.0.0.1".into(),
+                master_port: 29600,
+                launcher: "none",
+            })
+        );
+        // torchrun --nproc-per-node 1: a group of one under `on`, none under `auto`.
+        let one = [("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")];
+        let forced = launch_from_forced(env(&one)).ok();
+        assert_eq!(
+            forced.map(|l| (l.world_size, l.launcher)),
+            Some((1, "torchrun"))
+        );
+        assert_eq!(launch_from(env(&one)).ok().flatten(), None);
+        let none = launch_from_forced(env(&[("RANK", "0"), ("WORLD_SIZE", "0")]));
+        let message = none.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("WORLD_SIZE"), "{message}");
     }
 
     #[test]

@@ -230,3 +230,110 @@ impl AdamW {
             .init()
     }
 }
+
+/// The arithmetic of a training step's forward and backward passes (a config key of the
+/// training stages, `--precision` of the `bench` subcommands).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// libtorch's bf16 autocast (`tch` only), as Parti trained: matrix products and attention
+    /// in bf16, layer norm, softmax and the losses in f32, parameters, gradients and optimizer
+    /// state in f32.
+    Bf16,
+}
+
+impl Precision {
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+}
+
+/// bf16 autocast on this thread while it lives ([`Precision::Bf16`]); nothing for f32.
+/// Autocast is per thread: the forward and backward passes it covers must run on the thread
+/// that holds it (a training step with one worker per device does).
+pub struct Autocast {
+    /// The device kind (CUDA or not) and whether autocast was on before.
+    #[cfg_attr(not(feature = "tch"), allow(dead_code))]
+    restore: Option<(bool, bool)>,
+}
+
+impl Autocast {
+    /// Starts `precision` for the device a `--device` value names (`cpu`, `cuda`, `cuda:N`).
+    pub fn begin(precision: Precision, device: &str) -> Result<Autocast, crate::Error> {
+        if precision.is_f32() {
+            return Ok(Autocast { restore: None });
+        }
+        let cuda = crate::backend::cuda_index(device)
+            .map_err(|e| crate::Error::Usage(e.to_string()))?
+            .is_some();
+        #[cfg(feature = "tch")]
+        {
+            let was_on = libtorch::set_autocast_bf16(cuda, true).map_err(crate::Error::Usage)?;
+            Ok(Autocast {
+                restore: Some((cuda, was_on)),
+            })
+        }
+        #[cfg(not(feature = "tch"))]
+        {
+            let _ = cuda;
+            Err(crate::Error::Usage(
+                "precision bf16 needs the tch backend (libtorch's autocast): build with \
+                 --features nn/tch, or train in f32"
+                    .into(),
+            ))
+        }
+    }
+}
+
+impl Drop for Autocast {
+    fn drop(&mut self) {
+        #[cfg(feature = "tch")]
+        if let Some((cuda, false)) = self.restore
+            && let Err(message) = libtorch::set_autocast_bf16(cuda, false)
+        {
+            tracing::warn!("turning bf16 autocast back off: {message}");
+        }
+    }
+}
+
+/// `grads` with each gradient in its parameter's dtype: under bf16 autocast a weight's gradient
+/// comes out of a bf16 matrix product, and the optimizer, the accumulation over micro-batches
+/// and the all-reduce keep f32, as PyTorch's autocast does.
+pub fn grads_in_parameter_dtype<M: burn::module::Module>(
+    model: &M,
+    grads: burn::optim::GradientsParams,
+) -> burn::optim::GradientsParams {
+    struct Cast {
+        grads: burn::optim::GradientsParams,
+    }
+    impl burn::module::ModuleVisitor for Cast {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            let Some(grad) = self.grads.remove::<D>(param.id) else {
+                return;
+            };
+            let dtype = param.val().dtype();
+            let grad = if grad.dtype() == dtype {
+                grad
+            } else {
+                grad.cast(dtype)
+            };
+            self.grads.register::<D>(param.id, grad);
+        }
+    }
+    let mut cast = Cast { grads };
+    model.visit(&mut cast);
+    cast.grads
+}

@@ -369,6 +369,7 @@ where
     if workers.len() == 1 {
         for &index in owned {
             let (grads, report) = micro_step(model, 0, index)?;
+            let grads = crate::fused::grads_in_parameter_dtype(model, grads);
             accumulator.accumulate(model, grads);
             reports.push(report);
         }
@@ -405,6 +406,7 @@ where
                 arrived.insert(position, result);
                 while let Some(result) = arrived.remove(&reports.len()) {
                     let (grads, report) = result?;
+                    let grads = crate::fused::grads_in_parameter_dtype(model, grads);
                     accumulator.accumulate(model, grads.to_device(main, model));
                     reports.push(report);
                 }

@@ -48,7 +48,7 @@ fn preset(name: &str) -> Result<(PartiConfig, usize), Error> {
 
 /// Batch 32 unless `--batch` says otherwise.
 pub fn parti_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
-    let (name, batch, rounds) = (args.preset.as_str(), args.batch.unwrap_or(32), args.rounds);
+    let (name, batch) = (args.preset.as_str(), args.batch.unwrap_or(32));
     let (config, text_length) = preset(name)?;
     let workers = args
         .workers(batch)
@@ -75,24 +75,53 @@ pub fn parti_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
         Tensor::<1, Bool>::from_data(vec![false; batch * text_length].as_slice(), &device)
             .reshape([batch, text_length]);
     let targets = Tensor::<1, Int>::from_data(targets.as_slice(), &device).reshape([batch, tokens]);
-    let ours = time_train_steps(model, &mut optimizer, rounds, &workers, |model, share| {
+    let ours = time_train_steps(model, &mut optimizer, args, &workers, |model, share| {
         let targets = share.of(&targets);
         let condition = model.condition(share.of(&text), share.of(&padding), None);
         token_loss(model.forward(targets.clone(), &condition), targets).0
     })?;
+    let flops = parti_step_flops(&config, text_length, batch);
     nn::bench::compare_train_step(
         &ours,
-        args.peer.peer(&args.device).as_ref(),
+        args,
         "parti-step",
-        name,
         batch,
-        rounds,
         format!(
             "Parti {name} train step, batch {batch} ({} worker(s))",
             workers.len()
         ),
     )
+    .map(|comparison| comparison.with_model_flops(flops, args.peak_tflops))
     .map_err(|e| Error::Usage(e.to_string()))
+}
+
+/// The model FLOPs of one Parti train step on `batch` captions of `text_length` tokens, as
+/// model FLOPs utilisation counts them (PaLM, appendix B): every matrix product of the forward
+/// pass (projections, attention scores and weighted sums over whole score matrices, masks not
+/// subtracted, MLPs, the output head), times 3 for forward and backward; embeddings, norms,
+/// softmax and elementwise work are not counted.
+pub fn parti_step_flops(config: &PartiConfig, text_length: usize, batch: usize) -> f64 {
+    let encoder = &config.encoder;
+    let (t, e, e_mlp) = (
+        text_length as f64,
+        encoder.d_model as f64,
+        encoder.d_mlp as f64,
+    );
+    let (n, d, mlp, codes) = (
+        (config.grid * config.grid) as f64,
+        config.d_model as f64,
+        config.d_mlp as f64,
+        config.codebook_size as f64,
+    );
+    // Per layer: 4 projections (2 FLOPs per multiply-add), scores and weighted sum, the MLP.
+    let encoder_layer = 8.0 * t * e * e + 4.0 * t * t * e + 4.0 * t * e * e_mlp;
+    let encoder = encoder.n_layers as f64 * encoder_layer + 2.0 * t * e * d;
+    let self_attention = 8.0 * n * d * d + 4.0 * n * n * d;
+    // Queries and output over the image tokens, keys and values over the text.
+    let cross_attention = 4.0 * n * d * d + 4.0 * t * d * d + 4.0 * n * t * d;
+    let decoder_layer = self_attention + cross_attention + 4.0 * n * d * mlp;
+    let decoder = config.n_layers as f64 * decoder_layer + 2.0 * n * d * codes;
+    3.0 * batch as f64 * (encoder + decoder)
 }
 
 /// `train bench-distributed`: what a second process buys on this machine.

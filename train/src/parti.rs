@@ -16,6 +16,7 @@ use burn::optim::{AdafactorConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Bool, Device, Int, Tensor};
 use nn::data::{HeldOutSample, RowStream, StreamConfig};
 use nn::distributed::Group;
+use nn::fused::{Autocast, Precision};
 use nn::progress::{Curves, Steps, is_midway_evaluation};
 use nn::training::{self, Publication, Schedule};
 use rand::Rng;
@@ -64,6 +65,11 @@ pub struct PartiTrainConfig {
     /// The sampling settings this model is recommended with: recorded in the manifest, and what
     /// `infer generate`, `serve` and `eval` use unless told otherwise.
     pub sampling: SamplingConfig,
+    /// `f32`, or `bf16`: libtorch's bf16 autocast for the forward and backward passes (tch
+    /// only; parameters, gradients and optimizer state stay f32). Written only when bf16, so
+    /// configs from before this key keep their identity.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 /// Micro-batches the background reader keeps ready.
@@ -104,6 +110,7 @@ impl PartiTrainConfig {
                 samples: 16,
                 ..SamplingConfig::default()
             },
+            precision: Precision::F32,
         };
         Ok(match name {
             "tiny" => PartiTrainConfig {
@@ -369,6 +376,7 @@ fn step_gradients(
     group: &Group,
     micro_batches: &[(Vec<Example>, Vec<bool>)],
     tokenizer: &TextTokenizer,
+    precision: Precision,
 ) -> Result<(GradientsParams, Vec<(f64, f64)>), Error> {
     let parts = micro_batches.len() as f64;
     let (grads, reports) = training::micro_batch_gradients(
@@ -379,6 +387,7 @@ fn step_gradients(
         |replica, worker, index| {
             let device = &workers[worker];
             let (examples, drop) = &micro_batches[index];
+            let _autocast = Autocast::begin(precision, group.device())?;
             let batch: Vec<&Example> = examples.iter().collect();
             let (ids, padding) = text_tensors(&batch, tokenizer, device);
             let drop = Tensor::<1, Bool>::from_data(drop.as_slice(), device);
@@ -510,7 +519,14 @@ pub fn train_parti(
                 .map_err(|e| Error::Data(format!("{}: {e}", inputs.tokens)))?;
             micro_batches.push((batch, cfg_drops(&mut rng, micro, config.cfg_dropout)));
         }
-        let (grads, losses) = step_gradients(&model, &workers, &group, &micro_batches, &tokenizer)?;
+        let (grads, losses) = step_gradients(
+            &model,
+            &workers,
+            &group,
+            &micro_batches,
+            &tokenizer,
+            config.precision,
+        )?;
         let loss_sum: f64 = losses.iter().map(|(loss, _)| loss).sum();
         let accuracy_sum: f64 = losses.iter().map(|(_, accuracy)| accuracy).sum();
         model = optimizer.step(learning_rate, model, grads);

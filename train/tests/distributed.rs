@@ -3,6 +3,7 @@
 //! batch; a rank killed with SIGKILL makes the other exit naming it; the job resumes from its
 //! checkpoint with another world size and ends equal to an uninterrupted run; `train
 //! text-encoder` as two processes gathers the embeddings and matches one process to rounding.
+//! `--distributed on` trains alone in a process group of one, also to the same weights.
 //! On the flex build (one process only) a launch of two is refused with what to do instead.
 //! And on either build, one process killed with SIGKILL after a checkpoint resumes to the
 //! uninterrupted run's weights.
@@ -60,11 +61,22 @@ fn two_processes_train_what_one_process_trains() {
     let dir = tempfile::tempdir().unwrap();
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
     let outputs = finish(launch_ranks(2, || parti(&two, 6, &[])));
+    // `--distributed on` without launcher variables: a process group of one (the collectives
+    // run, each a sum of one value).
+    let group_of_one = dir.path().join("group-of-one");
+    let port = manifests::testing::free_port().to_string();
+    let mut lone_group = parti(&group_of_one, 6, &["--distributed", "on"]);
+    lone_group.env("MASTER_PORT", &port);
     if !tch_build() {
         let (succeeded, message) = &outputs[0];
         assert!(!succeeded, "{message}");
         assert!(message.contains("--features nn/tch"), "{message}");
         assert!(message.contains("--distributed off"), "{message}");
+        let (succeeded, message) = &alone(lone_group)[0];
+        assert!(
+            !succeeded && message.contains("--features nn/tch"),
+            "{message}"
+        );
         return;
     }
     assert_succeeded(&outputs);
@@ -74,6 +86,8 @@ fn two_processes_train_what_one_process_trains() {
     // Each rank computes one of a step's two micro-batches; the all-reduced sum is the one
     // process's sum (a single addition of two values, exact in either order): bit-identical.
     assert_same_training(&one, &two);
+    assert_succeeded(&alone(lone_group));
+    assert_same_training(&one, &group_of_one);
 }
 
 #[test]

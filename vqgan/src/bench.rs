@@ -19,7 +19,7 @@ fn preset(name: &str) -> Result<VitVqganConfig, Error> {
 
 /// Batch 16 unless `--batch` says otherwise.
 pub fn train_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
-    let (name, batch, rounds) = (args.preset.as_str(), args.batch.unwrap_or(16), args.rounds);
+    let (name, batch) = (args.preset.as_str(), args.batch.unwrap_or(16));
     let config = preset(name)?;
     let workers = args
         .workers(batch)
@@ -39,7 +39,7 @@ pub fn train_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
         Distribution::Uniform(0.0, 1.0),
         &device,
     );
-    let ours = time_train_steps(model, &mut optimizer, rounds, &workers, |model, share| {
+    let ours = time_train_steps(model, &mut optimizer, args, &workers, |model, share| {
         let images = share.of(&images);
         let out = model.forward(images.clone());
         let error = out.images - images;
@@ -47,11 +47,9 @@ pub fn train_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
     })?;
     nn::bench::compare_train_step(
         &ours,
-        args.peer.peer(&args.device).as_ref(),
+        args,
         "vqgan-step",
-        name,
         batch,
-        rounds,
         format!(
             "ViT-VQGAN {name} train step, batch {batch} ({} worker(s))",
             workers.len()

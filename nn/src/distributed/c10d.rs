@@ -1,6 +1,7 @@
 #![allow(deprecated)] // burn-tch: see nn::backend for why it stays.
 //! The c10d process group of the `tch` build: `csrc/c10d.cpp` behind a safe handle, and the
-//! bucketed gradient all-reduce on the `tch::Tensor`s inside burn-tch's tensors.
+//! bucketed gradient all-reduce on the `tch::Tensor`s inside burn-tch's tensors (on the rank's
+//! GPU with NCCL, where they already are).
 
 use std::collections::HashMap;
 use std::ffi::{CString, c_char, c_int, c_void};
@@ -24,6 +25,8 @@ unsafe extern "C" {
         world_size: c_int,
         timeout_ms: i64,
         interface: *const c_char,
+        cuda_device: c_int,
+        nccl_library: *const c_char,
         out: *mut *mut c_void,
         error: *mut c_char,
         capacity: usize,
@@ -69,11 +72,14 @@ unsafe extern "C" {
 /// ranks are gone.
 const ROLL_CALL: Duration = Duration::from_secs(3);
 
-/// A joined c10d process group (TCPStore rendezvous + Gloo).
+/// A joined c10d process group (TCPStore rendezvous + Gloo on CPU, NCCL on a GPU).
 pub(super) struct ProcessGroup {
     handle: *mut c_void,
     rank: usize,
     world_size: usize,
+    /// Where the group's own small tensors (flags, lengths, bytes) live: NCCL reduces only
+    /// tensors on its GPU.
+    device: tch::Device,
     /// Failed collectives so far: each roll call after one uses keys of its own.
     failures: AtomicUsize,
 }
@@ -84,9 +90,11 @@ unsafe impl Send for ProcessGroup {}
 unsafe impl Sync for ProcessGroup {}
 
 impl ProcessGroup {
+    /// Joins with Gloo, or with NCCL on GPU `cuda` (this rank's).
     pub(super) fn join(
         launch: &Launch,
         timeout: Duration,
+        cuda: Option<usize>,
     ) -> Result<ProcessGroup, DistributedError> {
         let address = format!("{}:{}", launch.master_addr, launch.master_port);
         let join_error = |message: String| DistributedError::Join {
@@ -103,6 +111,16 @@ impl ProcessGroup {
         let rank = c_int::try_from(launch.rank).map_err(|e| join_error(e.to_string()))?;
         let world = c_int::try_from(launch.world_size).map_err(|e| join_error(e.to_string()))?;
         let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+        let cuda_device = match cuda {
+            None => -1,
+            Some(index) => c_int::try_from(index).map_err(|e| join_error(e.to_string()))?,
+        };
+        let library = nccl_library();
+        if cuda.is_some() {
+            tracing::info!("NCCL from {}", library.display());
+        }
+        let library = CString::new(library.to_string_lossy().as_bytes())
+            .map_err(|_| join_error("the NCCL library's path holds a NUL byte".into()))?;
         let mut handle = std::ptr::null_mut();
         checked(|error, capacity| unsafe {
             parti_c10d_join(
@@ -112,6 +130,8 @@ impl ProcessGroup {
                 world,
                 timeout_ms,
                 interface.as_ptr(),
+                cuda_device,
+                library.as_ptr(),
                 &mut handle,
                 error,
                 capacity,
@@ -122,8 +142,18 @@ impl ProcessGroup {
             handle,
             rank: launch.rank,
             world_size: launch.world_size,
+            device: cuda.map_or(tch::Device::Cpu, tch::Device::Cuda),
             failures: AtomicUsize::new(0),
         })
+    }
+
+    /// A copy of `values` on the group's device.
+    fn scratch<T: tch::kind::Element>(&self, values: &[T]) -> tch::Tensor {
+        tch::Tensor::from_slice(values).to_device(self.device)
+    }
+
+    fn zeros(&self, shape: [i64; 2], kind: tch::Kind) -> tch::Tensor {
+        tch::Tensor::zeros(shape, (kind, self.device))
     }
 
     pub(super) fn all_reduce_sum(
@@ -140,19 +170,19 @@ impl ProcessGroup {
     /// Every rank's `bytes`, by rank.
     pub(super) fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>, DistributedError> {
         let world = self.world_size as i64;
-        let mut length = tch::Tensor::from_slice(&[bytes.len() as i64]);
-        let mut lengths = tch::Tensor::zeros([world, 1], (tch::Kind::Int64, tch::Device::Cpu));
+        let mut length = self.scratch(&[bytes.len() as i64]);
+        let mut lengths = self.zeros([world, 1], tch::Kind::Int64);
         self.all_gather(&mut lengths, &mut length, "gather of lengths")?;
-        let lengths: Vec<i64> = Vec::<i64>::try_from(&lengths.flatten(0, -1))
+        let lengths: Vec<i64> = Vec::<i64>::try_from(&on_cpu(&lengths))
             .map_err(|e| self.failed("gather of lengths", e))?;
         let longest = lengths.iter().copied().max().unwrap_or(0).max(1);
         let mut padded = bytes.to_vec();
         padded.resize(longest as usize, 0);
-        let mut mine = tch::Tensor::from_slice(&padded);
-        let mut all = tch::Tensor::zeros([world, longest], (tch::Kind::Uint8, tch::Device::Cpu));
+        let mut mine = self.scratch(&padded);
+        let mut all = self.zeros([world, longest], tch::Kind::Uint8);
         self.all_gather(&mut all, &mut mine, "gather")?;
         let all: Vec<u8> =
-            Vec::<u8>::try_from(&all.flatten(0, -1)).map_err(|e| self.failed("gather", e))?;
+            Vec::<u8>::try_from(&on_cpu(&all)).map_err(|e| self.failed("gather", e))?;
         Ok(all
             .chunks(longest as usize)
             .zip(lengths)
@@ -173,12 +203,12 @@ impl ProcessGroup {
     }
 
     pub(super) fn broadcast_flag(&self, value: bool) -> Result<bool, DistributedError> {
-        let mut flag = tch::Tensor::from_slice(&[i64::from(value)]);
+        let mut flag = self.scratch(&[i64::from(value)]);
         let pointer = flag.as_mut_ptr().cast();
         self.collective("broadcast", |error, capacity| unsafe {
             parti_c10d_broadcast(self.handle, pointer, 0, error, capacity)
         })?;
-        Ok(flag.int64_value(&[0]) != 0)
+        Ok(on_cpu(&flag).int64_value(&[0]) != 0)
     }
 
     pub(super) fn barrier(&self) -> Result<(), DistributedError> {
@@ -260,6 +290,24 @@ impl ProcessGroup {
     }
 }
 
+/// A tensor's values on the CPU, flat, for reading into a `Vec`.
+fn on_cpu(tensor: &tch::Tensor) -> tch::Tensor {
+    tensor.flatten(0, -1).to_device(tch::Device::Cpu)
+}
+
+/// The NCCL library (`make nccl`): `PARTI_NCCL_LIBRARY`, else `libparti_nccl.so` beside this
+/// binary.
+fn nccl_library() -> std::path::PathBuf {
+    const NAME: &str = "libparti_nccl.so";
+    if let Some(path) = std::env::var_os("PARTI_NCCL_LIBRARY") {
+        return path.into();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|folder| folder.join(NAME)))
+        .unwrap_or_else(|| NAME.into())
+}
+
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
         // After a failure c10d's worker threads may still wait on a lost peer, and its
@@ -332,16 +380,16 @@ pub(super) fn reduce_gradients<M: Module>(
     let options = taken
         .iter()
         .find_map(|(_, _, grad)| grad.as_ref().map(|grad| (grad.kind(), grad.device())))
-        .unwrap_or((tch::Kind::Float, tch::Device::Cpu));
+        .unwrap_or((tch::Kind::Float, c10d.device));
     // Which parameters have a gradient anywhere: a rank's micro-batches may miss a parameter
     // (the unconditional embedding when none of its rows was dropped) that another reaches.
     let held: Vec<f32> = taken
         .iter()
         .map(|(_, _, grad)| if grad.is_some() { 1.0 } else { 0.0 })
         .collect();
-    let mut held = tch::Tensor::from_slice(&held);
+    let mut held = c10d.scratch(&held);
     c10d.all_reduce_sum(&mut held, OPERATION)?;
-    let held = Vec::<f32>::try_from(&held).map_err(|e| c10d.failed(OPERATION, e))?;
+    let held = Vec::<f32>::try_from(&on_cpu(&held)).map_err(|e| c10d.failed(OPERATION, e))?;
 
     let mut reduced = HashMap::new();
     let mut bucket: Vec<(ParamId, Vec<i64>, tch::Tensor)> = Vec::new();

@@ -494,3 +494,28 @@ impl Optimizer for FusedAdamW {
         state
     }
 }
+
+unsafe extern "C" {
+    fn parti_autocast_bf16(
+        cuda: c_int,
+        on: c_int,
+        was_on: *mut c_int,
+        error: *mut c_char,
+        capacity: usize,
+    ) -> c_int;
+}
+
+/// Turns libtorch's bf16 autocast on or off on this thread; returns whether it was on.
+pub(super) fn set_autocast_bf16(cuda: bool, on: bool) -> Result<bool, String> {
+    let mut was_on: c_int = 0;
+    checked(|error, capacity| unsafe {
+        parti_autocast_bf16(
+            c_int::from(cuda),
+            c_int::from(on),
+            &mut was_on,
+            error,
+            capacity,
+        )
+    })?;
+    Ok(was_on != 0)
+}

@@ -55,7 +55,7 @@ pub fn training_device(spec: &str) -> Result<Device, DeviceError> {
 
 /// Training devices from a comma-separated list (`cpu,cpu`: threads sharing one machine's
 /// cores); the first holds the model between steps. Several GPUs are several processes
-/// ([`crate::distributed`]), never a list.
+/// (the `distributed` module), never a list.
 pub fn training_devices(spec: &str) -> Result<Vec<Device>, DeviceError> {
     if spec.contains(',')
         && spec

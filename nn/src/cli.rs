@@ -35,7 +35,8 @@ pub struct TrainingArgs {
     pub workers: Option<usize>,
     /// Join the job a launcher describes (torchrun's RANK/WORLD_SIZE/MASTER_ADDR, Slurm's
     /// SLURM_PROCID/SLURM_NTASKS, a Kubernetes Indexed Job's JOB_COMPLETION_INDEX), one
-    /// process per device (needs the tch backend); `off` trains in this process alone.
+    /// process per device (needs the tch backend; Gloo on CPUs, NCCL on GPUs); `off` trains in
+    /// this process alone; `on` joins a process group even as a job of one.
     #[arg(long, value_enum, default_value_t = DistributedMode::Auto)]
     pub distributed: DistributedMode,
     /// Seconds to wait for the other processes at the rendezvous and in each collective.

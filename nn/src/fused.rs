@@ -231,8 +231,8 @@ impl AdamW {
     }
 }
 
-/// The arithmetic of a training step's forward and backward passes (a config key of the
-/// training stages, `--precision` of the `bench` subcommands).
+/// The arithmetic of a training step's forward and backward passes (`train parti`'s config key
+/// `precision`, `--precision` of the `bench` subcommands).
 #[derive(
     Debug,
     Clone,

@@ -27,7 +27,6 @@ fn compile_against_libtorch() {
         .file("csrc/autograd.cpp")
         .file("csrc/adamw.cpp")
         .file("csrc/autocast.cpp")
-        .file("csrc/cuda.cpp")
         .file("csrc/profiler.cpp")
         // c10d's Gloo header is compiled only with this, as in PyTorch's own build.
         .define("USE_C10D_GLOO", None)
@@ -50,12 +49,12 @@ fn compile_against_libtorch() {
         libtorch.join("lib").display()
     );
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
-    // A CUDA libtorch: its CUDA half too (burn-tch's build refers to it), so a GPU is there from
-    // the start.
+    // A CUDA libtorch: its CUDA half too. burn-tch refers to it (and allows GPUs only when its
+    // build found it), and its kernels register themselves when it loads.
     if libtorch.join("lib/libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
     }
     println!("cargo:rustc-link-lib=dylib=c10");
-    // dlopen, for libtorch_cuda and the NCCL library (libc since glibc 2.34, libdl before).
+    // dlopen, for the NCCL library (libc since glibc 2.34, libdl before).
     println!("cargo:rustc-link-lib=dylib=dl");
 }

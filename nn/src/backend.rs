@@ -118,7 +118,6 @@ fn cpu_device() -> Device {
 #[cfg(feature = "tch")]
 #[allow(deprecated)]
 fn cuda_device(index: usize, spec: &str) -> Result<Device, DeviceError> {
-    load_libtorch_cuda();
     let visible = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
     if index >= visible {
         return Err(DeviceError::NoCuda {
@@ -127,28 +126,6 @@ fn cuda_device(index: usize, spec: &str) -> Result<Device, DeviceError> {
         });
     }
     Ok(Device::libtorch_cuda(index))
-}
-
-/// libtorch's CUDA half, loaded before libtorch is first asked about GPUs (it remembers the
-/// answer): the linker drops libtorch_cuda from the binaries, which call nothing in it
-/// directly. A CPU libtorch has none, and then no GPU is seen, as before.
-#[cfg(feature = "tch")]
-fn load_libtorch_cuda() {
-    static LOADED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    LOADED.get_or_init(|| {
-        unsafe extern "C" {
-            fn parti_load_libtorch_cuda(
-                error: *mut std::ffi::c_char,
-                capacity: usize,
-            ) -> std::ffi::c_int;
-        }
-        let loaded = crate::csrc::checked(|error, capacity| unsafe {
-            parti_load_libtorch_cuda(error, capacity)
-        });
-        if let Err(message) = loaded {
-            tracing::debug!("no libtorch_cuda: {message}");
-        }
-    });
 }
 
 #[cfg(not(feature = "tch"))]

@@ -339,8 +339,8 @@ impl Group {
             address: address.clone(),
             message: e.to_string(),
         };
-        // The device is checked before the rendezvous, and for a GPU this loads libtorch's
-        // CUDA half, where the NCCL library's symbols live.
+        // The device is checked before the rendezvous: a missing GPU is this rank's error, not
+        // a peer's hang.
         crate::backend::device(&device).map_err(unusable)?;
         let cuda = crate::backend::cuda_index(&device).map_err(unusable)?;
         let c10d = c10d::ProcessGroup::join(launch, timeout, cuda)?;

@@ -15,7 +15,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::{Bool, Device, Int, Tensor};
 use nn::attention::{KvCache, padding_mask};
-use nn::fused::{cross_entropy, layer_norm};
+use nn::fused::{cross_entropy, layer_norm, linear};
 use nn::{CrossContext, LearnedPositions, LearnedPositionsConfig, TransformerBlock};
 
 use crate::Error;
@@ -247,9 +247,10 @@ impl Parti {
         padding: Tensor<2, Bool>,
         drop: Option<Tensor<1, Bool>>,
     ) -> Condition {
-        let encoded = self
-            .text_projection
-            .forward(self.encoder.forward(ids, padding.clone()));
+        let encoded = linear(
+            &self.text_projection,
+            self.encoder.forward(ids, padding.clone()),
+        );
         let Some(drop) = drop else {
             return Condition { encoded, padding };
         };
@@ -315,7 +316,7 @@ impl Parti {
                 context.as_ref(),
             );
         }
-        self.head.forward(layer_norm(&self.norm, x))
+        linear(&self.head, layer_norm(&self.norm, x))
     }
 
     /// Logits `[batch, codebook]` of the last of `inputs` (BOS + tokens so far) by a full
@@ -377,9 +378,7 @@ impl Parti {
         }
         state.position += 1;
         let [batch, _, _] = x.dims();
-        self.head
-            .forward(layer_norm(&self.norm, x))
-            .reshape([batch, self.bos_id()])
+        linear(&self.head, layer_norm(&self.norm, x)).reshape([batch, self.bos_id()])
     }
 }
 

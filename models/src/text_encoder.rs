@@ -11,7 +11,7 @@ use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, L
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use nn::attention::padding_mask;
-use nn::fused::{cross_entropy, layer_norm};
+use nn::fused::{cross_entropy, layer_norm, linear};
 use nn::{LearnedPositions, LearnedPositionsConfig, TransformerBlock, TransformerBlockConfig};
 use rand::Rng;
 
@@ -153,7 +153,7 @@ impl ImageTower {
             .sub_scalar(1.0);
         let mut x = self
             .positions
-            .forward(self.patch_embedding.forward(patches), 0);
+            .forward(linear(&self.patch_embedding, patches), 0);
         for block in &self.blocks {
             x = block.forward(x, None, None);
         }
@@ -201,14 +201,14 @@ fn l2_normalize(x: Tensor<2>) -> Tensor<2> {
 impl Contrastive {
     /// Unit-length text embeddings from an encoder output.
     pub fn embed_text(&self, encoded: Tensor<3>, padding: Tensor<2, Bool>) -> Tensor<2> {
-        l2_normalize(self.text_projection.forward(masked_mean(encoded, padding)))
+        l2_normalize(linear(&self.text_projection, masked_mean(encoded, padding)))
     }
 
     pub fn embed_images(&self, images: Tensor<4>) -> Tensor<2> {
-        l2_normalize(
-            self.image_projection
-                .forward(self.image_tower.forward(images)),
-        )
+        l2_normalize(linear(
+            &self.image_projection,
+            self.image_tower.forward(images),
+        ))
     }
 
     /// Symmetric InfoNCE over in-batch negatives: text i belongs to image i.

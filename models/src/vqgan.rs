@@ -7,7 +7,7 @@ use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig, Pa
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Int, Tensor};
 use nn::fused::gelu;
-use nn::fused::layer_norm;
+use nn::fused::{layer_norm, linear};
 use nn::{LearnedPositions, LearnedPositionsConfig, TransformerBlock, TransformerBlockConfig};
 use serde::{Deserialize, Serialize};
 
@@ -288,11 +288,11 @@ impl VitEncoder {
     pub fn forward(&self, patches: Tensor<3>) -> Tensor<3> {
         let mut x = self
             .positions
-            .forward(self.patch_embedding.forward(patches), 0);
+            .forward(linear(&self.patch_embedding, patches), 0);
         for block in &self.blocks {
             x = block.forward(x, None, None);
         }
-        self.to_codes.forward(layer_norm(&self.norm, x))
+        linear(&self.to_codes, layer_norm(&self.norm, x))
     }
 }
 
@@ -319,14 +319,14 @@ impl VitDecoder {
         let scale = (codes.dims()[2] as f64).sqrt();
         let mut x = self
             .positions
-            .forward(self.from_codes.forward(codes.mul_scalar(scale)), 0);
+            .forward(linear(&self.from_codes, codes.mul_scalar(scale)), 0);
         // Ahead of the blocks, so they can sharpen what the neighbours contributed (after
         // them, measured: triangles came out blurred and read as circles more often).
         x = self.mix_neighbours(x);
         for block in &self.blocks {
             x = block.forward(x, None, None);
         }
-        self.to_pixels.forward(layer_norm(&self.norm, x))
+        linear(&self.to_pixels, layer_norm(&self.norm, x))
     }
 }
 

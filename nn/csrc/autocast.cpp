@@ -26,4 +26,16 @@ int parti_autocast_bf16(int cuda, int on, int* was_on, char* error, size_t capac
   });
 }
 
+// Whether bf16 autocast is on on this thread for the CPU (`cuda` 0) or CUDA devices. The fused
+// linear operation casts its operands itself, as autocast would, so that it can keep the casts
+// for its backward pass instead of casting again there. Reads two thread-local flags; nothing in
+// it throws.
+int parti_autocast_is_bf16(int cuda) noexcept {
+  auto type = cuda != 0 ? at::kCUDA : at::kCPU;
+  return at::autocast::is_autocast_enabled(type) &&
+          at::autocast::get_autocast_dtype(type) == at::kBFloat16
+      ? 1
+      : 0;
+}
+
 } // extern "C"

@@ -137,8 +137,8 @@ impl MultiHeadAttention {
     /// Keys and values of `context`, e.g. to compute cross-attention inputs once per prompt.
     pub fn project_key_value(&self, context: Tensor<3>) -> (Tensor<4>, Tensor<4>) {
         (
-            self.split_heads(self.key.forward(context.clone())),
-            self.split_heads(self.value.forward(context)),
+            self.split_heads(fused::linear(&self.key, context.clone())),
+            self.split_heads(fused::linear(&self.value, context)),
         )
     }
 
@@ -176,11 +176,11 @@ impl MultiHeadAttention {
         mask: Option<Tensor<4, Bool>>,
     ) -> Tensor<3> {
         let [batch, q_len, d_model] = queries.dims();
-        let queries = self.split_heads(self.query.forward(queries));
+        let queries = self.split_heads(fused::linear(&self.query, queries));
         let context = fused::attention(queries, keys, values, mask, &self.dropout)
             .swap_dims(1, 2)
             .reshape([batch, q_len, d_model]);
-        self.output.forward(context)
+        fused::linear(&self.output, context)
     }
 }
 

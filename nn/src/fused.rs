@@ -3,10 +3,10 @@
 //!
 //! Burn 0.22's autodiff has no backward of its own for attention, layer norm or softmax, so under
 //! it each becomes several ops, and attention materialises its `[heads, n, n]` scores in both
-//! directions. On `tch`, [`attention`], [`layer_norm`] and [`cross_entropy`] are Burn custom
-//! autodiff operations (`libtorch`) that run PyTorch's own kernels both ways:
+//! directions. On `tch`, [`attention`], [`layer_norm`], [`cross_entropy`] and [`linear`] are Burn
+//! custom autodiff operations (`libtorch`) that run PyTorch's own kernels both ways:
 //! `scaled_dot_product_attention` (libtorch picks flash, memory-efficient or math per device, as
-//! PyTorch does), `layer_norm` and `cross_entropy`. On `flex` they are the compositions below,
+//! PyTorch does), `layer_norm`, `cross_entropy` and `addmm`. On `flex` they are the compositions below,
 //! exactly what ran before. GELU needs nothing for training: burn-autodiff has a GELU backward of
 //! its own, which burn-tch runs as libtorch's `gelu_backward`. Outside autodiff on `flex`
 //! (sampling, decoding, encoding, held-out evaluation) [`gelu`] evaluates erf as a rational
@@ -26,7 +26,7 @@
 use std::sync::OnceLock;
 
 use burn::grad_clipping::GradientClippingConfig;
-use burn::nn::{Dropout, LayerNorm};
+use burn::nn::{Dropout, LayerNorm, Linear};
 use burn::optim::{AdamWConfig, ModuleOptimizer};
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Bool, DType, Int, Tensor, TensorData};
@@ -158,6 +158,29 @@ pub fn layer_norm<const D: usize>(norm: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
 /// [`layer_norm`] as Burn composes it.
 pub fn layer_norm_composed<const D: usize>(norm: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
     norm.forward(x)
+}
+
+/// `layer` applied to `x: [.., d_input]`. On `tch` with a bias: one libtorch `addmm` forward (the
+/// bias enters the product instead of a separate pass; under bf16 autocast the result is bf16,
+/// as PyTorch's `linear` returns) and its backward written out: two products and a sum.
+pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "tch")]
+    if let (true, Some(bias)) = (enabled(), &layer.bias) {
+        let d_input = layer.weight.dims()[0];
+        assert_eq!(
+            x.dims()[D - 1],
+            d_input,
+            "a linear layer of {d_input} inputs was given {:?}",
+            x.dims()
+        );
+        return libtorch::linear(x, layer.weight.val(), bias.val());
+    }
+    linear_composed(layer, x)
+}
+
+/// [`linear`] as Burn computes it.
+pub fn linear_composed<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    layer.forward(x)
 }
 
 /// The cross-entropy of each position: `logits: [batch, len, classes]`, `targets: [batch, len]`

@@ -5,6 +5,8 @@ use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 
+use crate::fused;
+
 #[derive(Config, Debug)]
 pub struct MlpConfig {
     pub d_model: usize,
@@ -37,9 +39,7 @@ impl MlpConfig {
 
 impl Mlp {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        self.fc2.forward(
-            self.dropout
-                .forward(crate::fused::gelu(self.fc1.forward(x))),
-        )
+        let hidden = fused::gelu(fused::linear(&self.fc1, x));
+        fused::linear(&self.fc2, self.dropout.forward(hidden))
     }
 }

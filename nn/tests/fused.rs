@@ -197,6 +197,129 @@ fn gelu_backward_matches_the_exact_gelu_derivative() {
     assert_close("gelu: d input", x.grad(&grads).expect("d input"), expected);
 }
 
+/// Fused and composed linear layer on inputs of `shape`: output, and the gradients of a random
+/// projection of it with respect to the input, the weight and the bias; then again with an input
+/// that needs no gradient (a model's first layer), where only the parameters' are computed.
+fn check_linear<const D: usize>(what: &str, shape: [usize; D]) {
+    use burn::nn::{Linear, LinearConfig};
+    let device = backend::training_device("cpu").unwrap();
+    let _seeded = backend::seed_exclusively(&device, 23);
+    let d_output = 10;
+    let mut layer: Linear = LinearConfig::new(shape[D - 1], d_output).init(&device);
+    let bias = layer
+        .bias
+        .take()
+        .map(|bias| bias.map(|_| random([d_output], &device).require_grad()));
+    layer.bias = bias;
+    let input = random(shape, &device).mul_scalar(2.0);
+    let mut output_shape = shape;
+    output_shape[D - 1] = d_output;
+    let projection = random(output_shape, &device);
+    let run = |apply: fn(&Linear, Tensor<D>) -> Tensor<D>, input_grad: bool| {
+        let x = if input_grad {
+            input.clone().require_grad()
+        } else {
+            input.clone()
+        };
+        let out = apply(&layer, x.clone());
+        let grads = (out.clone() * projection.clone()).sum().backward();
+        let weight = layer.weight.val().grad(&grads).expect("d weight");
+        let bias = layer.bias.as_ref().and_then(|b| b.val().grad(&grads));
+        (out.inner(), x.grad(&grads), weight, bias.expect("d bias"))
+    };
+    for input_grad in [true, false] {
+        let fused = run(fused::linear, input_grad);
+        let composed = run(fused::linear_composed, input_grad);
+        let what = format!("{what}, input gradient {input_grad}");
+        assert_close(&format!("{what}: output"), fused.0, composed.0);
+        match (fused.1, composed.1) {
+            (Some(ours), Some(reference)) => {
+                assert_close(&format!("{what}: d input"), ours, reference)
+            }
+            (None, None) => assert!(!input_grad, "{what}: no input gradient"),
+            (ours, _) => panic!("{what}: an input gradient on one side only ({ours:?})"),
+        }
+        assert_close(&format!("{what}: d weight"), fused.2, composed.2);
+        assert_close(&format!("{what}: d bias"), fused.3, composed.3);
+    }
+}
+
+#[test]
+fn linear_matches_its_composition_with_all_three_gradients() {
+    check_linear("rows", [9, 24]);
+    check_linear("a batch of sequences", [4, 7, 24]);
+    check_linear("one vector", [24]);
+}
+
+/// bf16 autocast (`tch`): the fused linear multiplies in bf16 and returns bf16, as PyTorch's
+/// `linear` does under autocast, and its parameters' gradients come back in f32; all within
+/// bf16 rounding of the f32 results. On `flex` autocast is refused.
+#[test]
+fn linear_under_bf16_autocast_multiplies_in_bf16_and_keeps_f32_gradients() {
+    use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::DType;
+    use fused::{Autocast, Precision};
+    let device = backend::training_device("cpu").unwrap();
+    let _seeded = backend::seed_exclusively(&device, 29);
+    let layer: Linear = LinearConfig::new(32, 16).init(&device);
+    let input = random([3, 5, 32], &device);
+    let projection = random([3, 5, 16], &device);
+    let run = |precision: Precision| {
+        let _autocast = Autocast::begin(precision, "cpu").unwrap();
+        let x = input.clone().require_grad();
+        let out = fused::linear(&layer, x.clone());
+        let dtype = out.dtype();
+        let grads = (out.clone().cast(DType::F32) * projection.clone())
+            .sum()
+            .backward();
+        let weight = layer.weight.val().grad(&grads).expect("d weight");
+        let bias = layer.bias.as_ref().and_then(|b| b.val().grad(&grads));
+        let d_input = x.grad(&grads).expect("d input");
+        (dtype, out.inner(), d_input, weight, bias.expect("d bias"))
+    };
+    if !cfg!(feature = "tch") {
+        assert!(Autocast::begin(Precision::Bf16, "cpu").is_err());
+        return;
+    }
+    let (dtype, out, d_input, d_weight, d_bias) = run(Precision::Bf16);
+    let reference = run(Precision::F32);
+    assert_eq!(reference.0, DType::F32);
+    if fused::enabled() {
+        assert_eq!(dtype, DType::BF16, "the product's kind under autocast");
+        assert_eq!(d_weight.dtype(), DType::F32, "d weight's kind");
+        assert_eq!(d_bias.dtype(), DType::F32, "d bias's kind");
+    }
+    assert_eq!(d_input.dtype(), DType::F32, "d input's kind (the input's)");
+    // bf16 keeps 8 bits of mantissa: each value within 2% of the largest.
+    let check = |what: &str, ours: Tensor<3>, reference: Tensor<3>| {
+        let scale = reference.clone().abs().max().into_scalar::<f32>();
+        let difference = (ours.cast(DType::F32) - reference)
+            .abs()
+            .max()
+            .into_scalar::<f32>();
+        assert!(
+            difference <= 2e-2 * scale,
+            "{what}: bf16 differs from f32 by {difference} (values up to {scale})"
+        );
+        difference
+    };
+    // Not equal to the f32 result either: autocast did engage.
+    assert!(
+        check("output", out, reference.1) > 0.0,
+        "bf16 changed nothing"
+    );
+    check("d input", d_input, reference.2);
+    let check_2 = |what: &str, ours: Tensor<2>, theirs: Tensor<2>| {
+        check(what, ours.unsqueeze(), theirs.unsqueeze())
+    };
+    check_2("d weight", d_weight, reference.3);
+    check_2(
+        "d bias",
+        d_bias.unsqueeze::<2>(),
+        reference.4.unsqueeze::<2>(),
+    );
+}
+
 #[test]
 fn adamw_matches_burns_adamw_over_several_steps() {
     // On tch the step is libtorch's fused kernel; Burn's AdamW is the reference (on flex both

@@ -28,6 +28,7 @@ use models::text_encoder::{
 };
 use models::{CONFIG_KIND, CONTRASTIVE_KIND, TEXT_ENCODER_KIND, TextTokenizer};
 use nn::cli::TrainingOptions;
+use nn::fused;
 use nn::images::{self, ImageSet};
 
 use crate::{Error, tool};
@@ -304,7 +305,7 @@ fn mlm_accuracy(
         let (ids, padding, targets, weights) =
             mlm_batch(&rows, tokenizer, config.mask_rate, &mut rng, device);
         let count = weights.clone().sum().into_scalar::<f32>() as f64;
-        let logits = model.mlm_head.forward(model.encoder.forward(ids, padding));
+        let logits = fused::linear(&model.mlm_head, model.encoder.forward(ids, padding));
         let (_, accuracy) = mlm_loss(logits, targets, weights);
         correct += accuracy.into_scalar::<f32>() as f64 * count;
         total += count;
@@ -470,17 +471,20 @@ pub fn train_text_encoder(
             let (ids, padding, targets, weights) =
                 mlm_batch(&rows, &tokenizer, config.mask_rate, &mut rng, &device);
             if alone {
-                let logits = model.mlm_head.forward(model.encoder.forward(ids, padding));
+                let logits = fused::linear(&model.mlm_head, model.encoder.forward(ids, padding));
                 let (loss, accuracy) = mlm_loss(logits, targets, weights);
                 (loss, 1.0, Some((accuracy, 1.0)))
             } else {
                 let batch_count = weights.clone().sum().into_scalar::<f32>() as f64;
                 let weights = weights.select(0, own_rows.clone());
                 let count = weights.clone().sum().into_scalar::<f32>() as f64;
-                let logits = model.mlm_head.forward(model.encoder.forward(
-                    ids.select(0, own_rows.clone()),
-                    padding.select(0, own_rows.clone()),
-                ));
+                let logits = fused::linear(
+                    &model.mlm_head,
+                    model.encoder.forward(
+                        ids.select(0, own_rows.clone()),
+                        padding.select(0, own_rows.clone()),
+                    ),
+                );
                 let (loss, accuracy) =
                     mlm_loss(logits, targets.select(0, own_rows.clone()), weights);
                 // The mean over this rank's masked tokens, weighted to its share of the batch's.

@@ -6,6 +6,10 @@
 //! records the one-node graph PyTorch would (saving, for attention, the output and log-sum-exp,
 //! never the scores); the backward hands Burn's incoming gradient to `torch::autograd::grad`
 //! (`csrc/autograd.cpp`), which runs the matching backward kernel.
+//!
+//! The linear layer is the exception: its backward is two matrix products and a sum, computed
+//! here directly on what the forward kept, because a pass through libtorch's autograd engine per
+//! call costs more CPU time than small steps can hide (BENCHMARKS.md, "GPU: one H200").
 
 use std::ffi::{c_char, c_int, c_void};
 
@@ -57,6 +61,12 @@ pub trait FusedOps: Backend {
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// `input: [.., d_input]` times `weight: [d_input, d_output]` plus `bias: [d_output]`.
+    fn fused_linear(
+        input: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
 }
 
 pub(super) fn attention(
@@ -98,6 +108,34 @@ pub(super) fn cross_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tenso
         logits.into_dispatch(),
         targets.into_dispatch(),
     ))
+}
+
+pub(super) fn linear<const D: usize>(
+    input: Tensor<D>,
+    weight: Tensor<2>,
+    bias: Tensor<1>,
+) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::fused_linear(
+        input.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+    ))
+}
+
+unsafe extern "C" {
+    fn parti_autocast_is_bf16(cuda: c_int) -> c_int;
+}
+
+/// The kind a linear layer multiplies in: bf16 where bf16 autocast is on for the input's device
+/// (autocast would cast an f32 product's operands to it), else the input's own kind.
+fn linear_compute_kind(input: &tch::Tensor) -> tch::Kind {
+    let cuda = c_int::from(input.device().is_cuda());
+    let floating_single = matches!(input.kind(), tch::Kind::Float | tch::Kind::BFloat16);
+    if floating_single && unsafe { parti_autocast_is_bf16(cuda) } != 0 {
+        tch::Kind::BFloat16
+    } else {
+        input.kind()
+    }
 }
 
 /// The kernels, on libtorch tensors: PyTorch's own functional calls.
@@ -144,6 +182,19 @@ mod kernels {
             )
             .reshape(targets.size())
     }
+
+    /// `bias + input @ weight` as one `addmm` over the input's rows (the bias enters the product
+    /// as its starting value instead of in a separate pass, and under bf16 the sum comes out in
+    /// bf16, as PyTorch's `linear` does), with operands already in the compute kind.
+    pub fn linear(input: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
+        let (d_input, d_output) = (weight.size()[0], weight.size()[1]);
+        let mut shape = input.size();
+        if let Some(last) = shape.last_mut() {
+            *last = d_output;
+        }
+        bias.addmm(&input.reshape([-1, d_input]), weight)
+            .reshape(shape)
+    }
 }
 
 impl FusedOps for LibTorch {
@@ -180,6 +231,15 @@ impl FusedOps for LibTorch {
 
     fn fused_cross_entropy(logits: TchTensor, targets: TchTensor) -> TchTensor {
         TchTensor::new(kernels::cross_entropy(&logits.tensor, &targets.tensor))
+    }
+
+    fn fused_linear(input: TchTensor, weight: TchTensor, bias: TchTensor) -> TchTensor {
+        let kind = linear_compute_kind(&input.tensor);
+        TchTensor::new(kernels::linear(
+            &input.tensor.to_kind(kind),
+            &weight.tensor.to_kind(kind),
+            &bias.tensor.to_kind(kind),
+        ))
     }
 }
 
@@ -222,6 +282,108 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<LibTorch, C> {
         recorded::<C, 1>([logits], |[logits]| {
             kernels::cross_entropy(logits, &targets.tensor)
         })
+    }
+
+    fn fused_linear(
+        input: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let nodes = [input.node(), weight.node(), bias.node()];
+        let (input, weight, bias) = (
+            input.into_primitive(),
+            weight.into_primitive(),
+            bias.into_primitive(),
+        );
+        let kind = linear_compute_kind(&input.tensor);
+        let output = |input: &TchTensor, weight: &TchTensor| {
+            TchTensor::new(kernels::linear(
+                &input.tensor,
+                &weight.tensor,
+                &bias.tensor.to_kind(kind),
+            ))
+        };
+        match DirectLinear.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let saved = LinearSaved {
+                    input_shape: input.tensor.size(),
+                    input_kind: input.tensor.kind(),
+                    weight_kind: weight.tensor.kind(),
+                    bias_kind: bias.tensor.kind(),
+                    input: in_kind(input, kind),
+                    weight: in_kind(weight, kind),
+                    kind,
+                };
+                let output = output(&saved.input, &saved.weight);
+                prep.finish(saved, output)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(output(&in_kind(input, kind), &in_kind(weight, kind)))
+            }
+        }
+    }
+}
+
+/// `tensor` in `kind`: the same handle when it already is (keeping its storage marked as shared
+/// while held, so burn-tch never writes into it in place), else a new tensor.
+fn in_kind(tensor: TchTensor, kind: tch::Kind) -> TchTensor {
+    if tensor.tensor.kind() == kind {
+        tensor
+    } else {
+        TchTensor::new(tensor.tensor.to_kind(kind))
+    }
+}
+
+/// The linear layer's node in Burn's graph, with its backward written out.
+#[derive(Debug)]
+struct DirectLinear;
+
+/// What the linear layer's backward needs: its operands in the kind it multiplied in (under bf16
+/// autocast the bf16 copies the forward made, so the backward casts nothing again).
+#[derive(Debug, Clone)]
+struct LinearSaved {
+    input: TchTensor,
+    weight: TchTensor,
+    input_shape: Vec<i64>,
+    kind: tch::Kind,
+    input_kind: tch::Kind,
+    weight_kind: tch::Kind,
+    bias_kind: tch::Kind,
+}
+
+impl Backward<LibTorch, 3> for DirectLinear {
+    type State = LinearSaved;
+
+    /// With `g` the output's gradient over the input's rows: `d input = g @ weight^T`,
+    /// `d weight = input^T @ g`, `d bias = sum of g's rows`, each in its operand's kind (the bias
+    /// summed in that kind too: f32 sums of bf16 values under autocast). Only the gradients
+    /// Burn asks for are computed.
+    fn backward(self, ops: Ops<LinearSaved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad_output = grads.consume::<LibTorch>(&ops.node);
+        let saved = ops.state;
+        let d_input = saved.weight.tensor.size()[0];
+        let d_output = saved.weight.tensor.size()[1];
+        let grad = grad_output
+            .tensor
+            .to_kind(saved.kind)
+            .reshape([-1, d_output]);
+        let [input, weight, bias] = ops.parents;
+        if let Some(input) = input {
+            let gradient = grad
+                .mm(&saved.weight.tensor.tr())
+                .reshape(saved.input_shape.as_slice())
+                .to_kind(saved.input_kind);
+            grads.register::<LibTorch>(input.id, TchTensor::new(gradient));
+        }
+        if let Some(weight) = weight {
+            let rows = saved.input.tensor.reshape([-1, d_input]);
+            let gradient = rows.tr().mm(&grad).to_kind(saved.weight_kind);
+            grads.register::<LibTorch>(weight.id, TchTensor::new(gradient));
+        }
+        if let Some(bias) = bias {
+            let gradient = grad.sum_dim_intlist([0i64].as_slice(), false, saved.bias_kind);
+            grads.register::<LibTorch>(bias.id, TchTensor::new(gradient));
+        }
     }
 }
 

@@ -12,6 +12,8 @@ use burn::tensor::module::avg_pool2d;
 use burn::tensor::ops::AvgPoolOptions;
 use burn::tensor::{Device, Tensor};
 
+use nn::fused;
+
 const SLOPE: f64 = 0.2;
 /// StyleGAN's minibatch-std group: at most this many images share one statistic.
 const STD_GROUP: usize = 4;
@@ -135,7 +137,7 @@ impl Discriminator {
         }
         let x = leaky_relu(self.final_conv.forward(minibatch_std(x)), SLOPE);
         let [n, c, h, w] = x.dims();
-        let x = leaky_relu(self.dense.forward(x.reshape([n, c * h * w])), SLOPE);
-        self.logit.forward(x).reshape([n])
+        let x = leaky_relu(fused::linear(&self.dense, x.reshape([n, c * h * w])), SLOPE);
+        fused::linear(&self.logit, x).reshape([n])
     }
 }

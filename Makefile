@@ -6,6 +6,7 @@
 #   make test                the test suite (installs moto, an S3 server, into .venv for the storage tests)
 #   make pipeline BACKEND=tch   the same on libtorch (fetches a CPU libtorch from PyPI once, ~910 MB)
 #   make bench               benchmarks against PyTorch and Pillow on this machine (installs them into bench/.venv)
+#   make bench-gpu BACKEND=tch   the model benchmarks' GPU table (f32, bf16, MFU) on a CUDA machine
 
 RUN ?= runs/default
 PRESET ?= tiny
@@ -57,10 +58,10 @@ TEXT_INPUT := $(or $(TEXT),$(if $(PAIRS),$(RUN)/pairs,$(RUN)/synth/text))
 DOWNLOADS ?= $(if $(findstring ://,$(RUN)),,$(RUN)/downloads)
 DOWNLOAD_FLAGS := $(if $(and $(PAIRS),$(DOWNLOADS)),--download-cache $(DOWNLOADS),)
 
-.PHONY: pipeline status build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-urls bench-models bench-venv bench-distributed bench-serve nccl
+.PHONY: pipeline status build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-urls bench-models bench-gpu bench-venv bench-distributed bench-serve nccl
 
 help:
-	@sed -n '3,9p' Makefile
+	@sed -n '3,10p' Makefile
 
 build: $(BACKEND_SETUP)
 	$(CARGO) build --release --workspace $(FEATURES)
@@ -189,6 +190,25 @@ bench-models: build bench/.venv/bin/python
 	$(BIN)/train bench --preset tiny --batch 32 $(PEER)
 	$(BIN)/train bench --preset 350m-slice --batch 1 $(PEER)
 	$(BIN)/infer bench $(PEER)
+
+# The GPU table of BENCHMARKS.md on this machine's first GPU, each row against PyTorch on the same
+# GPU: f32 and bf16 train steps, the Parti 350M slice's model FLOPs utilisation against
+# PEAK_TFLOPS (the GPU's dense bf16 peak from its datasheet: 989 for an H100 or H200 SXM), and
+# sampling. Needs BACKEND=tch and a CUDA libtorch in LIBTORCH (README, "Backends").
+PEAK_TFLOPS ?= 989
+ON_GPU := --device cuda $(PEER)
+bench-gpu: build bench/.venv/bin/python
+	@test "$(BACKEND)" = tch || { echo "bench-gpu needs BACKEND=tch and a CUDA libtorch in LIBTORCH"; exit 1; }
+	$(BIN)/vqgan bench --preset tiny --batch 16 --rounds 5 $(ON_GPU)
+	$(BIN)/vqgan bench --preset small --batch 8 --rounds 5 $(ON_GPU)
+	$(BIN)/train bench --preset tiny --batch 32 --rounds 5 $(ON_GPU)
+	$(BIN)/train bench --preset 350m-slice --batch 8 --rounds 5 $(ON_GPU)
+	$(BIN)/train bench --preset 350m-slice --batch 64 --rounds 5 --peak-tflops $(PEAK_TFLOPS) $(ON_GPU)
+	$(BIN)/vqgan bench --preset small --batch 8 --rounds 5 --precision bf16 $(ON_GPU)
+	$(BIN)/train bench --preset 350m-slice --batch 8 --rounds 5 --precision bf16 $(ON_GPU)
+	$(BIN)/train bench --preset 350m-slice --batch 64 --rounds 5 --precision bf16 --peak-tflops $(PEAK_TFLOPS) $(ON_GPU)
+	$(BIN)/train bench --preset 350m-slice --batch 128 --rounds 5 --precision bf16 --peak-tflops $(PEAK_TFLOPS) $(ON_GPU)
+	$(BIN)/infer bench $(ON_GPU)
 
 # `infer serve` under 64 concurrent single-sample requests, with cross-request batching and one
 # request at a time, on the tiny model of $(RUN) (made by `make pipeline` if it is not there).

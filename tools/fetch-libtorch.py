@@ -38,6 +38,16 @@ def main() -> int:
     if stamp.is_file() and stamp.read_text().strip() == TORCH:
         print(f"libtorch {TORCH} already in {dest}")
         return 0
+    # A LIBTORCH this script did not make (a CUDA libtorch, a PyTorch install's torch/) is the
+    # user's: used as it is, never replaced.
+    if not stamp.is_file() and dest.is_dir() and any(dest.iterdir()):
+        if (dest / "lib" / "libtorch_cpu.so").is_file():
+            print(f"using the libtorch in {dest} as it is (not one this script fetched)")
+            return 0
+        print(f"{dest} holds files but no libtorch (no lib/libtorch_cpu.so), and this script "
+              "did not put them there: not replacing them. Point LIBTORCH at a libtorch or at "
+              "a new directory.", file=sys.stderr)
+        return 1
     with tempfile.TemporaryDirectory() as tmp:
         wheels = pathlib.Path(tmp)
         subprocess.run(

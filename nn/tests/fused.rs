@@ -197,10 +197,23 @@ fn gelu_backward_matches_the_exact_gelu_derivative() {
     assert_close("gelu: d input", x.grad(&grads).expect("d input"), expected);
 }
 
-/// Fused and composed linear layer on inputs of `shape`: output, and the gradients of a random
-/// projection of it with respect to the input, the weight and the bias; then again with an input
-/// that needs no gradient (a model's first layer), where only the parameters' are computed.
+/// How a linear layer's gradients are asked for.
+#[derive(Debug, Clone, Copy)]
+enum LinearCase {
+    /// Input and parameters, through a random projection of the output.
+    Everything,
+    /// An input that needs no gradient (a model's first layer): the parameters' only.
+    ParametersOnly,
+    /// A frozen layer (the ViT-VQGAN encoder under decoder fine-tuning): the input's only.
+    InputOnly,
+    /// Everything, from the plain sum of the output: a gradient of ones, broadcast (stride 0).
+    Summed,
+}
+
+/// Fused and composed linear layer on inputs of `shape`, in every [`LinearCase`]: the output,
+/// and each gradient asked for (and none that was not).
 fn check_linear<const D: usize>(what: &str, shape: [usize; D]) {
+    use burn::module::Module;
     use burn::nn::{Linear, LinearConfig};
     let device = backend::training_device("cpu").unwrap();
     let _seeded = backend::seed_exclusively(&device, 23);
@@ -215,32 +228,54 @@ fn check_linear<const D: usize>(what: &str, shape: [usize; D]) {
     let mut output_shape = shape;
     output_shape[D - 1] = d_output;
     let projection = random(output_shape, &device);
-    let run = |apply: fn(&Linear, Tensor<D>) -> Tensor<D>, input_grad: bool| {
-        let x = if input_grad {
-            input.clone().require_grad()
-        } else {
-            input.clone()
+    type Gradients<const D: usize> = (
+        Tensor<D>,
+        Option<Tensor<D>>,
+        Option<Tensor<2>>,
+        Option<Tensor<1>>,
+    );
+    let run = |apply: fn(&Linear, Tensor<D>) -> Tensor<D>, case: LinearCase| -> Gradients<D> {
+        let layer = match case {
+            LinearCase::InputOnly => layer.clone().no_grad(),
+            _ => layer.clone(),
+        };
+        let x = match case {
+            LinearCase::ParametersOnly => input.clone(),
+            _ => input.clone().require_grad(),
         };
         let out = apply(&layer, x.clone());
-        let grads = (out.clone() * projection.clone()).sum().backward();
-        let weight = layer.weight.val().grad(&grads).expect("d weight");
+        let grads = match case {
+            LinearCase::Summed => out.clone().sum().backward(),
+            _ => (out.clone() * projection.clone()).sum().backward(),
+        };
+        let weight = layer.weight.val().grad(&grads);
         let bias = layer.bias.as_ref().and_then(|b| b.val().grad(&grads));
-        (out.inner(), x.grad(&grads), weight, bias.expect("d bias"))
+        (out.inner(), x.grad(&grads), weight, bias)
     };
-    for input_grad in [true, false] {
-        let fused = run(fused::linear, input_grad);
-        let composed = run(fused::linear_composed, input_grad);
-        let what = format!("{what}, input gradient {input_grad}");
+    for case in [
+        LinearCase::Everything,
+        LinearCase::ParametersOnly,
+        LinearCase::InputOnly,
+        LinearCase::Summed,
+    ] {
+        let (fused, composed) = (run(fused::linear, case), run(fused::linear_composed, case));
+        let what = format!("{what}, {case:?}");
         assert_close(&format!("{what}: output"), fused.0, composed.0);
-        match (fused.1, composed.1) {
-            (Some(ours), Some(reference)) => {
-                assert_close(&format!("{what}: d input"), ours, reference)
-            }
-            (None, None) => assert!(!input_grad, "{what}: no input gradient"),
-            (ours, _) => panic!("{what}: an input gradient on one side only ({ours:?})"),
+        let wanted = (
+            !matches!(case, LinearCase::ParametersOnly),
+            !matches!(case, LinearCase::InputOnly),
+        );
+        let got = (fused.1.is_some(), fused.2.is_some() && fused.3.is_some());
+        assert_eq!(got, wanted, "{what}: which gradients (input, parameters)");
+        if let (Some(ours), Some(reference)) = (fused.1, composed.1) {
+            assert_close(&format!("{what}: d input"), ours, reference);
         }
-        assert_close(&format!("{what}: d weight"), fused.2, composed.2);
-        assert_close(&format!("{what}: d bias"), fused.3, composed.3);
+        if let (Some(ours), Some(reference)) = (fused.2, composed.2) {
+            assert_close(&format!("{what}: d weight"), ours, reference);
+        }
+        if let (Some(ours), Some(reference)) = (fused.3, composed.3) {
+            assert_close(&format!("{what}: d bias"), ours, reference);
+        }
     }
 }
 
@@ -248,6 +283,7 @@ fn check_linear<const D: usize>(what: &str, shape: [usize; D]) {
 fn linear_matches_its_composition_with_all_three_gradients() {
     check_linear("rows", [9, 24]);
     check_linear("a batch of sequences", [4, 7, 24]);
+    check_linear("a batch of grids", [2, 3, 4, 24]);
     check_linear("one vector", [24]);
 }
 
@@ -288,8 +324,8 @@ fn linear_under_bf16_autocast_multiplies_in_bf16_and_keeps_f32_gradients() {
         assert_eq!(dtype, DType::BF16, "the product's kind under autocast");
         assert_eq!(d_weight.dtype(), DType::F32, "d weight's kind");
         assert_eq!(d_bias.dtype(), DType::F32, "d bias's kind");
+        assert_eq!(d_input.dtype(), DType::F32, "d input's kind (the input's)");
     }
-    assert_eq!(d_input.dtype(), DType::F32, "d input's kind (the input's)");
     // bf16 keeps 8 bits of mantissa: each value within 2% of the largest.
     let check = |what: &str, ours: Tensor<3>, reference: Tensor<3>| {
         let scale = reference.clone().abs().max().into_scalar::<f32>();

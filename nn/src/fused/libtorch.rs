@@ -127,11 +127,14 @@ unsafe extern "C" {
 }
 
 /// The kind a linear layer multiplies in: bf16 where bf16 autocast is on for the input's device
-/// (autocast would cast an f32 product's operands to it), else the input's own kind.
+/// (autocast casts a product's f32 and f16 operands to it), else the input's own kind.
 fn linear_compute_kind(input: &tch::Tensor) -> tch::Kind {
     let cuda = c_int::from(input.device().is_cuda());
-    let floating_single = matches!(input.kind(), tch::Kind::Float | tch::Kind::BFloat16);
-    if floating_single && unsafe { parti_autocast_is_bf16(cuda) } != 0 {
+    let floating = matches!(
+        input.kind(),
+        tch::Kind::Float | tch::Kind::Half | tch::Kind::BFloat16
+    );
+    if floating && unsafe { parti_autocast_is_bf16(cuda) } != 0 {
         tch::Kind::BFloat16
     } else {
         input.kind()
@@ -289,6 +292,9 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<LibTorch, C> {
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
+        // The input is needed only for the weight's gradient, and the weight only for the
+        // input's, as Burn's own linear keeps them.
+        let (input_tracked, weight_tracked) = (input.is_tracked(), weight.is_tracked());
         let nodes = [input.node(), weight.node(), bias.node()];
         let (input, weight, bias) = (
             input.into_primitive(),
@@ -296,30 +302,32 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<LibTorch, C> {
             bias.into_primitive(),
         );
         let kind = linear_compute_kind(&input.tensor);
-        let output = |input: &TchTensor, weight: &TchTensor| {
-            TchTensor::new(kernels::linear(
-                &input.tensor,
-                &weight.tensor,
-                &bias.tensor.to_kind(kind),
-            ))
-        };
+        let (input_shape, input_kind, weight_kind, bias_kind) = (
+            input.tensor.size(),
+            input.tensor.kind(),
+            weight.tensor.kind(),
+            bias.tensor.kind(),
+        );
+        let (input, weight) = (in_kind(input, kind), in_kind(weight, kind));
+        let output = TchTensor::new(kernels::linear(
+            &input.tensor,
+            &weight.tensor,
+            &bias.tensor.to_kind(kind),
+        ));
         match DirectLinear.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let saved = LinearSaved {
-                    input_shape: input.tensor.size(),
-                    input_kind: input.tensor.kind(),
-                    weight_kind: weight.tensor.kind(),
-                    bias_kind: bias.tensor.kind(),
-                    input: in_kind(input, kind),
-                    weight: in_kind(weight, kind),
+                    input: weight_tracked.then_some(input),
+                    weight: input_tracked.then_some(weight),
+                    input_shape,
                     kind,
+                    input_kind,
+                    weight_kind,
+                    bias_kind,
                 };
-                let output = output(&saved.input, &saved.weight);
                 prep.finish(saved, output)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(output(&in_kind(input, kind), &in_kind(weight, kind)))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(output),
         }
     }
 }
@@ -339,11 +347,12 @@ fn in_kind(tensor: TchTensor, kind: tch::Kind) -> TchTensor {
 struct DirectLinear;
 
 /// What the linear layer's backward needs: its operands in the kind it multiplied in (under bf16
-/// autocast the bf16 copies the forward made, so the backward casts nothing again).
+/// autocast the bf16 copies the forward made, so the backward casts nothing again); the input
+/// only where the weight needs a gradient, the weight only where the input does.
 #[derive(Debug, Clone)]
 struct LinearSaved {
-    input: TchTensor,
-    weight: TchTensor,
+    input: Option<TchTensor>,
+    weight: Option<TchTensor>,
     input_shape: Vec<i64>,
     kind: tch::Kind,
     input_kind: tch::Kind,
@@ -361,22 +370,24 @@ impl Backward<LibTorch, 3> for DirectLinear {
     fn backward(self, ops: Ops<LinearSaved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad_output = grads.consume::<LibTorch>(&ops.node);
         let saved = ops.state;
-        let d_input = saved.weight.tensor.size()[0];
-        let d_output = saved.weight.tensor.size()[1];
+        let d_output = grad_output.tensor.size().last().copied().unwrap_or(1);
         let grad = grad_output
             .tensor
             .to_kind(saved.kind)
             .reshape([-1, d_output]);
         let [input, weight, bias] = ops.parents;
-        if let Some(input) = input {
+        // A parent is present exactly where the forward saw it tracked, which is where it kept
+        // the other operand.
+        if let (Some(input), Some(weight)) = (input, &saved.weight) {
             let gradient = grad
-                .mm(&saved.weight.tensor.tr())
+                .mm(&weight.tensor.tr())
                 .reshape(saved.input_shape.as_slice())
                 .to_kind(saved.input_kind);
             grads.register::<LibTorch>(input.id, TchTensor::new(gradient));
         }
-        if let Some(weight) = weight {
-            let rows = saved.input.tensor.reshape([-1, d_input]);
+        if let (Some(weight), Some(input)) = (weight, &saved.input) {
+            let d_input = saved.input_shape.last().copied().unwrap_or(1);
+            let rows = input.tensor.reshape([-1, d_input]);
             let gradient = rows.tr().mm(&grad).to_kind(saved.weight_kind);
             grads.register::<LibTorch>(weight.id, TchTensor::new(gradient));
         }

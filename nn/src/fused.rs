@@ -6,8 +6,8 @@
 //! directions. On `tch`, [`attention`], [`layer_norm`], [`cross_entropy`] and [`linear`] are Burn
 //! custom autodiff operations (`libtorch`) that run PyTorch's own kernels both ways:
 //! `scaled_dot_product_attention` (libtorch picks flash, memory-efficient or math per device, as
-//! PyTorch does), `layer_norm`, `cross_entropy` and `addmm`. On `flex` they are the compositions below,
-//! exactly what ran before. GELU needs nothing for training: burn-autodiff has a GELU backward of
+//! PyTorch does), `layer_norm`, `cross_entropy` and `addmm`. On `flex` they are the compositions
+//! below, exactly what ran before. GELU needs nothing for training: burn-autodiff has a GELU backward of
 //! its own, which burn-tch runs as libtorch's `gelu_backward`. Outside autodiff on `flex`
 //! (sampling, decoding, encoding, held-out evaluation) [`gelu`] evaluates erf as a rational
 //! function that the compiler vectorises, as PyTorch's and Eigen's CPU kernels do, instead of
@@ -162,7 +162,9 @@ pub fn layer_norm_composed<const D: usize>(norm: &LayerNorm, x: Tensor<D>) -> Te
 
 /// `layer` applied to `x: [.., d_input]`. On `tch` with a bias: one libtorch `addmm` forward (the
 /// bias enters the product instead of a separate pass; under bf16 autocast the result is bf16,
-/// as PyTorch's `linear` returns) and its backward written out: two products and a sum.
+/// as PyTorch's `linear` returns) and its backward written out: two products and a sum, each
+/// gradient in its operand's dtype as PyTorch's autocast gives them (Burn's own linear hands an
+/// f32 input a bf16 gradient under autocast).
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     #[cfg(feature = "tch")]
     if let (true, Some(bias)) = (enabled(), &layer.bias) {

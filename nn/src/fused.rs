@@ -7,8 +7,8 @@
 //! custom autodiff operations (`libtorch`) that run PyTorch's own kernels both ways:
 //! `scaled_dot_product_attention` (libtorch picks flash, memory-efficient or math per device, as
 //! PyTorch does), `layer_norm`, `cross_entropy` and `addmm`. On `flex` they are the compositions
-//! below, exactly what ran before. GELU needs nothing for training: burn-autodiff has a GELU backward of
-//! its own, which burn-tch runs as libtorch's `gelu_backward`. Outside autodiff on `flex`
+//! below, exactly what ran before. GELU needs nothing for training: burn-autodiff has a GELU
+//! backward of its own, which burn-tch runs as libtorch's `gelu_backward`. Outside autodiff on `flex`
 //! (sampling, decoding, encoding, held-out evaluation) [`gelu`] evaluates erf as a rational
 //! function that the compiler vectorises, as PyTorch's and Eigen's CPU kernels do, instead of
 //! flex's one-value-at-a-time libm call.

@@ -301,7 +301,7 @@ def timed(step, rounds):
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.get_default_device().type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            profiler = torch.profiler.profile(activities=activities)
+            profiler = torch.profiler.profile(activities=activities, record_shapes=True)
             profiler.__enter__()
         started = time.perf_counter()
         step()

@@ -6,7 +6,8 @@ Usage: trace_summary.py TRACE.json [TRACE.json ...]
 For each trace: the number of kernels, their total time, and that time by kind (matrix
 products, attention, layer norm, softmax and cross-entropy, the optimizer, reductions, casts and
 copies, other elementwise work), then the kernels that took longest. Kinds are read from kernel
-names (cuBLAS, CUTLASS and PyTorch's own), first match wins.
+names (cuBLAS, CUTLASS and PyTorch's own), first match wins. Which ops ran, in which dtypes,
+side by side: trace_ops.py.
 """
 
 import collections

@@ -6,8 +6,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Device, Int, Tensor};
-use nn::fused::gelu;
-use nn::fused::{layer_norm, linear};
+use nn::fused::{self, gelu, layer_norm, linear};
 use nn::{LearnedPositions, LearnedPositionsConfig, TransformerBlock, TransformerBlockConfig};
 use serde::{Deserialize, Serialize};
 
@@ -306,7 +305,7 @@ impl VitDecoder {
         let grid = (tokens as f64).sqrt() as usize;
         let mut map = x.swap_dims(1, 2).reshape([batch, d, grid, grid]);
         for conv in &self.local {
-            map = map.clone() + gelu(conv.forward(map));
+            map = fused::add(map.clone(), gelu(conv.forward(map)));
         }
         map.reshape([batch, d, tokens]).swap_dims(1, 2)
     }

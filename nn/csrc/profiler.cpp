@@ -21,7 +21,8 @@ int parti_profiler_start(int cuda, char* error, size_t capacity) {
     if (cuda != 0) {
       activities.insert(ActivityType::CUDA);
     }
-    ProfilerConfig config(ProfilerState::KINETO);
+    // Input shapes and dtypes too, so two traces can be compared op by op (which ran in f32).
+    ProfilerConfig config(ProfilerState::KINETO, /*report_input_shapes=*/true);
     torch::autograd::profiler::prepareProfiler(config, activities);
     torch::autograd::profiler::enableProfiler(config, activities);
   });

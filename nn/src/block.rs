@@ -105,9 +105,11 @@ impl TransformerBlock {
         context: Option<&CrossContext>,
     ) -> Tensor<3> {
         let h = fused::layer_norm(&self.norm_attention, x.clone());
-        let x = x + self
-            .dropout
-            .forward(self.attention.forward(h.clone(), h, mask));
+        let x = fused::add(
+            x,
+            self.dropout
+                .forward(self.attention.forward(h.clone(), h, mask)),
+        );
         self.cross_and_mlp(x, context)
     }
 
@@ -120,9 +122,11 @@ impl TransformerBlock {
         context: Option<&CrossContext>,
     ) -> Tensor<3> {
         let h = fused::layer_norm(&self.norm_attention, x.clone());
-        let x = x + self
-            .dropout
-            .forward(self.attention.forward_cached(h, cache, mask));
+        let x = fused::add(
+            x,
+            self.dropout
+                .forward(self.attention.forward_cached(h, cache, mask)),
+        );
         self.cross_and_mlp(x, context)
     }
 
@@ -147,11 +151,11 @@ impl TransformerBlock {
                     context.values.clone(),
                     context.mask.clone(),
                 );
-                x + self.dropout.forward(attended)
+                fused::add(x, self.dropout.forward(attended))
             }
             _ => x,
         };
         let h = fused::layer_norm(&self.norm_mlp, x.clone());
-        x + self.dropout.forward(self.mlp.forward(h))
+        fused::add(x, self.dropout.forward(self.mlp.forward(h)))
     }
 }

@@ -13,6 +13,9 @@
 //! function that the compiler vectorises, as PyTorch's and Eigen's CPU kernels do, instead of
 //! flex's one-value-at-a-time libm call.
 //!
+//! Under bf16 autocast a product returns bf16 and [`add`] joins it to an f32 residual stream in
+//! f32, as PyTorch's add promotes (Burn's add on `tch` would keep the bf16 operand's dtype).
+//!
 //! Training steps on `tch` also take their AdamW update from one fused libtorch kernel per
 //! parameter ([`AdamW`]), where Burn's AdamW runs a dozen tensor ops.
 //!
@@ -178,6 +181,20 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
         return libtorch::linear(x, layer.weight.val(), bias.val());
     }
     linear_composed(layer, x)
+}
+
+/// `x + y` in the wider of their dtypes, as PyTorch adds (dimensions of size 1 broadcast, as in
+/// Burn's add). Under bf16 autocast a residual stream kept in f32 plus a branch a bf16 product
+/// returned stays f32, and every layer norm reading the stream reads f32 (as Parti trained); the
+/// branch's gradient reaches it in bf16. Burn's add on `tch` writes into whichever operand it
+/// owns and keeps that one's dtype, which made the stream bf16 from the first block on. Operands
+/// of one dtype (always, outside autocast, and always on `flex`) take Burn's add.
+pub fn add<const D: usize>(x: Tensor<D>, y: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "tch")]
+    if x.dtype() != y.dtype() {
+        return libtorch::promoting_add(x, y);
+    }
+    x + y
 }
 
 /// [`linear`] as Burn computes it.

@@ -35,7 +35,8 @@ impl LearnedPositionsConfig {
 }
 
 impl LearnedPositions {
-    /// Adds the embeddings of positions `offset..offset + seq` to `x: [batch, seq, d_model]`.
+    /// Adds the embeddings of positions `offset..offset + seq` to `x: [batch, seq, d_model]`
+    /// (in f32 when `x` came out of a bf16 product under autocast: [`crate::fused::add`]).
     pub fn forward(&self, x: Tensor<3>, offset: usize) -> Tensor<3> {
         let [_, seq, d_model] = x.dims();
         let positions = self
@@ -43,6 +44,6 @@ impl LearnedPositions {
             .val()
             .slice([offset..offset + seq, 0..d_model])
             .unsqueeze::<3>();
-        x + positions
+        crate::fused::add(x, positions)
     }
 }

@@ -287,6 +287,29 @@ fn linear_matches_its_composition_with_all_three_gradients() {
     check_linear("one vector", [24]);
 }
 
+/// bf16 keeps 8 bits of mantissa: each value of `ours` within 2% of `reference`'s largest.
+/// Returns the largest difference.
+#[track_caller]
+fn within_bf16<const D: usize>(what: &str, ours: Tensor<D>, reference: Tensor<D>) -> f32 {
+    let scale = reference.clone().abs().max().into_scalar::<f32>();
+    let difference = (ours.cast(burn::tensor::DType::F32) - reference)
+        .abs()
+        .max()
+        .into_scalar::<f32>();
+    assert!(
+        difference <= 2e-2 * scale,
+        "{what}: bf16 differs from f32 by {difference} (values up to {scale})"
+    );
+    difference
+}
+
+/// [`within_bf16`], and not equal to the f32 result either: autocast did engage.
+#[track_caller]
+fn engaged_within_bf16<const D: usize>(what: &str, ours: Tensor<D>, reference: Tensor<D>) {
+    let difference = within_bf16(what, ours, reference);
+    assert!(difference > 0.0, "{what}: bf16 changed nothing");
+}
+
 /// bf16 autocast (`tch`): the fused linear multiplies in bf16 and returns bf16, as PyTorch's
 /// `linear` does under autocast, and its parameters' gradients come back in f32; all within
 /// bf16 rounding of the f32 results. On `flex` autocast is refused.
@@ -326,27 +349,112 @@ fn linear_under_bf16_autocast_multiplies_in_bf16_and_keeps_f32_gradients() {
         assert_eq!(d_bias.dtype(), DType::F32, "d bias's kind");
         assert_eq!(d_input.dtype(), DType::F32, "d input's kind (the input's)");
     }
-    // bf16 keeps 8 bits of mantissa: each value within 2% of the largest.
-    fn within_bf16<const D: usize>(what: &str, ours: Tensor<D>, reference: Tensor<D>) -> f32 {
-        let scale = reference.clone().abs().max().into_scalar::<f32>();
-        let difference = (ours.cast(DType::F32) - reference)
-            .abs()
-            .max()
-            .into_scalar::<f32>();
-        assert!(
-            difference <= 2e-2 * scale,
-            "{what}: bf16 differs from f32 by {difference} (values up to {scale})"
-        );
-        difference
-    }
-    // Not equal to the f32 result either: autocast did engage.
-    assert!(
-        within_bf16("output", out, reference.1) > 0.0,
-        "bf16 changed nothing"
-    );
+    engaged_within_bf16("output", out, reference.1);
     within_bf16("d input", d_input, reference.2);
     within_bf16("d weight", d_weight, reference.3);
     within_bf16("d bias", d_bias, reference.4);
+}
+
+/// `fused::add` of an f32 and a bf16 tensor (`tch`): the f32 sum, as PyTorch promotes, and the
+/// gradient handed to each operand in its own dtype, unrounded for the f32 one. Equal dtypes, and
+/// every `flex` case: Burn's add, exactly.
+#[test]
+fn add_of_f32_and_bf16_sums_in_f32_and_returns_each_gradient_in_its_operands_dtype() {
+    use burn::tensor::DType;
+    let device = backend::training_device("cpu").unwrap();
+    let _seeded = backend::seed_exclusively(&device, 31);
+    let (x, y) = (random([4, 6, 8], &device), random([4, 6, 8], &device));
+    let same = fused::add(x.clone(), y.clone()) - (x.clone() + y.clone());
+    assert_eq!(same.abs().max().into_scalar::<f32>(), 0.0, "equal dtypes");
+    if !cfg!(feature = "tch") {
+        return;
+    }
+    let projection = random([4, 6, 8], &device);
+    let x = x.require_grad();
+    let y = y.cast(DType::BF16).require_grad();
+    let sum = fused::add(x.clone(), y.clone());
+    assert_eq!(sum.dtype(), DType::F32, "the sum's dtype");
+    let expected = x.clone().inner() + y.clone().inner().cast(DType::F32);
+    assert_eq!(
+        (sum.clone().inner() - expected)
+            .abs()
+            .max()
+            .into_scalar::<f32>(),
+        0.0,
+        "the sum"
+    );
+    let grads = (sum * projection.clone()).sum().backward();
+    let (d_x, d_y) = (x.grad(&grads).unwrap(), y.grad(&grads).unwrap());
+    assert_eq!((d_x.dtype(), d_y.dtype()), (DType::F32, DType::BF16));
+    let projection = projection.inner();
+    assert_eq!(
+        (d_x - projection.clone()).abs().max().into_scalar::<f32>(),
+        0.0
+    );
+    let rounded = projection.clone().cast(DType::BF16).cast(DType::F32);
+    assert_eq!(
+        (d_y.cast(DType::F32) - rounded)
+            .abs()
+            .max()
+            .into_scalar::<f32>(),
+        0.0
+    );
+
+    // Broadcast, as the learned positions are added: a bf16 batch plus f32 rows `[1, 6, 8]`,
+    // whose gradient is the sum over the batch.
+    let batch = random([4, 6, 8], &device).cast(DType::BF16).require_grad();
+    let rows = random([1, 6, 8], &device).require_grad();
+    let sum = fused::add(batch.clone(), rows.clone());
+    assert_eq!((sum.dtype(), sum.dims()), (DType::F32, [4, 6, 8]));
+    let grads = (sum * Tensor::from_inner(projection.clone()))
+        .sum()
+        .backward();
+    let (d_batch, d_rows) = (batch.grad(&grads).unwrap(), rows.grad(&grads).unwrap());
+    assert_eq!((d_batch.dtype(), d_batch.dims()), (DType::BF16, [4, 6, 8]));
+    assert_eq!((d_rows.dtype(), d_rows.dims()), (DType::F32, [1, 6, 8]));
+    assert_close("d rows", d_rows, projection.sum_dim(0));
+}
+
+/// A Transformer block under bf16 autocast (`tch`) keeps its residual stream in f32, as PyTorch's
+/// autocast and Parti do: an f32 input comes out f32 with an f32 gradient, each within bf16
+/// rounding of the f32 run. (Before `fused::add`, burn-tch's in-place add made it bf16.)
+#[test]
+fn a_transformer_block_under_bf16_autocast_keeps_its_residual_stream_in_f32() {
+    use burn::tensor::DType;
+    use fused::{Autocast, Precision};
+    use nn::block::TransformerBlockConfig;
+    if !cfg!(feature = "tch") {
+        return; // autocast is libtorch's (refused on flex: the linear test checks that)
+    }
+    let device = backend::training_device("cpu").unwrap();
+    let _seeded = backend::seed_exclusively(&device, 37);
+    let block = TransformerBlockConfig::new(32, 4, 64).init(&device);
+    let input = random([2, 6, 32], &device);
+    let projection = random([2, 6, 32], &device);
+    let mask = causal_mask(6, &device);
+    let run = |precision: Precision| {
+        let _autocast = Autocast::begin(precision, "cpu").unwrap();
+        let x = input.clone().require_grad();
+        let out = block.forward(x.clone(), Some(mask.clone()), None);
+        let grads = (out.clone() * projection.clone()).sum().backward();
+        let gamma = block.norm_mlp.gamma.val().grad(&grads).unwrap();
+        (out.inner(), x.grad(&grads).unwrap(), gamma)
+    };
+    let (out, d_input, d_gamma) = run(Precision::Bf16);
+    let reference = run(Precision::F32);
+    assert_eq!(
+        out.dtype(),
+        DType::F32,
+        "the block's output (the residual stream)"
+    );
+    assert_eq!(d_input.dtype(), DType::F32, "the stream's gradient");
+    if fused::enabled() {
+        // Burn's composed linear hands its f32 input a bf16 gradient, which reaches the gain.
+        assert_eq!(d_gamma.dtype(), DType::F32, "a layer norm's gradient");
+    }
+    engaged_within_bf16("output", out, reference.0);
+    within_bf16("d input", d_input, reference.1);
+    within_bf16("d layer norm gain", d_gamma, reference.2);
 }
 
 #[test]

@@ -67,6 +67,8 @@ pub trait FusedOps: Backend {
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+    /// `lhs + rhs` in libtorch's promoted dtype, broadcasting dimensions of size 1.
+    fn promoting_add(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 pub(super) fn attention(
@@ -119,6 +121,13 @@ pub(super) fn linear<const D: usize>(
         input.into_dispatch(),
         weight.into_dispatch(),
         bias.into_dispatch(),
+    ))
+}
+
+pub(super) fn promoting_add<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as FusedOps>::promoting_add(
+        lhs.into_dispatch(),
+        rhs.into_dispatch(),
     ))
 }
 
@@ -244,6 +253,10 @@ impl FusedOps for LibTorch {
             &bias.tensor.to_kind(kind),
         ))
     }
+
+    fn promoting_add(lhs: TchTensor, rhs: TchTensor) -> TchTensor {
+        TchTensor::new(&lhs.tensor + &rhs.tensor)
+    }
 }
 
 impl<C: CheckpointStrategy> FusedOps for Autodiff<LibTorch, C> {
@@ -330,6 +343,49 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<LibTorch, C> {
             OpsKind::UnTracked(prep) => prep.finish(output),
         }
     }
+
+    fn promoting_add(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        let nodes = [lhs.node(), rhs.node()];
+        let (lhs, rhs) = (lhs.into_primitive(), rhs.into_primitive());
+        let operands = [
+            (lhs.tensor.kind(), lhs.tensor.size()),
+            (rhs.tensor.kind(), rhs.tensor.size()),
+        ];
+        let output = LibTorch::promoting_add(lhs, rhs);
+        match PromotingAdd.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(operands, output),
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        }
+    }
+}
+
+/// A sum in libtorch's promoted dtype (an f32 residual stream plus a bf16 branch gives f32) as
+/// one node: the forward one out-of-place add (broadcasting as libtorch does), the backward the
+/// gradient handed to each operand summed over the dimensions it was broadcast along and in its
+/// own dtype (a cast for the narrower one), as PyTorch's autograd does.
+#[derive(Debug)]
+struct PromotingAdd;
+
+/// Each operand's kind and shape.
+type Operands = [(tch::Kind, Vec<i64>); 2];
+
+impl Backward<LibTorch, 2> for PromotingAdd {
+    type State = Operands;
+
+    fn backward(self, ops: Ops<Operands, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<LibTorch>(&ops.node);
+        for (parent, (kind, shape)) in ops.parents.into_iter().zip(ops.state) {
+            let Some(parent) = parent else { continue };
+            let gradient = if grad.tensor.size() == shape && grad.tensor.kind() == kind {
+                // The same tensor, shared as Burn's add shares it (burn-tch then writes into
+                // neither in place).
+                grad.clone()
+            } else {
+                TchTensor::new(grad.tensor.sum_to_size(shape.as_slice()).to_kind(kind))
+            };
+            grads.register::<LibTorch>(parent.id, gradient);
+        }
+    }
 }
 
 /// `tensor` in `kind`: the same handle when it already is (keeping its storage marked as shared
@@ -364,9 +420,8 @@ impl Backward<LibTorch, 3> for DirectLinear {
     type State = LinearSaved;
 
     /// With `g` the output's gradient over the input's rows: `d input = g @ weight^T`,
-    /// `d weight = input^T @ g`, `d bias = sum of g's rows`, each in its operand's kind (the bias
-    /// summed in that kind too: f32 sums of bf16 values under autocast). Only the gradients
-    /// Burn asks for are computed.
+    /// `d weight = input^T @ g`, `d bias = sum of g's rows`, each in its operand's kind. Only the
+    /// gradients Burn asks for are computed.
     fn backward(self, ops: Ops<LinearSaved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let grad_output = grads.consume::<LibTorch>(&ops.node);
         let saved = ops.state;
@@ -392,7 +447,17 @@ impl Backward<LibTorch, 3> for DirectLinear {
             grads.register::<LibTorch>(weight.id, TchTensor::new(gradient));
         }
         if let Some(bias) = bias {
-            let gradient = grad.sum_dim_intlist([0i64].as_slice(), false, saved.bias_kind);
+            // Summed in f32 either way (libtorch accumulates a bf16 sum in f32). Only on CUDA
+            // does its reduction read bf16 and write f32 in one pass; on the CPU `sum` with a
+            // dtype first copies the whole gradient to it, so there the sum comes out in the
+            // gradient's kind and is cast after, as PyTorch's autograd does it everywhere.
+            let rows = [0i64];
+            let gradient = if grad.device().is_cuda() {
+                grad.sum_dim_intlist(rows.as_slice(), false, saved.bias_kind)
+            } else {
+                grad.sum_dim_intlist(rows.as_slice(), false, grad.kind())
+                    .to_kind(saved.bias_kind)
+            };
             grads.register::<LibTorch>(bias.id, TchTensor::new(gradient));
         }
     }

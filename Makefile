@@ -7,6 +7,7 @@
 #   make pipeline BACKEND=tch   the same on libtorch (fetches a CPU libtorch from PyPI once, ~910 MB)
 #   make bench               benchmarks against PyTorch and Pillow on this machine (installs them into bench/.venv)
 #   make bench-gpu BACKEND=tch   the model benchmarks' GPU table (f32, bf16, MFU) on a CUDA machine
+#   make profile-gpu BACKEND=tch where a bf16 350M step's GPU time goes, ours and PyTorch's side by side
 
 RUN ?= runs/default
 PRESET ?= tiny
@@ -58,10 +59,10 @@ TEXT_INPUT := $(or $(TEXT),$(if $(PAIRS),$(RUN)/pairs,$(RUN)/synth/text))
 DOWNLOADS ?= $(if $(findstring ://,$(RUN)),,$(RUN)/downloads)
 DOWNLOAD_FLAGS := $(if $(and $(PAIRS),$(DOWNLOADS)),--download-cache $(DOWNLOADS),)
 
-.PHONY: pipeline status build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-urls bench-models bench-gpu bench-venv bench-distributed bench-serve nccl
+.PHONY: pipeline status build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-urls bench-models bench-gpu profile-gpu bench-venv bench-distributed bench-serve nccl
 
 help:
-	@sed -n '3,10p' Makefile
+	@sed -n '3,11p' Makefile
 
 build: $(BACKEND_SETUP)
 	$(CARGO) build --release --workspace $(FEATURES)
@@ -209,6 +210,17 @@ bench-gpu: build bench/.venv/bin/python
 	$(BIN)/train bench --preset 350m-slice --batch 64 --rounds 5 --precision bf16 --peak-tflops $(PEAK_TFLOPS) $(ON_GPU)
 	$(BIN)/train bench --preset 350m-slice --batch 128 --rounds 5 --precision bf16 --peak-tflops $(PEAK_TFLOPS) $(ON_GPU)
 	$(BIN)/infer bench $(ON_GPU)
+
+# Where a bf16 step's time goes on the GPU: the Parti 350M slice at batch 64, its last step
+# recorded on both sides (libtorch's profiler, torch.profiler) into $(TARGET_DIR)/profile, the
+# GPU kernels summed by kind, then both sides' ops lined up by name and dtypes.
+PROFILE_TRACE := $(TARGET_DIR)/profile/parti-350m-bf16-b64.json
+profile-gpu: build bench/.venv/bin/python
+	@test "$(BACKEND)" = tch || { echo "profile-gpu needs BACKEND=tch and a CUDA libtorch in LIBTORCH"; exit 1; }
+	mkdir -p $(TARGET_DIR)/profile
+	$(BIN)/train bench --preset 350m-slice --batch 64 --rounds 5 --precision bf16 --peak-tflops $(PEAK_TFLOPS) --profile $(PROFILE_TRACE) $(ON_GPU)
+	$(PYTHON) bench/trace_summary.py $(PROFILE_TRACE) $(PROFILE_TRACE).torch.json
+	$(PYTHON) bench/trace_ops.py $(PROFILE_TRACE) $(PROFILE_TRACE).torch.json 60
 
 # `infer serve` under 64 concurrent single-sample requests, with cross-request batching and one
 # request at a time, on the tiny model of $(RUN) (made by `make pipeline` if it is not there).

@@ -10,7 +10,9 @@ a bf16 one, "aten::copy_ f32,bf16" a bf16 tensor copied into an f32 one (an upca
 "aten::native_layer_norm bf16,f32,f32" a layer norm reading bf16. For each key, on each side: how
 many times it ran, its self time (the op's time less the ops it called, so time is counted once)
 and the elements of its largest input, summed (an op recorded inside one of its own name, as
-autocast's wrapper records a product it calls again, is counted once). Ops whose count, dtype or elements differ are
+autocast's wrapper records a product it calls again, is counted once, with the dtypes of the
+innermost call). Op counts include each side's own bookkeeping records (PyTorch's autograd engine
+shows up as `autograd::engine::...` and `...Backward0` rows, ours does not). Ops whose count, dtype or elements differ are
 where one side does work the other does not; on the CPU the same dtype flow means the same
 kernels on a GPU, so a mismatch found here is worth fixing before a GPU is at hand. Rows are
 sorted by the larger side's self time; ROWS (default 40) of them are printed.
@@ -49,8 +51,12 @@ def ops_with_self_time(path):
                 event["repeat_of"] = open_ops[-1] if open_ops[-1]["name"] == event["name"] else None
             open_ops.append(event)
         for event in reversed(thread):  # inner ones first, so chains fold into the outermost
-            if event.get("repeat_of") is not None:
-                event["repeat_of"]["self"] += event["self"]
+            outer = event.get("repeat_of")
+            if outer is not None:
+                outer["self"] += event["self"]
+                # Keyed by the innermost call's inputs: what the kernel ran on (autocast's outer
+                # record still carries the f32 inputs it then cast).
+                outer["args"] = event.get("args", {})
         ops += [event for event in thread if event.get("repeat_of") is None]
     return ops
 

@@ -197,6 +197,14 @@ pub fn add<const D: usize>(x: Tensor<D>, y: Tensor<D>) -> Tensor<D> {
     x + y
 }
 
+/// `x` in `dtype`: itself where it already is (every f32 run, and `flex`), else cast, its
+/// gradient cast back. For f32 work that meets a bf16 autocast output, where PyTorch's ops would
+/// promote to f32 (the ViT-VQGAN's quantizer and pixel losses): burn-tch's binary ops keep the
+/// dtype of whichever operand they own, so without it the dtype would hang on ownership.
+pub fn to_dtype<const D: usize>(x: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if x.dtype() == dtype { x } else { x.cast(dtype) }
+}
+
 /// [`linear`] as Burn computes it.
 pub fn linear_composed<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     layer.forward(x)

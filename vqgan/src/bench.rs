@@ -42,7 +42,8 @@ pub fn train_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
     let ours = time_train_steps(model, &mut optimizer, args, &workers, |model, share| {
         let images = share.of(&images);
         let out = model.forward(images.clone());
-        let error = out.images - images;
+        // f32 as PyTorch's subtraction promotes it (the decoder's output is bf16 under autocast).
+        let error = nn::fused::to_dtype(out.images, images.dtype()) - images;
         error.clone().powi_scalar(2).mean() + error.abs().mean() + out.quantized.loss
     })?;
     nn::bench::compare_train_step(

@@ -99,7 +99,9 @@ impl Quantizer {
     }
 
     pub fn forward(&self, z: Tensor<3>) -> Quantized {
-        let z = l2_normalize(z);
+        // In the codebook's dtype: under bf16 autocast the encoder's output is bf16, and the
+        // distances, losses and straight-through sum below are f32 work, as in PyTorch.
+        let z = l2_normalize(nn::fused::to_dtype(z, self.codebook.val().dtype()));
         let indices = self.lookup(z.clone());
         let codes = self.embed(indices.clone());
         let codebook_loss = (z.clone().detach() - codes.clone()).powi_scalar(2).mean();

@@ -4,6 +4,7 @@
 use burn::optim::ModuleOptimizer;
 use models::vqgan::{VitConfig, VitVqganConfig};
 use nn::data::StreamConfig;
+use nn::fused::Precision;
 use nn::images::{ImageStream, Rejected};
 use nn::training::Schedule;
 use serde::{Deserialize, Serialize};
@@ -53,6 +54,12 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Rows held to shuffle across shard boundaries (shards and rows are shuffled anyway).
     pub shuffle_buffer: usize,
+    /// `f32`, or `bf16`: the ViT-VQGAN's forward and backward passes under libtorch's bf16
+    /// autocast (tch only), its outputs taken into the losses in f32; parameters, gradients,
+    /// optimizer state and the discriminator's own step stay f32. Written only when bf16, so
+    /// configs from before this key keep their identity.
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 fn one() -> usize {
@@ -91,6 +98,7 @@ impl TrainConfig {
             log_every: 100,
             seed: 0,
             shuffle_buffer: 10_000,
+            precision: Precision::F32,
         };
         match name {
             "tiny" => Ok(TrainConfig {

@@ -7,6 +7,7 @@ use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::TensorData;
 use burn::tensor::{Device, Int, Tensor};
 use nn::distributed::Group;
+use nn::fused::{Autocast, to_dtype};
 use nn::training;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -157,10 +158,19 @@ where
         group,
         pieces.len(),
         |replica, worker, index| {
+            // The backward pass too: Burn's composed backward ops (the convolutions') meet the
+            // bf16 tensors autocast made and need it to cast their f32 operands the same way.
+            let _autocast = Autocast::begin(config.precision, group.device())?;
             let x = pieces[index].clone().to_device(&workers[worker]);
             let out = forward(replica, worker, x.clone());
+            // The losses take the model's outputs in the images' f32, as PyTorch's autocast runs
+            // them (bf16 only under `precision = "bf16"`).
+            let (images, logits) = (
+                to_dtype(out.images, x.dtype()),
+                to_dtype(out.logits, x.dtype()),
+            );
             let critic = replica.critic_at(&config.loss, step);
-            let mut loss = objectives[worker].generator(out.images.clone(), out.logits, x, critic);
+            let mut loss = objectives[worker].generator(images.clone(), logits, x, critic);
             let (codebook_loss, indices) = out.codebook.unzip();
             if let Some(codebook_loss) = &codebook_loss {
                 // The codebook terms belong to the total the log reports, as before the objective.
@@ -173,7 +183,7 @@ where
             let micro = MicroBatch {
                 numbers: logged.then(|| LossNumbers::of(&loss, codebook_loss.as_ref())),
                 indices,
-                images: critic.map(|_| out.images.detach()),
+                images: critic.map(|_| images.detach()),
             };
             Ok::<_, Error>((grads, micro))
         },

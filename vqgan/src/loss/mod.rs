@@ -176,7 +176,11 @@ impl Objective {
         let mse = error.clone().powi_scalar(2).mean();
         let mut terms = vec![("l2", mse.clone())];
         let mut total = mse.clone().mul_scalar(c.l2_weight);
+        // Under bf16 autocast the networks' terms (perceptual, adversarial) come out bf16; each
+        // joins the total in the pixel terms' f32, as PyTorch's sum would promote it.
+        let dtype = total.dtype();
         let mut add = |name: &'static str, weight: f64, term: Tensor<1>| {
+            let term = nn::fused::to_dtype(term, dtype);
             total = total.clone() + term.clone().mul_scalar(weight);
             terms.push((name, term));
         };

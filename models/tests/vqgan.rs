@@ -40,6 +40,32 @@ fn cosine_lookup_equals_brute_force_nearest_search() {
     }
 }
 
+/// Under bf16 autocast (`tch`) the quantizer still chooses codes in f32: the same codes as
+/// outside it, over enough vectors that bf16 similarities would reorder some; its codes and loss
+/// come out f32 for a bf16 input. On `flex` autocast is refused.
+#[test]
+fn the_quantizer_chooses_codes_in_f32_under_bf16_autocast() {
+    use burn::tensor::DType;
+    use nn::fused::{Autocast, Precision};
+    if backend::backend_name() == "flex" {
+        assert!(Autocast::begin(Precision::Bf16, "cpu").is_err());
+        return;
+    }
+    let device = backend::training_device("cpu").unwrap();
+    let _seeded = backend::seed_exclusively(&device, 3);
+    let quantizer = QuantizerConfig::new(2048).with_code_dim(32).init(&device);
+    let z = Tensor::<3>::random([8, 256, 32], Distribution::Normal(0.0, 1.0), &device);
+    let reference = quantizer.lookup(z.clone()).into_data();
+    let _autocast = Autocast::begin(Precision::Bf16, "cpu").unwrap();
+    let chosen = quantizer.lookup(z.clone()).into_data();
+    assert_eq!(chosen, reference, "codes chosen under autocast");
+    let out = quantizer.forward(z.cast(DType::BF16));
+    assert_eq!(
+        (out.codes.dtype(), out.loss.dtype()),
+        (DType::F32, DType::F32)
+    );
+}
+
 /// Higher rates (2e-3) stall this transformer at the mean image within 150 steps.
 const LR: f64 = 5e-4;
 

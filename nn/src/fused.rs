@@ -309,7 +309,20 @@ impl Precision {
     pub fn is_f32(&self) -> bool {
         *self == Precision::F32
     }
+
+    /// Whether this build can train in `self`: bf16 needs libtorch's autocast. Stages call it
+    /// before any work, so a wrong build is refused at once, saying what to do.
+    pub fn check_backend(&self) -> Result<(), crate::Error> {
+        if self.is_f32() || cfg!(feature = "tch") {
+            Ok(())
+        } else {
+            Err(crate::Error::Usage(BF16_NEEDS_TCH.into()))
+        }
+    }
 }
+
+const BF16_NEEDS_TCH: &str = "precision bf16 needs the tch backend (libtorch's autocast): build \
+     with --features nn/tch (make ... BACKEND=tch), or set precision = \"f32\"";
 
 /// bf16 autocast on this thread while it lives ([`Precision::Bf16`]); nothing for f32.
 /// Autocast is per thread: the forward and backward passes it covers must run on the thread
@@ -339,11 +352,7 @@ impl Autocast {
         #[cfg(not(feature = "tch"))]
         {
             let _ = cuda;
-            Err(crate::Error::Usage(
-                "precision bf16 needs the tch backend (libtorch's autocast): build with \
-                 --features nn/tch, or train in f32"
-                    .into(),
-            ))
+            Err(crate::Error::Usage(BF16_NEEDS_TCH.into()))
         }
     }
 }
@@ -355,6 +364,50 @@ impl Drop for Autocast {
             && let Err(message) = libtorch::set_autocast_bf16(cuda, false)
         {
             tracing::warn!("turning bf16 autocast back off: {message}");
+        }
+    }
+}
+
+impl Autocast {
+    /// Autocast off on this thread (for the CPU and CUDA, wherever it is on) while the guard
+    /// lives, back on after: for work a bf16 step must do in f32 (the ViT-VQGAN's choice of
+    /// codes, whose cosine similarities near 1 sit closer together than bf16 resolves, and which
+    /// `vqgan encode` makes in f32).
+    pub fn pause() -> AutocastPaused {
+        #[cfg(feature = "tch")]
+        {
+            let resume = [false, true]
+                .into_iter()
+                .filter(|&cuda| libtorch::autocast_is_bf16(cuda))
+                .filter(|&cuda| match libtorch::set_autocast_bf16(cuda, false) {
+                    Ok(_) => true,
+                    Err(message) => {
+                        tracing::warn!("pausing bf16 autocast: {message}");
+                        false
+                    }
+                })
+                .collect();
+            AutocastPaused { resume }
+        }
+        #[cfg(not(feature = "tch"))]
+        AutocastPaused { resume: Vec::new() }
+    }
+}
+
+/// bf16 autocast paused on this thread ([`Autocast::pause`]); back on when dropped.
+pub struct AutocastPaused {
+    /// The device kinds (CUDA or not) to turn autocast back on for.
+    #[cfg_attr(not(feature = "tch"), allow(dead_code))]
+    resume: Vec<bool>,
+}
+
+impl Drop for AutocastPaused {
+    fn drop(&mut self) {
+        #[cfg(feature = "tch")]
+        for &cuda in &self.resume {
+            if let Err(message) = libtorch::set_autocast_bf16(cuda, true) {
+                tracing::warn!("resuming bf16 autocast: {message}");
+            }
         }
     }
 }

@@ -417,6 +417,7 @@ pub fn train_parti(
         .sampling
         .validate()
         .map_err(|e| Error::Usage(format!("sampling: {e}")))?;
+    config.precision.check_backend()?;
     let mut run = StageRun::new(STAGE, tool(), &options.out, config, ShardSpec::single())?;
     let tokens = run.upstream("tokens", inputs.tokens)?;
     let tokenizer_stage = run.upstream("tokenizer", inputs.tokenizer)?;

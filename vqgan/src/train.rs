@@ -396,6 +396,7 @@ pub fn train(
 ) -> Result<Manifest, Error> {
     let model_config = config.model_config()?;
     config.loss.check(model_config.output_sigmoid)?;
+    config.precision.check_backend()?;
     let mut run = StageRun::new(STAGE, tool(), &options.out, config, ShardSpec::single())?;
     let (setup, upstream) = match begin(&mut run, config, inputs, options)? {
         Ok(begun) => begun,
@@ -469,6 +470,7 @@ pub fn finetune_decoder(
 ) -> Result<Manifest, Error> {
     let train_config = &config.train;
     train_config.loss.check(config.output_sigmoid)?;
+    train_config.precision.check_backend()?;
     let mut run = StageRun::new(
         FINETUNE_STAGE,
         tool(),
@@ -525,7 +527,13 @@ pub fn finetune_decoder(
         resumed,
         |replica, worker, x| {
             let encoder = &frozen_encoders[worker];
-            let codes = Tensor::from_inner(encoder.quantizer.embed(encoder.encode(x.inner())));
+            // The frozen encoder's codes in f32 under `precision = "bf16"` too: the codes
+            // `vqgan encode` gives Parti, which the decoder is tuned to decode.
+            let indices = {
+                let _f32 = nn::fused::Autocast::pause();
+                encoder.encode(x.inner())
+            };
+            let codes = Tensor::from_inner(encoder.quantizer.embed(indices));
             let (images, logits) = model.output(replica.model.forward(codes));
             Forward {
                 images,

@@ -241,10 +241,25 @@ fn a_stopped_run_resumes_to_exactly_the_uninterrupted_result() {
     assert!(!resumed.join("_work").exists());
 }
 
-/// `precision = "bf16"` (tch): the whole objective (pixel, logit-Laplace, perceptual and, from
-/// step 3, adversarial terms) under libtorch's bf16 autocast follows the f32 run: every step's
-/// loss within 3% and the held-out PSNR within 2%, yet not equal (autocast engaged); the key
-/// is in the manifest's config only when bf16. `flex` refuses it, saying what to do.
+/// How far each of a bf16 run's loss terms may be from the f32 run's at each step, relative
+/// (measured on the 2-core machine: at most 0.9% for the total, 1.9% for the pixel and
+/// perceptual terms, 0.02% for the adversarial one). The codebook's term is the distance from
+/// each encoder output to its code, and moves with which codes a step picks and which dead codes
+/// it restarts (every 2 steps here): it read up to 10%.
+const TERM_TOLERANCES: [(&str, f64); 6] = [
+    ("loss", 0.03),
+    ("l2", 0.05),
+    ("l1", 0.05),
+    ("perceptual", 0.05),
+    ("adversarial", 0.05),
+    ("vq_loss", 0.25),
+];
+
+/// `precision = "bf16"` (tch): the whole objective (pixel, perceptual and, from step 3,
+/// adversarial terms, and the codebook's) under libtorch's bf16 autocast follows the f32 run:
+/// every term of every step within [`TERM_TOLERANCES`] and the held-out PSNR within 2%, yet not
+/// equal (autocast engaged); the key is in the manifest's config only when bf16. `flex`
+/// refuses it at once, saying what to do.
 #[test]
 fn bf16_autocast_follows_the_f32_loss_curve_through_every_loss_term() {
     use nn::fused::Precision;
@@ -275,23 +290,39 @@ fn bf16_autocast_follows_the_f32_loss_curve_through_every_loss_term() {
     }
     train(&f32_config, &inputs, &options(&f32_run, None)).unwrap();
     train(&bf16_config, &inputs, &options(&bf16_run, None)).unwrap();
-    let losses = |dir: &Path| -> Vec<f64> {
+    // Every step's line: the total and each term (pixel, perceptual, from step 3 adversarial,
+    // the codebook's), by name.
+    let lines = |dir: &Path| -> Vec<serde_json::Value> {
         String::from_utf8(artifact_bytes(dir, "metrics.jsonl"))
             .unwrap()
             .lines()
-            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
-            .map(|entry| entry["loss"].as_f64().unwrap())
+            .map(|line| serde_json::from_str(line).unwrap())
             .collect()
     };
-    let (f32_losses, bf16_losses) = (losses(&f32_run), losses(&bf16_run));
-    assert_eq!(f32_losses.len(), 6);
-    assert_ne!(f32_losses, bf16_losses, "precision bf16 changed nothing");
-    for (step, (a, b)) in bf16_losses.iter().zip(&f32_losses).enumerate() {
-        assert!(
-            (a - b).abs() <= 0.03 * b.abs(),
-            "step {step}: bf16 {a}, f32 {b}\n{bf16_losses:?}\n{f32_losses:?}"
-        );
+    let (f32_lines, bf16_lines) = (lines(&f32_run), lines(&bf16_run));
+    assert_eq!((f32_lines.len(), bf16_lines.len()), (6, 6));
+    let mut compared = std::collections::BTreeSet::new();
+    let mut engaged = false;
+    for (step, (a, b)) in bf16_lines.iter().zip(&f32_lines).enumerate() {
+        for (term, tolerance) in TERM_TOLERANCES {
+            let Some(reference) = b[term].as_f64() else {
+                continue;
+            };
+            let value = a[term].as_f64().unwrap_or(f64::NAN);
+            engaged |= value != reference;
+            compared.insert(term);
+            assert!(
+                (value - reference).abs() <= tolerance * reference.abs(),
+                "step {step}, {term}: bf16 {value}, f32 {reference}\n{a}\n{b}"
+            );
+        }
     }
+    assert_eq!(
+        compared.len(),
+        TERM_TOLERANCES.len(),
+        "terms compared: {compared:?}"
+    );
+    assert!(engaged, "precision bf16 changed nothing");
     let manifest = |dir: &Path| Upstream::read(dir.to_str().unwrap()).unwrap().0.manifest;
     let (f32_manifest, bf16_manifest) = (manifest(&f32_run), manifest(&bf16_run));
     let psnr = |m: &manifests::Manifest| m.metrics["psnr_db"].as_f64().unwrap();

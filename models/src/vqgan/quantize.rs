@@ -82,7 +82,11 @@ impl Quantizer {
 
     /// Nearest code by cosine similarity for each vector of `z: [batch, tokens, code_dim]`.
     pub fn lookup(&self, z: Tensor<3>) -> Tensor<2, Int> {
+        // In f32 inside a bf16 step too: similarities near 1 sit closer together than bf16
+        // resolves, and `vqgan encode` chooses in f32.
+        let _f32 = nn::fused::Autocast::pause();
         let [batch, tokens, dim] = z.dims();
+        let z = nn::fused::to_dtype(z, self.codebook.val().dtype());
         let z = l2_normalize(z).reshape([batch * tokens, dim]);
         let similarity = z.matmul(self.normalized_codebook().transpose());
         similarity.argmax(1).reshape([batch, tokens])
@@ -100,7 +104,7 @@ impl Quantizer {
 
     pub fn forward(&self, z: Tensor<3>) -> Quantized {
         // In the codebook's dtype: under bf16 autocast the encoder's output is bf16, and the
-        // distances, losses and straight-through sum below are f32 work, as in PyTorch.
+        // choice of codes, the losses and the straight-through sum below are f32 work.
         let z = l2_normalize(nn::fused::to_dtype(z, self.codebook.val().dtype()));
         let indices = self.lookup(z.clone());
         let codes = self.embed(indices.clone());

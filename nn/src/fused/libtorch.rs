@@ -135,6 +135,11 @@ unsafe extern "C" {
     fn parti_autocast_is_bf16(cuda: c_int) -> c_int;
 }
 
+/// Whether bf16 autocast is on on this thread for CUDA devices (`cuda`) or the CPU.
+pub(super) fn autocast_is_bf16(cuda: bool) -> bool {
+    unsafe { parti_autocast_is_bf16(c_int::from(cuda)) != 0 }
+}
+
 /// The kind a linear layer multiplies in: bf16 where bf16 autocast is on for the input's device
 /// (autocast casts a product's f32 and f16 operands to it), else the input's own kind.
 fn linear_compute_kind(input: &tch::Tensor) -> tch::Kind {

@@ -205,7 +205,11 @@ impl Objective {
             add(
                 "adversarial",
                 c.adversarial_weight,
-                generator_loss(c.adversarial_loss, critic.forward(output)),
+                // The critic's logits (bf16 under autocast) into the loss in f32.
+                generator_loss(
+                    c.adversarial_loss,
+                    nn::fused::to_dtype(critic.forward(output), dtype),
+                ),
             );
         }
         GeneratorLoss { total, mse, terms }

@@ -172,7 +172,11 @@ impl Vgg16Features {
     /// [0, 1] (size >= 16): per tap, channel-normalised features, squared difference weighted
     /// over channels, averaged over positions; summed over taps, averaged over the batch.
     pub fn distance(&self, a: Tensor<4>, b: Tensor<4>) -> Tensor<1> {
+        // Each tap in the images' dtype: under bf16 autocast the convolutions return bf16, and
+        // the normalisation and the weighted distance are f32 work, as PyTorch's would promote.
+        let dtype = a.dtype();
         let unit = |f: Tensor<4>| {
+            let f = nn::fused::to_dtype(f, dtype);
             let norm = f.clone().powi_scalar(2).sum_dim(1).sqrt().add_scalar(1e-10);
             f / norm
         };

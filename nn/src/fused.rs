@@ -281,8 +281,9 @@ impl AdamW {
     }
 }
 
-/// The arithmetic of a training step's forward and backward passes (`train parti`'s config key
-/// `precision`, `--precision` of the `bench` subcommands).
+/// The arithmetic of a training step's forward and backward passes (the config key `precision`
+/// of `train parti`, `vqgan train` and `vqgan finetune-decoder`'s `[train]`; `--precision` of the
+/// `bench` subcommands).
 #[derive(
     Debug,
     Clone,

@@ -334,6 +334,43 @@ fn bf16_autocast_follows_the_f32_loss_curve_through_every_loss_term() {
     assert_eq!(bf16_manifest.config["precision"], "bf16");
     assert!(f32_manifest.config.get("precision").is_none());
     assert_eq!(bf16_manifest.metrics["perceptual_loss"], "on");
+
+    // Decoder fine-tuning from the f32 tokenizer, the key in its `[train]` table: the frozen
+    // encoder chooses its codes in f32, and the new decoder's loss follows the f32 run's.
+    let finetune = |precision: Precision, out: &Path| {
+        let mut config = FinetuneConfig::preset("tiny").unwrap();
+        config.train = TrainConfig {
+            precision,
+            restart_every: 0,
+            ..small_config(4)
+        };
+        config.warm_start = false;
+        config.output_sigmoid = false;
+        finetune_decoder(
+            &config,
+            f32_run.to_str().unwrap(),
+            &inputs,
+            &options(out, None),
+        )
+        .unwrap();
+        lines(out)
+    };
+    let tuned_bf16 = dir.path().join("tuned-bf16");
+    let f32_tuned = finetune(Precision::F32, &dir.path().join("tuned-f32"));
+    let bf16_tuned = finetune(Precision::Bf16, &tuned_bf16);
+    assert_eq!((f32_tuned.len(), bf16_tuned.len()), (4, 4));
+    assert_ne!(
+        f32_tuned, bf16_tuned,
+        "fine-tuning: precision bf16 changed nothing"
+    );
+    for (step, (a, b)) in bf16_tuned.iter().zip(&f32_tuned).enumerate() {
+        let (value, reference) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!(
+            (value - reference).abs() <= 0.03 * reference.abs(),
+            "fine-tuning step {step}: bf16 {value}, f32 {reference}"
+        );
+    }
+    assert_eq!(manifest(&tuned_bf16).config["train"]["precision"], "bf16");
 }
 
 /// The artifact digests of a published stage, by name.

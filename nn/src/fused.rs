@@ -356,20 +356,7 @@ impl Autocast {
             Err(crate::Error::Usage(BF16_NEEDS_TCH.into()))
         }
     }
-}
 
-impl Drop for Autocast {
-    fn drop(&mut self) {
-        #[cfg(feature = "tch")]
-        if let Some((cuda, false)) = self.restore
-            && let Err(message) = libtorch::set_autocast_bf16(cuda, false)
-        {
-            tracing::warn!("turning bf16 autocast back off: {message}");
-        }
-    }
-}
-
-impl Autocast {
     /// Autocast off on this thread (for the CPU and CUDA, wherever it is on) while the guard
     /// lives, back on after: for work a bf16 step must do in f32 (the ViT-VQGAN's choice of
     /// codes, whose cosine similarities near 1 sit closer together than bf16 resolves, and which
@@ -392,6 +379,17 @@ impl Autocast {
         }
         #[cfg(not(feature = "tch"))]
         AutocastPaused { resume: Vec::new() }
+    }
+}
+
+impl Drop for Autocast {
+    fn drop(&mut self) {
+        #[cfg(feature = "tch")]
+        if let Some((cuda, false)) = self.restore
+            && let Err(message) = libtorch::set_autocast_bf16(cuda, false)
+        {
+            tracing::warn!("turning bf16 autocast back off: {message}");
+        }
     }
 }
 

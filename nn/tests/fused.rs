@@ -29,6 +29,12 @@ fn assert_close<const D: usize>(what: &str, ours: Tensor<D>, reference: Tensor<D
     );
 }
 
+#[track_caller]
+fn assert_exactly<const D: usize>(what: &str, ours: Tensor<D>, reference: Tensor<D>) {
+    let difference = (ours - reference).abs().max().into_scalar::<f32>();
+    assert_eq!(difference, 0.0, "{what}");
+}
+
 /// `true` where query `q` may not see key `k`: later keys, and keys outside a window of
 /// `window` positions (the 1-D cousin of Parti's conv-shaped mask).
 fn window_mask(len: usize, window: usize, device: &Device) -> Tensor<4, Bool> {
@@ -364,8 +370,11 @@ fn add_of_f32_and_bf16_sums_in_f32_and_returns_each_gradient_in_its_operands_dty
     let device = backend::training_device("cpu").unwrap();
     let _seeded = backend::seed_exclusively(&device, 31);
     let (x, y) = (random([4, 6, 8], &device), random([4, 6, 8], &device));
-    let same = fused::add(x.clone(), y.clone()) - (x.clone() + y.clone());
-    assert_eq!(same.abs().max().into_scalar::<f32>(), 0.0, "equal dtypes");
+    assert_exactly(
+        "equal dtypes",
+        fused::add(x.clone(), y.clone()),
+        x.clone() + y.clone(),
+    );
     if !cfg!(feature = "tch") {
         return;
     }
@@ -375,30 +384,14 @@ fn add_of_f32_and_bf16_sums_in_f32_and_returns_each_gradient_in_its_operands_dty
     let sum = fused::add(x.clone(), y.clone());
     assert_eq!(sum.dtype(), DType::F32, "the sum's dtype");
     let expected = x.clone().inner() + y.clone().inner().cast(DType::F32);
-    assert_eq!(
-        (sum.clone().inner() - expected)
-            .abs()
-            .max()
-            .into_scalar::<f32>(),
-        0.0,
-        "the sum"
-    );
+    assert_exactly("the sum", sum.clone().inner(), expected);
     let grads = (sum * projection.clone()).sum().backward();
     let (d_x, d_y) = (x.grad(&grads).unwrap(), y.grad(&grads).unwrap());
     assert_eq!((d_x.dtype(), d_y.dtype()), (DType::F32, DType::BF16));
     let projection = projection.inner();
-    assert_eq!(
-        (d_x - projection.clone()).abs().max().into_scalar::<f32>(),
-        0.0
-    );
+    assert_exactly("d x", d_x, projection.clone());
     let rounded = projection.clone().cast(DType::BF16).cast(DType::F32);
-    assert_eq!(
-        (d_y.cast(DType::F32) - rounded)
-            .abs()
-            .max()
-            .into_scalar::<f32>(),
-        0.0
-    );
+    assert_exactly("d y", d_y.cast(DType::F32), rounded);
 
     // Broadcast, as the learned positions are added: a bf16 batch plus f32 rows `[1, 6, 8]`,
     // whose gradient is the sum over the batch.

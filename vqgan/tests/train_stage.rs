@@ -255,6 +255,40 @@ const TERM_TOLERANCES: [(&str, f64); 6] = [
     ("vq_loss", 0.25),
 ];
 
+/// The bf16 run's metrics lines against the f32 run's, step by step: each named term within its
+/// relative tolerance, every term present in some step, and some value not equal (autocast
+/// engaged).
+#[track_caller]
+fn assert_follows(
+    what: &str,
+    bf16: &[serde_json::Value],
+    f32: &[serde_json::Value],
+    tolerances: &[(&str, f64)],
+) {
+    let mut compared = std::collections::BTreeSet::new();
+    let mut engaged = false;
+    for (step, (a, b)) in bf16.iter().zip(f32).enumerate() {
+        for &(term, tolerance) in tolerances {
+            let Some(reference) = b[term].as_f64() else {
+                continue;
+            };
+            let value = a[term].as_f64().unwrap_or(f64::NAN);
+            engaged |= value != reference;
+            compared.insert(term);
+            assert!(
+                (value - reference).abs() <= tolerance * reference.abs(),
+                "{what} step {step}, {term}: bf16 {value}, f32 {reference}\n{a}\n{b}"
+            );
+        }
+    }
+    assert_eq!(
+        compared.len(),
+        tolerances.len(),
+        "{what}: terms compared: {compared:?}"
+    );
+    assert!(engaged, "{what}: precision bf16 changed nothing");
+}
+
 /// `precision = "bf16"` (tch): the whole objective (pixel, perceptual and, from step 3,
 /// adversarial terms, and the codebook's) under libtorch's bf16 autocast follows the f32 run:
 /// every term of every step within [`TERM_TOLERANCES`] and the held-out PSNR within 2%, yet not
@@ -301,28 +335,7 @@ fn bf16_autocast_follows_the_f32_loss_curve_through_every_loss_term() {
     };
     let (f32_lines, bf16_lines) = (lines(&f32_run), lines(&bf16_run));
     assert_eq!((f32_lines.len(), bf16_lines.len()), (6, 6));
-    let mut compared = std::collections::BTreeSet::new();
-    let mut engaged = false;
-    for (step, (a, b)) in bf16_lines.iter().zip(&f32_lines).enumerate() {
-        for (term, tolerance) in TERM_TOLERANCES {
-            let Some(reference) = b[term].as_f64() else {
-                continue;
-            };
-            let value = a[term].as_f64().unwrap_or(f64::NAN);
-            engaged |= value != reference;
-            compared.insert(term);
-            assert!(
-                (value - reference).abs() <= tolerance * reference.abs(),
-                "step {step}, {term}: bf16 {value}, f32 {reference}\n{a}\n{b}"
-            );
-        }
-    }
-    assert_eq!(
-        compared.len(),
-        TERM_TOLERANCES.len(),
-        "terms compared: {compared:?}"
-    );
-    assert!(engaged, "precision bf16 changed nothing");
+    assert_follows("training", &bf16_lines, &f32_lines, &TERM_TOLERANCES);
     let manifest = |dir: &Path| Upstream::read(dir.to_str().unwrap()).unwrap().0.manifest;
     let (f32_manifest, bf16_manifest) = (manifest(&f32_run), manifest(&bf16_run));
     let psnr = |m: &manifests::Manifest| m.metrics["psnr_db"].as_f64().unwrap();
@@ -359,17 +372,7 @@ fn bf16_autocast_follows_the_f32_loss_curve_through_every_loss_term() {
     let f32_tuned = finetune(Precision::F32, &dir.path().join("tuned-f32"));
     let bf16_tuned = finetune(Precision::Bf16, &tuned_bf16);
     assert_eq!((f32_tuned.len(), bf16_tuned.len()), (4, 4));
-    assert_ne!(
-        f32_tuned, bf16_tuned,
-        "fine-tuning: precision bf16 changed nothing"
-    );
-    for (step, (a, b)) in bf16_tuned.iter().zip(&f32_tuned).enumerate() {
-        let (value, reference) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
-        assert!(
-            (value - reference).abs() <= 0.03 * reference.abs(),
-            "fine-tuning step {step}: bf16 {value}, f32 {reference}"
-        );
-    }
+    assert_follows("fine-tuning", &bf16_tuned, &f32_tuned, &[("loss", 0.03)]);
     assert_eq!(manifest(&tuned_bf16).config["train"]["precision"], "bf16");
 }
 

@@ -143,12 +143,11 @@ pub(super) fn autocast_is_bf16(cuda: bool) -> bool {
 /// The kind a linear layer multiplies in: bf16 where bf16 autocast is on for the input's device
 /// (autocast casts a product's f32 and f16 operands to it), else the input's own kind.
 fn linear_compute_kind(input: &tch::Tensor) -> tch::Kind {
-    let cuda = c_int::from(input.device().is_cuda());
     let floating = matches!(
         input.kind(),
         tch::Kind::Float | tch::Kind::Half | tch::Kind::BFloat16
     );
-    if floating && unsafe { parti_autocast_is_bf16(cuda) } != 0 {
+    if floating && autocast_is_bf16(input.device().is_cuda()) {
         tch::Kind::BFloat16
     } else {
         input.kind()

@@ -184,12 +184,14 @@ bench-urls: build $(BENCH_CACHE)/photos-3mp
 	$(BIN)/ingest bench-urls --python bench/.venv/bin/python --photos $(BENCH_CACHE)/photos-0.4mp --count 2000 --work $(BENCH_CACHE)/urls
 
 # Each model benchmark prints ours (on BACKEND) and PyTorch's figure, measured in the same run.
+# 350m-ops runs the 350M slice's ops on tensors too small to compute: what issuing them costs.
 PEER := --python bench/.venv/bin/python
 bench-models: build bench/.venv/bin/python
 	$(BIN)/vqgan bench --preset tiny --batch 16 $(PEER)
 	$(BIN)/vqgan bench --preset small --batch 1 $(PEER)
 	$(BIN)/train bench --preset tiny --batch 32 $(PEER)
 	$(BIN)/train bench --preset 350m-slice --batch 1 $(PEER)
+	$(BIN)/train bench --preset 350m-ops --batch 1 --rounds 21 $(PEER)
 	$(BIN)/infer bench $(PEER)
 
 # The GPU table of BENCHMARKS.md on this machine's first GPU, each row against PyTorch on the same
@@ -209,6 +211,8 @@ bench-gpu: build bench/.venv/bin/python
 	$(BIN)/train bench --preset 350m-slice --batch 8 --rounds 5 --precision bf16 $(ON_GPU)
 	$(BIN)/train bench --preset 350m-slice --batch 64 --rounds 5 --precision bf16 --peak-tflops $(PEAK_TFLOPS) $(ON_GPU)
 	$(BIN)/train bench --preset 350m-slice --batch 128 --rounds 5 --precision bf16 --peak-tflops $(PEAK_TFLOPS) $(ON_GPU)
+	$(BIN)/train bench --preset 350m-ops --batch 1 --rounds 21 $(ON_GPU)
+	$(BIN)/train bench --preset 350m-ops --batch 1 --rounds 21 --precision bf16 $(ON_GPU)
 	$(BIN)/infer bench $(ON_GPU)
 
 # Where a bf16 step's time goes on the GPU: the Parti 350M slice at batch 64, its last step

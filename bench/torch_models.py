@@ -3,7 +3,7 @@
 way the Rust side times itself. Prints one JSON object on stdout.
 
   torch_models.py vqgan-step  --preset tiny|small --batch B --rounds R
-  torch_models.py parti-step  --preset tiny|350m-slice --batch B --rounds R
+  torch_models.py parti-step  --preset tiny|350m-slice|350m-ops --batch B --rounds R
   torch_models.py parti-sample --grid G --d-model D --layers L --batch B
   (any of them with --naive-attention: attention as separate ops, to locate a gap, and with
   --device cpu|cuda:N: where to run, the device the Rust side was measured on)
@@ -165,6 +165,8 @@ PARTI = {
     "tiny": (1000, 16, (128, 2, 4, 512), (128, 3, 4, 512), 8, 512, 5),
     # The 350M model's width (Parti Table 1) at two layers a side, full 32x32 grid.
     "350m-slice": (16000, 64, (1024, 2, 16, 4096), (1024, 2, 16, 4096), 32, 8192, 11),
+    # The 350M slice's ops on tensors too small to compute: what issuing them costs the host.
+    "350m-ops": (100, 8, (64, 2, 16, 64), (64, 2, 16, 64), 4, 64, 11),
 }
 
 

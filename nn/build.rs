@@ -1,6 +1,6 @@
 //! The `tch` build compiles `csrc/` against libtorch's headers: c10d for training across
-//! processes (it ships inside libtorch; see src/distributed.rs) and the autograd call behind the
-//! fused operations and the fused AdamW step (src/fused.rs). The `flex` build compiles nothing.
+//! processes (it ships inside libtorch; see src/distributed.rs), and the autograd call, the layer
+//! norm backward and the AdamW step behind the fused operations (src/fused.rs). The `flex` build compiles nothing.
 //! `csrc/nccl.cpp` is not compiled here: it needs CUDA's headers (`make nccl`).
 
 fn main() {
@@ -26,6 +26,7 @@ fn compile_against_libtorch() {
         .file("csrc/c10d.cpp")
         .file("csrc/autograd.cpp")
         .file("csrc/adamw.cpp")
+        .file("csrc/layer_norm.cpp")
         .file("csrc/autocast.cpp")
         .file("csrc/profiler.cpp")
         // c10d's Gloo header is compiled only with this, as in PyTorch's own build.

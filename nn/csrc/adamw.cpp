@@ -1,6 +1,6 @@
 // One AdamW step of one parameter as libtorch's fused kernel (`_fused_adamw_`, what
 // `torch.optim.AdamW(fused=True)` calls): one pass over the parameter, its gradient and both
-// moments, updating all three in place. tch-rs does not bind it. The caller (src/fused/optim.rs)
+// moments, updating all three in place. tch-rs does not bind it. The caller (src/fused/libtorch.rs)
 // hands in tensors nothing else holds.
 
 #include <ATen/ATen.h>
@@ -29,14 +29,27 @@ int parti_fused_adamw(
     size_t capacity) {
   return parti::guarded(error, capacity, [&] {
     auto& p = *static_cast<at::Tensor*>(param);
-    auto steps = at::full({}, static_cast<double>(step), p.options());
+    // The kernel only reads the step count, and every parameter of an optimizer step takes the
+    // same one: one tensor per step and device, not one per parameter (each a kernel launch on a
+    // GPU). Per thread, as each training worker steps its own parameters. Held by a pointer
+    // that is never destroyed at thread exit: a CUDA tensor freed after CUDA shuts down at
+    // process exit is an error.
+    thread_local at::Tensor* steps = nullptr;
+    thread_local int64_t steps_value = 0;
+    if (steps == nullptr || steps_value != step || steps->device() != p.device() ||
+        steps->scalar_type() != p.scalar_type()) {
+      auto fresh = new at::Tensor(at::full({}, static_cast<double>(step), p.options()));
+      delete steps;
+      steps = fresh;
+      steps_value = step;
+    }
     at::_fused_adamw_(
         {p},
         {*static_cast<at::Tensor*>(grad)},
         {*static_cast<at::Tensor*>(moment_1)},
         {*static_cast<at::Tensor*>(moment_2)},
         {},
-        {steps},
+        {*steps},
         lr,
         beta_1,
         beta_2,

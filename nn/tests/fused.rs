@@ -555,3 +555,151 @@ fn gelu_outside_autodiff_is_within_f32_rounding_of_the_exact_one_and_training_ke
     assert!((fused::erf_rational(9.0) - 1.0).abs() < 4e-7);
     assert!((fused::erf_rational(0.5) - 0.520_499_9).abs() < 4e-7);
 }
+
+/// Layer norm and cross-entropy on `tch` compute their backward directly, with no pass through
+/// libtorch's autograd engine, so they must run the kernels PyTorch's autograd runs: every value
+/// and gradient equal, bit for bit, to `layer_norm` and `cross_entropy` differentiated by libtorch
+/// itself on the same numbers, in f32 and under bf16 autocast (bf16 logits, as the output head
+/// gives them there; a bf16 input to the layer norm).
+#[cfg(feature = "tch")]
+#[test]
+fn layer_norm_and_cross_entropy_on_tch_are_pytorchs_kernels_bit_for_bit() {
+    use burn::tensor::DType;
+    use fused::{Autocast, Precision};
+    if !fused::enabled() {
+        return;
+    }
+    let device = backend::training_device("cpu").unwrap();
+    let _seeded = backend::seed_exclusively(&device, 31);
+    let values = |tensor: Tensor<3>| {
+        tensor
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    let from_torch = |tensor: &tch::Tensor| {
+        Vec::<f32>::try_from(tensor.to_kind(tch::Kind::Float).flatten(0, -1)).unwrap()
+    };
+    let torch = |data: &[f32], shape: &[i64], kind: tch::Kind| {
+        tch::Tensor::from_slice(data).reshape(shape).to_kind(kind)
+    };
+    let (batch, len, width, classes) = (3, 5, 24, 40);
+    let input = values(
+        random([batch, len, width], &device)
+            .mul_scalar(3.0)
+            .add_scalar(1.5),
+    );
+    let projection = values(random([batch, len, width], &device));
+    let gamma = values(random([1, 1, width], &device));
+    let beta = values(random([1, 1, width], &device));
+    let logits = values(random([batch, len, classes], &device).mul_scalar(4.0));
+    let weights = values(random([1, batch, len], &device));
+    let targets: Vec<i64> = (0..batch * len).map(|i| (i * 7 % classes) as i64).collect();
+    let shape = [batch as i64, len as i64];
+    for (precision, half) in [(Precision::F32, DType::F32), (Precision::Bf16, DType::BF16)] {
+        let _autocast = Autocast::begin(precision, "cpu").unwrap();
+        let kind = if half == DType::F32 {
+            tch::Kind::Float
+        } else {
+            tch::Kind::BFloat16
+        };
+
+        // Ours.
+        let burn_tensor =
+            |data: &[f32], dims: [usize; 3]| Tensor::<1>::from_data(data, &device).reshape(dims);
+        let mut norm = LayerNormConfig::new(width).init(&device);
+        norm.gamma = norm.gamma.map(|_| {
+            burn_tensor(&gamma, [1, 1, width])
+                .reshape([width])
+                .require_grad()
+        });
+        norm.beta = norm.beta.take().map(|b| {
+            b.map(|_| {
+                burn_tensor(&beta, [1, 1, width])
+                    .reshape([width])
+                    .require_grad()
+            })
+        });
+        let x = burn_tensor(&input, [batch, len, width])
+            .cast(half)
+            .require_grad();
+        let normed = fused::layer_norm(&norm, x.clone());
+        let grads = (normed.clone().cast(DType::F32)
+            * burn_tensor(&projection, [batch, len, width]))
+        .sum()
+        .backward();
+        let ours_norm = [
+            values(normed.inner()),
+            values(x.grad(&grads).unwrap()),
+            values(
+                norm.gamma
+                    .val()
+                    .grad(&grads)
+                    .unwrap()
+                    .reshape([1, 1, width]),
+            ),
+            values(
+                norm.beta
+                    .as_ref()
+                    .unwrap()
+                    .val()
+                    .grad(&grads)
+                    .unwrap()
+                    .reshape([1, 1, width]),
+            ),
+        ];
+        let z = burn_tensor(&logits, [batch, len, classes])
+            .cast(half)
+            .require_grad();
+        let burn_targets =
+            Tensor::<1, Int>::from_data(targets.as_slice(), &device).reshape([batch, len]);
+        let losses = fused::cross_entropy(z.clone(), burn_targets);
+        let grads = (losses.clone() * burn_tensor(&weights, [1, batch, len]).reshape([batch, len]))
+            .sum()
+            .backward();
+        let ours_loss = [
+            values(losses.inner().unsqueeze()),
+            values(z.grad(&grads).unwrap()),
+        ];
+
+        // libtorch's autograd, on the same numbers.
+        let x = torch(&input, &[3, 5, 24], kind).set_requires_grad(true);
+        let (g, b) = (
+            torch(&gamma, &[24], tch::Kind::Float).set_requires_grad(true),
+            torch(&beta, &[24], tch::Kind::Float).set_requires_grad(true),
+        );
+        let normed = x.layer_norm([24], Some(&g), Some(&b), fused::LAYER_NORM_EPSILON, true);
+        (normed.to_kind(tch::Kind::Float) * torch(&projection, &[3, 5, 24], tch::Kind::Float))
+            .sum(tch::Kind::Float)
+            .backward();
+        let theirs_norm = [&normed, &x.grad(), &g.grad(), &b.grad()].map(from_torch);
+        let z = torch(&logits, &[3, 5, 40], kind).set_requires_grad(true);
+        let losses = z
+            .reshape([-1, 40])
+            .cross_entropy_loss::<tch::Tensor>(
+                &tch::Tensor::from_slice(&targets),
+                None,
+                tch::Reduction::None,
+                -100,
+                0.0,
+            )
+            .reshape(shape);
+        (&losses * torch(&weights, &shape, tch::Kind::Float))
+            .sum(tch::Kind::Float)
+            .backward();
+        let theirs_loss = [&losses, &z.grad()].map(from_torch);
+
+        for (what, ours, theirs) in [
+            ("layer norm", &ours_norm[0], &theirs_norm[0]),
+            ("layer norm: d input", &ours_norm[1], &theirs_norm[1]),
+            ("layer norm: d gamma", &ours_norm[2], &theirs_norm[2]),
+            ("layer norm: d beta", &ours_norm[3], &theirs_norm[3]),
+            ("cross-entropy", &ours_loss[0], &theirs_loss[0]),
+            ("cross-entropy: d logits", &ours_loss[1], &theirs_loss[1]),
+        ] {
+            assert_eq!(ours, theirs, "{what} ({precision:?})");
+        }
+        assert_eq!(x.grad().kind(), kind, "d input's kind ({precision:?})");
+    }
+}

@@ -40,8 +40,23 @@ fn preset(name: &str) -> Result<(PartiConfig, usize), Error> {
             ),
             64,
         )),
+        // The 350M slice's ops (layers, heads, masks, head, optimizer) on tensors too small to
+        // compute: its step time is what issuing the ops costs the host, which on a GPU decides
+        // whether the kernels run back to back.
+        "350m-ops" => Ok((
+            PartiConfig::new(
+                TextEncoderConfig::new(100, 8, 64, 2, 16, 64),
+                4,
+                64,
+                64,
+                2,
+                16,
+                64,
+            ),
+            8,
+        )),
         other => Err(Error::Usage(format!(
-            "no benchmark for preset '{other}' (tiny, 350m-slice)"
+            "no benchmark for preset '{other}' (tiny, 350m-slice, 350m-ops)"
         ))),
     }
 }
@@ -78,7 +93,7 @@ pub fn parti_step(args: &TrainStepArgs) -> Result<Comparison, Error> {
     let ours = time_train_steps(model, &mut optimizer, args, &workers, |model, share| {
         let targets = share.of(&targets);
         let condition = model.condition(share.of(&text), share.of(&padding), None);
-        token_loss(model.forward(targets.clone(), &condition), targets).0
+        token_loss(model.forward(targets.clone(), &condition), targets)
     })?;
     let flops = parti_step_flops(&config, text_length, batch);
     nn::bench::compare_train_step(

@@ -31,8 +31,9 @@ enum Command {
     /// Train the encoder-decoder transformer from captions to image tokens.
     Parti(PartiArgs),
     /// Benchmark (not a test): ms per Parti train step, ours against PyTorch in the same run.
-    /// Presets: tiny (the pipeline's model, batch 32) or 350m-slice (the 350M model's width,
-    /// two layers a side, 1024 image tokens).
+    /// Presets: tiny (the pipeline's model, batch 32), 350m-slice (the 350M model's width,
+    /// two layers a side, 1024 image tokens) or 350m-ops (the 350M slice's ops on tensors too
+    /// small to compute: what issuing them costs the host).
     Bench(nn::bench::TrainStepArgs),
     /// Benchmark (not a test): `train parti` tokens/s as a job of 1, 2, ... processes on this
     /// machine (c10d + Gloo on loopback; needs the tch backend), and the scaling efficiency.

@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 use manifests::shards::tokens::{self, TokenRow};
 use manifests::{Manifest, ShardSpec, StageRun, Upstream};
-use models::parti::{Condition, Parti, PartiConfig, token_loss};
+use models::parti::{Condition, Parti, PartiConfig, token_accuracy, token_loss};
 use models::text_encoder::pad_batch;
 use models::{CONFIG_KIND, PARTI_KIND, SamplingConfig, TextTokenizer};
 use nn::cli::TrainingOptions;
@@ -233,10 +233,9 @@ fn validate(
         let refs: Vec<&Example> = chunk.iter().collect();
         let (ids, padding) = text_tensors(&refs, tokenizer, device);
         let condition = model.condition(ids, padding, None);
-        let (l, a) = token_loss(
-            model.forward(targets_tensor(&refs, device), &condition),
-            targets_tensor(&refs, device),
-        );
+        let logits = model.forward(targets_tensor(&refs, device), &condition);
+        let l = token_loss(logits.clone(), targets_tensor(&refs, device));
+        let a = token_accuracy(logits, targets_tensor(&refs, device));
         let n = chunk.len() as f64;
         loss += l.into_scalar::<f32>() as f64 * n;
         accuracy += a.into_scalar::<f32>() as f64 * n;
@@ -367,9 +366,13 @@ fn example_stream(
     .map_err(|e| Error::Data(format!("{uri}: {e}")))
 }
 
-/// Gradients of one optimizer step over its micro-batches (examples and CFG drops), and each
-/// micro-batch's loss and token accuracy in order. The workers share this process's
-/// micro-batches (one replica per CPU core on flex), and the ranks of a job share the step's.
+/// Gradients of one optimizer step over its micro-batches (examples and CFG drops), and where
+/// `report` asks, each micro-batch's loss and token accuracy in order (else none). The workers
+/// share this process's micro-batches (one replica per CPU core on flex), and the ranks of a job
+/// share the step's.
+///
+/// Only reported steps read a value back from the device: reading one waits for the device to
+/// finish the step, and a GPU left waiting for the host to prepare the next batch idles.
 fn step_gradients(
     model: &Parti,
     workers: &[Device],
@@ -377,6 +380,7 @@ fn step_gradients(
     micro_batches: &[(Vec<Example>, Vec<bool>)],
     tokenizer: &TextTokenizer,
     precision: Precision,
+    report: bool,
 ) -> Result<(GradientsParams, Vec<(f64, f64)>), Error> {
     let parts = micro_batches.len() as f64;
     let (grads, reports) = training::micro_batch_gradients(
@@ -393,17 +397,28 @@ fn step_gradients(
             let drop = Tensor::<1, Bool>::from_data(drop.as_slice(), device);
             let condition: Condition = replica.condition(ids, padding, Some(drop));
             let targets = targets_tensor(&batch, device);
-            let (loss, accuracy) =
-                token_loss(replica.forward(targets.clone(), &condition), targets);
+            let logits = replica.forward(targets.clone(), &condition);
+            let accuracy = report.then(|| token_accuracy(logits.clone(), targets.clone()));
+            let loss = token_loss(logits, targets);
             let grads =
                 GradientsParams::from_grads(loss.clone().div_scalar(parts).backward(), replica);
-            let report = (
-                loss.into_scalar::<f32>() as f64,
-                accuracy.into_scalar::<f32>() as f64,
-            );
-            Ok::<_, Error>((grads, report))
+            let values = accuracy.map(|accuracy| {
+                (
+                    loss.into_scalar::<f32>() as f64,
+                    accuracy.into_scalar::<f32>() as f64,
+                )
+            });
+            Ok::<_, Error>((grads, values))
         },
     )?;
+    if !report {
+        // Every rank of a job reports on the same steps, so all skip this gather together.
+        return Ok((grads, Vec::new()));
+    }
+    let reports = reports
+        .into_iter()
+        .filter_map(|(index, values)| values.map(|values| (index, values)))
+        .collect();
     Ok((grads, group.gather_in_order(reports)?))
 }
 
@@ -520,6 +535,7 @@ pub fn train_parti(
                 .map_err(|e| Error::Data(format!("{}: {e}", inputs.tokens)))?;
             micro_batches.push((batch, cfg_drops(&mut rng, micro, config.cfg_dropout)));
         }
+        let logged = step.is_multiple_of(config.log_every.max(1)) || step + 1 == config.steps;
         let (grads, losses) = step_gradients(
             &model,
             &workers,
@@ -527,12 +543,13 @@ pub fn train_parti(
             &micro_batches,
             &tokenizer,
             config.precision,
+            logged,
         )?;
         let loss_sum: f64 = losses.iter().map(|(loss, _)| loss).sum();
         let accuracy_sum: f64 = losses.iter().map(|(_, accuracy)| accuracy).sum();
         model = optimizer.step(learning_rate, model, grads);
         let parts = parts as f64;
-        if step.is_multiple_of(config.log_every.max(1)) || step + 1 == config.steps {
+        if logged {
             let line = json!({"step": step, "learning_rate": learning_rate,
                 "loss": loss_sum / parts, "token_accuracy": accuracy_sum / parts});
             bar.line(&line, &mut progress.log);

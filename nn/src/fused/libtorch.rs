@@ -2,14 +2,15 @@
 //! The fused operations on `tch`: a Burn backend extension implemented for `LibTorch` (inference:
 //! the kernel alone) and for `Autodiff<LibTorch>` (training: a custom autodiff operation).
 //!
-//! The training forward runs the kernel on inputs marked as requiring a gradient, so libtorch
-//! records the one-node graph PyTorch would (saving, for attention, the output and log-sum-exp,
-//! never the scores); the backward hands Burn's incoming gradient to `torch::autograd::grad`
-//! (`csrc/autograd.cpp`), which runs the matching backward kernel.
+//! Attention's training forward runs the kernel on inputs marked as requiring a gradient, so
+//! libtorch records the one-node graph PyTorch would (saving the output and log-sum-exp, never
+//! the scores); the backward hands Burn's incoming gradient to `torch::autograd::grad`
+//! (`csrc/autograd.cpp`), which runs the backward of whichever SDPA variant libtorch picked.
 //!
-//! The linear layer is the exception: its backward is two matrix products and a sum, computed
-//! here directly on what the forward kept, because a pass through libtorch's autograd engine per
-//! call costs more CPU time than small steps can hide (BENCHMARKS.md, "GPU: one H200").
+//! The linear layer, layer norm and cross-entropy compute their backward here directly on what
+//! the forward kept (two products and a sum; `native_layer_norm_backward`; `nll_loss_backward`
+//! and `_log_softmax_backward_data`), because a pass through libtorch's autograd engine per call
+//! costs more CPU time than small steps can hide on a GPU (BENCHMARKS.md, "GPU: one H200").
 
 use std::ffi::{c_char, c_int, c_void};
 
@@ -290,18 +291,87 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<LibTorch, C> {
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        recorded::<C, 3>([input, gamma, beta], |[x, gamma, beta]| {
-            kernels::layer_norm(x, gamma, beta)
-        })
+        let nodes = [input.node(), gamma.node(), beta.node()];
+        let operands = [
+            input.into_primitive(),
+            gamma.into_primitive(),
+            beta.into_primitive(),
+        ];
+        let kinds = operands.each_ref().map(|operand| operand.tensor.kind());
+        let [input, gamma, beta] = operands.map(|operand| {
+            let kind = layer_norm_kind(&operand.tensor);
+            in_kind(operand, kind)
+        });
+        let features = input.tensor.size().last().copied().unwrap_or(1);
+        let (output, mean, rstd) = input.tensor.native_layer_norm(
+            [features],
+            Some(&gamma.tensor),
+            Some(&beta.tensor),
+            LAYER_NORM_EPSILON,
+        );
+        let output = TchTensor::new(output);
+        match DirectLayerNorm
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let saved = LayerNormSaved {
+                    input,
+                    gamma,
+                    beta,
+                    mean: TchTensor::new(mean),
+                    rstd: TchTensor::new(rstd),
+                    kinds,
+                };
+                prep.finish(saved, output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(output),
+        }
     }
 
     fn fused_cross_entropy(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
     ) -> FloatTensor<Self> {
-        recorded::<C, 1>([logits], |[logits]| {
-            kernels::cross_entropy(logits, &targets.tensor)
-        })
+        let nodes = [logits.node()];
+        let logits = logits.into_primitive();
+        let (logits_shape, logits_kind) = (logits.tensor.size(), logits.tensor.kind());
+        let classes = logits_shape.last().copied().unwrap_or(1);
+        // cross_entropy is on autocast's f32 list on the CPU and on CUDA.
+        let kind = if is_half(logits_kind) && autocast_is_bf16(logits.tensor.device().is_cuda()) {
+            tch::Kind::Float
+        } else {
+            logits_kind
+        };
+        let log_probs = logits
+            .tensor
+            .reshape([-1, classes])
+            .to_kind(kind)
+            .internal_log_softmax(1, false);
+        let target_shape = targets.tensor.size();
+        let targets = targets.tensor.reshape([-1]).to_kind(tch::Kind::Int64);
+        let losses = TchTensor::new(
+            log_probs
+                .nll_loss_nd(&targets, None::<tch::Tensor>, tch::Reduction::None, IGNORED)
+                .reshape(target_shape.as_slice()),
+        );
+        match DirectCrossEntropy
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let saved = CrossEntropySaved {
+                    log_probs: TchTensor::new(log_probs),
+                    targets: TchTensor::new(targets),
+                    logits_shape,
+                    logits_kind,
+                };
+                prep.finish(saved, losses)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(losses),
+        }
     }
 
     fn fused_linear(
@@ -464,6 +534,154 @@ impl Backward<LibTorch, 3> for DirectLinear {
             };
             grads.register::<LibTorch>(bias.id, TchTensor::new(gradient));
         }
+    }
+}
+
+unsafe extern "C" {
+    #[allow(clippy::too_many_arguments)]
+    fn parti_layer_norm_backward(
+        grad_output: *mut c_void,
+        input: *mut c_void,
+        mean: *mut c_void,
+        rstd: *mut c_void,
+        weight: *mut c_void,
+        bias: *mut c_void,
+        wanted: *const c_int,
+        results: *mut *mut c_void,
+        error: *mut c_char,
+        capacity: usize,
+    ) -> c_int;
+}
+
+/// Whether `kind` is a 16-bit float, which autocast's f32 list casts up.
+fn is_half(kind: tch::Kind) -> bool {
+    matches!(kind, tch::Kind::Half | tch::Kind::BFloat16)
+}
+
+/// The kind a layer norm's operand enters in: f32 for a 16-bit one where bf16 autocast is on
+/// on CUDA (layer_norm is on autocast's f32 list there; on the CPU it is not, and libtorch's CPU
+/// kernel takes a bf16 input with f32 weights as it is), else its own kind.
+fn layer_norm_kind(operand: &tch::Tensor) -> tch::Kind {
+    let cuda = operand.device().is_cuda();
+    if cuda && is_half(operand.kind()) && autocast_is_bf16(cuda) {
+        tch::Kind::Float
+    } else {
+        operand.kind()
+    }
+}
+
+/// The layer norm's node in Burn's graph: libtorch's `native_layer_norm` forward and
+/// `native_layer_norm_backward`, called directly (the kernels PyTorch's autograd calls, without a
+/// pass through libtorch's autograd engine per layer norm).
+#[derive(Debug)]
+struct DirectLayerNorm;
+
+/// What the layer norm's backward needs: the operands in the kinds it computed in, the rows'
+/// mean and reciprocal standard deviation, and the operands' own kinds for their gradients.
+#[derive(Debug, Clone)]
+struct LayerNormSaved {
+    input: TchTensor,
+    gamma: TchTensor,
+    beta: TchTensor,
+    mean: TchTensor,
+    rstd: TchTensor,
+    kinds: [tch::Kind; 3],
+}
+
+impl Backward<LibTorch, 3> for DirectLayerNorm {
+    type State = LayerNormSaved;
+
+    fn backward(self, ops: Ops<LayerNormSaved, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad_output = grads.consume::<LibTorch>(&ops.node);
+        let saved = ops.state;
+        let wanted = ops
+            .parents
+            .each_ref()
+            .map(|parent| c_int::from(parent.is_some()));
+        if wanted.iter().all(|&w| w == 0) {
+            return;
+        }
+        let grad_output = grad_output.tensor.to_kind(saved.input.tensor.kind());
+        let pointer = |tensor: &tch::Tensor| tensor.as_ptr().cast_mut().cast::<c_void>();
+        let mut results = [std::ptr::null_mut::<c_void>(); 3];
+        let outcome = checked(|error, capacity| unsafe {
+            parti_layer_norm_backward(
+                pointer(&grad_output),
+                pointer(&saved.input.tensor),
+                pointer(&saved.mean.tensor),
+                pointer(&saved.rstd.tensor),
+                pointer(&saved.gamma.tensor),
+                pointer(&saved.beta.tensor),
+                wanted.as_ptr(),
+                results.as_mut_ptr(),
+                error,
+                capacity,
+            )
+        });
+        if let Err(message) = outcome {
+            // The shapes and kinds are the forward's own; a refusal is a bug, and Burn's
+            // backward cannot return an error.
+            panic!("libtorch's layer norm backward failed: {message}");
+        }
+        for ((parent, result), kind) in ops.parents.into_iter().zip(results).zip(saved.kinds) {
+            // Each non-null result is a new at::Tensor* that the tch::Tensor now owns.
+            let gradient =
+                (!result.is_null()).then(|| unsafe { tch::Tensor::from_ptr(result.cast()) });
+            if let (Some(parent), Some(gradient)) = (parent, gradient) {
+                grads.register::<LibTorch>(parent.id, TchTensor::new(gradient.to_kind(kind)));
+            }
+        }
+    }
+}
+
+/// Targets with this value add no loss (libtorch's default; parti's targets never take it).
+const IGNORED: i64 = -100;
+
+/// Softmax cross-entropy's node in Burn's graph: libtorch's log-softmax and `nll_loss` forward,
+/// and their backward kernels (`nll_loss_backward`, `_log_softmax_backward_data`) called directly,
+/// the kernels PyTorch's autograd runs for `cross_entropy`.
+#[derive(Debug)]
+struct DirectCrossEntropy;
+
+/// The log-probabilities (the forward's, in the kind it computed in) and the targets, flat over
+/// rows; the logits' shape and kind for their gradient.
+#[derive(Debug, Clone)]
+struct CrossEntropySaved {
+    log_probs: TchTensor,
+    targets: TchTensor,
+    logits_shape: Vec<i64>,
+    logits_kind: tch::Kind,
+}
+
+impl Backward<LibTorch, 1> for DirectCrossEntropy {
+    type State = CrossEntropySaved;
+
+    fn backward(self, ops: Ops<CrossEntropySaved, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad_output = grads.consume::<LibTorch>(&ops.node);
+        let [Some(logits)] = ops.parents else { return };
+        let saved = ops.state;
+        let log_probs = &saved.log_probs.tensor;
+        let grad = grad_output.tensor.reshape([-1]).to_kind(log_probs.kind());
+        // Without reduction the backward never reads the total weight; libtorch checks only
+        // that it is one value (its forward writes zero there).
+        let total_weight = tch::Tensor::zeros([], (log_probs.kind(), log_probs.device()));
+        let grad_log_probs = log_probs.nll_loss_backward(
+            &grad,
+            &saved.targets.tensor,
+            None::<tch::Tensor>,
+            tch::Reduction::None,
+            IGNORED,
+            &total_weight,
+        );
+        let gradient = tch::Tensor::internal_log_softmax_backward_data(
+            &grad_log_probs,
+            log_probs,
+            1,
+            log_probs.kind(),
+        )
+        .to_kind(saved.logits_kind)
+        .reshape(saved.logits_shape.as_slice());
+        grads.register::<LibTorch>(logits.id, TchTensor::new(gradient));
     }
 }
 

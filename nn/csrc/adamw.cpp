@@ -29,16 +29,17 @@ int parti_fused_adamw(
     size_t capacity) {
   return parti::guarded(error, capacity, [&] {
     auto& p = *static_cast<at::Tensor*>(param);
-    // The kernel only reads the step count, and every parameter of an optimizer step takes the
-    // same one: one tensor per step and device, not one per parameter (each a kernel launch on a
-    // GPU). Per thread, as each training worker steps its own parameters. Held by a pointer
-    // that is never destroyed at thread exit: a CUDA tensor freed after CUDA shuts down at
+    // The kernel only reads the step count (an f32 value, as torch.optim keeps it for the
+    // fused kernel), and every parameter of an optimizer step takes the same one: one tensor
+    // per step and device, not one per parameter (each a kernel launch on a GPU). Kept per
+    // thread, so optimizers stepping on two threads at once never share it; held by a pointer
+    // that is never destroyed at thread exit, since a CUDA tensor freed after CUDA shuts down at
     // process exit is an error.
     thread_local at::Tensor* steps = nullptr;
     thread_local int64_t steps_value = 0;
-    if (steps == nullptr || steps_value != step || steps->device() != p.device() ||
-        steps->scalar_type() != p.scalar_type()) {
-      auto fresh = new at::Tensor(at::full({}, static_cast<double>(step), p.options()));
+    if (steps == nullptr || steps_value != step || steps->device() != p.device()) {
+      auto fresh = new at::Tensor(
+          at::full({}, static_cast<double>(step), p.options().dtype(at::kFloat)));
       delete steps;
       steps = fresh;
       steps_value = step;

@@ -338,24 +338,12 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<LibTorch, C> {
         let logits = logits.into_primitive();
         let (logits_shape, logits_kind) = (logits.tensor.size(), logits.tensor.kind());
         let classes = logits_shape.last().copied().unwrap_or(1);
-        // cross_entropy is on autocast's f32 list on the CPU and on CUDA.
-        let kind = if is_half(logits_kind) && autocast_is_bf16(logits.tensor.device().is_cuda()) {
-            tch::Kind::Float
-        } else {
-            logits_kind
-        };
-        let log_probs = logits
-            .tensor
-            .reshape([-1, classes])
-            .to_kind(kind)
-            .internal_log_softmax(1, false);
-        let target_shape = targets.tensor.size();
+        let cuda = logits.tensor.device().is_cuda();
+        let kinds = cross_entropy_kinds(logits_kind, cuda, autocast_is_bf16(cuda));
+        let targets_shape = targets.tensor.size();
         let targets = targets.tensor.reshape([-1]).to_kind(tch::Kind::Int64);
-        let losses = TchTensor::new(
-            log_probs
-                .nll_loss_nd(&targets, None::<tch::Tensor>, tch::Reduction::None, IGNORED)
-                .reshape(target_shape.as_slice()),
-        );
+        let rows = cross_entropy_rows(&logits.tensor.reshape([-1, classes]), &targets, kinds);
+        let losses = TchTensor::new(rows.losses.reshape(targets_shape.as_slice()));
         match DirectCrossEntropy
             .prepare::<C>(nodes)
             .compute_bound()
@@ -363,7 +351,8 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<LibTorch, C> {
         {
             OpsKind::Tracked(prep) => {
                 let saved = CrossEntropySaved {
-                    log_probs: TchTensor::new(log_probs),
+                    log_probs: TchTensor::new(rows.log_probs),
+                    loss_input: TchTensor::new(rows.loss_input),
                     targets: TchTensor::new(targets),
                     logits_shape,
                     logits_kind,
@@ -637,17 +626,88 @@ impl Backward<LibTorch, 3> for DirectLayerNorm {
 /// Targets with this value add no loss (libtorch's default; parti's targets never take it).
 const IGNORED: i64 = -100;
 
+/// The kinds softmax cross-entropy computes in, `(log-softmax, loss)`, as PyTorch's `cross_entropy`
+/// runs under autocast. On the CPU `cross_entropy_loss` is on autocast's f32 list: 16-bit logits
+/// are cast up first. On CUDA it is not: its log-softmax keeps the logits' kind, and `nll_loss`,
+/// which is on the f32 list there, casts the log-probabilities up.
+fn cross_entropy_kinds(logits: tch::Kind, cuda: bool, autocast: bool) -> (tch::Kind, tch::Kind) {
+    match (autocast && is_half(logits), cuda) {
+        (false, _) => (logits, logits),
+        (true, true) => (logits, tch::Kind::Float),
+        (true, false) => (tch::Kind::Float, tch::Kind::Float),
+    }
+}
+
+/// Softmax cross-entropy over rows, with what its backward needs.
+struct CrossEntropyRows {
+    /// `[rows]`, in the loss's kind.
+    losses: tch::Tensor,
+    /// `[rows, classes]`, in the log-softmax's kind.
+    log_probs: tch::Tensor,
+    /// The log-probabilities in the loss's kind (the same tensor when the kinds agree).
+    loss_input: tch::Tensor,
+}
+
+/// `logits: [rows, classes]`, `targets: [rows]` (i64): the ops `cross_entropy` runs, log-softmax
+/// and `nll_loss`, in the kinds `(log-softmax, loss)` ([`cross_entropy_kinds`]).
+fn cross_entropy_rows(
+    logits: &tch::Tensor,
+    targets: &tch::Tensor,
+    (softmax_kind, loss_kind): (tch::Kind, tch::Kind),
+) -> CrossEntropyRows {
+    let log_probs = logits.to_kind(softmax_kind).internal_log_softmax(1, false);
+    let loss_input = log_probs.to_kind(loss_kind);
+    let losses =
+        loss_input.nll_loss_nd(targets, None::<tch::Tensor>, tch::Reduction::None, IGNORED);
+    CrossEntropyRows {
+        losses,
+        log_probs,
+        loss_input,
+    }
+}
+
+/// The gradient of [`cross_entropy_rows`]' logits in `logits_kind`, given the losses' `grad`:
+/// `nll_loss_backward`, then `_log_softmax_backward_data`, each in its forward's kind, as
+/// PyTorch's autograd runs them.
+fn cross_entropy_rows_backward(
+    grad: &tch::Tensor,
+    log_probs: &tch::Tensor,
+    loss_input: &tch::Tensor,
+    targets: &tch::Tensor,
+    logits_kind: tch::Kind,
+) -> tch::Tensor {
+    // Without reduction the backward never reads the total weight; libtorch checks only that it
+    // is one value on the input's device (its forward writes zero there).
+    let total_weight = tch::Tensor::zeros([], (loss_input.kind(), loss_input.device()));
+    let grad_loss_input = loss_input.nll_loss_backward(
+        &grad.to_kind(loss_input.kind()),
+        targets,
+        None::<tch::Tensor>,
+        tch::Reduction::None,
+        IGNORED,
+        &total_weight,
+    );
+    tch::Tensor::internal_log_softmax_backward_data(
+        &grad_loss_input.to_kind(log_probs.kind()),
+        log_probs,
+        1,
+        log_probs.kind(),
+    )
+    .to_kind(logits_kind)
+}
+
 /// Softmax cross-entropy's node in Burn's graph: libtorch's log-softmax and `nll_loss` forward,
 /// and their backward kernels (`nll_loss_backward`, `_log_softmax_backward_data`) called directly,
 /// the kernels PyTorch's autograd runs for `cross_entropy`.
 #[derive(Debug)]
 struct DirectCrossEntropy;
 
-/// The log-probabilities (the forward's, in the kind it computed in) and the targets, flat over
-/// rows; the logits' shape and kind for their gradient.
+/// What [`cross_entropy_rows`] kept, the targets, flat over rows, and the logits' shape and kind
+/// for their gradient.
 #[derive(Debug, Clone)]
 struct CrossEntropySaved {
     log_probs: TchTensor,
+    loss_input: TchTensor,
     targets: TchTensor,
     logits_shape: Vec<i64>,
     logits_kind: tch::Kind,
@@ -660,26 +720,13 @@ impl Backward<LibTorch, 1> for DirectCrossEntropy {
         let grad_output = grads.consume::<LibTorch>(&ops.node);
         let [Some(logits)] = ops.parents else { return };
         let saved = ops.state;
-        let log_probs = &saved.log_probs.tensor;
-        let grad = grad_output.tensor.reshape([-1]).to_kind(log_probs.kind());
-        // Without reduction the backward never reads the total weight; libtorch checks only
-        // that it is one value (its forward writes zero there).
-        let total_weight = tch::Tensor::zeros([], (log_probs.kind(), log_probs.device()));
-        let grad_log_probs = log_probs.nll_loss_backward(
-            &grad,
+        let gradient = cross_entropy_rows_backward(
+            &grad_output.tensor.reshape([-1]),
+            &saved.log_probs.tensor,
+            &saved.loss_input.tensor,
             &saved.targets.tensor,
-            None::<tch::Tensor>,
-            tch::Reduction::None,
-            IGNORED,
-            &total_weight,
-        );
-        let gradient = tch::Tensor::internal_log_softmax_backward_data(
-            &grad_log_probs,
-            log_probs,
-            1,
-            log_probs.kind(),
+            saved.logits_kind,
         )
-        .to_kind(saved.logits_kind)
         .reshape(saved.logits_shape.as_slice());
         grads.register::<LibTorch>(logits.id, TchTensor::new(gradient));
     }
@@ -978,4 +1025,66 @@ pub(super) fn set_autocast_bf16(cuda: bool, on: bool) -> Result<bool, String> {
         )
     })?;
     Ok(was_on != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::{Kind, Reduction, Tensor};
+
+    use super::{IGNORED, cross_entropy_kinds, cross_entropy_rows, cross_entropy_rows_backward};
+
+    /// Where autocast casts `cross_entropy`'s operands: up front on the CPU, after the softmax on
+    /// CUDA (PyTorch's autocast lists), nowhere without autocast or for f32 logits.
+    #[test]
+    fn cross_entropy_computes_in_the_kinds_autocast_gives_it_on_each_device() {
+        use Kind::{BFloat16, Float};
+        assert_eq!(cross_entropy_kinds(BFloat16, false, true), (Float, Float));
+        assert_eq!(cross_entropy_kinds(BFloat16, true, true), (BFloat16, Float));
+        assert_eq!(
+            cross_entropy_kinds(BFloat16, true, false),
+            (BFloat16, BFloat16)
+        );
+        assert_eq!(cross_entropy_kinds(Float, true, true), (Float, Float));
+        assert_eq!(cross_entropy_kinds(Float, false, true), (Float, Float));
+    }
+
+    /// Every kind pair, the CUDA one included (run here on the CPU with its kinds given): losses
+    /// and the logits' gradient equal bit for bit to libtorch's autograd through the same ops.
+    #[test]
+    fn cross_entropy_rows_and_their_backward_are_libtorchs_autograd_in_every_kind_pair() {
+        use Kind::{BFloat16, Float};
+        tch::manual_seed(7);
+        let (rows, classes) = (6, 10);
+        let targets = Tensor::from_slice(&[0i64, 3, 9, 2, 5, 7]);
+        let weights = Tensor::randn([rows], (Float, tch::Device::Cpu));
+        for (logits_kind, kinds) in [
+            (Float, (Float, Float)),
+            (BFloat16, (Float, Float)),
+            (BFloat16, (BFloat16, Float)),
+            (BFloat16, (BFloat16, BFloat16)),
+        ] {
+            let logits = (Tensor::randn([rows, classes], (Float, tch::Device::Cpu)) * 4.0)
+                .to_kind(logits_kind);
+            let ours = cross_entropy_rows(&logits, &targets, kinds);
+            let ours_grad = cross_entropy_rows_backward(
+                &weights,
+                &ours.log_probs,
+                &ours.loss_input,
+                &targets,
+                logits_kind,
+            );
+            let z = logits.detach().set_requires_grad(true);
+            let theirs = z
+                .to_kind(kinds.0)
+                .log_softmax(1, kinds.0)
+                .to_kind(kinds.1)
+                .nll_loss_nd(&targets, None::<Tensor>, Reduction::None, IGNORED);
+            (theirs.to_kind(Float) * &weights).sum(Float).backward();
+            let what = format!("{logits_kind:?} logits, {kinds:?}");
+            assert_eq!(ours.losses.kind(), kinds.1, "{what}: the losses' kind");
+            assert_eq!(ours_grad.kind(), logits_kind, "{what}: the gradient's kind");
+            assert!(ours.losses.equal(&theirs), "{what}: losses");
+            assert!(ours_grad.equal(&z.grad()), "{what}: d logits");
+        }
+    }
 }

@@ -5,6 +5,7 @@
 #   make status              which stages under RUN are up to date, and why the others are not
 #   make test                the test suite (installs moto, an S3 server, into .venv for the storage tests)
 #   make pipeline BACKEND=tch   the same on libtorch (fetches a CPU libtorch from PyPI once, ~910 MB)
+#   make pipeline BACKEND=tch DEVICE=cuda   every stage that computes on the GPU (a CUDA libtorch in LIBTORCH)
 #   make bench               benchmarks against PyTorch and Pillow on this machine (installs them into bench/.venv)
 #   make bench-gpu BACKEND=tch   the model benchmarks' GPU table (f32, bf16, MFU) on a CUDA machine
 #   make profile-gpu BACKEND=tch where a bf16 350M step's GPU time goes, ours and PyTorch's side by side
@@ -34,6 +35,10 @@ FORCE_FLAG := $(if $(FORCE),--force,)
 # STEPS=N caps every training stage at N steps (the smoke run uses it); empty: the preset's.
 STEPS ?=
 STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)
+# DEVICE=cuda (or cuda:N; BACKEND=tch with a CUDA libtorch): the stages that compute on a device
+# run there; empty: the CPU.
+DEVICE ?=
+DEVICE_FLAG := $(if $(DEVICE),--device $(DEVICE),)
 # EVAL_PROMPTS=N: fewer evaluation prompts and held-out captions (the smoke run uses it).
 EVAL_PROMPTS ?=
 EVAL_FLAGS := $(if $(EVAL_PROMPTS),--prompts $(EVAL_PROMPTS) --captions $(EVAL_PROMPTS) --samples 2,)
@@ -62,10 +67,17 @@ DOWNLOAD_FLAGS := $(if $(and $(PAIRS),$(DOWNLOADS)),--download-cache $(DOWNLOADS
 .PHONY: pipeline status build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-urls bench-models bench-gpu profile-gpu bench-venv bench-distributed bench-serve nccl
 
 help:
-	@sed -n '3,11p' Makefile
+	@sed -n '3,12p' Makefile
 
+ifeq ($(PREBUILT),)
 build: $(BACKEND_SETUP)
 	$(CARGO) build --release --workspace $(FEATURES)
+else
+# PREBUILT=1: the binaries already in BIN, as they are (tools/on-gpu.sh, on a GPU machine
+# without Rust, runs those tools/build-for-gpu.sh made).
+build:
+	@test -x $(BIN)/train || { echo "PREBUILT=1, but $(BIN) holds no binaries"; exit 1; }
+endif
 
 $(LIBTORCH)/VERSION: tools/fetch-libtorch.py
 	$(PYTHON) tools/fetch-libtorch.py $(LIBTORCH)
@@ -79,15 +91,15 @@ endif
 	$(BIN)/ingest pairs --preset $(PRESET) --input $(PAIRS_INPUT) $(PAIRS_FLAGS) $(DOWNLOAD_FLAGS) --out $(RUN)/pairs $(FORCE_FLAG)
 	$(BIN)/ingest pairs --preset $(PRESET) --size $(SUPERRES_SIZE) --input $(LARGE_INPUT) $(LARGE_FLAGS) $(DOWNLOAD_FLAGS) --out $(RUN)/pairs-large $(FORCE_FLAG)
 	$(BIN)/ingest text --input $(TEXT_INPUT) --out $(RUN)/text $(FORCE_FLAG)
-	$(BIN)/vqgan train --preset $(PRESET) --pairs $(RUN)/pairs --out $(RUN)/vqgan $(STEPS_FLAG) $(FORCE_FLAG)
-	$(BIN)/vqgan finetune-decoder --preset $(PRESET) --vqgan $(RUN)/vqgan --pairs $(RUN)/pairs --out $(RUN)/vqgan-decoder $(STEPS_FLAG) $(FORCE_FLAG)
-	$(BIN)/vqgan superres --preset $(PRESET) --pairs $(RUN)/pairs-large --vqgan $(RUN)/vqgan-decoder --out $(RUN)/superres $(STEPS_FLAG) $(FORCE_FLAG)
-	$(BIN)/vqgan reconstruct --vqgan $(RUN)/vqgan-decoder --pairs $(RUN)/pairs --out $(RUN)/vqgan-reconstruct $(FORCE_FLAG)
-	$(BIN)/vqgan encode --vqgan $(RUN)/vqgan-decoder --pairs $(RUN)/pairs --out $(RUN)/tokens $(FORCE_FLAG)
+	$(BIN)/vqgan train --preset $(PRESET) --pairs $(RUN)/pairs --out $(RUN)/vqgan $(STEPS_FLAG) $(DEVICE_FLAG) $(FORCE_FLAG)
+	$(BIN)/vqgan finetune-decoder --preset $(PRESET) --vqgan $(RUN)/vqgan --pairs $(RUN)/pairs --out $(RUN)/vqgan-decoder $(STEPS_FLAG) $(DEVICE_FLAG) $(FORCE_FLAG)
+	$(BIN)/vqgan superres --preset $(PRESET) --pairs $(RUN)/pairs-large --vqgan $(RUN)/vqgan-decoder --out $(RUN)/superres $(STEPS_FLAG) $(DEVICE_FLAG) $(FORCE_FLAG)
+	$(BIN)/vqgan reconstruct --vqgan $(RUN)/vqgan-decoder --pairs $(RUN)/pairs --out $(RUN)/vqgan-reconstruct $(DEVICE_FLAG) $(FORCE_FLAG)
+	$(BIN)/vqgan encode --vqgan $(RUN)/vqgan-decoder --pairs $(RUN)/pairs --out $(RUN)/tokens $(DEVICE_FLAG) $(FORCE_FLAG)
 	$(BIN)/train tokenizer --preset $(PRESET) --text $(RUN)/text --captions $(RUN)/pairs --out $(RUN)/tokenizer $(FORCE_FLAG)
-	$(BIN)/train text-encoder --preset $(PRESET) --tokenizer $(RUN)/tokenizer --text $(RUN)/text --pairs $(RUN)/pairs --out $(RUN)/text-encoder $(STEPS_FLAG) $(FORCE_FLAG)
-	$(BIN)/train parti --preset $(PRESET) --tokens $(RUN)/tokens --tokenizer $(RUN)/tokenizer --text-encoder $(RUN)/text-encoder --out $(RUN)/parti $(STEPS_FLAG) $(FORCE_FLAG)
-	$(BIN)/infer eval --parti $(RUN)/parti --out $(RUN)/eval $(EVAL_FLAGS) $(FORCE_FLAG)
+	$(BIN)/train text-encoder --preset $(PRESET) --tokenizer $(RUN)/tokenizer --text $(RUN)/text --pairs $(RUN)/pairs --out $(RUN)/text-encoder $(STEPS_FLAG) $(DEVICE_FLAG) $(FORCE_FLAG)
+	$(BIN)/train parti --preset $(PRESET) --tokens $(RUN)/tokens --tokenizer $(RUN)/tokenizer --text-encoder $(RUN)/text-encoder --out $(RUN)/parti $(STEPS_FLAG) $(DEVICE_FLAG) $(FORCE_FLAG)
+	$(BIN)/infer eval --parti $(RUN)/parti --out $(RUN)/eval $(EVAL_FLAGS) $(DEVICE_FLAG) $(FORCE_FLAG)
 	$(BIN)/manifests verify $(RUN)/eval
 	$(BIN)/manifests lineage $(RUN)/eval
 	@echo "pipeline done: manifests under $(RUN)/*/manifest.json"

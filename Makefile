@@ -206,12 +206,12 @@ bench-models: build bench/.venv/bin/python
 	$(BIN)/train bench --preset 350m-ops --batch 1 --rounds 21 $(PEER)
 	$(BIN)/infer bench $(PEER)
 
-# The GPU table of BENCHMARKS.md on this machine's first GPU, each row against PyTorch on the same
-# GPU: f32 and bf16 train steps, the Parti 350M slice's model FLOPs utilisation against
-# PEAK_TFLOPS (the GPU's dense bf16 peak from its datasheet: 989 for an H100 or H200 SXM), and
-# sampling. Needs BACKEND=tch and a CUDA libtorch in LIBTORCH (README, "Backends").
+# The GPU table of BENCHMARKS.md on this machine's first GPU (DEVICE=cuda:N for another), each
+# row against PyTorch on the same GPU: f32 and bf16 train steps, the Parti 350M slice's model
+# FLOPs utilisation against PEAK_TFLOPS (the GPU's dense bf16 peak from its datasheet: 989 for an
+# H100 or H200 SXM), and sampling. Needs BACKEND=tch and a CUDA libtorch in LIBTORCH (README, "Backends").
 PEAK_TFLOPS ?= 989
-ON_GPU := --device cuda $(PEER)
+ON_GPU := --device $(or $(DEVICE),cuda) $(PEER)
 bench-gpu: build bench/.venv/bin/python
 	@test "$(BACKEND)" = tch || { echo "bench-gpu needs BACKEND=tch and a CUDA libtorch in LIBTORCH"; exit 1; }
 	$(BIN)/vqgan bench --preset tiny --batch 16 --rounds 5 $(ON_GPU)

@@ -9,22 +9,36 @@
 # first on the library path, so the real libraries load. burn-tch 0.22 expects libtorch 2.9.0;
 # other versions build with LIBTORCH_BYPASS_VERSION_CHECK=1, as the GPU tables were measured.
 #
-# Usage: tools/build-for-gpu.sh [TORCH_VERSION]     (default 2.11.0)
+# Usage: tools/build-for-gpu.sh [TORCH_VERSION]     (default 2.11.0; PyPI's builds, 2.7 or later)
 # Writes dist/parti-gpu-torch-VERSION.tar.xz (stripped binaries, ~40 MB). The first build takes
-# about half an hour on 2 cores, in its own target directory (the link flags differ).
+# about 11 minutes on 2 cores, in its own target directory (the link flags differ). Needs Rust,
+# g++, binutils' strip, xz, and python3 with pip and PyPI access. The binaries need the glibc and
+# libstdc++ of this machine or newer on the GPU machine: build on the oldest system they will run
+# on (or in a manylinux_2_28 container), as PyTorch's wheels need only glibc 2.28.
 set -euo pipefail
 
 version=${1:-2.11.0}
-cache=${PARTI_CACHE:-$HOME/.cache/parti}
+# libtorch before 2.7 used the old C++ string ABI, which nn/build.rs does not compile for.
+if ! printf '%s\n2.7\n' "$version" | sort -V -C -r 2>/dev/null; then
+  echo "torch $version: builds need 2.7 or later (the C++11 string ABI)" >&2
+  exit 2
+fi
+cache=$(realpath -m "${PARTI_CACHE:-$HOME/.cache/parti}")
 libtorch=$cache/libtorch-gpu-$version
 target=$cache/target-gpu-$version
 archive=dist/parti-gpu-torch-$version.tar.xz
 binaries=(ingest vqgan train infer manifests)
 cd "$(dirname "$0")/.."
 
+wheels=$cache/wheels-$version
+staging=
+cleanup() {
+  rm -rf "$wheels" "$libtorch.partial" "$archive.partial" ${staging:+"$staging"}
+}
+trap cleanup EXIT
+
 if [ "$(cat "$libtorch/VERSION" 2>/dev/null)" != "$version" ]; then
-  wheels=$(mktemp -d)
-  trap 'rm -rf "$wheels"' EXIT
+  mkdir -p "$wheels"
   echo "fetching torch==$version's wheel (headers and libtorch_cpu; ~900 MB)"
   python3 -m pip download --quiet --no-deps --only-binary :all: \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
@@ -85,8 +99,9 @@ for binary in "${binaries[@]}"; do
   strip -o "$staging/$binary" "$target/release/$binary"
 done
 echo "$version" > "$staging/TORCH_VERSION"
+# The commit built, which tools/on-gpu.sh compares with the checkout it runs the Makefile from.
+git describe --always --dirty 2>/dev/null > "$staging/BUILT_FROM" || echo unknown > "$staging/BUILT_FROM"
 mkdir -p dist
 tar -C "$staging" -cJf "$archive.partial" .
 mv "$archive.partial" "$archive"
-rm -rf "$staging"
 echo "wrote $archive: on the GPU machine, tools/on-gpu.sh $archive bench-gpu profile-gpu"

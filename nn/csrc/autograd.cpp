@@ -3,11 +3,11 @@
 // Its forward runs libtorch's own kernel (scaled_dot_product_attention) on inputs marked as
 // requiring a gradient, so libtorch records the one-node graph PyTorch itself would record,
 // saving what that kernel's backward needs (the output and the log-sum-exp, never the
-// [heads, n, n] scores). Burn's autodiff
-// keeps the recorded output and calls this when its backward pass reaches the operation: the
-// gradients come from the same backward kernel PyTorch runs, whichever SDPA variant (flash,
-// memory-efficient, math) libtorch chose for the device. tch-rs binds `torch::autograd::grad`
-// only without output gradients, which is why this file exists.
+// [heads, n, n] scores). Burn's autodiff keeps the recorded output and calls this when its
+// backward pass reaches the operation: the gradients come from the same backward kernel PyTorch
+// runs, whichever SDPA variant (flash, memory-efficient, math) libtorch chose for the device.
+// tch-rs binds `torch::autograd::grad` only without output gradients, which is why this file
+// exists.
 
 #include <torch/csrc/autograd/autograd.h>
 

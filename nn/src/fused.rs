@@ -6,8 +6,8 @@
 //! directions. On `tch`, [`attention`], [`layer_norm`], [`cross_entropy`] and [`linear`] are Burn
 //! custom autodiff operations (`libtorch`) that run PyTorch's own kernels both ways:
 //! `scaled_dot_product_attention` (libtorch picks flash, memory-efficient or math per device, as
-//! PyTorch does), `native_layer_norm`, log-softmax with `nll_loss`, and `addmm`. On `flex` they are the compositions
-//! below, exactly what ran before. GELU needs nothing for training: burn-autodiff has a GELU
+//! PyTorch does), `native_layer_norm`, log-softmax with `nll_loss`, and `addmm`. On `flex` they
+//! are the compositions below, exactly what ran before. GELU needs nothing for training: burn-autodiff has a GELU
 //! backward of its own, which burn-tch runs as libtorch's `gelu_backward`. Outside autodiff on `flex`
 //! (sampling, decoding, encoding, held-out evaluation) [`gelu`] evaluates erf as a rational
 //! function that the compiler vectorises, as PyTorch's and Eigen's CPU kernels do, instead of

@@ -157,7 +157,7 @@ fn linear_compute_kind(input: &tch::Tensor) -> tch::Kind {
 
 /// The kernels, on libtorch tensors: PyTorch's own functional calls.
 mod kernels {
-    use tch::{Kind, Reduction, Tensor};
+    use tch::Tensor;
 
     /// `blocked` (`true`: a query may not see a key) goes in as the additive bias SDPA takes,
     /// finite as the composition's fill.
@@ -171,33 +171,6 @@ mod kernels {
         let bias =
             blocked.map(|blocked| blocked.to_kind(queries.kind()) * f64::from(super::BLOCKED));
         Tensor::scaled_dot_product_attention(queries, keys, values, bias, 0.0, false, scale, false)
-    }
-
-    pub fn layer_norm(input: &Tensor, gamma: &Tensor, beta: &Tensor) -> Tensor {
-        let features = input.size().last().copied().unwrap_or(1);
-        input.layer_norm(
-            [features],
-            Some(gamma),
-            Some(beta),
-            super::LAYER_NORM_EPSILON,
-            true,
-        )
-    }
-
-    /// `[batch, len, classes]` logits, `[batch, len]` targets -> `[batch, len]` losses.
-    pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
-        let size = logits.size();
-        let classes = size.last().copied().unwrap_or(1);
-        logits
-            .reshape([-1, classes])
-            .cross_entropy_loss::<Tensor>(
-                &targets.reshape([-1]).to_kind(Kind::Int64),
-                None,
-                Reduction::None,
-                -100,
-                0.0,
-            )
-            .reshape(targets.size())
     }
 
     /// `bias + input @ weight` as one `addmm` over the input's rows (the bias enters the product
@@ -239,15 +212,11 @@ impl FusedOps for LibTorch {
     }
 
     fn fused_layer_norm(input: TchTensor, gamma: TchTensor, beta: TchTensor) -> TchTensor {
-        TchTensor::new(kernels::layer_norm(
-            &input.tensor,
-            &gamma.tensor,
-            &beta.tensor,
-        ))
+        TchTensor::new(layer_norm_forward([input, gamma, beta]).output)
     }
 
     fn fused_cross_entropy(logits: TchTensor, targets: TchTensor) -> TchTensor {
-        TchTensor::new(kernels::cross_entropy(&logits.tensor, &targets.tensor))
+        TchTensor::new(cross_entropy_forward(&logits.tensor, &targets.tensor).0)
     }
 
     fn fused_linear(input: TchTensor, weight: TchTensor, bias: TchTensor) -> TchTensor {
@@ -298,17 +267,12 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<LibTorch, C> {
             beta.into_primitive(),
         ];
         let kinds = operands.each_ref().map(|operand| operand.tensor.kind());
-        let [input, gamma, beta] = operands.map(|operand| {
-            let kind = layer_norm_kind(&operand.tensor);
-            in_kind(operand, kind)
-        });
-        let features = input.tensor.size().last().copied().unwrap_or(1);
-        let (output, mean, rstd) = input.tensor.native_layer_norm(
-            [features],
-            Some(&gamma.tensor),
-            Some(&beta.tensor),
-            LAYER_NORM_EPSILON,
-        );
+        let LayerNormed {
+            operands: [input, gamma, beta],
+            output,
+            mean,
+            rstd,
+        } = layer_norm_forward(operands);
         let output = TchTensor::new(output);
         match DirectLayerNorm
             .prepare::<C>(nodes)
@@ -337,13 +301,8 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<LibTorch, C> {
         let nodes = [logits.node()];
         let logits = logits.into_primitive();
         let (logits_shape, logits_kind) = (logits.tensor.size(), logits.tensor.kind());
-        let classes = logits_shape.last().copied().unwrap_or(1);
-        let cuda = logits.tensor.device().is_cuda();
-        let kinds = cross_entropy_kinds(logits_kind, cuda, autocast_is_bf16(cuda));
-        let targets_shape = targets.tensor.size();
-        let targets = targets.tensor.reshape([-1]).to_kind(tch::Kind::Int64);
-        let rows = cross_entropy_rows(&logits.tensor.reshape([-1, classes]), &targets, kinds);
-        let losses = TchTensor::new(rows.losses.reshape(targets_shape.as_slice()));
+        let (losses, rows, targets) = cross_entropy_forward(&logits.tensor, &targets.tensor);
+        let losses = TchTensor::new(losses);
         match DirectCrossEntropy
             .prepare::<C>(nodes)
             .compute_bound()
@@ -559,6 +518,38 @@ fn layer_norm_kind(operand: &tch::Tensor) -> tch::Kind {
     }
 }
 
+/// A layer norm's forward, with what its backward needs.
+struct LayerNormed {
+    /// Input, gamma and beta in the kinds the layer norm read them in.
+    operands: [TchTensor; 3],
+    output: tch::Tensor,
+    /// The rows' mean and reciprocal standard deviation.
+    mean: tch::Tensor,
+    rstd: tch::Tensor,
+}
+
+/// Layer norm over the last dimension as PyTorch runs `layer_norm`: each operand in
+/// [`layer_norm_kind`], then `native_layer_norm`.
+fn layer_norm_forward(operands: [TchTensor; 3]) -> LayerNormed {
+    let [input, gamma, beta] = operands.map(|operand| {
+        let kind = layer_norm_kind(&operand.tensor);
+        in_kind(operand, kind)
+    });
+    let features = input.tensor.size().last().copied().unwrap_or(1);
+    let (output, mean, rstd) = input.tensor.native_layer_norm(
+        [features],
+        Some(&gamma.tensor),
+        Some(&beta.tensor),
+        LAYER_NORM_EPSILON,
+    );
+    LayerNormed {
+        operands: [input, gamma, beta],
+        output,
+        mean,
+        rstd,
+    }
+}
+
 /// The layer norm's node in Burn's graph: libtorch's `native_layer_norm` forward and
 /// `native_layer_norm_backward`, called directly (the kernels PyTorch's autograd calls, without a
 /// pass through libtorch's autograd engine per layer norm).
@@ -664,6 +655,22 @@ fn cross_entropy_rows(
         log_probs,
         loss_input,
     }
+}
+
+/// `logits: [.., classes]` and `targets: [..]` as PyTorch runs `cross_entropy` on the logits'
+/// device ([`cross_entropy_kinds`]): the losses in the targets' shape, the rows' results, and the
+/// targets flat in i64.
+fn cross_entropy_forward(
+    logits: &tch::Tensor,
+    targets: &tch::Tensor,
+) -> (tch::Tensor, CrossEntropyRows, tch::Tensor) {
+    let classes = logits.size().last().copied().unwrap_or(1);
+    let cuda = logits.device().is_cuda();
+    let kinds = cross_entropy_kinds(logits.kind(), cuda, autocast_is_bf16(cuda));
+    let flat_targets = targets.reshape([-1]).to_kind(tch::Kind::Int64);
+    let rows = cross_entropy_rows(&logits.reshape([-1, classes]), &flat_targets, kinds);
+    let losses = rows.losses.reshape(targets.size().as_slice());
+    (losses, rows, flat_targets)
 }
 
 /// The gradient of [`cross_entropy_rows`]' logits in `logits_kind`, given the losses' `grad`:

@@ -233,9 +233,10 @@ fn validate(
         let refs: Vec<&Example> = chunk.iter().collect();
         let (ids, padding) = text_tensors(&refs, tokenizer, device);
         let condition = model.condition(ids, padding, None);
-        let logits = model.forward(targets_tensor(&refs, device), &condition);
-        let l = token_loss(logits.clone(), targets_tensor(&refs, device));
-        let a = token_accuracy(logits, targets_tensor(&refs, device));
+        let targets = targets_tensor(&refs, device);
+        let logits = model.forward(targets.clone(), &condition);
+        let l = token_loss(logits.clone(), targets.clone());
+        let a = token_accuracy(logits, targets);
         let n = chunk.len() as f64;
         loss += l.into_scalar::<f32>() as f64 * n;
         accuracy += a.into_scalar::<f32>() as f64 * n;

@@ -9,6 +9,7 @@
 #   make bench               benchmarks against PyTorch and Pillow on this machine (installs them into bench/.venv)
 #   make bench-gpu BACKEND=tch   the model benchmarks' GPU table (f32, bf16, MFU) on a CUDA machine
 #   make profile-gpu BACKEND=tch where a bf16 350M step's GPU time goes, ours and PyTorch's side by side
+#   make test-gpu BACKEND=tch    the fused kernels' tests on the GPU (each against its composition)
 
 RUN ?= runs/default
 PRESET ?= tiny
@@ -64,10 +65,10 @@ TEXT_INPUT := $(or $(TEXT),$(if $(PAIRS),$(RUN)/pairs,$(RUN)/synth/text))
 DOWNLOADS ?= $(if $(findstring ://,$(RUN)),,$(RUN)/downloads)
 DOWNLOAD_FLAGS := $(if $(and $(PAIRS),$(DOWNLOADS)),--download-cache $(DOWNLOADS),)
 
-.PHONY: pipeline status build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-urls bench-models bench-gpu profile-gpu bench-venv bench-distributed bench-serve nccl
+.PHONY: pipeline status build test test-tch test-backend smoke venv fmt lint clean-run help bench bench-ingest bench-urls bench-models bench-gpu profile-gpu test-gpu bench-venv bench-distributed bench-serve nccl
 
 help:
-	@sed -n '3,12p' Makefile
+	@sed -n '3,13p' Makefile
 
 ifeq ($(PREBUILT),)
 build: $(BACKEND_SETUP)
@@ -237,6 +238,18 @@ profile-gpu: build bench/.venv/bin/python
 	$(BIN)/train bench --preset 350m-slice --batch 64 --rounds 5 --precision bf16 --peak-tflops $(PEAK_TFLOPS) --profile $(PROFILE_TRACE) $(ON_GPU)
 	$(PYTHON) bench/trace_summary.py $(PROFILE_TRACE) $(PROFILE_TRACE).torch.json
 	$(PYTHON) bench/trace_ops.py $(PROFILE_TRACE) $(PROFILE_TRACE).torch.json 60
+
+# The fused kernels' tests (nn/tests/fused.rs) on DEVICE (cuda unless set): each fused operation
+# against its composition, forward and every gradient, for every mask kind, and under bf16
+# autocast, on the kernels libtorch picks there. With PREBUILT=1, the test binary that
+# tools/build-for-gpu.sh packed beside the others (BIN/tests/fused).
+test-gpu: $(if $(PREBUILT),build,$(BACKEND_SETUP))
+	@test "$(BACKEND)" = tch || { echo "test-gpu needs BACKEND=tch and a CUDA libtorch in LIBTORCH"; exit 1; }
+ifeq ($(PREBUILT),)
+	PARTI_TEST_DEVICE=$(or $(DEVICE),cuda) $(CARGO) test --release -p nn $(FEATURES) --test fused
+else
+	PARTI_TEST_DEVICE=$(or $(DEVICE),cuda) $(BIN)/tests/fused
+endif
 
 # `infer serve` under 64 concurrent single-sample requests, with cross-request batching and one
 # request at a time, on the tiny model of $(RUN) (made by `make pipeline` if it is not there).

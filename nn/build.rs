@@ -1,7 +1,8 @@
 //! The `tch` build compiles `csrc/` against libtorch's headers: c10d for training across
-//! processes (it ships inside libtorch; see src/distributed.rs), and the autograd call, the layer
-//! norm backward and the AdamW step behind the fused operations (src/fused.rs). The `flex` build compiles nothing.
-//! `csrc/nccl.cpp` is not compiled here: it needs CUDA's headers (`make nccl`).
+//! processes (it ships inside libtorch; see src/distributed.rs), and the recorded-graph backward,
+//! the layer norm backward and the AdamW step behind the fused operations (src/fused.rs). The
+//! `flex` build compiles nothing. `csrc/nccl.cpp` is not compiled here: it needs CUDA's headers
+//! (`make nccl`).
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc");

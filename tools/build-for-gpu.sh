@@ -93,15 +93,29 @@ LIBTORCH=$libtorch LIBTORCH_BYPASS_VERSION_CHECK=1 CARGO_TARGET_DIR=$target \
   RUSTFLAGS="-C link-arg=-Wl,--allow-shlib-undefined" \
   cargo build --release --features nn/tch "${binaries[@]/#/--bin=}"
 
+# The fused kernels' tests too, for `make test-gpu` there (nn/tests/fused.rs on the GPU).
+fused_tests=$(LIBTORCH=$libtorch LIBTORCH_BYPASS_VERSION_CHECK=1 CARGO_TARGET_DIR=$target \
+  RUSTFLAGS="-C link-arg=-Wl,--allow-shlib-undefined" \
+  cargo test --release -p nn --features tch --test fused --no-run --message-format=json |
+  python3 -c 'import json, sys
+for line in sys.stdin:
+    message = json.loads(line)
+    if message.get("reason") == "compiler-artifact" and message.get("executable") \
+            and message["target"]["name"] == "fused":
+        print(message["executable"])')
+[ -x "$fused_tests" ] || { echo "cargo test --no-run named no fused test binary" >&2; exit 1; }
+
 staging=$(mktemp -d)
 chmod 755 "$staging"
+mkdir "$staging/tests"
 for binary in "${binaries[@]}"; do
   strip -o "$staging/$binary" "$target/release/$binary"
 done
+strip -o "$staging/tests/fused" "$fused_tests"
 echo "$version" > "$staging/TORCH_VERSION"
 # The commit built, which tools/on-gpu.sh compares with the checkout it runs the Makefile from.
 git describe --always --dirty 2>/dev/null > "$staging/BUILT_FROM" || echo unknown > "$staging/BUILT_FROM"
 mkdir -p dist
 tar -C "$staging" -cJf "$archive.partial" .
 mv "$archive.partial" "$archive"
-echo "wrote $archive: on the GPU machine, tools/on-gpu.sh $archive bench-gpu profile-gpu"
+echo "wrote $archive: on the GPU machine, tools/on-gpu.sh $archive test-gpu bench-gpu profile-gpu"

@@ -5,13 +5,14 @@
 # as the benchmarks' peer. Nothing is built here.
 #
 # Usage: [PYTHON=/path/to/python] tools/on-gpu.sh ARCHIVE TARGET... [VAR=VALUE...]
-#   TARGET: bench-gpu, profile-gpu, smoke, pipeline or status (the others build or install)
-#   e.g. tools/on-gpu.sh dist/parti-gpu-torch-2.11.0.tar.xz bench-gpu profile-gpu
+#   TARGET: test-gpu, bench-gpu, profile-gpu, smoke, pipeline or status (the others build or
+#   install)
+#   e.g. tools/on-gpu.sh dist/parti-gpu-torch-2.11.0.tar.xz test-gpu bench-gpu profile-gpu
 #        tools/on-gpu.sh dist/parti-gpu-torch-2.11.0.tar.xz smoke DEVICE=cuda
 set -euo pipefail
 
 usage() {
-  sed -n '2,10p' "$0" >&2
+  sed -n '2,11p' "$0" >&2
   exit 2
 }
 [ $# -ge 2 ] || usage
@@ -19,14 +20,14 @@ archive=$(realpath "$1")
 shift
 for argument in "$@"; do
   case $argument in
-    bench-gpu | profile-gpu | smoke | pipeline | status) ;;
+    test-gpu | bench-gpu | profile-gpu | smoke | pipeline | status) ;;
     PYTHON=* | PEER=* | BIN=* | TARGET_DIR=* | LIBTORCH=* | BACKEND=* | PREBUILT=*)
       echo "$argument: set by this script (PYTHON goes before it, in the environment)" >&2
       exit 2 ;;
     *=*) ;;
     *)
-      echo "$argument: not a target this script runs (bench-gpu, profile-gpu, smoke," \
-        "pipeline, status; the others build or install)" >&2
+      echo "$argument: not a target this script runs (test-gpu, bench-gpu, profile-gpu," \
+        "smoke, pipeline, status; the others build or install)" >&2
       exit 2 ;;
   esac
 done

@@ -7,12 +7,23 @@
 //! Tolerance: the fused kernels sum in another order (attention blockwise with a running
 //! maximum, layer norm in one pass), so results agree to f32 rounding, not bit for bit:
 //! max |a - b| <= 2e-5 * (1 + max |b|).
+//!
+//! They run on the CPU, or on the device `PARTI_TEST_DEVICE` names (`make test-gpu`: `cuda`,
+//! where libtorch picks other kernels: flash, memory-efficient or cuDNN attention). The tests
+//! that hold our kernels bit for bit against libtorch's own autograd stay on the CPU: some of
+//! CUDA's backward kernels accumulate with atomics, so two runs need not agree in the last bit.
 
 use burn::nn::{DropoutConfig, LayerNormConfig};
 use burn::tensor::activation::gelu;
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
 use nn::attention::{causal_mask, padding_mask};
 use nn::{backend, fused};
+
+/// The device these tests run on: `PARTI_TEST_DEVICE` (`cpu` unless set; `make test-gpu` sets
+/// `cuda`), except where a test holds kernels bit for bit against libtorch's CPU results.
+fn test_device() -> String {
+    std::env::var("PARTI_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
 
 fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
     Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
@@ -61,7 +72,7 @@ type Attention =
 /// Fused and composed attention on the same inputs: output, and the gradients of a random
 /// projection of it with respect to queries, keys and values.
 fn check_attention(what: &str, q_len: usize, k_len: usize, mask: Option<Tensor<4, Bool>>) {
-    let device = backend::training_device("cpu").unwrap();
+    let device = backend::training_device(&test_device()).unwrap();
     let _seeded = backend::seed_exclusively(&device, 7);
     let (batch, heads, d_head) = (3, 4, 16);
     let queries = random([batch, heads, q_len, d_head], &device);
@@ -90,7 +101,7 @@ fn check_attention(what: &str, q_len: usize, k_len: usize, mask: Option<Tensor<4
 
 #[test]
 fn attention_matches_its_composition_for_every_mask_kind() {
-    let device = backend::device("cpu").unwrap();
+    let device = backend::device(&test_device()).unwrap();
     check_attention("no mask", 12, 12, None);
     check_attention("causal", 12, 12, Some(causal_mask(12, &device)));
     check_attention("window", 12, 12, Some(window_mask(12, 3, &device)));
@@ -102,7 +113,7 @@ fn attention_matches_its_composition_for_every_mask_kind() {
 fn a_causal_mask_blocks_every_later_key_exactly_in_the_fused_kernel() {
     // The bias is finite (as the composition's fill), yet a blocked key's weight, and so its
     // gradient, must be exactly zero.
-    let device = backend::training_device("cpu").unwrap();
+    let device = backend::training_device(&test_device()).unwrap();
     let keys = random([1, 2, 6, 8], &device).require_grad();
     let values = random([1, 2, 6, 8], &device).require_grad();
     let queries = random([1, 2, 6, 8], &device);
@@ -122,7 +133,7 @@ fn a_causal_mask_blocks_every_later_key_exactly_in_the_fused_kernel() {
 
 #[test]
 fn layer_norm_matches_its_composition_with_all_three_gradients() {
-    let device = backend::training_device("cpu").unwrap();
+    let device = backend::training_device(&test_device()).unwrap();
     let _seeded = backend::seed_exclusively(&device, 11);
     let mut norm = LayerNormConfig::new(24).init(&device);
     // Away from ones and zeros, so the gradients through gamma and beta are exercised.
@@ -157,7 +168,7 @@ fn layer_norm_matches_its_composition_with_all_three_gradients() {
 
 #[test]
 fn cross_entropy_matches_its_composition_with_its_gradient() {
-    let device = backend::training_device("cpu").unwrap();
+    let device = backend::training_device(&test_device()).unwrap();
     let _seeded = backend::seed_exclusively(&device, 13);
     let (batch, len, classes) = (3, 7, 50);
     let logits = random([batch, len, classes], &device).mul_scalar(4.0);
@@ -182,7 +193,7 @@ fn cross_entropy_matches_its_composition_with_its_gradient() {
 fn gelu_backward_matches_the_exact_gelu_derivative() {
     // GELU is fused by Burn itself (its autodiff calls the backend's gelu_backward, libtorch's
     // kernel on tch); held here against the erf formula's derivative.
-    let device = backend::training_device("cpu").unwrap();
+    let device = backend::training_device(&test_device()).unwrap();
     let _seeded = backend::seed_exclusively(&device, 17);
     let x = random([5, 40], &device).mul_scalar(3.0).require_grad();
     let grads = gelu(x.clone()).sum().backward();
@@ -221,7 +232,7 @@ enum LinearCase {
 fn check_linear<const D: usize>(what: &str, shape: [usize; D]) {
     use burn::module::Module;
     use burn::nn::{Linear, LinearConfig};
-    let device = backend::training_device("cpu").unwrap();
+    let device = backend::training_device(&test_device()).unwrap();
     let _seeded = backend::seed_exclusively(&device, 23);
     let d_output = 10;
     let mut layer: Linear = LinearConfig::new(shape[D - 1], d_output).init(&device);
@@ -324,13 +335,13 @@ fn linear_under_bf16_autocast_multiplies_in_bf16_and_keeps_f32_gradients() {
     use burn::nn::{Linear, LinearConfig};
     use burn::tensor::DType;
     use fused::{Autocast, Precision};
-    let device = backend::training_device("cpu").unwrap();
+    let device = backend::training_device(&test_device()).unwrap();
     let _seeded = backend::seed_exclusively(&device, 29);
     let layer: Linear = LinearConfig::new(32, 16).init(&device);
     let input = random([3, 5, 32], &device);
     let projection = random([3, 5, 16], &device);
     let run = |precision: Precision| {
-        let _autocast = Autocast::begin(precision, "cpu").unwrap();
+        let _autocast = Autocast::begin(precision, &test_device()).unwrap();
         let x = input.clone().require_grad();
         let out = fused::linear(&layer, x.clone());
         let dtype = out.dtype();
@@ -367,7 +378,7 @@ fn linear_under_bf16_autocast_multiplies_in_bf16_and_keeps_f32_gradients() {
 #[test]
 fn add_of_f32_and_bf16_sums_in_f32_and_returns_each_gradient_in_its_operands_dtype() {
     use burn::tensor::DType;
-    let device = backend::training_device("cpu").unwrap();
+    let device = backend::training_device(&test_device()).unwrap();
     let _seeded = backend::seed_exclusively(&device, 31);
     let (x, y) = (random([4, 6, 8], &device), random([4, 6, 8], &device));
     assert_exactly(
@@ -419,14 +430,14 @@ fn a_transformer_block_under_bf16_autocast_keeps_its_residual_stream_in_f32() {
     if !cfg!(feature = "tch") {
         return; // autocast is libtorch's (refused on flex: the linear test checks that)
     }
-    let device = backend::training_device("cpu").unwrap();
+    let device = backend::training_device(&test_device()).unwrap();
     let _seeded = backend::seed_exclusively(&device, 37);
     let block = TransformerBlockConfig::new(32, 4, 64).init(&device);
     let input = random([2, 6, 32], &device);
     let projection = random([2, 6, 32], &device);
     let mask = causal_mask(6, &device);
     let run = |precision: Precision| {
-        let _autocast = Autocast::begin(precision, "cpu").unwrap();
+        let _autocast = Autocast::begin(precision, &test_device()).unwrap();
         let x = input.clone().require_grad();
         let out = block.forward(x.clone(), Some(mask.clone()), None);
         let grads = (out.clone() * projection.clone()).sum().backward();
@@ -457,7 +468,7 @@ fn adamw_matches_burns_adamw_over_several_steps() {
     // sides are Burn's).
     use burn::nn::{Linear, LinearConfig};
     use burn::optim::{AdamWConfig, GradientsParams};
-    let device = backend::training_device("cpu").unwrap();
+    let device = backend::training_device(&test_device()).unwrap();
     let _seeded = backend::seed_exclusively(&device, 19);
     let initial: Linear = LinearConfig::new(12, 6).init(&device);
     let inputs: Vec<Tensor<2>> = (0..5).map(|_| random([8, 12], &device)).collect();
@@ -556,6 +567,22 @@ fn gelu_outside_autodiff_is_within_f32_rounding_of_the_exact_one_and_training_ke
     assert!((fused::erf_rational(0.5) - 0.520_499_9).abs() < 4e-7);
 }
 
+/// A tensor's values as f32, in order.
+#[cfg(feature = "tch")]
+fn f32_values<const D: usize>(tensor: Tensor<D>) -> Vec<f32> {
+    tensor
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap()
+}
+
+/// A libtorch tensor's values as f32, in order.
+#[cfg(feature = "tch")]
+fn torch_values(tensor: &tch::Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(tensor.to_kind(tch::Kind::Float).flatten(0, -1)).unwrap()
+}
+
 /// Layer norm and cross-entropy on `tch` compute their backward directly, with no pass through
 /// libtorch's autograd engine, so they must run the kernels PyTorch's autograd runs: every value
 /// and gradient equal, bit for bit, to `layer_norm` and `cross_entropy` differentiated by libtorch
@@ -572,16 +599,7 @@ fn layer_norm_and_cross_entropy_on_tch_are_pytorchs_kernels_bit_for_bit() {
     }
     let device = backend::training_device("cpu").unwrap();
     let _seeded = backend::seed_exclusively(&device, 31);
-    let values = |tensor: Tensor<3>| {
-        tensor
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .unwrap()
-    };
-    let from_torch = |tensor: &tch::Tensor| {
-        Vec::<f32>::try_from(tensor.to_kind(tch::Kind::Float).flatten(0, -1)).unwrap()
-    };
+    let values = f32_values::<3>;
     let torch = |data: &[f32], shape: &[i64], kind: tch::Kind| {
         tch::Tensor::from_slice(data).reshape(shape).to_kind(kind)
     };
@@ -694,7 +712,7 @@ fn layer_norm_and_cross_entropy_on_tch_are_pytorchs_kernels_bit_for_bit() {
         (normed.to_kind(tch::Kind::Float) * torch(&projection, &[3, 5, 24], tch::Kind::Float))
             .sum(tch::Kind::Float)
             .backward();
-        let theirs_norm = [&normed, &x.grad(), &g.grad(), &b.grad()].map(from_torch);
+        let theirs_norm = [&normed, &x.grad(), &g.grad(), &b.grad()].map(torch_values);
         let z = torch(&logits, &[3, 5, 40], kind).set_requires_grad(true);
         let losses = z
             .reshape([-1, 40])
@@ -709,7 +727,7 @@ fn layer_norm_and_cross_entropy_on_tch_are_pytorchs_kernels_bit_for_bit() {
         (&losses * torch(&weights, &shape, tch::Kind::Float))
             .sum(tch::Kind::Float)
             .backward();
-        let theirs_loss = [&losses, &z.grad()].map(from_torch);
+        let theirs_loss = [&losses, &z.grad()].map(torch_values);
 
         for (what, ours, theirs) in [
             ("layer norm", &ours_norm[0], &theirs_norm[0]),
@@ -720,6 +738,129 @@ fn layer_norm_and_cross_entropy_on_tch_are_pytorchs_kernels_bit_for_bit() {
             ("cross-entropy: d logits", &ours_loss[1], &theirs_loss[1]),
         ] {
             assert_eq!(ours, theirs, "{what} ({precision:?})");
+        }
+    }
+}
+
+/// Attention on `tch` runs the graph libtorch records for its SDPA through
+/// `csrc/autograd.cpp`, node by node, instead of through libtorch's autograd engine: the same
+/// nodes, so its output and every gradient must equal SDPA differentiated by libtorch itself
+/// (`backward()` through the engine) on the same numbers, bit for bit, for every mask kind, in
+/// f32 and under the CPU's bf16 autocast (f32 inputs, so the graph holds autocast's casts ahead
+/// of the kernel's node, and each gradient comes back in f32).
+#[cfg(feature = "tch")]
+#[test]
+fn attention_on_tch_is_pytorchs_sdpa_and_its_autograd_bit_for_bit() {
+    use burn::tensor::DType;
+    use fused::{Autocast, Precision};
+    if !fused::enabled() {
+        return;
+    }
+    let device = backend::training_device("cpu").unwrap();
+    let _seeded = backend::seed_exclusively(&device, 37);
+    let values = f32_values::<4>;
+    let shape_of = |dims: [usize; 4]| dims.map(|d| d as i64);
+    let (batch, heads, d_head) = (3, 4, 16);
+    let masks: [(&str, usize, usize, Option<Tensor<4, Bool>>); 5] = [
+        ("no mask", 12, 12, None),
+        ("causal", 12, 12, Some(causal_mask(12, &device))),
+        ("window", 12, 12, Some(window_mask(12, 3, &device))),
+        ("key padding", 12, 12, Some(key_padding(3, 12, &device))),
+        ("cross, padded", 9, 14, Some(key_padding(3, 14, &device))),
+    ];
+    for (what, q_len, k_len, mask) in masks {
+        let q_dims = [batch, heads, q_len, d_head];
+        let k_dims = [batch, heads, k_len, d_head];
+        let inputs = [q_dims, k_dims, k_dims].map(|dims| values(random(dims, &device)));
+        let projection = values(random(q_dims, &device));
+        let blocked = mask.as_ref().map(|mask| {
+            let dims = mask.dims();
+            let flags = mask.clone().into_data().try_to_vec::<bool>().unwrap();
+            (flags, dims)
+        });
+        for precision in [Precision::F32, Precision::Bf16] {
+            let _autocast = Autocast::begin(precision, "cpu").unwrap();
+            let case = format!("{what} ({precision:?})");
+
+            // Ours.
+            let burn = |data: &[f32], dims: [usize; 4]| {
+                Tensor::<1>::from_data(data, &device).reshape(dims)
+            };
+            let [q, k, v] = [
+                burn(&inputs[0], q_dims),
+                burn(&inputs[1], k_dims),
+                burn(&inputs[2], k_dims),
+            ]
+            .map(|x| x.require_grad());
+            let out = fused::attention(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                mask.clone(),
+                &DropoutConfig::new(0.0).init(),
+            );
+            let grads = (out.clone().cast(DType::F32) * burn(&projection, q_dims))
+                .sum()
+                .backward();
+            let ours = [
+                values(out.inner()),
+                values(q.grad(&grads).unwrap()),
+                values(k.grad(&grads).unwrap()),
+                values(v.grad(&grads).unwrap()),
+            ];
+
+            // libtorch's autograd, on the same numbers and the same additive bias.
+            let torch = |data: &[f32], dims: [usize; 4]| {
+                tch::Tensor::from_slice(data).reshape(shape_of(dims))
+            };
+            let [q, k, v] = [
+                torch(&inputs[0], q_dims),
+                torch(&inputs[1], k_dims),
+                torch(&inputs[2], k_dims),
+            ]
+            .map(|x| x.set_requires_grad(true));
+            let bias = blocked.as_ref().map(|(flags, dims)| {
+                tch::Tensor::from_slice(flags)
+                    .reshape(shape_of(*dims))
+                    .to_kind(tch::Kind::Float)
+                    * f64::from(fused::BLOCKED)
+            });
+            let scale = 1.0 / (d_head as f64).sqrt();
+            let out = tch::Tensor::scaled_dot_product_attention(
+                &q, &k, &v, bias, 0.0, false, scale, false,
+            );
+            (out.to_kind(tch::Kind::Float) * torch(&projection, q_dims))
+                .sum(tch::Kind::Float)
+                .backward();
+            let theirs = [&out, &q.grad(), &k.grad(), &v.grad()].map(torch_values);
+
+            for (part, ours, theirs) in [
+                ("output", &ours[0], &theirs[0]),
+                ("d queries", &ours[1], &theirs[1]),
+                ("d keys", &ours[2], &theirs[2]),
+                ("d values", &ours[3], &theirs[3]),
+            ] {
+                assert_eq!(ours, theirs, "{case}: {part}");
+            }
+            if precision == Precision::Bf16 {
+                assert_ne!(
+                    ours[0],
+                    torch_values(&tch::no_grad(|| {
+                        let _off = Autocast::pause();
+                        tch::Tensor::scaled_dot_product_attention(
+                            &q.detach(),
+                            &k.detach(),
+                            &v.detach(),
+                            None::<tch::Tensor>,
+                            0.0,
+                            false,
+                            scale,
+                            false,
+                        )
+                    })),
+                    "{case}: autocast engaged"
+                );
+            }
         }
     }
 }

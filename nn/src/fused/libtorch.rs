@@ -3,14 +3,15 @@
 //! the kernel alone) and for `Autodiff<LibTorch>` (training: a custom autodiff operation).
 //!
 //! Attention's training forward runs the kernel on inputs marked as requiring a gradient, so
-//! libtorch records the one-node graph PyTorch would (saving the output and log-sum-exp, never
-//! the scores); the backward hands Burn's incoming gradient to `torch::autograd::grad`
-//! (`csrc/autograd.cpp`), which runs the backward of whichever SDPA variant libtorch picked.
+//! libtorch records the small graph PyTorch would (autocast's casts, then the node of whichever
+//! SDPA variant it picked for the device, saving the output and log-sum-exp, never the scores);
+//! the backward runs that graph's nodes on Burn's incoming gradient (`csrc/autograd.cpp`).
 //!
 //! The linear layer, layer norm and cross-entropy compute their backward here directly on what
 //! the forward kept (two products and a sum; `native_layer_norm_backward`; `nll_loss_backward`
-//! and `_log_softmax_backward_data`), because a pass through libtorch's autograd engine per call
-//! costs more CPU time than small steps can hide on a GPU (BENCHMARKS.md, "GPU: one H200").
+//! and `_log_softmax_backward_data`). None of them, attention included, goes through libtorch's
+//! autograd engine: a pass through it per call costs more CPU time than small steps can hide on
+//! a GPU (BENCHMARKS.md, "GPU: one H200").
 
 use std::ffi::{c_char, c_int, c_void};
 
@@ -28,7 +29,7 @@ use super::{BLOCKED, LAYER_NORM_EPSILON};
 use crate::csrc::checked;
 
 unsafe extern "C" {
-    fn parti_autograd_grad(
+    fn parti_graph_backward(
         output: *mut c_void,
         grad_output: *mut c_void,
         inputs: *mut *mut c_void,
@@ -824,8 +825,9 @@ impl<const N: usize> Backward<LibTorch, N> for LibtorchKernel {
     }
 }
 
-/// `torch::autograd::grad(output, leaves, grad_output)`; `None` for a leaf the output does not
-/// depend on.
+/// The gradients of `output` for `leaves` given `grad_output`, as `torch::autograd::grad` would
+/// give them, from the recorded graph's own nodes run on this thread (`csrc/autograd.cpp`);
+/// `None` for a leaf the output does not depend on.
 fn grad<'a>(
     output: &TchTensor,
     grad_output: &TchTensor,
@@ -836,7 +838,7 @@ fn grad<'a>(
         .collect();
     let mut results: Vec<*mut c_void> = vec![std::ptr::null_mut(); inputs.len()];
     checked(|error, capacity| unsafe {
-        parti_autograd_grad(
+        parti_graph_backward(
             output.tensor.as_ptr().cast_mut().cast(),
             grad_output.tensor.as_ptr().cast_mut().cast(),
             inputs.as_mut_ptr(),

@@ -312,7 +312,6 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<LibTorch, C> {
             OpsKind::Tracked(prep) => {
                 let saved = CrossEntropySaved {
                     log_probs: TchTensor::new(rows.log_probs),
-                    loss_input: TchTensor::new(rows.loss_input),
                     targets: TchTensor::new(targets),
                     logits_shape,
                     logits_kind,
@@ -636,26 +635,27 @@ struct CrossEntropyRows {
     losses: tch::Tensor,
     /// `[rows, classes]`, in the log-softmax's kind.
     log_probs: tch::Tensor,
-    /// The log-probabilities in the loss's kind (the same tensor when the kinds agree).
-    loss_input: tch::Tensor,
 }
 
-/// `logits: [rows, classes]`, `targets: [rows]` (i64): the ops `cross_entropy` runs, log-softmax
-/// and `nll_loss`, in the kinds `(log-softmax, loss)` ([`cross_entropy_kinds`]).
+/// `logits: [rows, classes]`, `targets: [rows]` (i64): softmax cross-entropy with the numbers
+/// `cross_entropy` gives in the kinds `(log-softmax, loss)` ([`cross_entropy_kinds`]).
+///
+/// Where the two kinds differ (CUDA's bf16 autocast: log-softmax in bf16, `nll_loss` in f32),
+/// PyTorch casts every log-probability to f32 for `nll_loss`, which then reads one per row: a
+/// `[rows, classes]` f32 copy written and read both ways (2 GB for the 350M slice's output head
+/// at batch 64). `nll_loss` without class weights is `-log_prob[target]`, so taking it in the
+/// log-softmax's kind and casting the row losses gives the same numbers bit for bit (negation and
+/// widening are exact), and so does the backward in that kind (rounding is symmetric in sign).
 fn cross_entropy_rows(
     logits: &tch::Tensor,
     targets: &tch::Tensor,
     (softmax_kind, loss_kind): (tch::Kind, tch::Kind),
 ) -> CrossEntropyRows {
     let log_probs = logits.to_kind(softmax_kind).internal_log_softmax(1, false);
-    let loss_input = log_probs.to_kind(loss_kind);
-    let losses =
-        loss_input.nll_loss_nd(targets, None::<tch::Tensor>, tch::Reduction::None, IGNORED);
-    CrossEntropyRows {
-        losses,
-        log_probs,
-        loss_input,
-    }
+    let losses = log_probs
+        .nll_loss_nd(targets, None::<tch::Tensor>, tch::Reduction::None, IGNORED)
+        .to_kind(loss_kind);
+    CrossEntropyRows { losses, log_probs }
 }
 
 /// `logits: [.., classes]` and `targets: [..]` as PyTorch runs `cross_entropy` on the logits'
@@ -675,33 +675,28 @@ fn cross_entropy_forward(
 }
 
 /// The gradient of [`cross_entropy_rows`]' logits in `logits_kind`, given the losses' `grad`:
-/// `nll_loss_backward`, then `_log_softmax_backward_data`, each in its forward's kind, as
-/// PyTorch's autograd runs them.
+/// `nll_loss_backward`, then `_log_softmax_backward_data`, both in the log-softmax's kind, the
+/// kernels PyTorch's autograd runs (its `nll_loss_backward` runs in the loss's kind and is cast
+/// after: the same numbers, see [`cross_entropy_rows`]).
 fn cross_entropy_rows_backward(
     grad: &tch::Tensor,
     log_probs: &tch::Tensor,
-    loss_input: &tch::Tensor,
     targets: &tch::Tensor,
     logits_kind: tch::Kind,
 ) -> tch::Tensor {
     // Without reduction the backward never reads the total weight; libtorch checks only that it
     // is one value on the input's device (its forward writes zero there).
-    let total_weight = tch::Tensor::zeros([], (loss_input.kind(), loss_input.device()));
-    let grad_loss_input = loss_input.nll_loss_backward(
-        &grad.to_kind(loss_input.kind()),
+    let total_weight = tch::Tensor::zeros([], (log_probs.kind(), log_probs.device()));
+    let grad_log_probs = log_probs.nll_loss_backward(
+        &grad.to_kind(log_probs.kind()),
         targets,
         None::<tch::Tensor>,
         tch::Reduction::None,
         IGNORED,
         &total_weight,
     );
-    tch::Tensor::internal_log_softmax_backward_data(
-        &grad_loss_input.to_kind(log_probs.kind()),
-        log_probs,
-        1,
-        log_probs.kind(),
-    )
-    .to_kind(logits_kind)
+    tch::Tensor::internal_log_softmax_backward_data(&grad_log_probs, log_probs, 1, log_probs.kind())
+        .to_kind(logits_kind)
 }
 
 /// Softmax cross-entropy's node in Burn's graph: libtorch's log-softmax and `nll_loss` forward,
@@ -715,7 +710,6 @@ struct DirectCrossEntropy;
 #[derive(Debug, Clone)]
 struct CrossEntropySaved {
     log_probs: TchTensor,
-    loss_input: TchTensor,
     targets: TchTensor,
     logits_shape: Vec<i64>,
     logits_kind: tch::Kind,
@@ -731,7 +725,6 @@ impl Backward<LibTorch, 1> for DirectCrossEntropy {
         let gradient = cross_entropy_rows_backward(
             &grad_output.tensor.reshape([-1]),
             &saved.log_probs.tensor,
-            &saved.loss_input.tensor,
             &saved.targets.tensor,
             saved.logits_kind,
         )
@@ -1063,8 +1056,12 @@ mod tests {
     fn cross_entropy_rows_and_their_backward_are_libtorchs_autograd_in_every_kind_pair() {
         use Kind::{BFloat16, Float};
         tch::manual_seed(7);
-        let (rows, classes) = (6, 10);
-        let targets = Tensor::from_slice(&[0i64, 3, 9, 2, 5, 7]);
+        let (rows, classes) = (64, 50);
+        // Row 3 ignored: its loss and gradient are zero.
+        let targets: Vec<i64> = (0..rows)
+            .map(|row| if row == 3 { IGNORED } else { row * 7 % classes })
+            .collect();
+        let targets = Tensor::from_slice(&targets);
         let weights = Tensor::randn([rows], (Float, tch::Device::Cpu));
         for (logits_kind, kinds) in [
             (Float, (Float, Float)),
@@ -1075,13 +1072,8 @@ mod tests {
             let logits = (Tensor::randn([rows, classes], (Float, tch::Device::Cpu)) * 4.0)
                 .to_kind(logits_kind);
             let ours = cross_entropy_rows(&logits, &targets, kinds);
-            let ours_grad = cross_entropy_rows_backward(
-                &weights,
-                &ours.log_probs,
-                &ours.loss_input,
-                &targets,
-                logits_kind,
-            );
+            let ours_grad =
+                cross_entropy_rows_backward(&weights, &ours.log_probs, &targets, logits_kind);
             let z = logits.detach().set_requires_grad(true);
             let theirs = z
                 .to_kind(kinds.0)

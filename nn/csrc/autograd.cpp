@@ -21,6 +21,7 @@
 #include "guarded.h"
 
 #include <cstddef>
+#include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -32,12 +33,13 @@ using torch::autograd::Node;
 using torch::autograd::variable_list;
 
 // What the engine's validate_outputs does to a gradient on its way into a node's input: sum it
-// down to the input's shape where it was broadcast, and give it the input's dtype.
+// down to the input's shape where it was broadcast (refusing one that does not broadcast to
+// it), and give it the input's dtype.
 at::Tensor fit_to_input(at::Tensor gradient, const Edge& edge) {
   const auto& metadata = edge.function->input_metadata(edge.input_nr);
-  if (!metadata.is_same_shape(gradient)) {
-    gradient = metadata.reduce_grad(gradient);
-  }
+  gradient = metadata.maybe_reduce(edge.input_nr, std::move(gradient), [&](const std::string& what) {
+    return std::string("the gradient for ") + edge.function->name() + ": " + what;
+  });
   const auto dtype = c10::typeMetaToScalarType(metadata.options().dtype());
   if (gradient.scalar_type() != dtype) {
     gradient = gradient.to(dtype);
@@ -121,6 +123,14 @@ int parti_graph_backward(
       node->will_release_variables();
       auto node_outputs = (*node)(std::move(node_inputs));
       node->release_variables();
+      TORCH_CHECK(
+          node_outputs.size() == node->num_outputs(),
+          node->name(),
+          " returned ",
+          node_outputs.size(),
+          " gradients for ",
+          node->num_outputs(),
+          " inputs");
       for (size_t i = 0; i < node_outputs.size(); ++i) {
         const auto& edge = node->next_edge(i);
         if (!edge.is_valid()) {

@@ -644,18 +644,25 @@ struct CrossEntropyRows {
 /// PyTorch casts every log-probability to f32 for `nll_loss`, which then reads one per row: a
 /// `[rows, classes]` f32 copy written and read both ways (2 GB for the 350M slice's output head
 /// at batch 64). `nll_loss` without class weights is `-log_prob[target]`, so taking it in the
-/// log-softmax's kind and casting the row losses gives the same numbers bit for bit (negation and
-/// widening are exact), and so does the backward in that kind (rounding is symmetric in sign).
+/// log-softmax's kind ([`row_losses`]) and casting the row losses gives the same numbers bit for
+/// bit (negation and widening are exact), and so does the backward in that kind (rounding is
+/// symmetric in sign).
 fn cross_entropy_rows(
     logits: &tch::Tensor,
     targets: &tch::Tensor,
     (softmax_kind, loss_kind): (tch::Kind, tch::Kind),
 ) -> CrossEntropyRows {
     let log_probs = logits.to_kind(softmax_kind).internal_log_softmax(1, false);
-    let losses = log_probs
-        .nll_loss_nd(targets, None::<tch::Tensor>, tch::Reduction::None, IGNORED)
-        .to_kind(loss_kind);
+    let losses = row_losses(&log_probs, targets).to_kind(loss_kind);
     CrossEntropyRows { losses, log_probs }
+}
+
+/// Each row's `-log_prob[target]` (zero where the target is ignored) in the log-probabilities'
+/// kind: `nll_loss` with autocast paused, since it is on autocast's f32 list, on the CPU as on
+/// CUDA, and would cast every log-probability up first.
+fn row_losses(log_probs: &tch::Tensor, targets: &tch::Tensor) -> tch::Tensor {
+    let _in_their_kind = super::Autocast::pause();
+    log_probs.nll_loss_nd(targets, None::<tch::Tensor>, tch::Reduction::None, IGNORED)
 }
 
 /// `logits: [.., classes]` and `targets: [..]` as PyTorch runs `cross_entropy` on the logits'
@@ -1033,7 +1040,10 @@ pub(super) fn set_autocast_bf16(cuda: bool, on: bool) -> Result<bool, String> {
 mod tests {
     use tch::{Kind, Reduction, Tensor};
 
-    use super::{IGNORED, cross_entropy_kinds, cross_entropy_rows, cross_entropy_rows_backward};
+    use super::{
+        IGNORED, cross_entropy_kinds, cross_entropy_rows, cross_entropy_rows_backward, row_losses,
+        set_autocast_bf16,
+    };
 
     /// Where autocast casts `cross_entropy`'s operands: up front on the CPU, after the softmax on
     /// CUDA (PyTorch's autocast lists), nowhere without autocast or for f32 logits.
@@ -1048,6 +1058,30 @@ mod tests {
         );
         assert_eq!(cross_entropy_kinds(Float, true, true), (Float, Float));
         assert_eq!(cross_entropy_kinds(Float, false, true), (Float, Float));
+    }
+
+    /// Under autocast (here the CPU's, whose f32 list has `nll_loss` too, as CUDA's does) the row
+    /// losses are taken from the bf16 log-probabilities as they are, not from an f32 copy, and
+    /// are the numbers `nll_loss` gives on that copy.
+    #[test]
+    fn row_losses_read_the_log_probabilities_in_their_kind_under_autocast() {
+        use Kind::{BFloat16, Float};
+        tch::manual_seed(11);
+        let log_probs = (Tensor::randn([8, 30], (Float, tch::Device::Cpu)) * 4.0)
+            .log_softmax(1, Float)
+            .to_kind(BFloat16);
+        let targets = Tensor::from_slice(&[1i64, 29, 0, IGNORED, 7, 7, 12, 3]);
+        let was_on = set_autocast_bf16(false, true).unwrap();
+        let ours = row_losses(&log_probs, &targets);
+        let autocast = log_probs.nll_loss_nd(&targets, None::<Tensor>, Reduction::None, IGNORED);
+        set_autocast_bf16(false, was_on).unwrap();
+        assert_eq!(
+            autocast.kind(),
+            Float,
+            "autocast casts nll_loss's input to f32"
+        );
+        assert_eq!(ours.kind(), BFloat16, "the row losses' kind");
+        assert!(ours.to_kind(Float).equal(&autocast), "the same numbers");
     }
 
     /// Every kind pair, the CUDA one included (run here on the CPU with its kinds given): losses

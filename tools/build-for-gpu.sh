@@ -89,14 +89,12 @@ fi
 
 # libtorch_cpu refers to CUDA's runtime and the other libraries the GPU machine has: the link
 # leaves those to the loader there.
-LIBTORCH=$libtorch LIBTORCH_BYPASS_VERSION_CHECK=1 CARGO_TARGET_DIR=$target \
-  RUSTFLAGS="-C link-arg=-Wl,--allow-shlib-undefined" \
-  cargo build --release --features nn/tch "${binaries[@]/#/--bin=}"
+export LIBTORCH=$libtorch LIBTORCH_BYPASS_VERSION_CHECK=1 CARGO_TARGET_DIR=$target \
+  RUSTFLAGS="-C link-arg=-Wl,--allow-shlib-undefined"
+cargo build --release --features nn/tch "${binaries[@]/#/--bin=}"
 
 # The fused kernels' tests too, for `make test-gpu` there (nn/tests/fused.rs on the GPU).
-fused_tests=$(LIBTORCH=$libtorch LIBTORCH_BYPASS_VERSION_CHECK=1 CARGO_TARGET_DIR=$target \
-  RUSTFLAGS="-C link-arg=-Wl,--allow-shlib-undefined" \
-  cargo test --release -p nn --features tch --test fused --no-run --message-format=json |
+fused_tests=$(cargo test --release -p nn --features tch --test fused --no-run --message-format=json |
   python3 -c 'import json, sys
 for line in sys.stdin:
     message = json.loads(line)

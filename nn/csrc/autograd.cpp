@@ -86,10 +86,13 @@ int parti_graph_backward(
     }
     std::vector<at::Tensor> leaf_gradients(count);
 
-    // How many edges lead into each node of the graph above the leaves.
+    // How many edges lead into each node of the graph above the leaves, and the gradients
+    // arriving at each node's inputs (undefined until one does, as in the engine's buffers).
     std::unordered_map<Node*, size_t> waiting_for;
+    std::unordered_map<Node*, variable_list> incoming;
     std::vector<Node*> to_visit{root.function.get()};
     waiting_for.emplace(root.function.get(), 0);
+    incoming[root.function.get()].resize(root.function->num_inputs());
     while (!to_visit.empty()) {
       Node* node = to_visit.back();
       to_visit.pop_back();
@@ -105,13 +108,12 @@ int parti_graph_backward(
         auto [entry, first_time] = waiting_for.emplace(next, 0);
         entry->second += 1;
         if (first_time) {
+          incoming[next].resize(next->num_inputs());
           to_visit.push_back(next);
         }
       }
     }
 
-    std::unordered_map<Node*, variable_list> incoming;
-    incoming[root.function.get()].resize(root.function->num_inputs());
     incoming[root.function.get()][root.input_nr] =
         fit_to_input(*static_cast<at::Tensor*>(grad_output), root);
     std::vector<Node*> ready{root.function.get()};
@@ -149,15 +151,12 @@ int parti_graph_backward(
           continue;
         }
         if (node_outputs[i].defined()) {
-          auto& slots = incoming[next];
-          slots.resize(next->num_inputs());
-          accumulate(slots[edge.input_nr], fit_to_input(std::move(node_outputs[i]), edge));
+          accumulate(
+              incoming[next][edge.input_nr], fit_to_input(std::move(node_outputs[i]), edge));
         }
         if (--waiting->second == 0) {
           // A node none of whose inputs got a gradient still runs, with undefined inputs, as
           // in the engine; its outputs are then undefined too.
-          auto& slots = incoming[next];
-          slots.resize(next->num_inputs());
           ready.push_back(next);
         }
       }

@@ -18,7 +18,7 @@ use std::ffi::{c_char, c_int, c_void};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{Backward, NodeGuard, Ops, OpsKind};
 use burn::backend::libtorch::TchTensor;
 use burn::backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 use burn::backend::{Autodiff, Backend, Dispatch, ExtensionType, LibTorch, backend_extension};
@@ -274,25 +274,16 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<LibTorch, C> {
             mean,
             rstd,
         } = layer_norm_forward(operands);
-        let output = TchTensor::new(output);
-        match DirectLayerNorm
-            .prepare::<C>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let saved = LayerNormSaved {
-                    input,
-                    gamma,
-                    beta,
-                    mean: TchTensor::new(mean),
-                    rstd: TchTensor::new(rstd),
-                    kinds,
-                };
-                prep.finish(saved, output)
+        direct_node::<C, _, 3>(DirectLayerNorm, nodes, TchTensor::new(output), || {
+            LayerNormSaved {
+                input,
+                gamma,
+                beta,
+                mean: TchTensor::new(mean),
+                rstd: TchTensor::new(rstd),
+                kinds,
             }
-            OpsKind::UnTracked(prep) => prep.finish(output),
-        }
+        })
     }
 
     fn fused_cross_entropy(
@@ -303,23 +294,14 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<LibTorch, C> {
         let logits = logits.into_primitive();
         let (logits_shape, logits_kind) = (logits.tensor.size(), logits.tensor.kind());
         let (losses, rows, targets) = cross_entropy_forward(&logits.tensor, &targets.tensor);
-        let losses = TchTensor::new(losses);
-        match DirectCrossEntropy
-            .prepare::<C>(nodes)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let saved = CrossEntropySaved {
-                    log_probs: TchTensor::new(rows.log_probs),
-                    targets: TchTensor::new(targets),
-                    logits_shape,
-                    logits_kind,
-                };
-                prep.finish(saved, losses)
+        direct_node::<C, _, 1>(DirectCrossEntropy, nodes, TchTensor::new(losses), || {
+            CrossEntropySaved {
+                log_probs: TchTensor::new(rows.log_probs),
+                targets: TchTensor::new(targets),
+                logits_shape,
+                logits_kind,
             }
-            OpsKind::UnTracked(prep) => prep.finish(losses),
-        }
+        })
     }
 
     fn fused_linear(
@@ -349,21 +331,15 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<LibTorch, C> {
             &weight.tensor,
             &bias.tensor.to_kind(kind),
         ));
-        match DirectLinear.prepare::<C>(nodes).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let saved = LinearSaved {
-                    input: weight_tracked.then_some(input),
-                    weight: input_tracked.then_some(weight),
-                    input_shape,
-                    kind,
-                    input_kind,
-                    weight_kind,
-                    bias_kind,
-                };
-                prep.finish(saved, output)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(output),
-        }
+        direct_node::<C, _, 3>(DirectLinear, nodes, output, || LinearSaved {
+            input: weight_tracked.then_some(input),
+            weight: input_tracked.then_some(weight),
+            input_shape,
+            kind,
+            input_kind,
+            weight_kind,
+            bias_kind,
+        })
     }
 
     fn promoting_add(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -374,10 +350,21 @@ impl<C: CheckpointStrategy> FusedOps for Autodiff<LibTorch, C> {
             (rhs.tensor.kind(), rhs.tensor.size()),
         ];
         let output = LibTorch::promoting_add(lhs, rhs);
-        match PromotingAdd.prepare::<C>(nodes).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish(operands, output),
-            OpsKind::UnTracked(prep) => prep.finish(output),
-        }
+        direct_node::<C, _, 2>(PromotingAdd, nodes, output, || operands)
+    }
+}
+
+/// `output` as one node of Burn's graph whose backward is `op`, with the state `saved` builds
+/// (only where an input is tracked), or alone where none is.
+fn direct_node<C: CheckpointStrategy, O: Backward<LibTorch, N>, const N: usize>(
+    op: O,
+    nodes: [NodeGuard; N],
+    output: TchTensor,
+    saved: impl FnOnce() -> O::State,
+) -> FloatTensor<Autodiff<LibTorch, C>> {
+    match op.prepare::<C>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(saved(), output),
+        OpsKind::UnTracked(prep) => prep.finish(output),
     }
 }
 

@@ -221,10 +221,17 @@ async fn load(
     let url = format!("http://{address}/v1/generate");
     let max_batch = config.max_batch;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (read_timeout, grace) = (config.read_timeout, config.timeout);
     let router = crate::serve::router(worker.clone(), config);
-    let server = tokio::spawn(crate::serve::serve(listener, router, async {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(crate::serve::serve(
+        listener,
+        router,
+        async {
+            let _ = stopped.await;
+        },
+        read_timeout,
+        grace,
+    ));
     let client = reqwest::Client::new();
     let prompts: Vec<String> = crate::eval::eval_objects(clients)
         .iter()

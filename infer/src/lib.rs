@@ -137,7 +137,8 @@ const PROMPTS_PER_BATCH: usize = 16;
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
-    /// Prompts (one object each) spread over every colour, shape and position (shapes data).
+    /// Prompts (one object each) spread over every colour, shape and position (shapes data;
+    /// 0: none, and no accuracy).
     pub prompts: usize,
     /// Distinct held-out captions for the caption evaluation (any data; 0: none).
     pub captions: usize,
@@ -513,7 +514,11 @@ pub fn evaluate(
         json!(if shapes_data { "shapes" } else { "other" }),
     );
     if shapes_data {
-        shapes_metrics(&generator, config, &run, &mut artifacts, &mut metrics)?;
+        if config.prompts > 0 {
+            shapes_metrics(&generator, config, &run, &mut artifacts, &mut metrics)?;
+        } else {
+            info!("no shapes prompts asked for (--prompts 0): no accuracy measured");
+        }
         if let Some((set, _)) = &held_out
             && let Some(ceiling) = tokenizer_ceiling(&generator, set)?
         {

@@ -192,7 +192,8 @@ struct EvalArgs {
     vqgan: Option<String>,
     #[arg(long)]
     out: String,
-    /// Shapes prompts (shapes data only) [default: every colour x shape x position, 216]
+    /// Shapes prompts (shapes data only; 0: none, no accuracy) [default: every colour x shape x
+    /// position, 216]
     #[arg(long)]
     prompts: Option<usize>,
     /// Distinct held-out captions generated and scored against their real pictures (any data;
@@ -219,12 +220,19 @@ struct ServeArgs {
     /// Most requests sampled together in one round, whatever their settings.
     #[arg(long, default_value_t = DEFAULT_MAX_BATCH)]
     max_batch: usize,
+    /// Most decoder rows in one round (a sample is one row, two with guidance); each holds its
+    /// own KV cache [default: as many as keep a round's cache within 4 GiB, 32..=512]
+    #[arg(long)]
+    max_rows: Option<usize>,
     /// Most requests waiting for the sampler; more are answered with 503.
     #[arg(long, default_value_t = DEFAULT_QUEUE)]
     queue: usize,
     /// Seconds a request may wait and sample before it is answered with 504.
     #[arg(long, default_value_t = 120.0)]
     timeout_s: f64,
+    /// Seconds a client may take to send a request's headers, and then its body.
+    #[arg(long, default_value_t = 10.0)]
+    read_timeout_s: f64,
     #[arg(long, default_value_t = 500)]
     max_prompt_chars: usize,
     /// Milliseconds without a new request the sampler waits for before it starts a round
@@ -238,13 +246,20 @@ struct ServeArgs {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
-    if !(args.timeout_s.is_finite() && args.timeout_s > 0.0) {
-        anyhow::bail!("--timeout-s must be a positive number of seconds");
-    }
+    let seconds = |value: f64, flag: &str| {
+        Duration::try_from_secs_f64(value)
+            .ok()
+            .filter(|duration| !duration.is_zero())
+            .with_context(|| format!("{flag} must be a positive number of seconds"))
+    };
+    let timeout = seconds(args.timeout_s, "--timeout-s")?;
+    let read_timeout = seconds(args.read_timeout_s, "--read-timeout-s")?;
     let config = ServeConfig {
         max_batch: args.max_batch,
+        max_rows: args.max_rows,
         queue: args.queue,
-        timeout: Duration::from_secs_f64(args.timeout_s),
+        timeout,
+        read_timeout,
         max_prompt_chars: args.max_prompt_chars,
         batch_wait: Duration::from_millis(args.batch_wait_ms),
         batch_wait_limit: Duration::from_millis(args.batch_wait_limit_ms),
@@ -261,9 +276,17 @@ fn serve(args: ServeArgs) -> Result<()> {
             "infer serve: listening on http://{}",
             listener.local_addr()?
         );
-        infer::serve::serve(listener, router(worker.clone(), config), shutdown_signal())
-            .await
-            .context("serving")
+        // Requests in progress when the signal comes get as long to finish as any request.
+        let grace = config.timeout;
+        infer::serve::serve(
+            listener,
+            router(worker.clone(), config),
+            shutdown_signal(),
+            read_timeout,
+            grace,
+        )
+        .await
+        .context("serving")
     });
     worker.shutdown();
     served

@@ -29,7 +29,7 @@ pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut impl Rng)
             .iter()
             .map(|&logit| weight(logit, best, temperature))
             .collect();
-        return draw(&weights, rng).unwrap_or(0);
+        return draw(&weights, rng).unwrap_or_else(|| most_likely(logits, 0..logits.len()));
     }
     let descending = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
     let mut candidates: Vec<usize> = (0..logits.len()).collect();
@@ -61,7 +61,19 @@ pub fn sample_token(logits: &[f32], config: &SamplingConfig, rng: &mut impl Rng)
         weights.truncate(cut);
         candidates.truncate(cut);
     }
-    draw(&weights, rng).map_or(candidates[0], |chosen| candidates[chosen])
+    match draw(&weights, rng) {
+        Some(chosen) => candidates[chosen],
+        None => most_likely(logits, candidates.iter().copied()),
+    }
+}
+
+/// The candidate with the largest logit: what a draw falls back on when no candidate has any
+/// weight (a row of NaN or infinite logits), so such a row still gets its most likely token
+/// rather than token 0.
+fn most_likely(logits: &[f32], candidates: impl Iterator<Item = usize>) -> usize {
+    candidates
+        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+        .unwrap_or(0)
 }
 
 /// The unnormalised probability of `logit` at `temperature`, `best` the largest logit.
@@ -93,6 +105,37 @@ fn draw(weights: &[f64], rng: &mut impl Rng) -> Option<usize> {
     }
     // Rounding left a sliver of the draw: the last token that had any weight.
     last_possible
+}
+
+/// An error naming `uri` when `tokenizer`'s ids or lengths do not fit the text encoder
+/// configured by `encoder` (one trained with another tokenizer): such prompts would index past
+/// its embeddings.
+fn fits_tokenizer(
+    tokenizer: &TextTokenizer,
+    encoder: &models::TextEncoderConfig,
+    uri: &str,
+) -> Result<(), Error> {
+    if tokenizer.vocab_size() > encoder.vocab_size || tokenizer.max_length() > encoder.max_length {
+        return Err(Error::Data(format!(
+            "{uri}: its text encoder takes {} token ids and {} tokens, the tokenizer makes {} \
+             ids and up to {} tokens (trained with another tokenizer?)",
+            encoder.vocab_size,
+            encoder.max_length,
+            tokenizer.vocab_size(),
+            tokenizer.max_length()
+        )));
+    }
+    Ok(())
+}
+
+/// An error when `top_k` asks for more tokens than the codebook has (0 keeps them all).
+pub fn top_k_fits(top_k: usize, codebook_size: usize) -> Result<(), Error> {
+    if top_k > codebook_size {
+        return Err(Error::Usage(format!(
+            "top_k {top_k} is more than the codebook's {codebook_size} tokens (0 keeps them all)"
+        )));
+    }
+    Ok(())
 }
 
 /// Everything sampling needs, loaded from manifests.
@@ -161,6 +204,7 @@ impl Generator {
         let (tokenizer_stage, digest) = Upstream::read(&tokenizer_uri)?;
         provenance.push((tokenizer_stage.location.uri(), digest));
         let tokenizer = TextTokenizer::from_manifest(&tokenizer_stage)?;
+        fits_tokenizer(&tokenizer, &parti_config.encoder, parti_uri)?;
         let vqgan_uri = match vqgan_uri {
             Some(uri) => uri.to_string(),
             None => {
@@ -193,12 +237,13 @@ impl Generator {
             Some(uri) => {
                 let (stage, digest) = Upstream::read(&uri)?;
                 provenance.push((stage.location.uri(), digest));
-                let (_, encoder, contrastive) = models::load_text_encoder(&stage, &device)?;
+                let (configs, encoder, contrastive) = models::load_text_encoder(&stage, &device)?;
+                fits_tokenizer(&tokenizer, &configs.text_encoder, &uri)?;
                 Some((encoder, contrastive))
             }
             None => None,
         };
-        Ok(Generator {
+        let generator = Generator {
             parti,
             parti_config,
             tokenizer,
@@ -210,7 +255,10 @@ impl Generator {
             recommended,
             provenance,
             upscaler: None,
-        })
+        };
+        // Found now rather than after a whole round of sampling.
+        generator.reranker_sees_the_vqgans_pictures()?;
+        Ok(generator)
     }
 
     /// Loads the super-resolution model of a `vqgan superres` manifest to enlarge kept
@@ -321,6 +369,7 @@ impl Generator {
         }
         for row in rows {
             row.settings.validate()?;
+            top_k_fits(row.settings.top_k, self.parti_config.codebook_size)?;
         }
         // Conditional rows first, then the guided rows again with the null condition.
         let guided: Vec<usize> = (0..batch)
@@ -416,6 +465,16 @@ impl Generator {
         let Some((_, contrastive)) = &self.reranker else {
             return Ok(None);
         };
+        self.reranker_sees_the_vqgans_pictures()?;
+        Ok(Some(contrastive.embed_images(images)))
+    }
+
+    /// An error when the reranker's image tower takes pictures of another size than the
+    /// VQGAN makes.
+    fn reranker_sees_the_vqgans_pictures(&self) -> Result<(), Error> {
+        let Some((_, contrastive)) = &self.reranker else {
+            return Ok(());
+        };
         let size = self.vqgan_config.image_size;
         let wanted = contrastive.image_tower.positions.embedding.dims()[0];
         let tower_size = (wanted as f64).sqrt() as usize * contrastive.image_tower.patch_size;
@@ -424,7 +483,7 @@ impl Generator {
                 "the reranker sees {tower_size} px images, the VQGAN makes {size} px"
             )));
         }
-        Ok(Some(contrastive.embed_images(images)))
+        Ok(())
     }
 
     /// Channel-first pixels of `images` as one `[n, 3, size, size]` batch.

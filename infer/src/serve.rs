@@ -13,12 +13,14 @@
 //! - `GET /`: a page to try prompts (`/?prompt=...&autorun=1` fills the box and generates).
 //!
 //! Errors are JSON `{"error": "..."}`: 400/415/422 for a body that is not valid JSON or not a
-//! valid request, 503 when the queue is full or the server is stopping, 504 after the request
-//! timeout, 500 when sampling failed.
+//! valid request, 413 for a body over 64 KiB, 408 for a body that does not arrive within the
+//! read timeout, 503 when the queue is full or the server is stopping, 504 after the request
+//! timeout, 500 when sampling failed. A client that does not send its headers within the read
+//! timeout is disconnected.
 //!
 //! **Batching.** One worker thread owns the generator; requests wait in a FIFO queue of at most
 //! `queue` requests. Whenever the worker is free it takes the oldest `max_batch` requests
-//! waiting (after waiting for more to arrive: until `batch_wait` passes without a new request,
+//! waiting (fewer when their decoder rows would pass `max_rows`) (after waiting for more to arrive: until `batch_wait` passes without a new request,
 //! at most `batch_wait_limit` in all), whatever their settings, and
 //! decodes all their samples as the rows of one batch ([`Generator::sample_rows`]; on flex one
 //! batch per CPU core): every row
@@ -36,9 +38,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
+use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -46,9 +50,11 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::oneshot;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::sample::{Generator, PromptImages, Row, Sampled, SamplingConfig, SamplingSettings};
+use crate::sample::{
+    Generator, PromptImages, Row, Sampled, SamplingConfig, SamplingSettings, top_k_fits,
+};
 use crate::{Error, png};
 
 /// The page served at `/`.
@@ -61,10 +67,19 @@ pub const MAX_SAMPLES: usize = 16;
 pub struct ServeConfig {
     /// Most requests sampled together in one round (whatever their settings).
     pub max_batch: usize,
+    /// Most decoder rows in one round (a sample is one row, two with guidance); `None`: as many
+    /// as keep the round's KV cache within [`DEFAULT_CACHE_BYTES`] ([`default_max_rows`]). Each
+    /// row holds its own cache, so this, not the request count, bounds a round's memory; a
+    /// request asking for more rows than this runs in a round of its own.
+    pub max_rows: Option<usize>,
     /// Most requests waiting for the worker; more are refused with 503.
     pub queue: usize,
     /// How long a request may wait and sample before it is answered with 504.
     pub timeout: Duration,
+    /// How long a client may take to send a request's headers, and then its body, before the
+    /// connection is closed (headers) or answered with 408 (body): slow or stalled clients
+    /// must not hold connections, or the shutdown, for ever.
+    pub read_timeout: Duration,
     pub max_prompt_chars: usize,
     /// How long the worker waits, after the latest request arrived, for others to join its
     /// round before it starts (0: start at once with whatever is waiting). Requests sent
@@ -84,13 +99,40 @@ pub struct ServeConfig {
 pub const DEFAULT_MAX_BATCH: usize = 64;
 pub const DEFAULT_QUEUE: usize = 256;
 
+/// The KV cache a round may hold by default ([`default_max_rows`]).
+pub const DEFAULT_CACHE_BYTES: usize = 4 << 30;
+
+/// Most rows per round by default, whatever the model: a round of 64 requests of 4 guided
+/// samples, as many as the tiny model's bench sends.
+pub const DEFAULT_MAX_ROWS: usize = 512;
+
+/// The largest request body accepted (a prompt is at most `max_prompt_chars` characters; the
+/// rest of a request is a few numbers).
+pub const MAX_BODY_BYTES: usize = 64 << 10;
+
+/// Bytes of KV cache one decoder row holds by its last step: f32 keys and values of every
+/// decoder layer over the whole grid, and of its cross-attention over the longest text.
+pub fn cache_bytes_per_row(config: &models::PartiConfig) -> usize {
+    let positions = config.grid * config.grid + config.encoder.max_length;
+    config.n_layers * 2 * positions * config.d_model * std::mem::size_of::<f32>()
+}
+
+/// Rows per round that keep its KV cache within [`DEFAULT_CACHE_BYTES`], at least one
+/// request's worth ([`MAX_SAMPLES`] guided samples) and at most [`DEFAULT_MAX_ROWS`]: 512 for
+/// the tiny model, 37 for the 350M one (108 MiB of cache per row).
+pub fn default_max_rows(config: &models::PartiConfig) -> usize {
+    (DEFAULT_CACHE_BYTES / cache_bytes_per_row(config).max(1))
+        .clamp(2 * MAX_SAMPLES, DEFAULT_MAX_ROWS)
+}
 impl ServeConfig {
     /// The defaults, sampling with `sampling`.
     pub fn new(sampling: SamplingSettings) -> ServeConfig {
         ServeConfig {
             max_batch: DEFAULT_MAX_BATCH,
+            max_rows: None,
             queue: DEFAULT_QUEUE,
             timeout: Duration::from_secs(120),
+            read_timeout: Duration::from_secs(10),
             max_prompt_chars: 500,
             batch_wait: Duration::from_millis(5),
             batch_wait_limit: Duration::from_millis(50),
@@ -201,10 +243,12 @@ struct Shared {
     queue: Mutex<Queue>,
     arrived: Condvar,
     max_batch: usize,
+    max_rows: usize,
     capacity: usize,
     batch_wait: Duration,
     batch_wait_limit: Duration,
     image_size: usize,
+    codebook_size: usize,
     /// Side of the enlarged pictures, when the generator has a super-resolution model.
     upscaled_size: Option<usize>,
     text_tokens: usize,
@@ -253,19 +297,29 @@ pub struct WorkerHandle {
 
 /// Starts the worker thread that owns `generator` and samples what is queued, batch by batch.
 pub fn spawn_worker(generator: Generator, config: &ServeConfig) -> Result<WorkerHandle, Error> {
-    if config.max_batch == 0 || config.queue == 0 {
+    if config.max_batch == 0 || config.queue == 0 || config.max_rows == Some(0) {
         return Err(Error::Usage(
-            "max batch and queue must be at least 1".into(),
+            "max batch, max rows and queue must be at least 1".into(),
         ));
     }
+    let max_rows = config
+        .max_rows
+        .unwrap_or_else(|| default_max_rows(&generator.parti_config));
+    info!(
+        "rounds of at most {} requests and {max_rows} rows ({:.1} MiB of KV cache per row)",
+        config.max_batch,
+        cache_bytes_per_row(&generator.parti_config) as f64 / f64::from(1 << 20)
+    );
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue::default()),
         arrived: Condvar::new(),
         max_batch: config.max_batch,
+        max_rows,
         capacity: config.queue,
         batch_wait: config.batch_wait,
         batch_wait_limit: config.batch_wait_limit,
         image_size: generator.vqgan_config.image_size,
+        codebook_size: generator.parti_config.codebook_size,
         upscaled_size: generator
             .upscaler
             .as_ref()
@@ -368,10 +422,40 @@ impl WorkerHandle {
     }
 }
 
-/// Removes the next round from the queue: the oldest `max_batch` requests.
-fn take_round(jobs: &mut VecDeque<Job>, max_batch: usize) -> Vec<Job> {
-    let take = jobs.len().min(max_batch);
+/// Decoder rows a request takes: one per sample, two with guidance.
+fn rows_of(config: &SamplingConfig) -> usize {
+    config.samples * if config.guided() { 2 } else { 1 }
+}
+
+/// How many of the oldest requests make the next round: at most `max_batch` requests and
+/// `max_rows` rows, and at least one request however many rows it takes.
+fn round_size(rows: impl Iterator<Item = usize>, max_batch: usize, max_rows: usize) -> usize {
+    let mut taken = 0;
+    let mut total = 0;
+    for rows in rows.take(max_batch) {
+        if taken > 0 && total + rows > max_rows {
+            break;
+        }
+        total += rows;
+        taken += 1;
+    }
+    taken
+}
+
+/// Removes the next round from the queue ([`round_size`]).
+fn take_round(jobs: &mut VecDeque<Job>, max_batch: usize, max_rows: usize) -> Vec<Job> {
+    let take = round_size(
+        jobs.iter().map(|job| rows_of(&job.config)),
+        max_batch,
+        max_rows,
+    );
     jobs.drain(..take).collect()
+}
+
+/// Whether the queue already holds a full round, so there is no point waiting for more.
+fn round_is_full(jobs: &VecDeque<Job>, max_batch: usize, max_rows: usize) -> bool {
+    jobs.len() >= max_batch
+        || jobs.iter().map(|job| rows_of(&job.config)).sum::<usize>() >= max_rows
 }
 
 /// The next round, or `None` once the worker is shut down.
@@ -393,7 +477,7 @@ fn next_round(shared: &Shared) -> Option<Vec<Job>> {
     let limit = Instant::now() + shared.batch_wait_limit;
     let mut quiet_until = Instant::now() + shared.batch_wait;
     let mut waiting = queue.jobs.len();
-    while !queue.closed && queue.jobs.len() < shared.max_batch {
+    while !queue.closed && !round_is_full(&queue.jobs, shared.max_batch, shared.max_rows) {
         let now = Instant::now();
         if queue.jobs.len() > waiting {
             quiet_until = now + shared.batch_wait;
@@ -413,7 +497,11 @@ fn next_round(shared: &Shared) -> Option<Vec<Job>> {
         return None;
     }
     queue.jobs.retain(|job| !job.reply.is_closed());
-    Some(take_round(&mut queue.jobs, shared.max_batch))
+    Some(take_round(
+        &mut queue.jobs,
+        shared.max_batch,
+        shared.max_rows,
+    ))
 }
 
 fn work(generator: Generator, shared: &Shared) {
@@ -544,16 +632,20 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// The routes, answering with `worker`.
 pub fn router(worker: WorkerHandle, config: ServeConfig) -> Router {
+    let app = App {
+        worker,
+        config: Arc::new(config),
+    };
     Router::new()
         .route("/", get(page))
         .route("/healthz", get(healthz))
         .route("/v1/model", get(model))
-        .route("/v1/generate", post(generate))
+        .route(
+            "/v1/generate",
+            post(generate).route_layer(middleware::from_fn_with_state(app.clone(), body_within)),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
-        .with_state(App {
-            worker,
-            config: Arc::new(config),
-        })
+        .with_state(app)
 }
 
 async fn page() -> Html<&'static str> {
@@ -569,6 +661,7 @@ async fn healthz(State(app): State<App>) -> Json<serde_json::Value> {
         "queued": stats.queued,
         "rejected": stats.rejected,
         "max_batch": app.config.max_batch,
+        "max_rows": app.worker.shared.max_rows,
         "queue": app.config.queue,
         "image_size": app.worker.image_size(),
         "max_prompt_chars": app.config.max_prompt_chars,
@@ -599,6 +692,9 @@ async fn generate(
         Ok(sampling) => sampling,
         Err(message) => return error(StatusCode::UNPROCESSABLE_ENTITY, message),
     };
+    if let Err(e) = top_k_fits(sampling.top_k, app.worker.shared.codebook_size) {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string());
+    }
     let upscale = match request.upscale(app.worker.upscaled_size()) {
         Ok(upscale) => upscale,
         Err(message) => return error(StatusCode::UNPROCESSABLE_ENTITY, message),
@@ -707,15 +803,86 @@ fn encode(generated: &Generated, size: usize, format: Format) -> Result<Vec<Enco
         .collect()
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, then lets requests in progress
-/// finish.
+/// Serves `router` on `listener` (HTTP/1) until `shutdown` completes, then lets requests in
+/// progress finish for at most `grace` before closing their connections. A client gets
+/// `read_timeout` to send a request's headers (its body's limit is [`body_within`]'s).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    read_timeout: Duration,
+    grace: Duration,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(read_timeout);
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: wait for connections to close rather than
+                    // spin on the error.
+                    warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection =
+            connections.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!("connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, connections.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(
+            "connections still open {:.1} s after the shutdown signal are closed",
+            grace.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// Reads a request's body before its handler runs: at most [`MAX_BODY_BYTES`] (413 beyond),
+/// within the server's `read_timeout` (408 after). Without this, a client that announces a
+/// body and sends it a byte at a time would hold its connection, and the shutdown, for ever.
+async fn body_within(State(app): State<App>, request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let read = tokio::time::timeout(
+        app.config.read_timeout,
+        axum::body::to_bytes(body, MAX_BODY_BYTES),
+    )
+    .await;
+    let bytes = match read {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is over {MAX_BODY_BYTES} bytes (or was cut off)"),
+            );
+        }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {:.1} s",
+                    app.config.read_timeout.as_secs_f64()
+                ),
+            );
+        }
+    };
+    next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
 }
 
@@ -742,4 +909,27 @@ pub async fn shutdown_signal() {
         _ = terminate => {}
     }
     info!("shutting down: finishing the requests in progress");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_size;
+
+    #[test]
+    fn a_round_stops_at_its_request_or_row_limit_and_always_takes_one_request() {
+        // Rows per waiting request, oldest first.
+        let waiting = [4, 8, 32, 2, 2];
+        let size = |max_batch, max_rows| round_size(waiting.iter().copied(), max_batch, max_rows);
+        assert_eq!(size(64, 512), 5, "everything fits");
+        assert_eq!(size(2, 512), 2, "the request limit");
+        assert_eq!(size(64, 12), 2, "4 + 8 rows; the next 32 would pass 12");
+        assert_eq!(size(64, 44), 3, "exactly at the row limit");
+        assert_eq!(
+            size(64, 3),
+            1,
+            "a request over the row limit still runs, alone"
+        );
+        assert_eq!(round_size([32, 2].into_iter(), 64, 16), 1);
+        assert_eq!(round_size(std::iter::empty(), 64, 16), 0);
+    }
 }

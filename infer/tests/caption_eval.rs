@@ -74,4 +74,32 @@ fn the_caption_evaluation_ranks_a_trained_model_above_an_untrained_one() {
         read(&trained, "real", "retrieval_top1") > 3.0 * trained["chance_top1"].as_f64().unwrap(),
         "{trained}"
     );
+
+    // A reranker trained with another tokenizer (texts cut at 16 tokens, where the
+    // transformer's tokenizer makes up to 128) is refused when the generator loads, naming it;
+    // it used to load, and the first long prompt panicked past its position table.
+    manifests::testing::run_stages(
+        &bin,
+        &dir,
+        &[
+            "train tokenizer --text D/text --captions D/pairs --out D/short-tokenizer \
+             --max-length 16",
+            "train text-encoder --tokenizer D/short-tokenizer --text D/text --pairs D/pairs \
+             --out D/short-text-encoder --steps 1 --batch-size 4",
+        ],
+    );
+    let short = dir.join("short-text-encoder");
+    let refused = infer::sample::Generator::load(
+        dir.join("parti").to_str().unwrap(),
+        None,
+        Some(short.to_str().unwrap()),
+        "cpu",
+    )
+    .err()
+    .expect("a text encoder of another tokenizer was accepted")
+    .to_string();
+    assert!(
+        refused.contains("short-text-encoder") && refused.contains("16 tokens"),
+        "{refused}"
+    );
 }

@@ -111,6 +111,34 @@ fn skipping_exponentials_that_round_to_zero_draws_the_same_tokens() {
     }
 }
 
+/// Logits no weight can be drawn from (an infinite best, from a model gone wrong) still give the
+/// most likely token, with or without filters, not token 0 or the first candidate.
+#[test]
+fn a_row_without_drawable_weight_takes_its_most_likely_token() {
+    let logits = [0.0f32, 1.0, f32::INFINITY, 2.0, -1.0];
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    for (top_k, top_p) in [(0, 1.0), (3, 1.0), (0, 0.9), (3, 0.9)] {
+        let config = SamplingConfig {
+            top_k,
+            top_p,
+            ..SamplingConfig::default()
+        };
+        assert_eq!(
+            sample_token(&logits, &config, &mut rng),
+            2,
+            "top-k {top_k}, top-p {top_p}"
+        );
+    }
+    let too_cold = SamplingConfig {
+        temperature: 1e-50,
+        ..SamplingConfig::default()
+    };
+    assert!(
+        too_cold.validate().is_err(),
+        "a temperature that is 0 in f32"
+    );
+}
+
 #[test]
 fn unfiltered_and_top_k_draws_follow_the_softmax() {
     // Probabilities 1/7, 2/7, 4/7 at temperature 1, whatever order the sampler walks them in.

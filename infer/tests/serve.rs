@@ -34,6 +34,7 @@ struct Server {
     url: String,
     worker: WorkerHandle,
     stop: Option<oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     client: reqwest::Client,
 }
 
@@ -75,13 +76,21 @@ async fn start_with_upscaler(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(serve(listener, router(worker.clone(), config), async {
-        let _ = stopped.await;
-    }));
+    let (read_timeout, grace) = (config.read_timeout, config.timeout);
+    let served = tokio::spawn(serve(
+        listener,
+        router(worker.clone(), config),
+        async {
+            let _ = stopped.await;
+        },
+        read_timeout,
+        grace,
+    ));
     Server {
         url,
         worker,
         stop: Some(stop),
+        served: Some(served),
         client: reqwest::Client::new(),
     }
 }
@@ -120,6 +129,15 @@ impl Answer {
 }
 
 impl Server {
+    /// A raw connection that has sent `start` of a request and sends nothing more.
+    async fn stalled(&self, start: &str) -> tokio::net::TcpStream {
+        use tokio::io::AsyncWriteExt;
+        let address = self.url.trim_start_matches("http://");
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream.write_all(start.as_bytes()).await.unwrap();
+        stream
+    }
+
     async fn answer(&self, request: reqwest::RequestBuilder) -> Answer {
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
@@ -307,6 +325,15 @@ async fn bad_requests_get_json_errors_and_the_server_lives_on() {
             "guidance_scale",
         ),
         (json!({"prompt": "a red circle", "top_p": 1.5}), "top_p"),
+        // Rounds to 0 in f32, where the sampler divides by it.
+        (
+            json!({"prompt": "a red circle", "temperature": 1e-50}),
+            "temperature",
+        ),
+        (
+            json!({"prompt": "a red circle", "top_k": 1_000_000_000}),
+            "top_k",
+        ),
         (
             json!({"prompt": "a red circle", "samples": "two"}),
             "samples",
@@ -545,6 +572,79 @@ async fn a_request_past_its_timeout_answers_504() {
     let stopped = server.generate(json!({"prompt": "a red circle"})).await;
     assert_eq!(stopped.status, 503);
     assert!(stopped.error().contains("shutting down"));
+}
+
+/// What a stalled connection gets within `within`: its bytes (empty when the server closed it),
+/// or `None` when it is still waiting.
+async fn read_within(stream: &mut tokio::net::TcpStream, within: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(within, stream.read_to_end(&mut answer)).await;
+    match read {
+        Ok(_) => Some(String::from_utf8_lossy(&answer).into_owned()),
+        Err(_) => None,
+    }
+}
+
+/// Clients that stall or send too much do not hold the server: a body over the limit gets 413,
+/// a body that stops arriving 408 after the read timeout, headers that stop arriving a closed
+/// connection; and a shutdown with such a client still connected ends within its grace time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_and_oversized_requests_are_cut_off_and_shutdown_is_bounded() {
+    let server = start(|sampling| ServeConfig {
+        read_timeout: Duration::from_millis(500),
+        ..ServeConfig::new(sampling)
+    })
+    .await;
+    let padding = "x".repeat(100_000);
+    let oversized = server
+        .post_raw(
+            &json!({"prompt": "a red circle", "padding": padding}).to_string(),
+            Some("application/json"),
+        )
+        .await;
+    assert_eq!(oversized.status, 413);
+    assert!(oversized.error().contains("bytes"));
+
+    let mut slow_body = server
+        .stalled(
+            "POST /v1/generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+             Content-Length: 100\r\n\r\n{\"prompt\": ",
+        )
+        .await;
+    let answer = read_within(&mut slow_body, Duration::from_secs(10))
+        .await
+        .expect("a body that stopped arriving held its connection");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive"), "{answer}");
+
+    let mut slow_headers = server
+        .stalled("POST /v1/generate HTTP/1.1\r\nHost: test\r\n")
+        .await;
+    read_within(&mut slow_headers, Duration::from_secs(10))
+        .await
+        .expect("headers that stopped arriving held their connection");
+    assert_eq!(server.health().await["requests"], 0);
+
+    // Patient with headers, so only the shutdown's grace can end the stalled connection.
+    let mut server = start(|sampling| ServeConfig {
+        read_timeout: Duration::from_secs(600),
+        timeout: Duration::from_millis(300),
+        ..ServeConfig::new(sampling)
+    })
+    .await;
+    let _stalled = server
+        .stalled("POST /v1/generate HTTP/1.1\r\nHost: test\r\n")
+        .await;
+    let fine = server.generate(json!({"prompt": "a green triangle"})).await;
+    assert_eq!(fine.status, 200);
+    let served = server.served.take().unwrap();
+    let _ = server.stop.take().unwrap().send(());
+    tokio::time::timeout(Duration::from_secs(10), served)
+        .await
+        .expect("the shutdown waited on a stalled client")
+        .unwrap()
+        .unwrap();
 }
 
 /// `chromium --dump-dom` of `url`, or `None` without a chromium.

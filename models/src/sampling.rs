@@ -44,14 +44,19 @@ impl Default for SamplingConfig {
     }
 }
 
+/// The lowest temperature accepted.
+pub const MIN_TEMPERATURE: f64 = 1e-4;
+
 impl SamplingConfig {
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |what: &str| Err(Error::Usage(what.to_string()));
         if !(0.0..=20.0).contains(&self.guidance_scale) {
             return bad("guidance_scale must be within 0..=20");
         }
-        if !(self.temperature > 0.0 && self.temperature <= 10.0) {
-            return bad("temperature must be within (0, 10]");
+        // The sampler divides by the temperature in f32: anything much smaller would round to
+        // 0 there (every logit but the best divided by 0), and 1e-4 is already greedy.
+        if !(self.temperature >= MIN_TEMPERATURE && self.temperature <= 10.0) {
+            return bad("temperature must be within [0.0001, 10]");
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p must be within (0, 1]");

@@ -248,8 +248,29 @@ pub fn mlm_loss(
     (loss, correct.sum() / count)
 }
 
-/// Tokens the masking never selects: pad, unk, bos, eos, mask (ids 0..=4).
+/// Where `train tokenizer` puts its special tokens (pad, unk, bos, eos, mask: ids 0..=4); an
+/// adopted tokenizer may have them elsewhere ([`SpecialIds`]).
 pub const FIRST_ORDINARY_ID: u32 = 5;
+
+/// The ids MLM masking never selects nor draws as a replacement (pad, unk, bos, eos, mask), and
+/// the mask token's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecialIds {
+    pub mask: u32,
+    pub all: [u32; 5],
+}
+
+impl SpecialIds {
+    /// A tokenizer `train tokenizer` trained: ids 0..=4, the mask token last.
+    pub const TRAINED: SpecialIds = SpecialIds {
+        mask: 4,
+        all: [0, 1, 2, 3, 4],
+    };
+
+    pub fn contains(&self, id: u32) -> bool {
+        self.all.contains(&id)
+    }
+}
 
 /// One sequence prepared for MLM: model input and, where a token was selected, its target.
 #[derive(Debug, Clone, PartialEq)]
@@ -258,19 +279,22 @@ pub struct Masked {
     pub target: Vec<Option<u32>>,
 }
 
-/// BERT's masking: each ordinary token is selected with probability `rate` (at least one per
-/// sequence); a selected token becomes `mask_id` 80% of the time, a random ordinary token 10%,
-/// and stays itself 10%. The loss is taken on selected positions only.
+/// BERT's masking: each ordinary token (not one of `special`) is selected with probability
+/// `rate` (at least one per sequence); a selected token becomes the mask token 80% of the time,
+/// a random ordinary token 10%, and stays itself 10%. The loss is taken on selected positions
+/// only. Random tokens are drawn from ids `FIRST_ORDINARY_ID..vocab_size` that are not special.
 pub fn mask_tokens(
     ids: &[u32],
     rate: f64,
     vocab_size: usize,
-    mask_id: u32,
+    special: SpecialIds,
     rng: &mut impl Rng,
 ) -> Masked {
     let ordinary: Vec<usize> = (0..ids.len())
-        .filter(|&i| ids[i] >= FIRST_ORDINARY_ID)
+        .filter(|&i| !special.contains(ids[i]))
         .collect();
+    // Whether a random ordinary token can be drawn at all (a vocabulary of specials has none).
+    let drawable = (FIRST_ORDINARY_ID..vocab_size as u32).any(|id| !special.contains(id));
     let mut selected: Vec<usize> = ordinary
         .iter()
         .copied()
@@ -285,9 +309,16 @@ pub fn mask_tokens(
         target[i] = Some(ids[i]);
         let roll: f64 = rng.random();
         if roll < 0.8 {
-            input[i] = mask_id;
-        } else if roll < 0.9 && vocab_size as u32 > FIRST_ORDINARY_ID {
-            input[i] = rng.random_range(FIRST_ORDINARY_ID..vocab_size as u32);
+            input[i] = special.mask;
+        } else if roll < 0.9 && drawable {
+            // A trained tokenizer has no special id in the range, so this draws once, as
+            // before specials could lie elsewhere.
+            input[i] = loop {
+                let id = rng.random_range(FIRST_ORDINARY_ID..vocab_size as u32);
+                if !special.contains(id) {
+                    break id;
+                }
+            };
         }
     }
     Masked { input, target }

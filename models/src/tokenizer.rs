@@ -207,6 +207,14 @@ impl TextTokenizer {
         self.mask
     }
 
+    /// The five special tokens' ids, for MLM masking.
+    pub fn special_ids(&self) -> crate::text_encoder::SpecialIds {
+        crate::text_encoder::SpecialIds {
+            mask: self.mask,
+            all: [self.pad, self.unk, self.bos, self.eos, self.mask],
+        }
+    }
+
     /// Most ids [`encode`](Self::encode) returns for one text.
     pub fn max_length(&self) -> usize {
         self.max_length

@@ -7,8 +7,8 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
 use models::parti::{LayerMasks, PartiConfig, conv_allowed, token_loss};
 use models::text_encoder::{
-    ContrastiveConfig, FIRST_ORDINARY_ID, ImageTowerConfig, TextEncoderConfig, mask_tokens,
-    mlm_loss,
+    ContrastiveConfig, FIRST_ORDINARY_ID, ImageTowerConfig, SpecialIds, TextEncoderConfig,
+    mask_tokens, mlm_loss,
 };
 use nn::backend;
 use rand::SeedableRng;
@@ -42,7 +42,7 @@ fn masking_follows_bert_proportions_and_spares_special_tokens() {
                 }
             })
             .collect();
-        let m = mask_tokens(&ids, 0.15, vocab, mask_id, &mut rng);
+        let m = mask_tokens(&ids, 0.15, vocab, SpecialIds::TRAINED, &mut rng);
         for (i, &id) in ids.iter().enumerate() {
             if id < FIRST_ORDINARY_ID {
                 assert_eq!(m.target[i], None);
@@ -79,6 +79,38 @@ fn masking_follows_bert_proportions_and_spares_special_tokens() {
     assert!((share(kept) - 0.1).abs() < 0.02, "kept {}", share(kept));
 }
 
+/// An adopted tokenizer keeps its own ids and gets the specials it lacked appended: masking
+/// goes by the tokenizer's special ids, not by where `train tokenizer` puts them.
+#[test]
+fn masking_spares_special_tokens_wherever_the_tokenizer_keeps_them() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let vocab = 40usize;
+    let special = SpecialIds {
+        mask: 39,
+        all: [35, 36, 37, 38, 39],
+    };
+    // Every id once per sequence: ordinary pieces 0..35 (0..=4 among them), specials 35..40.
+    let ids: Vec<u32> = (0..vocab as u32).collect();
+    let mut selected_low = 0;
+    for _ in 0..500 {
+        let m = mask_tokens(&ids, 0.3, vocab, special, &mut rng);
+        for (i, &id) in ids.iter().enumerate() {
+            if special.contains(id) {
+                assert_eq!(m.target[i], None, "special id {id} selected");
+                assert_eq!(m.input[i], id);
+            } else if m.target[i].is_some() {
+                selected_low += usize::from(id < FIRST_ORDINARY_ID);
+                let input = m.input[i];
+                assert!(
+                    input == special.mask || input == id || !special.contains(input),
+                    "id {id} replaced by the special id {input}"
+                );
+            }
+        }
+    }
+    assert!(selected_low > 0, "ordinary ids 0..=4 were never selected");
+}
+
 #[test]
 fn mlm_and_contrastive_losses_fall_on_small_data() {
     let device = backend::training_device("cpu").unwrap();
@@ -99,7 +131,7 @@ fn mlm_and_contrastive_losses_fall_on_small_data() {
     for _ in 0..200 {
         let masked: Vec<_> = sequences
             .iter()
-            .map(|s| mask_tokens(s, 0.3, 60, 4, &mut rng))
+            .map(|s| mask_tokens(s, 0.3, 60, SpecialIds::TRAINED, &mut rng))
             .collect();
         let input: Vec<i32> = masked
             .iter()

@@ -238,7 +238,8 @@ pub struct AdamW {
     pub beta_2: f32,
     pub epsilon: f32,
     pub weight_decay: f32,
-    /// Clips each gradient step to this global norm.
+    /// Clips each parameter's gradient to this L2 norm, tensor by tensor (Burn's norm clipping),
+    /// not the norm of all gradients together as `torch.nn.utils.clip_grad_norm_` does.
     pub grad_clip_norm: Option<f32>,
 }
 

@@ -26,6 +26,13 @@ use crate::distributed::{DistributedError, Group};
 pub enum CheckpointError {
     #[error("checkpoint: {0}")]
     Record(String),
+    /// Weights that hold NaN or infinite values: a diverged run is not saved over its last good
+    /// checkpoint, nor published.
+    #[error(
+        "{count} of the model's parameter tensors hold NaN or infinite values {when}: training \
+         diverged (a lower learning rate may help); nothing was written, the last checkpoint is kept"
+    )]
+    NotFinite { count: usize, when: String },
     #[error(transparent)]
     Storage(#[from] manifests::Error),
 }
@@ -90,6 +97,58 @@ pub fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
     rng
 }
 
+/// Seeds `device`'s generator for part `part` (a micro-batch, or a rank's rows) of step `step`.
+/// Dropout draws its masks from that generator; seeded once at the start, a resumed run would
+/// draw the masks of its first steps again. Seeded per part, the masks depend only on
+/// `(seed, step, part)`. The generator is the process's, so a run with dropout samples its parts
+/// one at a time ([`dropout_workers`]).
+pub fn seed_dropout(device: &Device, seed: u64, step: usize, part: usize) {
+    use rand::RngCore;
+    // Apart from `step_rng`'s streams (stream 0 is never a step's).
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(0);
+    rng.set_word_pos(2 * (((step as u128) << 20) | part as u128));
+    device.seed(rng.next_u64());
+}
+
+/// The most workers a step may share its micro-batches among: one when `dropout` draws masks
+/// (from the process's one generator, which [`seed_dropout`] seeds per micro-batch), else
+/// `micro_batches`.
+pub fn dropout_workers(dropout: f64, micro_batches: usize) -> usize {
+    if dropout > 0.0 { 1 } else { micro_batches }
+}
+
+/// How many of `model`'s parameter tensors hold a NaN or an infinite value (a sum per tensor,
+/// read back: checkpoints and publications read every weight anyway).
+pub fn non_finite_parameters<M: Module>(model: &M) -> usize {
+    struct Count(usize);
+    impl ModuleVisitor for Count {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if !param.val().sum().into_scalar::<f32>().is_finite() {
+                self.0 += 1;
+            }
+        }
+    }
+    let mut count = Count(0);
+    model.visit(&mut count);
+    count.0
+}
+
+/// An error when `model` holds non-finite weights ([`non_finite_parameters`]); `when` says
+/// at which point, for the message.
+pub fn require_finite<M: Module>(
+    model: &M,
+    when: impl FnOnce() -> String,
+) -> Result<(), CheckpointError> {
+    match non_finite_parameters(model) {
+        0 => Ok(()),
+        count => Err(CheckpointError::NotFinite {
+            count,
+            when: when(),
+        }),
+    }
+}
+
 /// A model and its optimizer as bytes: burnpack records for both.
 pub struct Snapshot {
     pub model: Bytes,
@@ -141,6 +200,7 @@ pub fn save_checkpoint<M: Module, S: Serialize>(
     optimizer: &ModuleOptimizer,
     state: &S,
 ) -> Result<(), CheckpointError> {
+    require_finite(model, || format!("after step {step}"))?;
     let snapshot = snapshot(model, optimizer)?;
     let state = serde_json::to_vec(state)
         .map_err(|e| CheckpointError::Record(format!("saving the state: {e}")))?;
@@ -453,13 +513,14 @@ impl<'a> Publication<'a> {
     }
 
     /// `module`'s weights as safetensors (header in a fixed order, so equal weights give equal
-    /// digests).
-    pub fn weights<M: ModuleSnapshot>(
+    /// digests); an error, and nothing written, when any weight is NaN or infinite.
+    pub fn weights<M: Module + ModuleSnapshot>(
         &mut self,
         name: &str,
         kind: &str,
         module: &M,
     ) -> Result<(), crate::Error> {
+        require_finite(module, || format!("at the end, in {name}"))?;
         self.file(name, kind, save_safetensors(module)?)
     }
 

@@ -50,6 +50,8 @@ pub struct PartiTrainConfig {
     pub final_learning_rate: f64,
     pub warmup_steps: usize,
     pub weight_decay: f64,
+    /// Each parameter's gradient is clipped to this L2 norm on its own (Burn's clipping; Parti
+    /// clipped the norm of all gradients together).
     pub grad_clip_norm: f32,
     pub dropout: f64,
     /// Probability that a caption is replaced by the null condition (classifier-free guidance).
@@ -155,6 +157,30 @@ impl PartiTrainConfig {
         })
     }
 
+    /// What is wrong with the batch settings, if anything.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.batch_size == 0 || self.accumulation == 0 {
+            return Err(Error::Usage(
+                "batch_size and accumulation must be at least 1".into(),
+            ));
+        }
+        if !self.batch_size.is_multiple_of(self.accumulation) {
+            return Err(Error::Usage(format!(
+                "batch_size {} must be a multiple of accumulation {} (micro-batches of equal size)",
+                self.batch_size, self.accumulation
+            )));
+        }
+        if self.grad_clip_norm.is_nan() || self.grad_clip_norm <= 0.0 {
+            return Err(Error::Usage("grad_clip_norm must be above 0".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) || !(0.0..=1.0).contains(&self.cfg_dropout) {
+            return Err(Error::Usage(
+                "dropout must be within [0, 1) and cfg_dropout within [0, 1]".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn schedule(&self) -> Schedule {
         Schedule {
             learning_rate: self.learning_rate,
@@ -256,6 +282,7 @@ struct Progress {
     curves: Curves,
 }
 
+#[derive(Debug, Clone, Copy)]
 pub struct PartiInputs<'a> {
     pub tokens: &'a str,
     pub tokenizer: &'a str,
@@ -281,10 +308,10 @@ fn token_shape(stage: &Upstream) -> Result<(usize, usize), Error> {
 }
 
 /// A token row as a training example, or `None` (with a warning) when its token count is not
-/// the grid's.
+/// the grid's; an error for a token outside the codebook (tokens of another VQGAN).
 fn example(
     row: TokenRow,
-    grid: usize,
+    (grid, codebook): (usize, usize),
     tokenizer: &TextTokenizer,
     uri: &str,
 ) -> Result<Option<Example>, Error> {
@@ -295,6 +322,18 @@ fn example(
             row.tokens.len()
         );
         return Ok(None);
+    }
+    if let Some((at, token)) = row
+        .tokens
+        .iter()
+        .enumerate()
+        .find(|&(_, &token)| usize::from(token) >= codebook)
+    {
+        return Err(Error::Data(format!(
+            "{uri}: row '{}' has token {token} at position {at}, outside the manifest's codebook \
+             of {codebook}",
+            row.key
+        )));
     }
     Ok(Some(Example {
         text: tokenizer.encode(&row.caption)?,
@@ -316,7 +355,7 @@ fn token_shards(stage: &Upstream) -> Vec<manifests::Artifact> {
 fn validation_examples(
     stage: &Upstream,
     tokenizer: &TextTokenizer,
-    grid: usize,
+    shape: (usize, usize),
     limit: usize,
 ) -> Result<(Vec<Example>, bool), Error> {
     let uri = stage.location.uri();
@@ -328,7 +367,7 @@ fn validation_examples(
             if !sample.wants(held_out) {
                 continue;
             }
-            if let Some(example) = example(row, grid, tokenizer, &uri)? {
+            if let Some(example) = example(row, shape, tokenizer, &uri)? {
                 sample.offer(held_out, example);
             }
         }
@@ -344,7 +383,7 @@ fn validation_examples(
 fn example_stream(
     stage: &Upstream,
     tokenizer: &TextTokenizer,
-    grid: usize,
+    shape: (usize, usize),
     config: StreamConfig,
     start: u64,
 ) -> Result<RowStream<Example>, Error> {
@@ -361,7 +400,7 @@ fn example_stream(
             if is_validation(&row.key) {
                 return Ok(None);
             }
-            example(row, grid, &tokenizer, &decode_uri).map_err(|e| e.to_string())
+            example(row, shape, &tokenizer, &decode_uri).map_err(|e| e.to_string())
         },
     )
     .map_err(|e| Error::Data(format!("{uri}: {e}")))
@@ -374,6 +413,8 @@ fn example_stream(
 ///
 /// Only reported steps read a value back from the device: reading one waits for the device to
 /// finish the step, and a GPU left waiting for the host to prepare the next batch idles.
+/// `dropout_seed` (the run's seed and the step) seeds dropout's generator per micro-batch.
+#[allow(clippy::too_many_arguments)]
 fn step_gradients(
     model: &Parti,
     workers: &[Device],
@@ -381,6 +422,7 @@ fn step_gradients(
     micro_batches: &[(Vec<Example>, Vec<bool>)],
     tokenizer: &TextTokenizer,
     precision: Precision,
+    dropout_seed: Option<(u64, usize)>,
     report: bool,
 ) -> Result<(GradientsParams, Vec<(f64, f64)>), Error> {
     let parts = micro_batches.len() as f64;
@@ -391,6 +433,9 @@ fn step_gradients(
         micro_batches.len(),
         |replica, worker, index| {
             let device = &workers[worker];
+            if let Some((seed, step)) = dropout_seed {
+                training::seed_dropout(device, seed, step, index);
+            }
             let (examples, drop) = &micro_batches[index];
             let _autocast = Autocast::begin(precision, group.device())?;
             let batch: Vec<&Example> = examples.iter().collect();
@@ -429,6 +474,7 @@ pub fn train_parti(
     options: &TrainingOptions,
 ) -> Result<Manifest, Error> {
     let started = Instant::now();
+    config.validate()?;
     config
         .sampling
         .validate()
@@ -447,7 +493,8 @@ pub fn train_parti(
     }
     let tokenizer = TextTokenizer::from_manifest(&tokenizer_stage)?;
     let (grid, codebook) = token_shape(&tokens)?;
-    let (validation, stand_in) = validation_examples(&tokens, &tokenizer, grid, VALIDATION_LIMIT)?;
+    let (validation, stand_in) =
+        validation_examples(&tokens, &tokenizer, (grid, codebook), VALIDATION_LIMIT)?;
     if validation.is_empty() {
         return Err(Error::Data(format!("{}: no training rows", inputs.tokens)));
     }
@@ -456,9 +503,19 @@ pub fn train_parti(
     }
     info!("{} validation rows", validation.len());
 
-    let workers =
-        nn::backend::training_workers(group.device(), options.workers, config.accumulation.max(1))
-            .map_err(|e| Error::Usage(e.to_string()))?;
+    let workers = nn::backend::training_workers(
+        group.device(),
+        options.workers,
+        training::dropout_workers(config.dropout, config.accumulation),
+    )
+    .map_err(|e| Error::Usage(e.to_string()))?;
+    if config.dropout > 0.0 && workers.len() > 1 {
+        return Err(Error::Usage(format!(
+            "dropout {} draws from the process's one generator, so its micro-batches run one at \
+             a time: one worker per process (--workers 1, one device; a job takes more ranks)",
+            config.dropout
+        )));
+    }
     let device = workers[0].clone();
     device.seed(config.seed);
     let model_config = PartiConfig::preset(
@@ -477,6 +534,17 @@ pub fn train_parti(
     };
     let mut model = model_config.init(&device);
     if let Some(stage) = &pretrained {
+        // The same vocabulary size is not the same tokenizer: ids would mean other pieces.
+        if let Some(trained_with) = stage.manifest.inputs.iter().find(|i| i.name == "tokenizer")
+            && trained_with.digest != tokenizer_stage.manifest.identity()
+        {
+            return Err(Error::Usage(format!(
+                "{}: its text encoder was trained with the tokenizer {}, not {}",
+                stage.location.uri(),
+                trained_with.uri,
+                tokenizer_stage.location.uri()
+            )));
+        }
         let (configs, _, _) = models::load_text_encoder(stage, &device)?;
         let expected = model_config.encoder.clone().with_dropout(0.0);
         if configs.text_encoder.clone().with_dropout(0.0) != expected {
@@ -504,7 +572,7 @@ pub fn train_parti(
         training::Checkpointing::new(config.checkpoint_every, config.steps, options.stop_after)
             .written_by_leader_of(&group);
     let schedule = config.schedule();
-    let micro = (config.batch_size / config.accumulation.max(1)).max(1);
+    let micro = config.batch_size / config.accumulation;
     let stream_config = StreamConfig {
         seed: config.seed,
         shuffle_buffer: config.shuffle_buffer,
@@ -513,7 +581,7 @@ pub fn train_parti(
     let mut examples = example_stream(
         &tokens,
         &tokenizer,
-        grid,
+        (grid, codebook),
         stream_config,
         progress.data_position,
     )?;
@@ -528,7 +596,7 @@ pub fn train_parti(
         let step = progress.step;
         let mut rng = training::step_rng(config.seed, step);
         let learning_rate = schedule.at(step, config.steps);
-        let parts = config.accumulation.max(1);
+        let parts = config.accumulation;
         let mut micro_batches = Vec::with_capacity(parts);
         for _ in 0..parts {
             let batch = examples
@@ -544,6 +612,7 @@ pub fn train_parti(
             &micro_batches,
             &tokenizer,
             config.precision,
+            (config.dropout > 0.0).then_some((config.seed, step)),
             logged,
         )?;
         let loss_sum: f64 = losses.iter().map(|(loss, _)| loss).sum();

@@ -46,6 +46,7 @@ pub struct TextEncoderTrainConfig {
     pub learning_rate: f64,
     pub final_learning_rate: f64,
     pub warmup_steps: usize,
+    /// Each parameter's gradient is clipped to this L2 norm on its own (Burn's clipping).
     pub grad_clip_norm: f32,
     pub weight_decay: f64,
     /// Share of ordinary tokens selected for MLM (BERT: 0.15).
@@ -207,7 +208,15 @@ fn mlm_batch(
 ) -> (Tensor<2, Int>, Tensor<2, Bool>, Tensor<2, Int>, Tensor<2>) {
     let masked: Vec<_> = sequences
         .iter()
-        .map(|ids| mask_tokens(ids, rate, tokenizer.vocab_size(), tokenizer.mask_id(), rng))
+        .map(|ids| {
+            mask_tokens(
+                ids,
+                rate,
+                tokenizer.vocab_size(),
+                tokenizer.special_ids(),
+                rng,
+            )
+        })
         .collect();
     let inputs: Vec<&[u32]> = masked.iter().map(|m| m.input.as_slice()).collect();
     let (ids, padding) = pad_batch(&inputs, tokenizer.pad_id(), tokenizer.max_length(), device);
@@ -353,6 +362,12 @@ pub fn train_text_encoder(
             "--workers: `train text-encoder` trains on one worker".into(),
         ));
     }
+    if config.batch_size == 0 {
+        return Err(Error::Usage("batch_size must be at least 1".into()));
+    }
+    if !(0.0..1.0).contains(&config.dropout) {
+        return Err(Error::Usage("dropout must be within [0, 1)".into()));
+    }
     let started = Instant::now();
     let mut run = StageRun::new(STAGE, tool(), &options.out, config, ShardSpec::single())?;
     let tokenizer_stage = run.upstream("tokenizer", inputs.tokenizer)?;
@@ -433,6 +448,9 @@ pub fn train_text_encoder(
     while progress.step < config.steps {
         let step = progress.step;
         let mut rng = training::step_rng(config.seed, step);
+        if config.dropout > 0.0 {
+            training::seed_dropout(&device, config.seed, step, group.rank());
+        }
         let learning_rate = schedule.at(step, config.steps);
         let contrastive = config.is_contrastive(step);
         // `loss` is this rank's share (its gradients summed over the ranks are the batch's);

@@ -203,9 +203,10 @@ fn stopped_text_encoder_and_parti_runs_resume_exactly() {
         whole.metrics["val_loss"],
         parallel_manifest.metrics["val_loss"]
     );
-    // Three micro-batches on two workers of one CPU (one takes two): still the one-worker run,
-    // down to the weights' digest.
+    // Three micro-batches of two on two workers of one CPU (one takes two): still the
+    // one-worker run, down to the weights' digest.
     let odd = PartiTrainConfig {
+        batch_size: 6,
         accumulation: 3,
         ..config.clone()
     };
@@ -245,4 +246,207 @@ fn cfg_dropout_happens_at_the_configured_rate() {
             .iter()
             .all(|d| !d)
     );
+}
+
+/// With dropout on, a stopped run still resumes to the uninterrupted one: the masks of a step
+/// depend on the seed and the step, not on how many steps the process ran before. A run with
+/// dropout refuses to share its micro-batches among workers (they would draw from one
+/// generator in whatever order the threads run).
+#[test]
+fn runs_with_dropout_resume_exactly() {
+    let _serial = TRAINING.lock();
+    let dir = tempfile::tempdir().unwrap();
+    let (tokenizer, text, pairs, tokens) = (
+        path("tokenizer"),
+        path("text"),
+        path("pairs"),
+        path("tokens"),
+    );
+    let run = |name: &str, stop_after, workers| TrainingOptions {
+        stop_after,
+        workers,
+        ..TrainingOptions::new(dir.path().join(name).to_str().unwrap())
+    };
+    let log = |name: &str| artifact_text(&dir.path().join(name), "metrics.jsonl");
+
+    let config = TextEncoderTrainConfig {
+        steps: 5,
+        batch_size: 8,
+        checkpoint_every: 2,
+        log_every: 1,
+        dropout: 0.3,
+        ..TextEncoderTrainConfig::preset("tiny").unwrap()
+    };
+    let inputs = TextEncoderInputs {
+        tokenizer: &tokenizer,
+        text: &text,
+        pairs: &pairs,
+    };
+    train_text_encoder(&config, &inputs, &run("text-whole", None, None)).unwrap();
+    assert!(train_text_encoder(&config, &inputs, &run("text-resumed", Some(3), None)).is_err());
+    train_text_encoder(&config, &inputs, &run("text-resumed", None, None)).unwrap();
+    assert_eq!(log("text-whole"), log("text-resumed"));
+
+    let config = PartiTrainConfig {
+        steps: 5,
+        batch_size: 8,
+        accumulation: 2,
+        checkpoint_every: 2,
+        log_every: 1,
+        dropout: 0.3,
+        ..PartiTrainConfig::preset("tiny").unwrap()
+    };
+    let inputs = PartiInputs {
+        tokens: &tokens,
+        tokenizer: &tokenizer,
+        text_encoder: None,
+    };
+    train_parti(&config, &inputs, &run("parti-whole", None, None)).unwrap();
+    assert!(train_parti(&config, &inputs, &run("parti-resumed", Some(3), None)).is_err());
+    train_parti(&config, &inputs, &run("parti-resumed", None, None)).unwrap();
+    assert_eq!(log("parti-whole"), log("parti-resumed"));
+    // Dropout does something: without it the losses differ.
+    let without = PartiTrainConfig {
+        dropout: 0.0,
+        ..config.clone()
+    };
+    train_parti(&without, &inputs, &run("parti-without", None, None)).unwrap();
+    assert_ne!(log("parti-whole"), log("parti-without"));
+
+    let shared = train_parti(&config, &inputs, &run("parti-shared", None, Some(2)));
+    let refusal = shared.expect_err("two workers with dropout").to_string();
+    assert!(refusal.contains("dropout"), "{refusal}");
+}
+
+/// Settings and inputs that cannot train are refused before any step, naming what is wrong:
+/// batches that do not split into equal micro-batches, tokens outside the codebook their
+/// manifest declares, and a text encoder trained with another tokenizer.
+#[test]
+fn parti_refuses_what_it_cannot_train_on() {
+    let _serial = TRAINING.lock();
+    let dir = tempfile::tempdir().unwrap();
+    let (tokenizer, tokens) = (path("tokenizer"), path("tokens"));
+    let out = |name: &str| TrainingOptions::new(dir.path().join(name).to_str().unwrap());
+    let config = PartiTrainConfig {
+        steps: 2,
+        batch_size: 8,
+        accumulation: 2,
+        ..PartiTrainConfig::preset("tiny").unwrap()
+    };
+    let refusal = |config: &PartiTrainConfig, inputs: &PartiInputs, name: &str| {
+        train_parti(config, inputs, &out(name))
+            .err()
+            .unwrap_or_else(|| panic!("{name}: trained"))
+            .to_string()
+    };
+    let inputs = PartiInputs {
+        tokens: &tokens,
+        tokenizer: &tokenizer,
+        text_encoder: None,
+    };
+    let uneven = PartiTrainConfig {
+        batch_size: 9,
+        ..config.clone()
+    };
+    assert!(refusal(&uneven, &inputs, "uneven").contains("multiple of accumulation"));
+
+    // The same token shards, declared as tokens of a 4-code codebook.
+    fn copy_folder(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_folder(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+    let narrow = dir.path().join("narrow-tokens");
+    copy_folder(Path::new(&tokens), &narrow);
+    let manifest_path = narrow.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    manifest["metrics"]["codebook_size"] = serde_json::json!(4);
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let narrow = narrow.to_str().unwrap().to_string();
+    let message = refusal(
+        &config,
+        &PartiInputs {
+            tokens: &narrow,
+            ..inputs
+        },
+        "narrow",
+    );
+    assert!(
+        message.contains("outside the manifest's codebook of 4"),
+        "{message}"
+    );
+
+    // A text encoder trained with another tokenizer (on the documents alone, the captions
+    // left out): the same settings, other pieces behind the ids.
+    let bin = manifests::testing::bin_dir(env!("CARGO_BIN_EXE_train"));
+    manifests::testing::run_stages(
+        &bin,
+        dir.path(),
+        &[
+            format!(
+                "train tokenizer --text {} --out D/other-tokenizer",
+                path("text")
+            ),
+            "train text-encoder --tokenizer D/other-tokenizer --text TEXT --pairs PAIRS \
+             --out D/other-text-encoder --steps 1 --batch-size 4"
+                .replace("TEXT", &path("text"))
+                .replace("PAIRS", &path("pairs")),
+        ],
+    );
+    let other = dir.path().join("other-text-encoder");
+    let other = other.to_str().unwrap().to_string();
+    let message = refusal(
+        &config,
+        &PartiInputs {
+            text_encoder: Some(&other),
+            ..inputs
+        },
+        "other-tokenizer",
+    );
+    assert!(
+        message.contains("trained with the tokenizer") && message.contains("other-tokenizer"),
+        "{message}"
+    );
+}
+
+/// A run that diverges is stopped at its next checkpoint with an error, and neither that
+/// checkpoint nor the model is written over what was there.
+#[test]
+fn a_diverged_run_saves_no_checkpoint_and_publishes_nothing() {
+    let _serial = TRAINING.lock();
+    let dir = tempfile::tempdir().unwrap();
+    let (tokenizer, tokens) = (path("tokenizer"), path("tokens"));
+    let config = PartiTrainConfig {
+        steps: 6,
+        batch_size: 4,
+        accumulation: 2,
+        checkpoint_every: 3,
+        warmup_steps: 0,
+        learning_rate: 1e30,
+        final_learning_rate: 1e30,
+        ..PartiTrainConfig::preset("tiny").unwrap()
+    };
+    let inputs = PartiInputs {
+        tokens: &tokens,
+        tokenizer: &tokenizer,
+        text_encoder: None,
+    };
+    let out = dir.path().join("diverged");
+    let failed = train_parti(
+        &config,
+        &inputs,
+        &TrainingOptions::new(out.to_str().unwrap()),
+    );
+    let message = failed.expect_err("a diverged run succeeded").to_string();
+    assert!(message.contains("NaN or infinite"), "{message}");
+    assert!(!out.join("manifest.json").exists());
+    assert!(!out.join("parti.safetensors").exists());
 }

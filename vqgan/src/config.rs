@@ -40,6 +40,7 @@ pub struct TrainConfig {
     pub beta1: f64,
     pub beta2: f64,
     pub weight_decay: f64,
+    /// Each parameter's gradient is clipped to this L2 norm on its own (Burn's clipping).
     pub grad_clip_norm: f32,
     pub loss: LossConfig,
     /// Check for dead codes every this many steps (0: never) ...
@@ -151,7 +152,19 @@ impl TrainConfig {
         }
     }
 
+    /// The model this config trains; an error for a config that cannot train (unknown model,
+    /// codebook or code sizes out of range, batches that do not split into equal micro-batches).
     pub fn model_config(&self) -> Result<VitVqganConfig, Error> {
+        if self.accumulation == 0 || !self.batch_size.is_multiple_of(self.accumulation) {
+            return Err(Error::Usage(format!(
+                "batch_size {} must be a multiple of accumulation {} (micro-batches of equal \
+                 size, each weighing the same in the step's gradient)",
+                self.batch_size, self.accumulation
+            )));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::Usage("batch_size must be at least 1".into()));
+        }
         let mut config = match self.model.as_str() {
             "tiny" => VitVqganConfig::tiny(),
             "small" => VitVqganConfig::small(),

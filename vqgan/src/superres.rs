@@ -75,6 +75,7 @@ pub struct SuperResStageConfig {
     /// (1e-5), which would turn Adam into plain SGD with tiny steps: PyTorch's 1e-8, as WDSR.
     pub epsilon: f64,
     pub weight_decay: f64,
+    /// Each parameter's gradient is clipped to this L2 norm on its own (Burn's clipping).
     pub grad_clip_norm: f32,
     /// Held-out pictures scored at the end (and at a few points for the chart).
     pub held_out: usize,
@@ -151,6 +152,12 @@ impl SuperResStageConfig {
             return Err(Error::Usage(
                 "batch_size, accumulation and held_out must be positive".into(),
             ));
+        }
+        if !self.batch_size.is_multiple_of(self.accumulation) {
+            return Err(Error::Usage(format!(
+                "batch_size {} must be a multiple of accumulation {} (micro-batches of equal size)",
+                self.batch_size, self.accumulation
+            )));
         }
         Ok(config)
     }

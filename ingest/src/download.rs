@@ -93,6 +93,32 @@ impl Default for DownloadOptions {
     }
 }
 
+/// `url` as logs and shards keep it: without the user name, password, query and fragment,
+/// which may carry credentials (a presigned URL's `X-Amz-Signature`, an Azure `sig=`, a token).
+/// What is taken away is replaced by a digest of the whole URL (`#redacted-` and 16 hex
+/// digits), so two URLs that differ only there are still two origins. A URL with none of these
+/// is kept as given.
+pub fn redacted(url: &str) -> String {
+    let digest = blake3::hash(url.as_bytes()).to_hex();
+    let mark = format!("redacted-{}", &digest[..16]);
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        return format!("unparsable-url#{mark}");
+    };
+    let secret = !parsed.username().is_empty()
+        || parsed.password().is_some()
+        || parsed.query().is_some()
+        || parsed.fragment().is_some();
+    if !secret {
+        return url.to_string();
+    }
+    // Fails only for URLs that cannot have credentials (`data:`, `mailto:`): nothing to remove.
+    let _ = parsed.set_username("");
+    let _ = parsed.set_password(None);
+    parsed.set_query(None);
+    parsed.set_fragment(Some(&mark));
+    parsed.to_string()
+}
+
 /// Failure reasons worth another attempt, now or in a `--retry-failed` rerun.
 pub const TRANSIENT: [Reason; 6] = [
     "timeout",
@@ -109,7 +135,7 @@ pub fn is_transient(reason: &str) -> bool {
 
 /// Failure reasons that the same request under the same rules would meet again: what the
 /// download cache keeps besides bodies.
-const PERMANENT: [Reason; 11] = [
+const PERMANENT: [Reason; 12] = [
     "bad_url",
     "http_3xx",
     "http_403",
@@ -120,6 +146,7 @@ const PERMANENT: [Reason; 11] = [
     "opted_out",
     "too_large",
     "not_an_image",
+    "unsupported_format",
     "empty_file",
 ];
 
@@ -307,7 +334,7 @@ impl Downloader {
                 Some(asked) => asked,
                 None => self.options.backoff.saturating_mul(1 << attempt.min(16)),
             };
-            tracing::debug!(url, reason = failure.reason, ?backoff, "retrying");
+            tracing::debug!(url = %redacted(url), reason = failure.reason, ?backoff, "retrying");
             tokio::time::sleep(backoff.min(MAX_BACKOFF)).await;
             attempt += 1;
         }
@@ -355,18 +382,14 @@ impl Downloader {
             body.extend_from_slice(&chunk);
             // An HTML error page or an endless stream is abandoned at its first bytes.
             if !sniffed && body.len() >= SNIFF_BYTES {
-                if !looks_like_image(&body) {
-                    return Err("not_an_image".into());
-                }
+                sniff(&body)?;
                 sniffed = true;
             }
         }
         if body.is_empty() {
             return Err("empty_file".into());
         }
-        if !looks_like_image(&body) {
-            return Err("not_an_image".into());
-        }
+        sniff(&body)?;
         Ok(body.freeze())
     }
 }
@@ -462,10 +485,22 @@ const SNIFF_BYTES: usize = 12;
 pub fn looks_like_image(bytes: &[u8]) -> bool {
     bytes.starts_with(&[0xFF, 0xD8, 0xFF])
         || bytes.starts_with(b"\x89PNG\r\n\x1a\n")
-        || bytes.starts_with(b"GIF87a")
-        || bytes.starts_with(b"GIF89a")
         || (bytes.len() >= 12 && bytes.starts_with(b"RIFF") && &bytes[8..12] == b"WEBP")
         || bytes.starts_with(b"BM")
+}
+
+/// A body's first bytes judged: an image the decoder reads, a picture in a format this build
+/// does not decode (GIF: `unsupported_format`, refused before the rest is downloaded or kept
+/// in the cache as an image), or no image at all.
+fn sniff(bytes: &[u8]) -> Result<(), Reason> {
+    let gif = bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a");
+    if looks_like_image(bytes) || (gif && image::ImageFormat::Gif.reading_enabled()) {
+        Ok(())
+    } else if gif {
+        Err("unsupported_format")
+    } else {
+        Err("not_an_image")
+    }
 }
 
 #[cfg(test)]
@@ -491,11 +526,35 @@ mod tests {
     }
 
     #[test]
+    fn redaction_removes_credentials_and_keeps_origins_apart() {
+        let plain = "https://example.com/a/b.jpg";
+        assert_eq!(redacted(plain), plain);
+        let signed = "https://user:pass@bucket.s3.amazonaws.com/k.jpg?X-Amz-Signature=abc&sig=def";
+        let shown = redacted(signed);
+        assert!(
+            shown.starts_with("https://bucket.s3.amazonaws.com/k.jpg#redacted-"),
+            "{shown}"
+        );
+        for secret in ["user", "pass", "abc", "def", "Signature"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        let other = redacted("https://bucket.s3.amazonaws.com/k.jpg?X-Amz-Signature=xyz");
+        assert_ne!(shown, other);
+    }
+
+    #[test]
     fn sniffing_knows_decodable_formats_only() {
         assert!(looks_like_image(&[0xFF, 0xD8, 0xFF, 0xE0]));
         assert!(looks_like_image(b"\x89PNG\r\n\x1a\n...."));
         assert!(looks_like_image(b"RIFF\0\0\0\0WEBPVP8 "));
         assert!(!looks_like_image(b"<!doctype html>"));
         assert!(!looks_like_image(b"RIFF\0\0\0\0WAVEfmt "));
+        let gif = if image::ImageFormat::Gif.reading_enabled() {
+            Ok(())
+        } else {
+            Err("unsupported_format")
+        };
+        assert_eq!(sniff(b"GIF89a\x01\0\x01\0\0\0\0"), gif);
+        assert_eq!(sniff(b"<!doctype html>"), Err("not_an_image"));
     }
 }

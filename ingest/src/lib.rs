@@ -13,6 +13,7 @@ pub mod download;
 pub mod jpeg;
 pub mod pairs;
 pub mod process;
+pub mod reading;
 pub mod sources;
 pub mod synth;
 pub mod text;
@@ -112,7 +113,12 @@ pub fn begin_with_input(
     ];
     let mut upstream = None;
     for candidate in candidates {
-        if candidate.exists()? && Manifest::read(&candidate).is_ok() {
+        if !candidate.exists()? {
+            continue;
+        }
+        if let Ok((manifest, _)) = Manifest::read(&candidate)
+            && describes(&manifest, &candidate, input)
+        {
             upstream = Some(candidate);
             break;
         }
@@ -160,6 +166,17 @@ pub fn begin_with_input(
     finish_begin(run, force)
 }
 
+/// Whether the manifest at `location` lists an artifact at or below `input`: only then is the
+/// input that stage's output. A manifest in the folder above (a run's folder holding other
+/// stages' outputs beside the input) says nothing about the input's files, which must then be
+/// listed, or edits to them would leave the stage "up to date".
+fn describes(manifest: &Manifest, location: &Location, input: &Location) -> bool {
+    manifest.artifacts.iter().any(|artifact| {
+        Manifest::artifact_location(location, artifact)
+            .is_ok_and(|file| file == *input || file.relative_to(input).is_some())
+    })
+}
+
 /// `begin` once every input is recorded; a v1 manifest was judged (and withdrawn) already.
 fn finish_begin(run: &StageRun, force: bool) -> Result<Option<Manifest>, Error> {
     if run.judged_as_v1() {
@@ -197,13 +214,27 @@ impl<'a> ShardSet<'a> {
     /// The contents of shard `name` if an interrupted run finished it (digest-checked); it is
     /// then counted and listed, and the caller only rebuilds its dedup state from the bytes.
     pub fn resume(&mut self, name: &str) -> Result<Option<bytes::Bytes>, Error> {
-        let Some(finished) = self.run.finished_artifact_noted(name)? else {
-            return Ok(None);
-        };
+        Ok(self.resume_noted(name)?.map(|(bytes, _)| bytes))
+    }
+
+    /// Like [`ShardSet::resume`], with the note the shard was written with.
+    pub fn resume_noted(&mut self, name: &str) -> Result<Option<(bytes::Bytes, Value)>, Error> {
+        Ok(self.finished(name)?.map(|finished| self.keep(finished)))
+    }
+
+    /// Shard `name` if an interrupted run finished it (digest-checked), not yet counted: a
+    /// caller that looks ahead keeps it with [`ShardSet::keep`] when its turn comes, so the
+    /// shards are listed in the same order as in an uninterrupted run.
+    pub fn finished(&self, name: &str) -> Result<Option<manifests::Finished>, Error> {
+        Ok(self.run.finished_artifact_noted(name)?)
+    }
+
+    /// Counts and lists a shard found by [`ShardSet::finished`]; its contents and note.
+    pub fn keep(&mut self, finished: manifests::Finished) -> (bytes::Bytes, Value) {
         self.tally
             .add_note(&finished.note, finished.artifact.rows.unwrap_or(0));
         self.artifacts.push(finished.artifact);
-        Ok(Some(finished.bytes))
+        (finished.bytes, finished.note)
     }
 
     /// Writes shard `name`; `rejected` is kept with it so a resumed run counts it again.
@@ -214,7 +245,23 @@ impl<'a> ShardSet<'a> {
         rows: u64,
         rejected: &Rejected,
     ) -> Result<(), Error> {
-        let note = serde_json::json!({ "rejected": rejected });
+        self.write_noted(
+            name,
+            bytes,
+            rows,
+            serde_json::json!({ "rejected": rejected }),
+        )
+    }
+
+    /// Writes shard `name` with `note` (which holds its `rejected` counts, and whatever else a
+    /// resumed run needs to finish what belongs with the shard).
+    pub fn write_noted(
+        &mut self,
+        name: &str,
+        bytes: bytes::Bytes,
+        rows: u64,
+        note: Value,
+    ) -> Result<(), Error> {
         let artifact =
             self.run
                 .write_artifact_noted(name, self.kind, bytes, Some(rows), note.clone())?;

@@ -125,7 +125,9 @@ struct PairsArgs {
     resize_mode: Option<ResizeMode>,
     #[arg(long)]
     min_source_size: Option<u32>,
-    #[arg(long)]
+    /// Sources longer than this many times their width (or vice versa) are rejected; a
+    /// finite number, at least 1.
+    #[arg(long, value_parser = aspect_ratio)]
     max_aspect_ratio: Option<f32>,
     /// Images declaring more pixels than this are refused before decoding.
     #[arg(long)]
@@ -271,6 +273,7 @@ fn options(stage: &StageArgs, job: Option<&JobArgs>) -> Result<RunOptions> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pairs(args) => {
+            refuse_seed(&args.stage, "ingest pairs")?;
             let preset =
                 PairsConfig::preset(args.stage.preset.as_deref().unwrap_or("default"), "")?;
             let overrides = json!({
@@ -322,13 +325,11 @@ fn run(cli: Cli) -> Result<()> {
             summary(&manifest);
         }
         Command::Text(args) => {
+            refuse_seed(&args.stage, "ingest text")?;
+            let preset = TextConfig::preset(args.stage.preset.as_deref().unwrap_or("default"), "")?;
             let overrides = json!({"input": args.input, "text_field": args.text_field,
                 "min_chars": args.min_chars, "shard_rows": args.shard_rows});
-            let config: TextConfig = layered(
-                &TextConfig::preset(""),
-                args.stage.config.as_deref(),
-                overrides,
-            )?;
+            let config: TextConfig = layered(&preset, args.stage.config.as_deref(), overrides)?;
             anyhow::ensure!(
                 !config.input.is_empty(),
                 "give --input (or input in --config)"
@@ -461,6 +462,30 @@ fn bench_urls(args: &BenchUrlsArgs) -> Result<()> {
             ours.per_cpu_second() / peer.per_cpu_second()
         );
     }
+    Ok(())
+}
+
+/// `--max-aspect-ratio`: a finite ratio of at least 1 (a JSON config cannot hold `inf` or
+/// `NaN`, which would otherwise be dropped silently and leave the preset's value in force).
+fn aspect_ratio(value: &str) -> Result<f32, String> {
+    let ratio: f32 = value.trim().parse().map_err(|e| format!("{e}"))?;
+    if !ratio.is_finite() || ratio < 1.0 {
+        return Err(format!(
+            "'{value}' is not a finite ratio of at least 1 (a picture's longer side over its \
+             shorter)"
+        ));
+    }
+    Ok(ratio)
+}
+
+/// `--seed` given to a stage that draws nothing at random: refused rather than ignored, so no
+/// one believes it changed the output.
+fn refuse_seed(stage: &StageArgs, name: &str) -> Result<()> {
+    anyhow::ensure!(
+        stage.seed.is_none(),
+        "--seed: {name} draws nothing at random (its output depends only on its input and \
+         config); leave --seed out"
+    );
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::Reason;
-use crate::download::{DownloadRules, Downloader, is_transient};
+use crate::download::{DownloadRules, Downloader, is_transient, redacted};
 use crate::process::{ImageConfig, RawSample, process};
 use crate::sources::{
     InputFormat, Loaded, SourceConfig, Unit, detect_format, enumerate, image_root, load,
@@ -150,14 +150,28 @@ impl Writer<'_> {
     /// Whether shard `name` was finished by an interrupted run (digest-checked); its rows then
     /// count, and only the dedup state is rebuilt from them.
     fn resumed(&mut self, name: &str) -> Result<bool, Error> {
-        let Some(bytes) = self.shards.resume(name)? else {
+        let Some(finished) = self.shards.finished(name)? else {
             return Ok(false);
         };
+        self.keep(name, finished)?;
+        Ok(true)
+    }
+
+    /// Counts and lists shard `name`, finished by an interrupted run, and rebuilds the dedup
+    /// state from its rows. A URL shard's failure record is written again from the shard's
+    /// note: the run may have been killed after the shard but before its record.
+    fn keep(&mut self, name: &str, finished: manifests::Finished) -> Result<(), Error> {
+        let (bytes, note) = self.shards.keep(finished);
         for row in pairs::from_parquet(&self.shards.uri(name), bytes)? {
             self.seen.entry(row.sha256).or_insert(row.source);
         }
+        if let Some(failed) = note.get(FAILED_NOTE) {
+            let failed: Vec<(String, String)> = serde_json::from_value(failed.clone())
+                .map_err(|e| Error::Io(format!("resume record of {name}: {e}")))?;
+            self.write_failures(name, &failed)?;
+        }
         debug!("kept {name} from an interrupted run");
-        Ok(true)
+        Ok(())
     }
 
     /// Processes `loaded` in parallel and adds the outcomes, in order, to `shard`.
@@ -196,14 +210,30 @@ impl Writer<'_> {
         }
     }
 
-    /// Sorts and writes a finished shard.
-    fn finish(&mut self, name: &str, mut shard: ShardRows) -> Result<(), Error> {
+    /// Sorts and writes a finished shard. With `keep_failures` (URL runs), the shard's failure
+    /// record is written after it and its failures are kept in the shard's resume note too,
+    /// so the record always describes the shard as written: a run killed between the two
+    /// writes rewrites the record when it resumes, and one killed before the shard is in place
+    /// leaves the old shard with its old record.
+    fn finish(
+        &mut self,
+        name: &str,
+        mut shard: ShardRows,
+        keep_failures: bool,
+    ) -> Result<(), Error> {
         shard
             .rows
             .sort_by(|a, b| (&a.key, &a.source).cmp(&(&b.key, &b.source)));
         let bytes = pairs::to_parquet(&self.shards.uri(name), &shard.rows)?;
         let rows = shard.rows.len() as u64;
-        self.shards.write(name, bytes, rows, &shard.rejected)?;
+        let mut note = json!({ "rejected": shard.rejected });
+        if keep_failures {
+            note[FAILED_NOTE] = json!(shard.failed);
+        }
+        self.shards.write_noted(name, bytes, rows, note)?;
+        if keep_failures {
+            self.write_failures(name, &shard.failed)?;
+        }
         let tally = &self.shards.tally;
         self.bar.set_message(format!(
             "{} rows, {} rejected",
@@ -229,16 +259,15 @@ impl Writer<'_> {
         let config = self.config;
         let outcomes: Vec<Outcome> = units
             .par_iter()
-            .map(|unit| process_loaded(load(unit), config))
-            .collect();
+            .map(|unit| Ok(process_loaded(load(unit)?, config)))
+            .collect::<Result<_, Error>>()?;
         let mut shard = ShardRows::default();
         self.absorb_outcomes(&mut shard, outcomes);
-        self.finish(name, shard)
+        self.finish(name, shard, false)
     }
 
     /// Keeps the (key, reason) of every rejected sample of shard `name`, beside the output, so a
-    /// `--retry-failed` run knows which rows to fetch again. Written before the shard, so a
-    /// finished shard always has one.
+    /// `--retry-failed` run knows which rows to fetch again.
     fn write_failures(&self, name: &str, failed: &[(String, String)]) -> Result<(), Error> {
         let mut lines = String::new();
         for (key, reason) in failed {
@@ -296,7 +325,7 @@ impl Writer<'_> {
         let mut received = vec![0usize; slots.len()];
         for (index, slot) in slots.into_iter().enumerate() {
             match slot.work {
-                SlotWork::Kept => {}
+                SlotWork::Kept(finished) => self.keep(&slot.name, *finished)?,
                 SlotWork::Container(location) => {
                     self.container(&slot.name, location, shard_rows)?
                 }
@@ -306,13 +335,12 @@ impl Writer<'_> {
                             Error::Io("the download workers stopped before the end".into())
                         })?;
                         received[at] += 1;
-                        outcomes[at][position] = Some(outcome);
+                        outcomes[at][position] = Some(outcome?);
                     }
                     let mut shard = start;
                     let done = std::mem::take(&mut outcomes[index]);
                     self.absorb_outcomes(&mut shard, done.into_iter().flatten().collect());
-                    self.write_failures(&slot.name, &shard.failed)?;
-                    self.finish(&slot.name, shard)?;
+                    self.finish(&slot.name, shard, true)?;
                 }
             }
             self.bar.inc(slot.samples as u64);
@@ -354,7 +382,7 @@ impl Writer<'_> {
             }
             if taken == per_shard {
                 if !skipping {
-                    self.finish(&name(part), std::mem::take(&mut shard))?;
+                    self.finish(&name(part), std::mem::take(&mut shard), false)?;
                 }
                 (part, taken, skip) = (part + 1, 0, None);
             }
@@ -362,7 +390,7 @@ impl Writer<'_> {
         })?;
         if skip == Some(false) {
             self.absorb(&mut shard, batch);
-            self.finish(&name(part), shard)?;
+            self.finish(&name(part), shard, false)?;
         }
         Ok(())
     }
@@ -380,8 +408,9 @@ struct Slot<'a> {
 }
 
 enum SlotWork<'a> {
-    /// Finished by an interrupted run, or needing nothing in a `--retry-failed` run.
-    Kept,
+    /// Finished by an interrupted run: kept when its turn comes, so the shards are listed (and
+    /// the dedup state built) in slot order, as in an uninterrupted run.
+    Kept(Box<manifests::Finished>),
     Container(&'a Location),
     /// Units to fetch (or read), added to `start`: empty, or the rows and remaining failures a
     /// `--retry-failed` run keeps.
@@ -399,7 +428,7 @@ async fn produce(
     in_flight: Arc<tokio::sync::Semaphore>,
     downloader: Arc<Downloader>,
     config: Arc<ImageConfig>,
-    sender: std::sync::mpsc::Sender<(usize, usize, Outcome)>,
+    sender: std::sync::mpsc::Sender<(usize, usize, Result<Outcome, Error>)>,
 ) {
     for (slot, position, unit) in work {
         loop {
@@ -426,7 +455,7 @@ async fn produce(
                     let image = downloader.fetch(&url).await;
                     Loaded {
                         key,
-                        source: url,
+                        source: redacted(&url),
                         image,
                         caption,
                         metadata,
@@ -435,7 +464,7 @@ async fn produce(
                 // A local path in a URL list, or a row rejected while listing.
                 other => {
                     rayon::spawn(move || {
-                        let outcome = process_loaded(load(&other), &config);
+                        let outcome = load(&other).map(|loaded| process_loaded(loaded, &config));
                         let _ = sender.send((slot, position, outcome));
                         drop(permit);
                     });
@@ -443,13 +472,17 @@ async fn produce(
                 }
             };
             rayon::spawn(move || {
-                let outcome = process_loaded(loaded, &config);
+                let outcome = Ok(process_loaded(loaded, &config));
                 let _ = sender.send((slot, position, outcome));
                 drop(permit);
             });
         });
     }
 }
+
+/// The key of a URL shard's resume note that holds its failures (key, reason), so a resumed run
+/// can write the shard's failure record again.
+const FAILED_NOTE: &str = "failed";
 
 /// Where the failure record of shard `name` (`pairs/part-….parquet`) is kept.
 fn failures_name(name: &str) -> String {
@@ -503,6 +536,12 @@ fn named_images(units: &[Unit], format: InputFormat, root: &Location) -> Vec<(St
 
 pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manifest, Error> {
     let started = Instant::now();
+    let ratio = config.image.max_aspect_ratio;
+    if !(ratio.is_finite() && ratio >= 1.0) {
+        return Err(Error::Usage(format!(
+            "image.max_aspect_ratio is {ratio}: give a finite ratio of at least 1"
+        )));
+    }
     let input = Location::parse(&config.source.input)?;
     let format = detect_format(&input, config.source.format)?;
     let mut run = StageRun::new(STAGE, tool(), &options.out, config, options.shard)?
@@ -557,13 +596,12 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
                 },
                 units => {
                     let name = format!("{base}.parquet");
-                    let work = if writer.resumed(&name)? {
-                        SlotWork::Kept
-                    } else {
-                        SlotWork::Fetch {
+                    let work = match writer.shards.finished(&name)? {
+                        Some(finished) => SlotWork::Kept(Box::new(finished)),
+                        None => SlotWork::Fetch {
                             units: units.to_vec(),
                             start: ShardRows::default(),
-                        }
+                        },
                     };
                     Slot {
                         name,
@@ -710,6 +748,9 @@ fn retry_failed(
         slots.len()
     );
     writer.bar.set_length(retried);
+    // Shards are rewritten in place: no reader may trust the old manifest meanwhile. Every
+    // shard is recorded as finished above, so a retry killed from here on resumes as any run.
+    run.manifest_location().delete()?;
     writer.fetch_slots(
         slots,
         downloader(config, options)?,

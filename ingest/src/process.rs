@@ -166,8 +166,11 @@ fn decode(bytes: &[u8], config: &ImageConfig) -> Result<(RgbImage, u32, u32), Re
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|_| "decode_error")?;
-    if reader.format().is_none() {
-        return Err("not_an_image");
+    match reader.format() {
+        None => return Err("not_an_image"),
+        // A picture in a format this build does not decode (GIF, TIFF): not damaged, refused.
+        Some(format) if !format.reading_enabled() => return Err("unsupported_format"),
+        Some(_) => {}
     }
     let mut header = reader;
     let mut limits = Limits::default();

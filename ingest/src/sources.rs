@@ -10,15 +10,17 @@
 
 use std::collections::BTreeMap;
 use std::io::{Cursor, Read};
+use std::ops::ControlFlow;
 
 use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::DataType;
 use bytes::Bytes;
-use manifests::{Location, table};
+use manifests::Location;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::reading::{ReadFault, open_watched, read_object, stream_parquet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -125,6 +127,56 @@ fn extension(name: &str) -> Option<String> {
         .map(|(_, ext)| ext.to_ascii_lowercase())
 }
 
+/// The key prefix of each of `files` (its rows are keyed `{prefix}-{row}`): `short(file)`
+/// wherever no other file has the same, so keys stay what they have always been; otherwise the
+/// file's path below `input` without the first of `extensions` it ends with, or with it where
+/// even that is shared (`a.json` beside `a.jsonl`). C4's `c4-train.00000-of-01024.json.gz` and
+/// `c4-train.00001-of-01024.json.gz`, or `2023/urls.parquet` and `2024/urls.parquet`, would
+/// otherwise key their rows alike.
+pub fn key_prefixes(
+    files: &[Location],
+    input: &Location,
+    short: impl Fn(&Location) -> String,
+    extensions: &[&str],
+) -> Vec<String> {
+    fn counts(names: &[String]) -> std::collections::HashMap<&str, usize> {
+        let mut counts = std::collections::HashMap::new();
+        for name in names {
+            *counts.entry(name.as_str()).or_default() += 1;
+        }
+        counts
+    }
+    let relative = |file: &Location| {
+        file.relative_to(input)
+            .unwrap_or_else(|| file.file_name().into())
+    };
+    let shorts: Vec<String> = files.iter().map(short).collect();
+    let short_counts = counts(&shorts);
+    let longer: Vec<String> = files
+        .iter()
+        .zip(&shorts)
+        .map(|(file, short)| {
+            if short_counts[short.as_str()] == 1 {
+                return short.clone();
+            }
+            let path = relative(file);
+            match extensions.iter().find_map(|ext| path.strip_suffix(ext)) {
+                Some(stem) => stem.to_string(),
+                None => path,
+            }
+        })
+        .collect();
+    let longer_counts = counts(&longer);
+    files
+        .iter()
+        .zip(&longer)
+        .map(|(file, prefix)| match longer_counts[prefix.as_str()] {
+            1 => prefix.clone(),
+            _ => relative(file),
+        })
+        .collect()
+}
+
 /// Resolves `auto` from the input's extension, or from the files inside a folder.
 pub fn detect_format(input: &Location, format: InputFormat) -> Result<InputFormat, Error> {
     if format != InputFormat::Auto {
@@ -183,7 +235,7 @@ pub fn enumerate(config: &SourceConfig, format: InputFormat) -> Result<Vec<Unit>
                 "tar"
             };
             let files: Vec<Location> = if input.exists()? {
-                vec![input]
+                vec![input.clone()]
             } else {
                 input
                     .list()?
@@ -192,12 +244,19 @@ pub fn enumerate(config: &SourceConfig, format: InputFormat) -> Result<Vec<Unit>
                     .filter(|l| extension(l.file_name()).as_deref() == Some(wanted))
                     .collect()
             };
+            let prefixes = key_prefixes(
+                &files,
+                &input,
+                |file| file.file_name().trim_end_matches(".parquet").to_string(),
+                &[".parquet"],
+            );
             let mut units = Vec::new();
-            for file in files {
-                match is_parquet
-                    .then(|| parquet_url_units(config, &file))
-                    .flatten()
-                {
+            for (file, prefix) in files.into_iter().zip(prefixes) {
+                let rows = match is_parquet {
+                    true => parquet_url_units(config, &file, &prefix)?,
+                    false => None,
+                };
+                match rows {
                     Some(rows) => units.extend(rows),
                     None => units.push(Unit::Container(file)),
                 }
@@ -516,10 +575,11 @@ fn jsonl_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Err
     Ok(units)
 }
 
-/// Reads what a sample unit refers to. A missing or unreadable object is a rejection of that
-/// sample, never an error of the run.
-pub fn load(unit: &Unit) -> Loaded {
-    match unit {
+/// Reads what a sample unit refers to. A missing object is a rejection of that sample; a
+/// store or disk that fails to read one (permission, network, I/O) is an error of the run,
+/// naming the file, since it says nothing about the sample.
+pub fn load(unit: &Unit) -> Result<Loaded, Error> {
+    Ok(match unit {
         Unit::Rejected { key, reason } => Loaded::rejected(key.clone(), String::new(), reason),
         Unit::Sample {
             key,
@@ -529,26 +589,25 @@ pub fn load(unit: &Unit) -> Loaded {
         } => {
             let caption = match caption {
                 CaptionRef::Text(text) => Some(text.clone()),
-                CaptionRef::File(location) => location.get().ok().map(|b| b.to_vec()),
+                CaptionRef::File(location) => read_object(location)?.map(|b| b.to_vec()),
                 CaptionRef::Missing => None,
             };
-            let metadata = metadata
-                .as_ref()
-                .and_then(|l| l.get().ok())
-                .and_then(|b| String::from_utf8(b.to_vec()).ok());
+            let metadata = match metadata {
+                Some(location) => read_object(location)?,
+                None => None,
+            };
             Loaded {
                 key: key.clone(),
                 source: image.uri(),
-                image: image.get().map_err(|e| match e {
-                    manifests::Error::NotFound { .. } => "missing_file",
-                    _ => "unreadable",
-                }),
+                image: read_object(image)?.ok_or("missing_file"),
                 caption,
-                metadata,
+                metadata: metadata.and_then(|b| String::from_utf8(b.to_vec()).ok()),
             }
         }
         // Downloads go through the URL pipeline of `ingest pairs`, never loaded here.
-        Unit::Url { key, url, .. } => Loaded::rejected(key.clone(), url.clone(), "not_a_sample"),
+        Unit::Url { key, url, .. } => {
+            Loaded::rejected(key.clone(), crate::download::redacted(url), "not_a_sample")
+        }
         // Containers stream through `stream_container` (chunks keep them alone); never loaded
         // whole.
         Unit::Container(location) => Loaded::rejected(
@@ -556,7 +615,7 @@ pub fn load(unit: &Unit) -> Loaded {
             location.uri(),
             "not_a_sample",
         ),
-    }
+    })
 }
 
 impl Loaded {
@@ -578,18 +637,19 @@ pub fn is_url(path: &str) -> bool {
 }
 
 /// The rows of a parquet URL list (LAION, DataComp: a URL column and no image bytes), or None
-/// when the file holds images (img2dataset output) or cannot be read (it is then a container,
-/// and its damage is counted when it is streamed). Other string columns become the row's JSON
-/// metadata.
-fn parquet_url_units(config: &SourceConfig, location: &Location) -> Option<Vec<Unit>> {
-    let stem = location
-        .file_name()
-        .trim_end_matches(".parquet")
-        .to_string();
+/// when the file holds images (img2dataset output) or is damaged before its first batch (it is
+/// then a container, and its damage is counted when it is streamed). Other string columns
+/// become the row's JSON metadata. A failed read of the file is an error. Rows are keyed
+/// `{stem}-{row}`.
+fn parquet_url_units(
+    config: &SourceConfig,
+    location: &Location,
+    stem: &str,
+) -> Result<Option<Vec<Unit>>, Error> {
     let mut units = Vec::new();
     let mut is_list = None;
     let mut row_offset = 0usize;
-    let read = table::stream_parquet(location, PARQUET_BATCH_ROWS, &mut |batch| {
+    let read = stream_parquet(location, PARQUET_BATCH_ROWS, &mut |batch| {
         let url_name = match config.url_column.as_deref() {
             Some(name) => name,
             None if batch.column_by_name(&config.image_column).is_some_and(|c| {
@@ -607,7 +667,7 @@ fn parquet_url_units(config: &SourceConfig, location: &Location) -> Option<Vec<U
         let has_images = parquet_image_column(&batch).is_some();
         let Some(urls) = urls.filter(|_| !has_images) else {
             is_list = Some(false);
-            return Err(manifests::Error::Usage("not a URL list".into()));
+            return Ok(ControlFlow::Break(()));
         };
         is_list = Some(true);
         let captions = batch.column_by_name(&config.caption_column).cloned();
@@ -647,9 +707,9 @@ fn parquet_url_units(config: &SourceConfig, location: &Location) -> Option<Vec<U
             });
         }
         row_offset += batch.num_rows();
-        Ok(())
-    });
-    match (is_list, read) {
+        Ok(ControlFlow::Continue(()))
+    })?;
+    Ok(match (is_list, read) {
         (Some(true), Ok(())) => Some(units),
         (Some(true), Err(_)) => {
             units.push(Unit::Rejected {
@@ -659,7 +719,7 @@ fn parquet_url_units(config: &SourceConfig, location: &Location) -> Option<Vec<U
             Some(units)
         }
         _ => None,
-    }
+    })
 }
 
 fn parquet_image_column(batch: &RecordBatch) -> Option<ArrayRef> {
@@ -679,54 +739,51 @@ fn parquet_image_column(batch: &RecordBatch) -> Option<ArrayRef> {
 const PARQUET_BATCH_ROWS: usize = 256;
 
 /// Hands `each` the samples of a container in container order, streaming: a tar holds one
-/// sample in memory at a time, a parquet file one row group's columns. A container that cannot
-/// be read (or is cut short) gives what came before the damage and one rejection for it; only
-/// an error from `each` ends the stream with an error.
+/// sample in memory at a time, a parquet file one row group's columns. A damaged container
+/// (bad or cut short) gives what came before the damage and one rejection for it; a container
+/// that is gone gives one rejection. A failed read (permission, network, I/O) or an error from
+/// `each` ends the stream with an error.
 pub fn stream_container(
     location: &Location,
     each: &mut dyn FnMut(Loaded) -> Result<(), Error>,
 ) -> Result<(), Error> {
     let whole = |reason| Loaded::rejected(location.file_name().to_string(), location.uri(), reason);
     if location.file_name().ends_with(".tar") {
-        return match location.reader_from(0) {
-            Ok(reader) => stream_tar(location, reader, each),
-            Err(_) => each(whole("unreadable")),
+        let fault = ReadFault::default();
+        return match open_watched(location, &fault)? {
+            Some(reader) => stream_tar(location, Box::new(reader), &fault, each),
+            None => each(whole("unreadable")),
         };
     }
-    // Errors of `each` pass through untouched; the reader's own become one rejection.
-    enum Stop {
-        Each(Error),
-        Reject(&'static str),
-    }
-    let mut stop = None;
+    let mut rejected = None;
     let mut row_offset = 0usize;
-    let read = table::stream_parquet(location, PARQUET_BATCH_ROWS, &mut |batch| {
-        let result = parquet_samples(location, &batch, row_offset)
-            .map_err(Stop::Reject)
-            .and_then(|samples| {
-                samples
-                    .into_iter()
-                    .try_for_each(|sample| each(sample).map_err(Stop::Each))
-            });
+    let read = stream_parquet(location, PARQUET_BATCH_ROWS, &mut |batch| {
+        let samples = match parquet_samples(location, &batch, row_offset) {
+            Ok(samples) => samples,
+            Err(reason) => {
+                rejected = Some(reason);
+                return Ok(ControlFlow::Break(()));
+            }
+        };
         row_offset += batch.num_rows();
-        result.map_err(|reason| {
-            stop = Some(reason);
-            manifests::Error::Usage("stopped".into())
-        })
-    });
-    match (stop, read) {
-        (Some(Stop::Each(error)), _) => Err(error),
-        (Some(Stop::Reject(reason)), _) => each(whole(reason)),
+        samples.into_iter().try_for_each(&mut *each)?;
+        Ok(ControlFlow::Continue(()))
+    })?;
+    match (rejected, read) {
+        (Some(reason), _) => each(whole(reason)),
         (None, Ok(())) => Ok(()),
         (None, Err(_)) => each(whole("unreadable_parquet")),
     }
 }
 
 /// webdataset order: a sample's members (`KEY.jpg`, `KEY.txt`, `KEY.json`) are adjacent, as
-/// webdataset and img2dataset write them; a sample ends where the next key begins.
+/// webdataset and img2dataset write them; a sample ends where the next key begins. `fault`
+/// watches `reader`'s source: a read error there fails the run, where damage in the archive is
+/// a `truncated_archive` rejection.
 fn stream_tar(
     location: &Location,
     reader: Box<dyn Read + Send>,
+    fault: &ReadFault,
     each: &mut dyn FnMut(Loaded) -> Result<(), Error>,
 ) -> Result<(), Error> {
     #[derive(Default)]
@@ -777,6 +834,9 @@ fn stream_tar(
             }
         }
         Err(_) => truncated = true,
+    }
+    if let Some(failed) = fault.error(location) {
+        return Err(failed);
     }
     if let Some((key, member)) = pending {
         each(emit(key, member))?;
@@ -852,4 +912,64 @@ fn parquet_samples(
         });
     }
     Ok(samples)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reading::{FailingAfter, Watched};
+
+    fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, data) in members {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder.append_data(&mut header, name, *data).unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    /// The rejection reasons `stream_tar` hands on for `bytes`, read through `source`.
+    fn stream(
+        location: &Location,
+        source: impl Read + Send + 'static,
+        fault: &ReadFault,
+    ) -> (Result<(), Error>, Vec<&'static str>) {
+        let mut reasons = Vec::new();
+        let reader = Box::new(Watched::new(source, fault));
+        let result = stream_tar(location, reader, fault, &mut |loaded| {
+            reasons.extend(loaded.image.err());
+            Ok(())
+        });
+        (result, reasons)
+    }
+
+    #[test]
+    fn a_failed_read_of_a_tar_stops_the_run_and_a_cut_tar_is_a_rejection() {
+        let location = Location::parse("/data/shard-0.tar").unwrap();
+        let tar = tar_of(&[
+            ("a.png", &[1; 700]),
+            ("a.txt", b"first"),
+            ("b.png", &[2; 700]),
+            ("b.txt", b"second"),
+        ]);
+        let cut = tar[..1800].to_vec();
+
+        let fault = ReadFault::default();
+        let failing = FailingAfter {
+            good: Cursor::new(cut.clone()),
+        };
+        let (result, reasons) = stream(&location, failing, &fault);
+        let error = result.expect_err("a failed read is an error of the run");
+        assert!(error.to_string().contains("/data/shard-0.tar"), "{error}");
+        assert!(!reasons.contains(&"truncated_archive"), "{reasons:?}");
+
+        // The same bytes, ending cleanly where they stop: the archive is cut short.
+        let fault = ReadFault::default();
+        let (result, reasons) = stream(&location, Cursor::new(cut), &fault);
+        result.unwrap();
+        assert_eq!(reasons, ["truncated_archive"]);
+    }
 }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::info;
 
+use crate::reading::{ReadFault, open_watched};
 use crate::{Error, RunOptions, ShardSet, begin_with_input, job_range, tool};
 use manifests::shards::text::{self, TextRow};
 use manifests::{Location, Manifest, StageRun, Upstream};
@@ -30,27 +31,36 @@ pub struct TextConfig {
 }
 
 impl TextConfig {
-    pub fn preset(input: &str) -> TextConfig {
-        TextConfig {
+    /// One set of settings under every preset name the pipeline uses (a corpus is read the
+    /// same way whatever the model's size), so `--preset tiny` given to every stage works; an
+    /// unknown name is refused.
+    pub fn preset(name: &str, input: &str) -> Result<TextConfig, Error> {
+        if !matches!(name, "tiny" | "default" | "paper") {
+            return Err(Error::Usage(format!(
+                "unknown preset '{name}' for ingest text (tiny, default: the same settings)"
+            )));
+        }
+        Ok(TextConfig {
             input: input.to_string(),
             text_field: "text".into(),
             min_chars: 16,
             shard_rows: 10_000,
-        }
+        })
     }
 }
 
+/// What a text file's name ends with, longest first (so `.json.gz` is removed whole).
+const TEXT_EXTENSIONS: [&str; 6] = [
+    ".jsonl.gz",
+    ".json.gz",
+    ".txt.gz",
+    ".jsonl",
+    ".json",
+    ".txt",
+];
+
 fn is_text_file(name: &str) -> bool {
-    [
-        ".json.gz",
-        ".jsonl.gz",
-        ".jsonl",
-        ".json",
-        ".txt",
-        ".txt.gz",
-    ]
-    .iter()
-    .any(|ext| name.ends_with(ext))
+    TEXT_EXTENSIONS.iter().any(|ext| name.ends_with(ext))
 }
 
 /// One unit of a text file before parsing: a JSON line, a blank-line-separated block of plain
@@ -63,7 +73,9 @@ enum Record {
 
 /// The records of one file in order, read as they are needed: a bucket object is fetched a few
 /// MiB at a time and a file of any size is never held whole. A truncated or corrupt compressed
-/// stream ends the file with one `truncated_file` record (what came before stays).
+/// stream ends the file with one `truncated_file` record (what came before stays). A failed
+/// read of the file itself (permission, network, I/O) ends the records and is kept in `fault`:
+/// the run stops on it.
 struct Records {
     /// A record to return before reading on.
     pending: Option<Record>,
@@ -72,11 +84,20 @@ struct Records {
     block: String,
     line_number: usize,
     raw: Vec<u8>,
+    fault: ReadFault,
 }
 
 impl Records {
-    fn open(location: &Location) -> Records {
-        let name = location.file_name();
+    /// The records of the file at `location`; one `unreadable` record if it is gone.
+    fn open(location: &Location) -> Result<Records, Error> {
+        let fault = ReadFault::default();
+        let source = open_watched(location, &fault)?;
+        let source = source.map(|reader| Box::new(reader) as Box<dyn Read>);
+        Ok(Records::over(location.file_name(), source, fault))
+    }
+
+    /// The records of file `name` read from `source` (watched by `fault`).
+    fn over(name: &str, source: Option<Box<dyn Read>>, fault: ReadFault) -> Records {
         let plain = name.ends_with(".txt") || name.ends_with(".txt.gz");
         let mut records = Records {
             pending: None,
@@ -85,8 +106,9 @@ impl Records {
             block: String::new(),
             line_number: 0,
             raw: Vec::new(),
+            fault,
         };
-        let Ok(source) = location.reader_from(0) else {
+        let Some(source) = source else {
             records.pending = Some(Record::Rejected("unreadable"));
             return records;
         };
@@ -122,6 +144,10 @@ impl Iterator for Records {
                     return self.take_block(self.line_number + 1);
                 }
                 Ok(_) => {}
+                Err(_) if self.fault.failed() => {
+                    self.reader = None;
+                    return None;
+                }
                 Err(_) => {
                     // The plain-text block read before the cut still counts, after this.
                     self.reader = None;
@@ -315,7 +341,20 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
             "{input}: no .json.gz, .jsonl, .json or .txt files"
         )));
     }
-    let mine = &files[job_range(files.len(), options.shard)];
+    let range = job_range(files.len(), options.shard);
+    let prefixes = crate::sources::key_prefixes(
+        &files,
+        &input,
+        |file| {
+            file.file_name()
+                .split('.')
+                .next()
+                .unwrap_or("doc")
+                .to_string()
+        },
+        &TEXT_EXTENSIONS,
+    );
+    let (mine, stems) = (&files[range.clone()], &prefixes[range]);
     let bar = manifests::progress::bar(
         mine.len() as u64,
         0,
@@ -329,12 +368,14 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
     // Files in order, each a part of `shard_rows` records at a time, parsed in parallel and
     // deduplicated in order: the shards do not depend on the thread count, and memory on the
     // part, not on the file.
-    for (index, file) in mine.iter().enumerate() {
+    for (index, (file, stem)) in mine.iter().zip(stems).enumerate() {
         let file_name = file.file_name().to_string();
-        let stem = file_name.split('.').next().unwrap_or("doc").to_string();
-        let mut records = Records::open(file);
+        let mut records = Records::open(file)?;
         for part in 0.. {
             let chunk: Vec<Record> = records.by_ref().take(part_records).collect();
+            if let Some(failed) = records.fault.error(file) {
+                return Err(failed);
+            }
             let read = chunk.len();
             if read == 0 && part > 0 {
                 break;
@@ -347,7 +388,7 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
                 let parsed: Vec<_> = chunk
                     .into_par_iter()
                     .map(|record| {
-                        let row = parse(record, &stem, config)?;
+                        let row = parse(record, stem, config)?;
                         if row.text.trim().chars().count() < config.min_chars {
                             return Err("too_short");
                         }
@@ -384,4 +425,55 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
     }
     bar.finish_and_clear();
     publish(&run, shards, ("files", mine.len()), "documents")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reading::{FailingAfter, Watched};
+    use std::io::{Cursor, Write};
+
+    fn records_of(source: impl Read + Send + 'static) -> (Vec<Record>, ReadFault) {
+        let fault = ReadFault::default();
+        let reader = Box::new(Watched::new(source, &fault));
+        let records = Records::over(
+            "c4-train.00000-of-01024.json.gz",
+            Some(reader),
+            fault.clone(),
+        );
+        (records.collect(), fault)
+    }
+
+    #[test]
+    fn a_failed_read_of_a_text_file_is_a_fault_and_a_cut_gzip_is_a_rejection() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        for n in 0..2000 {
+            writeln!(gz, r#"{{"text": "document number {n} with some words"}}"#).unwrap();
+        }
+        let gz = gz.finish().unwrap();
+        let cut = gz[..gz.len() / 2].to_vec();
+
+        let (records, fault) = records_of(FailingAfter {
+            good: Cursor::new(cut.clone()),
+        });
+        let location = Location::parse("/corpus/c4-train.00000-of-01024.json.gz").unwrap();
+        let error = fault.error(&location).expect("the failed read is kept");
+        assert!(
+            error.to_string().contains("c4-train.00000-of-01024"),
+            "{error}"
+        );
+        assert!(
+            !records
+                .iter()
+                .any(|r| matches!(r, Record::Rejected("truncated_file"))),
+            "a failed read is not the file's damage"
+        );
+
+        let (records, fault) = records_of(Cursor::new(cut));
+        assert!(fault.error(&location).is_none());
+        assert!(matches!(
+            records.last(),
+            Some(Record::Rejected("truncated_file"))
+        ));
+    }
 }

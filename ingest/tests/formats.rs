@@ -462,6 +462,53 @@ fn text_corpora_c4_gz_jsonl_and_plain() {
     assert!(rejected["duplicate"].as_u64().unwrap() >= 1);
 }
 
+/// C4's shards share the name before their first dot (`c4-train.00000-of-01024.json.gz`,
+/// `c4-train.00001-of-01024.json.gz`): their rows are keyed by the whole name without the
+/// extension, so no two documents share a key. A file whose short name is its own keeps it.
+#[test]
+fn text_keys_are_unique_across_files_that_share_a_short_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    for shard in 0..2 {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        for i in 0..3 {
+            let text = format!("shard {shard} holds document {i}");
+            writeln!(gz, "{}", json!({ "text": text })).unwrap();
+        }
+        let name = format!("c4-train.{shard:05}-of-01024.json.gz");
+        write(&src, &name, gz.finish().unwrap());
+    }
+    write(
+        &src,
+        "notes.jsonl",
+        "{\"text\": \"a note that is long enough\"}\n",
+    );
+    let out = dir.path().join("out");
+    let (code, text) = ingest(&[
+        "text",
+        "--input",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let (_, rows) = text_rows(out.to_str().unwrap());
+    let mut keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "c4-train.00000-of-01024-000000001",
+            "c4-train.00000-of-01024-000000002",
+            "c4-train.00000-of-01024-000000003",
+            "c4-train.00001-of-01024-000000001",
+            "c4-train.00001-of-01024-000000002",
+            "c4-train.00001-of-01024-000000003",
+            "notes-000000001",
+        ]
+    );
+}
+
 #[test]
 fn text_from_the_captions_of_a_pairs_stage_leaves_held_out_rows_out() {
     let dir = tempfile::tempdir().unwrap();

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{ingest_owned, pairs_args, pairs_rows, png, write};
+use common::{ingest_owned, pairs_args, pairs_rows, png, text_args, write};
 use manifests::digest_bytes;
 use serde_json::Value;
 
@@ -320,4 +320,62 @@ fn v1_manifests_still_read_verify_and_skip() {
     let written = std::fs::read(&manifest_path).unwrap();
     assert!(String::from_utf8_lossy(&written).contains("parti.manifest/v2"));
     assert_up_to_date(&run);
+}
+
+/// A folder of data beside a stage's output (here: inside `ingest synth`'s folder, whose
+/// manifest lists only its own files) is identified by its own files, not by the manifest one
+/// folder up: an edit to it reruns `ingest pairs` and `ingest text`. The synth folders themselves
+/// are still read through their manifest.
+#[test]
+fn a_manifest_above_the_input_that_does_not_list_it_hides_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let synth = dir.path().join("synth");
+    let (code, text) = ingest_owned(&[
+        "synth".into(),
+        "--out".into(),
+        synth.to_str().unwrap().into(),
+        "--images".into(),
+        "4".into(),
+        "--documents".into(),
+        "4".into(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let mine = synth.join("mine");
+    for i in 0..3u8 {
+        write(&mine, &format!("{i:03}.png"), png(48, 48, i));
+        write(&mine, &format!("{i:03}.txt"), format!("caption {i}"));
+    }
+    let corpus = synth.join("corpus");
+    write(
+        &corpus,
+        "notes.jsonl",
+        "{\"text\": \"a document long enough to keep\"}\n",
+    );
+
+    let pairs = pairs_args(&mine, &dir.path().join("pairs"), &["--size", "32"]);
+    let text = text_args(&corpus, &dir.path().join("text"), &[]);
+    let (code, out) = ingest_owned(&pairs);
+    assert_eq!(code, 0, "{out}");
+    let (manifest, _) = pairs_rows(dir.path().join("pairs").to_str().unwrap());
+    assert_eq!(manifest.inputs[0].kind, "source", "{:?}", manifest.inputs);
+    let (code, out) = ingest_owned(&text);
+    assert_eq!(code, 0, "{out}");
+    assert_skipped(&pairs);
+    assert_skipped(&text);
+
+    write(&mine, "001.txt", "caption 7");
+    assert_ran(&pairs, "001.txt");
+    write(
+        &corpus,
+        "notes.jsonl",
+        "{\"text\": \"another document, long enough too\"}\n",
+    );
+    assert_ran(&text, "notes.jsonl");
+
+    // The synth folders are the synth stage's output: read through its manifest.
+    let from_synth = dir.path().join("synth-pairs");
+    let (code, out) = ingest_owned(&pairs_args(&synth.join("pairs"), &from_synth, &[]));
+    assert_eq!(code, 0, "{out}");
+    let (manifest, _) = pairs_rows(from_synth.to_str().unwrap());
+    assert_eq!(manifest.inputs[0].kind, "manifest");
 }

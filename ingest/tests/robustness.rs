@@ -362,3 +362,81 @@ fn synth_output_is_ingested_through_its_manifest_and_tampering_is_refused() {
         "{text}"
     );
 }
+
+/// A named image that the disk fails to read (a symlink loop, which fails even for root, as a
+/// permission or I/O error would) stops the run with an error naming the file: the manifest
+/// never silently lacks the sample. A missing image is still the sample's rejection.
+#[test]
+fn an_image_the_disk_fails_to_read_fails_the_run_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write(&src, "good.png", png(40, 40, 1));
+    std::os::unix::fs::symlink("loop.png", src.join("loop.png")).unwrap();
+    write(
+        &src,
+        "list.csv",
+        "image,caption\ngood.png,a good one\ngone.png,missing\n",
+    );
+    let out = dir.path().join("out");
+    let args = |out: &std::path::Path| {
+        pairs_args(
+            &src.join("list.csv"),
+            out,
+            &["--size", "32", "--min-source-size", "8"],
+        )
+    };
+    let (code, text) = ingest_owned(&args(&out));
+    assert_eq!(code, 0, "{text}");
+    let (manifest, rows) = pairs_rows(out.to_str().unwrap());
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rejected(&manifest), json!({"missing_file": 1}));
+
+    write(
+        &src,
+        "list.csv",
+        "image,caption\ngood.png,a good one\nloop.png,unreadable\n",
+    );
+    let failed = dir.path().join("failed");
+    let (code, text) = ingest_owned(&args(&failed));
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains("loop.png"),
+        "the error names the file: {text}"
+    );
+    assert!(!failed.join("manifest.json").exists());
+}
+
+/// Flag values a stage would drop or ignore are refused, naming the flag: a non-finite or
+/// below-1 `--max-aspect-ratio` (a JSON config cannot hold `inf`/`NaN`, so it used to be
+/// dropped for the preset's value), an unknown `--preset` for `ingest text`, and `--seed` for
+/// stages that draw nothing at random.
+#[test]
+fn flags_a_stage_would_drop_or_ignore_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write(&src, "a.png", png(40, 40, 1));
+    write(&src, "a.txt", "a caption");
+    write(
+        &src,
+        "corpus.jsonl",
+        "{\"text\": \"a document long enough to keep\"}\n",
+    );
+    let out = dir.path().join("out");
+    let refused = |args: Vec<String>, flag: &str| {
+        let (code, text) = ingest_owned(&args);
+        assert_ne!(code, 0, "{args:?} was accepted: {text}");
+        assert!(text.contains(flag), "the error names {flag}: {text}");
+        assert!(!out.join("manifest.json").exists());
+    };
+    for ratio in ["inf", "NaN", "-inf", "0.5"] {
+        let flag = format!("--max-aspect-ratio={ratio}");
+        refused(pairs_args(&src, &out, &[&flag]), "--max-aspect-ratio");
+    }
+    refused(pairs_args(&src, &out, &["--seed", "3"]), "--seed");
+    let corpus = src.join("corpus.jsonl");
+    refused(text_args(&corpus, &out, &["--preset", "bogus"]), "bogus");
+    refused(text_args(&corpus, &out, &["--seed", "3"]), "--seed");
+
+    let (code, text) = ingest_owned(&text_args(&corpus, &out, &["--preset", "tiny"]));
+    assert_eq!(code, 0, "{text}");
+}

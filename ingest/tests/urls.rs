@@ -22,7 +22,12 @@ struct FaultServer {
     requests: Arc<Mutex<HashMap<(String, String), usize>>>,
     /// Makes `/flaky500.jpg` answer with its image (a server that recovered).
     recovered: Arc<AtomicBool>,
+    /// Called with each request's path before it is answered: a test's way to act at a known
+    /// point of a run.
+    on_request: RequestHook,
 }
+
+type RequestHook = Arc<Mutex<Option<Box<dyn FnMut(&str) + Send>>>>;
 
 impl FaultServer {
     fn start() -> FaultServer {
@@ -30,17 +35,19 @@ impl FaultServer {
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(Mutex::new(HashMap::new()));
         let recovered = Arc::new(AtomicBool::new(false));
-        let (counts, flag) = (requests.clone(), recovered.clone());
+        let on_request: RequestHook = Arc::new(Mutex::new(None));
+        let (counts, flag, hook) = (requests.clone(), recovered.clone(), on_request.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (counts, flag) = (counts.clone(), flag.clone());
-                std::thread::spawn(move || serve(stream, &counts, &flag));
+                let (counts, flag, hook) = (counts.clone(), flag.clone(), hook.clone());
+                std::thread::spawn(move || serve(stream, &counts, &flag, &hook));
             }
         });
         FaultServer {
             port,
             requests,
             recovered,
+            on_request,
         }
     }
 
@@ -115,6 +122,7 @@ fn serve(
     mut stream: TcpStream,
     counts: &Mutex<HashMap<(String, String), usize>>,
     recovered: &AtomicBool,
+    on_request: &RequestHook,
 ) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut request_line = String::new();
@@ -154,6 +162,9 @@ fn serve(
         *counts.entry((agent, path.clone())).or_default() += 1;
         before
     };
+    if let Some(hook) = on_request.lock().unwrap().as_mut() {
+        hook(&path);
+    }
     let jpeg_type = [("Content-Type", "image/jpeg".to_string())];
     let numbered = |prefix: &str| {
         path.strip_prefix(prefix)
@@ -162,6 +173,13 @@ fn serve(
     };
     if let Some(n) = numbered("/img/") {
         return respond(&mut stream, "200 OK", &jpeg_type, &image_number(n));
+    }
+    // Busy until the server recovers, then a distinct picture each.
+    if let Some(n) = numbered("/flaky/") {
+        return match recovered.load(Ordering::SeqCst) {
+            true => respond(&mut stream, "200 OK", &jpeg_type, &image_number(100 + n)),
+            false => respond(&mut stream, "503 Service Unavailable", &[], b"busy"),
+        };
     }
     if let Some(n) = numbered("/slow/") {
         std::thread::sleep(Duration::from_millis(25));
@@ -226,6 +244,12 @@ fn serve(
                 ("X-Robots-Tag", "noindex, noai".into()),
             ],
             &image_number(204),
+        ),
+        "/anim.gif" => respond(
+            &mut stream,
+            "200 OK",
+            &[("Content-Type", "image/gif".into())],
+            b"GIF89a\x01\0\x01\0\x80\0\0\xff\xff\xff\0\0\0,\0\0\0\0\x01\0\x01\0\0\x02\x02D\x01\0;",
         ),
         "/huge.jpg" => respond(&mut stream, "200 OK", &jpeg_type, &vec![0xFF; 200_000]),
         "/endless.jpg" => {
@@ -696,4 +720,239 @@ fn a_download_cache_serves_a_second_stage_of_the_same_list() {
     let (code, text) = ingest_owned(&args);
     assert_ne!(code, 0);
     assert!(text.contains("s3://bucket/downloads"), "{text}");
+}
+
+/// `--retry-failed` rewrites shards in place: it withdraws the manifest first, so no reader
+/// trusts digests that no longer hold, and writes each shard's failure record after the shard,
+/// so the two agree. A retry stopped between a shard and its record (here: the record's path is
+/// blocked) loses no row: the next retry ends with every row the server now serves.
+#[test]
+fn a_retry_stopped_between_a_shard_and_its_failure_record_loses_no_row() {
+    let server = FaultServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut urls = Vec::new();
+    for shard in 0..2 {
+        for n in shard * 3..shard * 3 + 3 {
+            urls.push((server.url(&format!("/img/{n}.jpg")), format!("picture {n}")));
+        }
+        urls.push((
+            server.url(&format!("/flaky/{shard}.jpg")),
+            format!("flaky {shard}"),
+        ));
+    }
+    let list = dir.path().join("urls.csv");
+    write_url_csv(&list, &urls);
+    let out = dir.path().join("out");
+    let args = |extra: &[&str]| {
+        let mut args = pairs_args(&list, &out, &["--shard-rows", "4", "--size", "32"]);
+        args.extend(FAST_LIMITS.iter().chain(extra).map(|s| s.to_string()));
+        args
+    };
+    let (code, text) = ingest_owned(&args(&[]));
+    assert_eq!(code, 0, "{text}");
+    let (manifest, rows) = pairs_rows(out.to_str().unwrap());
+    assert_eq!(rows.len(), 6);
+    assert_eq!(rejected(&manifest), json!({"http_5xx": 2}));
+
+    // Once the retry has read the failure records and fetches the second shard's row, that
+    // shard's record is blocked (a folder where the file goes), so the retry stops after writing
+    // the shard but before its record.
+    server.recovered.store(true, Ordering::SeqCst);
+    let record = out.join("failed/part-00000-00001.jsonl");
+    let blocked = record.clone();
+    *server.on_request.lock().unwrap() = Some(Box::new(move |path| {
+        if path == "/flaky/1.jpg" && blocked.is_file() {
+            std::fs::remove_file(&blocked).unwrap();
+            std::fs::create_dir(&blocked).unwrap();
+        }
+    }));
+    let (code, text) = ingest_owned(&args(&["--retry-failed"]));
+    assert_ne!(code, 0, "the blocked record fails the retry: {text}");
+    let manifest_file = out.join("manifest.json");
+    if manifest_file.exists() {
+        let (upstream, _) = manifests::Upstream::read(out.to_str().unwrap()).unwrap();
+        let problems = upstream.manifest.verify(&upstream.location, true);
+        assert!(
+            problems.is_empty(),
+            "a manifest left in place must still hold: {problems:?}"
+        );
+    }
+
+    *server.on_request.lock().unwrap() = None;
+    std::fs::remove_dir(&record).unwrap();
+    let (code, text) = ingest_owned(&args(&["--retry-failed"]));
+    assert_eq!(code, 0, "{text}");
+    let (manifest, rows) = pairs_rows(out.to_str().unwrap());
+    assert_eq!(
+        sorted_keys(&rows).len(),
+        8,
+        "every row the server now serves"
+    );
+    assert_eq!(rejected(&manifest), json!({}));
+    for shard in ["part-00000-00000", "part-00000-00001"] {
+        let record = std::fs::read_to_string(out.join(format!("failed/{shard}.jsonl"))).unwrap();
+        assert_eq!(
+            record, "",
+            "the failure record of {shard} agrees with its shard"
+        );
+    }
+}
+
+/// A URL list beside an img2dataset container, stopped after the URL list's shard (its failure
+/// record's path is blocked) and run again: the resumed run keeps both, and lists its shards
+/// in the uninterrupted run's order, with the same rows and metrics.
+#[test]
+fn a_resumed_run_of_urls_and_a_container_equals_the_uninterrupted_one() {
+    let server = FaultServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input");
+    let samples: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|n| (format!("c{n}"), png(40, 40, 60 + n as u8)))
+        .collect();
+    write(&input, "a.parquet", img2dataset_parquet(&samples, 2));
+    let urls = [server.url("/img/0.jpg"), server.url("/img/1.jpg")];
+    let captions = ["zero", "one"].map(String::from);
+    write_string_parquet(
+        &input.join("b.parquet"),
+        &[("url", &urls), ("caption", &captions)],
+    );
+    let args = |out: &Path| {
+        let mut args = pairs_args(&input, out, &["--shard-rows", "2", "--size", "32"]);
+        args.extend(FAST_LIMITS.iter().map(|s| s.to_string()));
+        args
+    };
+    let reference = dir.path().join("reference");
+    let (code, text) = ingest_owned(&args(&reference));
+    assert_eq!(code, 0, "{text}");
+
+    let out = dir.path().join("out");
+    let record = out.join("failed/part-00000-00001.jsonl");
+    let blocked = record.clone();
+    *server.on_request.lock().unwrap() = Some(Box::new(move |_| {
+        let _ = std::fs::create_dir_all(&blocked);
+    }));
+    let (code, text) = ingest_owned(&args(&out));
+    assert_ne!(code, 0, "the blocked record stops the run: {text}");
+    assert!(out.join("pairs/part-00000-00001.parquet").exists());
+    *server.on_request.lock().unwrap() = None;
+    std::fs::remove_dir(&record).unwrap();
+
+    let (code, text) = ingest_owned(&args(&out));
+    assert_eq!(code, 0, "{text}");
+    assert_same_as_reference(&out, &reference, 5, pairs_rows);
+}
+
+/// A URL carrying credentials (user name and password, a presigned signature in its query)
+/// is fetched as given, but neither the shard's `source` column, the manifest, the failure
+/// records nor the logs (at debug level, with a retry to log) hold them.
+#[test]
+fn credentials_in_urls_stay_out_of_shards_manifests_and_logs() {
+    let server = FaultServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let with_secrets = |path: &str| {
+        format!(
+            "http://reader:hunter2@127.0.0.1:{}{path}?X-Amz-Signature=f00dfeed&sig=s3cr3t",
+            server.port
+        )
+    };
+    let urls = [
+        (with_secrets("/img/9.jpg"), "nine".to_string()),
+        (with_secrets("/429-once.jpg"), "busy once".to_string()),
+        (with_secrets("/404.jpg"), "gone".to_string()),
+    ];
+    let list = dir.path().join("urls.csv");
+    write_url_csv(&list, &urls);
+    let out = dir.path().join("out");
+    let mut args = pairs_args(&list, &out, &["--size", "32"]);
+    args.extend(FAST_LIMITS.iter().map(|s| s.to_string()));
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ingest"))
+        .args(&args)
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    let logs = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{logs}");
+    assert!(logs.contains("retrying"), "the retry is logged: {logs}");
+
+    let (manifest, rows) = pairs_rows(out.to_str().unwrap());
+    assert_eq!(rows.len(), 2);
+    let mut written: Vec<String> = rows.iter().map(|r| r.source.clone()).collect();
+    written.push(logs);
+    written.push(serde_json::to_string(&manifest).unwrap());
+    for file in manifests::testing::files_below(&out) {
+        written.push(String::from_utf8_lossy(&std::fs::read(file).unwrap()).into_owned());
+    }
+    for text in &written {
+        for secret in ["hunter2", "f00dfeed", "s3cr3t", "X-Amz-Signature"] {
+            assert!(!text.contains(secret), "'{secret}' was kept");
+        }
+    }
+    assert!(rows.iter().all(|r| r.source.starts_with(&server.url("/"))));
+    assert_ne!(rows[0].source, rows[1].source);
+}
+
+/// Parquet URL lists are found recursively: `2023/urls.parquet` and `2024/urls.parquet` key
+/// their rows by their path (without `.parquet`), so no two rows share a key, while a list
+/// whose file name is its own keeps the plain `{name}-{row}` keys.
+#[test]
+fn parquet_url_lists_in_subfolders_key_their_rows_apart() {
+    let server = FaultServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("lists");
+    for (n, path) in ["2023/urls.parquet", "2024/urls.parquet", "extra.parquet"]
+        .iter()
+        .enumerate()
+    {
+        write_string_parquet(
+            &input.join(path),
+            &[
+                ("url", &[server.url(&format!("/img/{n}.jpg"))]),
+                ("caption", &[format!("caption {n}")]),
+            ],
+        );
+    }
+    let (_, rows) = downloaded(&input, dir.path(), "out", &[]);
+    assert_eq!(
+        sorted_keys(&rows),
+        [
+            "2023/urls-000000000",
+            "2024/urls-000000000",
+            "extra-000000000"
+        ]
+    );
+}
+
+/// A GIF is a picture this build does not decode: refused at its first bytes as
+/// `unsupported_format`, neither downloaded whole nor counted as a decode error, and kept as
+/// such in the download cache.
+#[test]
+fn a_downloaded_gif_is_an_unsupported_format() {
+    let server = FaultServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("urls.csv");
+    write_url_csv(&list, &server.images_then_faults(2, &["/anim.gif"]));
+    let cache = dir.path().join("downloads");
+    for name in ["first", "cached"] {
+        let (manifest, rows) = downloaded(
+            &list,
+            dir.path(),
+            name,
+            &["--size", "32", "--download-cache", cache.to_str().unwrap()],
+        );
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rejected(&manifest), json!({"unsupported_format": 1}));
+    }
+    assert_eq!(server.count("/anim.gif"), 1, "the cache keeps the refusal");
+    let kept = |extension: &str| {
+        manifests::testing::files_below(&cache)
+            .iter()
+            .filter(|file| file.extension().is_some_and(|e| e == extension))
+            .count()
+    };
+    assert_eq!(
+        (kept("image"), kept("failed")),
+        (2, 1),
+        "the GIF is refused before it is kept as an image"
+    );
 }

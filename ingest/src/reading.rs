@@ -1,0 +1,313 @@
+//! Reading input files so that a failure of the store or disk under them (permission, network,
+//! KMS, I/O) is told apart from damage in their bytes (a bad tar, a bad gzip stream, a parquet
+//! file cut short). Damage is the file's fault: its samples are counted as rejected and the run
+//! goes on. A failed read says nothing about the file: the run stops with an error naming it,
+//! rather than publishing a manifest that silently lacks its rows.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read, Seek, SeekFrom};
+use std::ops::ControlFlow;
+use std::sync::{Arc, OnceLock};
+
+use arrow_array::RecordBatch;
+use bytes::Bytes;
+use manifests::Location;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::errors::ParquetError;
+
+use crate::Error;
+
+/// The first failure of the store or disk under a [`Watched`] reader, if any.
+#[derive(Clone, Default)]
+pub struct ReadFault(Arc<OnceLock<String>>);
+
+impl ReadFault {
+    fn note(&self, error: &dyn std::fmt::Display) {
+        let _ = self.0.set(error.to_string());
+    }
+
+    /// Whether the store or disk failed under a reader of the file.
+    pub fn failed(&self) -> bool {
+        self.0.get().is_some()
+    }
+
+    /// The run's error for `location` if the store or disk failed under a reader of it.
+    pub fn error(&self, location: &Location) -> Option<Error> {
+        self.0
+            .get()
+            .map(|message| Error::Io(format!("cannot read {location}: {message}")))
+    }
+}
+
+/// A reader over the raw bytes of a file that notes in its [`ReadFault`] any error of the
+/// source itself, before a decoder above it turns that error into one of its own.
+pub struct Watched<R> {
+    inner: R,
+    fault: ReadFault,
+}
+
+impl<R> Watched<R> {
+    pub fn new(inner: R, fault: &ReadFault) -> Watched<R> {
+        Watched {
+            inner,
+            fault: fault.clone(),
+        }
+    }
+}
+
+impl<R: Read> Read for Watched<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(out).inspect_err(|e| {
+            // Interrupted reads are retried by every caller; they are no failure.
+            if e.kind() != ErrorKind::Interrupted {
+                self.fault.note(e);
+            }
+        })
+    }
+}
+
+/// Whether a local read error means "no file there" (the sample's rejection) rather than a
+/// failing disk or a permission problem.
+fn is_absent(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::NotFound | ErrorKind::NotADirectory | ErrorKind::IsADirectory
+    )
+}
+
+/// The bytes of the file at `location`; `None` when there is no file there (a missing image is
+/// a rejection of its sample), an error naming the file when the store or disk fails.
+pub fn read_object(location: &Location) -> Result<Option<Bytes>, Error> {
+    if let Some(path) = location.local_path() {
+        return match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(Bytes::from(bytes))),
+            Err(e) if is_absent(e.kind()) => Ok(None),
+            Err(e) => Err(Error::Io(format!("cannot read {location}: {e}"))),
+        };
+    }
+    match location.get() {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(manifests::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A sequential reader of the file at `location` from its start, watched by `fault`; `None`
+/// when there is no file there.
+pub fn open_watched(
+    location: &Location,
+    fault: &ReadFault,
+) -> Result<Option<Watched<Box<dyn Read + Send>>>, Error> {
+    match location.reader_from(0) {
+        Ok(reader) => Ok(Some(Watched::new(reader, fault))),
+        Err(manifests::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A parquet file's bytes, local or in a bucket, with every failed read noted.
+struct WatchedParquet {
+    source: ParquetSource,
+    size: u64,
+    fault: ReadFault,
+}
+
+enum ParquetSource {
+    Local(File),
+    Bucket(Location),
+}
+
+impl WatchedParquet {
+    /// A read past the end is damage (a file cut short), not a failed read.
+    fn check_range(&self, start: u64, length: u64) -> parquet::errors::Result<()> {
+        if start.saturating_add(length) > self.size {
+            return Err(ParquetError::EOF(format!(
+                "{length} bytes at offset {start} of a {}-byte file",
+                self.size
+            )));
+        }
+        Ok(())
+    }
+
+    fn failed(&self, error: impl std::fmt::Display) -> ParquetError {
+        self.fault.note(&error);
+        ParquetError::General(error.to_string())
+    }
+
+    fn local_at(&self, file: &File, start: u64) -> parquet::errors::Result<File> {
+        let mut file = file.try_clone().map_err(|e| self.failed(e))?;
+        file.seek(SeekFrom::Start(start))
+            .map_err(|e| self.failed(e))?;
+        Ok(file)
+    }
+}
+
+impl parquet::file::reader::Length for WatchedParquet {
+    fn len(&self) -> u64 {
+        self.size
+    }
+}
+
+impl parquet::file::reader::ChunkReader for WatchedParquet {
+    type T = Watched<Box<dyn Read + Send>>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        self.check_range(start, 0)?;
+        let reader: Box<dyn Read + Send> = match &self.source {
+            ParquetSource::Local(file) => {
+                Box::new(std::io::BufReader::new(self.local_at(file, start)?))
+            }
+            ParquetSource::Bucket(location) => location.ranged_reader(start, self.size),
+        };
+        Ok(Watched::new(reader, &self.fault))
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        self.check_range(start, length as u64)?;
+        match &self.source {
+            ParquetSource::Local(file) => {
+                let mut buffer = vec![0; length];
+                match self.local_at(file, start)?.read_exact(&mut buffer) {
+                    Ok(()) => Ok(Bytes::from(buffer)),
+                    // The file shrank since its size was read: cut short, as damage.
+                    Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
+                        Err(ParquetError::EOF(e.to_string()))
+                    }
+                    Err(e) => Err(self.failed(e)),
+                }
+            }
+            ParquetSource::Bucket(location) => location
+                .get_range(start..start + length as u64)
+                .map_err(|e| self.failed(e)),
+        }
+    }
+}
+
+/// Hands `each` the record batches of the parquet file at `location`, `batch_rows` rows at a
+/// time, holding at most one row group's column chunks in memory, until `each` breaks.
+/// `Ok(Err(why))`: the file is damaged (not parquet, cut short), after the batches before the
+/// damage. `Err`: the store or disk failed, or `each` did: the run stops.
+pub fn stream_parquet(
+    location: &Location,
+    batch_rows: usize,
+    each: &mut dyn FnMut(RecordBatch) -> Result<ControlFlow<()>, Error>,
+) -> Result<Result<(), String>, Error> {
+    let (source, size) = match location.local_path() {
+        Some(path) => {
+            let (file, size) = File::open(&path)
+                .and_then(|file| Ok((file.metadata()?.len(), file)))
+                .map(|(size, file)| (file, size))
+                .map_err(|e| Error::Io(format!("cannot read {location}: {e}")))?;
+            (ParquetSource::Local(file), size)
+        }
+        None => (ParquetSource::Bucket(location.clone()), location.size()?),
+    };
+    stream_watched(
+        WatchedParquet {
+            source,
+            size,
+            fault: ReadFault::default(),
+        },
+        location,
+        batch_rows,
+        each,
+    )
+}
+
+/// [`stream_parquet`] over bytes already opened.
+fn stream_watched(
+    reader: WatchedParquet,
+    location: &Location,
+    batch_rows: usize,
+    each: &mut dyn FnMut(RecordBatch) -> Result<ControlFlow<()>, Error>,
+) -> Result<Result<(), String>, Error> {
+    let fault = reader.fault.clone();
+    let damaged = |error: ParquetError| match fault.error(location) {
+        Some(failed) => Err(failed),
+        None => Ok(Err(error.to_string())),
+    };
+    let batches = match ParquetRecordBatchReaderBuilder::try_new(reader)
+        .and_then(|builder| builder.with_batch_size(batch_rows.max(1)).build())
+    {
+        Ok(batches) => batches,
+        Err(e) => return damaged(e),
+    };
+    for batch in batches {
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => return damaged(e.into()),
+        };
+        if each(batch)?.is_break() {
+            break;
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// A source that gives `good` bytes, then fails as a disk or a network does.
+#[cfg(test)]
+pub(crate) struct FailingAfter {
+    pub good: std::io::Cursor<Vec<u8>>,
+}
+
+#[cfg(test)]
+impl Read for FailingAfter {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        match self.good.read(out)? {
+            0 => Err(std::io::Error::other("connection reset by the store")),
+            n => Ok(n),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A parquet file whose reads fail as a disk does (`EIO`), even for root: the first page
+    /// of `/proc/self/mem` is never mapped.
+    fn failing_parquet(size: u64) -> WatchedParquet {
+        WatchedParquet {
+            source: ParquetSource::Local(File::open("/proc/self/mem").unwrap()),
+            size,
+            fault: ReadFault::default(),
+        }
+    }
+
+    #[test]
+    fn a_failed_parquet_read_stops_the_run_and_damage_does_not() {
+        let location = Location::parse("/data/part-0.parquet").unwrap();
+        let mut each = |_| Ok(ControlFlow::Continue(()));
+        let failed = stream_watched(failing_parquet(4096), &location, 8, &mut each);
+        let error = failed.expect_err("a failed read is an error").to_string();
+        assert!(error.contains("/data/part-0.parquet"), "{error}");
+
+        // A file cut short (here: of zero bytes) is damage: the caller counts a rejection.
+        let damaged = stream_watched(failing_parquet(0), &location, 8, &mut each);
+        assert!(matches!(damaged, Ok(Err(_))), "{damaged:?}");
+    }
+
+    #[test]
+    fn a_failed_source_read_is_noted_and_a_clean_end_is_not() {
+        let location = Location::parse("/data/x.tar").unwrap();
+        let fault = ReadFault::default();
+        let mut reader = Watched::new(
+            FailingAfter {
+                good: std::io::Cursor::new(vec![1, 2, 3]),
+            },
+            &fault,
+        );
+        let mut all = Vec::new();
+        assert!(reader.read_to_end(&mut all).is_err());
+        let error = fault.error(&location).unwrap().to_string();
+        assert!(
+            error.contains("/data/x.tar") && error.contains("reset"),
+            "{error}"
+        );
+
+        let clean = ReadFault::default();
+        let mut reader = Watched::new(std::io::Cursor::new(vec![1, 2, 3]), &clean);
+        reader.read_to_end(&mut all).unwrap();
+        assert!(clean.error(&location).is_none());
+    }
+}

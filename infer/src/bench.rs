@@ -221,7 +221,7 @@ async fn load(
     let url = format!("http://{address}/v1/generate");
     let max_batch = config.max_batch;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (read_timeout, grace) = (config.read_timeout, config.timeout);
+    let limits = config.connection_limits();
     let router = crate::serve::router(worker.clone(), config);
     let server = tokio::spawn(crate::serve::serve(
         listener,
@@ -229,8 +229,7 @@ async fn load(
         async {
             let _ = stopped.await;
         },
-        read_timeout,
-        grace,
+        limits,
     ));
     let client = reqwest::Client::new();
     let prompts: Vec<String> = crate::eval::eval_objects(clients)

@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use infer::sample::{Generator, SamplingSettings};
 use infer::serve::{
-    DEFAULT_MAX_BATCH, DEFAULT_QUEUE, ServeConfig, router, shutdown_signal, spawn_worker,
+    DEFAULT_MAX_BATCH, DEFAULT_MAX_CONNECTIONS, DEFAULT_QUEUE, ServeConfig, router,
+    shutdown_signal, spawn_worker,
 };
 use infer::{EVAL_CAPTIONS, EVAL_PROMPTS, EvalConfig, evaluate, generate_to, sampling_settings};
 use serde_json::json;
@@ -233,6 +234,9 @@ struct ServeArgs {
     /// Seconds a client may take to send a request's headers, and then its body.
     #[arg(long, default_value_t = 10.0)]
     read_timeout_s: f64,
+    /// Connections served at once; more wait to be accepted.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
     #[arg(long, default_value_t = 500)]
     max_prompt_chars: usize,
     /// Milliseconds without a new request the sampler waits for before it starts a round
@@ -254,12 +258,17 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     let timeout = seconds(args.timeout_s, "--timeout-s")?;
     let read_timeout = seconds(args.read_timeout_s, "--read-timeout-s")?;
+    anyhow::ensure!(
+        args.max_connections > 0,
+        "--max-connections must be at least 1"
+    );
     let config = ServeConfig {
         max_batch: args.max_batch,
         max_rows: args.max_rows,
         queue: args.queue,
         timeout,
         read_timeout,
+        max_connections: args.max_connections,
         max_prompt_chars: args.max_prompt_chars,
         batch_wait: Duration::from_millis(args.batch_wait_ms),
         batch_wait_limit: Duration::from_millis(args.batch_wait_limit_ms),
@@ -276,14 +285,12 @@ fn serve(args: ServeArgs) -> Result<()> {
             "infer serve: listening on http://{}",
             listener.local_addr()?
         );
-        // Requests in progress when the signal comes get as long to finish as any request.
-        let grace = config.timeout;
+        let limits = config.connection_limits();
         infer::serve::serve(
             listener,
             router(worker.clone(), config),
             shutdown_signal(),
-            read_timeout,
-            grace,
+            limits,
         )
         .await
         .context("serving")

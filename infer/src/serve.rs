@@ -80,6 +80,9 @@ pub struct ServeConfig {
     /// connection is closed (headers) or answered with 408 (body): slow or stalled clients
     /// must not hold connections, or the shutdown, for ever.
     pub read_timeout: Duration,
+    /// Connections served at once; more wait in the listen queue until one closes, so a flood
+    /// of clients costs neither unbounded memory nor file descriptors.
+    pub max_connections: usize,
     pub max_prompt_chars: usize,
     /// How long the worker waits, after the latest request arrived, for others to join its
     /// round before it starts (0: start at once with whatever is waiting). Requests sent
@@ -98,6 +101,10 @@ pub struct ServeConfig {
 /// round or two, more wait, and 503 is left for a queue four times that.
 pub const DEFAULT_MAX_BATCH: usize = 64;
 pub const DEFAULT_QUEUE: usize = 256;
+
+/// Connections at once by default: two per queue place (a queued request holds its
+/// connection), within the common limit of 1024 open files per process.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 
 /// The KV cache a round may hold by default ([`default_max_rows`]).
 pub const DEFAULT_CACHE_BYTES: usize = 4 << 30;
@@ -133,6 +140,7 @@ impl ServeConfig {
             queue: DEFAULT_QUEUE,
             timeout: Duration::from_secs(120),
             read_timeout: Duration::from_secs(10),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             max_prompt_chars: 500,
             batch_wait: Duration::from_millis(5),
             batch_wait_limit: Duration::from_millis(50),
@@ -803,22 +811,52 @@ fn encode(generated: &Generated, size: usize, format: Format) -> Result<Vec<Enco
         .collect()
 }
 
-/// Serves `router` on `listener` (HTTP/1) until `shutdown` completes, then lets requests in
-/// progress finish for at most `grace` before closing their connections. A client gets
-/// `read_timeout` to send a request's headers (its body's limit is [`body_within`]'s).
+/// How [`serve`] treats connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Time a client has to send a request's headers (its body's is [`body_within`]'s).
+    pub read_timeout: Duration,
+    /// Time the connections open at the shutdown signal get to finish.
+    pub grace: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+}
+
+impl ServeConfig {
+    /// This config's limits for [`serve`]: the requests in progress when the shutdown signal
+    /// comes get as long to finish as any request may take.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            read_timeout: self.read_timeout,
+            grace: self.timeout,
+            max_connections: self.max_connections,
+        }
+    }
+}
+
+/// Serves `router` on `listener` (HTTP/1) until `shutdown` completes, then lets the requests in
+/// progress finish within `limits.grace` before closing their connections.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    read_timeout: Duration,
-    grace: Duration,
+    limits: ConnectionLimits,
 ) -> std::io::Result<()> {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(read_timeout);
+        .header_read_timeout(limits.read_timeout);
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    let places = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        // A place first: at the limit, clients wait in the listen queue, not in memory.
+        let place = tokio::select! {
+            place = Arc::clone(&places).acquire_owned() => match place {
+                Ok(place) => place,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -839,16 +877,17 @@ pub async fn serve(
             if let Err(e) = connection.await {
                 debug!("connection ended: {e}");
             }
+            drop(place);
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, connections.shutdown())
+    if tokio::time::timeout(limits.grace, connections.shutdown())
         .await
         .is_err()
     {
         warn!(
             "connections still open {:.1} s after the shutdown signal are closed",
-            grace.as_secs_f64()
+            limits.grace.as_secs_f64()
         );
     }
     Ok(())

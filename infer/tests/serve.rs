@@ -76,15 +76,14 @@ async fn start_with_upscaler(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
-    let (read_timeout, grace) = (config.read_timeout, config.timeout);
+    let limits = config.connection_limits();
     let served = tokio::spawn(serve(
         listener,
         router(worker.clone(), config),
         async {
             let _ = stopped.await;
         },
-        read_timeout,
-        grace,
+        limits,
     ));
     Server {
         url,
@@ -645,6 +644,34 @@ async fn stalled_and_oversized_requests_are_cut_off_and_shutdown_is_bounded() {
         .expect("the shutdown waited on a stalled client")
         .unwrap()
         .unwrap();
+}
+
+/// At `max_connections`, a further client waits to be accepted (no task, no buffers) until a
+/// connection closes, and is then served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_past_the_connection_limit_waits_for_a_place() {
+    let server = start(|sampling| ServeConfig {
+        max_connections: 1,
+        read_timeout: Duration::from_secs(600),
+        ..ServeConfig::new(sampling)
+    })
+    .await;
+    let stalled = server
+        .stalled("POST /v1/generate HTTP/1.1\r\nHost: test\r\n")
+        .await;
+    let waiting = server.generate(json!({"prompt": "a red circle"}));
+    tokio::pin!(waiting);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), &mut waiting)
+            .await
+            .is_err(),
+        "served past the connection limit"
+    );
+    drop(stalled);
+    let answer = tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("not served once the place was free");
+    assert_eq!(answer.status, 200);
 }
 
 /// `chromium --dump-dom` of `url`, or `None` without a chromium.

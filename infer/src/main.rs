@@ -69,13 +69,13 @@ struct BenchArgs {
 #[derive(Args)]
 struct SamplingArgs {
     /// Classifier-free guidance scale (1: off; Parti used 1.2).
-    #[arg(long)]
+    #[arg(long, value_parser = manifests::cli::finite_f64)]
     guidance: Option<f64>,
-    #[arg(long)]
+    #[arg(long, value_parser = manifests::cli::finite_f64)]
     temperature: Option<f64>,
     #[arg(long)]
     top_k: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = manifests::cli::finite_f64)]
     top_p: Option<f64>,
     /// Samples per prompt; the reranker keeps the best `--keep`.
     #[arg(long)]

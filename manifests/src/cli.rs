@@ -37,11 +37,28 @@ pub struct JobArgs {
     pub num_shards: Option<u32>,
 }
 
-const INDEX_VARIABLES: [&str; 3] = [
+const INDEX_VARIABLES: [&str; 4] = [
     "JOB_COMPLETION_INDEX",
     "AWS_BATCH_JOB_ARRAY_INDEX",
     "CLOUD_RUN_TASK_INDEX",
+    "BATCH_TASK_INDEX",
 ];
+
+/// Where schedulers put the number of jobs (Cloud Run and Google Cloud Batch; Kubernetes and
+/// AWS Batch do not, so pass `--num-shards` there).
+const COUNT_VARIABLES: [&str; 2] = ["CLOUD_RUN_TASK_COUNT", "BATCH_TASK_COUNT"];
+
+/// A clap value parser for a finite number. `inf` and `NaN` cannot live in JSON: they would
+/// reach a config as null, which means "not given", and leave the preset's value in force
+/// without a word.
+pub fn finite_f64(value: &str) -> Result<f64, String> {
+    let number: f64 = value.trim().parse().map_err(|e| format!("{e}"))?;
+    if number.is_finite() {
+        Ok(number)
+    } else {
+        Err(format!("'{value}' is not a finite number"))
+    }
+}
 
 impl JobArgs {
     pub fn shard(&self) -> Result<ShardSpec, Error> {
@@ -66,8 +83,10 @@ impl JobArgs {
         };
         let count = match self.num_shards {
             Some(count) => Some(count),
-            None => env("CLOUD_RUN_TASK_COUNT")
-                .map(|v| parse("CLOUD_RUN_TASK_COUNT", v))
+            None => COUNT_VARIABLES
+                .iter()
+                .find_map(|name| env(name).map(|v| (name, v)))
+                .map(|(name, value)| parse(name, value))
                 .transpose()?,
         };
         match (index, count) {
@@ -75,6 +94,11 @@ impl JobArgs {
             (Some(_), None) => Err(Error::Usage(
                 "a job index is set but not the number of jobs: pass --num-shards".into(),
             )),
+            // Every job of the array would take slice 0 and write the same part manifest.
+            (None, Some(count)) if count > 1 => Err(Error::Usage(format!(
+                "{count} jobs but no job index: pass --shard-index, or set one of {}",
+                INDEX_VARIABLES.join(", ")
+            ))),
             (index, Some(count)) => {
                 let index = index.unwrap_or(0);
                 if count == 0 || index >= count {
@@ -142,5 +166,26 @@ mod tests {
             num_shards: Some(8),
         };
         assert!(out_of_range.shard_with(|_| None).is_err());
+        // A job count without an index would give every job slice 0.
+        let count_only = JobArgs {
+            shard_index: None,
+            num_shards: Some(4),
+        };
+        let no_index = count_only.shard_with(|_| None).unwrap_err().to_string();
+        assert!(no_index.contains("no job index"), "{no_index}");
+        let google_batch = |name: &str| match name {
+            "BATCH_TASK_INDEX" => Some("2".to_string()),
+            "BATCH_TASK_COUNT" => Some("4".to_string()),
+            _ => None,
+        };
+        assert_eq!(
+            JobArgs::default().shard_with(google_batch).unwrap(),
+            ShardSpec { index: 2, count: 4 }
+        );
+        let one = JobArgs {
+            shard_index: None,
+            num_shards: Some(1),
+        };
+        assert_eq!(one.shard_with(|_| None).unwrap(), ShardSpec::single());
     }
 }

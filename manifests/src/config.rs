@@ -30,6 +30,13 @@ pub fn layered<T: Serialize + DeserializeOwned>(
             source_name: uri.to_string(),
             reason: e.to_string(),
         })?;
+        // JSON has no inf or NaN: they would become null, read as "not given".
+        if let Some((key, number)) = non_finite(&table, "") {
+            return Err(Error::Config {
+                source_name: uri.to_string(),
+                reason: format!("{key} = {number}: a setting must be a finite number"),
+            });
+        }
         let from_file = serde_json::to_value(table).map_err(|e| Error::Config {
             source_name: uri.to_string(),
             reason: e.to_string(),
@@ -37,9 +44,39 @@ pub fn layered<T: Serialize + DeserializeOwned>(
         merge_into(&mut value, from_file);
     }
     merge_into(&mut value, overrides);
-    serde_json::from_value(value).map_err(|e| Error::Config {
-        source_name: file.unwrap_or("command line").to_string(),
-        reason: e.to_string(),
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        Error::Config {
+            source_name: file.unwrap_or("command line").to_string(),
+            reason: if path == "." {
+                e.into_inner().to_string()
+            } else {
+                format!("{path}: {}", e.into_inner())
+            },
+        }
+    })
+}
+
+/// The first float of `table` that is infinite or NaN, with its key path (`inner.rates[2]`).
+fn non_finite(table: &toml::Table, prefix: &str) -> Option<(String, f64)> {
+    fn walk(value: &toml::Value, path: String) -> Option<(String, f64)> {
+        match value {
+            toml::Value::Float(number) if !number.is_finite() => Some((path, *number)),
+            toml::Value::Table(table) => non_finite(table, &path),
+            toml::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, item)| walk(item, format!("{path}[{i}]"))),
+            _ => None,
+        }
+    }
+    table.iter().find_map(|(key, value)| {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        walk(value, path)
     })
 }
 
@@ -120,5 +157,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("c.toml") && err.contains("sise"), "{err}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[inner]\nsteps = \"ten\"\n").unwrap();
+        let err = layered(&preset(), Some(file.to_str().unwrap()), Value::Null)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("c.toml") && err.contains("inner.steps"),
+            "{err}"
+        );
+    }
+
+    /// TOML has inf and nan, JSON has not: such a value used to become null ("not given") and
+    /// leave the preset's value in force.
+    #[test]
+    fn an_infinite_or_nan_setting_is_refused_naming_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        for text in ["[inner]\nrate = inf\n", "[inner]\nrate = nan\n"] {
+            std::fs::write(&file, text).unwrap();
+            let err = layered(&preset(), Some(file.to_str().unwrap()), Value::Null)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("inner.rate") && err.contains("finite"),
+                "{err}"
+            );
+        }
+        assert!(crate::cli::finite_f64("inf").is_err());
+        assert!(crate::cli::finite_f64("NaN").is_err());
+        assert_eq!(crate::cli::finite_f64("2.5"), Ok(2.5));
     }
 }

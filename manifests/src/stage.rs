@@ -467,7 +467,10 @@ impl StageRun {
     }
 
     /// The latest checkpoint of an interrupted run with this config and inputs: its step and
-    /// its files by name, each verified by digest. `None` when there is none or it is damaged.
+    /// its files by name, each verified by digest. `None` when there is none or it is damaged
+    /// (a file missing, cut short or altered); an error when the storage fails to read it, so a
+    /// passing network error neither restarts the run from step 0 nor lets its next save
+    /// delete the checkpoint it could not read.
     pub fn load_checkpoint(&self) -> Result<Option<Checkpoint>, Error> {
         let Some((step, entries)) = self.checkpoint_index()? else {
             return Ok(None);
@@ -479,10 +482,15 @@ impl StageRun {
                     let name = entry.uri.rsplit('/').next().unwrap_or_default().to_string();
                     files.push((name, bytes));
                 }
-                Err(e) => {
-                    info!("ignoring the checkpoint of step {step}: {e}");
+                Err(
+                    e @ (Error::NotFound { .. }
+                    | Error::SizeMismatch { .. }
+                    | Error::DigestMismatch { .. }),
+                ) => {
+                    info!("ignoring the damaged checkpoint of step {step}: {e}");
                     return Ok(None);
                 }
+                Err(e) => return Err(e),
             }
         }
         Ok(Some(Checkpoint { step, files }))

@@ -50,8 +50,7 @@ fn block_on<F: Future>(future: F) -> F::Output {
 fn store_for(url: &Url) -> Result<Arc<dyn ObjectStore>, Error> {
     static STORES: OnceLock<Mutex<HashMap<String, Arc<dyn ObjectStore>>>> = OnceLock::new();
     let scheme = url.scheme();
-    let bucket = url.host_str().unwrap_or_default();
-    let cache_key = format!("{scheme}://{bucket}");
+    let cache_key = format!("{scheme}://{}", bucket_of(url));
     let mut stores = STORES
         .get_or_init(Default::default)
         .lock()
@@ -92,6 +91,21 @@ fn store_for(url: &Url) -> Result<Arc<dyn ObjectStore>, Error> {
     };
     stores.insert(cache_key, store.clone());
     Ok(store)
+}
+
+/// The part of `url` that names its bucket: the host, and in Azure's
+/// `abfss://container@account.dfs.core.windows.net` form the container too (object_store reads
+/// it there). Without it two containers of one account would share a store, and the URI a
+/// manifest records would lose the container. Only a user name can be a container: a password
+/// is never kept.
+fn bucket_of(url: &Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    match (url.scheme(), url.username()) {
+        ("az" | "azure" | "abfs" | "abfss", container) if !container.is_empty() => {
+            format!("{container}@{host}")
+        }
+        _ => host.to_string(),
+    }
 }
 
 /// Reads an object front to back, `RANGE_BYTES` per request.
@@ -211,7 +225,7 @@ impl Location {
                     .into_owned(),
             ),
             scheme => (
-                format!("{scheme}://{}", url.host_str().unwrap_or_default()),
+                format!("{scheme}://{}", bucket_of(url)),
                 percent_decode(url.path()),
             ),
         };
@@ -490,6 +504,20 @@ mod tests {
         let dotted = dir.path().join("x/./..").join(format!("../{name}"));
         assert_eq!(Location::parse(dotted.to_str().unwrap()).unwrap(), plain);
         assert_eq!(plain.uri(), dir.path().display().to_string());
+    }
+
+    /// Two containers of one Azure account are two stores, and the URI keeps its container
+    /// (it used to come back as `abfss://acct.dfs.core.windows.net/...`, which does not parse).
+    #[test]
+    fn azure_container_at_account_urls_keep_their_container() {
+        let raw = Url::parse("abfss://raw@acct.dfs.core.windows.net/images/a.jpg").unwrap();
+        let runs = Url::parse("abfss://runs@acct.dfs.core.windows.net/out").unwrap();
+        assert_eq!(bucket_of(&raw), "raw@acct.dfs.core.windows.net");
+        assert_ne!(bucket_of(&raw), bucket_of(&runs));
+        let secret = Url::parse("abfss://runs:key@acct.dfs.core.windows.net/out").unwrap();
+        assert_eq!(bucket_of(&secret), "runs@acct.dfs.core.windows.net");
+        let s3 = Url::parse("s3://bucket/key").unwrap();
+        assert_eq!(bucket_of(&s3), "bucket");
     }
 
     #[test]

@@ -328,3 +328,51 @@ fn merge_and_lineage_commands_work_on_local_folders() {
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("changed"), "{text}");
 }
+
+/// A checkpoint file that is gone or altered is a damaged checkpoint (the run starts afresh); a
+/// file the storage fails to read is an error, so a passing failure neither restarts a run from
+/// step 0 nor lets its next save delete the checkpoint it could not read.
+#[test]
+fn a_checkpoint_the_storage_fails_to_read_is_an_error_not_a_fresh_start() {
+    fn find(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+        for entry in std::fs::read_dir(dir).ok()? {
+            let path = entry.ok()?.path();
+            if path.file_name().is_some_and(|n| n == name) {
+                return Some(path);
+            }
+            if path.is_dir()
+                && let Some(found) = find(&path, name)
+            {
+                return Some(found);
+            }
+        }
+        None
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let run = StageRun::new(
+        "demo",
+        tool(),
+        out.to_str().unwrap(),
+        &json!({"steps": 10}),
+        ShardSpec::single(),
+    )
+    .unwrap();
+    let model = Bytes::from_static(b"model weights");
+    run.save_checkpoint(4, vec![("model.bpk", model.clone())])
+        .unwrap();
+    let loaded = run.load_checkpoint().unwrap().unwrap();
+    assert_eq!((loaded.step, &loaded.files[0].1), (4, &model));
+
+    let file = find(&out, "model.bpk").unwrap();
+    std::fs::remove_file(&file).unwrap();
+    // A link to itself: opening it fails with ELOOP, for root too.
+    std::os::unix::fs::symlink(&file, &file).unwrap();
+    let failed = run.load_checkpoint();
+    assert!(failed.is_err(), "{:?}", failed.map(|c| c.map(|c| c.step)));
+
+    std::fs::remove_file(&file).unwrap();
+    assert!(run.load_checkpoint().unwrap().is_none(), "a missing file");
+    std::fs::write(&file, b"other weights").unwrap();
+    assert!(run.load_checkpoint().unwrap().is_none(), "an altered file");
+}

@@ -23,7 +23,7 @@ pub struct TrainingArgs {
     pub steps: Option<usize>,
     #[arg(long)]
     pub batch_size: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = manifests::cli::finite_f64)]
     pub learning_rate: Option<f64>,
     /// Stop after this many steps with a checkpoint (e.g. before a batch job's time limit);
     /// the same command later resumes exactly where it stopped.

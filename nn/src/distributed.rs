@@ -403,6 +403,31 @@ impl Group {
         Ok(grads)
     }
 
+    /// An error naming the first rank whose `value` differs from this rank's: ranks that
+    /// resumed from different steps (one could not see the checkpoint the leader wrote, on
+    /// storage that is not shared) would sum gradients of different models without a word.
+    pub fn agree(&self, what: &str, value: u64) -> Result<(), DistributedError> {
+        if self.world_size == 1 {
+            return Ok(());
+        }
+        let values: Vec<u64> = self.gather_in_order(vec![(self.rank, value)])?;
+        match values
+            .iter()
+            .enumerate()
+            .find(|&(_, &other)| other != value)
+        {
+            None => Ok(()),
+            Some((rank, other)) => Err(self.failed(
+                "agreement",
+                format!(
+                    "rank {rank} has {what} {other}, rank {} has {value} (do all ranks read the \
+                     same output folder, on shared storage?)",
+                    self.rank
+                ),
+            )),
+        }
+    }
+
     /// Every rank's `(index, item)` pairs, from all ranks, in index order (each rank's
     /// micro-batch reports, say, put back in the order one process would have them).
     pub fn gather_in_order<T: Serialize + DeserializeOwned>(
@@ -447,7 +472,25 @@ impl Group {
             .into_data_as::<f32>()
             .try_into_vec::<f32>()
             .map_err(|e| self.failed("gather of rows", format!("{e:?}")))?;
-        let gathered = self.gather_in_order(vec![(self.rank, (count, values))])?;
+        let gathered: Vec<(usize, Vec<f32>)> =
+            self.gather_in_order(vec![(self.rank, (count, values))])?;
+        // A peer with another config (another width) or another batch would otherwise panic
+        // here or index past the batch below: an error naming it instead. Rank r owns batch
+        // rows r, r + world, ..., so the counts are those of one batch dealt in turn.
+        let total: usize = gathered.iter().map(|(count, _)| count).sum();
+        for (rank, (count, values)) in gathered.iter().enumerate() {
+            let dealt = total.saturating_sub(rank).div_ceil(self.world_size);
+            if values.len() != count * columns || *count != dealt {
+                return Err(self.failed(
+                    "gather of rows",
+                    format!(
+                        "rank {rank} sent {} values in {count} rows where this rank expected \
+                         {dealt} rows of {columns} (do all ranks run the same config?)",
+                        values.len()
+                    ),
+                ));
+            }
+        }
         let blocks: Vec<Tensor<2>> = gathered
             .into_iter()
             .enumerate()

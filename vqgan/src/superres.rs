@@ -446,6 +446,7 @@ pub fn train_superres(
     };
     let (mut model, mut optimizer, mut progress) =
         training::resume(&run, model_config.init(&device), config.optimizer(), fresh)?;
+    group.agree("resumed step", progress.step as u64)?;
     training::materialize(&model);
     info!(
         "{} -> {} px, {} parameters, {} held-out pictures, {} backend",

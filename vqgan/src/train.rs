@@ -284,6 +284,7 @@ impl Setup<'_> {
         WithCritic<M>: Module + Sync,
     {
         let config = self.config;
+        self.group.agree("resumed step", progress.step as u64)?;
         let device = self.device().clone();
         let mut images = config.image_stream(
             upstream,

@@ -308,7 +308,8 @@ impl StageRun {
     }
 
     /// Returns the existing manifest when the stage can be skipped, after saying so; otherwise
-    /// withdraws the old manifest, so no reader trusts it while its artifacts are rewritten.
+    /// withdraws the old manifest (a job of many: its part and the merged one), so no reader
+    /// trusts it while its artifacts are rewritten.
     pub fn begin(&self, force: bool) -> Result<Option<Manifest>, Error> {
         let manifest_uri = self.manifest_location().uri();
         if !force {
@@ -325,6 +326,11 @@ impl StageRun {
             info!(stage = %self.stage, "running: --force");
         }
         self.manifest_location().delete()?;
+        if !self.shard.is_single() {
+            // The merged manifest of an earlier run lists this job's artifacts, about to be
+            // rewritten: withdrawn too, until the jobs are merged again.
+            self.out.join(MANIFEST_FILE).delete()?;
+        }
         Ok(None)
     }
 

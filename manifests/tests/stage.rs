@@ -376,3 +376,45 @@ fn a_checkpoint_the_storage_fails_to_read_is_an_error_not_a_fresh_start() {
     std::fs::write(&file, b"other weights").unwrap();
     assert!(run.load_checkpoint().unwrap().is_none(), "an altered file");
 }
+
+/// A job of an array that runs again (its config changed) withdraws the merged manifest of the
+/// earlier run with its own part: the merged one lists the artifacts the job is rewriting.
+#[test]
+fn a_job_that_runs_again_withdraws_the_merged_manifest() {
+    let out = "memory://rerun-job/run";
+    let config = json!({"k": 1});
+    let parts: Vec<_> = (0..2)
+        .map(|index| partial(out, index, 2, &config, 3, json!({})))
+        .collect();
+    let target = Location::parse(out).unwrap().join("manifest.json");
+    merge(&target, &parts).unwrap().write(&target).unwrap();
+    assert!(target.exists().unwrap());
+
+    // The same config: up to date, nothing withdrawn.
+    let same = StageRun::new(
+        "demo",
+        tool(),
+        out,
+        &config,
+        ShardSpec { index: 1, count: 2 },
+    )
+    .unwrap();
+    assert!(same.begin(false).unwrap().is_some());
+    assert!(target.exists().unwrap());
+
+    let changed = json!({"k": 2});
+    let rerun = StageRun::new(
+        "demo",
+        tool(),
+        out,
+        &changed,
+        ShardSpec { index: 1, count: 2 },
+    )
+    .unwrap();
+    assert!(rerun.begin(false).unwrap().is_none());
+    assert!(
+        !target.exists().unwrap(),
+        "the merged manifest outlived the rerun"
+    );
+    assert!(!rerun.manifest_location().exists().unwrap());
+}

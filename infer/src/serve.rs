@@ -20,8 +20,9 @@
 //!
 //! **Batching.** One worker thread owns the generator; requests wait in a FIFO queue of at most
 //! `queue` requests. Whenever the worker is free it takes the oldest `max_batch` requests
-//! waiting (fewer when their decoder rows would pass `max_rows`) (after waiting for more to arrive: until `batch_wait` passes without a new request,
-//! at most `batch_wait_limit` in all), whatever their settings, and
+//! waiting, fewer when their decoder rows would pass `max_rows` (after waiting for more to
+//! arrive: until `batch_wait` passes without a new request, at most `batch_wait_limit` in all),
+//! whatever their settings, and
 //! decodes all their samples as the rows of one batch ([`Generator::sample_rows`]; on flex one
 //! batch per CPU core): every row
 //! carries its own guidance, temperature, top-k/top-p and random stream (the request's seed and

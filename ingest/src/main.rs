@@ -468,7 +468,7 @@ fn bench_urls(args: &BenchUrlsArgs) -> Result<()> {
 /// `--max-aspect-ratio`: a finite ratio of at least 1 (a JSON config cannot hold `inf` or
 /// `NaN`, which would otherwise be dropped silently and leave the preset's value in force).
 fn aspect_ratio(value: &str) -> Result<f32, String> {
-    let ratio: f32 = value.trim().parse().map_err(|e| format!("{e}"))?;
+    let ratio = manifests::cli::finite_f64(value)? as f32;
     if !ratio.is_finite() || ratio < 1.0 {
         return Err(format!(
             "'{value}' is not a finite ratio of at least 1 (a picture's longer side over its \

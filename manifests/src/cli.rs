@@ -73,21 +73,21 @@ impl JobArgs {
                 Error::Usage(format!("{name}={value:?} is not a non-negative integer"))
             })
         };
+        // The first of `names` the environment sets, parsed.
+        let first_set = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|name| env(name).map(|v| (*name, v)))
+                .map(|(name, value)| parse(name, value))
+                .transpose()
+        };
         let index = match self.shard_index {
             Some(index) => Some(index),
-            None => INDEX_VARIABLES
-                .iter()
-                .find_map(|name| env(name).map(|v| (name, v)))
-                .map(|(name, value)| parse(name, value))
-                .transpose()?,
+            None => first_set(&INDEX_VARIABLES)?,
         };
         let count = match self.num_shards {
             Some(count) => Some(count),
-            None => COUNT_VARIABLES
-                .iter()
-                .find_map(|name| env(name).map(|v| (name, v)))
-                .map(|(name, value)| parse(name, value))
-                .transpose()?,
+            None => first_set(&COUNT_VARIABLES)?,
         };
         match (index, count) {
             (None, None) => Ok(ShardSpec::single()),

@@ -252,23 +252,29 @@ pub fn mlm_loss(
 /// adopted tokenizer may have them elsewhere ([`SpecialIds`]).
 pub const FIRST_ORDINARY_ID: u32 = 5;
 
-/// The ids MLM masking never selects nor draws as a replacement (pad, unk, bos, eos, mask), and
-/// the mask token's.
+/// A tokenizer's special tokens: MLM masking never selects them nor draws them as a
+/// replacement, and puts `mask` where it masks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpecialIds {
+    pub pad: u32,
+    pub unk: u32,
+    pub bos: u32,
+    pub eos: u32,
     pub mask: u32,
-    pub all: [u32; 5],
 }
 
 impl SpecialIds {
-    /// A tokenizer `train tokenizer` trained: ids 0..=4, the mask token last.
+    /// A tokenizer `train tokenizer` trained: ids 0..=4 in this order.
     pub const TRAINED: SpecialIds = SpecialIds {
+        pad: 0,
+        unk: 1,
+        bos: 2,
+        eos: 3,
         mask: 4,
-        all: [0, 1, 2, 3, 4],
     };
 
     pub fn contains(&self, id: u32) -> bool {
-        self.all.contains(&id)
+        [self.pad, self.unk, self.bos, self.eos, self.mask].contains(&id)
     }
 }
 

@@ -210,8 +210,11 @@ impl TextTokenizer {
     /// The five special tokens' ids, for MLM masking.
     pub fn special_ids(&self) -> crate::text_encoder::SpecialIds {
         crate::text_encoder::SpecialIds {
+            pad: self.pad,
+            unk: self.unk,
+            bos: self.bos,
+            eos: self.eos,
             mask: self.mask,
-            all: [self.pad, self.unk, self.bos, self.eos, self.mask],
         }
     }
 

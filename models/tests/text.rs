@@ -86,8 +86,11 @@ fn masking_spares_special_tokens_wherever_the_tokenizer_keeps_them() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     let vocab = 40usize;
     let special = SpecialIds {
+        pad: 35,
+        unk: 36,
+        bos: 37,
+        eos: 38,
         mask: 39,
-        all: [35, 36, 37, 38, 39],
     };
     // Every id once per sequence: ordinary pieces 0..35 (0..=4 among them), specials 35..40.
     let ids: Vec<u32> = (0..vocab as u32).collect();

@@ -97,6 +97,19 @@ pub fn step_rng(seed: u64, step: usize) -> ChaCha8Rng {
     rng
 }
 
+/// Rows per micro-batch when a step's `batch_size` rows are split into `accumulation`
+/// micro-batches; an error unless both are positive and the split is even (each micro-batch's
+/// gradient is weighed the same, so uneven ones would not give the batch's mean).
+pub fn micro_batch_size(batch_size: usize, accumulation: usize) -> Result<usize, crate::Error> {
+    if batch_size == 0 || accumulation == 0 || !batch_size.is_multiple_of(accumulation) {
+        return Err(crate::Error::Usage(format!(
+            "batch_size {batch_size} must be a positive multiple of accumulation {accumulation} \
+             (micro-batches of equal size)"
+        )));
+    }
+    Ok(batch_size / accumulation)
+}
+
 /// Seeds `device`'s generator for part `part` (a micro-batch, or a rank's rows) of step `step`.
 /// Dropout draws its masks from that generator; seeded once at the start, a resumed run would
 /// draw the masks of its first steps again. Seeded per part, the masks depend only on

@@ -159,17 +159,7 @@ impl PartiTrainConfig {
 
     /// What is wrong with the batch settings, if anything.
     pub fn validate(&self) -> Result<(), Error> {
-        if self.batch_size == 0 || self.accumulation == 0 {
-            return Err(Error::Usage(
-                "batch_size and accumulation must be at least 1".into(),
-            ));
-        }
-        if !self.batch_size.is_multiple_of(self.accumulation) {
-            return Err(Error::Usage(format!(
-                "batch_size {} must be a multiple of accumulation {} (micro-batches of equal size)",
-                self.batch_size, self.accumulation
-            )));
-        }
+        training::micro_batch_size(self.batch_size, self.accumulation)?;
         if self.grad_clip_norm.is_nan() || self.grad_clip_norm <= 0.0 {
             return Err(Error::Usage("grad_clip_norm must be above 0".into()));
         }

@@ -155,16 +155,7 @@ impl TrainConfig {
     /// The model this config trains; an error for a config that cannot train (unknown model,
     /// codebook or code sizes out of range, batches that do not split into equal micro-batches).
     pub fn model_config(&self) -> Result<VitVqganConfig, Error> {
-        if self.accumulation == 0 || !self.batch_size.is_multiple_of(self.accumulation) {
-            return Err(Error::Usage(format!(
-                "batch_size {} must be a multiple of accumulation {} (micro-batches of equal \
-                 size, each weighing the same in the step's gradient)",
-                self.batch_size, self.accumulation
-            )));
-        }
-        if self.batch_size == 0 {
-            return Err(Error::Usage("batch_size must be at least 1".into()));
-        }
+        nn::training::micro_batch_size(self.batch_size, self.accumulation)?;
         let mut config = match self.model.as_str() {
             "tiny" => VitVqganConfig::tiny(),
             "small" => VitVqganConfig::small(),

@@ -148,16 +148,9 @@ impl SuperResStageConfig {
                 self.patch, config.input_size
             )));
         }
-        if self.batch_size == 0 || self.accumulation == 0 || self.held_out == 0 {
-            return Err(Error::Usage(
-                "batch_size, accumulation and held_out must be positive".into(),
-            ));
-        }
-        if !self.batch_size.is_multiple_of(self.accumulation) {
-            return Err(Error::Usage(format!(
-                "batch_size {} must be a multiple of accumulation {} (micro-batches of equal size)",
-                self.batch_size, self.accumulation
-            )));
+        nn::training::micro_batch_size(self.batch_size, self.accumulation)?;
+        if self.held_out == 0 {
+            return Err(Error::Usage("held_out must be positive".into()));
         }
         Ok(config)
     }

@@ -105,6 +105,10 @@ pub struct StageRun {
     tool: Tool,
     config: Value,
     config_hash: String,
+    /// JSON pointers of the config fields left out of `config_hash`: those naming where data
+    /// is, and those saying only when the run saves its progress.
+    location_fields: Vec<String>,
+    checkpoint_fields: Vec<String>,
     shard: ShardSpec,
     inputs: Vec<Input>,
     /// How a `parti.manifest/v1` document would have recorded config and inputs, to judge a
@@ -141,6 +145,8 @@ impl StageRun {
             tool,
             config_hash: hash.clone(),
             v1_config_hash: hash,
+            location_fields: Vec::new(),
+            checkpoint_fields: Vec::new(),
             config,
             shard,
             inputs: Vec::new(),
@@ -158,16 +164,57 @@ impl StageRun {
     /// another spelling of the same place is not a changed config. The manifest still records
     /// them in `config`.
     pub fn with_locations(mut self, pointers: &[&str]) -> StageRun {
-        let mut hashed = self.config.clone();
-        for pointer in pointers {
-            if let Some((parent, key)) = pointer.rsplit_once('/')
-                && let Some(Value::Object(object)) = hashed.pointer_mut(parent)
-            {
-                object.remove(key);
-            }
-        }
-        self.config_hash = config_hash(&hashed);
+        self.location_fields
+            .extend(pointers.iter().map(|p| p.to_string()));
+        self.config_hash = config_hash(&self.hashed_config(&self.config));
         self
+    }
+
+    /// Leaves the config fields at these JSON pointers (e.g. `/checkpoint_every`) out of the
+    /// config hash: they say only when a training run saves its progress, and a resumed run
+    /// computes what an uninterrupted one does, so changing them neither makes a finished stage
+    /// stale nor keeps a killed run from resuming. The manifest still records them in `config`.
+    /// A manifest or checkpoint written while they were hashed still counts as this run's. A
+    /// pointer that names no field is an error (it would leave the field hashed unnoticed).
+    pub fn with_checkpoint_fields(mut self, pointers: &[&str]) -> Result<StageRun, Error> {
+        if let Some(missing) = pointers.iter().find(|p| self.config.pointer(p).is_none()) {
+            return Err(Error::Config {
+                source_name: self.stage.clone(),
+                reason: format!("the config has no field {missing}"),
+            });
+        }
+        self.checkpoint_fields
+            .extend(pointers.iter().map(|p| p.to_string()));
+        self.config_hash = config_hash(&self.hashed_config(&self.config));
+        Ok(self)
+    }
+
+    /// `config` without the fields left out of the hash.
+    fn hashed_config(&self, config: &Value) -> Value {
+        without_fields(
+            config,
+            self.location_fields.iter().chain(&self.checkpoint_fields),
+        )
+    }
+
+    /// The hash this run's config had while its checkpoint fields were hashed (`None` when it
+    /// has none): the identity its manifest and work folder had then.
+    fn hash_with_checkpoint_fields(&self) -> Option<String> {
+        (!self.checkpoint_fields.is_empty())
+            .then(|| config_hash(&without_fields(&self.config, &self.location_fields)))
+    }
+
+    /// Whether `existing` was written for this run's config: the same hash, or written while the
+    /// checkpoint fields were hashed, faithfully to the config it records, and the same config
+    /// but for them.
+    fn same_config(&self, existing: &Manifest) -> bool {
+        if existing.config_hash == self.config_hash {
+            return true;
+        }
+        !self.checkpoint_fields.is_empty()
+            && existing.config_hash
+                == config_hash(&without_fields(&existing.config, &self.location_fields))
+            && config_hash(&self.hashed_config(&existing.config)) == self.config_hash
     }
 
     pub fn out(&self) -> &Location {
@@ -279,19 +326,19 @@ impl StageRun {
             Err(e) => return Err(e),
         };
         let expected_shard = (!self.shard.is_single()).then_some(self.shard);
-        let (config_hash, inputs_changed) = if existing.is_v1() {
+        let (same_config, inputs_changed) = if existing.is_v1() {
             let changed = (existing.inputs != self.v1_inputs)
                 .then(|| "inputs changed (judged as parti.manifest/v1 judged them)".to_string());
-            (&self.v1_config_hash, changed)
+            (existing.config_hash == self.v1_config_hash, changed)
         } else {
             (
-                &self.config_hash,
+                self.same_config(&existing),
                 changed_input(&existing.inputs, &self.inputs),
             )
         };
         let stale = if existing.stage != self.stage {
             Some(format!("manifest is for stage '{}'", existing.stage))
-        } else if existing.config_hash != *config_hash {
+        } else if !same_config {
             Some("config changed".to_string())
         } else if existing.shard != expected_shard {
             Some("shard changed".to_string())
@@ -337,7 +384,12 @@ impl StageRun {
     /// This job's resume records: keyed by config and inputs, so a changed run never reuses
     /// them, and by job, so the jobs of an array sharing one output never touch each other's.
     fn work_dir(&self) -> Location {
-        let hash = self.config_hash.trim_start_matches("blake3:");
+        self.work_dir_of(&self.config_hash)
+    }
+
+    /// The work folder a run with this config hash (and this run's inputs and job) uses.
+    fn work_dir_of(&self, config_hash: &str) -> Location {
+        let hash = config_hash.trim_start_matches("blake3:");
         let identities: Vec<(&str, &str, &str)> = self
             .inputs
             .iter()
@@ -353,6 +405,14 @@ impl StageRun {
             "job-{:05}-of-{:05}",
             self.shard.index, self.shard.count
         ))
+    }
+
+    /// Where this run's work folder was while its checkpoint fields were hashed, when that is
+    /// elsewhere: a run killed then resumes from its checkpoint there.
+    fn earlier_work_dir(&self) -> Option<Location> {
+        self.hash_with_checkpoint_fields()
+            .filter(|hash| *hash != self.config_hash)
+            .map(|hash| self.work_dir_of(&hash))
     }
 
     fn work_record(&self, relative_uri: &str) -> Location {
@@ -444,7 +504,7 @@ impl StageRun {
     /// digests) is written last, so a run killed mid-write still finds the previous checkpoint
     /// whole; the previous one is deleted only after the new index is in place.
     pub fn save_checkpoint(&self, step: usize, files: Vec<(&str, Bytes)>) -> Result<(), Error> {
-        let previous = self.checkpoint_index()?;
+        let previous = checkpoint_index(&self.work_dir())?;
         let folder = format!("checkpoint-{step:09}");
         let mut entries = Vec::new();
         for (name, bytes) in files {
@@ -478,12 +538,20 @@ impl StageRun {
     /// passing network error neither restarts the run from step 0 nor lets its next save
     /// delete the checkpoint it could not read.
     pub fn load_checkpoint(&self) -> Result<Option<Checkpoint>, Error> {
-        let Some((step, entries)) = self.checkpoint_index()? else {
+        let mut dir = self.work_dir();
+        let mut index = checkpoint_index(&dir)?;
+        if index.is_none()
+            && let Some(earlier) = self.earlier_work_dir()
+        {
+            index = checkpoint_index(&earlier)?;
+            dir = earlier;
+        }
+        let Some((step, entries)) = index else {
             return Ok(None);
         };
         let mut files = Vec::new();
         for entry in entries {
-            match read_verified(&self.work_dir().join(&entry.uri), &entry) {
+            match read_verified(&dir.join(&entry.uri), &entry) {
                 Ok(bytes) => {
                     let name = entry.uri.rsplit('/').next().unwrap_or_default().to_string();
                     files.push((name, bytes));
@@ -500,22 +568,6 @@ impl StageRun {
             }
         }
         Ok(Some(Checkpoint { step, files }))
-    }
-
-    fn checkpoint_index(&self) -> Result<Option<(usize, Vec<Artifact>)>, Error> {
-        let bytes = match self.work_dir().join(CHECKPOINT_INDEX).get() {
-            Ok(bytes) => bytes,
-            Err(Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        #[derive(serde::Deserialize)]
-        struct Index {
-            step: usize,
-            files: Vec<Artifact>,
-        }
-        Ok(serde_json::from_slice::<Index>(&bytes)
-            .ok()
-            .map(|index| (index.step, index.files)))
     }
 
     /// Writes the manifest, last, after every artifact. Then drops the resume records.
@@ -538,21 +590,52 @@ impl StageRun {
         };
         let location = self.manifest_location();
         manifest.write(&location)?;
-        let work = self.work_dir();
-        for object in work.list()? {
-            object.location.delete()?;
-        }
-        // Locally, also remove this job's folder (with any staging file a killed write left)
-        // and its parents when empty (remove_dir refuses a folder another job still uses).
-        if let Some(path) = work.local_path() {
-            let _ = std::fs::remove_dir_all(&path);
-            for dir in path.ancestors().skip(1).take(2) {
-                let _ = std::fs::remove_dir(dir);
+        for work in std::iter::once(self.work_dir()).chain(self.earlier_work_dir()) {
+            for object in work.list()? {
+                object.location.delete()?;
+            }
+            // Locally, also remove this job's folder (with any staging file a killed write
+            // left) and its parents when empty (remove_dir refuses a folder another job uses).
+            if let Some(path) = work.local_path() {
+                let _ = std::fs::remove_dir_all(&path);
+                for dir in path.ancestors().skip(1).take(2) {
+                    let _ = std::fs::remove_dir(dir);
+                }
             }
         }
         info!(stage = %self.stage, manifest = %location, "published");
         Ok(manifest)
     }
+}
+
+/// The step and files of the checkpoint index in the work folder `dir`, if there is one.
+fn checkpoint_index(dir: &Location) -> Result<Option<(usize, Vec<Artifact>)>, Error> {
+    let bytes = match dir.join(CHECKPOINT_INDEX).get() {
+        Ok(bytes) => bytes,
+        Err(Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    #[derive(serde::Deserialize)]
+    struct Index {
+        step: usize,
+        files: Vec<Artifact>,
+    }
+    Ok(serde_json::from_slice::<Index>(&bytes)
+        .ok()
+        .map(|index| (index.step, index.files)))
+}
+
+/// `config` without the fields at these JSON pointers.
+fn without_fields<'a>(config: &Value, pointers: impl IntoIterator<Item = &'a String>) -> Value {
+    let mut config = config.clone();
+    for pointer in pointers {
+        if let Some((parent, key)) = pointer.rsplit_once('/')
+            && let Some(Value::Object(object)) = config.pointer_mut(parent)
+        {
+            object.remove(key);
+        }
+    }
+    config
 }
 
 /// Why the inputs a manifest recorded are not the inputs now, in words; `None` when every input

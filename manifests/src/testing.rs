@@ -294,10 +294,15 @@ pub fn assert_resumed(outputs: &[(bool, String)]) {
 /// starts them (`RANK`, `LOCAL_RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), each from
 /// `command()`, with Gloo on the loopback interface.
 pub fn launch_ranks(world_size: usize, command: impl Fn() -> Command) -> Vec<Child> {
+    launch_ranks_with(world_size, |_| command())
+}
+
+/// [`launch_ranks`] with each rank's command from `command(rank)`.
+pub fn launch_ranks_with(world_size: usize, command: impl Fn(usize) -> Command) -> Vec<Child> {
     let port = free_port();
     (0..world_size)
         .map(|rank| {
-            command()
+            command(rank)
                 .env("RANK", rank.to_string())
                 .env("LOCAL_RANK", rank.to_string())
                 .env("WORLD_SIZE", world_size.to_string())

@@ -418,3 +418,96 @@ fn a_job_that_runs_again_withdraws_the_merged_manifest() {
     );
     assert!(!rerun.manifest_location().exists().unwrap());
 }
+
+/// `checkpoint_every` says only when a training run saves its progress: changing it keeps a
+/// finished stage up to date and lets a killed run resume, and manifests and checkpoints written
+/// while it was part of the config hash still count as the run's.
+#[test]
+fn the_checkpoint_interval_is_not_part_of_a_runs_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out = out.to_str().unwrap();
+    let config = |steps: usize, every: usize| json!({"steps": steps, "checkpoint_every": every});
+    let new_run = |config: &Value| {
+        StageRun::new("demo", tool(), out, config, ShardSpec::single())
+            .unwrap()
+            .with_checkpoint_fields(&["/checkpoint_every"])
+            .unwrap()
+    };
+    // As a run did before the field was left out of the hash.
+    let earlier_run =
+        |config: &Value| StageRun::new("demo", tool(), out, config, ShardSpec::single()).unwrap();
+    let is_fresh = |run: &StageRun| matches!(run.freshness().unwrap(), Freshness::UpToDate(_));
+    let model = Bytes::from_static(b"model weights at step 4");
+
+    assert_eq!(
+        new_run(&config(10, 2)).config_hash(),
+        new_run(&config(10, 3)).config_hash()
+    );
+    assert_ne!(
+        new_run(&config(10, 2)).config_hash(),
+        new_run(&config(11, 2)).config_hash()
+    );
+    assert_ne!(
+        earlier_run(&config(10, 2)).config_hash(),
+        earlier_run(&config(10, 3)).config_hash()
+    );
+
+    // A run killed after a checkpoint resumes under another interval.
+    new_run(&config(10, 2))
+        .save_checkpoint(4, vec![("model.bpk", model.clone())])
+        .unwrap();
+    let resumed = new_run(&config(10, 3)).load_checkpoint().unwrap().unwrap();
+    assert_eq!((resumed.step, &resumed.files[0].1), (4, &model));
+    assert!(new_run(&config(11, 3)).load_checkpoint().unwrap().is_none());
+    std::fs::remove_dir_all(std::path::Path::new(out).join("_work")).unwrap();
+
+    // A run killed while the interval was hashed resumes from its checkpoint, once.
+    earlier_run(&config(10, 2))
+        .save_checkpoint(4, vec![("model.bpk", model.clone())])
+        .unwrap();
+    let upgraded = new_run(&config(10, 2));
+    let resumed = upgraded.load_checkpoint().unwrap().unwrap();
+    assert_eq!((resumed.step, &resumed.files[0].1), (4, &model));
+    let artifact = upgraded
+        .write_artifact("weights.bin", "blob", Bytes::from_static(b"w"), None)
+        .unwrap();
+    upgraded
+        .publish(vec![artifact], metrics(1, json!({})))
+        .unwrap();
+    assert!(
+        !std::path::Path::new(out).join("_work").exists(),
+        "publishing removes both work folders"
+    );
+    assert!(new_run(&config(10, 2)).load_checkpoint().unwrap().is_none());
+    assert!(is_fresh(&new_run(&config(10, 7))));
+    assert!(!is_fresh(&new_run(&config(12, 2))));
+
+    // A manifest published while the interval was hashed stays up to date after the upgrade,
+    // with its interval or another; a changed config is still a changed config.
+    let earlier = earlier_run(&config(10, 2));
+    let artifact = earlier
+        .write_artifact("weights.bin", "blob", Bytes::from_static(b"w"), None)
+        .unwrap();
+    let published = earlier
+        .publish(vec![artifact], metrics(1, json!({})))
+        .unwrap();
+    assert_eq!(published.config_hash, earlier.config_hash());
+    assert!(is_fresh(&new_run(&config(10, 2))));
+    assert!(is_fresh(&new_run(&config(10, 5))));
+    assert!(!is_fresh(&new_run(&config(11, 2))));
+    // Only a manifest whose hash is its recorded config's is judged by the earlier rule.
+    let manifest_path = std::path::Path::new(out).join("manifest.json");
+    let mut edited: Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    edited["config"]["steps"] = json!(11);
+    std::fs::write(&manifest_path, edited.to_string()).unwrap();
+    assert!(!is_fresh(&new_run(&config(11, 2))));
+    assert!(!is_fresh(&new_run(&config(10, 2))));
+
+    let misnamed = StageRun::new("demo", tool(), out, &config(10, 2), ShardSpec::single())
+        .unwrap()
+        .with_checkpoint_fields(&["/train/checkpoint_every"]);
+    let error = misnamed.err().unwrap().to_string();
+    assert!(error.contains("/train/checkpoint_every"), "{error}");
+}

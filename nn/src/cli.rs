@@ -25,6 +25,10 @@ pub struct TrainingArgs {
     pub batch_size: Option<usize>,
     #[arg(long, value_parser = manifests::cli::finite_f64)]
     pub learning_rate: Option<f64>,
+    /// Steps between checkpoints (the config's `checkpoint_every`; 0: only `--stop-after`'s).
+    /// Not part of the run's identity: a killed run resumes under another interval.
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
     /// Stop after this many steps with a checkpoint (e.g. before a batch job's time limit);
     /// the same command later resumes exactly where it stopped.
     #[arg(long)]
@@ -88,7 +92,8 @@ impl TrainingArgs {
     /// The config keys these flags override (unset ones leave the preset's value).
     pub fn overrides(&self) -> Value {
         json!({"steps": self.steps, "batch_size": self.batch_size,
-            "learning_rate": self.learning_rate, "seed": self.stage.seed})
+            "learning_rate": self.learning_rate, "seed": self.stage.seed,
+            "checkpoint_every": self.checkpoint_every})
     }
 
     pub fn options(&self) -> TrainingOptions {

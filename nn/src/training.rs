@@ -131,6 +131,93 @@ pub fn dropout_workers(dropout: f64, micro_batches: usize) -> usize {
     if dropout > 0.0 { 1 } else { micro_batches }
 }
 
+/// Which norm a stage's `grad_clip_norm` bounds: its config key `grad_clip`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GradClip {
+    /// Each parameter's gradient on its own (Burn's norm clipping), what the presets were tuned
+    /// with.
+    #[default]
+    PerTensor,
+    /// All gradients as one vector, `torch.nn.utils.clip_grad_norm_`'s norm (and Parti's):
+    /// when it is above the bound, every gradient is scaled by the same factor, which keeps the
+    /// update's direction.
+    Global,
+}
+
+impl GradClip {
+    /// Whether this is the default (configs leave the key out then, keeping their identity).
+    pub fn is_per_tensor(&self) -> bool {
+        *self == GradClip::PerTensor
+    }
+
+    /// The bound the optimizer applies tensor by tensor: `max_norm` per tensor, none when the
+    /// clipping is global ([`GradClip::apply`] does it before the optimizer's step).
+    pub fn per_tensor(self, max_norm: f32) -> Option<f32> {
+        self.is_per_tensor().then_some(max_norm)
+    }
+
+    /// `grads` (of `model`'s parameters) for the optimizer's step: when global, scaled by
+    /// `min(1, max_norm / (norm + 1e-6))` with `norm` over all of them, computed in f32 on the
+    /// device without reading it back; as they are when per tensor (the optimizer clips).
+    pub fn apply<M: Module>(
+        self,
+        max_norm: f32,
+        model: &M,
+        grads: GradientsParams,
+    ) -> GradientsParams {
+        if self.is_per_tensor() {
+            return grads;
+        }
+        let Some(squares) = squared_gradient_norm(model, &grads) else {
+            return grads;
+        };
+        // clip_grad_norm_'s factor, epsilon included.
+        let norm = squares.sqrt().add_scalar(1e-6);
+        let factor = Tensor::<1>::full([1], max_norm, &norm.device())
+            .div(norm)
+            .clamp_max(1.0);
+        struct Scale {
+            grads: GradientsParams,
+            factor: Tensor<1>,
+        }
+        impl ModuleVisitor for Scale {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                if let Some(grad) = self.grads.remove::<D>(param.id) {
+                    let factor = self.factor.clone().cast(grad.dtype()).reshape([1; D]);
+                    self.grads.register::<D>(param.id, grad * factor);
+                }
+            }
+        }
+        let mut scale = Scale { grads, factor };
+        model.visit(&mut scale);
+        scale.grads
+    }
+}
+
+/// The sum of squares of every gradient of `model`'s parameters in `grads` (in f32, in the
+/// parameters' order), as a one-element tensor; `None` when there is no gradient.
+pub fn squared_gradient_norm<M: Module>(model: &M, grads: &GradientsParams) -> Option<Tensor<1>> {
+    struct Sum<'a> {
+        grads: &'a GradientsParams,
+        total: Option<Tensor<1>>,
+    }
+    impl ModuleVisitor for Sum<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(grad) = self.grads.get::<D>(param.id) {
+                let squares = grad.cast(burn::tensor::FloatDType::F32).square().sum();
+                self.total = Some(match self.total.take() {
+                    Some(total) => total + squares,
+                    None => squares,
+                });
+            }
+        }
+    }
+    let mut sum = Sum { grads, total: None };
+    model.visit(&mut sum);
+    sum.total
+}
+
 /// How many of `model`'s parameter tensors hold a NaN or an infinite value (a sum per tensor,
 /// read back: checkpoints and publications read every weight anyway).
 pub fn non_finite_parameters<M: Module>(model: &M) -> usize {

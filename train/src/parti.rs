@@ -18,7 +18,7 @@ use nn::data::{HeldOutSample, RowStream, StreamConfig};
 use nn::distributed::Group;
 use nn::fused::{Autocast, Precision};
 use nn::progress::{Curves, Steps, is_midway_evaluation};
-use nn::training::{self, Publication, Schedule};
+use nn::training::{self, GradClip, Publication, Schedule};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, json};
@@ -50,9 +50,14 @@ pub struct PartiTrainConfig {
     pub final_learning_rate: f64,
     pub warmup_steps: usize,
     pub weight_decay: f64,
-    /// Each parameter's gradient is clipped to this L2 norm on its own (Burn's clipping; Parti
-    /// clipped the norm of all gradients together).
+    /// The L2 norm gradients are clipped to: each parameter's on its own, or all together
+    /// (`grad_clip`).
     pub grad_clip_norm: f32,
+    /// `per_tensor` (the default: Burn's clipping, what the presets were tuned with) or
+    /// `global` (`torch.nn.utils.clip_grad_norm_`'s norm over all gradients, as Parti clipped). Written only
+    /// when global, so configs from before this key keep their identity.
+    #[serde(default, skip_serializing_if = "GradClip::is_per_tensor")]
+    pub grad_clip: GradClip,
     pub dropout: f64,
     /// Probability that a caption is replaced by the null condition (classifier-free guidance).
     pub cfg_dropout: f64,
@@ -99,6 +104,7 @@ impl PartiTrainConfig {
             warmup_steps: 5000,
             weight_decay: 4.5e-2,
             grad_clip_norm: 4.0,
+            grad_clip: GradClip::PerTensor,
             dropout: 0.1,
             cfg_dropout: 0.1,
             conv_window: 11,
@@ -185,7 +191,7 @@ impl PartiTrainConfig {
             "adamw" => Ok(nn::fused::AdamW {
                 beta_2: 0.96,
                 weight_decay: self.weight_decay as f32,
-                grad_clip_norm: Some(self.grad_clip_norm),
+                grad_clip_norm: self.grad_clip.per_tensor(self.grad_clip_norm),
                 ..Default::default()
             }
             .init()),
@@ -195,7 +201,11 @@ impl PartiTrainConfig {
                 .with_relative_step(false)
                 .with_scale_parameter(false)
                 .with_weight_decay(self.weight_decay as f32)
-                .with_grad_clipping(Some(GradientClippingConfig::Norm(self.grad_clip_norm)))
+                .with_grad_clipping(
+                    self.grad_clip
+                        .per_tensor(self.grad_clip_norm)
+                        .map(GradientClippingConfig::Norm),
+                )
                 .init()),
             other => Err(Error::Usage(format!(
                 "unknown optimizer '{other}' (adamw, adafactor)"
@@ -470,7 +480,8 @@ pub fn train_parti(
         .validate()
         .map_err(|e| Error::Usage(format!("sampling: {e}")))?;
     config.precision.check_backend()?;
-    let mut run = StageRun::new(STAGE, tool(), &options.out, config, ShardSpec::single())?;
+    let mut run = StageRun::new(STAGE, tool(), &options.out, config, ShardSpec::single())?
+        .with_checkpoint_fields(&["/checkpoint_every"])?;
     let tokens = run.upstream("tokens", inputs.tokens)?;
     let tokenizer_stage = run.upstream("tokenizer", inputs.tokenizer)?;
     let pretrained = inputs
@@ -608,6 +619,7 @@ pub fn train_parti(
         )?;
         let loss_sum: f64 = losses.iter().map(|(loss, _)| loss).sum();
         let accuracy_sum: f64 = losses.iter().map(|(_, accuracy)| accuracy).sum();
+        let grads = config.grad_clip.apply(config.grad_clip_norm, &model, grads);
         model = optimizer.step(learning_rate, model, grads);
         let parts = parts as f64;
         if logged {

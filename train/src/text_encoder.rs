@@ -13,7 +13,7 @@ use burn::nn::LinearConfig;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::{Bool, Device, Int, Tensor};
 use nn::progress::{Curves, Steps, is_midway_evaluation};
-use nn::training::{self, Publication, Schedule};
+use nn::training::{self, GradClip, Publication, Schedule};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -46,8 +46,14 @@ pub struct TextEncoderTrainConfig {
     pub learning_rate: f64,
     pub final_learning_rate: f64,
     pub warmup_steps: usize,
-    /// Each parameter's gradient is clipped to this L2 norm on its own (Burn's clipping).
+    /// The L2 norm gradients are clipped to: each parameter's on its own, or all together
+    /// (`grad_clip`).
     pub grad_clip_norm: f32,
+    /// `per_tensor` (the default: Burn's clipping, what the presets were tuned with) or
+    /// `global` (`torch.nn.utils.clip_grad_norm_`'s norm over all gradients). Written only
+    /// when global, so configs from before this key keep their identity.
+    #[serde(default, skip_serializing_if = "GradClip::is_per_tensor")]
+    pub grad_clip: GradClip,
     pub weight_decay: f64,
     /// Share of ordinary tokens selected for MLM (BERT: 0.15).
     pub mask_rate: f64,
@@ -78,6 +84,7 @@ impl TextEncoderTrainConfig {
             warmup_steps: 5000,
             weight_decay: 0.01,
             grad_clip_norm: 4.0,
+            grad_clip: GradClip::PerTensor,
             dropout: 0.1,
             mask_rate: 0.15,
             contrastive_every: 2,
@@ -345,7 +352,7 @@ fn optimizer(config: &TextEncoderTrainConfig) -> ModuleOptimizer {
     nn::fused::AdamW {
         beta_2: 0.98,
         weight_decay: config.weight_decay as f32,
-        grad_clip_norm: Some(config.grad_clip_norm),
+        grad_clip_norm: config.grad_clip.per_tensor(config.grad_clip_norm),
         ..Default::default()
     }
     .init()
@@ -369,7 +376,8 @@ pub fn train_text_encoder(
         return Err(Error::Usage("dropout must be within [0, 1)".into()));
     }
     let started = Instant::now();
-    let mut run = StageRun::new(STAGE, tool(), &options.out, config, ShardSpec::single())?;
+    let mut run = StageRun::new(STAGE, tool(), &options.out, config, ShardSpec::single())?
+        .with_checkpoint_fields(&["/checkpoint_every"])?;
     let tokenizer_stage = run.upstream("tokenizer", inputs.tokenizer)?;
     let text = run.upstream("text", inputs.text)?;
     let pairs = run.upstream("pairs", inputs.pairs)?;
@@ -520,6 +528,7 @@ pub fn train_text_encoder(
             }
         }
         let grads = group.all_reduce_gradients(&model, grads)?;
+        let grads = config.grad_clip.apply(config.grad_clip_norm, &model, grads);
         model = optimizer.step(learning_rate, model, grads);
         if step % config.log_every.max(1) < config.contrastive_every.max(1)
             || step + 1 == config.steps

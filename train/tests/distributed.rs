@@ -1,12 +1,13 @@
 //! `train parti` as a job of two processes on loopback (c10d's TCPStore and Gloo, launched as
 //! torchrun would): the same weights, log and metrics as one process with the same global
 //! batch; a rank killed with SIGKILL makes the other exit naming it; the job resumes from its
-//! checkpoint with another world size and ends equal to an uninterrupted run; `train
-//! text-encoder` as two processes gathers the embeddings and matches one process to rounding.
+//! checkpoint with another world size and ends equal to an uninterrupted run, and a rank that
+//! cannot see the checkpoint stops the job naming itself; `train text-encoder` as two processes
+//! gathers the embeddings and matches one process to rounding.
 //! `--distributed on` trains alone in a process group of one, also to the same weights.
 //! On the flex build (one process only) a launch of two is refused with what to do instead.
-//! And on either build, one process killed with SIGKILL after a checkpoint resumes to the
-//! uninterrupted run's weights.
+//! And on either build, one process killed with SIGKILL after a checkpoint resumes, under
+//! another checkpoint interval, to the uninterrupted run's weights.
 
 mod common;
 
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::{bin, parti_command};
 use manifests::testing::{
     assert_resumed, assert_same_training, assert_succeeded, finish, kill_after_checkpoint,
-    launch_ranks, lone_command, wait_for_checkpoint,
+    launch_ranks, launch_ranks_with, lone_command, wait_for_checkpoint,
 };
 
 /// Token shards, tokenizer and their upstream, once for the file.
@@ -98,8 +99,15 @@ fn a_process_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights() {
     assert_succeeded(&alone(parti(&reference, steps, &[])));
     let killed = dir.path().join("killed");
     kill_after_checkpoint(parti(&killed, steps, &[]), &killed);
-    assert_resumed(&alone(parti(&killed, steps, &[])));
+    // Under another checkpoint interval: it says when progress is saved, not what is computed,
+    // so it is not part of the run's identity.
+    assert_resumed(&alone(parti(&killed, steps, &["--checkpoint-every", "5"])));
     assert_same_training(&killed, &reference);
+    let manifest = std::fs::read_to_string(killed.join("manifest.json")).unwrap();
+    assert!(manifest.contains("\"checkpoint_every\": 5"), "{manifest}");
+    // Finished, it stays up to date under any interval.
+    let (succeeded, output) = &alone(parti(&killed, steps, &["--checkpoint-every", "7"]))[0];
+    assert!(*succeeded && output.contains("up to date"), "{output}");
 }
 
 #[test]
@@ -149,6 +157,31 @@ fn a_killed_rank_is_named_and_the_job_resumes_with_another_world_size() {
             .all(|(_, text)| text.contains("checkpoint of step 4"))
     );
     assert_same_training(&stopped, &reference);
+
+    // A rank that cannot see the leader's checkpoint (here its own output folder, as on storage
+    // that is not shared) stops the job naming the ranks and steps, rather than summing the
+    // gradients of another model.
+    let leader_only = dir.path().join("leader-only");
+    let paused = alone(parti(&leader_only, steps, &["--stop-after", "4"]));
+    assert!(!paused[0].0, "{}", paused[0].1);
+    let elsewhere = dir.path().join("elsewhere");
+    let outputs = finish(launch_ranks_with(2, |rank| {
+        parti(
+            if rank == 0 { &leader_only } else { &elsewhere },
+            steps,
+            &[],
+        )
+    }));
+    for (rank, (succeeded, text)) in outputs.iter().enumerate() {
+        assert!(!succeeded, "rank {rank}: {text}");
+    }
+    let leader = &outputs[0].1;
+    assert!(
+        leader.contains("rank 1 has resumed step 0, rank 0 has 4"),
+        "{leader}"
+    );
+    assert!(leader.contains("shared storage"), "{leader}");
+    assert!(!leader_only.join("manifest.json").exists());
 }
 
 /// `train text-encoder` into `out` for 6 steps (3 contrastive, 3 MLM), not yet started.

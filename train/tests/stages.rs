@@ -450,3 +450,60 @@ fn a_diverged_run_saves_no_checkpoint_and_publishes_nothing() {
     assert!(!out.join("manifest.json").exists());
     assert!(!out.join("parti.safetensors").exists());
 }
+
+/// `grad_clip = "global"` bounds the norm of all gradients together: a run with it learns (its
+/// loss falls), its manifest records it, and it is not clipping each tensor to the same bound;
+/// with a bound no gradient reaches, both are the unclipped run to the bit. Unset, the key is
+/// not written, so a preset's config (and hash) is what it was.
+#[test]
+fn global_gradient_clipping_learns_and_is_recorded() {
+    let _serial = TRAINING.lock();
+    let dir = tempfile::tempdir().unwrap();
+    let (tokenizer, tokens) = (path("tokenizer"), path("tokens"));
+    let inputs = PartiInputs {
+        tokens: &tokens,
+        tokenizer: &tokenizer,
+        text_encoder: None,
+    };
+    let log = |name: &str| artifact_text(&dir.path().join(name), "metrics.jsonl");
+    let train = |name: &str, grad_clip: &str, grad_clip_norm: f32| {
+        let config = PartiTrainConfig {
+            steps: 12,
+            batch_size: 8,
+            log_every: 1,
+            grad_clip: serde_json::from_value(serde_json::json!(grad_clip)).unwrap(),
+            grad_clip_norm,
+            ..PartiTrainConfig::preset("tiny").unwrap()
+        };
+        let options = TrainingOptions {
+            workers: Some(1),
+            ..TrainingOptions::new(dir.path().join(name).to_str().unwrap())
+        };
+        train_parti(&config, &inputs, &options).unwrap()
+    };
+    let preset = serde_json::to_value(PartiTrainConfig::preset("tiny").unwrap()).unwrap();
+    assert!(preset.get("grad_clip").is_none(), "{preset}");
+
+    let global = train("global", "global", 4.0);
+    assert_eq!(global.config["grad_clip"], "global");
+    let losses: Vec<f64> = log("global")
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["loss"].as_f64())
+        .map(Option::unwrap)
+        .collect();
+    assert_eq!(losses.len(), 12);
+    let mean = |part: &[f64]| part.iter().sum::<f64>() / part.len() as f64;
+    assert!(
+        mean(&losses[8..]) < 0.9 * mean(&losses[..4]),
+        "the loss did not fall: {losses:?}"
+    );
+
+    train("tight-global", "global", 0.05);
+    train("tight-per-tensor", "per_tensor", 0.05);
+    assert_ne!(log("tight-global"), log("tight-per-tensor"));
+
+    train("loose-global", "global", 1e9);
+    train("loose-per-tensor", "per_tensor", 1e9);
+    assert_eq!(log("loose-global"), log("loose-per-tensor"));
+    assert_ne!(log("loose-global"), log("tight-global"));
+}

@@ -6,7 +6,7 @@ use models::vqgan::{VitConfig, VitVqganConfig};
 use nn::data::StreamConfig;
 use nn::fused::Precision;
 use nn::images::{ImageStream, Rejected};
-use nn::training::Schedule;
+use nn::training::{GradClip, Schedule};
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
@@ -40,8 +40,14 @@ pub struct TrainConfig {
     pub beta1: f64,
     pub beta2: f64,
     pub weight_decay: f64,
-    /// Each parameter's gradient is clipped to this L2 norm on its own (Burn's clipping).
+    /// The L2 norm gradients are clipped to: each parameter's on its own, or all together
+    /// (`grad_clip`).
     pub grad_clip_norm: f32,
+    /// `per_tensor` (the default: Burn's clipping, what the presets were tuned with) or
+    /// `global` (`torch.nn.utils.clip_grad_norm_`'s norm over all gradients). Written only
+    /// when global, so configs from before this key keep their identity.
+    #[serde(default, skip_serializing_if = "GradClip::is_per_tensor")]
+    pub grad_clip: GradClip,
     pub loss: LossConfig,
     /// Check for dead codes every this many steps (0: never) ...
     pub restart_every: usize,
@@ -91,6 +97,7 @@ impl TrainConfig {
             beta2: 0.99,
             weight_decay: 1e-4,
             grad_clip_norm: 1.0,
+            grad_clip: GradClip::PerTensor,
             loss: LossConfig::paper(),
             restart_every: 100,
             restart_window: 1000,
@@ -208,7 +215,7 @@ impl TrainConfig {
             beta_1: self.beta1 as f32,
             beta_2: self.beta2 as f32,
             weight_decay: self.weight_decay as f32,
-            grad_clip_norm: Some(self.grad_clip_norm),
+            grad_clip_norm: self.grad_clip.per_tensor(self.grad_clip_norm),
             ..Default::default()
         }
         .init()

@@ -17,29 +17,6 @@ use crate::config::TrainConfig;
 use crate::eval::psnr_db;
 use crate::loss::{GeneratorLoss, Objective, WithCritic};
 
-/// The step's discriminator update on real images and the generator's (detached) output, when
-/// the adversarial term counts; returns its loss for the log.
-fn critic_step<M>(
-    objective: &Objective,
-    optimizer: &mut ModuleOptimizer,
-    trainee: WithCritic<M>,
-    real: Tensor<4>,
-    fake: Tensor<4>,
-    learning_rate: f64,
-    step: usize,
-) -> (WithCritic<M>, Option<f32>)
-where
-    WithCritic<M>: Module,
-{
-    let Some(critic) = trainee.critic_at(&objective.config, step) else {
-        return (trainee, None);
-    };
-    let loss = objective.discriminator(critic, real, fake);
-    let grads = GradientsParams::from_grads(loss.backward(), critic);
-    let trainee = optimizer.step(learning_rate, trainee, grads);
-    (trainee, Some(loss.into_scalar::<f32>()))
-}
-
 /// A step's loss as numbers, for its metrics line.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct LossNumbers {
@@ -253,11 +230,12 @@ impl PortableMicroBatch {
     }
 }
 
-/// The discriminator's step on the batch `real` and the micro-batches' reconstructions, when
-/// it trains this step.
+/// The discriminator's step on the batch `real` and the micro-batches' (detached)
+/// reconstructions, when the adversarial term counts this step; returns its loss for the log.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn critic_update<M>(
     objective: &Objective,
+    config: &TrainConfig,
     optimizer: &mut ModuleOptimizer,
     trainee: WithCritic<M>,
     real: Tensor<4>,
@@ -277,15 +255,14 @@ where
     if fakes.is_empty() {
         return (trainee, None);
     }
-    critic_step(
-        objective,
-        optimizer,
-        trainee,
-        real,
-        Tensor::cat(fakes, 0),
-        learning_rate,
-        step,
-    )
+    let Some(critic) = trainee.critic_at(&objective.config, step) else {
+        return (trainee, None);
+    };
+    let loss = objective.discriminator(critic, real, Tensor::cat(fakes, 0));
+    let grads = GradientsParams::from_grads(loss.backward(), critic);
+    let grads = config.grad_clip.apply(config.grad_clip_norm, critic, grads);
+    let trainee = optimizer.step(learning_rate, trainee, grads);
+    (trainee, Some(loss.into_scalar::<f32>()))
 }
 
 pub(crate) fn mean_numbers(micro: &[MicroBatch]) -> LossNumbers {

@@ -25,7 +25,7 @@ use nn::cli::TrainingOptions;
 use nn::data::StreamConfig;
 use nn::images::{self, ImageSet, Rejected, floats};
 use nn::progress::{Curves, Steps, is_midway_evaluation};
-use nn::training::{self, Publication, Schedule};
+use nn::training::{self, GradClip, Publication, Schedule};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, json};
@@ -75,8 +75,14 @@ pub struct SuperResStageConfig {
     /// (1e-5), which would turn Adam into plain SGD with tiny steps: PyTorch's 1e-8, as WDSR.
     pub epsilon: f64,
     pub weight_decay: f64,
-    /// Each parameter's gradient is clipped to this L2 norm on its own (Burn's clipping).
+    /// The L2 norm gradients are clipped to: each parameter's on its own, or all together
+    /// (`grad_clip`).
     pub grad_clip_norm: f32,
+    /// `per_tensor` (the default: Burn's clipping, what the presets were tuned with) or
+    /// `global` (`torch.nn.utils.clip_grad_norm_`'s norm over all gradients). Written only
+    /// when global, so configs from before this key keep their identity.
+    #[serde(default, skip_serializing_if = "GradClip::is_per_tensor")]
+    pub grad_clip: GradClip,
     /// Held-out pictures scored at the end (and at a few points for the chart).
     pub held_out: usize,
     pub checkpoint_every: usize,
@@ -112,6 +118,7 @@ impl SuperResStageConfig {
             epsilon: 1e-8,
             weight_decay: 0.0,
             grad_clip_norm: 1.0,
+            grad_clip: GradClip::PerTensor,
             held_out: 256,
             checkpoint_every: 5000,
             log_every: 100,
@@ -169,7 +176,7 @@ impl SuperResStageConfig {
             beta_2: self.beta2 as f32,
             epsilon: self.epsilon as f32,
             weight_decay: self.weight_decay as f32,
-            grad_clip_norm: Some(self.grad_clip_norm),
+            grad_clip_norm: self.grad_clip.per_tensor(self.grad_clip_norm),
         }
         .init()
     }
@@ -373,7 +380,8 @@ pub fn train_superres(
 ) -> Result<Manifest, Error> {
     let started = Instant::now();
     let model_config = config.model_config()?;
-    let mut run = StageRun::new(STAGE, tool(), &options.out, config, ShardSpec::single())?;
+    let mut run = StageRun::new(STAGE, tool(), &options.out, config, ShardSpec::single())?
+        .with_checkpoint_fields(&["/checkpoint_every"])?;
     let upstream = run.upstream("pairs", pairs)?;
     let tokenizer_stage = match (config.input, vqgan) {
         (InputKind::Tokenizer, Some(uri)) => Some(run.upstream("vqgan", uri)?),
@@ -505,6 +513,7 @@ pub fn train_superres(
             },
         )?;
         let learning_rate = schedule.at(step, config.steps);
+        let grads = config.grad_clip.apply(config.grad_clip_norm, &model, grads);
         model = optimizer.step(learning_rate, model, grads);
         let logged = step.is_multiple_of(config.log_every.max(1)) || step + 1 == config.steps;
         if logged {

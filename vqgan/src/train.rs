@@ -320,10 +320,14 @@ impl Setup<'_> {
                 &forward,
             )?;
             let learning_rate = config.learning_rate_at(step);
+            let grads = config
+                .grad_clip
+                .apply(config.grad_clip_norm, &trainee, grads);
             trainee = optimizer.step(learning_rate, trainee, grads);
             let critic_loss;
             (trainee, critic_loss) = critic_update(
                 &self.objectives[0],
+                config,
                 &mut optimizer,
                 trainee,
                 x.clone(),
@@ -398,7 +402,8 @@ pub fn train(
     let model_config = config.model_config()?;
     config.loss.check(model_config.output_sigmoid)?;
     config.precision.check_backend()?;
-    let mut run = StageRun::new(STAGE, tool(), &options.out, config, ShardSpec::single())?;
+    let mut run = StageRun::new(STAGE, tool(), &options.out, config, ShardSpec::single())?
+        .with_checkpoint_fields(&["/checkpoint_every"])?;
     let (setup, upstream) = match begin(&mut run, config, inputs, options)? {
         Ok(begun) => begun,
         Err(existing) => return Ok(existing),
@@ -478,7 +483,8 @@ pub fn finetune_decoder(
         &options.out,
         config,
         ShardSpec::single(),
-    )?;
+    )?
+    .with_checkpoint_fields(&["/train/checkpoint_every"])?;
     let stage1 = run.upstream("vqgan", vqgan_uri)?;
     let (setup, upstream) = match begin(&mut run, train_config, inputs, options)? {
         Ok(begun) => begun,

@@ -71,3 +71,37 @@ fn the_code_dimension_can_be_set_without_changing_the_presets_config_hash() {
         assert!(error.to_string().contains("code_dim"), "{error}");
     }
 }
+
+/// `grad_clip` (which norm `grad_clip_norm` bounds) is read from a config file by every VQGAN
+/// training stage, refused by name when misspelt, and not written when it is the default.
+#[test]
+fn the_gradient_clipping_scope_is_a_config_key() {
+    use nn::training::GradClip;
+    use vqgan::superres::SuperResStageConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let file = |text: &str| {
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let preset = TrainConfig::preset("tiny").unwrap();
+    assert!(!written(&preset).contains("grad_clip\""));
+    let global = file("grad_clip = \"global\"\n");
+    let read: TrainConfig =
+        manifests::config::layered(&preset, Some(&global), serde_json::json!({})).unwrap();
+    assert_eq!(read.grad_clip, GradClip::Global);
+    assert!(written(&read).contains("\"grad_clip\":\"global\""));
+    let superres = SuperResStageConfig::preset("tiny").unwrap();
+    let read: SuperResStageConfig =
+        manifests::config::layered(&superres, Some(&global), serde_json::json!({})).unwrap();
+    assert_eq!(read.grad_clip, GradClip::Global);
+
+    let misspelt = file("grad_clip = \"sideways\"\n");
+    let error = manifests::config::layered(&preset, Some(&misspelt), serde_json::json!({}))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("grad_clip") && error.contains("global"),
+        "{error}"
+    );
+}

@@ -174,7 +174,8 @@ impl StageRun {
     /// config hash: they say only when a training run saves its progress, and a resumed run
     /// computes what an uninterrupted one does, so changing them neither makes a finished stage
     /// stale nor keeps a killed run from resuming. The manifest still records them in `config`.
-    /// A manifest or checkpoint written while they were hashed still counts as this run's. A
+    /// A manifest written while they were hashed still counts as this run's; so does a
+    /// checkpoint written then, when the run resumes under the interval it was written with. A
     /// pointer that names no field is an error (it would leave the field hashed unnoticed).
     pub fn with_checkpoint_fields(mut self, pointers: &[&str]) -> Result<StageRun, Error> {
         if let Some(missing) = pointers.iter().find(|p| self.config.pointer(p).is_none()) {

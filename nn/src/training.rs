@@ -146,6 +146,18 @@ pub enum GradClip {
 }
 
 impl GradClip {
+    /// An error unless `max_norm` (the config's `grad_clip_norm`) is above 0: a bound of 0
+    /// zeroes every gradient and a negative one reverses them.
+    pub fn check(max_norm: f32) -> Result<(), crate::Error> {
+        if max_norm > 0.0 {
+            Ok(())
+        } else {
+            Err(crate::Error::Usage(format!(
+                "grad_clip_norm {max_norm} must be above 0"
+            )))
+        }
+    }
+
     /// Whether this is the default (configs leave the key out then, keeping their identity).
     pub fn is_per_tensor(&self) -> bool {
         *self == GradClip::PerTensor

@@ -88,12 +88,16 @@ fn global_clipping_scales_every_gradient_by_one_factor() {
         (clipped_norm - max_norm as f64).abs() <= 1e-4 * max_norm as f64,
         "{clipped_norm} against {max_norm}"
     );
-    // Not what clipping each tensor to the same bound does: the smaller ones keep their size.
-    let smallest = before
+    // Not what clipping each tensor to the same bound does: a tensor whose own norm is within
+    // the bound, which per-tensor clipping would leave alone, is scaled down too.
+    let (smallest, index) = before
         .iter()
-        .map(|t| norm(std::slice::from_ref(t)))
-        .fold(f64::INFINITY, f64::min);
+        .enumerate()
+        .map(|(i, t)| (norm(std::slice::from_ref(t)), i))
+        .fold((f64::INFINITY, 0), |a, b| if b.0 < a.0 { b } else { a });
     assert!(smallest < max_norm as f64, "{smallest} {max_norm}");
+    let scaled = norm(std::slice::from_ref(&clipped[index]));
+    assert!(scaled < 0.5 * smallest, "{scaled} against {smallest}");
 
     // Within the bound, and per tensor: untouched.
     for (clip, max_norm) in [

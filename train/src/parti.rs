@@ -54,8 +54,8 @@ pub struct PartiTrainConfig {
     /// (`grad_clip`).
     pub grad_clip_norm: f32,
     /// `per_tensor` (the default: Burn's clipping, what the presets were tuned with) or
-    /// `global` (`torch.nn.utils.clip_grad_norm_`'s norm over all gradients, as Parti clipped). Written only
-    /// when global, so configs from before this key keep their identity.
+    /// `global` (`torch.nn.utils.clip_grad_norm_`'s norm over all gradients, as Parti
+    /// clipped). Written only when global, so configs from before this key keep their identity.
     #[serde(default, skip_serializing_if = "GradClip::is_per_tensor")]
     pub grad_clip: GradClip,
     pub dropout: f64,
@@ -166,9 +166,7 @@ impl PartiTrainConfig {
     /// What is wrong with the batch settings, if anything.
     pub fn validate(&self) -> Result<(), Error> {
         training::micro_batch_size(self.batch_size, self.accumulation)?;
-        if self.grad_clip_norm.is_nan() || self.grad_clip_norm <= 0.0 {
-            return Err(Error::Usage("grad_clip_norm must be above 0".into()));
-        }
+        GradClip::check(self.grad_clip_norm)?;
         if !(0.0..1.0).contains(&self.dropout) || !(0.0..=1.0).contains(&self.cfg_dropout) {
             return Err(Error::Usage(
                 "dropout must be within [0, 1) and cfg_dropout within [0, 1]".into(),

@@ -375,6 +375,7 @@ pub fn train_text_encoder(
     if !(0.0..1.0).contains(&config.dropout) {
         return Err(Error::Usage("dropout must be within [0, 1)".into()));
     }
+    GradClip::check(config.grad_clip_norm)?;
     let started = Instant::now();
     let mut run = StageRun::new(STAGE, tool(), &options.out, config, ShardSpec::single())?
         .with_checkpoint_fields(&["/checkpoint_every"])?;

@@ -8,7 +8,7 @@ use std::sync::{Mutex, OnceLock};
 
 use manifests::Upstream;
 use nn::cli::TrainingOptions;
-use nn::training::Paused;
+use nn::training::{GradClip, Paused};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use train::parti::{PartiInputs, PartiTrainConfig, train_parti};
@@ -453,8 +453,9 @@ fn a_diverged_run_saves_no_checkpoint_and_publishes_nothing() {
 
 /// `grad_clip = "global"` bounds the norm of all gradients together: a run with it learns (its
 /// loss falls), its manifest records it, and it is not clipping each tensor to the same bound;
-/// with a bound no gradient reaches, both are the unclipped run to the bit. Unset, the key is
-/// not written, so a preset's config (and hash) is what it was.
+/// with a bound no gradient reaches, both are the unclipped run to the bit (Parti and the text
+/// encoder). Unset, the key is not written, so a preset's config (and hash) is what it was. A
+/// bound that is not positive is refused by name.
 #[test]
 fn global_gradient_clipping_learns_and_is_recorded() {
     let _serial = TRAINING.lock();
@@ -506,4 +507,39 @@ fn global_gradient_clipping_learns_and_is_recorded() {
     train("loose-per-tensor", "per_tensor", 1e9);
     assert_eq!(log("loose-global"), log("loose-per-tensor"));
     assert_ne!(log("loose-global"), log("tight-global"));
+    let refused = train_parti(
+        &PartiTrainConfig {
+            grad_clip_norm: -1.0,
+            ..PartiTrainConfig::preset("tiny").unwrap()
+        },
+        &inputs,
+        &TrainingOptions::new(dir.path().join("negative").to_str().unwrap()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(refused.contains("grad_clip_norm"), "{refused}");
+
+    // The text encoder's steps too.
+    let paths = [path("tokenizer"), path("text"), path("pairs")];
+    let text_encoder = |name: &str, grad_clip: GradClip, grad_clip_norm: f32| {
+        let config = TextEncoderTrainConfig {
+            steps: 4,
+            batch_size: 8,
+            log_every: 1,
+            grad_clip,
+            grad_clip_norm,
+            ..TextEncoderTrainConfig::preset("tiny").unwrap()
+        };
+        let options = TrainingOptions::new(dir.path().join(name).to_str().unwrap());
+        train_text_encoder(&config, &text_encoder_inputs(&paths), &options)
+    };
+    text_encoder("text-loose-global", GradClip::Global, 1e9).unwrap();
+    text_encoder("text-loose-per-tensor", GradClip::PerTensor, 1e9).unwrap();
+    assert_eq!(log("text-loose-global"), log("text-loose-per-tensor"));
+    text_encoder("text-tight-global", GradClip::Global, 1e-3).unwrap();
+    assert_ne!(log("text-loose-global"), log("text-tight-global"));
+    let refused = text_encoder("text-zero", GradClip::Global, 0.0)
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("grad_clip_norm"), "{refused}");
 }

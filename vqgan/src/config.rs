@@ -160,9 +160,11 @@ impl TrainConfig {
     }
 
     /// The model this config trains; an error for a config that cannot train (unknown model,
-    /// codebook or code sizes out of range, batches that do not split into equal micro-batches).
+    /// codebook or code sizes out of range, batches that do not split into equal micro-batches,
+    /// a clipping bound that is not positive).
     pub fn model_config(&self) -> Result<VitVqganConfig, Error> {
         nn::training::micro_batch_size(self.batch_size, self.accumulation)?;
+        GradClip::check(self.grad_clip_norm)?;
         let mut config = match self.model.as_str() {
             "tiny" => VitVqganConfig::tiny(),
             "small" => VitVqganConfig::small(),

@@ -156,6 +156,7 @@ impl SuperResStageConfig {
             )));
         }
         nn::training::micro_batch_size(self.batch_size, self.accumulation)?;
+        GradClip::check(self.grad_clip_norm)?;
         if self.held_out == 0 {
             return Err(Error::Usage("held_out must be positive".into()));
         }
@@ -406,7 +407,9 @@ pub fn train_superres(
         nn::backend::training_workers(group.device(), options.workers, config.accumulation)
             .map_err(|e| Error::Usage(e.to_string()))?;
     let device = workers[0].clone();
-    device.seed(config.seed);
+    // Held until the model is initialised: the generator is the process's, and another thread
+    // drawing from it meanwhile (a parallel test, say) would change the initial weights.
+    let seeded = nn::backend::seed_exclusively(&device, config.seed);
     let tokenizer = match &tokenizer_stage {
         Some(stage) => {
             let (tokenizer_config, tokenizer) = load_vqgan(stage, &device)?;
@@ -445,8 +448,10 @@ pub fn train_superres(
         log: String::new(),
         curves: Curves::default(),
     };
+    let initial = model_config.init(&device);
+    drop(seeded);
     let (mut model, mut optimizer, mut progress) =
-        training::resume(&run, model_config.init(&device), config.optimizer(), fresh)?;
+        training::resume(&run, initial, config.optimizer(), fresh)?;
     group.agree("resumed step", progress.step as u64)?;
     training::materialize(&model);
     info!(

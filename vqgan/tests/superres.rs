@@ -3,10 +3,12 @@
 //! the tokenizer input mode reads the tokenizer it names (checked against the model's input
 //! size).
 
+mod common;
+
 use std::path::Path;
 
 use nn::cli::TrainingOptions;
-use nn::training::Paused;
+use nn::training::{GradClip, Paused};
 use vqgan::Error;
 use vqgan::superres::{InputKind, SuperResStageConfig, train_superres};
 
@@ -188,4 +190,35 @@ fn a_short_run_beats_bicubic_on_held_out_pictures() {
         "held-out PSNR {ours:.2} dB, bicubic {bicubic:.2} dB"
     );
     assert!(manifest.metric_f64("ssim") > manifest.metric_f64("bicubic_ssim"));
+}
+
+/// `grad_clip = "global"` reaches the update: a bound no gradient reaches is the unclipped run
+/// (either scope), a tight one changes the losses; a negative bound is refused by name.
+#[test]
+fn global_gradient_clipping_reaches_the_update() {
+    let dir = tempfile::tempdir().unwrap();
+    fixture(dir.path(), 40, false);
+    let pairs = dir.path().join("pairs-large").display().to_string();
+    let log = |name: &str| {
+        String::from_utf8(manifests::testing::artifact_bytes(
+            &dir.path().join(name),
+            "metrics.jsonl",
+        ))
+        .unwrap()
+    };
+    let run = |name: &str, grad_clip: GradClip, grad_clip_norm: f32| {
+        let config = SuperResStageConfig {
+            grad_clip,
+            grad_clip_norm,
+            steps: 4,
+            ..small_config(InputKind::Downscale)
+        };
+        train_superres(
+            &config,
+            &pairs,
+            None,
+            &options(&dir.path().join(name), None),
+        )
+    };
+    common::assert_global_clipping_reaches_the_updates(run, log, -1.0);
 }

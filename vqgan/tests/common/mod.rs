@@ -1,5 +1,7 @@
 //! Test fixtures shared by the vqgan test files.
+#![allow(dead_code)] // each test file uses some of them
 
+use nn::training::GradClip;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safetensors::Dtype;
@@ -59,4 +61,30 @@ pub fn random_vgg16(
         }
     }
     tensors
+}
+
+/// Checks that `grad_clip = "global"` reaches a stage's updates, training through
+/// `run(name, grad_clip, grad_clip_norm)` and reading a run's metrics lines with `log(name)`: a
+/// bound no gradient reaches is the unclipped run (either scope), a tight one changes the
+/// losses, and `not_positive` is refused by name. Returns the tight run's log.
+pub fn assert_global_clipping_reaches_the_updates<T, E: std::fmt::Display>(
+    run: impl Fn(&str, GradClip, f32) -> Result<T, E>,
+    log: impl Fn(&str) -> String,
+    not_positive: f32,
+) -> String {
+    let trained = |name: &str, grad_clip, bound| {
+        if let Err(e) = run(name, grad_clip, bound) {
+            panic!("{name}: {e}");
+        }
+        log(name)
+    };
+    let loose = trained("loose-global", GradClip::Global, 1e9);
+    assert_eq!(loose, trained("loose-per-tensor", GradClip::PerTensor, 1e9));
+    let tight = trained("tight-global", GradClip::Global, 1e-3);
+    assert_ne!(loose, tight);
+    match run("not-positive", GradClip::Global, not_positive) {
+        Ok(_) => panic!("grad_clip_norm {not_positive} was accepted"),
+        Err(e) => assert!(e.to_string().contains("grad_clip_norm"), "{e}"),
+    }
+    tight
 }

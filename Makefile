@@ -33,7 +33,7 @@ $(error BACKEND must be flex or tch, not '$(BACKEND)')
 endif
 BIN := $(TARGET_DIR)/release
 FORCE_FLAG := $(if $(FORCE),--force,)
-# STEPS=N caps every training stage at N steps (the smoke run uses it); empty: the preset's.
+# STEPS=N sets every training stage's step count to N (the smoke run uses it); empty: the preset's.
 STEPS ?=
 STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)
 # DEVICE=cuda (or cuda:N; BACKEND=tch with a CUDA libtorch): the stages that compute on a device

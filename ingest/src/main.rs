@@ -273,7 +273,7 @@ fn options(stage: &StageArgs, job: Option<&JobArgs>) -> Result<RunOptions> {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Pairs(args) => {
-            refuse_seed(&args.stage, "ingest pairs")?;
+            args.stage.refuse_seed("ingest pairs")?;
             let preset =
                 PairsConfig::preset(args.stage.preset.as_deref().unwrap_or("default"), "")?;
             let overrides = json!({
@@ -325,7 +325,7 @@ fn run(cli: Cli) -> Result<()> {
             summary(&manifest);
         }
         Command::Text(args) => {
-            refuse_seed(&args.stage, "ingest text")?;
+            args.stage.refuse_seed("ingest text")?;
             let preset = TextConfig::preset(args.stage.preset.as_deref().unwrap_or("default"), "")?;
             let overrides = json!({"input": args.input, "text_field": args.text_field,
                 "min_chars": args.min_chars, "shard_rows": args.shard_rows});
@@ -480,15 +480,6 @@ fn aspect_ratio(value: &str) -> Result<f32, String> {
 
 /// `--seed` given to a stage that draws nothing at random: refused rather than ignored, so no
 /// one believes it changed the output.
-fn refuse_seed(stage: &StageArgs, name: &str) -> Result<()> {
-    anyhow::ensure!(
-        stage.seed.is_none(),
-        "--seed: {name} draws nothing at random (its output depends only on its input and \
-         config); leave --seed out"
-    );
-    Ok(())
-}
-
 /// An override object without its unset fields (null when none is set), so a section the
 /// preset leaves out appears only when a flag sets part of it.
 fn without_nulls(value: serde_json::Value) -> serde_json::Value {

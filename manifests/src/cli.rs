@@ -25,6 +25,31 @@ pub struct StageArgs {
     pub seed: Option<u64>,
 }
 
+impl StageArgs {
+    /// An error for `--seed` given to `stage`, which draws nothing at random: its output
+    /// depends only on its inputs and config, and a seed it ignored would look like one it used.
+    pub fn refuse_seed(&self, stage: &str) -> Result<(), Error> {
+        match self.seed {
+            None => Ok(()),
+            Some(_) => Err(Error::Usage(format!(
+                "--seed: {stage} draws nothing at random (its output depends only on its input \
+                 and config); leave --seed out"
+            ))),
+        }
+    }
+
+    /// An error for `--preset` given to `stage`, which has no presets (`settings` says what it
+    /// takes instead).
+    pub fn refuse_preset(&self, stage: &str, settings: &str) -> Result<(), Error> {
+        match &self.preset {
+            None => Ok(()),
+            Some(preset) => Err(Error::Usage(format!(
+                "--preset {preset}: {stage} has no presets ({settings})"
+            ))),
+        }
+    }
+}
+
 /// Which slice of the input this process handles, for cloud batch arrays.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct JobArgs {

@@ -155,6 +155,7 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Tokenizer(args) => {
+            args.stage.refuse_seed("train tokenizer")?;
             let preset = TokenizerConfig::preset(args.stage.preset.as_deref().unwrap_or("tiny"))?;
             let overrides = json!({
                 "vocab_size": args.vocab_size,

@@ -199,6 +199,15 @@ fn the_stage_trains_on_ingest_manifests_skips_reruns_and_adopts_files() {
         err.contains("--text") && err.contains("--captions"),
         "{err}"
     );
+    // It draws nothing at random: a seed is refused, not ignored.
+    let output = Command::new(train)
+        .args(["tokenizer", "--text", &path("text"), "--seed", "3"])
+        .args(["--out", &path("seeded")])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("--seed"), "{err}");
 
     let args = [
         "tokenizer",

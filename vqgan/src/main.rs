@@ -227,6 +227,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", summary(&manifest));
         }
         Command::Encode(args) => {
+            args.stage.refuse_seed("vqgan encode")?;
+            args.stage
+                .refuse_preset("vqgan encode", "its one setting: --batch-size or --config")?;
             let overrides = json!({"batch_size": args.batch_size});
             let config: EncodeConfig = layered(
                 &EncodeConfig::default(),

@@ -105,3 +105,33 @@ fn the_gradient_clipping_scope_is_a_config_key() {
         "{error}"
     );
 }
+
+/// `vqgan encode` draws nothing at random and has no presets: `--seed` and `--preset` are
+/// refused by name, not ignored.
+#[test]
+fn encode_refuses_a_seed_and_a_preset() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tokens");
+    for (flag, value) in [("--seed", "3"), ("--preset", "tiny")] {
+        let (code, text) = manifests::testing::output_of(
+            env!("CARGO_BIN_EXE_vqgan"),
+            &[
+                "encode",
+                "--vqgan",
+                "no-vqgan",
+                "--pairs",
+                "no-pairs",
+                "--out",
+                out.to_str().unwrap(),
+                flag,
+                value,
+            ],
+        );
+        assert_ne!(code, 0, "{text}");
+        assert!(
+            text.contains(flag) && text.contains("vqgan encode"),
+            "{text}"
+        );
+        assert!(!out.exists());
+    }
+}

@@ -26,7 +26,7 @@ pub use manifest::{
     Artifact, Input, MANIFEST_FILE, Manifest, Problem, SCHEMA, SCHEMA_V1, ShardSpec, Tool,
     manifest_location,
 };
-pub use stage::{Finished, Freshness, StageRun, Upstream};
+pub use stage::{Finished, Freshness, OtherCheckpoint, StageRun, Upstream};
 pub use storage::{Location, ObjectInfo};
 
 /// `blake3:<hex>`: the digest used for artifacts, manifests and configs.

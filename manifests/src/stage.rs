@@ -17,12 +17,28 @@ use crate::{Error, digest_bytes};
 /// Where finished artifacts are recorded before the manifest exists, so a killed run resumes.
 const WORK_DIR: &str = "_work";
 const CHECKPOINT_INDEX: &str = "checkpoint.json";
+/// Beside a checkpoint: the config and input identities of the run that wrote it, so another
+/// run can say why it does not resume it.
+const RUN_RECORD: &str = "run.json";
 
 /// A training checkpoint read back: the step it was taken after and its files by name.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     pub step: usize,
     pub files: Vec<(String, Bytes)>,
+}
+
+/// A checkpoint in a stage's output folder that another run left: a killed run of another
+/// config or other inputs, which this run does not resume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtherCheckpoint {
+    /// Its work folder.
+    pub folder: String,
+    pub step: usize,
+    /// How that run differs from this one, in words (`learning_rate: 0.0002 there, 0.0001
+    /// here`; `input tokens: other contents`); `None` for a checkpoint written before runs
+    /// recorded their config beside it.
+    pub differences: Option<Vec<String>>,
 }
 
 /// An upstream stage's manifest, read and recorded as an input.
@@ -402,10 +418,15 @@ impl StageRun {
                 .as_bytes(),
         );
         let run_id = format!("{}-{}", &hash[..16], &inputs["blake3:".len()..][..16]);
-        self.out.join(WORK_DIR).join(&run_id).join(&format!(
-            "job-{:05}-of-{:05}",
-            self.shard.index, self.shard.count
-        ))
+        self.out
+            .join(WORK_DIR)
+            .join(&run_id)
+            .join(&self.job_folder())
+    }
+
+    /// This job's folder name within a run's work folder.
+    fn job_folder(&self) -> String {
+        format!("job-{:05}-of-{:05}", self.shard.index, self.shard.count)
     }
 
     /// Where this run's work folder was while its checkpoint fields were hashed, when that is
@@ -519,6 +540,9 @@ impl StageRun {
             });
             self.work_dir().join(&uri).put(bytes)?;
         }
+        self.work_dir()
+            .join(RUN_RECORD)
+            .put(Bytes::from(self.run_record().to_string()))?;
         let index = serde_json::json!({"step": step, "files": entries});
         self.work_dir()
             .join(CHECKPOINT_INDEX)
@@ -569,6 +593,81 @@ impl StageRun {
             }
         }
         Ok(Some(Checkpoint { step, files }))
+    }
+
+    /// Checkpoints of other runs in this output folder for this job: killed runs of another
+    /// config or other inputs, each with how it differs from this run. A run that finds no
+    /// checkpoint of its own says so rather than silently starting from step 0 beside them.
+    pub fn other_checkpoints(&self) -> Result<Vec<OtherCheckpoint>, Error> {
+        let ours = [Some(self.work_dir()), self.earlier_work_dir()];
+        let work = self.out.join(WORK_DIR);
+        let job = self.job_folder();
+        let mut others = Vec::new();
+        for object in work.list()? {
+            let relative = object.location.relative_to(&work).unwrap_or_default();
+            let parts: Vec<&str> = relative.split('/').collect();
+            let [run_id, folder, name] = parts[..] else {
+                continue;
+            };
+            let dir = work.join(&format!("{run_id}/{folder}"));
+            if folder != job
+                || name != CHECKPOINT_INDEX
+                || ours.iter().flatten().any(|own| own.uri() == dir.uri())
+            {
+                continue;
+            }
+            let Some((step, _)) = checkpoint_index(&dir)? else {
+                continue;
+            };
+            let differences = match dir.join(RUN_RECORD).get() {
+                Ok(bytes) => serde_json::from_slice::<Value>(&bytes)
+                    .ok()
+                    .map(|record| self.differences_from(&record)),
+                Err(Error::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            others.push(OtherCheckpoint {
+                folder: dir.uri(),
+                step,
+                differences,
+            });
+        }
+        Ok(others)
+    }
+
+    /// This run's config and input identities, as [`RUN_RECORD`] keeps them.
+    fn run_record(&self) -> Value {
+        let inputs: Map<String, Value> = self
+            .inputs
+            .iter()
+            .map(|i| (i.name.clone(), Value::String(i.digest.clone())))
+            .collect();
+        serde_json::json!({"config": self.config, "inputs": inputs})
+    }
+
+    /// How the run `record` describes differs from this one: config fields (leaving out those
+    /// outside the hash), then inputs.
+    fn differences_from(&self, record: &Value) -> Vec<String> {
+        let mut differences = Vec::new();
+        config_differences(
+            "",
+            &self.hashed_config(&record["config"]),
+            &self.hashed_config(&self.config),
+            &mut differences,
+        );
+        let ours = self.run_record();
+        let names: std::collections::BTreeSet<&String> = ours["inputs"]
+            .as_object()
+            .into_iter()
+            .chain(record["inputs"].as_object())
+            .flat_map(|inputs| inputs.keys())
+            .collect();
+        for name in names {
+            if record["inputs"][name] != ours["inputs"][name] {
+                differences.push(format!("input {name}: other contents"));
+            }
+        }
+        differences
     }
 
     /// Writes the manifest, last, after every artifact. Then drops the resume records.
@@ -624,6 +723,30 @@ fn checkpoint_index(dir: &Location) -> Result<Option<(usize, Vec<Artifact>)>, Er
     Ok(serde_json::from_slice::<Index>(&bytes)
         .ok()
         .map(|index| (index.step, index.files)))
+}
+
+/// The leaf fields where `there` and `here` differ, as `path: X there, Y here`.
+fn config_differences(path: &str, there: &Value, here: &Value, out: &mut Vec<String>) {
+    match (there, here) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for key in keys {
+                let child = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                let missing = Value::Null;
+                let (a, b) = (
+                    a.get(key).unwrap_or(&missing),
+                    b.get(key).unwrap_or(&missing),
+                );
+                config_differences(&child, a, b, out);
+            }
+        }
+        (a, b) if a != b => out.push(format!("{path}: {a} there, {b} here")),
+        _ => {}
+    }
 }
 
 /// `config` without the fields at these JSON pointers.

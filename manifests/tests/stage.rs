@@ -511,3 +511,64 @@ fn the_checkpoint_interval_is_not_part_of_a_runs_identity() {
     let error = misnamed.err().unwrap().to_string();
     assert!(error.contains("/train/checkpoint_every"), "{error}");
 }
+
+/// A run that finds no checkpoint of its own lists the checkpoints other runs left in its
+/// output folder (killed runs of another config or other inputs), each with what differs.
+#[test]
+fn a_run_names_the_checkpoints_of_other_runs_and_how_they_differ() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out = out.to_str().unwrap();
+    let run = |config: &Value, weights: &[u8]| {
+        let mut run = StageRun::new("demo", tool(), out, config, ShardSpec::single())
+            .unwrap()
+            .with_checkpoint_fields(&["/checkpoint_every"])
+            .unwrap();
+        let weights_file = dir.path().join("weights.bin");
+        std::fs::write(&weights_file, weights).unwrap();
+        run.source_bytes("weights", weights_file.to_str().unwrap(), weights)
+            .unwrap();
+        run
+    };
+    let config = |rate: f64, every: usize| json!({"optimizer": {"learning_rate": rate, "beta": 0.9}, "checkpoint_every": every});
+    let checkpoint = Bytes::from_static(b"state");
+
+    let first = run(&config(1e-3, 2), b"w1");
+    first
+        .save_checkpoint(6, vec![("model.bpk", checkpoint.clone())])
+        .unwrap();
+    assert_eq!(first.other_checkpoints().unwrap(), vec![]);
+    // The same run under another interval is this run, not another.
+    assert_eq!(
+        run(&config(1e-3, 5), b"w1").other_checkpoints().unwrap(),
+        vec![]
+    );
+
+    let changed = run(&config(2e-3, 3), b"w2");
+    assert!(changed.load_checkpoint().unwrap().is_none());
+    let others = changed.other_checkpoints().unwrap();
+    assert_eq!(others.len(), 1, "{others:?}");
+    assert_eq!(others[0].step, 6);
+    assert!(others[0].folder.contains("_work"), "{}", others[0].folder);
+    assert_eq!(
+        others[0].differences,
+        Some(vec![
+            "optimizer.learning_rate: 0.001 there, 0.002 here".to_string(),
+            "input weights: other contents".to_string(),
+        ])
+    );
+
+    // Its own checkpoint is not listed; the other run's still is after it publishes.
+    changed
+        .save_checkpoint(1, vec![("model.bpk", checkpoint.clone())])
+        .unwrap();
+    assert_eq!(changed.other_checkpoints().unwrap().len(), 1);
+    changed.publish(vec![], metrics(0, json!({}))).unwrap();
+    assert_eq!(changed.other_checkpoints().unwrap().len(), 1);
+
+    // A checkpoint written before runs recorded their config: listed, differences unknown.
+    let record = std::path::Path::new(&others[0].folder).join("run.json");
+    std::fs::remove_file(&record).unwrap();
+    let others = run(&config(3e-3, 3), b"w2").other_checkpoints().unwrap();
+    assert_eq!(others[0].differences, None);
+}

@@ -16,7 +16,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use manifests::StageRun;
 
@@ -339,6 +339,7 @@ pub fn resume<M: Module, S: DeserializeOwned>(
     fresh: S,
 ) -> Result<(M, ModuleOptimizer, S), CheckpointError> {
     let Some(manifests::stage::Checkpoint { step, files }) = run.load_checkpoint()? else {
+        warn_of_other_checkpoints(run);
         return Ok((model, optimizer, fresh));
     };
     let file = |name: &str| {
@@ -357,6 +358,34 @@ pub fn resume<M: Module, S: DeserializeOwned>(
     let (model, optimizer) = restore(model, optimizer, snapshot)?;
     info!("resuming from the checkpoint of step {step}");
     Ok((model, optimizer, state))
+}
+
+/// Says which checkpoints of other runs (another config or other inputs) a run that starts from
+/// step 0 leaves alone, and why: the commonest surprise of a resume is a setting changed by
+/// accident. Listing is best effort; a storage error only loses the warning.
+fn warn_of_other_checkpoints(run: &StageRun) {
+    let others = match run.other_checkpoints() {
+        Ok(others) => others,
+        Err(e) => {
+            debug!("looking for other runs' checkpoints: {e}");
+            return;
+        }
+    };
+    for other in others {
+        let why = match &other.differences {
+            None => "an earlier version wrote it, without its config".to_string(),
+            Some(differences) if differences.is_empty() => {
+                "its recorded config and inputs are this run's (another version's identity)"
+                    .to_string()
+            }
+            Some(differences) => differences.join("; "),
+        };
+        warn!(
+            "starting from step 0, not from the checkpoint of step {} in {} (another run: {why}); \
+             rerun with that run's config and inputs to resume it, or delete the folder",
+            other.step, other.folder
+        );
+    }
 }
 
 /// When a training loop checkpoints: every `every` steps (0: never) before the end, and at

@@ -99,6 +99,20 @@ fn a_process_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights() {
     assert_succeeded(&alone(parti(&reference, steps, &[])));
     let killed = dir.path().join("killed");
     kill_after_checkpoint(parti(&killed, steps, &[]), &killed);
+    // A changed setting is another run: it starts from step 0 and says which checkpoint it
+    // leaves alone, and why.
+    let changed = alone(parti(
+        &killed,
+        steps,
+        &["--learning-rate", "0.0001", "--stop-after", "1"],
+    ));
+    let (_, text) = &changed[0];
+    assert!(
+        text.contains("starting from step 0, not from the checkpoint of step")
+            && text.contains("learning_rate: ")
+            && text.contains(" there, 0.0001 here"),
+        "{text}"
+    );
     // Under another checkpoint interval: it says when progress is saved, not what is computed,
     // so it is not part of the run's identity.
     assert_resumed(&alone(parti(&killed, steps, &["--checkpoint-every", "5"])));

@@ -478,8 +478,6 @@ fn aspect_ratio(value: &str) -> Result<f32, String> {
     Ok(ratio)
 }
 
-/// `--seed` given to a stage that draws nothing at random: refused rather than ignored, so no
-/// one believes it changed the output.
 /// An override object without its unset fields (null when none is set), so a section the
 /// preset leaves out appears only when a flag sets part of it.
 fn without_nulls(value: serde_json::Value) -> serde_json::Value {

@@ -19,7 +19,8 @@ const WORK_DIR: &str = "_work";
 const CHECKPOINT_INDEX: &str = "checkpoint.json";
 /// Beside a checkpoint: the config and input identities of the run that wrote it, so another
 /// run can say why it does not resume it.
-const RUN_RECORD: &str = "run.json";
+/// (Named apart from the artifacts' records, `<uri>.json`.)
+const RUN_RECORD: &str = "_run.json";
 
 /// A training checkpoint read back: the step it was taken after and its files by name.
 #[derive(Debug, Clone)]
@@ -540,9 +541,11 @@ impl StageRun {
             });
             self.work_dir().join(&uri).put(bytes)?;
         }
-        self.work_dir()
-            .join(RUN_RECORD)
-            .put(Bytes::from(self.run_record().to_string()))?;
+        if previous.is_none() {
+            self.work_dir()
+                .join(RUN_RECORD)
+                .put(Bytes::from(self.run_record().to_string()))?;
+        }
         let index = serde_json::json!({"step": step, "files": entries});
         self.work_dir()
             .join(CHECKPOINT_INDEX)
@@ -744,8 +747,29 @@ fn config_differences(path: &str, there: &Value, here: &Value, out: &mut Vec<Str
                 config_differences(&child, a, b, out);
             }
         }
-        (a, b) if a != b => out.push(format!("{path}: {a} there, {b} here")),
+        (Value::Number(a), Value::Number(b)) if same_number(a, b) => {}
+        (a, b) if a != b => out.push(format!("{path}: {} there, {} here", shown(a), shown(b))),
         _ => {}
+    }
+}
+
+/// Equal, or one rounding apart: serde_json may read a float back one unit in the last place
+/// off, which is no difference of config.
+fn same_number(a: &serde_json::Number, b: &serde_json::Number) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(a), Some(b)) => a == b || (a - b).abs() <= 4.0 * f64::EPSILON * a.abs().max(b.abs()),
+        _ => a == b,
+    }
+}
+
+/// A config value as a person wrote it: an f32 field is recorded as its exact f64 value
+/// (0.1 as 0.10000000149011612), shown in f32's shortest form.
+fn shown(value: &Value) -> String {
+    match value.as_f64() {
+        Some(number) if value.is_f64() && number as f32 as f64 == number => {
+            format!("{:?}", number as f32)
+        }
+        _ => value.to_string(),
     }
 }
 

@@ -530,7 +530,11 @@ fn a_run_names_the_checkpoints_of_other_runs_and_how_they_differ() {
             .unwrap();
         run
     };
-    let config = |rate: f64, every: usize| json!({"optimizer": {"learning_rate": rate, "beta": 0.9}, "checkpoint_every": every});
+    // `beta` as an f32 field is recorded: its exact f64 value.
+    let config = |rate: f64, every: usize| {
+        let optimizer = json!({"learning_rate": rate, "beta": 0.9f32 as f64});
+        json!({"optimizer": optimizer, "checkpoint_every": every})
+    };
     let checkpoint = Bytes::from_static(b"state");
 
     let first = run(&config(1e-3, 2), b"w1");
@@ -544,7 +548,9 @@ fn a_run_names_the_checkpoints_of_other_runs_and_how_they_differ() {
         vec![]
     );
 
-    let changed = run(&config(2e-3, 3), b"w2");
+    let mut changed_config = config(2e-3, 3);
+    changed_config["optimizer"]["beta"] = json!(0.95f32 as f64);
+    let changed = run(&changed_config, b"w2");
     assert!(changed.load_checkpoint().unwrap().is_none());
     let others = changed.other_checkpoints().unwrap();
     assert_eq!(others.len(), 1, "{others:?}");
@@ -553,6 +559,7 @@ fn a_run_names_the_checkpoints_of_other_runs_and_how_they_differ() {
     assert_eq!(
         others[0].differences,
         Some(vec![
+            "optimizer.beta: 0.9 there, 0.95 here".to_string(),
             "optimizer.learning_rate: 0.001 there, 0.002 here".to_string(),
             "input weights: other contents".to_string(),
         ])
@@ -567,8 +574,33 @@ fn a_run_names_the_checkpoints_of_other_runs_and_how_they_differ() {
     assert_eq!(changed.other_checkpoints().unwrap().len(), 1);
 
     // A checkpoint written before runs recorded their config: listed, differences unknown.
-    let record = std::path::Path::new(&others[0].folder).join("run.json");
+    let record = std::path::Path::new(&others[0].folder).join("_run.json");
     std::fs::remove_file(&record).unwrap();
     let others = run(&config(3e-3, 3), b"w2").other_checkpoints().unwrap();
     assert_eq!(others[0].differences, None);
+
+    // A checkpoint of this run written while the interval was hashed is this run's, not
+    // another's.
+    std::fs::remove_dir_all(std::path::Path::new(out).join("_work")).unwrap();
+    let mut earlier =
+        StageRun::new("demo", tool(), out, &config(1e-3, 2), ShardSpec::single()).unwrap();
+    let weights_file = dir.path().join("weights.bin");
+    std::fs::write(&weights_file, b"w1").unwrap();
+    earlier
+        .source_bytes("weights", weights_file.to_str().unwrap(), b"w1")
+        .unwrap();
+    earlier
+        .save_checkpoint(2, vec![("model.bpk", checkpoint.clone())])
+        .unwrap();
+    assert_eq!(
+        run(&config(1e-3, 2), b"w1").other_checkpoints().unwrap(),
+        vec![]
+    );
+    assert_eq!(
+        run(&config(1e-3, 4), b"w1")
+            .other_checkpoints()
+            .unwrap()
+            .len(),
+        1
+    );
 }

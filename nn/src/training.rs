@@ -331,15 +331,24 @@ pub fn save_checkpoint<M: Module, S: Serialize>(
 }
 
 /// The model, optimizer and state of the last checkpoint of this exact run (same config and
-/// inputs), or the fresh ones given when there is none.
+/// inputs), or the fresh ones given when there is none. Every rank of `group` must resume from
+/// the same step: a rank that could not see the leader's checkpoint (storage that is not shared)
+/// would otherwise train another model beside the others. On a fresh start the leader says
+/// which checkpoints of other runs it leaves alone.
 pub fn resume<M: Module, S: DeserializeOwned>(
     run: &StageRun,
+    group: &Group,
     model: M,
     optimizer: ModuleOptimizer,
     fresh: S,
-) -> Result<(M, ModuleOptimizer, S), CheckpointError> {
-    let Some(manifests::stage::Checkpoint { step, files }) = run.load_checkpoint()? else {
-        warn_of_other_checkpoints(run);
+) -> Result<(M, ModuleOptimizer, S), crate::Error> {
+    let checkpoint = run.load_checkpoint().map_err(CheckpointError::from)?;
+    let step = checkpoint.as_ref().map_or(0, |checkpoint| checkpoint.step);
+    group.agree("resumed step", step as u64)?;
+    let Some(manifests::stage::Checkpoint { step, files }) = checkpoint else {
+        if group.is_leader() {
+            warn_of_other_checkpoints(run);
+        }
         return Ok((model, optimizer, fresh));
     };
     let file = |name: &str| {

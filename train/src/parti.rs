@@ -566,8 +566,7 @@ pub fn train_parti(
         curves: Curves::default(),
     };
     let (mut model, mut optimizer, mut progress) =
-        training::resume(&run, model, config.optimizer()?, fresh)?;
-    group.agree("resumed step", progress.step as u64)?;
+        training::resume(&run, &group, model, config.optimizer()?, fresh)?;
     let checkpointing =
         training::Checkpointing::new(config.checkpoint_every, config.steps, options.stop_after)
             .written_by_leader_of(&group);

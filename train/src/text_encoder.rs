@@ -424,8 +424,7 @@ pub fn train_text_encoder(
         curves: Curves::default(),
     };
     let (mut model, mut optimizer, mut progress) =
-        training::resume(&run, model, optimizer(config), fresh)?;
-    group.agree("resumed step", progress.step as u64)?;
+        training::resume(&run, &group, model, optimizer(config), fresh)?;
     let checkpointing =
         training::Checkpointing::new(config.checkpoint_every, config.steps, options.stop_after)
             .written_by_leader_of(&group);

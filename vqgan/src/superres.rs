@@ -451,8 +451,7 @@ pub fn train_superres(
     let initial = model_config.init(&device);
     drop(seeded);
     let (mut model, mut optimizer, mut progress) =
-        training::resume(&run, initial, config.optimizer(), fresh)?;
-    group.agree("resumed step", progress.step as u64)?;
+        training::resume(&run, &group, initial, config.optimizer(), fresh)?;
     training::materialize(&model);
     info!(
         "{} -> {} px, {} parameters, {} held-out pictures, {} backend",

@@ -166,6 +166,7 @@ fn objective(
 /// and the loop's progress: from the run's last checkpoint, or fresh.
 fn resume<M>(
     run: &StageRun,
+    group: &Group,
     config: &TrainConfig,
     model: M,
     model_config: &VitVqganConfig,
@@ -189,7 +190,7 @@ where
             .discriminator(model_config.image_size)
             .map(|d| d.init(device)),
     };
-    Ok(training::resume(run, trainee, config.optimizer(), fresh)?)
+    training::resume(run, group, trainee, config.optimizer(), fresh)
 }
 
 /// What both stages set up before their loop: the run's workers and objectives.
@@ -284,7 +285,6 @@ impl Setup<'_> {
         WithCritic<M>: Module + Sync,
     {
         let config = self.config;
-        self.group.agree("resumed step", progress.step as u64)?;
         let device = self.device().clone();
         let mut images = config.image_stream(
             upstream,
@@ -412,6 +412,7 @@ pub fn train(
     let device = setup.device().clone();
     let resumed = resume(
         setup.run,
+        &setup.group,
         config,
         model_config.init(&device),
         &model_config,
@@ -510,7 +511,14 @@ pub fn finetune_decoder(
     } else {
         model_config.decoder_init(&device)
     };
-    let resumed = resume(setup.run, train_config, decoder, &model_config, &device)?;
+    let resumed = resume(
+        setup.run,
+        &setup.group,
+        train_config,
+        decoder,
+        &model_config,
+        &device,
+    )?;
     training::materialize(&resumed.0);
     let mut model = frozen.clone();
     model.output_sigmoid = config.output_sigmoid;

@@ -551,6 +551,11 @@ fn generate_at_its_defaults_samples_as_eval_does() {
         })
         .collect();
     let eval_readings = std::fs::read_to_string(format!("{eval_out}/readings.jsonl")).unwrap();
+    assert_eq!(
+        eval_readings.lines().count(),
+        prompts.len(),
+        "{eval_readings}"
+    );
     for (line, reading) in eval_readings.lines().zip(&readings) {
         let line: serde_json::Value = serde_json::from_str(line).unwrap();
         let read = reading.map(|r| {

@@ -279,6 +279,52 @@ pub fn kill_after_checkpoint(mut command: Command, out: &std::path::Path) {
     );
 }
 
+/// Runs `f` with this thread's log events (info and above) also written to a string: what a
+/// stage called as a library said while it ran, e.g. that it resumed from a checkpoint.
+pub fn with_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone, Default)]
+    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            let mut buffer = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            buffer.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let shared = Shared::default();
+    let writer = shared.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let result = tracing::subscriber::with_default(subscriber, f);
+    let logs = shared.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    (result, String::from_utf8_lossy(&logs).into_owned())
+}
+
+/// Runs a training stage (as a library) that must resume from its checkpoint of `step`, not
+/// start over (which would end the same, so equal results alone do not show a resume), and
+/// finish; returns what it returned.
+#[track_caller]
+pub fn assert_resumes_from<T, E: std::fmt::Debug>(
+    step: usize,
+    stage: impl FnOnce() -> Result<T, E>,
+) -> T {
+    let (result, logs) = with_logs(stage);
+    assert!(
+        logs.contains(&format!("resuming from the checkpoint of step {step}")),
+        "{logs}"
+    );
+    match result {
+        Ok(value) => value,
+        Err(e) => panic!("{e:?}\n{logs}"),
+    }
+}
+
 /// Every process succeeded and resumed from a checkpoint rather than starting over.
 pub fn assert_resumed(outputs: &[(bool, String)]) {
     assert_succeeded(outputs);

@@ -120,13 +120,40 @@ fn the_training_stream_passes_over_refused_rows_and_counts_them() {
     // Resumed at its position with its counts, a stream goes on exactly as the whole one.
     let position = stream.position();
     let next = stream.batch(3, &device).unwrap();
-    let mut resumed = ImageStream::open(&upstream, 8, config, position, rejected).unwrap();
+    let mut resumed = ImageStream::open(&upstream, 8, config.clone(), position, rejected).unwrap();
     let again = resumed.batch(3, &device).unwrap();
     assert_eq!(
         next.into_data().try_to_vec::<f32>().unwrap(),
         again.into_data().try_to_vec::<f32>().unwrap()
     );
     assert_eq!(resumed.rejected(), stream.rejected());
+
+    // Resumed within the first pass, with the counts so far: each refused row is still counted
+    // exactly once, whether it came before the resume or after it.
+    let mut early = ImageStream::open(&upstream, 8, config.clone(), 0, Default::default()).unwrap();
+    early.batch(1, &device).unwrap();
+    assert!(early.position() < 5, "{}", early.position());
+    let mut resumed = ImageStream::open(
+        &upstream,
+        8,
+        config,
+        early.position(),
+        early.rejected().clone(),
+    )
+    .unwrap();
+    resumed.batch(6, &device).unwrap();
+    assert_eq!(
+        resumed.rejected()["wrong_size"],
+        1,
+        "{:?}",
+        resumed.rejected()
+    );
+    assert_eq!(
+        resumed.rejected()["undecodable"],
+        1,
+        "{:?}",
+        resumed.rejected()
+    );
 }
 
 #[test]

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use manifests::Upstream;
+use manifests::testing::assert_resumes_from;
 use nn::cli::TrainingOptions;
 use nn::training::{GradClip, Paused};
 use rand::SeedableRng;
@@ -123,7 +124,9 @@ fn stopped_text_encoder_and_parti_runs_resume_exactly() {
         train_text_encoder(&config, &inputs, &options("resumed", Some(3))),
         Err(train::Error::Paused(Paused { step: 3 }))
     ));
-    train_text_encoder(&config, &inputs, &options("resumed", None)).unwrap();
+    assert_resumes_from(3, || {
+        train_text_encoder(&config, &inputs, &options("resumed", None))
+    });
     assert_eq!(
         artifact_text(&dir.path().join("whole"), "metrics.jsonl"),
         artifact_text(&dir.path().join("resumed"), "metrics.jsonl")
@@ -149,8 +152,13 @@ fn stopped_text_encoder_and_parti_runs_resume_exactly() {
         ..TrainingOptions::new(dir.path().join(name).to_str().unwrap())
     };
     let whole = train_parti(&config, &inputs, &options("parti-whole", None)).unwrap();
-    assert!(train_parti(&config, &inputs, &options("parti-resumed", Some(2))).is_err());
-    train_parti(&config, &inputs, &options("parti-resumed", None)).unwrap();
+    assert!(matches!(
+        train_parti(&config, &inputs, &options("parti-resumed", Some(2))),
+        Err(train::Error::Paused(Paused { step: 2 }))
+    ));
+    assert_resumes_from(2, || {
+        train_parti(&config, &inputs, &options("parti-resumed", None))
+    });
     assert_eq!(
         artifact_text(&dir.path().join("parti-whole"), "metrics.jsonl"),
         artifact_text(&dir.path().join("parti-resumed"), "metrics.jsonl")
@@ -283,8 +291,13 @@ fn runs_with_dropout_resume_exactly() {
         pairs: &pairs,
     };
     train_text_encoder(&config, &inputs, &run("text-whole", None, None)).unwrap();
-    assert!(train_text_encoder(&config, &inputs, &run("text-resumed", Some(3), None)).is_err());
-    train_text_encoder(&config, &inputs, &run("text-resumed", None, None)).unwrap();
+    assert!(matches!(
+        train_text_encoder(&config, &inputs, &run("text-resumed", Some(3), None)),
+        Err(train::Error::Paused(Paused { step: 3 }))
+    ));
+    assert_resumes_from(3, || {
+        train_text_encoder(&config, &inputs, &run("text-resumed", None, None))
+    });
     assert_eq!(log("text-whole"), log("text-resumed"));
 
     let config = PartiTrainConfig {
@@ -302,8 +315,13 @@ fn runs_with_dropout_resume_exactly() {
         text_encoder: None,
     };
     train_parti(&config, &inputs, &run("parti-whole", None, None)).unwrap();
-    assert!(train_parti(&config, &inputs, &run("parti-resumed", Some(3), None)).is_err());
-    train_parti(&config, &inputs, &run("parti-resumed", None, None)).unwrap();
+    assert!(matches!(
+        train_parti(&config, &inputs, &run("parti-resumed", Some(3), None)),
+        Err(train::Error::Paused(Paused { step: 3 }))
+    ));
+    assert_resumes_from(3, || {
+        train_parti(&config, &inputs, &run("parti-resumed", None, None))
+    });
     assert_eq!(log("parti-whole"), log("parti-resumed"));
     // Dropout does something: without it the losses differ.
     let without = PartiTrainConfig {

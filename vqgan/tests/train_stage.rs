@@ -212,8 +212,18 @@ fn a_stopped_run_resumes_to_exactly_the_uninterrupted_result() {
         other => panic!("expected a pause at step 3, got {other:?}"),
     }
     assert!(!resumed.join("manifest.json").exists());
-    train(&config, &inputs(&pairs), &options(&resumed, Some(5))).unwrap_err();
-    train(&config, &inputs(&pairs), &options(&resumed, None)).unwrap();
+    let paused = manifests::testing::with_logs(|| {
+        train(&config, &inputs(&pairs), &options(&resumed, Some(5)))
+    });
+    assert!(
+        matches!(paused.0, Err(Error::Paused(Paused { step: 5 })))
+            && paused.1.contains("resuming from the checkpoint of step 3"),
+        "{}",
+        paused.1
+    );
+    manifests::testing::assert_resumes_from(5, || {
+        train(&config, &inputs(&pairs), &options(&resumed, None))
+    });
 
     let log = |dir: &Path| String::from_utf8(artifact_bytes(dir, "metrics.jsonl")).unwrap();
     let (whole_log, resumed_log) = (log(&whole), log(&resumed));

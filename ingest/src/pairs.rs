@@ -494,10 +494,8 @@ fn failures_name(name: &str) -> String {
 
 /// The (key, reason) lines of a failure record; a missing record has none.
 fn read_failures(shards: &ShardSet<'_>, name: &str) -> Result<Vec<(String, String)>, Error> {
-    let bytes = match shards.location(&failures_name(name)).get() {
-        Ok(bytes) => bytes,
-        Err(manifests::Error::NotFound { .. }) => return Ok(Vec::new()),
-        Err(e) => return Err(e.into()),
+    let Some(bytes) = shards.location(&failures_name(name)).get_if_present()? else {
+        return Ok(Vec::new());
     };
     #[derive(Deserialize)]
     struct Line {

@@ -85,11 +85,7 @@ pub fn read_object(location: &Location) -> Result<Option<Bytes>, Error> {
             Err(e) => Err(Error::Io(format!("cannot read {location}: {e}"))),
         };
     }
-    match location.get() {
-        Ok(bytes) => Ok(Some(bytes)),
-        Err(manifests::Error::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    Ok(location.get_if_present()?)
 }
 
 /// A sequential reader of the file at `location` from its start, watched by `fault`; `None`

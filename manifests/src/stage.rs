@@ -215,11 +215,17 @@ impl StageRun {
         )
     }
 
+    /// The hash of `config` with only the location fields left out: the rule before the
+    /// checkpoint fields were left out too.
+    fn hash_with_checkpoint_fields_of(&self, config: &Value) -> String {
+        config_hash(&without_fields(config, &self.location_fields))
+    }
+
     /// The hash this run's config had while its checkpoint fields were hashed (`None` when it
     /// has none): the identity its manifest and work folder had then.
     fn hash_with_checkpoint_fields(&self) -> Option<String> {
         (!self.checkpoint_fields.is_empty())
-            .then(|| config_hash(&without_fields(&self.config, &self.location_fields)))
+            .then(|| self.hash_with_checkpoint_fields_of(&self.config))
     }
 
     /// Whether `existing` was written for this run's config: the same hash, or written while the
@@ -230,8 +236,7 @@ impl StageRun {
             return true;
         }
         !self.checkpoint_fields.is_empty()
-            && existing.config_hash
-                == config_hash(&without_fields(&existing.config, &self.location_fields))
+            && existing.config_hash == self.hash_with_checkpoint_fields_of(&existing.config)
             && config_hash(&self.hashed_config(&existing.config)) == self.config_hash
     }
 
@@ -495,10 +500,8 @@ impl StageRun {
 
     /// The finished artifact with its note and its (verified) contents.
     pub fn finished_artifact_noted(&self, relative_uri: &str) -> Result<Option<Finished>, Error> {
-        let record = match self.work_record(relative_uri).get() {
-            Ok(bytes) => bytes,
-            Err(Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(e),
+        let Some(record) = self.work_record(relative_uri).get_if_present()? else {
+            return Ok(None);
         };
         #[derive(serde::Deserialize)]
         struct Record {
@@ -527,7 +530,8 @@ impl StageRun {
     /// digests) is written last, so a run killed mid-write still finds the previous checkpoint
     /// whole; the previous one is deleted only after the new index is in place.
     pub fn save_checkpoint(&self, step: usize, files: Vec<(&str, Bytes)>) -> Result<(), Error> {
-        let previous = checkpoint_index(&self.work_dir())?;
+        let work = self.work_dir();
+        let previous = checkpoint_index(&work)?;
         let folder = format!("checkpoint-{step:09}");
         let mut entries = Vec::new();
         for (name, bytes) in files {
@@ -539,22 +543,20 @@ impl StageRun {
                 digest: digest_bytes(&bytes),
                 rows: None,
             });
-            self.work_dir().join(&uri).put(bytes)?;
+            work.join(&uri).put(bytes)?;
         }
         if previous.is_none() {
-            self.work_dir()
-                .join(RUN_RECORD)
+            work.join(RUN_RECORD)
                 .put(Bytes::from(self.run_record().to_string()))?;
         }
         let index = serde_json::json!({"step": step, "files": entries});
-        self.work_dir()
-            .join(CHECKPOINT_INDEX)
+        work.join(CHECKPOINT_INDEX)
             .put(Bytes::from(index.to_string()))?;
         if let Some((old_step, old_files)) = previous
             && old_step != step
         {
             for file in old_files {
-                self.work_dir().join(&file.uri).delete()?;
+                work.join(&file.uri).delete()?;
             }
         }
         Ok(())
@@ -622,13 +624,11 @@ impl StageRun {
             let Some((step, _)) = checkpoint_index(&dir)? else {
                 continue;
             };
-            let differences = match dir.join(RUN_RECORD).get() {
-                Ok(bytes) => serde_json::from_slice::<Value>(&bytes)
-                    .ok()
-                    .map(|record| self.differences_from(&record)),
-                Err(Error::NotFound { .. }) => None,
-                Err(e) => return Err(e),
-            };
+            let differences = dir
+                .join(RUN_RECORD)
+                .get_if_present()?
+                .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+                .map(|record| self.differences_from(&record));
             others.push(OtherCheckpoint {
                 folder: dir.uri(),
                 step,
@@ -640,12 +640,15 @@ impl StageRun {
 
     /// This run's config and input identities, as [`RUN_RECORD`] keeps them.
     fn run_record(&self) -> Value {
-        let inputs: Map<String, Value> = self
-            .inputs
+        serde_json::json!({"config": self.config, "inputs": self.input_identities()})
+    }
+
+    /// Each input's identity by name.
+    fn input_identities(&self) -> Map<String, Value> {
+        self.inputs
             .iter()
             .map(|i| (i.name.clone(), Value::String(i.digest.clone())))
-            .collect();
-        serde_json::json!({"config": self.config, "inputs": inputs})
+            .collect()
     }
 
     /// How the run `record` describes differs from this one: config fields (leaving out those
@@ -658,15 +661,15 @@ impl StageRun {
             &self.hashed_config(&self.config),
             &mut differences,
         );
-        let ours = self.run_record();
-        let names: std::collections::BTreeSet<&String> = ours["inputs"]
+        let ours = Value::Object(self.input_identities());
+        let names: std::collections::BTreeSet<&String> = ours
             .as_object()
             .into_iter()
             .chain(record["inputs"].as_object())
             .flat_map(|inputs| inputs.keys())
             .collect();
         for name in names {
-            if record["inputs"][name] != ours["inputs"][name] {
+            if record["inputs"][name] != ours[name] {
                 differences.push(format!("input {name}: other contents"));
             }
         }
@@ -713,10 +716,8 @@ impl StageRun {
 
 /// The step and files of the checkpoint index in the work folder `dir`, if there is one.
 fn checkpoint_index(dir: &Location) -> Result<Option<(usize, Vec<Artifact>)>, Error> {
-    let bytes = match dir.join(CHECKPOINT_INDEX).get() {
-        Ok(bytes) => bytes,
-        Err(Error::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(e),
+    let Some(bytes) = dir.join(CHECKPOINT_INDEX).get_if_present()? else {
+        return Ok(None);
     };
     #[derive(serde::Deserialize)]
     struct Index {

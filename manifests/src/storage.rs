@@ -326,6 +326,15 @@ impl Location {
         .map_err(|e| self.store_error("read", e))
     }
 
+    /// The whole object, or `None` when there is none (any other failure is an error).
+    pub fn get_if_present(&self) -> Result<Option<Bytes>, Error> {
+        match self.get() {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn get_range(&self, range: Range<u64>) -> Result<Bytes, Error> {
         block_on(self.store.get_range(&self.path, range)).map_err(|e| self.store_error("read", e))
     }

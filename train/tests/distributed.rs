@@ -156,13 +156,17 @@ fn a_killed_rank_is_named_and_the_job_resumes_with_another_world_size() {
     assert_same_training(&killed, &reference);
 
     // And the other way: one process stops after 4 steps, two ranks resume.
+    // One process into `out` that stops after 4 steps, as asked.
+    let stop_after_4 = |out: &Path| {
+        let paused = alone(parti(out, steps, &["--stop-after", "4"]));
+        assert!(
+            !paused[0].0 && paused[0].1.contains("--stop-after"),
+            "{}",
+            paused[0].1
+        );
+    };
     let stopped = dir.path().join("stopped");
-    let paused = alone(parti(&stopped, steps, &["--stop-after", "4"]));
-    assert!(
-        !paused[0].0 && paused[0].1.contains("--stop-after"),
-        "{}",
-        paused[0].1
-    );
+    stop_after_4(&stopped);
     let outputs = finish(launch_ranks(2, || parti(&stopped, steps, &[])));
     assert_resumed(&outputs);
     assert!(
@@ -176,12 +180,7 @@ fn a_killed_rank_is_named_and_the_job_resumes_with_another_world_size() {
     // that is not shared) stops the job naming the ranks and steps, rather than summing the
     // gradients of another model.
     let leader_only = dir.path().join("leader-only");
-    let paused = alone(parti(&leader_only, steps, &["--stop-after", "4"]));
-    assert!(
-        !paused[0].0 && paused[0].1.contains("--stop-after"),
-        "{}",
-        paused[0].1
-    );
+    stop_after_4(&leader_only);
     let elsewhere = dir.path().join("elsewhere");
     let outputs = finish(launch_ranks_with(2, |rank| {
         parti(

@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod captions;
 pub mod eval;
+pub mod metrics;
 pub mod sample;
 pub mod serve;
 

@@ -29,7 +29,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Generate the shapes prompts and score colour, shape and position automatically.
     Eval(EvalArgs),
-    /// HTTP server: POST /v1/generate, GET /healthz, and a page to try prompts at /.
+    /// HTTP server: POST /v1/generate, GET /healthz, GET /metrics (Prometheus), and a page to
+    /// try prompts at /.
     Serve(ServeArgs),
     /// Benchmark: sampling throughput with and without the KV cache (same decoder, same run).
     Bench(BenchArgs),

@@ -10,6 +10,8 @@
 //! - `GET /v1/model`: the model's name, manifest digests and default sampling settings (and
 //!   where they came from).
 //! - `GET /healthz`: `{"status": "ok", "rounds", "requests", "queued", "rejected", ...}`.
+//! - `GET /metrics`: the same counters and more (answers by status, latency, queue wait, round
+//!   sizes and times) for Prometheus ([`crate::metrics`]).
 //! - `GET /`: a page to try prompts (`/?prompt=...&autorun=1` fills the box and generates).
 //!
 //! Errors are JSON `{"error": "..."}`: 400/415/422 for a body that is not valid JSON or not a
@@ -34,7 +36,6 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -53,6 +54,7 @@ use serde_json::json;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
+use crate::metrics::{self, Metrics};
 use crate::sample::{
     Generator, PromptImages, Row, Sampled, SamplingConfig, SamplingSettings, top_k_fits,
 };
@@ -236,6 +238,7 @@ struct Generated {
 }
 
 struct Job {
+    queued_at: Instant,
     prompt: String,
     config: SamplingConfig,
     upscale: bool,
@@ -263,9 +266,7 @@ struct Shared {
     text_tokens: usize,
     /// The model's name and the manifests it was loaded from, for `/v1/model`.
     model: serde_json::Value,
-    rounds: AtomicU64,
-    requests: AtomicU64,
-    rejected: AtomicU64,
+    metrics: Metrics,
 }
 
 impl Shared {
@@ -346,9 +347,7 @@ pub fn spawn_worker(generator: Generator, config: &ServeConfig) -> Result<Worker
                 "to": upscaler.config.output_size(),
             })),
         }),
-        rounds: AtomicU64::new(0),
-        requests: AtomicU64::new(0),
-        rejected: AtomicU64::new(0),
+        metrics: Metrics::new(&generator.name, nn::backend::backend_name()),
     });
     let worker = Arc::clone(&shared);
     let thread = std::thread::Builder::new()
@@ -376,10 +375,11 @@ impl WorkerHandle {
         // Requests whose client has gone (timed out, disconnected) do not hold places.
         queue.jobs.retain(|job| !job.reply.is_closed());
         if queue.jobs.len() >= self.shared.capacity {
-            self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+            self.shared.metrics.rejected.inc();
             return Err(Refused::Full);
         }
         queue.jobs.push_back(Job {
+            queued_at: Instant::now(),
             prompt,
             config,
             upscale,
@@ -391,10 +391,10 @@ impl WorkerHandle {
 
     pub fn stats(&self) -> Stats {
         Stats {
-            rounds: self.shared.rounds.load(Ordering::Relaxed),
-            requests: self.shared.requests.load(Ordering::Relaxed),
+            rounds: self.shared.metrics.rounds.get(),
+            requests: self.shared.metrics.requests.get(),
             queued: self.shared.lock().jobs.len(),
-            rejected: self.shared.rejected.load(Ordering::Relaxed),
+            rejected: self.shared.metrics.rejected.get(),
         }
     }
 
@@ -529,11 +529,15 @@ fn work(generator: Generator, shared: &Shared) {
                 })
             })
             .collect();
+        shared.metrics.round_started(
+            round
+                .iter()
+                .map(|job| started.duration_since(job.queued_at).as_secs_f64()),
+            round.iter().map(|job| rows_of(&job.config)).sum(),
+        );
         let use_cache = round.iter().all(|job| job.config.use_cache);
         let outcome = catch_unwind(AssertUnwindSafe(|| generator.sample_rows(&rows, use_cache)));
         let batch = round.len();
-        shared.rounds.fetch_add(1, Ordering::Relaxed);
-        shared.requests.fetch_add(batch as u64, Ordering::Relaxed);
         let grids = match outcome {
             Ok(Ok(grids)) if grids.len() == rows.len() => grids,
             failed => {
@@ -547,12 +551,16 @@ fn work(generator: Generator, shared: &Shared) {
                     Err(_) => "sampling panicked (see the server log)".to_string(),
                 };
                 warn!("{message}");
+                // Before the answers, so a client that reads the metrics after its answer finds
+                // its round in them.
+                shared.metrics.round_ended(started.elapsed().as_secs_f64());
                 for job in round {
                     let _ = job.reply.send(Err(message.clone()));
                 }
                 continue;
             }
         };
+        shared.metrics.sampled(rows.len());
         info!(
             "sampled {batch} requests ({} rows) in {:.2} s",
             rows.len(),
@@ -573,6 +581,7 @@ fn work(generator: Generator, shared: &Shared) {
             let enlarged = enlarge_kept(&generator, &round, &finished)?;
             Ok::<_, Error>((finished, enlarged))
         }));
+        shared.metrics.round_ended(started.elapsed().as_secs_f64());
         match finished {
             Ok(Ok((finished, enlarged))) => {
                 info!(
@@ -648,10 +657,14 @@ pub fn router(worker: WorkerHandle, config: ServeConfig) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .route("/v1/model", get(model))
         .route(
             "/v1/generate",
-            post(generate).route_layer(middleware::from_fn_with_state(app.clone(), body_within)),
+            post(generate)
+                .route_layer(middleware::from_fn_with_state(app.clone(), body_within))
+                // Outside `body_within`, so its 408 and 413 are counted too.
+                .route_layer(middleware::from_fn_with_state(app.clone(), count_answer)),
         )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .with_state(app)
@@ -676,6 +689,25 @@ async fn healthz(State(app): State<App>) -> Json<serde_json::Value> {
         "max_prompt_chars": app.config.max_prompt_chars,
         "text_tokens": app.worker.shared.text_tokens,
     }))
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    let queued = app.worker.stats().queued;
+    match app.worker.shared.metrics.encode(queued) {
+        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Counts a `/v1/generate` answer by its status, with its latency.
+async fn count_answer(State(app): State<App>, request: Request, next: Next) -> Response {
+    let arrived = Instant::now();
+    let response = next.run(request).await;
+    app.worker
+        .shared
+        .metrics
+        .answered(response.status().as_u16(), arrived.elapsed().as_secs_f64());
+    response
 }
 
 async fn model(State(app): State<App>) -> Json<serde_json::Value> {

@@ -1,7 +1,8 @@
-//! `infer serve` in process on a small trained model: health, model and page, PNGs back, JSON
-//! errors for bad requests, concurrent requests with mixed settings batched into shared sampling
-//! rounds (a request's images the same alone and in the crowd), 64 clients at once all answered,
-//! 503 on a full queue, 504 past the timeout, and the page generating in a headless browser.
+//! `infer serve` in process on a small trained model: health, metrics, model and page, PNGs
+//! back, JSON errors for bad requests, concurrent requests with mixed settings batched into
+//! shared sampling rounds (a request's images the same alone and in the crowd), 64 clients at
+//! once all answered, 503 on a full queue, 504 past the timeout, and the page generating in a
+//! headless browser.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -183,6 +184,19 @@ impl Server {
 
 fn decode_png(bytes: &[u8]) -> image::DynamicImage {
     image::load_from_memory_with_format(bytes, image::ImageFormat::Png).unwrap()
+}
+
+/// Mean absolute difference of two pictures of one size, per channel, in [0, 1].
+fn mean_abs_difference(a: &image::DynamicImage, b: &image::DynamicImage) -> f64 {
+    let (a, b) = (a.to_rgb8(), b.to_rgb8());
+    assert_eq!(a.dimensions(), b.dimensions());
+    let total: u64 = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| u64::from(x.abs_diff(*y)))
+        .sum();
+    total as f64 / (a.as_raw().len() as f64 * 255.0)
 }
 
 fn decode_base64_png(text: &str) -> image::DynamicImage {
@@ -371,7 +385,9 @@ async fn bad_requests_get_json_errors_and_the_server_lives_on() {
 
     let health = server.health().await;
     assert_eq!(health["requests"], 0, "nothing invalid reached the sampler");
-    let fine = server.generate(json!({"prompt": "a green triangle"})).await;
+    let fine = server
+        .generate(json!({"prompt": "a green triangle", "samples": 1}))
+        .await;
     assert_eq!(fine.status, 200);
 }
 
@@ -481,9 +497,10 @@ async fn sixty_four_clients_with_their_own_seeds_are_all_answered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_sent_in_a_trickle_share_a_round_up_to_the_wait_limit() {
     async fn trickle(server: &Server) -> Vec<u64> {
-        // Spaced by 200 ms: each arrival restarts a 600 ms wait; the five span 800 ms.
+        // Spaced by 300 ms: each arrival restarts a 1 s wait (so a request may come 700 ms late
+        // on a busy machine); the five span 1.2 s.
         let sent = (0..5u64).map(|i| async move {
-            tokio::time::sleep(Duration::from_millis(200 * i)).await;
+            tokio::time::sleep(Duration::from_millis(300 * i)).await;
             server
                 .generate(json!({"prompt": "a red circle", "seed": i}))
                 .await
@@ -501,7 +518,7 @@ async fn requests_sent_in_a_trickle_share_a_round_up_to_the_wait_limit() {
         batches
     }
     let patient = start(|sampling| ServeConfig {
-        batch_wait: Duration::from_millis(600),
+        batch_wait: Duration::from_secs(1),
         batch_wait_limit: Duration::from_secs(30),
         ..ServeConfig::new(sampling)
     })
@@ -510,7 +527,7 @@ async fn requests_sent_in_a_trickle_share_a_round_up_to_the_wait_limit() {
     assert_eq!(patient.health().await["rounds"], 1);
 
     let limited = start(|sampling| ServeConfig {
-        batch_wait: Duration::from_millis(600),
+        batch_wait: Duration::from_secs(1),
         batch_wait_limit: Duration::from_millis(300),
         ..ServeConfig::new(sampling)
     })
@@ -520,6 +537,115 @@ async fn requests_sent_in_a_trickle_share_a_round_up_to_the_wait_limit() {
         batches[0] < 5,
         "the limit did not cut the first round: {batches:?}"
     );
+}
+
+/// The value of the sample `series` (name and labels, as written) in a `/metrics` text.
+fn metric(text: &str, series: &str) -> f64 {
+    let values: Vec<f64> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map(|value| value.parse().unwrap())
+        .collect();
+    assert_eq!(values.len(), 1, "{series} once in:\n{text}");
+    values[0]
+}
+
+/// `/metrics` counts what the server did, by kind: every answer of `/v1/generate` by status
+/// (the refusals before the handler included) with its latency, rounds and their sizes, queue
+/// waits and samples, in agreement with `/healthz` and with the answers the clients got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_answers_rounds_and_samples() {
+    let server = start_default().await;
+    let good = (1..=3).map(|samples| {
+        server.generate(json!({
+            "prompt": "a red circle", "samples": samples, "keep": 1, "guidance_scale": 1.5
+        }))
+    });
+    let answers = join_all(good).await;
+    for answer in &answers {
+        assert_eq!(
+            answer.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&answer.body)
+        );
+    }
+    let refusals = [
+        server
+            .generate(json!({"prompt": "a red circle", "temperature": 0.0}))
+            .await,
+        server
+            .post_raw("{\"prompt\": ", Some("application/json"))
+            .await,
+        server
+            .post_raw(&"x".repeat(100_000), Some("application/json"))
+            .await,
+    ];
+    let codes: Vec<u16> = refusals.iter().map(|answer| answer.status).collect();
+    assert_eq!(codes, [422, 400, 413]);
+
+    let scraped = server.get("/metrics").await;
+    assert_eq!(scraped.status, 200);
+    assert!(
+        scraped
+            .content_type
+            .starts_with("application/openmetrics-text"),
+        "{}",
+        scraped.content_type
+    );
+    let text = String::from_utf8(scraped.body).unwrap();
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    let health = server.health().await;
+    let rounds = health["rounds"].as_f64().unwrap();
+    assert!(rounds >= 1.0);
+    for (series, value) in [
+        ("parti_generate_requests_total{code=\"200\"}", 3.0),
+        ("parti_generate_requests_total{code=\"422\"}", 1.0),
+        ("parti_generate_requests_total{code=\"400\"}", 1.0),
+        ("parti_generate_requests_total{code=\"413\"}", 1.0),
+        (
+            "parti_generate_request_duration_seconds_count{code=\"200\"}",
+            3.0,
+        ),
+        (
+            "parti_generate_request_duration_seconds_count{code=\"413\"}",
+            1.0,
+        ),
+        ("parti_sampled_requests_total", 3.0),
+        ("parti_samples_total", 6.0),
+        ("parti_rounds_total", rounds),
+        ("parti_round_requests_count", rounds),
+        ("parti_round_requests_sum", 3.0),
+        ("parti_round_duration_seconds_count", rounds),
+        ("parti_queue_wait_seconds_count", 3.0),
+        ("parti_queue_depth", 0.0),
+        ("parti_queue_rejected_total", 0.0),
+    ] {
+        assert_eq!(metric(&text, series), value, "{series}");
+    }
+    assert_eq!(health["requests"], 3);
+    // Six pictures with guidance: two decoder rows each.
+    assert_eq!(metric(&text, "parti_round_rows_sum"), 12.0);
+    // The slowest answer took at least as long as its round and its wait in the queue.
+    let slowest = answers
+        .iter()
+        .map(|answer| answer.json()["seconds"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    let answered = metric(
+        &text,
+        "parti_generate_request_duration_seconds_sum{code=\"200\"}",
+    );
+    assert!(
+        answered >= slowest,
+        "{answered} s in all, {slowest} s the slowest"
+    );
+    let model = server.get("/v1/model").await.json();
+    let info = format!(
+        "parti_model_info{{name=\"{}\",backend=\"{}\"}}",
+        model["name"].as_str().unwrap(),
+        model["backend"].as_str().unwrap()
+    );
+    assert_eq!(metric(&text, &info), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -547,6 +673,13 @@ async fn a_full_queue_answers_503() {
     }
     let health = server.health().await;
     assert_eq!(health["rejected"].as_u64(), Some(refused.len() as u64));
+    let text = String::from_utf8(server.get("/metrics").await.body).unwrap();
+    for series in [
+        "parti_queue_rejected_total",
+        "parti_generate_requests_total{code=\"503\"}",
+    ] {
+        assert_eq!(metric(&text, series), refused.len() as f64, "{series}");
+    }
     assert_eq!(health["requests"].as_u64(), Some(ok as u64));
     assert_eq!(health["rounds"], health["requests"], "max batch 1");
     let later = server.generate(json!({"prompt": "a blue square"})).await;
@@ -625,17 +758,20 @@ async fn stalled_and_oversized_requests_are_cut_off_and_shutdown_is_bounded() {
         .expect("headers that stopped arriving held their connection");
     assert_eq!(server.health().await["requests"], 0);
 
-    // Patient with headers, so only the shutdown's grace can end the stalled connection.
+    // Patient with headers, so only the shutdown's grace (the request timeout, 2 s: time
+    // enough for the one request below on a busy machine) can end the stalled connection.
     let mut server = start(|sampling| ServeConfig {
         read_timeout: Duration::from_secs(600),
-        timeout: Duration::from_millis(300),
+        timeout: Duration::from_secs(2),
         ..ServeConfig::new(sampling)
     })
     .await;
     let _stalled = server
         .stalled("POST /v1/generate HTTP/1.1\r\nHost: test\r\n")
         .await;
-    let fine = server.generate(json!({"prompt": "a green triangle"})).await;
+    let fine = server
+        .generate(json!({"prompt": "a green triangle", "samples": 1}))
+        .await;
     assert_eq!(fine.status, 200);
     let served = server.served.take().unwrap();
     let _ = server.stop.take().unwrap().send(());
@@ -844,6 +980,42 @@ async fn a_server_with_a_super_resolution_model_enlarges_unless_asked_not_to() {
         .json();
     assert_eq!(small["upscaled"], false);
     assert_eq!(side(&small["images"][0]["png_base64"]), (64, 64));
+    // Each enlarged picture is its own sample enlarged: close to that sample's bicubic
+    // enlargement (the model adds detail to bicubic, little after two steps), far from another
+    // prompt's.
+    let bicubic = |png_base64: &Value| {
+        decode_base64_png(png_base64.as_str().unwrap()).resize_exact(
+            256,
+            256,
+            image::imageops::FilterType::CatmullRom,
+        )
+    };
+    let other = server
+        .generate(
+            json!({"prompt": "a blue square at the bottom right", "samples": 1,
+            "upscale": false}),
+        )
+        .await
+        .json();
+    let other = bicubic(&other["images"][0]["png_base64"]);
+    for image in body["images"].as_array().unwrap() {
+        let enlarged = decode_base64_png(image["png_base64"].as_str().unwrap());
+        let own = small["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|small| small["sample"] == image["sample"])
+            .unwrap();
+        let (own, unrelated) = (
+            mean_abs_difference(&enlarged, &bicubic(&own["png_base64"])),
+            mean_abs_difference(&enlarged, &other),
+        );
+        assert!(
+            own < 0.02 && own * 4.0 < unrelated,
+            "enlarged sample {}: {own} from its own picture enlarged, {unrelated} from another's",
+            image["sample"]
+        );
+    }
     // The PNG answer is the best picture, enlarged.
     let png = server
         .generate(json!({"prompt": prompt, "samples": 1, "format": "png"}))

@@ -837,8 +837,14 @@ fn a_resumed_run_of_urls_and_a_container_equals_the_uninterrupted_one() {
     *server.on_request.lock().unwrap() = None;
     std::fs::remove_dir(&record).unwrap();
 
+    server.reset();
     let (code, text) = ingest_owned(&args(&out));
     assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        server.requests_where(|_, _| true),
+        0,
+        "the URL list's finished shard was downloaded again"
+    );
     assert_same_as_reference(&out, &reference, 5, pairs_rows);
 }
 

@@ -347,7 +347,7 @@ pub fn spawn_worker(generator: Generator, config: &ServeConfig) -> Result<Worker
                 "to": upscaler.config.output_size(),
             })),
         }),
-        metrics: Metrics::new(&generator.name, nn::backend::backend_name()),
+        metrics: Metrics::new(&generator.name, nn::backend::backend_name(), config.timeout),
     });
     let worker = Arc::clone(&shared);
     let thread = std::thread::Builder::new()
@@ -375,7 +375,7 @@ impl WorkerHandle {
         // Requests whose client has gone (timed out, disconnected) do not hold places.
         queue.jobs.retain(|job| !job.reply.is_closed());
         if queue.jobs.len() >= self.shared.capacity {
-            self.shared.metrics.rejected.inc();
+            self.shared.metrics.rejected();
             return Err(Refused::Full);
         }
         queue.jobs.push_back(Job {
@@ -391,10 +391,10 @@ impl WorkerHandle {
 
     pub fn stats(&self) -> Stats {
         Stats {
-            rounds: self.shared.metrics.rounds.get(),
-            requests: self.shared.metrics.requests.get(),
+            rounds: self.shared.metrics.rounds(),
+            requests: self.shared.metrics.sampled_requests(),
             queued: self.shared.lock().jobs.len(),
-            rejected: self.shared.metrics.rejected.get(),
+            rejected: self.shared.metrics.queue_rejected(),
         }
     }
 
@@ -699,15 +699,33 @@ async fn metrics(State(app): State<App>) -> Response {
     }
 }
 
-/// Counts a `/v1/generate` answer by its status, with its latency.
+/// Counts a `/v1/generate` answer by its status, with its latency; a request whose connection
+/// closed first (the handler dropped unfinished) as [`metrics::CLOSED_BEFORE_ANSWER`].
 async fn count_answer(State(app): State<App>, request: Request, next: Next) -> Response {
-    let arrived = Instant::now();
+    let mut answer = Answer {
+        shared: Arc::clone(&app.worker.shared),
+        arrived: Instant::now(),
+        code: metrics::CLOSED_BEFORE_ANSWER,
+    };
     let response = next.run(request).await;
-    app.worker
-        .shared
-        .metrics
-        .answered(response.status().as_u16(), arrived.elapsed().as_secs_f64());
+    answer.code = response.status().as_u16();
     response
+}
+
+/// A `/v1/generate` request being answered, counted when dropped: with its answer's status, or
+/// unanswered.
+struct Answer {
+    shared: Arc<Shared>,
+    arrived: Instant,
+    code: u16,
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        self.shared
+            .metrics
+            .answered(self.code, self.arrived.elapsed().as_secs_f64());
+    }
 }
 
 async fn model(State(app): State<App>) -> Json<serde_json::Value> {
@@ -938,11 +956,18 @@ async fn body_within(State(app): State<App>, request: Request, next: Next) -> Re
     .await;
     let bytes = match read {
         Ok(Ok(bytes)) => bytes,
-        Ok(Err(_)) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the request body is over {MAX_BODY_BYTES} bytes (or was cut off)"),
-            );
+        Ok(Err(e)) => {
+            let e = e.into_inner();
+            if e.is::<http_body_util::LengthLimitError>() {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the request body is over {MAX_BODY_BYTES} bytes"),
+                );
+            }
+            // The connection broke mid-body: nobody reads this answer, but the metrics count it.
+            let closed = StatusCode::from_u16(metrics::CLOSED_BEFORE_ANSWER)
+                .unwrap_or(StatusCode::BAD_REQUEST);
+            return error(closed, format!("the request body was cut off: {e}"));
         }
         Err(_) => {
             return error(

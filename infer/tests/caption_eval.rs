@@ -8,7 +8,8 @@ use infer::sample::SamplingConfig;
 
 #[test]
 fn the_caption_evaluation_ranks_a_trained_model_above_an_untrained_one() {
-    let dir = tempfile::tempdir().unwrap().keep();
+    let folder = tempfile::tempdir().unwrap();
+    let dir = folder.path();
     let bin = manifests::testing::bin_dir(env!("CARGO_BIN_EXE_infer"));
     // Enough training for the transformer to draw the right colour most of the time (about two
     // minutes on 2 cores), not to reach the preset's figures.
@@ -29,7 +30,7 @@ fn the_caption_evaluation_ranks_a_trained_model_above_an_untrained_one() {
          --out D/untrained --steps 1 --batch-size 8"
             .into(),
     ];
-    manifests::testing::run_stages(&bin, &dir, &stages);
+    manifests::testing::run_stages(&bin, dir, &stages);
     let config = EvalConfig {
         prompts: 8,
         captions: 32,
@@ -80,7 +81,7 @@ fn the_caption_evaluation_ranks_a_trained_model_above_an_untrained_one() {
     // it used to load, and the first long prompt panicked past its position table.
     manifests::testing::run_stages(
         &bin,
-        &dir,
+        dir,
         &[
             "train tokenizer --text D/text --captions D/pairs --out D/short-tokenizer \
              --max-length 16",

@@ -612,7 +612,8 @@ async fn metrics_count_answers_rounds_and_samples() {
             1.0,
         ),
         ("parti_sampled_requests_total", 3.0),
-        ("parti_samples_total", 6.0),
+        ("parti_sampled_pictures_total", 6.0),
+        ("parti_generate_requests_total{code=\"504\"}", 0.0),
         ("parti_rounds_total", rounds),
         ("parti_round_requests_count", rounds),
         ("parti_round_requests_sum", 3.0),
@@ -626,19 +627,19 @@ async fn metrics_count_answers_rounds_and_samples() {
     assert_eq!(health["requests"], 3);
     // Six pictures with guidance: two decoder rows each.
     assert_eq!(metric(&text, "parti_round_rows_sum"), 12.0);
-    // The slowest answer took at least as long as its round and its wait in the queue.
-    let slowest = answers
-        .iter()
-        .map(|answer| answer.json()["seconds"].as_f64().unwrap())
-        .fold(0.0, f64::max);
+    // Each answer took at least its wait in the queue and its whole round, and every round had
+    // one of them at least.
     let answered = metric(
         &text,
         "parti_generate_request_duration_seconds_sum{code=\"200\"}",
     );
+    let waited = metric(&text, "parti_queue_wait_seconds_sum");
+    let rounds_took = metric(&text, "parti_round_duration_seconds_sum");
     assert!(
-        answered >= slowest,
-        "{answered} s in all, {slowest} s the slowest"
+        answered >= waited + rounds_took,
+        "answers took {answered} s, waits {waited} s, rounds {rounds_took} s"
     );
+    assert!(waited > 0.0 && rounds_took > 0.0);
     let model = server.get("/v1/model").await.json();
     let info = format!(
         "parti_model_info{{name=\"{}\",backend=\"{}\"}}",
@@ -646,6 +647,50 @@ async fn metrics_count_answers_rounds_and_samples() {
         model["backend"].as_str().unwrap()
     );
     assert_eq!(metric(&text, &info), 1.0);
+}
+
+/// A request whose client closes its connection before the answer is counted as 499 (and
+/// not sampled: its place in the queue is given up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_client_leaves_is_counted_as_closed() {
+    // A long wait for more requests keeps this one queued while its client leaves.
+    let server = start(|sampling| ServeConfig {
+        batch_wait: Duration::from_secs(2),
+        batch_wait_limit: Duration::from_secs(2),
+        ..ServeConfig::new(sampling)
+    })
+    .await;
+    let body = json!({"prompt": "a red circle"}).to_string();
+    let stream = server
+        .stalled(&format!(
+            "POST /v1/generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(stream);
+    let closed = "parti_generate_requests_total{code=\"499\"}";
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = String::from_utf8(server.get("/metrics").await.body).unwrap();
+        if metric(&text, closed) == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(&text, closed), 1.0, "{text}");
+    assert_eq!(
+        metric(
+            &text,
+            "parti_generate_request_duration_seconds_count{code=\"499\"}"
+        ),
+        1.0
+    );
+    // Once the wait is over, nothing was sampled for it.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let text = String::from_utf8(server.get("/metrics").await.body).unwrap();
+    assert_eq!(metric(&text, "parti_sampled_requests_total"), 0.0, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -934,7 +979,12 @@ fn requests_sample_with_the_servers_cache_choice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_with_a_super_resolution_model_enlarges_unless_asked_not_to() {
     let superres = tokio::task::spawn_blocking(superres).await.unwrap();
-    let server = start_with_upscaler(Some(superres.clone()), ServeConfig::new).await;
+    // Waiting 300 ms for quiet, so that requests sent together share a round.
+    let server = start_with_upscaler(Some(superres.clone()), |sampling| ServeConfig {
+        batch_wait: Duration::from_millis(300),
+        ..ServeConfig::new(sampling)
+    })
+    .await;
     let model = server.get("/v1/model").await.json();
     assert_eq!(model["upscale"]["from"], 64, "{model}");
     assert_eq!(model["upscale"]["to"], 256, "{model}");
@@ -957,32 +1007,46 @@ async fn a_server_with_a_super_resolution_model_enlarges_unless_asked_not_to() {
         (picture.width(), picture.height())
     };
     let prompt = "a red circle at the top left";
-    // Enlarged by default on a server that can.
-    let answer = server
-        .generate(json!({"prompt": prompt, "samples": 2, "keep": 2}))
-        .await;
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
-    let body = answer.json();
-    assert_eq!(body["upscaled"], true);
-    assert_eq!(body["image_size"], 256);
-    for image in body["images"].as_array().unwrap() {
-        assert_eq!(side(&image["png_base64"]), (256, 256));
+    // Enlarged by default on a server that can; two requests sampled in one round are
+    // enlarged together, each picture its own.
+    let prompts = [prompt, "a blue square at the bottom right"];
+    let enlarged: Vec<Value> = join_all(
+        prompts.map(|prompt| server.generate(json!({"prompt": prompt, "samples": 2, "keep": 2}))),
+    )
+    .await
+    .iter()
+    .map(|answer| {
+        assert_eq!(
+            answer.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        answer.json()
+    })
+    .collect();
+    for body in &enlarged {
+        assert_eq!(body["upscaled"], true);
+        assert_eq!(body["image_size"], 256);
+        assert_eq!(body["batch"], 2, "both requests in one round");
+        for image in body["images"].as_array().unwrap() {
+            assert_eq!(side(&image["png_base64"]), (256, 256));
+        }
     }
-    // Asked not to: the tokenizer's size, the same pictures as the small server's.
-    let small = server
-        .generate(json!({"prompt": prompt, "samples": 2, "keep": 2, "upscale": false}))
-        .await
-        .json();
-    assert_eq!(small["upscaled"], false);
-    assert_eq!(side(&small["images"][0]["png_base64"]), (64, 64));
+    // Asked not to: the tokenizer's size, the same pictures (a request's pictures do not depend
+    // on its round).
+    let small: Vec<Value> = join_all(prompts.map(|prompt| {
+        server.generate(json!({"prompt": prompt, "samples": 2, "keep": 2, "upscale": false}))
+    }))
+    .await
+    .iter()
+    .map(Answer::json)
+    .collect();
+    assert_eq!(small[0]["upscaled"], false);
+    assert_eq!(side(&small[0]["images"][0]["png_base64"]), (64, 64));
     // Each enlarged picture is its own sample enlarged: close to that sample's bicubic
-    // enlargement (the model adds detail to bicubic, little after two steps), far from another
-    // prompt's.
+    // enlargement (the model adds detail to bicubic, little after two steps), far from the
+    // other prompt's.
     let bicubic = |png_base64: &Value| {
         decode_base64_png(png_base64.as_str().unwrap()).resize_exact(
             256,
@@ -990,31 +1054,27 @@ async fn a_server_with_a_super_resolution_model_enlarges_unless_asked_not_to() {
             image::imageops::FilterType::CatmullRom,
         )
     };
-    let other = server
-        .generate(
-            json!({"prompt": "a blue square at the bottom right", "samples": 1,
-            "upscale": false}),
-        )
-        .await
-        .json();
-    let other = bicubic(&other["images"][0]["png_base64"]);
-    for image in body["images"].as_array().unwrap() {
-        let enlarged = decode_base64_png(image["png_base64"].as_str().unwrap());
-        let own = small["images"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|small| small["sample"] == image["sample"])
-            .unwrap();
-        let (own, unrelated) = (
-            mean_abs_difference(&enlarged, &bicubic(&own["png_base64"])),
-            mean_abs_difference(&enlarged, &other),
-        );
-        assert!(
-            own < 0.02 && own * 4.0 < unrelated,
-            "enlarged sample {}: {own} from its own picture enlarged, {unrelated} from another's",
-            image["sample"]
-        );
+    for (request, body) in enlarged.iter().enumerate() {
+        let other = bicubic(&small[1 - request]["images"][0]["png_base64"]);
+        for image in body["images"].as_array().unwrap() {
+            let picture = decode_base64_png(image["png_base64"].as_str().unwrap());
+            let own = small[request]["images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|small| small["sample"] == image["sample"])
+                .unwrap();
+            let (own, unrelated) = (
+                mean_abs_difference(&picture, &bicubic(&own["png_base64"])),
+                mean_abs_difference(&picture, &other),
+            );
+            assert!(
+                own < 0.02 && own * 4.0 < unrelated,
+                "request {request}, sample {}: {own} from its own picture enlarged, {unrelated} \
+                 from the other prompt's",
+                image["sample"]
+            );
+        }
     }
     // The PNG answer is the best picture, enlarged.
     let png = server

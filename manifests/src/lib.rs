@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod diff;
 pub mod lineage;
 pub mod manifest;
 pub mod merge;

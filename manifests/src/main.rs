@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use manifests::diff::diff;
 use manifests::lineage::lineage;
 use manifests::manifest::is_part_manifest;
 use manifests::merge::merge;
@@ -51,6 +52,18 @@ enum Command {
     Status {
         #[arg(value_name = "RUN")]
         run: String,
+    },
+    /// Compare two runs stage by stage (manifests matched by their path below each run): the
+    /// configs, raw data, artifacts and metrics (timings left out). Exit 0 when every stage is
+    /// the same in both, 1 otherwise: the check that an upgrade or a refactor changed no result.
+    Diff {
+        #[arg(value_name = "RUN")]
+        first: String,
+        #[arg(value_name = "OTHER_RUN")]
+        second: String,
+        /// Differences listed per stage at most (the count of the rest is given).
+        #[arg(long, default_value_t = 10)]
+        show: usize,
     },
 }
 
@@ -145,6 +158,63 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let stale = statuses.iter().filter(|s| s.stale.is_some()).count();
             println!("{} up to date, {stale} stale", statuses.len() - stale);
             Ok(if stale == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Diff {
+            first,
+            second,
+            show,
+        } => {
+            let (first, second) = (Location::parse(&first)?, Location::parse(&second)?);
+            let found = diff(&first, &second)
+                .with_context(|| format!("comparing {first} with {second}"))?;
+            if found.stages.is_empty() && found.is_same() {
+                anyhow::bail!("no stage manifests below {first} or {second}");
+            }
+            let width = found
+                .stages
+                .iter()
+                .map(|s| s.stage.len())
+                .max()
+                .unwrap_or(0);
+            for stage in &found.stages {
+                let verdict = if stage.differences.is_empty() {
+                    "same   "
+                } else {
+                    "differs"
+                };
+                println!("{verdict}  {:width$}  {}", stage.stage, stage.manifest);
+                for difference in stage.differences.iter().take(show) {
+                    println!("           {difference}");
+                }
+                if stage.differences.len() > show {
+                    println!("           and {} more", stage.differences.len() - show);
+                }
+            }
+            for (path, run) in found
+                .only_in_first
+                .iter()
+                .map(|path| (path, &first))
+                .chain(found.only_in_second.iter().map(|path| (path, &second)))
+            {
+                println!("only in {run}: {path}");
+            }
+            let differing = found
+                .stages
+                .iter()
+                .filter(|s| !s.differences.is_empty())
+                .count();
+            println!(
+                "{} stages in both: {} the same, {differing} differ; {} only in the first, {} only in the second",
+                found.stages.len(),
+                found.stages.len() - differing,
+                found.only_in_first.len(),
+                found.only_in_second.len()
+            );
+            Ok(if found.is_same() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)

@@ -654,13 +654,17 @@ impl StageRun {
     /// How the run `record` describes differs from this one: config fields (leaving out those
     /// outside the hash), then inputs.
     fn differences_from(&self, record: &Value) -> Vec<String> {
-        let mut differences = Vec::new();
-        config_differences(
+        let mut fields = Vec::new();
+        value_differences(
             "",
             &self.hashed_config(&record["config"]),
             &self.hashed_config(&self.config),
-            &mut differences,
+            &mut fields,
         );
+        let mut differences: Vec<String> = fields
+            .into_iter()
+            .map(|(path, there, here)| format!("{path}: {there} there, {here} here"))
+            .collect();
         let ours = Value::Object(self.input_identities());
         let names: std::collections::BTreeSet<&String> = ours
             .as_object()
@@ -729,8 +733,14 @@ fn checkpoint_index(dir: &Location) -> Result<Option<(usize, Vec<Artifact>)>, Er
         .map(|index| (index.step, index.files)))
 }
 
-/// The leaf fields where `there` and `here` differ, as `path: X there, Y here`.
-fn config_differences(path: &str, there: &Value, here: &Value, out: &mut Vec<String>) {
+/// The leaf fields where `there` and `here` differ, as (path, there, here) in the form a
+/// person wrote them (see [`shown`]); a field that one side lacks is `null` there.
+pub(crate) fn value_differences(
+    path: &str,
+    there: &Value,
+    here: &Value,
+    out: &mut Vec<(String, String, String)>,
+) {
     match (there, here) {
         (Value::Object(a), Value::Object(b)) => {
             let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
@@ -745,11 +755,11 @@ fn config_differences(path: &str, there: &Value, here: &Value, out: &mut Vec<Str
                     a.get(key).unwrap_or(&missing),
                     b.get(key).unwrap_or(&missing),
                 );
-                config_differences(&child, a, b, out);
+                value_differences(&child, a, b, out);
             }
         }
         (Value::Number(a), Value::Number(b)) if same_number(a, b) => {}
-        (a, b) if a != b => out.push(format!("{path}: {} there, {} here", shown(a), shown(b))),
+        (a, b) if a != b => out.push((path.to_string(), shown(a), shown(b))),
         _ => {}
     }
 }

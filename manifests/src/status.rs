@@ -22,11 +22,12 @@ pub struct StageStatus {
 
 /// A manifest read once: where it is, what it says, and the digest of its bytes (how a v1
 /// manifest identified it).
-type Read = (Location, Manifest, String);
+pub type Read = (Location, Manifest, String);
 
-/// Every manifest below `run`, upstream stages before the stages that read them.
-pub fn status(run: &Location) -> Result<Vec<StageStatus>, Error> {
-    let mut manifests: BTreeMap<String, Read> = BTreeMap::new();
+/// The stage manifests below `run` (a batch job's partial ones included, a running stage's
+/// work folders left out), read, in the order of their URIs.
+pub fn stage_manifests(run: &Location) -> Result<Vec<Read>, Error> {
+    let mut manifests = Vec::new();
     for object in run.list()? {
         let name = object.location.file_name();
         let is_manifest = name == MANIFEST_FILE || is_part_manifest(name);
@@ -36,9 +37,19 @@ pub fn status(run: &Location) -> Result<Vec<StageStatus>, Error> {
             .is_some_and(|relative| relative.split('/').any(|part| part == "_work"));
         if is_manifest && !in_work_folder {
             let (manifest, digest) = Manifest::read(&object.location)?;
-            manifests.insert(object.location.uri(), (object.location, manifest, digest));
+            manifests.push((object.location, manifest, digest));
         }
     }
+    manifests.sort_by_key(|(location, _, _)| location.uri());
+    Ok(manifests)
+}
+
+/// Every manifest below `run`, upstream stages before the stages that read them.
+pub fn status(run: &Location) -> Result<Vec<StageStatus>, Error> {
+    let manifests: BTreeMap<String, Read> = stage_manifests(run)?
+        .into_iter()
+        .map(|read| (read.0.uri(), read))
+        .collect();
     let mut judged: BTreeMap<String, StageStatus> = BTreeMap::new();
     let mut statuses = Vec::new();
     for uri in ordering(&manifests)? {

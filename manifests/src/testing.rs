@@ -149,6 +149,34 @@ pub fn run_stages(bin_dir: &std::path::Path, dir: &std::path::Path, steps: &[imp
     }
 }
 
+/// An empty folder `name` below `base` (a test's `CARGO_TARGET_TMPDIR`) for the stages a test
+/// binary shares between its tests, emptied if a run before left it. A fixed place rather than a
+/// temporary folder: a fixture held in a static is never dropped, so a temporary folder would be
+/// left in the system's temp folder by every run of the suite. Give each test binary its own
+/// `name` (see [`fixture_name`]).
+pub fn fixture_dir(base: &str, name: &str) -> PathBuf {
+    let dir = std::path::Path::new(base).join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `PACKAGE-TEST-what`: a fixture's folder name that no other test binary uses.
+#[macro_export]
+macro_rules! fixture_name {
+    ($what:literal) => {
+        concat!(
+            env!("CARGO_PKG_NAME"),
+            "-",
+            env!("CARGO_CRATE_NAME"),
+            "-",
+            $what
+        )
+    };
+}
+
 /// The folder of the stage binaries beside a test's `CARGO_BIN_EXE_*` path.
 pub fn bin_dir(test_binary: &str) -> std::path::PathBuf {
     std::path::Path::new(test_binary)

@@ -604,3 +604,116 @@ fn a_run_names_the_checkpoints_of_other_runs_and_how_they_differ() {
         1
     );
 }
+
+/// `manifests diff`: two runs compared stage by stage. A stage with the same config, data,
+/// artifacts and metrics is the same whatever its timings; a changed config field, source,
+/// artifact or metric is named with both values, and a stage only one run has is listed. Exit 1
+/// on any difference, 0 for a run against itself.
+#[test]
+fn diff_names_what_differs_between_two_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let stage = |run: &str,
+                 folder: &str,
+                 config: Value,
+                 source: &[u8],
+                 payload: &'static [u8],
+                 metrics: Value| {
+        let out = dir.path().join(run).join(folder);
+        let mut stage = StageRun::new(
+            "demo",
+            tool(),
+            out.to_str().unwrap(),
+            &config,
+            ShardSpec::single(),
+        )
+        .unwrap();
+        stage
+            .source_bytes("captions", "file:///data/captions.txt", source)
+            .unwrap();
+        let artifact = stage
+            .write_artifact("data/part-0.bin", "blob", Bytes::from_static(payload), None)
+            .unwrap();
+        let Value::Object(metrics) = metrics else {
+            panic!("metrics are an object")
+        };
+        stage.publish(vec![artifact], metrics).unwrap();
+    };
+    let config = json!({"learning_rate": 0.1, "model": {"layers": 2}});
+    let metrics = |loss: f64, seconds: f64| {
+        json!({"loss": loss, "seconds": seconds,
+            "eval": {"accuracy": 0.5, "images_per_second": 1.0 / seconds}})
+    };
+    // The same stage, timed differently.
+    stage(
+        "a",
+        "tokenizer",
+        config.clone(),
+        b"x",
+        b"same",
+        metrics(1.5, 2.0),
+    );
+    stage(
+        "b",
+        "tokenizer",
+        config.clone(),
+        b"x",
+        b"same",
+        metrics(1.5, 9.0),
+    );
+    // Another depth, other data, another artifact and loss.
+    stage(
+        "a",
+        "model",
+        config.clone(),
+        b"x",
+        b"one",
+        metrics(0.75, 1.0),
+    );
+    let deeper = json!({"learning_rate": 0.1, "model": {"layers": 3}});
+    stage("b", "model", deeper, b"y", b"two", metrics(0.5, 1.0));
+    stage(
+        "a",
+        "only-here",
+        config.clone(),
+        b"x",
+        b"z",
+        metrics(1.0, 1.0),
+    );
+
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let (code, text) = manifests_bin(&["diff", a, b]);
+    assert_eq!(code, 1, "{text}");
+    for expected in [
+        "same     demo  tokenizer/manifest.json",
+        "differs  demo  model/manifest.json",
+        "config model.layers: 2 -> 3",
+        "source captions: other contents",
+        "artifact data/part-0.bin: other contents",
+        "metric loss: 0.75 -> 0.5",
+        "only-here/manifest.json",
+        "2 stages in both: 1 the same, 1 differ; 1 only in the first, 0 only in the second",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in:\n{text}");
+    }
+    assert!(
+        !text.contains("seconds"),
+        "timings are no difference:\n{text}"
+    );
+    assert!(!text.contains("learning_rate"), "{text}");
+
+    let (code, text) = manifests_bin(&["diff", a, a]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("3 stages in both: 3 the same, 0 differ"),
+        "{text}"
+    );
+    let (code, text) = manifests_bin(&["diff", "--show", "1", a, b]);
+    assert_eq!(code, 1);
+    assert!(text.contains("and 3 more"), "{text}");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (code, text) = manifests_bin(&["diff", empty.to_str().unwrap(), empty.to_str().unwrap()]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("no stage manifests"), "{text}");
+}

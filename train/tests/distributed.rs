@@ -26,7 +26,10 @@ use manifests::testing::{
 fn upstream() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
+        let dir = manifests::testing::fixture_dir(
+            env!("CARGO_TARGET_TMPDIR"),
+            manifests::fixture_name!("upstream"),
+        );
         manifests::testing::run_stages(
             &bin(),
             &dir,

@@ -20,7 +20,10 @@ use train::text_encoder::{TextEncoderInputs, TextEncoderTrainConfig, train_text_
 fn upstream() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap().keep();
+        let dir = manifests::testing::fixture_dir(
+            env!("CARGO_TARGET_TMPDIR"),
+            manifests::fixture_name!("upstream"),
+        );
         let bin = manifests::testing::bin_dir(env!("CARGO_BIN_EXE_train"));
         manifests::testing::run_stages(
             &bin,

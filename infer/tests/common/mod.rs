@@ -2,10 +2,13 @@
 
 use std::path::PathBuf;
 
-/// A few-step pipeline up to `train parti` in a new folder (with a `train text-encoder` for
-/// reranking when `reranker`); returns the folder.
+/// A few-step pipeline up to `train parti` in the test binary's fixture folder (with a `train
+/// text-encoder` for reranking when `reranker`); returns the folder. Once per test binary.
 pub fn trained(reranker: bool) -> PathBuf {
-    let dir = tempfile::tempdir().unwrap().keep();
+    let dir = manifests::testing::fixture_dir(
+        env!("CARGO_TARGET_TMPDIR"),
+        manifests::fixture_name!("trained"),
+    );
     let bin = manifests::testing::bin_dir(env!("CARGO_BIN_EXE_infer"));
     let mut steps = manifests::testing::few_step_pipeline(200, 100);
     let mut parti = "train parti --tokens D/tokens --tokenizer D/tokenizer --out D/parti \

@@ -153,6 +153,7 @@ smoke: build
 	$(MAKE) --no-print-directory pipeline RUN=$(abspath $(TARGET_DIR))/smoke-link STEPS=$(SMOKE_STEPS) EVAL_PROMPTS=4 2>&1 | tee $(TARGET_DIR)/smoke.log
 	@test "$$(grep -c 'up to date' $(TARGET_DIR)/smoke.log)" -eq $(PIPELINE_STAGES) || { echo "second pipeline run did not skip every stage"; exit 1; }
 	$(BIN)/manifests status $(TARGET_DIR)/smoke
+	$(BIN)/manifests diff $(TARGET_DIR)/smoke $(TARGET_DIR)/smoke-link > /dev/null
 	@echo "smoke: $(PIPELINE_STAGES) passed, 0 failed"
 
 # NCCL for training on GPUs (README, "Training across processes and machines"): nn/csrc/nccl.cpp

@@ -29,11 +29,11 @@ struct Model {
 
 /// Histograms of seconds: buckets doubling from a millisecond up to the first past `top`.
 #[derive(Clone, Debug)]
-struct Seconds {
+struct LatencyBuckets {
     top: f64,
 }
 
-impl MetricConstructor<Histogram> for Seconds {
+impl MetricConstructor<Histogram> for LatencyBuckets {
     fn new_metric(&self) -> Histogram {
         let doublings = (self.top / 0.001).max(1.0).log2().ceil() as u16;
         Histogram::new(exponential_buckets(0.001, 2.0, doublings.clamp(1, 40) + 1))
@@ -68,7 +68,7 @@ pub struct Metrics {
     queue_rejected: Counter,
     sampled_pictures: Counter,
     answers: Family<Status, Counter>,
-    answer_seconds: Family<Status, Histogram, Seconds>,
+    answer_seconds: Family<Status, Histogram, LatencyBuckets>,
     queue_wait_seconds: Histogram,
     round_seconds: Histogram,
     round_requests: Histogram,
@@ -80,7 +80,7 @@ impl Metrics {
     /// Metrics of a server of `model_name` on `backend` whose requests time out after
     /// `timeout` (the top of its latency histograms).
     pub fn new(model_name: &str, backend: &str, timeout: std::time::Duration) -> Metrics {
-        let seconds = Seconds {
+        let buckets = LatencyBuckets {
             top: timeout.as_secs_f64(),
         };
         let metrics = Metrics {
@@ -90,9 +90,9 @@ impl Metrics {
             queue_rejected: Counter::default(),
             sampled_pictures: Counter::default(),
             answers: Family::default(),
-            answer_seconds: Family::new_with_constructor(seconds.clone()),
-            queue_wait_seconds: seconds.new_metric(),
-            round_seconds: seconds.new_metric(),
+            answer_seconds: Family::new_with_constructor(buckets.clone()),
+            queue_wait_seconds: buckets.new_metric(),
+            round_seconds: buckets.new_metric(),
             round_requests: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             round_rows: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
             queue_depth: Gauge::default(),

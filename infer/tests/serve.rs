@@ -979,9 +979,12 @@ fn requests_sample_with_the_servers_cache_choice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_with_a_super_resolution_model_enlarges_unless_asked_not_to() {
     let superres = tokio::task::spawn_blocking(superres).await.unwrap();
-    // Waiting 300 ms for quiet, so that requests sent together share a round.
+    // Rounds of two, started once two requests wait (a lone one after a quiet second), so two
+    // requests sent together share a round however late one of them arrives.
     let server = start_with_upscaler(Some(superres.clone()), |sampling| ServeConfig {
-        batch_wait: Duration::from_millis(300),
+        max_batch: 2,
+        batch_wait: Duration::from_secs(1),
+        batch_wait_limit: Duration::from_secs(30),
         ..ServeConfig::new(sampling)
     })
     .await;

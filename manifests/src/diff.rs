@@ -1,14 +1,14 @@
 //! `manifests diff A B`: what differs between two runs, stage by stage: which stages each has,
-//! their configs (the fields the config hash covers), the raw data they read, the artifacts
-//! they wrote and their metrics, timings left out. Run the pipeline before and after an upgrade
-//! or a refactor, and this says whether any result changed, and where first.
+//! their configs, the raw data and other runs' stages they read, the artifacts they wrote and
+//! their metrics, timings left out. Run the pipeline before and after an upgrade or a refactor, and
+//! this says whether any result changed, and in which stage first.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
 use crate::Error;
-use crate::manifest::Manifest;
+use crate::manifest::{MANIFEST_FILE, Manifest};
 use crate::stage::value_differences;
 use crate::status::stage_manifests;
 use crate::storage::Location;
@@ -40,35 +40,62 @@ impl RunDiff {
     }
 }
 
+/// A run's stage manifests by their path below it; an error naming the run when it has none
+/// (a mistyped folder is not a run whose every stage is missing).
+fn manifests_below(run: &Location) -> Result<BTreeMap<String, Manifest>, Error> {
+    let found: BTreeMap<String, Manifest> = stage_manifests(run)?
+        .into_iter()
+        .map(|(location, manifest, _)| {
+            let path = location.relative_to(run).unwrap_or_else(|| location.uri());
+            (path, manifest)
+        })
+        .collect();
+    if found.is_empty() {
+        return Err(Error::Usage(format!("{run}: no stage manifests below it")));
+    }
+    // A batch array's partial manifests beside their merged one say nothing the merged one does
+    // not, and their number depends on how many jobs ran.
+    let merged = |path: &str| {
+        let folder = path.rsplit_once('/').map_or("", |(folder, _)| folder);
+        let manifest = if folder.is_empty() {
+            MANIFEST_FILE.to_string()
+        } else {
+            format!("{folder}/{MANIFEST_FILE}")
+        };
+        manifest != path && found.contains_key(&manifest)
+    };
+    Ok(found
+        .iter()
+        .filter(|(path, _)| !merged(path))
+        .map(|(path, manifest)| (path.clone(), manifest.clone()))
+        .collect())
+}
+
 /// Compares the stage manifests below `first` and `second`, matched by their path below each.
 pub fn diff(first: &Location, second: &Location) -> Result<RunDiff, Error> {
-    let below = |run: &Location| -> Result<BTreeMap<String, Manifest>, Error> {
-        Ok(stage_manifests(run)?
-            .into_iter()
-            .map(|(location, manifest, _)| {
-                let path = location.relative_to(run).unwrap_or_else(|| location.uri());
-                (path, manifest)
-            })
-            .collect())
+    let (firsts, seconds) = (manifests_below(first)?, manifests_below(second)?);
+    let identities = |run: &BTreeMap<String, Manifest>| -> BTreeSet<String> {
+        run.values().map(Manifest::identity).collect()
     };
-    let (a, b) = (below(first)?, below(second)?);
-    let only = |x: &BTreeMap<String, Manifest>, y: &BTreeMap<String, Manifest>| {
-        x.keys()
-            .filter(|path| !y.contains_key(*path))
+    let (first_run, second_run) = (identities(&firsts), identities(&seconds));
+    let only = |these: &BTreeMap<String, Manifest>, those: &BTreeMap<String, Manifest>| {
+        these
+            .keys()
+            .filter(|path| !those.contains_key(*path))
             .cloned()
             .collect()
     };
     Ok(RunDiff {
-        only_in_first: only(&a, &b),
-        only_in_second: only(&b, &a),
-        stages: a
+        only_in_first: only(&firsts, &seconds),
+        only_in_second: only(&seconds, &firsts),
+        stages: firsts
             .iter()
-            .filter_map(|(path, x)| {
-                let y = b.get(path)?;
+            .filter_map(|(path, before)| {
+                let after = seconds.get(path)?;
                 Some(StageDiff {
                     manifest: path.clone(),
-                    stage: x.stage.clone(),
-                    differences: stage_differences(x, y),
+                    stage: before.stage.clone(),
+                    differences: stage_differences((&first_run, before), (&second_run, after)),
                 })
             })
             .collect(),
@@ -90,44 +117,70 @@ fn untimed(metrics: &Value) -> Value {
                 .map(|(key, value)| (key.clone(), untimed(value)))
                 .collect(),
         ),
+        Value::Array(values) => Value::Array(values.iter().map(untimed).collect()),
         other => other.clone(),
     }
 }
 
-/// How `b` differs from `a`, in words, as `what: A -> B`.
-fn stage_differences(a: &Manifest, b: &Manifest) -> Vec<String> {
+/// The identities of what a stage read from outside its run, by input name: raw data by
+/// content, and upstream stages of other runs. An upstream stage of the run itself (`run`: the
+/// identities of its stages) is compared where it is; its identity changes whenever any of its
+/// artifacts does, so comparing it here too would only echo that stage's difference down the
+/// chain. Told by identity, not path: a run moved or named through a link still records its
+/// upstream stages by the path it was run with.
+fn outside_inputs(run: &BTreeSet<String>, manifest: &Manifest) -> BTreeMap<String, String> {
+    manifest
+        .inputs
+        .iter()
+        .filter(|input| input.kind != "manifest" || !run.contains(&input.digest))
+        .map(|input| (input.name.clone(), input.digest.clone()))
+        .collect()
+}
+
+/// How the stage `after` differs from `before`, in words, as `what: BEFORE -> AFTER`; `first`
+/// and `second` are the identities of the stages of their runs.
+fn stage_differences(
+    (first, before): (&BTreeSet<String>, &Manifest),
+    (second, after): (&BTreeSet<String>, &Manifest),
+) -> Vec<String> {
     let mut out = Vec::new();
-    if a.stage != b.stage {
-        out.push(format!("stage: {} -> {}", a.stage, b.stage));
+    if before.stage != after.stage {
+        out.push(format!("stage: {} -> {}", before.stage, after.stage));
     }
-    if a.config_hash != b.config_hash {
+    // Manifests of two schema versions identify configs and raw data by different rules, so
+    // their hashes and source digests say nothing about each other.
+    let comparable = before.schema == after.schema;
+    if !comparable {
+        out.push(format!(
+            "schema: {} -> {} (config hashes and raw data are identified differently)",
+            before.schema, after.schema
+        ));
+    }
+    if comparable && before.config_hash != after.config_hash {
+        out.push(format!(
+            "config hash: {} -> {}",
+            before.config_hash, after.config_hash
+        ));
+    }
+    if !comparable || before.config_hash != after.config_hash {
+        // Every field as recorded, those the hash leaves out (where data is, how often to
+        // checkpoint) included.
         let mut fields = Vec::new();
-        value_differences("", &a.config, &b.config, &mut fields);
-        if fields.is_empty() {
-            // The same fields hashed by another rule (another version of the stage).
-            out.push(format!(
-                "config hash: {} -> {}",
-                a.config_hash, b.config_hash
-            ));
-        }
+        value_differences("", &before.config, &after.config, &mut fields);
         out.extend(
             fields
                 .into_iter()
-                .map(|(path, x, y)| format!("config {path}: {x} -> {y}")),
+                .map(|(path, was, is)| format!("config {path}: {was} -> {is}")),
         );
     }
-    // Raw data by content. Upstream stages are compared where they are themselves; their
-    // identity changes whenever any of their artifacts does, so repeating it here would only
-    // echo that stage's difference down the chain.
-    let sources = |manifest: &Manifest| -> BTreeMap<String, String> {
-        manifest
-            .inputs
-            .iter()
-            .filter(|input| input.kind != "manifest")
-            .map(|input| (input.name.clone(), input.digest.clone()))
-            .collect()
-    };
-    digest_differences("source", &sources(a), &sources(b), &mut out);
+    if comparable {
+        digest_differences(
+            "input",
+            &outside_inputs(first, before),
+            &outside_inputs(second, after),
+            &mut out,
+        );
+    }
     let artifacts = |manifest: &Manifest| -> BTreeMap<String, String> {
         manifest
             .artifacts
@@ -135,32 +188,33 @@ fn stage_differences(a: &Manifest, b: &Manifest) -> Vec<String> {
             .map(|artifact| (artifact.uri.clone(), artifact.digest.clone()))
             .collect()
     };
-    digest_differences("artifact", &artifacts(a), &artifacts(b), &mut out);
+    digest_differences("artifact", &artifacts(before), &artifacts(after), &mut out);
     let mut metrics = Vec::new();
     value_differences(
         "",
-        &untimed(&Value::Object(a.metrics.clone())),
-        &untimed(&Value::Object(b.metrics.clone())),
+        &untimed(&Value::Object(before.metrics.clone())),
+        &untimed(&Value::Object(after.metrics.clone())),
         &mut metrics,
     );
     out.extend(
         metrics
             .into_iter()
-            .map(|(path, x, y)| format!("metric {path}: {x} -> {y}")),
+            .map(|(path, was, is)| format!("metric {path}: {was} -> {is}")),
     );
     out
 }
 
-/// The names whose digests differ between `x` and `y`, or that only one has, as `what NAME: ...`.
+/// The names whose digests differ between `before` and `after`, or that only one has, as
+/// `what NAME: ...`.
 fn digest_differences(
     what: &str,
-    x: &BTreeMap<String, String>,
-    y: &BTreeMap<String, String>,
+    before: &BTreeMap<String, String>,
+    after: &BTreeMap<String, String>,
     out: &mut Vec<String>,
 ) {
-    for name in x.keys().chain(y.keys()).collect::<BTreeSet<_>>() {
-        match (x.get(name), y.get(name)) {
-            (Some(p), Some(q)) if p == q => {}
+    for name in before.keys().chain(after.keys()).collect::<BTreeSet<_>>() {
+        match (before.get(name), after.get(name)) {
+            (Some(was), Some(is)) if was == is => {}
             (Some(_), Some(_)) => out.push(format!("{what} {name}: other contents")),
             (Some(_), None) => out.push(format!("{what} {name}: only in the first")),
             (None, _) => out.push(format!("{what} {name}: only in the second")),

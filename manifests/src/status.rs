@@ -22,11 +22,11 @@ pub struct StageStatus {
 
 /// A manifest read once: where it is, what it says, and the digest of its bytes (how a v1
 /// manifest identified it).
-pub type Read = (Location, Manifest, String);
+pub type FoundManifest = (Location, Manifest, String);
 
 /// The stage manifests below `run` (a batch job's partial ones included, a running stage's
 /// work folders left out), read, in the order of their URIs.
-pub fn stage_manifests(run: &Location) -> Result<Vec<Read>, Error> {
+pub fn stage_manifests(run: &Location) -> Result<Vec<FoundManifest>, Error> {
     let mut manifests = Vec::new();
     for object in run.list()? {
         let name = object.location.file_name();
@@ -46,7 +46,7 @@ pub fn stage_manifests(run: &Location) -> Result<Vec<Read>, Error> {
 
 /// Every manifest below `run`, upstream stages before the stages that read them.
 pub fn status(run: &Location) -> Result<Vec<StageStatus>, Error> {
-    let manifests: BTreeMap<String, Read> = stage_manifests(run)?
+    let manifests: BTreeMap<String, FoundManifest> = stage_manifests(run)?
         .into_iter()
         .map(|read| (read.0.uri(), read))
         .collect();
@@ -65,7 +65,7 @@ pub fn status(run: &Location) -> Result<Vec<StageStatus>, Error> {
     Ok(statuses)
 }
 
-fn ordering(manifests: &BTreeMap<String, Read>) -> Result<Vec<String>, Error> {
+fn ordering(manifests: &BTreeMap<String, FoundManifest>) -> Result<Vec<String>, Error> {
     let mut order = Vec::new();
     for uri in manifests.keys() {
         visit(uri, manifests, &mut order, 0)?;
@@ -76,7 +76,7 @@ fn ordering(manifests: &BTreeMap<String, Read>) -> Result<Vec<String>, Error> {
 /// Depth first over upstream links that stay inside the run.
 fn visit(
     uri: &str,
-    manifests: &BTreeMap<String, Read>,
+    manifests: &BTreeMap<String, FoundManifest>,
     order: &mut Vec<String>,
     depth: usize,
 ) -> Result<(), Error> {
@@ -105,7 +105,7 @@ fn visit(
 fn judge(
     location: &Location,
     manifest: &Manifest,
-    read: &BTreeMap<String, Read>,
+    read: &BTreeMap<String, FoundManifest>,
     judged: &BTreeMap<String, StageStatus>,
 ) -> Result<Option<String>, Error> {
     if let Some(problem) = manifest.verify(location, true).first() {

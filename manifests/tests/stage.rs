@@ -606,30 +606,28 @@ fn a_run_names_the_checkpoints_of_other_runs_and_how_they_differ() {
 }
 
 /// `manifests diff`: two runs compared stage by stage. A stage with the same config, data,
-/// artifacts and metrics is the same whatever its timings; a changed config field, source,
-/// artifact or metric is named with both values, and a stage only one run has is listed. Exit 1
-/// on any difference, 0 for a run against itself.
+/// artifacts and metrics is the same whatever its timings; a changed config field (with the
+/// hash), input from outside the run, artifact or metric is named with both values, and a stage
+/// only one run has is listed; a stage that reads a changed stage of its own run is not echoed.
+/// Exit 1 on any difference, 0 for a run against itself, 2 for a folder without a run.
 #[test]
 fn diff_names_what_differs_between_two_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let stage = |run: &str,
-                 folder: &str,
+    let folder = |path: &str| dir.path().join(path).to_str().unwrap().to_string();
+    let stage = |out: &str,
                  config: Value,
                  source: &[u8],
+                 upstream: Option<(&str, String)>,
                  payload: &'static [u8],
                  metrics: Value| {
-        let out = dir.path().join(run).join(folder);
-        let mut stage = StageRun::new(
-            "demo",
-            tool(),
-            out.to_str().unwrap(),
-            &config,
-            ShardSpec::single(),
-        )
-        .unwrap();
+        let mut stage =
+            StageRun::new("demo", tool(), &folder(out), &config, ShardSpec::single()).unwrap();
         stage
             .source_bytes("captions", "file:///data/captions.txt", source)
             .unwrap();
+        if let Some((name, uri)) = upstream {
+            stage.upstream(name, &uri).unwrap();
+        }
         let artifact = stage
             .write_artifact("data/part-0.bin", "blob", Bytes::from_static(payload), None)
             .unwrap();
@@ -643,56 +641,75 @@ fn diff_names_what_differs_between_two_runs() {
         json!({"loss": loss, "seconds": seconds,
             "eval": {"accuracy": 0.5, "images_per_second": 1.0 / seconds}})
     };
-    // The same stage, timed differently.
+    // Two stages outside both runs, with other contents.
+    stage("shared-1", json!({}), b"x", None, b"one", json!({}));
+    stage("shared-2", json!({}), b"x", None, b"two", json!({}));
+    for (run, layers, data, payload, loss, seconds) in [
+        ("a", 2, b"x", b"one" as &'static [u8], 0.75, 2.0),
+        ("b", 3, b"y", b"two", 0.5, 9.0),
+    ] {
+        // The same stage, timed differently.
+        stage(
+            &format!("{run}/tokenizer"),
+            config.clone(),
+            b"x",
+            None,
+            b"same",
+            metrics(1.5, seconds),
+        );
+        // Another depth, other data, another artifact and loss.
+        stage(
+            &format!("{run}/model"),
+            json!({"learning_rate": 0.1, "model": {"layers": layers}}),
+            data,
+            Some(("tokenizer", folder(&format!("{run}/tokenizer")))),
+            payload,
+            metrics(loss, 1.0),
+        );
+        // Reads the changed model of its own run, and a stage outside the run.
+        let outside = if run == "a" { "shared-1" } else { "shared-2" };
+        stage(
+            &format!("{run}/reader"),
+            json!({}),
+            b"x",
+            Some(("model", folder(&format!("{run}/model")))),
+            b"read",
+            json!({}),
+        );
+        stage(
+            &format!("{run}/outside-reader"),
+            json!({}),
+            b"x",
+            Some(("shared", folder(outside))),
+            b"read",
+            json!({}),
+        );
+    }
     stage(
-        "a",
-        "tokenizer",
+        "a/only-here",
         config.clone(),
         b"x",
-        b"same",
-        metrics(1.5, 2.0),
-    );
-    stage(
-        "b",
-        "tokenizer",
-        config.clone(),
-        b"x",
-        b"same",
-        metrics(1.5, 9.0),
-    );
-    // Another depth, other data, another artifact and loss.
-    stage(
-        "a",
-        "model",
-        config.clone(),
-        b"x",
-        b"one",
-        metrics(0.75, 1.0),
-    );
-    let deeper = json!({"learning_rate": 0.1, "model": {"layers": 3}});
-    stage("b", "model", deeper, b"y", b"two", metrics(0.5, 1.0));
-    stage(
-        "a",
-        "only-here",
-        config.clone(),
-        b"x",
+        None,
         b"z",
         metrics(1.0, 1.0),
     );
 
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
-    let (code, text) = manifests_bin(&["diff", a, b]);
+    let (a, b) = (folder("a"), folder("b"));
+    let (code, text) = manifests_bin(&["diff", &a, &b]);
     assert_eq!(code, 1, "{text}");
     for expected in [
         "same     demo  tokenizer/manifest.json",
+        "same     demo  reader/manifest.json",
         "differs  demo  model/manifest.json",
+        "config hash: blake3:",
         "config model.layers: 2 -> 3",
-        "source captions: other contents",
+        "input captions: other contents",
         "artifact data/part-0.bin: other contents",
         "metric loss: 0.75 -> 0.5",
+        "differs  demo  outside-reader/manifest.json",
+        "input shared: other contents",
         "only-here/manifest.json",
-        "2 stages in both: 1 the same, 1 differ; 1 only in the first, 0 only in the second",
+        "4 stages in both: 2 the same, 2 differ; 1 only in the first, 0 only in the second",
     ] {
         assert!(text.contains(expected), "{expected:?} in:\n{text}");
     }
@@ -702,18 +719,27 @@ fn diff_names_what_differs_between_two_runs() {
     );
     assert!(!text.contains("learning_rate"), "{text}");
 
-    let (code, text) = manifests_bin(&["diff", a, a]);
+    let (code, text) = manifests_bin(&["diff", &a, &a]);
     assert_eq!(code, 0, "{text}");
     assert!(
-        text.contains("3 stages in both: 3 the same, 0 differ"),
+        text.contains("5 stages in both: 5 the same, 0 differ"),
         "{text}"
     );
-    let (code, text) = manifests_bin(&["diff", "--show", "1", a, b]);
+    // The same run named through a link: its manifests name their upstream stages by the
+    // other spelling, and those are still inside it.
+    let link = folder("a-link");
+    std::os::unix::fs::symlink(&a, &link).unwrap();
+    let (code, text) = manifests_bin(&["diff", &a, &link]);
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = manifests_bin(&["diff", "--show", "1", &a, &b]);
     assert_eq!(code, 1);
-    assert!(text.contains("and 3 more"), "{text}");
-    let empty = dir.path().join("empty");
-    std::fs::create_dir(&empty).unwrap();
-    let (code, text) = manifests_bin(&["diff", empty.to_str().unwrap(), empty.to_str().unwrap()]);
+    assert!(text.contains("and 4 more"), "{text}");
+    // A mistyped run is an error naming it, not a run whose every stage is missing.
+    let typo = folder("typo");
+    let (code, text) = manifests_bin(&["diff", &a, &typo]);
     assert_eq!(code, 2, "{text}");
-    assert!(text.contains("no stage manifests"), "{text}");
+    assert!(
+        text.contains(&typo) && text.contains("no stage manifests"),
+        "{text}"
+    );
 }

@@ -743,3 +743,54 @@ fn diff_names_what_differs_between_two_runs() {
         "{text}"
     );
 }
+
+/// `manifests diff` counts a batch array's merged stage once (its partial manifests beside it
+/// are not stages of their own), and says when a v1 manifest meets a v2 one rather than
+/// reporting their differently computed hashes as a changed config.
+#[test]
+fn diff_skips_merged_parts_and_names_a_schema_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = |path: &str| dir.path().join(path).to_str().unwrap().to_string();
+    let stage = folder("batch/pairs");
+    partial(&stage, 0, 2, &json!({"k": 1}), 2, json!({}));
+    partial(&stage, 1, 2, &json!({"k": 1}), 3, json!({}));
+    let (code, text) = manifests_bin(&["merge", &stage, &stage]);
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = manifests_bin(&["diff", &folder("batch"), &folder("batch")]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("1 stages in both: 1 the same"), "{text}");
+
+    let older = folder("older/pairs");
+    std::fs::create_dir_all(&older).unwrap();
+    for entry in std::fs::read_dir(&stage).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            let data = std::path::Path::new(&older).join(entry.file_name());
+            std::fs::create_dir_all(&data).unwrap();
+            for file in std::fs::read_dir(entry.path()).unwrap() {
+                let file = file.unwrap();
+                std::fs::copy(file.path(), data.join(file.file_name())).unwrap();
+            }
+        }
+    }
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(format!("{stage}/manifest.json")).unwrap()).unwrap();
+    manifest["schema"] = json!("parti.manifest/v1");
+    manifest["config_hash"] = json!("blake3:hashed-by-the-v1-rule");
+    std::fs::write(
+        format!("{older}/manifest.json"),
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+    let (code, text) = manifests_bin(&["diff", &folder("older"), &folder("batch")]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("schema: parti.manifest/v1 -> parti.manifest/v2"),
+        "{text}"
+    );
+    assert!(!text.contains("config hash:"), "{text}");
+    assert!(
+        !text.contains("artifact"),
+        "the artifacts are the same:\n{text}"
+    );
+}

@@ -650,7 +650,7 @@ async fn metrics_count_answers_rounds_and_samples() {
 }
 
 /// A request whose client closes its connection before the answer is counted as 499 (and
-/// not sampled: its place in the queue is given up).
+/// not sampled: its place in the queue is given up), and so is one whose body is cut off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_client_leaves_is_counted_as_closed() {
     // A long wait for more requests keeps this one queued while its client leaves.
@@ -660,26 +660,37 @@ async fn a_request_whose_client_leaves_is_counted_as_closed() {
         ..ServeConfig::new(sampling)
     })
     .await;
+    let closed = "parti_generate_requests_total{code=\"499\"}";
+    // Sends `start` of a request, hangs up, and waits (10 s at most) for the metrics to count
+    // `count` closed requests.
+    let hang_up = |start: String, count: f64| {
+        let server = &server;
+        async move {
+            let stream = server.stalled(&start).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            drop(stream);
+            let mut text = String::new();
+            for _ in 0..100 {
+                text = String::from_utf8(server.get("/metrics").await.body).unwrap();
+                if metric(&text, closed) == count {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert_eq!(metric(&text, closed), count, "{text}");
+            text
+        }
+    };
     let body = json!({"prompt": "a red circle"}).to_string();
-    let stream = server
-        .stalled(&format!(
+    let text = hang_up(
+        format!(
             "POST /v1/generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
              Content-Length: {}\r\n\r\n{body}",
             body.len()
-        ))
-        .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    drop(stream);
-    let closed = "parti_generate_requests_total{code=\"499\"}";
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = String::from_utf8(server.get("/metrics").await.body).unwrap();
-        if metric(&text, closed) == 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(metric(&text, closed), 1.0, "{text}");
+        ),
+        1.0,
+    )
+    .await;
     assert_eq!(
         metric(
             &text,
@@ -691,6 +702,19 @@ async fn a_request_whose_client_leaves_is_counted_as_closed() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let text = String::from_utf8(server.get("/metrics").await.body).unwrap();
     assert_eq!(metric(&text, "parti_sampled_requests_total"), 0.0, "{text}");
+
+    // A body cut off mid-upload is a closed connection too, not a body over the limit.
+    let text = hang_up(
+        "POST /v1/generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+         Content-Length: 100\r\n\r\n{\"prompt\": "
+            .to_string(),
+        2.0,
+    )
+    .await;
+    assert_eq!(
+        metric(&text, "parti_generate_requests_total{code=\"413\"}"),
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

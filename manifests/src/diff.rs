@@ -43,31 +43,27 @@ impl RunDiff {
 /// A run's stage manifests by their path below it; an error naming the run when it has none
 /// (a mistyped folder is not a run whose every stage is missing).
 fn manifests_below(run: &Location) -> Result<BTreeMap<String, Manifest>, Error> {
-    let found: BTreeMap<String, Manifest> = stage_manifests(run)?
-        .into_iter()
-        .map(|(location, manifest, _)| {
-            let path = location.relative_to(run).unwrap_or_else(|| location.uri());
-            (path, manifest)
-        })
-        .collect();
+    let found = stage_manifests(run)?;
     if found.is_empty() {
         return Err(Error::Usage(format!("{run}: no stage manifests below it")));
     }
     // A batch array's partial manifests beside their merged one say nothing the merged one does
     // not, and their number depends on how many jobs ran.
-    let merged = |path: &str| {
-        let folder = path.rsplit_once('/').map_or("", |(folder, _)| folder);
-        let manifest = if folder.is_empty() {
-            MANIFEST_FILE.to_string()
-        } else {
-            format!("{folder}/{MANIFEST_FILE}")
-        };
-        manifest != path && found.contains_key(&manifest)
-    };
-    Ok(found
+    let is_merged = |location: &Location| location.file_name() == MANIFEST_FILE;
+    let merged_folders: BTreeSet<String> = found
         .iter()
-        .filter(|(path, _)| !merged(path))
-        .map(|(path, manifest)| (path.clone(), manifest.clone()))
+        .filter(|(location, _, _)| is_merged(location))
+        .map(|(location, _, _)| location.parent().uri())
+        .collect();
+    Ok(found
+        .into_iter()
+        .filter(|(location, _, _)| {
+            is_merged(location) || !merged_folders.contains(&location.parent().uri())
+        })
+        .map(|(location, manifest, _)| {
+            let path = location.relative_to(run).unwrap_or_else(|| location.uri());
+            (path, manifest)
+        })
         .collect())
 }
 

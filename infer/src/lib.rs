@@ -2,6 +2,8 @@
 //!
 //! - [`sample`]: KV-cached autoregressive sampling with classifier-free guidance, top-k/top-p,
 //!   reranking by the contrastive pair, decoding with the VQGAN ([`sample::Generator`]).
+//! - [`generate`]: pictures for a prompt list, resumable and shared out across batch jobs
+//!   (`infer generate`).
 //! - [`eval`]: automatic scoring of generated shapes pictures (`infer eval`).
 //! - [`captions`]: the evaluation on any data: generated and real pictures of held-out captions
 //!   scored by the contrastive model (`infer eval`).
@@ -10,6 +12,7 @@
 pub mod bench;
 pub mod captions;
 pub mod eval;
+pub mod generate;
 pub mod metrics;
 pub mod sample;
 pub mod serve;
@@ -18,13 +21,14 @@ use std::time::Instant;
 
 use burn::tensor::Tensor;
 use bytes::Bytes;
-use manifests::{Location, Manifest, ShardSpec, StageRun, Tool, Upstream};
+use manifests::{Manifest, ShardSpec, StageRun, Tool, Upstream};
 use nn::images::{png_bytes, to_rgb};
 use serde_json::{Map, Value, json};
 use tracing::info;
 
 use sample::{Generator, PromptImages, SamplingConfig, SamplingSettings};
 
+pub use generate::{Generation, Prompt, PromptList, generate_to};
 pub use nn::Error;
 
 pub fn tool() -> Tool {
@@ -56,84 +60,10 @@ pub fn grid_png(result: &PromptImages, size: usize) -> Result<Vec<u8>, Error> {
     png_bytes(&grid)
 }
 
-/// `infer generate`: per prompt `p`, the kept samples as `prompt-PPP-sample-K.png` (K = rank
-/// after reranking; enlarged when the generator has an upscaler), all samples as
-/// `prompt-PPP-grid.png` at the VQGAN's size, and `generations.json` listing
-/// prompts, files, seeds, settings, scores and the digests of the manifests used.
-pub fn generate_to(
-    generator: &Generator,
-    prompts: &[&str],
-    sampling: &SamplingSettings,
-    out: &str,
-) -> Result<serde_json::Value, Error> {
-    let started = Instant::now();
-    let config = &sampling.settings;
-    let out = Location::parse(out)?;
-    // In chunks, so the sampling batch stays a sensible size and the bar moves; a prompt's
-    // images do not depend on the prompts it is batched with.
-    let bar = nn::progress::bar(
-        prompts.len() as u64,
-        0,
-        "prompts",
-        "infer generate",
-        nn::progress::bars_shown(),
-    );
-    let mut results = Vec::with_capacity(prompts.len());
-    for chunk in prompts.chunks(PROMPTS_PER_BATCH) {
-        results.extend(generator.generate(chunk, config)?);
-        bar.inc(chunk.len() as u64);
-    }
-    bar.finish_and_clear();
-    let size = generator.vqgan_config.image_size;
-    // Only the kept pictures are enlarged: the grids show every sample at the VQGAN's size.
-    let kept: Vec<Vec<f32>> = results
-        .iter()
-        .flat_map(|result| result.kept.iter().map(|&i| result.images[i].clone()))
-        .collect();
-    let (kept, kept_size) = match &generator.upscaler {
-        Some(_) => (generator.upscale(&kept)?, generator.upscaled_size()),
-        None => (kept, size),
-    };
-    let mut kept = kept.into_iter();
-    let mut records = Vec::new();
-    for (p, result) in results.iter().enumerate() {
-        let mut files = Vec::new();
-        for (rank, &i) in result.kept.iter().enumerate() {
-            let name = format!("prompt-{p:03}-sample-{rank}.png");
-            let pixels = kept
-                .next()
-                .ok_or_else(|| Error::Data("fewer enlarged pictures than kept ones".into()))?;
-            out.join(&name).put(Bytes::from(png(&pixels, kept_size)?))?;
-            files.push(json!({"file": name, "sample": i,
-                "score": result.scores.as_ref().map(|s| s[i])}));
-        }
-        let grid = format!("prompt-{p:03}-grid.png");
-        out.join(&grid).put(Bytes::from(grid_png(result, size)?))?;
-        records.push(json!({"prompt": result.prompt, "kept": files, "grid": grid,
-            "scores": result.scores, "reranked": result.scores.is_some()}));
-    }
-    let record = json!({
-        "prompts": records,
-        "settings": config,
-        "settings_from": sampling.source,
-        "image_size": kept_size,
-        "upscaled_by": generator.upscaler.as_ref().map(|u| json!({"manifest": u.uri,
-            "from": size, "to": u.config.output_size()})),
-        "model": generator.name,
-        "manifests": generator.provenance.iter().map(|(uri, digest)| json!({"uri": uri, "digest": digest})).collect::<Vec<_>>(),
-        "backend": nn::backend::backend_name(),
-        "seconds": started.elapsed().as_secs_f64(),
-    });
-    out.join("generations.json").put(Bytes::from(
-        serde_json::to_vec_pretty(&record).map_err(|e| Error::Data(e.to_string()))?,
-    ))?;
-    Ok(record)
-}
-
 pub const EVAL_STAGE: &str = "infer.eval";
 
-/// Prompts `generate` and `eval` sample in one batch.
-const PROMPTS_PER_BATCH: usize = 16;
+/// Prompts `eval` samples in one batch.
+const PROMPTS_PER_BATCH: usize = generate::PROMPTS_PER_CHUNK;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -10,7 +10,10 @@ use infer::serve::{
     DEFAULT_MAX_BATCH, DEFAULT_MAX_CONNECTIONS, DEFAULT_QUEUE, ServeConfig, router,
     shutdown_signal, spawn_worker,
 };
-use infer::{EVAL_CAPTIONS, EVAL_PROMPTS, EvalConfig, evaluate, generate_to, sampling_settings};
+use infer::{
+    EVAL_CAPTIONS, EVAL_PROMPTS, EvalConfig, PromptList, evaluate, generate_to, sampling_settings,
+};
+use manifests::cli::JobArgs;
 use serde_json::json;
 
 #[derive(Parser)]
@@ -176,12 +179,26 @@ struct GenerateArgs {
     models: ModelArgs,
     /// A caption to draw (repeat for several) [default: the first few held-out captions of the
     /// data the model was trained on]
-    #[arg(long = "prompt")]
+    #[arg(long = "prompt", conflicts_with = "prompts_file")]
     prompts: Vec<String>,
+    /// A list of prompts: `.tsv` or `.csv` with a header (PartiPrompts' TSV as it comes),
+    /// `.jsonl`, or plain text with one prompt per line; a path or a bucket URI.
+    #[arg(long, value_name = "FILE")]
+    prompts_file: Option<String>,
+    /// The column (or JSON key) holding the prompt [default: the first of prompt, caption and
+    /// text, in any case].
+    #[arg(long, requires = "prompts_file")]
+    prompt_column: Option<String>,
+    /// Pictures and `generations.json` go here; a rerun resumes what an earlier run into the
+    /// same folder left undone.
     #[arg(long)]
     out: String,
     #[command(flatten)]
     sampling: SamplingArgs,
+    /// Share the list out across the jobs of a batch array (chunks of 16 prompts, chunk `c` to
+    /// job `c % jobs`); the job that finds every chunk done writes `generations.json`.
+    #[command(flatten)]
+    job: JobArgs,
 }
 
 #[derive(Args)]
@@ -304,30 +321,58 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => {
             let sampling = args.sampling.settings(&args.models.parti)?;
-            let generator = args.models.load()?;
-            let held_out;
-            let prompts: Vec<&str> = if args.prompts.is_empty() {
-                held_out = infer::held_out_captions(
-                    &args.models.parti,
-                    generator.vqgan_config.image_size,
-                    DEFAULT_PROMPTS,
-                )
-                .context("no --prompt given, and the held-out captions cannot be read")?;
-                eprintln!(
-                    "no --prompt given: drawing {} held-out captions of the training data",
-                    held_out.len()
-                );
-                held_out.iter().map(String::as_str).collect()
-            } else {
-                args.prompts.iter().map(String::as_str).collect()
+            // The list is read before the models load, so a mistake in it shows at once.
+            let given = match (&args.prompts_file, args.prompts.is_empty()) {
+                (Some(file), _) => Some(
+                    PromptList::read(file, args.prompt_column.as_deref())
+                        .with_context(|| format!("--prompts-file {file}"))?,
+                ),
+                (None, false) => Some(PromptList::from_texts(&args.prompts)),
+                (None, true) => None,
             };
-            let record = generate_to(&generator, &prompts, &sampling, &args.out)
+            let shard = args.job.shard()?;
+            let generator = args.models.load()?;
+            let list = match given {
+                Some(list) => list,
+                None => {
+                    let held_out = infer::held_out_captions(
+                        &args.models.parti,
+                        generator.vqgan_config.image_size,
+                        DEFAULT_PROMPTS,
+                    )
+                    .context("no --prompt given, and the held-out captions cannot be read")?;
+                    eprintln!(
+                        "no --prompt given: drawing {} held-out captions of the training data",
+                        held_out.len()
+                    );
+                    PromptList::from_texts(&held_out)
+                }
+            };
+            let done = generate_to(&generator, &list, &sampling, &args.out, shard)
                 .context("infer generate")?;
+            let job = if shard.is_single() {
+                String::new()
+            } else {
+                format!("job {} of {}: ", shard.index, shard.count)
+            };
             println!(
-                "{} prompts -> {} (see generations.json)",
-                record["prompts"].as_array().map(Vec::len).unwrap_or(0),
-                args.out
+                "{job}{} prompts in {} chunks; of this job's {} chunks, {} done before, {} sampled now",
+                done.prompts,
+                done.chunks,
+                done.job_chunks,
+                done.done_before,
+                done.job_chunks - done.done_before
             );
+            match done.index {
+                Some(_) => println!(
+                    "{} prompts -> {} (see generations.json)",
+                    done.prompts, args.out
+                ),
+                None => println!(
+                    "{} of {} chunks of the list done; the job that finds them all done writes {}/generations.json",
+                    done.done_now, done.chunks, args.out
+                ),
+            }
         }
         Command::Eval(args) => {
             let config = EvalConfig {

@@ -337,8 +337,16 @@ fn cached_and_uncached_sampling_agree_and_generate_writes_images_and_a_record() 
         settings: config.clone(),
         source: "the test".into(),
     };
-    let record =
-        infer::generate_to(&generator, &prompts, &settings, out.to_str().unwrap()).unwrap();
+    let record = infer::generate_to(
+        &generator,
+        &infer::PromptList::from_texts(&prompts),
+        &settings,
+        out.to_str().unwrap(),
+        manifests::ShardSpec::single(),
+    )
+    .unwrap()
+    .index
+    .unwrap();
     let listed = record["prompts"].as_array().unwrap();
     assert_eq!(listed.len(), 2);
     for (p, entry) in listed.iter().enumerate() {
@@ -695,4 +703,175 @@ fn generate_upscale_writes_enlarged_pictures_and_records_the_model() {
     );
     assert_ne!(code, 0, "{text}");
     assert!(text.contains("--upscale"), "{text}");
+}
+
+/// Every picture below `dir` (by name) and its bytes.
+fn pictures(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "png"))
+        .map(|path| {
+            let name = path.file_name().unwrap().to_str().unwrap().to_string();
+            (name, std::fs::read(&path).unwrap())
+        })
+        .collect()
+}
+
+/// `generations.json` without its timings.
+fn index_without_timings(dir: &std::path::Path) -> serde_json::Value {
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("generations.json")).unwrap()).unwrap();
+    let object = index.as_object_mut().unwrap();
+    object.remove("seconds").unwrap();
+    object.remove("sampling_seconds").unwrap();
+    index
+}
+
+#[test]
+fn a_prompt_list_resumes_and_is_shared_across_jobs_with_the_pictures_of_one_run() {
+    let dir = trained();
+    let parti = dir.join("parti");
+    let parti = parti.to_str().unwrap();
+    // PartiPrompts' layout: a TSV with the prompt and columns of its own. 40 prompts: three
+    // chunks of 16, 16 and 8.
+    let objects = eval_objects(40);
+    let mut tsv = String::from("Prompt\tCategory\n");
+    for object in &objects {
+        tsv += &format!(
+            "{}\t{}\n",
+            infer::eval::prompt(object),
+            SHAPES[object.shape]
+        );
+    }
+    let list = dir.join("prompts.tsv");
+    std::fs::write(&list, &tsv).unwrap();
+    let list = list.to_str().unwrap();
+    let generate = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--parti",
+            parti,
+            "--prompts-file",
+            list,
+            "--samples",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        infer(&args).0
+    };
+
+    let whole = dir.join("list-whole");
+    let said = generate(&whole, &[]);
+    assert!(
+        said.contains(
+            "40 prompts in 3 chunks; of this job's 3 chunks, 0 done before, 3 sampled now"
+        ),
+        "{said}"
+    );
+    let index = index_without_timings(&whole);
+    let listed = index["prompts"].as_array().unwrap();
+    assert_eq!(listed.len(), 40);
+    for (p, (entry, object)) in listed.iter().zip(&objects).enumerate() {
+        assert_eq!(entry["index"], p);
+        assert_eq!(entry["prompt"], infer::eval::prompt(object));
+        assert_eq!(entry["fields"]["Category"], SHAPES[object.shape]);
+        assert_eq!(
+            entry["kept"][0]["file"],
+            format!("prompt-{p:03}-sample-0.png")
+        );
+    }
+    assert!(
+        index["prompts_from"]["uri"]
+            .as_str()
+            .unwrap()
+            .ends_with("prompts.tsv")
+    );
+    assert_eq!(index["chunks"], 3);
+    let expected = pictures(&whole);
+    assert_eq!(expected.len(), 80, "a kept picture and a grid per prompt");
+
+    // Two jobs of a batch array: the first's chunks (0 and 2) leave the list unfinished and
+    // write no index; the second finishes it and writes the one the whole run wrote.
+    let shared = dir.join("list-shared");
+    let said = generate(&shared, &["--shard-index", "0", "--num-shards", "2"]);
+    assert!(
+        said.contains("job 0 of 2: 40 prompts in 3 chunks; of this job's 2 chunks"),
+        "{said}"
+    );
+    assert!(said.contains("2 of 3 chunks of the list done"), "{said}");
+    assert!(!shared.join("generations.json").exists());
+    let said = generate(&shared, &["--shard-index", "1", "--num-shards", "2"]);
+    assert!(said.contains("40 prompts -> "), "{said}");
+    assert!(
+        pictures(&shared) == expected,
+        "the jobs drew other pictures"
+    );
+    assert_eq!(index_without_timings(&shared), index);
+
+    // A run killed mid-list: chunk 1's record never written, a file of chunk 2 cut short.
+    let resumed = dir.join("list-resumed");
+    std::fs::create_dir_all(resumed.join("chunks")).unwrap();
+    for file in std::fs::read_dir(&whole)
+        .unwrap()
+        .chain(std::fs::read_dir(whole.join("chunks")).unwrap())
+    {
+        let path = file.unwrap().path();
+        if path.is_file() {
+            let name = path.strip_prefix(&whole).unwrap();
+            std::fs::copy(&path, resumed.join(name)).unwrap();
+        }
+    }
+    std::fs::remove_file(resumed.join("chunks/chunk-00001.json")).unwrap();
+    let cut = resumed.join("prompt-035-grid.png");
+    let bytes = std::fs::read(&cut).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let untouched = std::fs::metadata(resumed.join("prompt-000-sample-0.png"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let said = generate(&resumed, &[]);
+    assert!(
+        said.contains("of this job's 3 chunks, 1 done before, 2 sampled now"),
+        "{said}"
+    );
+    assert!(
+        pictures(&resumed) == expected,
+        "the resumed run drew other pictures"
+    );
+    assert_eq!(index_without_timings(&resumed), index);
+    let modified = std::fs::metadata(resumed.join("prompt-000-sample-0.png"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(modified, untouched, "a chunk done before was sampled again");
+
+    // Other settings into the same folder: nothing done before counts.
+    let said = generate(&resumed, &["--seed", "5", "--temperature", "1.0"]);
+    assert!(said.contains("0 done before, 3 sampled now"), "{said}");
+    assert_eq!(index_without_timings(&resumed)["settings"]["seed"], 5);
+    assert!(pictures(&resumed) != expected);
+
+    // A list without a prompt column is refused by name before the models load.
+    let bad = dir.join("no-prompts.tsv");
+    std::fs::write(&bad, "id\tdescription\n1\ta red circle\n").unwrap();
+    let (code, text) = manifests::testing::output_of(
+        env!("CARGO_BIN_EXE_infer"),
+        &[
+            "generate",
+            "--parti",
+            parti,
+            "--prompts-file",
+            bad.to_str().unwrap(),
+            "--out",
+            dir.join("list-refused").to_str().unwrap(),
+        ],
+    );
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains("no-prompts.tsv: no column named prompt, caption or text"),
+        "{text}"
+    );
 }

@@ -1,0 +1,604 @@
+//! `infer generate`: pictures for a list of prompts, from a few given on the command line to a
+//! benchmark's thousands (PartiPrompts' TSV, a CSV, JSON lines or plain lines).
+//!
+//! The list is sampled in chunks of [`PROMPTS_PER_CHUNK`] prompts. Each chunk's pictures are
+//! written first and its record (`chunks/chunk-CCCCC.json`, with the digest of every file) last,
+//! so a killed run resumes where it stopped: a chunk counts as done when its record names the
+//! same model and settings and the same prompts, and its files are there with those digests.
+//! A prompt's pictures do not depend on the prompts sampled beside it, so a resumed run, or the
+//! jobs of a batch array (chunk `c` is job `c % jobs`'s), write exactly the pictures one
+//! uninterrupted run writes. `generations.json`, the index of the whole list, is written once
+//! every chunk is done, by whichever run or job finds them all done.
+
+use std::io::Cursor;
+use std::time::Instant;
+
+use bytes::Bytes;
+use manifests::{Location, ShardSpec, digest_bytes};
+use serde_json::{Map, Value, json};
+
+use crate::sample::{Generator, PromptImages, SamplingSettings};
+use crate::{Error, grid_png, png};
+
+/// Prompts sampled together, and the unit a run resumes by and jobs share out.
+pub const PROMPTS_PER_CHUNK: usize = 16;
+
+/// The index of a finished list, beside the pictures.
+pub const INDEX_FILE: &str = "generations.json";
+
+/// The columns a table's prompt is looked for in, case aside, when none is named.
+const PROMPT_COLUMNS: [&str; 3] = ["prompt", "caption", "text"];
+
+/// One prompt of a list, with the other columns of its row (PartiPrompts' `Category` and
+/// `Challenge`, say), carried into its record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompt {
+    pub text: String,
+    pub fields: Map<String, Value>,
+}
+
+/// The prompts to draw, in order, and the file they were read from (`None` for prompts given
+/// on the command line or chosen by the program).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptList {
+    pub prompts: Vec<Prompt>,
+    pub source: Option<Value>,
+}
+
+impl PromptList {
+    pub fn from_texts<S: AsRef<str>>(texts: &[S]) -> PromptList {
+        PromptList {
+            prompts: texts
+                .iter()
+                .map(|text| Prompt {
+                    text: text.as_ref().to_string(),
+                    fields: Map::new(),
+                })
+                .collect(),
+            source: None,
+        }
+    }
+
+    /// Reads a prompt list: `.tsv` and `.csv` (with a header; the prompt is `column`, or the
+    /// first of `prompt`, `caption` and `text` in any case), `.jsonl` (one object per line, the
+    /// prompt under the same keys) or anything else as plain text, one prompt per line. Blank
+    /// lines are skipped; a row without a prompt is an error naming the file and line.
+    pub fn read(uri: &str, column: Option<&str>) -> Result<PromptList, Error> {
+        let location = Location::parse(uri)?;
+        let bytes = location.get()?;
+        let name = location.uri();
+        let extension = name
+            .rsplit_once('.')
+            .map(|(_, extension)| extension.to_ascii_lowercase())
+            .unwrap_or_default();
+        let prompts = match extension.as_str() {
+            "tsv" => table_prompts(&name, &bytes, b'\t', column)?,
+            "csv" => table_prompts(&name, &bytes, b',', column)?,
+            "jsonl" => jsonl_prompts(&name, &bytes, column)?,
+            _ => {
+                if let Some(column) = column {
+                    return Err(Error::Usage(format!(
+                        "{name}: --prompt-column {column} names a column, but a plain list (not .tsv, .csv or .jsonl) has none"
+                    )));
+                }
+                line_prompts(&name, &bytes)?
+            }
+        };
+        if prompts.is_empty() {
+            return Err(Error::Data(format!("{name}: no prompts in it")));
+        }
+        Ok(PromptList {
+            prompts,
+            source: Some(json!({"uri": name, "digest": digest_bytes(&bytes), "column": column})),
+        })
+    }
+}
+
+fn utf8<'a>(file: &str, line: usize, bytes: &'a [u8]) -> Result<&'a str, Error> {
+    std::str::from_utf8(bytes)
+        .map_err(|_| Error::Data(format!("{file}, line {line}: not UTF-8 text")))
+}
+
+fn line_prompts(file: &str, bytes: &[u8]) -> Result<Vec<Prompt>, Error> {
+    let mut prompts = Vec::new();
+    for (number, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let text = utf8(file, number + 1, line)?.trim();
+        if !text.is_empty() {
+            prompts.push(Prompt {
+                text: text.to_string(),
+                fields: Map::new(),
+            });
+        }
+    }
+    Ok(prompts)
+}
+
+/// The column `named`, or the first of [`PROMPT_COLUMNS`] among `columns` (case aside).
+fn prompt_column<'a>(
+    file: &str,
+    columns: impl Iterator<Item = &'a str> + Clone,
+    named: Option<&str>,
+) -> Result<String, Error> {
+    let found = match named {
+        Some(named) => columns.clone().find(|c| *c == named),
+        None => PROMPT_COLUMNS
+            .iter()
+            .find_map(|wanted| columns.clone().find(|c| c.eq_ignore_ascii_case(wanted))),
+    };
+    found.map(str::to_string).ok_or_else(|| {
+        let listed: Vec<&str> = columns.collect();
+        let wanted = match named {
+            Some(named) => format!("no column '{named}'"),
+            None => "no column named prompt, caption or text (pick one with --prompt-column)"
+                .to_string(),
+        };
+        Error::Usage(format!(
+            "{file}: {wanted}; its columns: {}",
+            listed.join(", ")
+        ))
+    })
+}
+
+fn table_prompts(
+    file: &str,
+    bytes: &[u8],
+    delimiter: u8,
+    column: Option<&str>,
+) -> Result<Vec<Prompt>, Error> {
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        // TSV (PartiPrompts among them) has no quoting: a quote is part of the prompt.
+        .quoting(delimiter == b',')
+        // A row may leave its trailing fields out; one without its prompt is an error below.
+        .flexible(true)
+        .from_reader(Cursor::new(bytes));
+    let headers = reader
+        .headers()
+        .map_err(|e| Error::Data(format!("{file}: its header: {e}")))?
+        .clone();
+    let column = prompt_column(file, headers.iter(), column)?;
+    let at = headers.iter().position(|h| h == column).unwrap_or(0);
+    let mut prompts = Vec::new();
+    for record in reader.records() {
+        let record = record.map_err(|e| {
+            let line = e.position().map_or(0, |p| p.line());
+            Error::Data(format!("{file}, line {line}: {e}"))
+        })?;
+        let line = record.position().map_or(0, |p| p.line());
+        if record.iter().all(|field| field.trim().is_empty()) {
+            continue;
+        }
+        let text = record.get(at).unwrap_or_default().trim();
+        if text.is_empty() {
+            return Err(Error::Data(format!(
+                "{file}, line {line}: no prompt in column '{column}'"
+            )));
+        }
+        let fields = headers
+            .iter()
+            .zip(record.iter())
+            .filter(|(name, _)| *name != column)
+            .map(|(name, value)| (name.to_string(), Value::String(value.to_string())))
+            .collect();
+        prompts.push(Prompt {
+            text: text.to_string(),
+            fields,
+        });
+    }
+    Ok(prompts)
+}
+
+fn jsonl_prompts(file: &str, bytes: &[u8], column: Option<&str>) -> Result<Vec<Prompt>, Error> {
+    let mut prompts = Vec::new();
+    for (number, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line_number = number + 1;
+        let text = utf8(file, line_number, line)?.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let Ok(Value::Object(mut object)) = serde_json::from_str::<Value>(text) else {
+            return Err(Error::Data(format!(
+                "{file}, line {line_number}: not a JSON object"
+            )));
+        };
+        let key = prompt_column(
+            &format!("{file}, line {line_number}"),
+            object.keys().map(String::as_str),
+            column,
+        )?;
+        let prompt = match object.remove(&key) {
+            Some(Value::String(prompt)) if !prompt.trim().is_empty() => prompt.trim().to_string(),
+            _ => {
+                return Err(Error::Data(format!(
+                    "{file}, line {line_number}: '{key}' is not a non-empty string"
+                )));
+            }
+        };
+        prompts.push(Prompt {
+            text: prompt,
+            fields: object,
+        });
+    }
+    Ok(prompts)
+}
+
+/// What a call of [`generate_to`] did.
+#[derive(Debug)]
+pub struct Generation {
+    pub prompts: usize,
+    pub chunks: usize,
+    /// This job's chunks.
+    pub job_chunks: usize,
+    /// This job's chunks found done (and verified) before it started.
+    pub done_before: usize,
+    /// Chunks of the whole list done now, by this job or others.
+    pub done_now: usize,
+    /// `generations.json`, when the whole list is done.
+    pub index: Option<Value>,
+}
+
+/// A prompt's files: its kept pictures and its grid of every sample, named by its place in the
+/// list (three digits at least, more for longer lists, so names sort in order).
+fn prompt_file(index: usize, width: usize, what: &str) -> String {
+    format!("prompt-{index:0width$}-{what}.png")
+}
+
+/// What the pictures depend on beyond the prompts: the models (by identity, not by where they
+/// were read), the settings, the backend and device. A chunk written under another key is
+/// sampled again.
+fn chunk_key(generator: &Generator, sampling: &SamplingSettings) -> Result<String, Error> {
+    let digests: Vec<&str> = generator
+        .provenance
+        .iter()
+        .map(|(_, digest)| digest.as_str())
+        .collect();
+    let key = json!({
+        "models": digests,
+        "settings": sampling.settings,
+        "backend": nn::backend::backend_name(),
+        "device": format!("{:?}", generator.device),
+    });
+    let bytes = serde_json::to_vec(&key).map_err(|e| Error::Data(e.to_string()))?;
+    Ok(digest_bytes(&bytes))
+}
+
+/// Chunk `c`'s record, when it is done under `key` for exactly `prompts`; `verify` also reads
+/// back every file it lists and checks its digest.
+fn done_chunk(
+    record: &Location,
+    out: &Location,
+    key: &str,
+    prompts: &[Prompt],
+    verify: bool,
+) -> Result<Option<Value>, Error> {
+    let Some(bytes) = record.get_if_present()? else {
+        return Ok(None);
+    };
+    let Ok(record) = serde_json::from_slice::<Value>(&bytes) else {
+        return Ok(None);
+    };
+    if record["key"] != key {
+        return Ok(None);
+    }
+    let texts: Vec<&str> = record["prompts"]
+        .as_array()
+        .map(|listed| {
+            listed
+                .iter()
+                .filter_map(|entry| entry["prompt"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !texts
+        .iter()
+        .copied()
+        .eq(prompts.iter().map(|p| p.text.as_str()))
+    {
+        return Ok(None);
+    }
+    if verify {
+        let Some(files) = record["digests"].as_object() else {
+            return Ok(None);
+        };
+        for (file, digest) in files {
+            match out.join(file).get_if_present()? {
+                Some(bytes) if digest.as_str() == Some(&digest_bytes(&bytes)) => {}
+                _ => return Ok(None),
+            }
+        }
+    }
+    Ok(Some(record))
+}
+
+/// Samples `list` into `out` ([`crate`]'s `infer generate`): per prompt `p` (its place in the
+/// list), the kept samples as `prompt-PPP-sample-K.png` (K = rank after reranking; enlarged
+/// when the generator has an upscaler) and all samples as `prompt-PPP-grid.png` at the VQGAN's
+/// size; this job's chunks of the list only (`shard`), skipping those done before; and
+/// `generations.json` once the whole list is done, listing prompts (with their rows' other
+/// fields), files, seeds, settings, scores and the digests of the manifests used.
+pub fn generate_to(
+    generator: &Generator,
+    list: &PromptList,
+    sampling: &SamplingSettings,
+    out: &str,
+    shard: ShardSpec,
+) -> Result<Generation, Error> {
+    let started = Instant::now();
+    let config = &sampling.settings;
+    let out = Location::parse(out)?;
+    let prompts = &list.prompts;
+    let width = prompts.len().saturating_sub(1).to_string().len().max(3);
+    let chunks = prompts.len().div_ceil(PROMPTS_PER_CHUNK);
+    let key = chunk_key(generator, sampling)?;
+    let record_of = |chunk: usize| out.join(&format!("chunks/chunk-{chunk:05}.json"));
+    let prompts_of = |chunk: usize| {
+        &prompts[chunk * PROMPTS_PER_CHUNK..((chunk + 1) * PROMPTS_PER_CHUNK).min(prompts.len())]
+    };
+    let mine: Vec<usize> = (0..chunks)
+        .filter(|chunk| chunk % shard.count as usize == shard.index as usize)
+        .collect();
+    let mut records: Vec<Option<Value>> = vec![None; chunks];
+    let mut todo = Vec::new();
+    for &chunk in &mine {
+        match done_chunk(&record_of(chunk), &out, &key, prompts_of(chunk), true)? {
+            Some(record) => records[chunk] = Some(record),
+            None => todo.push(chunk),
+        }
+    }
+    let done_before = mine.len() - todo.len();
+    if !todo.is_empty() {
+        // The files are about to change: an index of an earlier run must not be trusted.
+        out.join(INDEX_FILE).delete()?;
+    }
+    let job_prompts: usize = mine.iter().map(|&c| prompts_of(c).len()).sum();
+    let todo_prompts: usize = todo.iter().map(|&c| prompts_of(c).len()).sum();
+    let bar = nn::progress::bar(
+        job_prompts as u64,
+        (job_prompts - todo_prompts) as u64,
+        "prompts",
+        "infer generate",
+        nn::progress::bars_shown(),
+    );
+    for &chunk in &todo {
+        let chunk_started = Instant::now();
+        let first = chunk * PROMPTS_PER_CHUNK;
+        let chunk_prompts = prompts_of(chunk);
+        let texts: Vec<&str> = chunk_prompts.iter().map(|p| p.text.as_str()).collect();
+        let results = generator.generate(&texts, config)?;
+        let (entries, digests) =
+            write_pictures(generator, &out, &results, chunk_prompts, first, width)?;
+        let record = json!({
+            "key": key,
+            "first": first,
+            "prompts": entries,
+            "digests": digests,
+            "seconds": chunk_started.elapsed().as_secs_f64(),
+        });
+        // Last, so a chunk without its record is one whose files may be partial.
+        record_of(chunk).put(Bytes::from(
+            serde_json::to_vec_pretty(&record).map_err(|e| Error::Data(e.to_string()))?,
+        ))?;
+        records[chunk] = Some(record);
+        bar.inc(chunk_prompts.len() as u64);
+    }
+    bar.finish_and_clear();
+    // Other jobs' chunks, by their records (each job verified its own files when it wrote them).
+    for (chunk, record) in records.iter_mut().enumerate() {
+        if record.is_none() {
+            *record = done_chunk(&record_of(chunk), &out, &key, prompts_of(chunk), false)?;
+        }
+    }
+    let done_now = records.iter().filter(|r| r.is_some()).count();
+    let index = if done_now == chunks {
+        let records: Vec<Value> = records.into_iter().flatten().collect();
+        let index = index_of(generator, list, sampling, &records, started)?;
+        out.join(INDEX_FILE).put(Bytes::from(
+            serde_json::to_vec_pretty(&index).map_err(|e| Error::Data(e.to_string()))?,
+        ))?;
+        Some(index)
+    } else {
+        None
+    };
+    Ok(Generation {
+        prompts: prompts.len(),
+        chunks,
+        job_chunks: mine.len(),
+        done_before,
+        done_now,
+        index,
+    })
+}
+
+/// Writes one chunk's pictures; returns each prompt's record and every file's digest.
+fn write_pictures(
+    generator: &Generator,
+    out: &Location,
+    results: &[PromptImages],
+    prompts: &[Prompt],
+    first: usize,
+    width: usize,
+) -> Result<(Vec<Value>, Map<String, Value>), Error> {
+    let size = generator.vqgan_config.image_size;
+    // Only the kept pictures are enlarged: the grids show every sample at the VQGAN's size.
+    let kept: Vec<Vec<f32>> = results
+        .iter()
+        .flat_map(|result| result.kept.iter().map(|&i| result.images[i].clone()))
+        .collect();
+    let (kept, kept_size) = match &generator.upscaler {
+        Some(_) => (generator.upscale(&kept)?, generator.upscaled_size()),
+        None => (kept, size),
+    };
+    let mut kept = kept.into_iter();
+    let mut digests = Map::new();
+    let mut write = |name: String, bytes: Vec<u8>| -> Result<String, Error> {
+        digests.insert(name.clone(), Value::String(digest_bytes(&bytes)));
+        out.join(&name).put(Bytes::from(bytes))?;
+        Ok(name)
+    };
+    let mut entries = Vec::with_capacity(results.len());
+    for (offset, (result, prompt)) in results.iter().zip(prompts).enumerate() {
+        let index = first + offset;
+        let mut files = Vec::new();
+        for (rank, &i) in result.kept.iter().enumerate() {
+            let pixels = kept
+                .next()
+                .ok_or_else(|| Error::Data("fewer enlarged pictures than kept ones".into()))?;
+            let name = write(
+                prompt_file(index, width, &format!("sample-{rank}")),
+                png(&pixels, kept_size)?,
+            )?;
+            files.push(json!({"file": name, "sample": i,
+                "score": result.scores.as_ref().map(|s| s[i])}));
+        }
+        let grid = write(prompt_file(index, width, "grid"), grid_png(result, size)?)?;
+        let mut entry = json!({"index": index, "prompt": result.prompt, "kept": files,
+            "grid": grid, "scores": result.scores, "reranked": result.scores.is_some()});
+        if !prompt.fields.is_empty() {
+            entry["fields"] = Value::Object(prompt.fields.clone());
+        }
+        entries.push(entry);
+    }
+    Ok((entries, digests))
+}
+
+/// `generations.json`: every prompt's record in list order, and what they were sampled with.
+fn index_of(
+    generator: &Generator,
+    list: &PromptList,
+    sampling: &SamplingSettings,
+    records: &[Value],
+    started: Instant,
+) -> Result<Value, Error> {
+    let prompts: Vec<Value> = records
+        .iter()
+        .flat_map(|record| record["prompts"].as_array().cloned().unwrap_or_default())
+        .collect();
+    if prompts.len() != list.prompts.len() {
+        return Err(Error::Data(format!(
+            "the chunk records list {} prompts, the list has {}",
+            prompts.len(),
+            list.prompts.len()
+        )));
+    }
+    let sampling_seconds: f64 = records
+        .iter()
+        .filter_map(|record| record["seconds"].as_f64())
+        .sum();
+    let size = generator.vqgan_config.image_size;
+    let kept_size = match &generator.upscaler {
+        Some(_) => generator.upscaled_size(),
+        None => size,
+    };
+    Ok(json!({
+        "prompts": prompts,
+        "prompts_from": list.source,
+        "settings": sampling.settings,
+        "settings_from": sampling.source,
+        "image_size": kept_size,
+        "upscaled_by": generator.upscaler.as_ref().map(|u| json!({"manifest": u.uri,
+            "from": size, "to": u.config.output_size()})),
+        "model": generator.name,
+        "manifests": generator.provenance.iter().map(|(uri, digest)| json!({"uri": uri, "digest": digest})).collect::<Vec<_>>(),
+        "backend": nn::backend::backend_name(),
+        "chunks": records.len(),
+        "sampling_seconds": sampling_seconds,
+        "seconds": started.elapsed().as_secs_f64(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(name: &str, text: &str, column: Option<&str>) -> Result<PromptList, Error> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Data(e.to_string()))?;
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).map_err(|e| Error::Data(e.to_string()))?;
+        PromptList::read(path.to_str().unwrap_or_default(), column)
+    }
+
+    fn texts(list: &PromptList) -> Vec<&str> {
+        list.prompts.iter().map(|p| p.text.as_str()).collect()
+    }
+
+    #[test]
+    fn plain_lists_skip_blank_lines_and_carriage_returns() {
+        let list = read("prompts.txt", "a red circle\r\n\n  a blue square \n", None).unwrap();
+        assert_eq!(texts(&list), ["a red circle", "a blue square"]);
+        assert!(list.prompts.iter().all(|p| p.fields.is_empty()));
+        let source = list.source.unwrap();
+        assert!(source["uri"].as_str().unwrap().ends_with("prompts.txt"));
+        assert!(source["digest"].as_str().unwrap().starts_with("blake3:"));
+        let error = read("prompts.txt", "a\n", Some("Prompt")).unwrap_err();
+        assert!(error.to_string().contains("--prompt-column"), "{error}");
+        let error = read("empty.txt", "\n \n", None).unwrap_err();
+        assert!(
+            error.to_string().contains("empty.txt: no prompts"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn parti_prompts_tsv_keeps_its_other_columns() {
+        // PartiPrompts' header; TSV has no quoting, so quotes stay in the prompt.
+        let tsv = "Prompt\tCategory\tChallenge\tNote\n\
+                   a \"red\" circle\tAbstract\tBasic\t\n\
+                   \t\t\t\n\
+                   a blue square\tArtifacts\tPerspective\tfrom DrawBench\n";
+        let list = read("PartiPrompts.tsv", tsv, None).unwrap();
+        assert_eq!(texts(&list), ["a \"red\" circle", "a blue square"]);
+        assert_eq!(list.prompts[1].fields["Category"], "Artifacts");
+        assert_eq!(list.prompts[1].fields["Note"], "from DrawBench");
+        assert!(!list.prompts[0].fields.contains_key("Prompt"));
+
+        let error = read("list.tsv", "Prompt\tCategory\n\tPeople\n", None).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("list.tsv, line 2: no prompt in column 'Prompt'"),
+            "{error}"
+        );
+        let error = read("list.tsv", "id\tdescription\n1\ta cat\n", None).unwrap_err();
+        assert!(
+            error.to_string().contains("--prompt-column")
+                && error.to_string().contains("id, description"),
+            "{error}"
+        );
+        let list = read(
+            "list.tsv",
+            "id\tdescription\n1\ta cat\n",
+            Some("description"),
+        )
+        .unwrap();
+        assert_eq!(texts(&list), ["a cat"]);
+        assert_eq!(list.prompts[0].fields["id"], "1");
+    }
+
+    #[test]
+    fn csv_quotes_and_jsonl_objects_are_read() {
+        let csv = "caption,seed\n\"a cat, on a mat\",1\n";
+        let list = read("list.csv", csv, None).unwrap();
+        assert_eq!(texts(&list), ["a cat, on a mat"]);
+        let error = read("list.csv", "caption,seed\n\"a cat,1\nb,2\n", None).unwrap_err();
+        assert!(error.to_string().contains("list.csv"), "{error}");
+
+        let jsonl = "{\"text\": \"a cat\", \"id\": 7}\n\n{\"text\": \"a dog\"}\n";
+        let list = read("list.jsonl", jsonl, None).unwrap();
+        assert_eq!(texts(&list), ["a cat", "a dog"]);
+        assert_eq!(list.prompts[0].fields["id"], 7);
+        let error = read("list.jsonl", "{\"text\": \"a\"}\n[1]\n", None).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("list.jsonl, line 2: not a JSON object"),
+            "{error}"
+        );
+        let error = read("list.jsonl", "{\"text\": 3}\n", None).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("line 1: 'text' is not a non-empty string"),
+            "{error}"
+        );
+    }
+}

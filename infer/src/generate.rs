@@ -1,10 +1,11 @@
 //! `infer generate`: pictures for a list of prompts, from a few given on the command line to a
 //! benchmark's thousands (PartiPrompts' TSV, a CSV, JSON lines or plain lines).
 //!
-//! The list is sampled in chunks of [`PROMPTS_PER_CHUNK`] prompts. Each chunk's pictures are
-//! written first and its record (`chunks/chunk-CCCCC.json`, with the digest of every file) last,
-//! so a killed run resumes where it stopped: a chunk counts as done when its record names the
-//! same model and settings and the same prompts, and its files are there with those digests.
+//! The list is sampled in chunks ([`PROMPTS_PER_CHUNK`] prompts unless told otherwise). Each
+//! chunk's pictures are written first and its record (`chunks/chunk-CCCCC.json`, with the digest
+//! of every file) last, so a killed run resumes where it stopped: a chunk counts as done when
+//! its record names the same models and settings and the same prompts at the same places, and
+//! its files are there with those digests.
 //! A prompt's pictures do not depend on the prompts sampled beside it, so a resumed run, or the
 //! jobs of a batch array (chunk `c` is job `c % jobs`'s), write exactly the pictures one
 //! uninterrupted run writes. `generations.json`, the index of the whole list, is written once
@@ -20,7 +21,7 @@ use serde_json::{Map, Value, json};
 use crate::sample::{Generator, PromptImages, SamplingSettings};
 use crate::{Error, grid_png, png};
 
-/// Prompts sampled together, and the unit a run resumes by and jobs share out.
+/// Prompts sampled together by default, and the unit a run resumes by and jobs share out.
 pub const PROMPTS_PER_CHUNK: usize = 16;
 
 /// The index of a finished list, beside the pictures.
@@ -59,6 +60,16 @@ impl PromptList {
         }
     }
 
+    /// What the list holds: its prompts and their fields, in order (not where it was read).
+    fn identity(&self) -> Value {
+        Value::Array(
+            self.prompts
+                .iter()
+                .map(|p| json!([p.text, p.fields]))
+                .collect(),
+        )
+    }
+
     /// Reads a prompt list: `.tsv` and `.csv` (with a header; the prompt is `column`, or the
     /// first of `prompt`, `caption` and `text` in any case), `.jsonl` (one object per line, the
     /// prompt under the same keys) or anything else as plain text, one prompt per line. Blank
@@ -66,22 +77,24 @@ impl PromptList {
     pub fn read(uri: &str, column: Option<&str>) -> Result<PromptList, Error> {
         let location = Location::parse(uri)?;
         let bytes = location.get()?;
+        // Editors on Windows start UTF-8 files with a byte-order mark.
+        let text = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&bytes);
         let name = location.uri();
         let extension = name
             .rsplit_once('.')
             .map(|(_, extension)| extension.to_ascii_lowercase())
             .unwrap_or_default();
         let prompts = match extension.as_str() {
-            "tsv" => table_prompts(&name, &bytes, b'\t', column)?,
-            "csv" => table_prompts(&name, &bytes, b',', column)?,
-            "jsonl" => jsonl_prompts(&name, &bytes, column)?,
+            "tsv" => table_prompts(&name, text, b'\t', column)?,
+            "csv" => table_prompts(&name, text, b',', column)?,
+            "jsonl" => jsonl_prompts(&name, text, column)?,
             _ => {
                 if let Some(column) = column {
                     return Err(Error::Usage(format!(
                         "{name}: --prompt-column {column} names a column, but a plain list (not .tsv, .csv or .jsonl) has none"
                     )));
                 }
-                line_prompts(&name, &bytes)?
+                line_prompts(&name, text)?
             }
         };
         if prompts.is_empty() {
@@ -160,9 +173,9 @@ fn table_prompts(
     let at = headers.iter().position(|h| h == column).unwrap_or(0);
     let mut prompts = Vec::new();
     for record in reader.records() {
-        let record = record.map_err(|e| {
-            let line = e.position().map_or(0, |p| p.line());
-            Error::Data(format!("{file}, line {line}: {e}"))
+        let record = record.map_err(|e| match e.position() {
+            Some(position) => Error::Data(format!("{file}, line {}: {e}", position.line())),
+            None => Error::Data(format!("{file}: {e}")),
         })?;
         let line = record.position().map_or(0, |p| p.line());
         if record.iter().all(|field| field.trim().is_empty()) {
@@ -172,6 +185,13 @@ fn table_prompts(
         if text.is_empty() {
             return Err(Error::Data(format!(
                 "{file}, line {line}: no prompt in column '{column}'"
+            )));
+        }
+        // A quote left open swallows every row after it into one field, without an error
+        // from the reader: a prompt over several lines is that, or nothing a prompt should be.
+        if text.contains('\n') {
+            return Err(Error::Data(format!(
+                "{file}, line {line}: the prompt runs over several lines (a quote left open?)"
             )));
         }
         let fields = headers
@@ -237,70 +257,105 @@ pub struct Generation {
     pub index: Option<Value>,
 }
 
-/// A prompt's files: its kept pictures and its grid of every sample, named by its place in the
-/// list (three digits at least, more for longer lists, so names sort in order).
-fn prompt_file(index: usize, width: usize, what: &str) -> String {
-    format!("prompt-{index:0width$}-{what}.png")
+/// Where a list's chunks and files lie, fixed by the list and the chunk size alone (never by
+/// the job or run that samples them).
+struct Layout<'a> {
+    prompts: &'a [Prompt],
+    per_chunk: usize,
+    /// Digits of a prompt's place in file names: three at least, more for longer lists, so
+    /// the names sort in order.
+    width: usize,
+}
+
+impl Layout<'_> {
+    fn chunks(&self) -> usize {
+        self.prompts.len().div_ceil(self.per_chunk)
+    }
+
+    fn first(&self, chunk: usize) -> usize {
+        chunk * self.per_chunk
+    }
+
+    fn prompts_of(&self, chunk: usize) -> &[Prompt] {
+        let first = self.first(chunk);
+        &self.prompts[first..(first + self.per_chunk).min(self.prompts.len())]
+    }
+
+    /// A prompt's file: `sample-K` (its kept pictures) or `grid` (every sample).
+    fn file(&self, index: usize, what: &str) -> String {
+        format!("prompt-{index:0width$}-{what}.png", width = self.width)
+    }
 }
 
 /// What the pictures depend on beyond the prompts: the models (by identity, not by where they
-/// were read), the settings, the backend and device. A chunk written under another key is
-/// sampled again.
-fn chunk_key(generator: &Generator, sampling: &SamplingSettings) -> Result<String, Error> {
+/// were read), the settings, the backend and the kind of device (not its number: the jobs of
+/// an array may sample on different GPUs of a kind).
+fn sampled_with(generator: &Generator, sampling: &SamplingSettings) -> Value {
     let digests: Vec<&str> = generator
         .provenance
         .iter()
         .map(|(_, digest)| digest.as_str())
         .collect();
-    let key = json!({
+    let device = format!("{:?}", generator.device);
+    let kind = device.split('(').next().unwrap_or_default();
+    json!({
         "models": digests,
         "settings": sampling.settings,
         "backend": nn::backend::backend_name(),
-        "device": format!("{:?}", generator.device),
-    });
-    let bytes = serde_json::to_vec(&key).map_err(|e| Error::Data(e.to_string()))?;
+        "device": kind,
+    })
+}
+
+fn digest_of(value: &Value) -> Result<String, Error> {
+    let bytes = serde_json::to_vec(value).map_err(|e| Error::Data(e.to_string()))?;
     Ok(digest_bytes(&bytes))
 }
 
-/// Chunk `c`'s record, when it is done under `key` for exactly `prompts`; `verify` also reads
-/// back every file it lists and checks its digest.
+/// Chunk `chunk`'s record, when it was written under `key` for exactly its prompts at their
+/// places in the list and names each file where this layout puts it; `verify` also reads back
+/// every file and checks its digest.
 fn done_chunk(
-    record: &Location,
     out: &Location,
     key: &str,
-    prompts: &[Prompt],
+    layout: &Layout,
+    chunk: usize,
     verify: bool,
 ) -> Result<Option<Value>, Error> {
-    let Some(bytes) = record.get_if_present()? else {
+    let Some(bytes) = record_of(out, chunk).get_if_present()? else {
         return Ok(None);
     };
     let Ok(record) = serde_json::from_slice::<Value>(&bytes) else {
         return Ok(None);
     };
-    if record["key"] != key {
+    let first = layout.first(chunk);
+    let prompts = layout.prompts_of(chunk);
+    let entries = record["prompts"].as_array().map_or(&[][..], Vec::as_slice);
+    if record["key"] != key || record["first"] != first || entries.len() != prompts.len() {
         return Ok(None);
     }
-    let texts: Vec<&str> = record["prompts"]
-        .as_array()
-        .map(|listed| {
-            listed
-                .iter()
-                .filter_map(|entry| entry["prompt"].as_str())
-                .collect()
-        })
-        .unwrap_or_default();
-    if !texts
-        .iter()
-        .copied()
-        .eq(prompts.iter().map(|p| p.text.as_str()))
-    {
+    let mut names = std::collections::BTreeSet::new();
+    for (offset, (entry, prompt)) in entries.iter().zip(prompts).enumerate() {
+        let index = first + offset;
+        let kept = entry["kept"].as_array().map_or(&[][..], Vec::as_slice);
+        let files_in_place = kept
+            .iter()
+            .enumerate()
+            .all(|(rank, file)| file["file"] == layout.file(index, &format!("sample-{rank}")))
+            && entry["grid"] == layout.file(index, "grid");
+        if entry["index"] != index || entry["prompt"] != prompt.text.as_str() || !files_in_place {
+            return Ok(None);
+        }
+        names.extend(kept.iter().filter_map(|file| file["file"].as_str()));
+        names.extend(entry["grid"].as_str());
+    }
+    let Some(digests) = record["digests"].as_object() else {
+        return Ok(None);
+    };
+    if !digests.keys().map(String::as_str).eq(names.iter().copied()) {
         return Ok(None);
     }
     if verify {
-        let Some(files) = record["digests"].as_object() else {
-            return Ok(None);
-        };
-        for (file, digest) in files {
+        for (file, digest) in digests {
             match out.join(file).get_if_present()? {
                 Some(bytes) if digest.as_str() == Some(&digest_bytes(&bytes)) => {}
                 _ => return Ok(None),
@@ -310,48 +365,69 @@ fn done_chunk(
     Ok(Some(record))
 }
 
-/// Samples `list` into `out` ([`crate`]'s `infer generate`): per prompt `p` (its place in the
-/// list), the kept samples as `prompt-PPP-sample-K.png` (K = rank after reranking; enlarged
-/// when the generator has an upscaler) and all samples as `prompt-PPP-grid.png` at the VQGAN's
-/// size; this job's chunks of the list only (`shard`), skipping those done before; and
+fn record_of(out: &Location, chunk: usize) -> Location {
+    out.join(&format!("chunks/chunk-{chunk:05}.json"))
+}
+
+/// Samples `list` into `out` (`infer generate`): per prompt `p` (its place in the list), the
+/// kept samples as `prompt-PPP-sample-K.png` (K = rank after reranking; enlarged when the
+/// generator has an upscaler) and all samples as `prompt-PPP-grid.png` at the VQGAN's size;
+/// this job's chunks of `per_chunk` prompts only (`shard`), skipping those done before; and
 /// `generations.json` once the whole list is done, listing prompts (with their rows' other
-/// fields), files, seeds, settings, scores and the digests of the manifests used.
+/// fields), files, settings, scores and the digests of the manifests used.
 pub fn generate_to(
     generator: &Generator,
     list: &PromptList,
     sampling: &SamplingSettings,
     out: &str,
     shard: ShardSpec,
+    per_chunk: usize,
 ) -> Result<Generation, Error> {
+    if per_chunk == 0 {
+        return Err(Error::Usage("prompts per chunk must be at least 1".into()));
+    }
     let started = Instant::now();
     let config = &sampling.settings;
     let out = Location::parse(out)?;
-    let prompts = &list.prompts;
-    let width = prompts.len().saturating_sub(1).to_string().len().max(3);
-    let chunks = prompts.len().div_ceil(PROMPTS_PER_CHUNK);
-    let key = chunk_key(generator, sampling)?;
-    let record_of = |chunk: usize| out.join(&format!("chunks/chunk-{chunk:05}.json"));
-    let prompts_of = |chunk: usize| {
-        &prompts[chunk * PROMPTS_PER_CHUNK..((chunk + 1) * PROMPTS_PER_CHUNK).min(prompts.len())]
+    let layout = Layout {
+        prompts: &list.prompts,
+        per_chunk,
+        width: list
+            .prompts
+            .len()
+            .saturating_sub(1)
+            .to_string()
+            .len()
+            .max(3),
     };
+    let chunks = layout.chunks();
+    let identity = sampled_with(generator, sampling);
+    let key = digest_of(&identity)?;
+    let list_digest = digest_of(&list.identity())?;
     let mine: Vec<usize> = (0..chunks)
         .filter(|chunk| chunk % shard.count as usize == shard.index as usize)
         .collect();
     let mut records: Vec<Option<Value>> = vec![None; chunks];
     let mut todo = Vec::new();
     for &chunk in &mine {
-        match done_chunk(&record_of(chunk), &out, &key, prompts_of(chunk), true)? {
+        match done_chunk(&out, &key, &layout, chunk, true)? {
             Some(record) => records[chunk] = Some(record),
             None => todo.push(chunk),
         }
     }
     let done_before = mine.len() - todo.len();
-    if !todo.is_empty() {
-        // The files are about to change: an index of an earlier run must not be trusted.
-        out.join(INDEX_FILE).delete()?;
+    // An index of another list or other settings must not stand beside this run's pictures,
+    // nor one whose files are about to be rewritten.
+    let index_location = out.join(INDEX_FILE);
+    if let Some(bytes) = index_location.get_if_present()? {
+        let current = serde_json::from_slice::<Value>(&bytes)
+            .is_ok_and(|index| index["key"] == key && index["list"] == list_digest);
+        if !current || !todo.is_empty() {
+            index_location.delete()?;
+        }
     }
-    let job_prompts: usize = mine.iter().map(|&c| prompts_of(c).len()).sum();
-    let todo_prompts: usize = todo.iter().map(|&c| prompts_of(c).len()).sum();
+    let job_prompts: usize = mine.iter().map(|&c| layout.prompts_of(c).len()).sum();
+    let todo_prompts: usize = todo.iter().map(|&c| layout.prompts_of(c).len()).sum();
     let bar = nn::progress::bar(
         job_prompts as u64,
         (job_prompts - todo_prompts) as u64,
@@ -361,38 +437,45 @@ pub fn generate_to(
     );
     for &chunk in &todo {
         let chunk_started = Instant::now();
-        let first = chunk * PROMPTS_PER_CHUNK;
-        let chunk_prompts = prompts_of(chunk);
+        let first = layout.first(chunk);
+        let chunk_prompts = layout.prompts_of(chunk);
+        // Its files are about to change: no job may take the old record for them meanwhile.
+        record_of(&out, chunk).delete()?;
         let texts: Vec<&str> = chunk_prompts.iter().map(|p| p.text.as_str()).collect();
         let results = generator.generate(&texts, config)?;
-        let (entries, digests) =
-            write_pictures(generator, &out, &results, chunk_prompts, first, width)?;
+        let (entries, digests) = write_pictures(generator, &out, &results, &layout, first)?;
         let record = json!({
             "key": key,
+            "sampled_with": identity,
             "first": first,
             "prompts": entries,
             "digests": digests,
             "seconds": chunk_started.elapsed().as_secs_f64(),
         });
         // Last, so a chunk without its record is one whose files may be partial.
-        record_of(chunk).put(Bytes::from(
+        record_of(&out, chunk).put(Bytes::from(
             serde_json::to_vec_pretty(&record).map_err(|e| Error::Data(e.to_string()))?,
         ))?;
         records[chunk] = Some(record);
         bar.inc(chunk_prompts.len() as u64);
     }
     bar.finish_and_clear();
-    // Other jobs' chunks, by their records (each job verified its own files when it wrote them).
+    // Other jobs' chunks, by their records: each job verified its own files when it wrote them.
+    // Every job writes its records before reading the others', so of jobs finishing together
+    // at least one sees them all.
     for (chunk, record) in records.iter_mut().enumerate() {
         if record.is_none() {
-            *record = done_chunk(&record_of(chunk), &out, &key, prompts_of(chunk), false)?;
+            *record = done_chunk(&out, &key, &layout, chunk, false)?;
         }
     }
     let done_now = records.iter().filter(|r| r.is_some()).count();
     let index = if done_now == chunks {
         let records: Vec<Value> = records.into_iter().flatten().collect();
-        let index = index_of(generator, list, sampling, &records, started)?;
-        out.join(INDEX_FILE).put(Bytes::from(
+        let mut index = index_of(generator, list, sampling, &records, started)?;
+        index["key"] = json!(key);
+        index["sampled_with"] = identity;
+        index["list"] = json!(list_digest);
+        index_location.put(Bytes::from(
             serde_json::to_vec_pretty(&index).map_err(|e| Error::Data(e.to_string()))?,
         ))?;
         Some(index)
@@ -400,7 +483,7 @@ pub fn generate_to(
         None
     };
     Ok(Generation {
-        prompts: prompts.len(),
+        prompts: list.prompts.len(),
         chunks,
         job_chunks: mine.len(),
         done_before,
@@ -414,9 +497,8 @@ fn write_pictures(
     generator: &Generator,
     out: &Location,
     results: &[PromptImages],
-    prompts: &[Prompt],
+    layout: &Layout,
     first: usize,
-    width: usize,
 ) -> Result<(Vec<Value>, Map<String, Value>), Error> {
     let size = generator.vqgan_config.image_size;
     // Only the kept pictures are enlarged: the grids show every sample at the VQGAN's size.
@@ -436,7 +518,7 @@ fn write_pictures(
         Ok(name)
     };
     let mut entries = Vec::with_capacity(results.len());
-    for (offset, (result, prompt)) in results.iter().zip(prompts).enumerate() {
+    for (offset, result) in results.iter().enumerate() {
         let index = first + offset;
         let mut files = Vec::new();
         for (rank, &i) in result.kept.iter().enumerate() {
@@ -444,19 +526,17 @@ fn write_pictures(
                 .next()
                 .ok_or_else(|| Error::Data("fewer enlarged pictures than kept ones".into()))?;
             let name = write(
-                prompt_file(index, width, &format!("sample-{rank}")),
+                layout.file(index, &format!("sample-{rank}")),
                 png(&pixels, kept_size)?,
             )?;
             files.push(json!({"file": name, "sample": i,
                 "score": result.scores.as_ref().map(|s| s[i])}));
         }
-        let grid = write(prompt_file(index, width, "grid"), grid_png(result, size)?)?;
-        let mut entry = json!({"index": index, "prompt": result.prompt, "kept": files,
-            "grid": grid, "scores": result.scores, "reranked": result.scores.is_some()});
-        if !prompt.fields.is_empty() {
-            entry["fields"] = Value::Object(prompt.fields.clone());
-        }
-        entries.push(entry);
+        let grid = write(layout.file(index, "grid"), grid_png(result, size)?)?;
+        entries.push(
+            json!({"index": index, "prompt": result.prompt, "kept": files,
+            "grid": grid, "scores": result.scores, "reranked": result.scores.is_some()}),
+        );
     }
     Ok((entries, digests))
 }
@@ -469,10 +549,20 @@ fn index_of(
     records: &[Value],
     started: Instant,
 ) -> Result<Value, Error> {
-    let prompts: Vec<Value> = records
+    let mut prompts: Vec<Value> = records
         .iter()
         .flat_map(|record| record["prompts"].as_array().cloned().unwrap_or_default())
         .collect();
+    // A row's other fields come from the list as it is now: they do not change the pictures,
+    // so a corrected `Category` column takes effect without sampling again.
+    for (entry, prompt) in prompts.iter_mut().zip(&list.prompts) {
+        if let Some(entry) = entry.as_object_mut() {
+            entry.remove("fields");
+            if !prompt.fields.is_empty() {
+                entry.insert("fields".into(), Value::Object(prompt.fields.clone()));
+            }
+        }
+    }
     if prompts.len() != list.prompts.len() {
         return Err(Error::Data(format!(
             "the chunk records list {} prompts, the list has {}",
@@ -579,8 +669,16 @@ mod tests {
         let csv = "caption,seed\n\"a cat, on a mat\",1\n";
         let list = read("list.csv", csv, None).unwrap();
         assert_eq!(texts(&list), ["a cat, on a mat"]);
-        let error = read("list.csv", "caption,seed\n\"a cat,1\nb,2\n", None).unwrap_err();
-        assert!(error.to_string().contains("list.csv"), "{error}");
+        let error = read("list.csv", "caption,seed\nb,2\n\"a cat,1\nc,3\n", None).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("list.csv, line 3: the prompt runs over several lines"),
+            "{error}"
+        );
+        // A byte-order mark is not part of the first prompt.
+        let list = read("list.txt", "\u{feff}a cat\n", None).unwrap();
+        assert_eq!(texts(&list), ["a cat"]);
 
         let jsonl = "{\"text\": \"a cat\", \"id\": 7}\n\n{\"text\": \"a dog\"}\n";
         let list = read("list.jsonl", jsonl, None).unwrap();

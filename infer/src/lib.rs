@@ -62,7 +62,8 @@ pub fn grid_png(result: &PromptImages, size: usize) -> Result<Vec<u8>, Error> {
 
 pub const EVAL_STAGE: &str = "infer.eval";
 
-/// Prompts `eval` samples in one batch.
+/// Prompts `eval` samples in one batch: as many as `generate` does by default, so the two
+/// sample the same batches (a prompt's pictures do not depend on the batch, its speed does).
 const PROMPTS_PER_BATCH: usize = generate::PROMPTS_PER_CHUNK;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -28,7 +28,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Sample images for prompts: PNGs, a grid per prompt and generations.json.
+    /// Sample images for prompts: PNGs, a grid per prompt and generations.json. A rerun into the
+    /// same folder resumes; with --num-shards (or a scheduler's job variables) each job of a
+    /// batch array samples its share of the list, and the one that finds every chunk done
+    /// writes generations.json.
     Generate(GenerateArgs),
     /// Generate the shapes prompts and score colour, shape and position automatically.
     Eval(EvalArgs),
@@ -195,8 +198,10 @@ struct GenerateArgs {
     out: String,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// Share the list out across the jobs of a batch array (chunks of 16 prompts, chunk `c` to
-    /// job `c % jobs`); the job that finds every chunk done writes `generations.json`.
+    /// Prompts sampled together: the unit a rerun resumes by and the jobs of a batch array
+    /// share out (chunk `c` is job `c % jobs`'s). Each holds a KV cache per decoder row.
+    #[arg(long, default_value_t = infer::generate::PROMPTS_PER_CHUNK)]
+    chunk_prompts: usize,
     #[command(flatten)]
     job: JobArgs,
 }
@@ -325,7 +330,7 @@ fn run(cli: Cli) -> Result<()> {
             let given = match (&args.prompts_file, args.prompts.is_empty()) {
                 (Some(file), _) => Some(
                     PromptList::read(file, args.prompt_column.as_deref())
-                        .with_context(|| format!("--prompts-file {file}"))?,
+                        .context("reading --prompts-file")?,
                 ),
                 (None, false) => Some(PromptList::from_texts(&args.prompts)),
                 (None, true) => None,
@@ -348,8 +353,15 @@ fn run(cli: Cli) -> Result<()> {
                     PromptList::from_texts(&held_out)
                 }
             };
-            let done = generate_to(&generator, &list, &sampling, &args.out, shard)
-                .context("infer generate")?;
+            let done = generate_to(
+                &generator,
+                &list,
+                &sampling,
+                &args.out,
+                shard,
+                args.chunk_prompts,
+            )
+            .context("infer generate")?;
             let job = if shard.is_single() {
                 String::new()
             } else {

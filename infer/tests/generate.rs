@@ -343,6 +343,7 @@ fn cached_and_uncached_sampling_agree_and_generate_writes_images_and_a_record() 
         &settings,
         out.to_str().unwrap(),
         manifests::ShardSpec::single(),
+        infer::generate::PROMPTS_PER_CHUNK,
     )
     .unwrap()
     .index
@@ -736,18 +737,26 @@ fn a_prompt_list_resumes_and_is_shared_across_jobs_with_the_pictures_of_one_run(
     // PartiPrompts' layout: a TSV with the prompt and columns of its own. 40 prompts: three
     // chunks of 16, 16 and 8.
     let objects = eval_objects(40);
-    let mut tsv = String::from("Prompt\tCategory\n");
-    for object in &objects {
-        tsv += &format!(
-            "{}\t{}\n",
-            infer::eval::prompt(object),
-            SHAPES[object.shape]
-        );
-    }
-    let list = dir.join("prompts.tsv");
-    std::fs::write(&list, &tsv).unwrap();
-    let list = list.to_str().unwrap();
-    let generate = |out: &std::path::Path, extra: &[&str]| {
+    let mut rows: Vec<(String, String)> = objects
+        .iter()
+        .map(|object| {
+            (
+                infer::eval::prompt(object),
+                SHAPES[object.shape].to_string(),
+            )
+        })
+        .collect();
+    let write_list = |name: &str, rows: &[(String, String)]| {
+        let mut tsv = String::from("Prompt\tCategory\n");
+        for (prompt, category) in rows {
+            tsv += &format!("{prompt}\t{category}\n");
+        }
+        let path = dir.join(name);
+        std::fs::write(&path, tsv).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let list = write_list("prompts.tsv", &rows);
+    let generate = |list: &str, out: &std::path::Path, extra: &[&str]| {
         let mut args = vec![
             "generate",
             "--parti",
@@ -762,9 +771,17 @@ fn a_prompt_list_resumes_and_is_shared_across_jobs_with_the_pictures_of_one_run(
         args.extend(extra);
         infer(&args).0
     };
+    let chunk_records = |out: &std::path::Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(out.join("chunks"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        names
+    };
 
     let whole = dir.join("list-whole");
-    let said = generate(&whole, &[]);
+    let said = generate(&list, &whole, &[]);
     assert!(
         said.contains(
             "40 prompts in 3 chunks; of this job's 3 chunks, 0 done before, 3 sampled now"
@@ -774,10 +791,10 @@ fn a_prompt_list_resumes_and_is_shared_across_jobs_with_the_pictures_of_one_run(
     let index = index_without_timings(&whole);
     let listed = index["prompts"].as_array().unwrap();
     assert_eq!(listed.len(), 40);
-    for (p, (entry, object)) in listed.iter().zip(&objects).enumerate() {
+    for (p, (entry, (prompt, category))) in listed.iter().zip(&rows).enumerate() {
         assert_eq!(entry["index"], p);
-        assert_eq!(entry["prompt"], infer::eval::prompt(object));
-        assert_eq!(entry["fields"]["Category"], SHAPES[object.shape]);
+        assert_eq!(entry["prompt"], prompt.as_str());
+        assert_eq!(entry["fields"]["Category"], category.as_str());
         assert_eq!(
             entry["kept"][0]["file"],
             format!("prompt-{p:03}-sample-0.png")
@@ -793,46 +810,83 @@ fn a_prompt_list_resumes_and_is_shared_across_jobs_with_the_pictures_of_one_run(
     let expected = pictures(&whole);
     assert_eq!(expected.len(), 80, "a kept picture and a grid per prompt");
 
-    // Two jobs of a batch array: the first's chunks (0 and 2) leave the list unfinished and
-    // write no index; the second finishes it and writes the one the whole run wrote.
-    let shared = dir.join("list-shared");
-    let said = generate(&shared, &["--shard-index", "0", "--num-shards", "2"]);
+    // Other chunks (7 prompts, so each prompt beside others than before): the same pictures.
+    let rechunked = dir.join("list-rechunked");
+    let said = generate(&list, &rechunked, &["--chunk-prompts", "7"]);
+    assert!(said.contains("40 prompts in 6 chunks"), "{said}");
     assert!(
-        said.contains("job 0 of 2: 40 prompts in 3 chunks; of this job's 2 chunks"),
+        pictures(&rechunked) == expected,
+        "the chunking changed the pictures"
+    );
+
+    // Two jobs of a batch array: the first samples chunks 0 and 2 and, the list unfinished,
+    // writes no index; the second samples chunk 1 and writes the one the whole run wrote.
+    let shared = dir.join("list-shared");
+    let said = generate(&list, &shared, &["--shard-index", "0", "--num-shards", "2"]);
+    assert!(
+        said.contains("job 0 of 2: 40 prompts in 3 chunks; of this job's 2 chunks, 0 done before, 2 sampled now"),
         "{said}"
     );
     assert!(said.contains("2 of 3 chunks of the list done"), "{said}");
+    assert_eq!(
+        chunk_records(&shared),
+        ["chunk-00000.json", "chunk-00002.json"]
+    );
     assert!(!shared.join("generations.json").exists());
-    let said = generate(&shared, &["--shard-index", "1", "--num-shards", "2"]);
+    let said = generate(&list, &shared, &["--shard-index", "1", "--num-shards", "2"]);
+    assert!(
+        said.contains("of this job's 1 chunks, 0 done before, 1 sampled now"),
+        "{said}"
+    );
     assert!(said.contains("40 prompts -> "), "{said}");
     assert!(
         pictures(&shared) == expected,
         "the jobs drew other pictures"
     );
     assert_eq!(index_without_timings(&shared), index);
+    // The list grown by 8 prompts: a job whose one chunk is still done samples nothing, but
+    // the index of the shorter list no longer describes the folder.
+    let mut grown = rows.clone();
+    grown.extend(rows[..8].iter().cloned());
+    let grown = write_list("prompts-grown.tsv", &grown);
+    let said = generate(
+        &grown,
+        &shared,
+        &["--shard-index", "0", "--num-shards", "3"],
+    );
+    assert!(
+        said.contains(
+            "48 prompts in 3 chunks; of this job's 1 chunks, 1 done before, 0 sampled now"
+        ),
+        "{said}"
+    );
+    assert!(!shared.join("generations.json").exists());
 
-    // A run killed mid-list: chunk 1's record never written, a file of chunk 2 cut short.
+    // A run killed mid-list: chunk 1's record never written, a file of chunk 2 cut short, no
+    // index yet.
     let resumed = dir.join("list-resumed");
     std::fs::create_dir_all(resumed.join("chunks")).unwrap();
-    for file in std::fs::read_dir(&whole)
+    let copied = std::fs::read_dir(&whole)
         .unwrap()
-        .chain(std::fs::read_dir(whole.join("chunks")).unwrap())
-    {
+        .chain(std::fs::read_dir(whole.join("chunks")).unwrap());
+    for file in copied {
         let path = file.unwrap().path();
-        if path.is_file() {
-            let name = path.strip_prefix(&whole).unwrap();
-            std::fs::copy(&path, resumed.join(name)).unwrap();
+        if path.is_file() && !path.ends_with("generations.json") {
+            std::fs::copy(&path, resumed.join(path.strip_prefix(&whole).unwrap())).unwrap();
         }
     }
     std::fs::remove_file(resumed.join("chunks/chunk-00001.json")).unwrap();
     let cut = resumed.join("prompt-035-grid.png");
     let bytes = std::fs::read(&cut).unwrap();
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    let untouched = std::fs::metadata(resumed.join("prompt-000-sample-0.png"))
-        .unwrap()
-        .modified()
-        .unwrap();
-    let said = generate(&resumed, &[]);
+    let modified = |name: &str| {
+        std::fs::metadata(resumed.join(name))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let untouched = modified("prompt-000-sample-0.png");
+    let said = generate(&list, &resumed, &[]);
     assert!(
         said.contains("of this job's 3 chunks, 1 done before, 2 sampled now"),
         "{said}"
@@ -842,17 +896,62 @@ fn a_prompt_list_resumes_and_is_shared_across_jobs_with_the_pictures_of_one_run(
         "the resumed run drew other pictures"
     );
     assert_eq!(index_without_timings(&resumed), index);
-    let modified = std::fs::metadata(resumed.join("prompt-000-sample-0.png"))
-        .unwrap()
-        .modified()
-        .unwrap();
-    assert_eq!(modified, untouched, "a chunk done before was sampled again");
+    assert_eq!(
+        modified("prompt-000-sample-0.png"),
+        untouched,
+        "a chunk done before was sampled again"
+    );
 
-    // Other settings into the same folder: nothing done before counts.
-    let said = generate(&resumed, &["--seed", "5", "--temperature", "1.0"]);
-    assert!(said.contains("0 done before, 3 sampled now"), "{said}");
+    // The list edited: a prompt of chunk 1 changed (that chunk alone is sampled again) and a
+    // category of chunk 0 corrected (the index says so, nothing is sampled for it).
+    let before = (
+        modified("prompt-000-grid.png"),
+        modified("prompt-020-grid.png"),
+    );
+    assert_ne!(rows[20].0, "a green triangle");
+    rows[20].0 = "a green triangle".into();
+    rows[3].1 = "corrected".into();
+    let edited = write_list("prompts-edited.tsv", &rows);
+    let said = generate(&edited, &resumed, &[]);
+    assert!(
+        said.contains("of this job's 3 chunks, 2 done before, 1 sampled now"),
+        "{said}"
+    );
+    let edited_index = index_without_timings(&resumed);
+    assert_eq!(edited_index["prompts"][20]["prompt"], rows[20].0.as_str());
+    assert_eq!(
+        edited_index["prompts"][3]["fields"]["Category"],
+        "corrected"
+    );
+    assert_eq!(modified("prompt-000-grid.png"), before.0);
+    assert_ne!(modified("prompt-020-grid.png"), before.1);
+    let now = pictures(&resumed);
+
+    // Other settings: nothing done before counts, and the first job withdraws the index of the
+    // old settings, which no longer describes the pictures.
+    let other_settings = |job: &str| {
+        let flags = [
+            "--seed",
+            "5",
+            "--temperature",
+            "1.0",
+            "--num-shards",
+            "2",
+            "--shard-index",
+            job,
+        ];
+        generate(&edited, &resumed, &flags)
+    };
+    let said = other_settings("0");
+    assert!(
+        said.contains("of this job's 2 chunks, 0 done before, 2 sampled now"),
+        "{said}"
+    );
+    assert!(!resumed.join("generations.json").exists());
+    let said = other_settings("1");
+    assert!(said.contains("0 done before, 1 sampled now"), "{said}");
     assert_eq!(index_without_timings(&resumed)["settings"]["seed"], 5);
-    assert!(pictures(&resumed) != expected);
+    assert!(pictures(&resumed) != now);
 
     // A list without a prompt column is refused by name before the models load.
     let bad = dir.join("no-prompts.tsv");

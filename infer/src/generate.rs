@@ -2,14 +2,14 @@
 //! benchmark's thousands (PartiPrompts' TSV, a CSV, JSON lines or plain lines).
 //!
 //! The list is sampled in chunks ([`PROMPTS_PER_CHUNK`] prompts unless told otherwise). Each
-//! chunk's pictures are written first and its record (`chunks/chunk-CCCCC.json`, with the digest
-//! of every file) last, so a killed run resumes where it stopped: a chunk counts as done when
-//! its record names the same models and settings and the same prompts at the same places, and
-//! its files are there with those digests.
-//! A prompt's pictures do not depend on the prompts sampled beside it, so a resumed run, or the
-//! jobs of a batch array (chunk `c` is job `c % jobs`'s), write exactly the pictures one
-//! uninterrupted run writes. `generations.json`, the index of the whole list, is written once
-//! every chunk is done, by whichever run or job finds them all done.
+//! chunk's pictures are written first and its record (`chunks/prompts-FFFFFF-EEEEEE.json`, with
+//! the digest of every file) last, so a killed run resumes where it stopped: a prompt counts as
+//! done when a record of the same models, settings, backend and kind of device names it at its
+//! place, and its files are there with those digests. A prompt's pictures do not depend on the
+//! prompts sampled beside it, so a resumed run, another chunk size, or the jobs of a batch array
+//! (chunk `c` is job `c % jobs`'s) write exactly the pictures one uninterrupted run writes.
+//! `generations.json`, the index of the whole list, is written once every prompt is done, by
+//! whichever run or job finds them all done.
 
 use std::io::Cursor;
 use std::time::Instant;
@@ -187,11 +187,11 @@ fn table_prompts(
                 "{file}, line {line}: no prompt in column '{column}'"
             )));
         }
-        // A quote left open swallows every row after it into one field, without an error
-        // from the reader: a prompt over several lines is that, or nothing a prompt should be.
-        if text.contains('\n') {
+        // A quote left open swallows every row after it into one field, without an error from
+        // the reader: a field over several lines is that, or nothing a prompt list should hold.
+        if record.iter().any(|field| field.contains(['\n', '\r'])) {
             return Err(Error::Data(format!(
-                "{file}, line {line}: the prompt runs over several lines (a quote left open?)"
+                "{file}, line {line}: a field runs over several lines (a quote left open?)"
             )));
         }
         let fields = headers
@@ -288,22 +288,25 @@ impl Layout<'_> {
 }
 
 /// What the pictures depend on beyond the prompts: the models (by identity, not by where they
-/// were read), the settings, the backend and the kind of device (not its number: the jobs of
-/// an array may sample on different GPUs of a kind).
+/// were read), the settings, the backend and the kind of device.
 fn sampled_with(generator: &Generator, sampling: &SamplingSettings) -> Value {
     let digests: Vec<&str> = generator
         .provenance
         .iter()
         .map(|(_, digest)| digest.as_str())
         .collect();
-    let device = format!("{:?}", generator.device);
-    let kind = device.split('(').next().unwrap_or_default();
     json!({
         "models": digests,
         "settings": sampling.settings,
         "backend": nn::backend::backend_name(),
-        "device": kind,
+        "device": device_kind(&format!("{:?}", generator.device)),
     })
+}
+
+/// A device as its backend prints it, without its number: the jobs of an array may sample on
+/// different GPUs of one kind, and CPU and CUDA runs differ (CUDA samples under bf16 autocast).
+fn device_kind(device: &str) -> String {
+    device.chars().filter(|c| !c.is_ascii_digit()).collect()
 }
 
 fn digest_of(value: &Value) -> Result<String, Error> {
@@ -311,70 +314,99 @@ fn digest_of(value: &Value) -> Result<String, Error> {
     Ok(digest_bytes(&bytes))
 }
 
-/// Chunk `chunk`'s record, when it was written under `key` for exactly its prompts at their
-/// places in the list and names each file where this layout puts it; `verify` also reads back
-/// every file and checks its digest.
-fn done_chunk(
-    out: &Location,
-    key: &str,
-    layout: &Layout,
-    chunk: usize,
-    verify: bool,
-) -> Result<Option<Value>, Error> {
-    let Some(bytes) = record_of(out, chunk).get_if_present()? else {
-        return Ok(None);
-    };
-    let Ok(record) = serde_json::from_slice::<Value>(&bytes) else {
-        return Ok(None);
-    };
-    let first = layout.first(chunk);
-    let prompts = layout.prompts_of(chunk);
-    let entries = record["prompts"].as_array().map_or(&[][..], Vec::as_slice);
-    if record["key"] != key || record["first"] != first || entries.len() != prompts.len() {
-        return Ok(None);
-    }
-    let mut names = std::collections::BTreeSet::new();
-    for (offset, (entry, prompt)) in entries.iter().zip(prompts).enumerate() {
-        let index = first + offset;
-        let kept = entry["kept"].as_array().map_or(&[][..], Vec::as_slice);
-        let files_in_place = kept
-            .iter()
-            .enumerate()
-            .all(|(rank, file)| file["file"] == layout.file(index, &format!("sample-{rank}")))
-            && entry["grid"] == layout.file(index, "grid");
-        if entry["index"] != index || entry["prompt"] != prompt.text.as_str() || !files_in_place {
-            return Ok(None);
+/// A prompt's entry in a chunk record of this run's key, at its place in the list, its files
+/// named where this layout puts them, and their digests.
+#[derive(Clone)]
+struct Claim {
+    entry: Value,
+    digests: Vec<(String, String)>,
+    /// Its share of its chunk's sampling time.
+    seconds: f64,
+}
+
+/// Every prompt's claims in the chunk records under `out` written with `key` (records of other
+/// settings, models or devices are passed over, whatever their chunk size). A prompt may have
+/// several, from runs with other chunk sizes; on a GPU their pictures may differ in a pixel.
+fn claims(out: &Location, key: &str, layout: &Layout) -> Result<Vec<Vec<Claim>>, Error> {
+    let mut claims: Vec<Vec<Claim>> = vec![Vec::new(); layout.prompts.len()];
+    for object in out.join("chunks").list_folder()? {
+        if !object.location.uri().ends_with(".json") {
+            continue;
         }
-        names.extend(kept.iter().filter_map(|file| file["file"].as_str()));
-        names.extend(entry["grid"].as_str());
-    }
-    let Some(digests) = record["digests"].as_object() else {
-        return Ok(None);
-    };
-    if !digests.keys().map(String::as_str).eq(names.iter().copied()) {
-        return Ok(None);
-    }
-    if verify {
-        for (file, digest) in digests {
-            match out.join(file).get_if_present()? {
-                Some(bytes) if digest.as_str() == Some(&digest_bytes(&bytes)) => {}
-                _ => return Ok(None),
+        let Ok(record) = serde_json::from_slice::<Value>(&object.location.get()?) else {
+            continue;
+        };
+        let (Some(entries), Some(digests)) =
+            (record["prompts"].as_array(), record["digests"].as_object())
+        else {
+            continue;
+        };
+        if record["key"] != key {
+            continue;
+        }
+        let seconds = record["seconds"].as_f64().unwrap_or(0.0) / entries.len().max(1) as f64;
+        for entry in entries {
+            let Some(index) = entry["index"].as_u64().map(|i| i as usize) else {
+                continue;
+            };
+            let Some(prompt) = layout.prompts.get(index) else {
+                continue;
+            };
+            let kept = entry["kept"].as_array().map_or(&[][..], Vec::as_slice);
+            let mut names: Vec<String> = (0..kept.len())
+                .map(|rank| layout.file(index, &format!("sample-{rank}")))
+                .collect();
+            names.push(layout.file(index, "grid"));
+            let in_place = entry["prompt"] == prompt.text.as_str()
+                && kept
+                    .iter()
+                    .zip(&names)
+                    .all(|(file, name)| file["file"] == name.as_str())
+                && entry["grid"] == layout.file(index, "grid");
+            let digests: Option<Vec<(String, String)>> = names
+                .into_iter()
+                .map(|name| {
+                    let digest = digests.get(&name)?.as_str()?.to_string();
+                    Some((name, digest))
+                })
+                .collect();
+            if let (true, Some(digests)) = (in_place, digests) {
+                claims[index].push(Claim {
+                    entry: entry.clone(),
+                    digests,
+                    seconds,
+                });
             }
         }
     }
-    Ok(Some(record))
+    Ok(claims)
 }
 
-fn record_of(out: &Location, chunk: usize) -> Location {
-    out.join(&format!("chunks/chunk-{chunk:05}.json"))
+/// The first of a prompt's claims whose files are there with its digests.
+fn verified(out: &Location, claims: Vec<Claim>) -> Result<Option<Claim>, Error> {
+    'claims: for claim in claims {
+        for (file, digest) in &claim.digests {
+            match out.join(file).get_if_present()? {
+                Some(bytes) if *digest == digest_bytes(&bytes) => {}
+                _ => continue 'claims,
+            }
+        }
+        return Ok(Some(claim));
+    }
+    Ok(None)
 }
 
 /// Samples `list` into `out` (`infer generate`): per prompt `p` (its place in the list), the
 /// kept samples as `prompt-PPP-sample-K.png` (K = rank after reranking; enlarged when the
 /// generator has an upscaler) and all samples as `prompt-PPP-grid.png` at the VQGAN's size;
-/// this job's chunks of `per_chunk` prompts only (`shard`), skipping those done before; and
-/// `generations.json` once the whole list is done, listing prompts (with their rows' other
-/// fields), files, settings, scores and the digests of the manifests used.
+/// this job's chunks of `per_chunk` prompts only (`shard`), skipping those whose every prompt is
+/// done; and `generations.json` once the whole list is done, listing prompts (with their rows'
+/// other fields), files, settings, scores and the digests of the manifests used.
+///
+/// A prompt is done when a chunk record of the same models, settings, backend and kind of device
+/// names it at its place, its files under this layout's names, and the files are there with the
+/// record's digests: records of any chunk size and any job count, so neither a changed
+/// `per_chunk` nor a changed number of jobs loses what is done.
 pub fn generate_to(
     generator: &Generator,
     list: &PromptList,
@@ -407,12 +439,19 @@ pub fn generate_to(
     let mine: Vec<usize> = (0..chunks)
         .filter(|chunk| chunk % shard.count as usize == shard.index as usize)
         .collect();
-    let mut records: Vec<Option<Value>> = vec![None; chunks];
+    // Prompts found done, their files read back and checked (or written by this run).
+    let mut done: Vec<Option<Claim>> = vec![None; list.prompts.len()];
+    let mut found = claims(&out, &key, &layout)?;
     let mut todo = Vec::new();
     for &chunk in &mine {
-        match done_chunk(&out, &key, &layout, chunk, true)? {
-            Some(record) => records[chunk] = Some(record),
-            None => todo.push(chunk),
+        let first = layout.first(chunk);
+        let mut complete = true;
+        for index in first..first + layout.prompts_of(chunk).len() {
+            done[index] = verified(&out, std::mem::take(&mut found[index]))?;
+            complete &= done[index].is_some();
+        }
+        if !complete {
+            todo.push(chunk);
         }
     }
     let done_before = mine.len() - todo.len();
@@ -439,39 +478,60 @@ pub fn generate_to(
         let chunk_started = Instant::now();
         let first = layout.first(chunk);
         let chunk_prompts = layout.prompts_of(chunk);
-        // Its files are about to change: no job may take the old record for them meanwhile.
-        record_of(&out, chunk).delete()?;
         let texts: Vec<&str> = chunk_prompts.iter().map(|p| p.text.as_str()).collect();
         let results = generator.generate(&texts, config)?;
-        let (entries, digests) = write_pictures(generator, &out, &results, &layout, first)?;
+        let mut written = write_pictures(generator, &out, &results, &layout, first)?;
+        let seconds = chunk_started.elapsed().as_secs_f64();
+        let digests: Map<String, Value> = written
+            .iter()
+            .flat_map(|claim| &claim.digests)
+            .map(|(file, digest)| (file.clone(), Value::String(digest.clone())))
+            .collect();
+        let entries: Vec<&Value> = written.iter().map(|claim| &claim.entry).collect();
         let record = json!({
             "key": key,
             "sampled_with": identity,
             "first": first,
             "prompts": entries,
             "digests": digests,
-            "seconds": chunk_started.elapsed().as_secs_f64(),
+            "seconds": seconds,
         });
-        // Last, so a chunk without its record is one whose files may be partial.
-        record_of(&out, chunk).put(Bytes::from(
-            serde_json::to_vec_pretty(&record).map_err(|e| Error::Data(e.to_string()))?,
-        ))?;
-        records[chunk] = Some(record);
+        // Last, so a prompt without a record naming its files' digests is not done, whatever
+        // state a killed run left its files in.
+        let end = first + chunk_prompts.len();
+        out.join(&format!("chunks/prompts-{first:06}-{end:06}.json"))
+            .put(Bytes::from(
+                serde_json::to_vec_pretty(&record).map_err(|e| Error::Data(e.to_string()))?,
+            ))?;
+        for (offset, mut claim) in written.drain(..).enumerate() {
+            claim.seconds = seconds / chunk_prompts.len() as f64;
+            done[first + offset] = Some(claim);
+        }
         bar.inc(chunk_prompts.len() as u64);
     }
     bar.finish_and_clear();
-    // Other jobs' chunks, by their records: each job verified its own files when it wrote them.
-    // Every job writes its records before reading the others', so of jobs finishing together
-    // at least one sees them all.
-    for (chunk, record) in records.iter_mut().enumerate() {
-        if record.is_none() {
-            *record = done_chunk(&out, &key, &layout, chunk, false)?;
+    // The other jobs' prompts, by the records they have written by now, their files checked:
+    // a record may be older than files another run rewrote since. Every job writes its records
+    // before reading the others', so of jobs finishing together at least one sees them all.
+    if done.iter().any(Option::is_none) {
+        let mut found = claims(&out, &key, &layout)?;
+        for (index, slot) in done.iter_mut().enumerate() {
+            if slot.is_none() {
+                *slot = verified(&out, std::mem::take(&mut found[index]))?;
+            }
         }
     }
-    let done_now = records.iter().filter(|r| r.is_some()).count();
+    let done_now = (0..chunks)
+        .filter(|&chunk| {
+            let first = layout.first(chunk);
+            done[first..first + layout.prompts_of(chunk).len()]
+                .iter()
+                .all(Option::is_some)
+        })
+        .count();
     let index = if done_now == chunks {
-        let records: Vec<Value> = records.into_iter().flatten().collect();
-        let mut index = index_of(generator, list, sampling, &records, started)?;
+        let done: Vec<Claim> = done.into_iter().flatten().collect();
+        let mut index = index_of(generator, list, sampling, &done, started)?;
         index["key"] = json!(key);
         index["sampled_with"] = identity;
         index["list"] = json!(list_digest);
@@ -492,14 +552,15 @@ pub fn generate_to(
     })
 }
 
-/// Writes one chunk's pictures; returns each prompt's record and every file's digest.
+/// Writes one chunk's pictures; returns each prompt's claim (its record entry and its files'
+/// digests; its time is the caller's to share out).
 fn write_pictures(
     generator: &Generator,
     out: &Location,
     results: &[PromptImages],
     layout: &Layout,
     first: usize,
-) -> Result<(Vec<Value>, Map<String, Value>), Error> {
+) -> Result<Vec<Claim>, Error> {
     let size = generator.vqgan_config.image_size;
     // Only the kept pictures are enlarged: the grids show every sample at the VQGAN's size.
     let kept: Vec<Vec<f32>> = results
@@ -511,34 +572,41 @@ fn write_pictures(
         None => (kept, size),
     };
     let mut kept = kept.into_iter();
-    let mut digests = Map::new();
-    let mut write = |name: String, bytes: Vec<u8>| -> Result<String, Error> {
-        digests.insert(name.clone(), Value::String(digest_bytes(&bytes)));
-        out.join(&name).put(Bytes::from(bytes))?;
-        Ok(name)
+    let write = |digests: &mut Vec<(String, String)>, name: String, bytes: Vec<u8>| {
+        digests.push((name.clone(), digest_bytes(&bytes)));
+        out.join(&name).put(Bytes::from(bytes)).map(|()| name)
     };
-    let mut entries = Vec::with_capacity(results.len());
+    let mut claims = Vec::with_capacity(results.len());
     for (offset, result) in results.iter().enumerate() {
         let index = first + offset;
+        let mut digests = Vec::new();
         let mut files = Vec::new();
         for (rank, &i) in result.kept.iter().enumerate() {
             let pixels = kept
                 .next()
                 .ok_or_else(|| Error::Data("fewer enlarged pictures than kept ones".into()))?;
             let name = write(
+                &mut digests,
                 layout.file(index, &format!("sample-{rank}")),
                 png(&pixels, kept_size)?,
             )?;
             files.push(json!({"file": name, "sample": i,
                 "score": result.scores.as_ref().map(|s| s[i])}));
         }
-        let grid = write(layout.file(index, "grid"), grid_png(result, size)?)?;
-        entries.push(
-            json!({"index": index, "prompt": result.prompt, "kept": files,
-            "grid": grid, "scores": result.scores, "reranked": result.scores.is_some()}),
-        );
+        let grid = write(
+            &mut digests,
+            layout.file(index, "grid"),
+            grid_png(result, size)?,
+        )?;
+        let entry = json!({"index": index, "prompt": result.prompt, "kept": files,
+            "grid": grid, "scores": result.scores, "reranked": result.scores.is_some()});
+        claims.push(Claim {
+            entry,
+            digests,
+            seconds: 0.0,
+        });
     }
-    Ok((entries, digests))
+    Ok(claims)
 }
 
 /// `generations.json`: every prompt's record in list order, and what they were sampled with.
@@ -546,34 +614,33 @@ fn index_of(
     generator: &Generator,
     list: &PromptList,
     sampling: &SamplingSettings,
-    records: &[Value],
+    done: &[Claim],
     started: Instant,
 ) -> Result<Value, Error> {
-    let mut prompts: Vec<Value> = records
-        .iter()
-        .flat_map(|record| record["prompts"].as_array().cloned().unwrap_or_default())
-        .collect();
-    // A row's other fields come from the list as it is now: they do not change the pictures,
-    // so a corrected `Category` column takes effect without sampling again.
-    for (entry, prompt) in prompts.iter_mut().zip(&list.prompts) {
-        if let Some(entry) = entry.as_object_mut() {
-            entry.remove("fields");
-            if !prompt.fields.is_empty() {
-                entry.insert("fields".into(), Value::Object(prompt.fields.clone()));
-            }
-        }
-    }
-    if prompts.len() != list.prompts.len() {
+    if done.len() != list.prompts.len() {
         return Err(Error::Data(format!(
-            "the chunk records list {} prompts, the list has {}",
-            prompts.len(),
+            "{} prompts done, the list has {}",
+            done.len(),
             list.prompts.len()
         )));
     }
-    let sampling_seconds: f64 = records
+    // A row's other fields come from the list as it is now: they do not change the pictures,
+    // so a corrected `Category` column takes effect without sampling again.
+    let prompts: Vec<Value> = done
         .iter()
-        .filter_map(|record| record["seconds"].as_f64())
-        .sum();
+        .zip(&list.prompts)
+        .map(|(claim, prompt)| {
+            let mut entry = claim.entry.clone();
+            if let Some(entry) = entry.as_object_mut() {
+                entry.remove("fields");
+                if !prompt.fields.is_empty() {
+                    entry.insert("fields".into(), Value::Object(prompt.fields.clone()));
+                }
+            }
+            entry
+        })
+        .collect();
+    let sampling_seconds: f64 = done.iter().map(|claim| claim.seconds).sum();
     let size = generator.vqgan_config.image_size;
     let kept_size = match &generator.upscaler {
         Some(_) => generator.upscaled_size(),
@@ -590,7 +657,6 @@ fn index_of(
         "model": generator.name,
         "manifests": generator.provenance.iter().map(|(uri, digest)| json!({"uri": uri, "digest": digest})).collect::<Vec<_>>(),
         "backend": nn::backend::backend_name(),
-        "chunks": records.len(),
         "sampling_seconds": sampling_seconds,
         "seconds": started.elapsed().as_secs_f64(),
     }))
@@ -665,6 +731,14 @@ mod tests {
     }
 
     #[test]
+    fn the_device_kind_leaves_out_the_device_number() {
+        let cuda = device_kind("Device<LibTorch(Cuda(0))>");
+        assert_eq!(cuda, device_kind("Device<LibTorch(Cuda(3))>"));
+        assert_ne!(cuda, device_kind("Device<LibTorch(Cpu)>"));
+        assert!(cuda.contains("Cuda"), "{cuda}");
+    }
+
+    #[test]
     fn csv_quotes_and_jsonl_objects_are_read() {
         let csv = "caption,seed\n\"a cat, on a mat\",1\n";
         let list = read("list.csv", csv, None).unwrap();
@@ -673,12 +747,31 @@ mod tests {
         assert!(
             error
                 .to_string()
-                .contains("list.csv, line 3: the prompt runs over several lines"),
+                .contains("list.csv, line 3: a field runs over several lines"),
             "{error}"
         );
-        // A byte-order mark is not part of the first prompt.
+        // Open in another column, or at the end of the file.
+        let error = read("list.csv", "caption,seed\na cat,\"1\nb,2\n", None).unwrap_err();
+        assert!(
+            error.to_string().contains("line 2: a field runs over"),
+            "{error}"
+        );
+        let error = read("list.csv", "caption,seed\nb,2\n\"a cat,1\n", None).unwrap_err();
+        assert!(
+            error.to_string().contains("line 3: a field runs over"),
+            "{error}"
+        );
+        // A byte-order mark is not part of the first prompt, nor of the header's first name.
         let list = read("list.txt", "\u{feff}a cat\n", None).unwrap();
         assert_eq!(texts(&list), ["a cat"]);
+        let list = read(
+            "list.tsv",
+            "\u{feff}Prompt\tCategory\na cat\tAnimals\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(texts(&list), ["a cat"]);
+        assert_eq!(list.prompts[0].fields["Category"], "Animals");
 
         let jsonl = "{\"text\": \"a cat\", \"id\": 7}\n\n{\"text\": \"a dog\"}\n";
         let list = read("list.jsonl", jsonl, None).unwrap();

@@ -336,6 +336,7 @@ fn run(cli: Cli) -> Result<()> {
                 (None, true) => None,
             };
             let shard = args.job.shard()?;
+            anyhow::ensure!(args.chunk_prompts > 0, "--chunk-prompts must be at least 1");
             let generator = args.models.load()?;
             let list = match given {
                 Some(list) => list,

@@ -656,6 +656,8 @@ fn generate_upscale_writes_enlarged_pictures_and_records_the_model() {
         superres.to_str().unwrap(),
         "--prompt",
         "a red circle at the top left",
+        "--prompt",
+        "a blue square in the center",
         "--samples",
         "2",
         "--keep",
@@ -664,13 +666,33 @@ fn generate_upscale_writes_enlarged_pictures_and_records_the_model() {
         out.to_str().unwrap(),
     ]);
     assert!(said.contains("generations.json"), "{said}");
-    for rank in 0..2 {
-        let picture = image::open(out.join(format!("prompt-000-sample-{rank}.png"))).unwrap();
-        assert_eq!((picture.width(), picture.height()), (256, 256));
+    // The grid shows every sample at the tokenizer's size, kept ones first.
+    let grid = |p: usize| image::open(out.join(format!("prompt-{p:03}-grid.png"))).unwrap();
+    assert_eq!((grid(0).width(), grid(0).height()), (128, 64));
+    // Each enlarged picture is its own sample enlarged: close to that sample's bicubic
+    // enlargement (the model adds detail to bicubic, little after two steps), far from the
+    // other prompt's.
+    let bicubic = |p: usize, rank: u32| {
+        grid(p).crop_imm(64 * rank, 0, 64, 64).resize_exact(
+            256,
+            256,
+            image::imageops::FilterType::CatmullRom,
+        )
+    };
+    for p in 0..2 {
+        for rank in 0..2 {
+            let picture =
+                image::open(out.join(format!("prompt-{p:03}-sample-{rank}.png"))).unwrap();
+            assert_eq!((picture.width(), picture.height()), (256, 256));
+            let own = common::mean_abs_difference(&picture, &bicubic(p, rank));
+            let unrelated = common::mean_abs_difference(&picture, &bicubic(1 - p, 0));
+            assert!(
+                own < 0.02 && own * 4.0 < unrelated,
+                "prompt {p}, rank {rank}: {own} from its own sample enlarged, {unrelated} from \
+                 the other prompt's"
+            );
+        }
     }
-    // The grid shows every sample at the tokenizer's size.
-    let grid = image::open(out.join("prompt-000-grid.png")).unwrap();
-    assert_eq!((grid.width(), grid.height()), (128, 64));
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("generations.json")).unwrap()).unwrap();
     assert_eq!(record["image_size"], 256);
@@ -806,11 +828,11 @@ fn a_prompt_list_resumes_and_is_shared_across_jobs_with_the_pictures_of_one_run(
             .unwrap()
             .ends_with("prompts.tsv")
     );
-    assert_eq!(index["chunks"], 3);
     let expected = pictures(&whole);
     assert_eq!(expected.len(), 80, "a kept picture and a grid per prompt");
 
-    // Other chunks (7 prompts, so each prompt beside others than before): the same pictures.
+    // Other chunks (7 prompts, so each prompt beside others than before): the same pictures,
+    // and what the 16-prompt chunks did counts as done.
     let rechunked = dir.join("list-rechunked");
     let said = generate(&list, &rechunked, &["--chunk-prompts", "7"]);
     assert!(said.contains("40 prompts in 6 chunks"), "{said}");
@@ -818,6 +840,37 @@ fn a_prompt_list_resumes_and_is_shared_across_jobs_with_the_pictures_of_one_run(
         pictures(&rechunked) == expected,
         "the chunking changed the pictures"
     );
+    let said = generate(&list, &whole, &["--chunk-prompts", "7"]);
+    assert!(
+        said.contains("of this job's 6 chunks, 6 done before, 0 sampled now"),
+        "{said}"
+    );
+    assert_eq!(index_without_timings(&whole), index);
+    // A record outlives pictures another run rewrote: after a job with other settings rewrote
+    // prompts 0-15 and 32-39 of `rechunked`, its 7-prompt records still name them. A job of
+    // the first settings takes its own chunk (16-31) as done, but not the list: the files of
+    // the others no longer match those records.
+    let other = ["--seed", "5", "--temperature", "1.0"];
+    let said = generate(
+        &list,
+        &rechunked,
+        &[&other[..], &["--shard-index", "0", "--num-shards", "2"]].concat(),
+    );
+    assert!(
+        said.contains("of this job's 2 chunks, 0 done before, 2 sampled now"),
+        "{said}"
+    );
+    let said = generate(
+        &list,
+        &rechunked,
+        &["--shard-index", "1", "--num-shards", "2"],
+    );
+    assert!(
+        said.contains("of this job's 1 chunks, 1 done before, 0 sampled now"),
+        "{said}"
+    );
+    assert!(said.contains("1 of 3 chunks of the list done"), "{said}");
+    assert!(!rechunked.join("generations.json").exists());
 
     // Two jobs of a batch array: the first samples chunks 0 and 2 and, the list unfinished,
     // writes no index; the second samples chunk 1 and writes the one the whole run wrote.
@@ -830,7 +883,7 @@ fn a_prompt_list_resumes_and_is_shared_across_jobs_with_the_pictures_of_one_run(
     assert!(said.contains("2 of 3 chunks of the list done"), "{said}");
     assert_eq!(
         chunk_records(&shared),
-        ["chunk-00000.json", "chunk-00002.json"]
+        ["prompts-000000-000016.json", "prompts-000032-000040.json"]
     );
     assert!(!shared.join("generations.json").exists());
     let said = generate(&list, &shared, &["--shard-index", "1", "--num-shards", "2"]);
@@ -875,7 +928,7 @@ fn a_prompt_list_resumes_and_is_shared_across_jobs_with_the_pictures_of_one_run(
             std::fs::copy(&path, resumed.join(path.strip_prefix(&whole).unwrap())).unwrap();
         }
     }
-    std::fs::remove_file(resumed.join("chunks/chunk-00001.json")).unwrap();
+    std::fs::remove_file(resumed.join("chunks/prompts-000016-000032.json")).unwrap();
     let cut = resumed.join("prompt-035-grid.png");
     let bytes = std::fs::read(&cut).unwrap();
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();

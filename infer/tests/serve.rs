@@ -186,19 +186,6 @@ fn decode_png(bytes: &[u8]) -> image::DynamicImage {
     image::load_from_memory_with_format(bytes, image::ImageFormat::Png).unwrap()
 }
 
-/// Mean absolute difference of two pictures of one size, per channel, in [0, 1].
-fn mean_abs_difference(a: &image::DynamicImage, b: &image::DynamicImage) -> f64 {
-    let (a, b) = (a.to_rgb8(), b.to_rgb8());
-    assert_eq!(a.dimensions(), b.dimensions());
-    let total: u64 = a
-        .as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| u64::from(x.abs_diff(*y)))
-        .sum();
-    total as f64 / (a.as_raw().len() as f64 * 255.0)
-}
-
 fn decode_base64_png(text: &str) -> image::DynamicImage {
     decode_png(
         &base64::engine::general_purpose::STANDARD
@@ -1092,8 +1079,8 @@ async fn a_server_with_a_super_resolution_model_enlarges_unless_asked_not_to() {
                 .find(|small| small["sample"] == image["sample"])
                 .unwrap();
             let (own, unrelated) = (
-                mean_abs_difference(&picture, &bicubic(&own["png_base64"])),
-                mean_abs_difference(&picture, &other),
+                common::mean_abs_difference(&picture, &bicubic(&own["png_base64"])),
+                common::mean_abs_difference(&picture, &other),
             );
             assert!(
                 own < 0.02 && own * 4.0 < unrelated,

@@ -47,3 +47,17 @@ pub fn superres(dir: &std::path::Path) -> PathBuf {
     manifests::testing::run_stages(&bin, dir, &steps);
     dir.join("superres")
 }
+
+/// Mean absolute difference of two pictures of one size, per channel, in [0, 1]: how far an
+/// enlarged picture lies from a plain enlargement of its sample.
+pub fn mean_abs_difference(a: &image::DynamicImage, b: &image::DynamicImage) -> f64 {
+    let (a, b) = (a.to_rgb8(), b.to_rgb8());
+    assert_eq!(a.dimensions(), b.dimensions());
+    let total: u64 = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| u64::from(x.abs_diff(*y)))
+        .sum();
+    total as f64 / (a.as_raw().len() as f64 * 255.0)
+}

@@ -5,11 +5,11 @@
 //! chunk's pictures are written first and its record (`chunks/prompts-FFFFFF-EEEEEE.json`, with
 //! the digest of every file) last, so a killed run resumes where it stopped: a prompt counts as
 //! done when a record of the same models, settings, backend and kind of device names it at its
-//! place, and its files are there with those digests. A prompt's pictures do not depend on the
-//! prompts sampled beside it, so a resumed run, another chunk size, or the jobs of a batch array
-//! (chunk `c` is job `c % jobs`'s) write exactly the pictures one uninterrupted run writes.
-//! `generations.json`, the index of the whole list, is written once every prompt is done, by
-//! whichever run or job finds them all done.
+//! place, and its files are there with those digests. On the CPU a prompt's pictures do not
+//! depend on the prompts sampled beside it, so a resumed run, another chunk size, or the jobs of
+//! a batch array (chunk `c` is job `c % jobs`'s) write the pictures one uninterrupted run
+//! writes. `generations.json`, the index of the whole list, is written once every prompt is
+//! done, by whichever run or job finds them all done.
 
 use std::io::Cursor;
 use std::time::Instant;
@@ -17,6 +17,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use manifests::{Location, ShardSpec, digest_bytes};
 use serde_json::{Map, Value, json};
+use tracing::warn;
 
 use crate::sample::{Generator, PromptImages, SamplingSettings};
 use crate::{Error, grid_png, png};
@@ -251,7 +252,8 @@ pub struct Generation {
     pub job_chunks: usize,
     /// This job's chunks found done (and verified) before it started.
     pub done_before: usize,
-    /// Chunks of the whole list done now, by this job or others.
+    /// Chunks of the whole list done now, by this job or others (while some prompt has no
+    /// record yet, the others' chunks are counted by their records, their files not read).
     pub done_now: usize,
     /// `generations.json`, when the whole list is done.
     pub index: Option<Value>,
@@ -320,20 +322,29 @@ fn digest_of(value: &Value) -> Result<String, Error> {
 struct Claim {
     entry: Value,
     digests: Vec<(String, String)>,
-    /// Its share of its chunk's sampling time.
+    /// Its share of the sampling time of the chunk it was sampled in.
     seconds: f64,
 }
 
 /// Every prompt's claims in the chunk records under `out` written with `key` (records of other
-/// settings, models or devices are passed over, whatever their chunk size). A prompt may have
-/// several, from runs with other chunk sizes; on a GPU their pictures may differ in a pixel.
-fn claims(out: &Location, key: &str, layout: &Layout) -> Result<Vec<Vec<Claim>>, Error> {
+/// settings, models or devices are passed over, whatever their chunk size), each with the `kept`
+/// pictures the settings keep. A prompt may have several, from runs with other chunk sizes; on
+/// a GPU their pictures may differ in a pixel.
+fn claims(
+    out: &Location,
+    key: &str,
+    layout: &Layout,
+    kept_per_prompt: usize,
+) -> Result<Vec<Vec<Claim>>, Error> {
     let mut claims: Vec<Vec<Claim>> = vec![Vec::new(); layout.prompts.len()];
     for object in out.join("chunks").list_folder()? {
-        if !object.location.uri().ends_with(".json") {
+        let uri = object.location.uri();
+        if !uri.ends_with(".json") {
             continue;
         }
         let Ok(record) = serde_json::from_slice::<Value>(&object.location.get()?) else {
+            // Its prompts are sampled again; a record cut short cannot come from this program.
+            warn!("{uri}: not a chunk record, passed over");
             continue;
         };
         let (Some(entries), Some(digests)) =
@@ -344,7 +355,6 @@ fn claims(out: &Location, key: &str, layout: &Layout) -> Result<Vec<Vec<Claim>>,
         if record["key"] != key {
             continue;
         }
-        let seconds = record["seconds"].as_f64().unwrap_or(0.0) / entries.len().max(1) as f64;
         for entry in entries {
             let Some(index) = entry["index"].as_u64().map(|i| i as usize) else {
                 continue;
@@ -353,6 +363,9 @@ fn claims(out: &Location, key: &str, layout: &Layout) -> Result<Vec<Vec<Claim>>,
                 continue;
             };
             let kept = entry["kept"].as_array().map_or(&[][..], Vec::as_slice);
+            if kept.len() != kept_per_prompt {
+                continue;
+            }
             let mut names: Vec<String> = (0..kept.len())
                 .map(|rank| layout.file(index, &format!("sample-{rank}")))
                 .collect();
@@ -371,8 +384,14 @@ fn claims(out: &Location, key: &str, layout: &Layout) -> Result<Vec<Vec<Claim>>,
                 })
                 .collect();
             if let (true, Some(digests)) = (in_place, digests) {
+                let mut entry = entry.clone();
+                let seconds = entry
+                    .as_object_mut()
+                    .and_then(|entry| entry.remove("seconds"))
+                    .and_then(|seconds| seconds.as_f64())
+                    .unwrap_or(0.0);
                 claims[index].push(Claim {
-                    entry: entry.clone(),
+                    entry,
                     digests,
                     seconds,
                 });
@@ -439,18 +458,20 @@ pub fn generate_to(
     let mine: Vec<usize> = (0..chunks)
         .filter(|chunk| chunk % shard.count as usize == shard.index as usize)
         .collect();
+    let kept_per_prompt = config.keep.min(config.samples);
+    let chunk_range = |chunk: usize| {
+        let first = layout.first(chunk);
+        first..first + layout.prompts_of(chunk).len()
+    };
     // Prompts found done, their files read back and checked (or written by this run).
     let mut done: Vec<Option<Claim>> = vec![None; list.prompts.len()];
-    let mut found = claims(&out, &key, &layout)?;
+    let mut found = claims(&out, &key, &layout, kept_per_prompt)?;
     let mut todo = Vec::new();
     for &chunk in &mine {
-        let first = layout.first(chunk);
-        let mut complete = true;
-        for index in first..first + layout.prompts_of(chunk).len() {
+        for index in chunk_range(chunk) {
             done[index] = verified(&out, std::mem::take(&mut found[index]))?;
-            complete &= done[index].is_some();
         }
-        if !complete {
+        if done[chunk_range(chunk)].iter().any(Option::is_none) {
             todo.push(chunk);
         }
     }
@@ -458,15 +479,18 @@ pub fn generate_to(
     // An index of another list or other settings must not stand beside this run's pictures,
     // nor one whose files are about to be rewritten.
     let index_location = out.join(INDEX_FILE);
+    let mut index_kept = false;
     if let Some(bytes) = index_location.get_if_present()? {
         let current = serde_json::from_slice::<Value>(&bytes)
             .is_ok_and(|index| index["key"] == key && index["list"] == list_digest);
-        if !current || !todo.is_empty() {
+        if current && todo.is_empty() {
+            index_kept = true;
+        } else {
             index_location.delete()?;
         }
     }
-    let job_prompts: usize = mine.iter().map(|&c| layout.prompts_of(c).len()).sum();
-    let todo_prompts: usize = todo.iter().map(|&c| layout.prompts_of(c).len()).sum();
+    let job_prompts: usize = mine.iter().map(|&c| chunk_range(c).len()).sum();
+    let todo_prompts: usize = todo.iter().map(|&c| chunk_range(c).len()).sum();
     let bar = nn::progress::bar(
         job_prompts as u64,
         (job_prompts - todo_prompts) as u64,
@@ -476,60 +500,84 @@ pub fn generate_to(
     );
     for &chunk in &todo {
         let chunk_started = Instant::now();
-        let first = layout.first(chunk);
-        let chunk_prompts = layout.prompts_of(chunk);
-        let texts: Vec<&str> = chunk_prompts.iter().map(|p| p.text.as_str()).collect();
+        // Only the chunk's prompts not done: the others keep their pictures, and their
+        // entries go into this chunk's record as they are.
+        let missing: Vec<usize> = chunk_range(chunk)
+            .filter(|&index| done[index].is_none())
+            .collect();
+        let texts: Vec<&str> = missing
+            .iter()
+            .map(|&index| list.prompts[index].text.as_str())
+            .collect();
         let results = generator.generate(&texts, config)?;
-        let mut written = write_pictures(generator, &out, &results, &layout, first)?;
-        let seconds = chunk_started.elapsed().as_secs_f64();
-        let digests: Map<String, Value> = written
+        let written = write_pictures(generator, &out, &results, &layout, &missing)?;
+        let seconds = chunk_started.elapsed().as_secs_f64() / missing.len() as f64;
+        for (index, mut claim) in missing.iter().zip(written) {
+            claim.seconds = seconds;
+            done[*index] = Some(claim);
+        }
+        let claims: Vec<&Claim> = done[chunk_range(chunk)].iter().flatten().collect();
+        let digests: Map<String, Value> = claims
             .iter()
             .flat_map(|claim| &claim.digests)
             .map(|(file, digest)| (file.clone(), Value::String(digest.clone())))
             .collect();
-        let entries: Vec<&Value> = written.iter().map(|claim| &claim.entry).collect();
+        let entries: Vec<Value> = claims
+            .iter()
+            .map(|claim| {
+                let mut entry = claim.entry.clone();
+                entry["seconds"] = json!(claim.seconds);
+                entry
+            })
+            .collect();
         let record = json!({
             "key": key,
             "sampled_with": identity,
-            "first": first,
             "prompts": entries,
             "digests": digests,
-            "seconds": seconds,
         });
         // Last, so a prompt without a record naming its files' digests is not done, whatever
         // state a killed run left its files in.
-        let end = first + chunk_prompts.len();
-        out.join(&format!("chunks/prompts-{first:06}-{end:06}.json"))
-            .put(Bytes::from(
-                serde_json::to_vec_pretty(&record).map_err(|e| Error::Data(e.to_string()))?,
-            ))?;
-        for (offset, mut claim) in written.drain(..).enumerate() {
-            claim.seconds = seconds / chunk_prompts.len() as f64;
-            done[first + offset] = Some(claim);
-        }
-        bar.inc(chunk_prompts.len() as u64);
+        let range = chunk_range(chunk);
+        out.join(&format!(
+            "chunks/prompts-{:06}-{:06}.json",
+            range.start, range.end
+        ))
+        .put(Bytes::from(
+            serde_json::to_vec_pretty(&record).map_err(|e| Error::Data(e.to_string()))?,
+        ))?;
+        bar.inc(range.len() as u64);
     }
     bar.finish_and_clear();
     // The other jobs' prompts, by the records they have written by now, their files checked:
     // a record may be older than files another run rewrote since. Every job writes its records
     // before reading the others', so of jobs finishing together at least one sees them all.
-    if done.iter().any(Option::is_none) {
-        let mut found = claims(&out, &key, &layout)?;
+    // Files are read only when every prompt left has a record: otherwise no index can come of
+    // it, and a bucket would be read through for nothing.
+    // Whether each prompt is done, or (when no index can come of it yet) recorded as done.
+    let mut counted: Vec<bool> = done.iter().map(Option::is_some).collect();
+    if counted.contains(&false) {
+        let mut found = claims(&out, &key, &layout, kept_per_prompt)?;
+        let recorded = counted
+            .iter()
+            .zip(&found)
+            .all(|(done, claims)| *done || !claims.is_empty());
         for (index, slot) in done.iter_mut().enumerate() {
             if slot.is_none() {
-                *slot = verified(&out, std::mem::take(&mut found[index]))?;
+                let claims = std::mem::take(&mut found[index]);
+                counted[index] = !claims.is_empty();
+                if recorded {
+                    *slot = verified(&out, claims)?;
+                    counted[index] = slot.is_some();
+                }
             }
         }
     }
     let done_now = (0..chunks)
-        .filter(|&chunk| {
-            let first = layout.first(chunk);
-            done[first..first + layout.prompts_of(chunk).len()]
-                .iter()
-                .all(Option::is_some)
-        })
+        .filter(|&chunk| counted[chunk_range(chunk)].iter().all(|&done| done))
         .count();
-    let index = if done_now == chunks {
+    let all_done = done.iter().all(Option::is_some);
+    let index = if all_done {
         let done: Vec<Claim> = done.into_iter().flatten().collect();
         let mut index = index_of(generator, list, sampling, &done, started)?;
         index["key"] = json!(key);
@@ -540,6 +588,10 @@ pub fn generate_to(
         ))?;
         Some(index)
     } else {
+        if index_kept {
+            // It named files that another job's record no longer vouches for.
+            index_location.delete()?;
+        }
         None
     };
     Ok(Generation {
@@ -552,14 +604,15 @@ pub fn generate_to(
     })
 }
 
-/// Writes one chunk's pictures; returns each prompt's claim (its record entry and its files'
-/// digests; its time is the caller's to share out).
+/// Writes the pictures of the prompts at `indices` (`results` in the same order); returns each
+/// prompt's claim (its record entry and its files' digests; its time is the caller's to share
+/// out).
 fn write_pictures(
     generator: &Generator,
     out: &Location,
     results: &[PromptImages],
     layout: &Layout,
-    first: usize,
+    indices: &[usize],
 ) -> Result<Vec<Claim>, Error> {
     let size = generator.vqgan_config.image_size;
     // Only the kept pictures are enlarged: the grids show every sample at the VQGAN's size.
@@ -577,8 +630,7 @@ fn write_pictures(
         out.join(&name).put(Bytes::from(bytes)).map(|()| name)
     };
     let mut claims = Vec::with_capacity(results.len());
-    for (offset, result) in results.iter().enumerate() {
-        let index = first + offset;
+    for (result, &index) in results.iter().zip(indices) {
         let mut digests = Vec::new();
         let mut files = Vec::new();
         for (rank, &i) in result.kept.iter().enumerate() {

@@ -915,19 +915,41 @@ fn a_prompt_list_resumes_and_is_shared_across_jobs_with_the_pictures_of_one_run(
     );
     assert!(!shared.join("generations.json").exists());
 
-    // A run killed mid-list: chunk 1's record never written, a file of chunk 2 cut short, no
-    // index yet.
-    let resumed = dir.join("list-resumed");
-    std::fs::create_dir_all(resumed.join("chunks")).unwrap();
-    let copied = std::fs::read_dir(&whole)
-        .unwrap()
-        .chain(std::fs::read_dir(whole.join("chunks")).unwrap());
-    for file in copied {
-        let path = file.unwrap().path();
-        if path.is_file() && !path.ends_with("generations.json") {
-            std::fs::copy(&path, resumed.join(path.strip_prefix(&whole).unwrap())).unwrap();
+    // A copy of the whole run's folder, without its index or with it.
+    let copy_of_whole = |name: &str, with_index: bool| {
+        let copy = dir.join(name);
+        std::fs::create_dir_all(copy.join("chunks")).unwrap();
+        let files = std::fs::read_dir(&whole)
+            .unwrap()
+            .chain(std::fs::read_dir(whole.join("chunks")).unwrap());
+        for file in files {
+            let path = file.unwrap().path();
+            if path.is_file() && (with_index || !path.ends_with("generations.json")) {
+                std::fs::copy(&path, copy.join(path.strip_prefix(&whole).unwrap())).unwrap();
+            }
         }
-    }
+        copy
+    };
+
+    // A job with nothing to sample keeps a current index, until it finds another job's chunk
+    // no longer done (its record gone): then the index no longer describes the folder.
+    let withdrawn = copy_of_whole("list-withdrawn", true);
+    std::fs::remove_file(withdrawn.join("chunks/prompts-000032-000040.json")).unwrap();
+    let said = generate(
+        &list,
+        &withdrawn,
+        &["--shard-index", "1", "--num-shards", "2"],
+    );
+    assert!(
+        said.contains("of this job's 1 chunks, 1 done before, 0 sampled now"),
+        "{said}"
+    );
+    assert!(said.contains("2 of 3 chunks of the list done"), "{said}");
+    assert!(!withdrawn.join("generations.json").exists());
+
+    // A run killed mid-list: chunk 1's record never written, a file of chunk 2 cut short, no
+    // index yet. Chunk 1 is sampled again, and of chunk 2 only the prompt whose file is cut.
+    let resumed = copy_of_whole("list-resumed", false);
     std::fs::remove_file(resumed.join("chunks/prompts-000016-000032.json")).unwrap();
     let cut = resumed.join("prompt-035-grid.png");
     let bytes = std::fs::read(&cut).unwrap();
@@ -938,7 +960,16 @@ fn a_prompt_list_resumes_and_is_shared_across_jobs_with_the_pictures_of_one_run(
             .modified()
             .unwrap()
     };
-    let untouched = modified("prompt-000-sample-0.png");
+    let untouched = [
+        "prompt-000-sample-0.png",
+        "prompt-034-grid.png",
+        "prompt-036-sample-0.png",
+    ]
+    .map(|name| (name, modified(name)));
+    let rewritten = [(
+        "prompt-035-sample-0.png",
+        modified("prompt-035-sample-0.png"),
+    )];
     let said = generate(&list, &resumed, &[]);
     assert!(
         said.contains("of this job's 3 chunks, 1 done before, 2 sampled now"),
@@ -949,11 +980,12 @@ fn a_prompt_list_resumes_and_is_shared_across_jobs_with_the_pictures_of_one_run(
         "the resumed run drew other pictures"
     );
     assert_eq!(index_without_timings(&resumed), index);
-    assert_eq!(
-        modified("prompt-000-sample-0.png"),
-        untouched,
-        "a chunk done before was sampled again"
-    );
+    for (name, time) in untouched {
+        assert_eq!(modified(name), time, "{name} was done and sampled again");
+    }
+    for (name, time) in rewritten {
+        assert_ne!(modified(name), time, "{name} was not sampled again");
+    }
 
     // The list edited: a prompt of chunk 1 changed (that chunk alone is sampled again) and a
     // category of chunk 0 corrected (the index says so, nothing is sampled for it).

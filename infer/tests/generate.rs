@@ -741,13 +741,27 @@ fn pictures(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>
         .collect()
 }
 
-/// `generations.json` without its timings.
+/// `generations.json` without its timings, its rerank scores to 6 digits: a prompt sampled
+/// in another batch draws the same pictures, but on libtorch the reranker's products over
+/// another batch may round a score's last bits differently.
 fn index_without_timings(dir: &std::path::Path) -> serde_json::Value {
+    fn round_scores(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Number(number) if number.is_f64() => {
+                let rounded = (number.as_f64().unwrap() * 1e6).round() / 1e6;
+                *value = serde_json::json!(rounded);
+            }
+            serde_json::Value::Array(values) => values.iter_mut().for_each(round_scores),
+            serde_json::Value::Object(fields) => fields.values_mut().for_each(round_scores),
+            _ => {}
+        }
+    }
     let mut index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("generations.json")).unwrap()).unwrap();
     let object = index.as_object_mut().unwrap();
     object.remove("seconds").unwrap();
     object.remove("sampling_seconds").unwrap();
+    round_scores(&mut index);
     index
 }
 

@@ -11,6 +11,7 @@
 //! writes. `generations.json`, the index of the whole list, is written once every prompt is
 //! done, by whichever run or job finds them all done.
 
+use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::time::Instant;
 
@@ -693,6 +694,7 @@ fn index_of(
         })
         .collect();
     let sampling_seconds: f64 = done.iter().map(|claim| claim.seconds).sum();
+    let rerank_summary = rerank_summary(&prompts);
     let size = generator.vqgan_config.image_size;
     let kept_size = match &generator.upscaler {
         Some(_) => generator.upscaled_size(),
@@ -700,6 +702,7 @@ fn index_of(
     };
     Ok(json!({
         "prompts": prompts,
+        "rerank_summary": rerank_summary,
         "prompts_from": list.source,
         "settings": sampling.settings,
         "settings_from": sampling.source,
@@ -712,6 +715,47 @@ fn index_of(
         "sampling_seconds": sampling_seconds,
         "seconds": started.elapsed().as_secs_f64(),
     }))
+}
+
+/// The best kept picture's rerank score (the contrastive pair's similarity of picture and
+/// prompt), averaged over every prompt, and over the prompts of each value of each text field
+/// (PartiPrompts' `Category`, `Challenge`): how one model compares with another by kind of
+/// prompt. `None` without a reranker.
+fn rerank_summary(prompts: &[Value]) -> Option<Value> {
+    let best: Vec<f64> = prompts
+        .iter()
+        .map(|entry| entry["kept"][0]["score"].as_f64())
+        .collect::<Option<_>>()?;
+    let summary = |scores: &[f64]| {
+        json!({"prompts": scores.len(),
+            "mean_best_score": scores.iter().sum::<f64>() / scores.len().max(1) as f64})
+    };
+    let mut groups: BTreeMap<&str, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+    for (entry, &score) in prompts.iter().zip(&best) {
+        for (name, value) in entry["fields"].as_object().into_iter().flatten() {
+            if let Some(value) = value.as_str() {
+                groups
+                    .entry(name)
+                    .or_default()
+                    .entry(value)
+                    .or_default()
+                    .push(score);
+            }
+        }
+    }
+    let by_field: Map<String, Value> = groups
+        .into_iter()
+        .map(|(name, values)| {
+            let values: Map<String, Value> = values
+                .into_iter()
+                .map(|(value, scores)| (value.to_string(), summary(&scores)))
+                .collect();
+            (name.to_string(), Value::Object(values))
+        })
+        .collect();
+    let mut all = summary(&best);
+    all["by_field"] = Value::Object(by_field);
+    Some(all)
 }
 
 #[cfg(test)]

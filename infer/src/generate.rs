@@ -275,13 +275,10 @@ impl Layout<'_> {
         self.prompts.len().div_ceil(self.per_chunk)
     }
 
-    fn first(&self, chunk: usize) -> usize {
-        chunk * self.per_chunk
-    }
-
-    fn prompts_of(&self, chunk: usize) -> &[Prompt] {
-        let first = self.first(chunk);
-        &self.prompts[first..(first + self.per_chunk).min(self.prompts.len())]
+    /// The places in the list of chunk `chunk`'s prompts.
+    fn range(&self, chunk: usize) -> std::ops::Range<usize> {
+        let first = chunk * self.per_chunk;
+        first..(first + self.per_chunk).min(self.prompts.len())
     }
 
     /// A prompt's file: `sample-K` (its kept pictures) or `grid` (every sample).
@@ -310,6 +307,12 @@ fn sampled_with(generator: &Generator, sampling: &SamplingSettings) -> Value {
 /// different GPUs of one kind, and CPU and CUDA runs differ (CUDA samples under bf16 autocast).
 fn device_kind(device: &str) -> String {
     device.chars().filter(|c| !c.is_ascii_digit()).collect()
+}
+
+fn pretty_json(value: &Value) -> Result<Bytes, Error> {
+    serde_json::to_vec_pretty(value)
+        .map(Bytes::from)
+        .map_err(|e| Error::Data(e.to_string()))
 }
 
 fn digest_of(value: &Value) -> Result<String, Error> {
@@ -460,19 +463,15 @@ pub fn generate_to(
         .filter(|chunk| chunk % shard.count as usize == shard.index as usize)
         .collect();
     let kept_per_prompt = config.keep.min(config.samples);
-    let chunk_range = |chunk: usize| {
-        let first = layout.first(chunk);
-        first..first + layout.prompts_of(chunk).len()
-    };
     // Prompts found done, their files read back and checked (or written by this run).
     let mut done: Vec<Option<Claim>> = vec![None; list.prompts.len()];
     let mut found = claims(&out, &key, &layout, kept_per_prompt)?;
     let mut todo = Vec::new();
     for &chunk in &mine {
-        for index in chunk_range(chunk) {
+        for index in layout.range(chunk) {
             done[index] = verified(&out, std::mem::take(&mut found[index]))?;
         }
-        if done[chunk_range(chunk)].iter().any(Option::is_none) {
+        if done[layout.range(chunk)].iter().any(Option::is_none) {
             todo.push(chunk);
         }
     }
@@ -490,8 +489,8 @@ pub fn generate_to(
             index_location.delete()?;
         }
     }
-    let job_prompts: usize = mine.iter().map(|&c| chunk_range(c).len()).sum();
-    let todo_prompts: usize = todo.iter().map(|&c| chunk_range(c).len()).sum();
+    let job_prompts: usize = mine.iter().map(|&c| layout.range(c).len()).sum();
+    let todo_prompts: usize = todo.iter().map(|&c| layout.range(c).len()).sum();
     let bar = nn::progress::bar(
         job_prompts as u64,
         (job_prompts - todo_prompts) as u64,
@@ -503,7 +502,8 @@ pub fn generate_to(
         let chunk_started = Instant::now();
         // Only the chunk's prompts not done: the others keep their pictures, and their
         // entries go into this chunk's record as they are.
-        let missing: Vec<usize> = chunk_range(chunk)
+        let missing: Vec<usize> = layout
+            .range(chunk)
             .filter(|&index| done[index].is_none())
             .collect();
         let texts: Vec<&str> = missing
@@ -517,7 +517,7 @@ pub fn generate_to(
             claim.seconds = seconds;
             done[*index] = Some(claim);
         }
-        let claims: Vec<&Claim> = done[chunk_range(chunk)].iter().flatten().collect();
+        let claims: Vec<&Claim> = done[layout.range(chunk)].iter().flatten().collect();
         let digests: Map<String, Value> = claims
             .iter()
             .flat_map(|claim| &claim.digests)
@@ -539,14 +539,12 @@ pub fn generate_to(
         });
         // Last, so a prompt without a record naming its files' digests is not done, whatever
         // state a killed run left its files in.
-        let range = chunk_range(chunk);
+        let range = layout.range(chunk);
         out.join(&format!(
             "chunks/prompts-{:06}-{:06}.json",
             range.start, range.end
         ))
-        .put(Bytes::from(
-            serde_json::to_vec_pretty(&record).map_err(|e| Error::Data(e.to_string()))?,
-        ))?;
+        .put(pretty_json(&record)?)?;
         bar.inc(range.len() as u64);
     }
     bar.finish_and_clear();
@@ -554,8 +552,8 @@ pub fn generate_to(
     // a record may be older than files another run rewrote since. Every job writes its records
     // before reading the others', so of jobs finishing together at least one sees them all.
     // Files are read only when every prompt left has a record: otherwise no index can come of
-    // it, and a bucket would be read through for nothing.
-    // Whether each prompt is done, or (when no index can come of it yet) recorded as done.
+    // it, and a bucket would be read through for nothing. `counted`: whether each prompt is
+    // done, or (when no index can come of it yet) recorded as done.
     let mut counted: Vec<bool> = done.iter().map(Option::is_some).collect();
     if counted.contains(&false) {
         let mut found = claims(&out, &key, &layout, kept_per_prompt)?;
@@ -575,7 +573,7 @@ pub fn generate_to(
         }
     }
     let done_now = (0..chunks)
-        .filter(|&chunk| counted[chunk_range(chunk)].iter().all(|&done| done))
+        .filter(|&chunk| counted[layout.range(chunk)].iter().all(|&done| done))
         .count();
     let all_done = done.iter().all(Option::is_some);
     let index = if all_done {
@@ -584,9 +582,7 @@ pub fn generate_to(
         index["key"] = json!(key);
         index["sampled_with"] = identity;
         index["list"] = json!(list_digest);
-        index_location.put(Bytes::from(
-            serde_json::to_vec_pretty(&index).map_err(|e| Error::Data(e.to_string()))?,
-        ))?;
+        index_location.put(pretty_json(&index)?)?;
         Some(index)
     } else {
         if index_kept {
@@ -621,10 +617,11 @@ fn write_pictures(
         .iter()
         .flat_map(|result| result.kept.iter().map(|&i| result.images[i].clone()))
         .collect();
-    let (kept, kept_size) = match &generator.upscaler {
-        Some(_) => (generator.upscale(&kept)?, generator.upscaled_size()),
-        None => (kept, size),
+    let kept = match &generator.upscaler {
+        Some(_) => generator.upscale(&kept)?,
+        None => kept,
     };
+    let kept_size = generator.upscaled_size();
     let mut kept = kept.into_iter();
     let write = |digests: &mut Vec<(String, String)>, name: String, bytes: Vec<u8>| {
         digests.push((name.clone(), digest_bytes(&bytes)));
@@ -696,17 +693,13 @@ fn index_of(
     let sampling_seconds: f64 = done.iter().map(|claim| claim.seconds).sum();
     let rerank_summary = rerank_summary(&prompts);
     let size = generator.vqgan_config.image_size;
-    let kept_size = match &generator.upscaler {
-        Some(_) => generator.upscaled_size(),
-        None => size,
-    };
     Ok(json!({
         "prompts": prompts,
         "rerank_summary": rerank_summary,
         "prompts_from": list.source,
         "settings": sampling.settings,
         "settings_from": sampling.source,
-        "image_size": kept_size,
+        "image_size": generator.upscaled_size(),
         "upscaled_by": generator.upscaler.as_ref().map(|u| json!({"manifest": u.uri,
             "from": size, "to": u.config.output_size()})),
         "model": generator.name,

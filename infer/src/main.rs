@@ -200,7 +200,8 @@ struct GenerateArgs {
     sampling: SamplingArgs,
     /// Prompts sampled together: the unit a rerun resumes by and the jobs of a batch array
     /// share out (chunk `c` is job `c % jobs`'s). Each holds a KV cache per decoder row.
-    #[arg(long, default_value_t = infer::generate::PROMPTS_PER_CHUNK)]
+    #[arg(long, default_value_t = infer::generate::PROMPTS_PER_CHUNK,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     chunk_prompts: usize,
     #[command(flatten)]
     job: JobArgs,
@@ -336,7 +337,6 @@ fn run(cli: Cli) -> Result<()> {
                 (None, true) => None,
             };
             let shard = args.job.shard()?;
-            anyhow::ensure!(args.chunk_prompts > 0, "--chunk-prompts must be at least 1");
             let generator = args.models.load()?;
             let list = match given {
                 Some(list) => list,

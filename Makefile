@@ -3,7 +3,7 @@
 #   make pipeline            every stage on the embedded default data (tiny preset) into runs/default
 #   make pipeline RUN=s3://bucket/prefix   the same, on a bucket (credentials from AWS_* variables)
 #   make status              which stages under RUN are up to date, and why the others are not
-#   make test                the test suite (installs moto, an S3 server, into .venv for the storage tests)
+#   make test                the test suite (installs moto and Azurite, S3 and Azure servers, into .venv for the storage tests)
 #   make pipeline BACKEND=tch   the same on libtorch (fetches a CPU libtorch from PyPI once, ~910 MB)
 #   make pipeline BACKEND=tch DEVICE=cuda   every stage that computes on the GPU (a CUDA libtorch in LIBTORCH)
 #   make bench               benchmarks against PyTorch and Pillow on this machine (installs them into bench/.venv)
@@ -113,11 +113,20 @@ status: build
 # in its wheel (the same as `make bench` uses), taken from the pinned wheel, nothing else of it.
 PHOTOS := .venv/skimage-data/astronaut.png
 
-venv: .venv/bin/moto_server $(PHOTOS)
+AZURITE := .venv/azurite/node_modules/.bin/azurite-blob
+
+venv: .venv/bin/moto_server $(AZURITE) $(PHOTOS)
 
 .venv/bin/moto_server:
 	$(PYTHON) -m venv .venv
 	.venv/bin/pip install --quiet 'moto[server]==5.2.5'
+
+# Azurite, Microsoft's Azure Storage emulator, at the versions tools/azurite's lock file pins.
+$(AZURITE): tools/azurite/package.json tools/azurite/package-lock.json | .venv/bin/moto_server
+	mkdir -p .venv/azurite
+	cp tools/azurite/package.json tools/azurite/package-lock.json .venv/azurite/
+	cd .venv/azurite && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 $(PHOTOS): .venv/bin/moto_server
 	.venv/bin/pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \

@@ -1,7 +1,8 @@
-//! Test support: a real S3 API server (moto) on loopback, started and stopped by the tests.
+//! Test support: real bucket servers on loopback, started and stopped by the tests: S3 (moto)
+//! and Azure Blob Storage (Azurite, Microsoft's emulator); and the fixtures of stage tests.
 //!
-//! `make test` and `.ci/run` install moto into `.venv/`; `PARTI_MOTO_SERVER` may point at
-//! another `moto_server` executable.
+//! `make test` and `.ci/run` install both into `.venv/`; `PARTI_MOTO_SERVER` and
+//! `PARTI_AZURITE` may point at other `moto_server` and `azurite-blob` executables.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -10,8 +11,22 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct MotoServer {
-    child: Child,
+    _process: ServerProcess,
     pub port: u16,
+}
+
+/// A server the tests started, killed when dropped, its output kept in `log` (removed then).
+struct ServerProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
 }
 
 impl MotoServer {
@@ -41,21 +56,17 @@ impl MotoServer {
                 "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
             ),
         )?;
-        if response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200") {
-            Ok(())
-        } else {
-            Err(std::io::Error::other(format!(
-                "bucket creation answered: {}",
-                response.lines().next().unwrap_or("")
-            )))
-        }
+        answered(&response, "200", "bucket creation")
     }
 }
 
-impl Drop for MotoServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Ok when an HTTP `response` has status `code`; else an error quoting its status line.
+fn answered(response: &str, code: &str, what: &str) -> std::io::Result<()> {
+    let status = response.lines().next().unwrap_or("");
+    if status.split_whitespace().nth(1) == Some(code) {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("{what} answered: {status}")))
     }
 }
 
@@ -68,51 +79,189 @@ fn http(port: u16, request: &str) -> std::io::Result<String> {
     Ok(response)
 }
 
-fn moto_executable() -> Option<PathBuf> {
-    if let Ok(path) = std::env::var("PARTI_MOTO_SERVER") {
-        return Some(PathBuf::from(path));
+/// A test server's executable: `variable` when set, else where `make venv` installs it
+/// (`installed`, below the workspace), else `name` on the PATH. The error says how to install it.
+fn server_executable(variable: &str, installed: &str, name: &str) -> std::io::Result<PathBuf> {
+    if let Ok(path) = std::env::var(variable) {
+        return Ok(PathBuf::from(path));
     }
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let venv = workspace.join(".venv/bin/moto_server");
-    if venv.exists() {
-        return Some(venv);
+    let installed = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(installed);
+    if installed.exists() {
+        return Ok(installed);
     }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("moto_server"))
-            .find(|candidate| candidate.exists())
-    })
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(name))
+                .find(|candidate| candidate.exists())
+        })
+        .ok_or_else(|| {
+            std::io::Error::other(format!(
+                "{name} not found: run `make venv` (or set {variable})"
+            ))
+        })
 }
 
 /// Starts moto on a free loopback port and waits until it answers. Fails (rather than skipping)
 /// when moto is not installed: run `make test`, which installs it.
 pub fn start_moto() -> std::io::Result<MotoServer> {
-    let executable = moto_executable().ok_or_else(|| {
-        std::io::Error::other("moto_server not found: run `make venv` (or set PARTI_MOTO_SERVER)")
-    })?;
+    let executable =
+        server_executable("PARTI_MOTO_SERVER", ".venv/bin/moto_server", "moto_server")?;
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let child = Command::new(&executable)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let mut command = Command::new(&executable);
+    command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+    Ok(MotoServer {
+        _process: serve(command, port)?,
+        port,
+    })
+}
+
+/// The account Azurite serves to the tests: not its well-known development account, so a test
+/// can tell its own key from the one object_store knows.
+const AZURITE_ACCOUNT: &str = "partitest";
+
+/// A real Azure Blob Storage API (Azurite) on loopback, serving one account whose key is the
+/// test's secret (base64 of it, as Azure keys are).
+pub struct AzuriteServer {
+    _process: ServerProcess,
+    pub port: u16,
+    key: String,
+}
+
+impl AzuriteServer {
+    /// The account key as the environment gives it to object_store: what must never leak.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Environment for a process (or this test process) that talks to this server through
+    /// object_store's Azure builder.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AZURE_STORAGE_USE_EMULATOR", "true".to_string()),
+            (
+                "AZURITE_BLOB_STORAGE_URL",
+                format!("http://127.0.0.1:{}", self.port),
+            ),
+            ("AZURE_STORAGE_ACCOUNT_NAME", AZURITE_ACCOUNT.to_string()),
+            ("AZURE_STORAGE_ACCOUNT_KEY", self.key.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// Creates a container: a request signed with the account key (Azure's Shared Key scheme),
+    /// since Azurite, like Azure, refuses anonymous writes and object_store creates none.
+    pub fn create_container(&self, container: &str) -> std::io::Result<()> {
+        use base64::Engine as _;
+        use hmac::Mac as _;
+        let date = time::OffsetDateTime::now_utc()
+            .format(time::macros::format_description!(
+                "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+            ))
+            .map_err(std::io::Error::other)?;
+        let version = "2021-08-06";
+        // Verb, eleven empty standard headers, the x-ms- headers, then the resource (the
+        // account twice: once as Azure names it, once from the emulator's path-style URL).
+        let to_sign = format!(
+            "PUT\n{}x-ms-date:{date}\nx-ms-version:{version}\n/{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}/{container}\nrestype:container",
+            "\n".repeat(11)
+        );
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(&self.key)
+            .map_err(std::io::Error::other)?;
+        let mut mac =
+            hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).map_err(std::io::Error::other)?;
+        mac.update(to_sign.as_bytes());
+        let signature =
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+        let response = http(
+            self.port,
+            &format!(
+                "PUT /{AZURITE_ACCOUNT}/{container}?restype=container HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+                 x-ms-date: {date}\r\nx-ms-version: {version}\r\n\
+                 Authorization: SharedKey {AZURITE_ACCOUNT}:{signature}\r\n\
+                 Content-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+        )?;
+        answered(&response, "201", "container creation")
+    }
+}
+
+/// Starts Azurite's blob service on a free loopback port, in memory, with one account whose key
+/// is base64 of `secret`, and waits until it answers. Fails (rather than skipping) when Azurite
+/// is not installed: run `make test`, which installs it.
+pub fn start_azurite(secret: &str) -> std::io::Result<AzuriteServer> {
+    use base64::Engine as _;
+    let executable = server_executable(
+        "PARTI_AZURITE",
+        ".venv/azurite/node_modules/.bin/azurite-blob",
+        "azurite-blob",
+    )?;
+    let key = base64::engine::general_purpose::STANDARD.encode(secret);
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut command = Command::new(&executable);
+    command
+        .args([
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            &port.to_string(),
+            "--inMemoryPersistence",
+            "--disableTelemetry",
+            // object_store may speak a newer API version than this Azurite knows; the calls
+            // it makes are old ones.
+            "--skipApiVersionCheck",
+            "--silent",
+        ])
+        .env("AZURITE_ACCOUNTS", format!("{AZURITE_ACCOUNT}:{key}"));
+    Ok(AzuriteServer {
+        _process: serve(command, port)?,
+        port,
+        key,
+    })
+}
+
+/// Starts a server that is to listen on loopback `port`, and waits until it answers an HTTP
+/// request. A server that exits first, or never answers, is an error that quotes the end of
+/// what it printed (a runtime missing or too old, say).
+fn serve(mut command: Command, port: u16) -> std::io::Result<ServerProcess> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let log = std::env::temp_dir().join(format!(
+        "parti-test-server-{}-{port}.log",
+        std::process::id()
+    ));
+    let output = std::fs::File::create(&log)?;
+    let child = command
+        .stdout(output.try_clone()?)
+        .stderr(output)
         .spawn()
-        .map_err(|e| std::io::Error::other(format!("starting {}: {e}", executable.display())))?;
-    let server = MotoServer { child, port };
+        .map_err(|e| std::io::Error::other(format!("starting {program}: {e}")))?;
+    // Killed when dropped, on every error below.
+    let mut process = ServerProcess { child, log };
+    let failed = |process: &ServerProcess, what: String| {
+        let printed = std::fs::read_to_string(&process.log).unwrap_or_default();
+        let start = printed.len().saturating_sub(2000);
+        let tail = printed.get(start..).unwrap_or(&printed);
+        std::io::Error::other(format!("{program} {what}; it printed:\n{tail}"))
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if http(
-            port,
-            "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
-        )
-        .is_ok()
-        {
-            return Ok(server);
+    loop {
+        if let Some(status) = process.child.try_wait()? {
+            return Err(failed(&process, format!("exited ({status})")));
+        }
+        let request = "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+        if http(port, request).is_ok_and(|response| response.starts_with("HTTP/")) {
+            return Ok(process);
+        }
+        if Instant::now() > deadline {
+            return Err(failed(&process, "did not answer within 30 s".into()));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Err(std::io::Error::other(
-        "moto_server did not answer within 30 s",
-    ))
 }
 
 /// Runs pipeline stages for a test fixture: each step is one command line (`ingest pairs
@@ -120,6 +269,19 @@ pub fn start_moto() -> std::io::Result<MotoServer> {
 /// binary folder: `cargo test --workspace` builds every stage there) and where `D/` stands for
 /// `dir`. Panics with the failing command and its output.
 pub fn run_stages(bin_dir: &std::path::Path, dir: &std::path::Path, steps: &[impl AsRef<str>]) {
+    run_stages_at(bin_dir, &dir.display().to_string(), steps);
+}
+
+/// [`run_stages`] with `D/` standing for `root`, a folder or a bucket URI (`s3://run`), the
+/// stages inheriting this process's environment. Returns what each step printed (stdout, then
+/// stderr).
+pub fn run_stages_at(
+    bin_dir: &std::path::Path,
+    root: &str,
+    steps: &[impl AsRef<str>],
+) -> Vec<String> {
+    let root = root.trim_end_matches('/');
+    let mut printed = Vec::new();
     for step in steps {
         let step = step.as_ref();
         let mut words = step.split_whitespace();
@@ -132,7 +294,7 @@ pub fn run_stages(bin_dir: &std::path::Path, dir: &std::path::Path, steps: &[imp
         );
         let args: Vec<String> = words
             .map(|word| match word.strip_prefix("D/") {
-                Some(path) => dir.join(path).display().to_string(),
+                Some(path) => format!("{root}/{path}"),
                 None => word.to_string(),
             })
             .collect();
@@ -140,13 +302,12 @@ pub fn run_stages(bin_dir: &std::path::Path, dir: &std::path::Path, steps: &[imp
             .args(&args)
             .output()
             .unwrap_or_else(|e| panic!("{step}: {e}"));
-        assert!(
-            output.status.success(),
-            "{step}: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{step}: {text}");
+        printed.push(text);
     }
+    printed
 }
 
 /// An empty folder `name` below `base` (a test's `CARGO_TARGET_TMPDIR`) for the stages a test
@@ -202,15 +363,19 @@ pub fn few_step_pipeline(images: usize, documents: usize) -> Vec<String> {
 
 /// The bytes (digest-checked) of the artifact `name` of the manifest in `stage_dir`.
 pub fn artifact_bytes(stage_dir: &std::path::Path, name: &str) -> Vec<u8> {
-    let (stage, _) = crate::Upstream::read(&stage_dir.display().to_string())
-        .unwrap_or_else(|e| panic!("{}: {e}", stage_dir.display()));
-    let artifact = stage
+    artifact_bytes_at(&stage_dir.display().to_string(), name)
+}
+
+/// [`artifact_bytes`] of a stage at a folder or bucket URI.
+pub fn artifact_bytes_at(stage: &str, name: &str) -> Vec<u8> {
+    let (upstream, _) = crate::Upstream::read(stage).unwrap_or_else(|e| panic!("{stage}: {e}"));
+    let artifact = upstream
         .manifest
         .artifacts
         .iter()
         .find(|a| a.uri == name)
-        .unwrap_or_else(|| panic!("{}: no artifact {name}", stage_dir.display()));
-    stage
+        .unwrap_or_else(|| panic!("{stage}: no artifact {name}"));
+    upstream
         .read_artifact(artifact)
         .unwrap_or_else(|e| panic!("{name}: {e}"))
         .to_vec()
@@ -417,9 +582,14 @@ pub fn assert_succeeded(outputs: &[(bool, String)]) {
 /// byte for byte, and every metric but the world size and what the wall time decides. Panics naming the
 /// first difference.
 pub fn assert_same_training(a: &std::path::Path, b: &std::path::Path) {
-    let read = |dir: &std::path::Path| {
-        crate::Upstream::read(&dir.display().to_string())
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+    assert_same_training_at(&a.display().to_string(), &b.display().to_string());
+}
+
+/// [`assert_same_training`] of two runs at folders or bucket URIs.
+pub fn assert_same_training_at(a: &str, b: &str) {
+    let read = |dir: &str| {
+        crate::Upstream::read(dir)
+            .unwrap_or_else(|e| panic!("{dir}: {e}"))
             .0
             .manifest
     };
@@ -430,21 +600,15 @@ pub fn assert_same_training(a: &std::path::Path, b: &std::path::Path) {
         map.remove("world_size");
         map.remove("train_tokens_per_second");
     }
-    assert_eq!(
-        metrics[0],
-        metrics[1],
-        "metrics of {} and {}",
-        a.display(),
-        b.display()
-    );
+    assert_eq!(metrics[0], metrics[1], "metrics of {a} and {b}");
     let names = |manifest: &crate::Manifest| -> Vec<String> {
         manifest.artifacts.iter().map(|a| a.uri.clone()).collect()
     };
     assert_eq!(names(&first), names(&second));
     for artifact in &first.artifacts {
         let (x, y) = (
-            artifact_bytes(a, &artifact.uri),
-            artifact_bytes(b, &artifact.uri),
+            artifact_bytes_at(a, &artifact.uri),
+            artifact_bytes_at(b, &artifact.uri),
         );
         if x == y {
             continue;
@@ -459,10 +623,8 @@ pub fn assert_same_training(a: &std::path::Path, b: &std::path::Path) {
             _ => String::new(),
         };
         panic!(
-            "{} differs between {} and {}{first_difference}",
-            artifact.uri,
-            a.display(),
-            b.display()
+            "{} differs between {a} and {b}{first_difference}",
+            artifact.uri
         );
     }
 }

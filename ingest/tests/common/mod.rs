@@ -1,4 +1,6 @@
 #![allow(dead_code)]
+pub mod buckets;
+
 use std::io::Cursor;
 use std::path::Path;
 use std::process::Command;

@@ -1,0 +1,155 @@
+use std::process::Command;
+
+use bytes::Bytes;
+use manifests::Location;
+use serde_json::json;
+
+use super::*;
+
+/// Runs `ingest pairs` and `ingest text` from and to `bucket` (`s3://data`, `az://data`): a
+/// folder with a broken image, a rerun that is up to date, a prefix with and without its slash,
+/// an object rewritten, text from a corpus and from the pairs' captions, and webdataset and
+/// img2dataset containers streamed by ranged reads. `env` reaches the bucket; `secret`, the
+/// credential in it, must appear in no output and no manifest.
+pub fn pairs_and_text_through(bucket: &str, env: &[(String, String)], secret: &str) {
+    let at = |path: &str| format!("{bucket}/{path}");
+    let src = Location::parse(&at("src")).unwrap();
+    for i in 0..5u8 {
+        src.join(&format!("{i}.png"))
+            .put(Bytes::from(png(40, 40, i)))
+            .unwrap();
+        src.join(&format!("{i}.txt"))
+            .put(Bytes::from(format!("caption {i}")))
+            .unwrap();
+    }
+    src.join("5.png")
+        .put(Bytes::from_static(b"broken"))
+        .unwrap();
+    src.join("5.txt")
+        .put(Bytes::from_static(b"broken image"))
+        .unwrap();
+    let run = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_ingest"))
+            .args(args)
+            .envs(env.iter().cloned())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{text}");
+        assert!(
+            !text.contains(secret),
+            "credentials leaked into output: {text}"
+        );
+        text
+    };
+    let (src_uri, pairs_uri, slashed_uri) = (at("src"), at("run/pairs"), at("src/"));
+    let pairs = [
+        "pairs",
+        "--input",
+        &src_uri,
+        "--out",
+        &pairs_uri,
+        "--size",
+        "32",
+        "--min-source-size",
+        "8",
+    ];
+    run(&pairs);
+    let (manifest, rows) = pairs_rows(&at("run/pairs"));
+    assert_eq!(sorted_keys(&rows), ["0", "1", "2", "3", "4"]);
+    assert_eq!(rejected(&manifest), json!({"not_an_image": 1}));
+    assert!(manifest.inputs[0].uri.starts_with(&at("src")));
+    let text = run(&pairs);
+    assert!(text.contains("up to date"), "{text}");
+    // The same prefix with a trailing slash is the same input; an object rewritten with other
+    // bytes of the same length is not (its ETag changed).
+    let mut slashed = pairs;
+    slashed[2] = &slashed_uri;
+    let text = run(&slashed);
+    assert!(text.contains("up to date"), "{text}");
+    src.join("3.txt")
+        .put(Bytes::from_static(b"caption 9"))
+        .unwrap();
+    let text = run(&slashed);
+    assert!(text.contains(&at("src/3.txt changed")), "{text}");
+
+    let corpus = b"{\"text\": \"a document that lives in a bucket\"}\n{\"text\": \"and another one in the bucket\"}\n";
+    Location::parse(&at("c4/part.jsonl"))
+        .unwrap()
+        .put(Bytes::from_static(corpus))
+        .unwrap();
+    run(&["text", "--input", &at("c4/"), "--out", &at("run/text")]);
+    let (_, rows) = text_rows(&at("run/text"));
+    assert_eq!(rows.len(), 2);
+    // No corpus of its own (`make pipeline PAIRS=s3://...` without TEXT): the captions of the
+    // pairs stage in the bucket, its held-out rows left out.
+    run(&[
+        "text",
+        "--input",
+        &at("run/pairs"),
+        "--out",
+        &at("run/captions"),
+        "--min-chars",
+        "1",
+    ]);
+    let (captions_manifest, captions) = text_rows(&at("run/captions"));
+    let (_, pairs_now) = pairs_rows(&at("run/pairs"));
+    let mut expected: Vec<&str> = pairs_now
+        .iter()
+        .filter(|row| !manifests::shards::is_held_out(&row.sha256))
+        .map(|row| row.caption.as_str())
+        .collect();
+    expected.sort_unstable();
+    assert!(!expected.is_empty());
+    let mut read: Vec<&str> = captions.iter().map(|row| row.text.as_str()).collect();
+    read.sort_unstable();
+    assert_eq!(read, expected);
+    assert!(
+        captions_manifest
+            .inputs
+            .iter()
+            .any(|input| input.uri.starts_with(&at("run/pairs"))),
+        "{:?}",
+        captions_manifest.inputs
+    );
+    // Containers are streamed from the bucket by ranged reads (tar front to back, parquet
+    // footer first, then a row group's columns).
+    let containers: Vec<(String, Vec<u8>)> = (0..12u8)
+        .map(|i| (format!("c{i:03}"), png(40, 40, 100 + i)))
+        .collect();
+    Location::parse(&at("wds/00000.tar"))
+        .unwrap()
+        .put(Bytes::from(webdataset_tar(&containers)))
+        .unwrap();
+    Location::parse(&at("i2d/00000.parquet"))
+        .unwrap()
+        .put(Bytes::from(img2dataset_parquet(&containers, 5)))
+        .unwrap();
+    for (input, out) in [(at("wds/"), at("run/wds")), (at("i2d/"), at("run/i2d"))] {
+        run(&[
+            "pairs",
+            "--input",
+            &input,
+            "--out",
+            &out,
+            "--size",
+            "32",
+            "--shard-rows",
+            "5",
+        ]);
+        let (manifest, rows) = pairs_rows(&out);
+        assert_eq!(rows.len(), 12, "{input}");
+        assert_eq!(manifest.artifacts.len(), 3, "{input}");
+        assert!(
+            rows.iter()
+                .all(|r| r.caption == format!("caption of {}", r.key))
+        );
+    }
+
+    let manifest_text = Location::parse(&at("run/pairs/manifest.json"))
+        .unwrap()
+        .get()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&manifest_text).contains(secret));
+}

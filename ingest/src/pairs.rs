@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
+use clap::ValueEnum as _;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -143,6 +144,8 @@ struct Writer<'a> {
     shards: ShardSet<'a>,
     seen: HashMap<String, String>,
     config: &'a ImageConfig,
+    /// The column of containers' parquet rows that holds the caption (`--caption-column`).
+    caption_column: &'a str,
     bar: indicatif::ProgressBar,
 }
 
@@ -368,7 +371,7 @@ impl Writer<'_> {
         let mut shard = ShardRows::default();
         let mut batch = Vec::new();
         let name = |part: usize| format!("{base}-{part:04}.parquet");
-        stream_container(location, &mut |loaded| {
+        stream_container(location, self.caption_column, &mut |loaded| {
             let skipping = match skip {
                 Some(skipping) => skipping,
                 None => *skip.insert(self.resumed(&name(part))?),
@@ -551,6 +554,14 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
         .map(|r| Location::parse(r))
         .collect::<Result<_, _>>()?;
     let units = enumerate(&config.source, format)?;
+    if units.is_empty() {
+        // Else a run would publish a stage of no rows, and only a later stage would say why.
+        let format = format.to_possible_value().map(|v| v.get_name().to_string());
+        return Err(Error::Usage(format!(
+            "{input}: no samples there to read as {} (see --format)",
+            format.unwrap_or_default()
+        )));
+    }
     let named = named_images(&units, format, &image_root(&config.source, &input)?);
     let existing = begin_with_input(&mut run, &input, &named, &image_roots, options.force)?;
     let range = job_range(units.len(), options.shard);
@@ -574,6 +585,7 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
         shards: ShardSet::new(&run, pairs::KIND),
         seen: HashMap::new(),
         config: &config.image,
+        caption_column: &config.source.caption_column,
         bar: manifests::progress::bar(
             mine.len() as u64,
             0,
@@ -683,6 +695,7 @@ fn retry_failed(
         shards: ShardSet::new(run, pairs::KIND),
         seen: HashMap::new(),
         config: &config.image,
+        caption_column: &config.source.caption_column,
         bar: manifests::progress::bar(0, 0, "samples", "ingest pairs", options.progress),
     };
     let mut slots = Vec::new();

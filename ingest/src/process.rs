@@ -96,13 +96,14 @@ pub struct RawSample<'a> {
 pub fn clean_caption(raw: Option<&[u8]>, max_chars: usize) -> Result<String, Reason> {
     let raw = raw.ok_or("no_caption")?;
     let text = std::str::from_utf8(raw).map_err(|_| "invalid_utf8")?;
-    let cleaned = text
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
+    // Control characters other than white space, and a byte-order mark (a caption file saved
+    // by a Windows editor), go before the white space is collapsed, so that no run of it is
+    // left where they stood.
+    let visible: String = text
         .chars()
-        .filter(|c| !c.is_control())
-        .collect::<String>();
+        .filter(|c| (c.is_whitespace() || !c.is_control()) && *c != '\u{FEFF}')
+        .collect();
+    let cleaned = visible.split_whitespace().collect::<Vec<_>>().join(" ");
     if cleaned.is_empty() {
         return Err("empty_caption");
     }
@@ -342,6 +343,10 @@ mod tests {
             Ok("caf\u{e9} \u{1F600}".into())
         );
         assert_eq!(clean_caption(Some(b"abcdefg"), 6), Err("caption_too_long"));
+        assert_eq!(
+            clean_caption(Some("\u{FEFF}a \u{0} red\tcircle\u{7}".as_bytes()), 100),
+            Ok("a red circle".to_string())
+        );
     }
 
     fn png(image: &DynamicImage) -> Vec<u8> {

@@ -79,6 +79,9 @@ impl SourceConfig {
     }
 }
 
+/// UTF-8's byte-order mark, which Windows editors put at the start of text files.
+pub(crate) const BYTE_ORDER_MARK: &[u8] = b"\xEF\xBB\xBF";
+
 const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "bmp"];
 
 #[derive(Debug, Clone)]
@@ -373,6 +376,7 @@ fn coco_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Erro
     }
     let mut images: Vec<&CocoImage> = coco.images.iter().collect();
     images.sort_by_key(|image| image.id);
+    let listed: std::collections::BTreeSet<u64> = images.iter().map(|image| image.id).collect();
     let mut units = Vec::new();
     for image in images {
         let key = format!("{:012}", image.id);
@@ -428,7 +432,49 @@ fn coco_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Erro
             });
         }
     }
+    // Captions of images the file does not list: counted, as the folder layout counts a
+    // caption without its image.
+    for annotation in coco
+        .annotations
+        .iter()
+        .filter(|annotation| !listed.contains(&annotation.image_id))
+    {
+        units.push(Unit::Rejected {
+            key: format!("{:012}-{:09}", annotation.image_id, annotation.id),
+            reason: "no_image",
+        });
+    }
     Ok(units)
+}
+
+/// The line where a quoted CSV field opens that the file never closes, read as the csv crate
+/// reads quotes: a quote opens a field only at its start, `""` inside it is a quote, and any
+/// other quote closes it.
+fn unclosed_quote(bytes: &[u8], delimiter: u8) -> Option<usize> {
+    let (mut line, mut opened_at, mut field_start) = (1usize, None::<usize>, true);
+    let mut i = 0;
+    while i < bytes.len() {
+        let byte = bytes[i];
+        if opened_at.is_some() {
+            if byte == b'"' {
+                if bytes.get(i + 1) == Some(&b'"') {
+                    i += 1;
+                } else {
+                    opened_at = None;
+                }
+            }
+        } else {
+            if byte == b'"' && field_start {
+                opened_at = Some(line);
+            }
+            field_start = matches!(byte, b'\n' | b'\r') || byte == delimiter;
+        }
+        if byte == b'\n' {
+            line += 1;
+        }
+        i += 1;
+    }
+    opened_at
 }
 
 fn table_units(
@@ -437,6 +483,16 @@ fn table_units(
     format: InputFormat,
 ) -> Result<Vec<Unit>, Error> {
     let bytes = input.get()?;
+    if format == InputFormat::Csv
+        && let Some(line) = unclosed_quote(&bytes, b',')
+    {
+        // The csv reader ends such a field at the end of the file without an error, so every
+        // row after the quote would become one caption and the rest be lost uncounted.
+        return Err(Error::Usage(format!(
+            "{input}, line {line}: a quoted field is never closed (a quote left open takes in \
+             every row after it)"
+        )));
+    }
     let root = image_root(config, input)?;
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(if format == InputFormat::Tsv {
@@ -540,7 +596,8 @@ fn jsonl_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Err
     let bytes = input.get()?;
     let root = image_root(config, input)?;
     let mut units = Vec::new();
-    for (row, line) in bytes.split(|b| *b == b'\n').enumerate() {
+    let text = bytes.strip_prefix(BYTE_ORDER_MARK).unwrap_or(&bytes);
+    for (row, line) in text.split(|b| *b == b'\n').enumerate() {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
@@ -745,10 +802,11 @@ const PARQUET_BATCH_ROWS: usize = 256;
 /// `each` ends the stream with an error.
 pub fn stream_container(
     location: &Location,
+    caption_column: &str,
     each: &mut dyn FnMut(Loaded) -> Result<(), Error>,
 ) -> Result<(), Error> {
     let whole = |reason| Loaded::rejected(location.file_name().to_string(), location.uri(), reason);
-    if location.file_name().ends_with(".tar") {
+    if extension(location.file_name()).as_deref() == Some("tar") {
         let fault = ReadFault::default();
         return match open_watched(location, &fault)? {
             Some(reader) => stream_tar(location, Box::new(reader), &fault, each),
@@ -758,7 +816,7 @@ pub fn stream_container(
     let mut rejected = None;
     let mut row_offset = 0usize;
     let read = stream_parquet(location, PARQUET_BATCH_ROWS, &mut |batch| {
-        let samples = match parquet_samples(location, &batch, row_offset) {
+        let samples = match parquet_samples(location, &batch, caption_column, row_offset) {
             Ok(samples) => samples,
             Err(reason) => {
                 rejected = Some(reason);
@@ -809,9 +867,14 @@ fn stream_tar(
                     truncated = true;
                     break;
                 };
+                // Folders (`./` of `tar -cf x.tar .`) and links are no sample's members.
+                if !entry.header().entry_type().is_file() {
+                    continue;
+                }
                 let Ok(path) = entry.path().map(|p| p.to_string_lossy().into_owned()) else {
                     continue;
                 };
+                let path = path.trim_start_matches("./");
                 let Some((stem, ext)) = path.rsplit_once('.') else {
                     continue;
                 };
@@ -876,16 +939,17 @@ fn binary_at(array: &ArrayRef, i: usize) -> Option<Bytes> {
 }
 
 /// One record batch of img2dataset parquet (rows from `row_offset` on): the image column is
-/// named after its encode format.
+/// named after its encode format, the caption's is `caption_column`.
 fn parquet_samples(
     location: &Location,
     batch: &RecordBatch,
+    caption_column: &str,
     row_offset: usize,
 ) -> Result<Vec<Loaded>, &'static str> {
     let uri = location.uri();
     let column = |name: &str| batch.column_by_name(name).cloned();
     let image_column = parquet_image_column(batch).ok_or("no_image_column")?;
-    let (keys, captions, statuses) = (column("key"), column("caption"), column("status"));
+    let (keys, captions, statuses) = (column("key"), column(caption_column), column("status"));
     let mut samples = Vec::with_capacity(batch.num_rows());
     for i in 0..batch.num_rows() {
         let key = keys

@@ -10,6 +10,7 @@ use serde_json::json;
 use tracing::info;
 
 use crate::reading::{ReadFault, open_watched};
+use crate::sources::BYTE_ORDER_MARK;
 use crate::{Error, RunOptions, ShardSet, begin_with_input, job_range, tool};
 use manifests::shards::text::{self, TextRow};
 use manifests::{Location, Manifest, StageRun, Upstream};
@@ -156,6 +157,9 @@ impl Iterator for Records {
                 }
             }
             self.line_number += 1;
+            if self.line_number == 1 && self.raw.starts_with(BYTE_ORDER_MARK) {
+                self.raw.drain(..BYTE_ORDER_MARK.len());
+            }
             let Ok(line) = std::str::from_utf8(&self.raw) else {
                 return Some(Record::Rejected("invalid_utf8"));
             };
@@ -327,6 +331,13 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
         return captions_as_text(config, options, run, &pairs);
     }
     let files: Vec<Location> = if input.exists()? {
+        // Read as JSON lines otherwise, every line of another format would be a rejection.
+        if !is_text_file(input.file_name()) {
+            return Err(Error::Usage(format!(
+                "{input}: not a text corpus by its name (one of {})",
+                TEXT_EXTENSIONS.join(", ")
+            )));
+        }
         vec![input.clone()]
     } else {
         input

@@ -608,3 +608,186 @@ fn cmyk_jpeg_is_converted_to_rgb() {
         "CMYK red came out as {pixel:?}"
     );
 }
+
+/// Files as people's tools write them: a tar made with `tar -cf x.tar .` (a `./` folder entry,
+/// `./`-prefixed members) and named in capitals, a JSONL file and a caption file saved with a
+/// byte-order mark, captions of images a COCO file does not list, and img2dataset parquet
+/// whose caption is in another column (`--caption-column`). Nothing is lost or made up.
+#[test]
+fn files_as_other_tools_write_them_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("tar");
+    let member = |name: &str, data: &[u8]| (name.to_string(), data.to_vec());
+    let archive = tar_of(&[
+        member("./", b""),
+        member("./000.png", &png(40, 40, 1)),
+        member("./000.txt", b"in a tar of a folder"),
+    ]);
+    write(&src, "SHARD-000.TAR", archive);
+    let (manifest, rows) = pairs(dir.path(), &["--input", src.to_str().unwrap()]);
+    assert_eq!(sorted_keys(&rows), ["000"]);
+    assert_eq!(rows[0].caption, "in a tar of a folder");
+    assert_eq!(rejected(&manifest), json!({}));
+
+    let src = dir.path().join("bom");
+    write(&src, "a.png", png(40, 40, 2));
+    write(&src, "b.png", png(40, 40, 3));
+    write(
+        &src,
+        "list.jsonl",
+        "\u{FEFF}{\"image\": \"a.png\", \"caption\": \"first row\"}\n{\"image\": \"b.png\", \"caption\": \"second row\"}\n",
+    );
+    let list = src.join("list.jsonl");
+    let (manifest, rows) = pairs(dir.path(), &["--input", list.to_str().unwrap()]);
+    assert_eq!(rows.len(), 2, "{:?}", rejected(&manifest));
+    let folder = dir.path().join("bom-folder");
+    write(&folder, "c.png", png(40, 40, 4));
+    write(&folder, "c.txt", "\u{FEFF}saved by Notepad");
+    let (_, rows) = pairs(dir.path(), &["--input", folder.to_str().unwrap()]);
+    assert_eq!(rows[0].caption, "saved by Notepad");
+    write(
+        &src,
+        "corpus.jsonl",
+        "\u{FEFF}{\"text\": \"the first document of a file with a byte-order mark\"}\n",
+    );
+    let text_out = dir.path().join("text");
+    let (code, text) = ingest(&[
+        "text",
+        "--input",
+        src.join("corpus.jsonl").to_str().unwrap(),
+        "--out",
+        text_out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let (manifest, rows) = text_rows(text_out.to_str().unwrap());
+    assert_eq!(rows.len(), 1, "{:?}", manifest.metrics);
+
+    let src = dir.path().join("coco");
+    write(&src, "1.png", png(40, 40, 5));
+    let coco = json!({
+        "images": [{"id": 1, "file_name": "1.png"}],
+        "annotations": [
+            {"id": 10, "image_id": 1, "caption": "listed"},
+            {"id": 11, "image_id": 2, "caption": "of an image the file does not list"},
+        ],
+    });
+    write(&src, "captions.json", coco.to_string());
+    let captions = src.join("captions.json");
+    let (manifest, rows) = pairs(
+        dir.path(),
+        &["--input", captions.to_str().unwrap(), "--format", "coco"],
+    );
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rejected(&manifest), json!({"no_image": 1}));
+
+    let src = dir.path().join("parquet");
+    let samples: Vec<(String, Vec<u8>)> = (0..3u8)
+        .map(|i| (format!("k{i}"), png(40, 40, 10 + i)))
+        .collect();
+    write(
+        &src,
+        "part.parquet",
+        common::img2dataset_parquet(&samples, 2),
+    );
+    let (_, rows) = pairs(
+        dir.path(),
+        &["--input", src.to_str().unwrap(), "--caption-column", "key"],
+    );
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|row| row.caption == row.key), "{rows:?}");
+}
+
+/// Inputs that used to lose rows without a word, or publish a stage of none, are errors that
+/// name the file (and the line): a CSV quote never closed, a folder with nothing of the format
+/// in it, and a single text corpus whose name says no format.
+#[test]
+fn inputs_that_would_lose_everything_silently_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    for i in 0..3u8 {
+        write(&src, &format!("{i}.png"), png(40, 40, i));
+    }
+    write(
+        &src,
+        "list.csv",
+        "image,caption\n0.png,plain\n1.png,\"6 ft tall\n2.png,swallowed\n",
+    );
+    write(
+        &src,
+        "fine.csv",
+        "image,caption\n0.png,\"a quoted caption, with \"\"quotes\"\"\nover two lines\"\n1.png,5\" tall\n",
+    );
+    let out = dir.path().join("out");
+    let refused = |args: &[&str], expected: &str| {
+        let (code, text) = ingest(args);
+        assert_ne!(code, 0, "{args:?} was accepted: {text}");
+        assert!(text.contains(expected), "{text}");
+        assert!(!out.join("manifest.json").exists());
+    };
+    let list = src.join("list.csv");
+    refused(
+        &[
+            "pairs",
+            "--input",
+            list.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "list.csv, line 3: a quoted field is never closed",
+    );
+    // Quotes closed, doubled, or inside a field (where they are part of it) are fine.
+    let fine = src.join("fine.csv");
+    let (manifest, rows) = pairs(dir.path(), &["--input", fine.to_str().unwrap()]);
+    assert_eq!(rows.len(), 2, "{:?}", rejected(&manifest));
+    let mut captions: Vec<&str> = rows.iter().map(|row| row.caption.as_str()).collect();
+    captions.sort_unstable();
+    assert_eq!(
+        captions,
+        [
+            "5\" tall",
+            "a quoted caption, with \"quotes\" over two lines"
+        ]
+    );
+    std::fs::remove_dir_all(dir.path().join("out")).unwrap();
+
+    let gz = dir.path().join("gz");
+    write(&gz, "000.tar.gz", b"not read");
+    refused(
+        &[
+            "pairs",
+            "--input",
+            gz.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "no samples there to read as folder",
+    );
+    refused(
+        &[
+            "pairs",
+            "--input",
+            gz.to_str().unwrap(),
+            "--format",
+            "webdataset",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "no samples there to read as webdataset",
+    );
+    write(
+        &src,
+        "corpus.text",
+        "a plain text corpus under a name of its own\n",
+    );
+    let corpus = src.join("corpus.text");
+    refused(
+        &[
+            "text",
+            "--input",
+            corpus.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "corpus.text: not a text corpus by its name",
+    );
+}

@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, json};
 use tracing::info;
 
+use crate::config::HELD_OUT_LIMIT;
 use crate::eval;
+use crate::train::held_out_images;
 use crate::{Error, tool};
 
 pub const ENCODE_STAGE: &str = "vqgan.encode";
@@ -158,6 +160,15 @@ pub fn encode(config: &EncodeConfig, args: &TokenizerRun) -> Result<Manifest, Er
         progress.inc(1);
     }
     progress.finish_and_clear();
+    if rows == 0 {
+        // Else an empty stage is published, and only `train parti` would find out.
+        return Err(Error::Data(format!(
+            "{}: no image of it encodes at the tokenizer's {size} px (rejected: {}): are these \
+             the pairs of this tokenizer's size?",
+            pairs.location.uri(),
+            json!(rejected)
+        )));
+    }
     let mut metrics = Map::new();
     metrics.insert("rows".into(), json!(rows));
     metrics.insert("rejected".into(), json!(rejected));
@@ -175,7 +186,7 @@ pub fn encode(config: &EncodeConfig, args: &TokenizerRun) -> Result<Manifest, Er
 /// `vqgan reconstruct`: held-out images through the tokenizer; PSNR/SSIM/usage into a manifest
 /// and a side-by-side grid PNG.
 pub fn reconstruct(args: &TokenizerRun) -> Result<Manifest, Error> {
-    let config = json!({"split": "held_out"});
+    let config = json!({"split": "held_out", "images": HELD_OUT_LIMIT});
     let mut run = StageRun::new(
         RECONSTRUCT_STAGE,
         tool(),
@@ -188,12 +199,8 @@ pub fn reconstruct(args: &TokenizerRun) -> Result<Manifest, Error> {
         Err(existing) => return Ok(existing),
         Ok(begun) => begun,
     };
-    let (train_set, held_out) = images::load(&pairs, model_config.image_size)?;
-    let images = if held_out.is_empty() {
-        &train_set
-    } else {
-        &held_out
-    };
+    let (held_out, stand_in) = held_out_images(&pairs, model_config.image_size)?;
+    let images = &held_out;
     let quality = eval::evaluate(&model, images, &device)?;
     let grid = eval::reconstruction_grid(&model, images, &device)?;
     let artifacts =
@@ -204,6 +211,7 @@ pub fn reconstruct(args: &TokenizerRun) -> Result<Manifest, Error> {
     metrics.insert("codebook_usage".into(), json!(quality.codebook_usage));
     metrics.insert("codebook_perplexity".into(), json!(quality.perplexity));
     metrics.insert("images".into(), json!(images.len()));
+    metrics.insert("held_out_stood_in".into(), json!(stand_in));
     metrics.insert("rejected".into(), json!(images.rejected));
     Ok(run.publish(artifacts, metrics)?)
 }

@@ -77,13 +77,16 @@ fn chart_quality(curves: &mut Curves, step: usize, quality: &eval::Quality) {
     );
 }
 
-/// The held-out images of a pairs manifest, at the model's size.
-fn held_out_images(upstream: &Upstream, size: usize) -> Result<ImageSet, Error> {
+/// The held-out images of a pairs manifest, at the model's size, up to [`HELD_OUT_LIMIT`]; and
+/// whether training images stand in, where the data holds none out (warned). An error naming
+/// the pairs and the size when no image of it decodes at that size.
+pub(crate) fn held_out_images(upstream: &Upstream, size: usize) -> Result<(ImageSet, bool), Error> {
     let (held_out, stand_in) = images::held_out(upstream, size, HELD_OUT_LIMIT)?;
     if held_out.is_empty() {
         return Err(Error::Data(format!(
-            "{}: no images to train on",
-            upstream.location.uri()
+            "{}: no image of it decodes at the model's {size} px (rejected: {})",
+            upstream.location.uri(),
+            serde_json::to_string(&held_out.rejected).unwrap_or_default()
         )));
     }
     if stand_in {
@@ -94,7 +97,7 @@ fn held_out_images(upstream: &Upstream, size: usize) -> Result<ImageSet, Error> 
         held_out.len(),
         nn::backend::backend_name()
     );
-    Ok(held_out)
+    Ok((held_out, stand_in))
 }
 
 /// The VGG-16 file, read and recorded as an input (another file reruns the stage), when the
@@ -408,7 +411,7 @@ pub fn train(
         Ok(begun) => begun,
         Err(existing) => return Ok(existing),
     };
-    let held_out = held_out_images(&upstream, model_config.image_size)?;
+    let (held_out, _) = held_out_images(&upstream, model_config.image_size)?;
     let device = setup.device().clone();
     let resumed = resume(
         setup.run,
@@ -499,7 +502,7 @@ pub fn finetune_decoder(
         ..config.decoder_config()?
     };
     model_config.output_sigmoid = config.output_sigmoid;
-    let held_out = held_out_images(&upstream, model_config.image_size)?;
+    let (held_out, _) = held_out_images(&upstream, model_config.image_size)?;
     let decoder = if config.warm_start {
         if config.output_sigmoid != stage1_config.output_sigmoid {
             return Err(Error::Usage(format!(

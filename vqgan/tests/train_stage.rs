@@ -17,6 +17,7 @@ use models::load_vqgan;
 use models::vqgan::decode_tokens;
 use nn::cli::TrainingOptions;
 use nn::training::{GradClip, Paused};
+use serde_json::json;
 use vqgan::Error;
 use vqgan::config::{FinetuneConfig, TrainConfig};
 use vqgan::encode::{self, EncodeConfig, TokenizerRun};
@@ -586,7 +587,47 @@ fn decoder_finetuning_freezes_encoder_and_codebook_and_encode_decode_round_trips
     let reconstruct = dir.path().join("reconstruct");
     let manifest = encode::reconstruct(&tokenizer_run(&stage2, &pairs, &reconstruct)).unwrap();
     assert!(manifest.metrics["psnr_db"].as_f64().unwrap() > 0.0);
+    assert_eq!(manifest.metrics["held_out_stood_in"], json!(false));
     assert!(reconstruct.join("reconstructions.png").exists());
+
+    // Pairs of another size than the tokenizer's (the pipeline's 256 px pairs beside its 64 px
+    // ones): an error naming the pairs and the size, not an empty stage or a 0-image score.
+    let synth = Path::new(&pairs).parent().unwrap().join("synth/pairs");
+    let large = dir.path().join("pairs-32");
+    let ingest = manifests::testing::bin_dir(env!("CARGO_BIN_EXE_vqgan")).join("ingest");
+    run(
+        ingest.to_str().unwrap(),
+        &[
+            "pairs",
+            "--input",
+            synth.to_str().unwrap(),
+            "--size",
+            "32",
+            "--out",
+            large.to_str().unwrap(),
+        ],
+    );
+    let large = large.to_str().unwrap();
+    for error in [
+        encode::encode(
+            &EncodeConfig::default(),
+            &tokenizer_run(&stage2, large, &dir.path().join("tokens-32")),
+        )
+        .unwrap_err(),
+        encode::reconstruct(&tokenizer_run(
+            &stage2,
+            large,
+            &dir.path().join("reconstruct-32"),
+        ))
+        .unwrap_err(),
+    ] {
+        let message = error.to_string();
+        assert!(
+            message.contains(large) && message.contains("64 px") && message.contains("wrong_size"),
+            "{message}"
+        );
+    }
+    assert!(!dir.path().join("tokens-32/manifest.json").exists());
 }
 
 /// `grad_clip = "global"` reaches the stage's updates: a bound no gradient reaches is the

@@ -77,11 +77,14 @@ pub fn sorted_keys(rows: &[Row]) -> Vec<String> {
     keys
 }
 
-/// A tar of `(name, bytes)` members, in order.
+/// A tar of `(name, bytes)` members, in order; a name ending in `/` is a folder.
 pub fn tar_of(members: &[(String, Vec<u8>)]) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
     for (name, data) in members {
         let mut header = tar::Header::new_gnu();
+        if name.ends_with('/') {
+            header.set_entry_type(tar::EntryType::Directory);
+        }
         header.set_size(data.len() as u64);
         header.set_mode(0o644);
         header.set_cksum();

@@ -859,6 +859,7 @@ fn stream_tar(
     };
     let mut archive = tar::Archive::new(reader);
     let mut pending: Option<(String, Member)> = None;
+    let mut emitted = std::collections::HashSet::new();
     let mut truncated = false;
     match archive.entries() {
         Ok(entries) => {
@@ -878,17 +879,30 @@ fn stream_tar(
                 let Some((stem, ext)) = path.rsplit_once('.') else {
                     continue;
                 };
+                let ext = ext.to_ascii_lowercase();
+                let used = matches!(ext.as_str(), "txt" | "json")
+                    || IMAGE_EXTENSIONS.contains(&ext.as_str());
+                if let Some((key, member)) = pending.take_if(|(key, _)| key != stem) {
+                    emitted.insert(key.clone());
+                    each(emit(key, member))?;
+                }
+                if emitted.contains(stem) {
+                    // Each half would count as a sample without image or without caption.
+                    return Err(Error::Usage(format!(
+                        "{location}: the files of sample '{stem}' are not next to each other \
+                         (webdataset keeps a sample's files together: repack the tar sorted by \
+                         name)"
+                    )));
+                }
+                // Members no sample uses (audio, video, arrays) are skipped unread.
                 let mut data = Vec::new();
-                if entry.read_to_end(&mut data).is_err() {
+                if used && entry.read_to_end(&mut data).is_err() {
                     truncated = true;
                     break;
                 }
-                if let Some((key, member)) = pending.take_if(|(key, _)| key != stem) {
-                    each(emit(key, member))?;
-                }
                 let (_, member) =
                     pending.get_or_insert_with(|| (stem.to_string(), Member::default()));
-                match ext.to_ascii_lowercase().as_str() {
+                match ext.as_str() {
                     "txt" => member.caption = Some(data),
                     "json" => member.metadata = String::from_utf8(data).ok(),
                     e if IMAGE_EXTENSIONS.contains(&e) => member.image = Some(data),

@@ -301,6 +301,33 @@ fn webdataset_tars() {
     assert_eq!(rejected["no_image"], json!(1));
     assert_eq!(rejected["truncated_archive"], json!(1));
     assert_eq!(manifest.metrics["format"], json!("webdataset"));
+
+    // A sample's files apart from each other (`tar -cf x.tar *.jpg *.txt`) would be counted
+    // as samples without caption and without image: the tar is refused, naming it and the key.
+    let scattered = dir.path().join("scattered");
+    write(
+        &scattered,
+        "00000.tar",
+        tar_of(&[
+            member("a.jpg", &jpeg(40, 40, 7)),
+            member("a.mp4", b"a member no sample uses"),
+            member("b.jpg", &jpeg(40, 40, 8)),
+            member("a.txt", b"apart from its picture"),
+        ]),
+    );
+    let out = dir.path().join("scattered-out");
+    let (code, text) = ingest(&[
+        "pairs",
+        "--input",
+        scattered.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains("00000.tar: the files of sample 'a' are not next to each other"),
+        "{text}"
+    );
 }
 
 /// A JPEG with an EXIF APP1 segment saying "rotate 90 degrees clockwise" (orientation 6).

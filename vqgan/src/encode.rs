@@ -216,7 +216,9 @@ pub fn reconstruct(args: &TokenizerRun) -> Result<Manifest, Error> {
     Ok(run.publish(artifacts, metrics)?)
 }
 
-/// `vqgan decode`: token rows -> `<out>/<key>.png`. Returns the files written.
+/// `vqgan decode`: token rows -> `<out>/<key>.png` (characters a file name cannot hold become
+/// `_`; a name another row took already, or an empty key, gets `-<place in rows>`). Returns the
+/// files written.
 pub fn decode_to_pngs(
     vqgan_uri: &str,
     rows: &[tokens::TokenRow],
@@ -228,9 +230,12 @@ pub fn decode_to_pngs(
     let (config, model) = load_vqgan(&stage, &device)?;
     let out = Location::parse(out)?;
     let mut written = Vec::new();
-    for chunk in rows.chunks(32) {
+    let mut names = std::collections::HashSet::new();
+    for (chunk_index, chunk) in rows.chunks(32).enumerate() {
         let grids: Vec<Vec<u16>> = chunk.iter().map(|r| r.tokens.clone()).collect();
-        for (row, pixels) in chunk.iter().zip(decode_tokens(&model, &grids, &device)?) {
+        let pictures = decode_tokens(&model, &grids, &device)?;
+        for (offset, (row, pixels)) in chunk.iter().zip(pictures).enumerate() {
+            let place = chunk_index * 32 + offset;
             let png = png_bytes(&to_rgb(&pixels, config.image_size))?;
             let safe: String = row
                 .key
@@ -243,7 +248,14 @@ pub fn decode_to_pngs(
                     }
                 })
                 .collect();
-            let location = out.join(&format!("{safe}.png"));
+            // Keys that differ only where a file name cannot (`a/b`, `a b`), or that are empty,
+            // would overwrite one another: a taken name gets the row's place in `rows`.
+            let mut name = format!("{safe}.png");
+            if safe.is_empty() || !names.insert(name.clone()) {
+                name = format!("{safe}-{place}.png");
+                names.insert(name.clone());
+            }
+            let location = out.join(&name);
             location.put(Bytes::from(png))?;
             written.push(location.uri());
         }

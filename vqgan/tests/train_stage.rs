@@ -13,6 +13,7 @@ use burn::tensor::TensorData;
 use burn::module::Module;
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use manifests::Upstream;
+use manifests::shards::tokens;
 use models::load_vqgan;
 use models::vqgan::decode_tokens;
 use nn::cli::TrainingOptions;
@@ -584,6 +585,31 @@ fn decoder_finetuning_freezes_encoder_and_codebook_and_encode_decode_round_trips
     assert_eq!(written.len(), 2);
     let png = image::open(pngs.join(format!("{}.png", first[0].key))).unwrap();
     assert_eq!((png.width(), png.height()), (64, 64));
+    // Keys one file name cannot tell apart, and an empty one, overwrite nothing.
+    let clashing: Vec<_> = ["a/b", "a b", ""]
+        .into_iter()
+        .map(|key| tokens::TokenRow {
+            key: key.into(),
+            ..first[0].clone()
+        })
+        .collect();
+    let clashes = dir.path().join("clashes");
+    let written = encode::decode_to_pngs(
+        stage2.to_str().unwrap(),
+        &clashing,
+        clashes.to_str().unwrap(),
+        "cpu",
+    )
+    .unwrap();
+    let names: std::collections::BTreeSet<_> = std::fs::read_dir(&clashes)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["-2.png", "a_b-1.png", "a_b.png"].map(String::from).into()
+    );
+    assert_eq!(written.len(), 3);
     let reconstruct = dir.path().join("reconstruct");
     let manifest = encode::reconstruct(&tokenizer_run(&stage2, &pairs, &reconstruct)).unwrap();
     assert!(manifest.metrics["psnr_db"].as_f64().unwrap() > 0.0);

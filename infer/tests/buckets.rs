@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 
 use manifests::Location;
 
@@ -75,14 +74,13 @@ fn the_pipeline_on_s3_and_azure_buckets_writes_what_it_writes_on_a_local_folder(
         let mut printed = manifests::testing::run_stages_at(&bin, run, &stages[..parti]);
         // A batch job out of time: Parti stops after 2 of its 3 steps with a checkpoint on the
         // bucket, and the pipeline's own command resumes from it.
-        let paused_args = stages[parti].replace("D/", &format!("{run}/"));
-        let paused_args: Vec<&str> = paused_args.split_whitespace().skip(1).collect();
-        let (code, paused) = manifests::testing::output_of(
-            bin.join("train"),
-            &[&paused_args[..], &["--stop-after", "2"]].concat(),
-        );
+        let output = manifests::testing::stage_command(&bin, run, &stages[parti])
+            .args(["--stop-after", "2"])
+            .output()
+            .unwrap();
+        let paused = manifests::testing::printed(&output);
         assert!(
-            code != 0 && paused.contains("stopped after step 2"),
+            !output.status.success() && paused.contains("stopped after step 2"),
             "{run}: {paused}"
         );
         printed.extend(manifests::testing::run_stages_at(
@@ -200,18 +198,11 @@ fn the_pipeline_on_s3_and_azure_buckets_writes_what_it_writes_on_a_local_folder(
 /// paused after 2 steps, then resumed by both ranks from the checkpoint rank 0 wrote there, it
 /// must end with the weights, log and metrics of the one-process run at `reference`.
 fn two_ranks_resume_on_the_bucket(bin: &Path, run: &str, stage: &str, reference: &str) {
-    let out = format!("{run}/parti-two-ranks");
-    let args: Vec<String> = stage
-        .replace("--out D/parti ", &format!("--out {out} "))
-        .replace("D/", &format!("{run}/"))
-        .split_whitespace()
-        .skip(1)
-        .map(String::from)
-        .collect();
+    let stage = stage.replace("--out D/parti ", "--out D/parti-two-ranks ");
     let job = |extra: &[&str]| {
         manifests::testing::finish(manifests::testing::launch_ranks(2, || {
-            let mut command = Command::new(bin.join("train"));
-            command.args(&args).args(extra);
+            let mut command = manifests::testing::stage_command(bin, run, &stage);
+            command.args(extra);
             command
         }))
     };
@@ -222,5 +213,5 @@ fn two_ranks_resume_on_the_bucket(bin: &Path, run: &str, stage: &str, reference:
         paused[0].1
     );
     manifests::testing::assert_resumed(&job(&[]));
-    manifests::testing::assert_same_training_at(reference, &out);
+    manifests::testing::assert_same_training_at(reference, &format!("{run}/parti-two-ranks"));
 }

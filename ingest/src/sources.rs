@@ -844,6 +844,12 @@ fn stream_tar(
     fault: &ReadFault,
     each: &mut dyn FnMut(Loaded) -> Result<(), Error>,
 ) -> Result<(), Error> {
+    /// What a member holds for its sample, by its extension.
+    enum Part {
+        Caption,
+        Metadata,
+        Image,
+    }
     #[derive(Default)]
     struct Member {
         image: Option<Vec<u8>>,
@@ -880,8 +886,12 @@ fn stream_tar(
                     continue;
                 };
                 let ext = ext.to_ascii_lowercase();
-                let used = matches!(ext.as_str(), "txt" | "json")
-                    || IMAGE_EXTENSIONS.contains(&ext.as_str());
+                let part = match ext.as_str() {
+                    "txt" => Some(Part::Caption),
+                    "json" => Some(Part::Metadata),
+                    e if IMAGE_EXTENSIONS.contains(&e) => Some(Part::Image),
+                    _ => None,
+                };
                 if let Some((key, member)) = pending.take_if(|(key, _)| key != stem) {
                     emitted.insert(key.clone());
                     each(emit(key, member))?;
@@ -896,17 +906,17 @@ fn stream_tar(
                 }
                 // Members no sample uses (audio, video, arrays) are skipped unread.
                 let mut data = Vec::new();
-                if used && entry.read_to_end(&mut data).is_err() {
+                if part.is_some() && entry.read_to_end(&mut data).is_err() {
                     truncated = true;
                     break;
                 }
                 let (_, member) =
                     pending.get_or_insert_with(|| (stem.to_string(), Member::default()));
-                match ext.as_str() {
-                    "txt" => member.caption = Some(data),
-                    "json" => member.metadata = String::from_utf8(data).ok(),
-                    e if IMAGE_EXTENSIONS.contains(&e) => member.image = Some(data),
-                    _ => {}
+                match part {
+                    Some(Part::Caption) => member.caption = Some(data),
+                    Some(Part::Metadata) => member.metadata = String::from_utf8(data).ok(),
+                    Some(Part::Image) => member.image = Some(data),
+                    None => {}
                 }
             }
         }

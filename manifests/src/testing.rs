@@ -280,34 +280,44 @@ pub fn run_stages_at(
     root: &str,
     steps: &[impl AsRef<str>],
 ) -> Vec<String> {
-    let root = root.trim_end_matches('/');
-    let mut printed = Vec::new();
+    let mut texts = Vec::new();
     for step in steps {
         let step = step.as_ref();
-        let mut words = step.split_whitespace();
-        let Some(name) = words.next() else { continue };
-        let binary = bin_dir.join(name);
-        assert!(
-            binary.exists(),
-            "{} missing: run `cargo test --release --workspace`",
-            binary.display()
-        );
-        let args: Vec<String> = words
-            .map(|word| match word.strip_prefix("D/") {
-                Some(path) => format!("{root}/{path}"),
-                None => word.to_string(),
-            })
-            .collect();
-        let output = Command::new(&binary)
-            .args(&args)
+        if step.trim().is_empty() {
+            continue;
+        }
+        let output = stage_command(bin_dir, root, step)
             .output()
             .unwrap_or_else(|e| panic!("{step}: {e}"));
-        let text = String::from_utf8_lossy(&output.stdout).into_owned()
-            + &String::from_utf8_lossy(&output.stderr);
+        let text = printed(&output);
         assert!(output.status.success(), "{step}: {text}");
-        printed.push(text);
+        texts.push(text);
     }
-    printed
+    texts
+}
+
+/// The command of one [`run_stages_at`] step, not yet started, for a test to add to it (a flag,
+/// launcher variables).
+pub fn stage_command(bin_dir: &std::path::Path, root: &str, step: &str) -> Command {
+    let root = root.trim_end_matches('/');
+    let mut words = step.split_whitespace();
+    let binary = bin_dir.join(words.next().unwrap_or_default());
+    assert!(
+        binary.exists(),
+        "{} missing: run `cargo test --release --workspace`",
+        binary.display()
+    );
+    let mut command = Command::new(binary);
+    command.args(words.map(|word| match word.strip_prefix("D/") {
+        Some(path) => format!("{root}/{path}"),
+        None => word.to_string(),
+    }));
+    command
+}
+
+/// What a finished process printed: its stdout, then its stderr.
+pub fn printed(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
 }
 
 /// An empty folder `name` below `base` (a test's `CARGO_TARGET_TMPDIR`) for the stages a test
@@ -388,9 +398,7 @@ pub fn output_of(binary: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> (i32, St
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("{}: {e}", binary.to_string_lossy()));
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    (output.status.code().unwrap_or(-1), text)
+    (output.status.code().unwrap_or(-1), printed(&output))
 }
 
 /// A loopback port nobody listens on now (a test's rendezvous store binds it next).
@@ -564,9 +572,7 @@ pub fn finish(children: Vec<Child>) -> Vec<(bool, String)> {
             let output = child
                 .wait_with_output()
                 .unwrap_or_else(|e| panic!("waiting for a process: {e}"));
-            let text = String::from_utf8_lossy(&output.stdout).into_owned()
-                + &String::from_utf8_lossy(&output.stderr);
-            (output.status.success(), text)
+            (output.status.success(), printed(&output))
         })
         .collect()
 }

@@ -199,10 +199,9 @@ pub fn reconstruct(args: &TokenizerRun) -> Result<Manifest, Error> {
         Err(existing) => return Ok(existing),
         Ok(begun) => begun,
     };
-    let (held_out, stand_in) = held_out_images(&pairs, model_config.image_size)?;
-    let images = &held_out;
-    let quality = eval::evaluate(&model, images, &device)?;
-    let grid = eval::reconstruction_grid(&model, images, &device)?;
+    let (images, stand_in) = held_out_images(&pairs, model_config.image_size)?;
+    let quality = eval::evaluate(&model, &images, &device)?;
+    let grid = eval::reconstruction_grid(&model, &images, &device)?;
     let artifacts =
         vec![run.write_artifact("reconstructions.png", "image/png", Bytes::from(grid), None)?];
     let mut metrics = Map::new();

@@ -86,7 +86,7 @@ pub(crate) fn held_out_images(upstream: &Upstream, size: usize) -> Result<(Image
         return Err(Error::Data(format!(
             "{}: no image of it decodes at the model's {size} px (rejected: {})",
             upstream.location.uri(),
-            serde_json::to_string(&held_out.rejected).unwrap_or_default()
+            json!(held_out.rejected)
         )));
     }
     if stand_in {

@@ -216,8 +216,8 @@ pub fn reconstruct(args: &TokenizerRun) -> Result<Manifest, Error> {
 }
 
 /// `vqgan decode`: token rows -> `<out>/<key>.png` (characters a file name cannot hold become
-/// `_`; a name another row took already, or an empty key, gets `-<place in rows>`). Returns the
-/// files written.
+/// `_`; a name another row took already, or an empty key, gets `-<place in rows>` until it is
+/// free). Returns the files written.
 pub fn decode_to_pngs(
     vqgan_uri: &str,
     rows: &[tokens::TokenRow],
@@ -248,13 +248,13 @@ pub fn decode_to_pngs(
                 })
                 .collect();
             // Keys that differ only where a file name cannot (`a/b`, `a b`), or that are empty,
-            // would overwrite one another: a taken name gets the row's place in `rows`.
-            let mut name = format!("{safe}.png");
-            if safe.is_empty() || !names.insert(name.clone()) {
-                name = format!("{safe}-{place}.png");
-                names.insert(name.clone());
+            // would overwrite one another: a taken name gets the row's place in `rows`, again
+            // while another row's key already took that.
+            let mut stem = safe;
+            while stem.is_empty() || !names.insert(stem.clone()) {
+                stem = format!("{stem}-{place}");
             }
-            let location = out.join(&name);
+            let location = out.join(&format!("{stem}.png"));
             location.put(Bytes::from(png))?;
             written.push(location.uri());
         }

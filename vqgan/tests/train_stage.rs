@@ -585,8 +585,9 @@ fn decoder_finetuning_freezes_encoder_and_codebook_and_encode_decode_round_trips
     assert_eq!(written.len(), 2);
     let png = image::open(pngs.join(format!("{}.png", first[0].key))).unwrap();
     assert_eq!((png.width(), png.height()), (64, 64));
-    // Keys one file name cannot tell apart, and an empty one, overwrite nothing.
-    let clashing: Vec<_> = ["a/b", "a b", ""]
+    // Keys one file name cannot tell apart, and an empty one, overwrite nothing, nor does a
+    // name given to one of them that another row's key already is.
+    let clashing: Vec<_> = ["a_b-2", "a/b", "a b", ""]
         .into_iter()
         .map(|key| tokens::TokenRow {
             key: key.into(),
@@ -607,9 +608,11 @@ fn decoder_finetuning_freezes_encoder_and_codebook_and_encode_decode_round_trips
         .collect();
     assert_eq!(
         names,
-        ["-2.png", "a_b-1.png", "a_b.png"].map(String::from).into()
+        ["-3.png", "a_b-2-2.png", "a_b-2.png", "a_b.png"]
+            .map(String::from)
+            .into()
     );
-    assert_eq!(written.len(), 3);
+    assert_eq!(written.len(), 4);
     let reconstruct = dir.path().join("reconstruct");
     let manifest = encode::reconstruct(&tokenizer_run(&stage2, &pairs, &reconstruct)).unwrap();
     assert!(manifest.metrics["psnr_db"].as_f64().unwrap() > 0.0);

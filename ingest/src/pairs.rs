@@ -262,7 +262,12 @@ impl Writer<'_> {
         let config = self.config;
         let outcomes: Vec<Outcome> = units
             .par_iter()
-            .map(|unit| Ok(process_loaded(load(unit)?, config)))
+            .map(|unit| {
+                Ok(process_loaded(
+                    load(unit, config.max_source_bytes())?,
+                    config,
+                ))
+            })
             .collect::<Result<_, Error>>()?;
         let mut shard = ShardRows::default();
         self.absorb_outcomes(&mut shard, outcomes);
@@ -371,26 +376,32 @@ impl Writer<'_> {
         let mut shard = ShardRows::default();
         let mut batch = Vec::new();
         let name = |part: usize| format!("{base}-{part:04}.parquet");
-        stream_container(location, self.caption_column, &mut |loaded| {
-            let skipping = match skip {
-                Some(skipping) => skipping,
-                None => *skip.insert(self.resumed(&name(part))?),
-            };
-            taken += 1;
-            if !skipping {
-                batch.push(loaded);
-            }
-            if batch.len() >= batch_size || taken == per_shard {
-                self.absorb(&mut shard, std::mem::take(&mut batch));
-            }
-            if taken == per_shard {
+        let max_image_bytes = self.config.max_source_bytes();
+        stream_container(
+            location,
+            self.caption_column,
+            max_image_bytes,
+            &mut |loaded| {
+                let skipping = match skip {
+                    Some(skipping) => skipping,
+                    None => *skip.insert(self.resumed(&name(part))?),
+                };
+                taken += 1;
                 if !skipping {
-                    self.finish(&name(part), std::mem::take(&mut shard), false)?;
+                    batch.push(loaded);
                 }
-                (part, taken, skip) = (part + 1, 0, None);
-            }
-            Ok(())
-        })?;
+                if batch.len() >= batch_size || taken == per_shard {
+                    self.absorb(&mut shard, std::mem::take(&mut batch));
+                }
+                if taken == per_shard {
+                    if !skipping {
+                        self.finish(&name(part), std::mem::take(&mut shard), false)?;
+                    }
+                    (part, taken, skip) = (part + 1, 0, None);
+                }
+                Ok(())
+            },
+        )?;
         if skip == Some(false) {
             self.absorb(&mut shard, batch);
             self.finish(&name(part), shard, false)?;
@@ -467,7 +478,8 @@ async fn produce(
                 // A local path in a URL list, or a row rejected while listing.
                 other => {
                     rayon::spawn(move || {
-                        let outcome = load(&other).map(|loaded| process_loaded(loaded, &config));
+                        let outcome = load(&other, config.max_source_bytes())
+                            .map(|loaded| process_loaded(loaded, &config));
                         let _ = sender.send((slot, position, outcome));
                         drop(permit);
                     });

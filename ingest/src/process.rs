@@ -62,6 +62,14 @@ pub enum JpegSubsampling {
 }
 
 impl ImageConfig {
+    /// Source files longer than this are refused unread (`too_large`): no picture within
+    /// `max_source_pixels` takes more, 8 bytes a pixel (16-bit RGBA) and a MiB of metadata.
+    pub fn max_source_bytes(&self) -> u64 {
+        self.max_source_pixels
+            .saturating_mul(8)
+            .saturating_add(1 << 20)
+    }
+
     pub fn with_size(size: u32) -> ImageConfig {
         ImageConfig {
             size,

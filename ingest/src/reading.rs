@@ -15,7 +15,7 @@ use manifests::Location;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::errors::ParquetError;
 
-use crate::Error;
+use crate::{Error, Reason};
 
 /// The first failure of the store or disk under a [`Watched`] reader, if any.
 #[derive(Clone, Default)]
@@ -86,6 +86,34 @@ pub fn read_object(location: &Location) -> Result<Option<Bytes>, Error> {
         };
     }
     Ok(location.get_if_present()?)
+}
+
+/// An image's bytes as [`read_object`] reads them, or `too_large` when the file is longer than
+/// `max_bytes`, told from its size before any of it is read: a mislabelled video or disk image
+/// is not taken into memory.
+pub fn read_image(
+    location: &Location,
+    max_bytes: u64,
+) -> Result<Option<Result<Bytes, Reason>>, Error> {
+    if let Some(path) = location.local_path() {
+        let opened = File::open(&path).and_then(|file| Ok((file.metadata()?.len(), file)));
+        let (size, mut file) = match opened {
+            Ok(opened) => opened,
+            Err(e) if is_absent(e.kind()) => return Ok(None),
+            Err(e) => return Err(Error::Io(format!("cannot read {location}: {e}"))),
+        };
+        if size > max_bytes {
+            return Ok(Some(Err("too_large")));
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        return match file.read_to_end(&mut bytes) {
+            Ok(_) => Ok(Some(Ok(Bytes::from(bytes)))),
+            Err(e) => Err(Error::Io(format!("cannot read {location}: {e}"))),
+        };
+    }
+    Ok(location
+        .get_at_most(max_bytes)?
+        .map(|bytes| bytes.map_err(|_| "too_large")))
 }
 
 /// A sequential reader of the file at `location` from its start, watched by `fault`; `None`

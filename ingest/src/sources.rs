@@ -19,8 +19,8 @@ use bytes::Bytes;
 use manifests::Location;
 use serde::{Deserialize, Serialize};
 
-use crate::Error;
-use crate::reading::{ReadFault, open_watched, read_object, stream_parquet};
+use crate::reading::{ReadFault, open_watched, read_image, read_object, stream_parquet};
+use crate::{Error, Reason};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -634,8 +634,9 @@ fn jsonl_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Err
 
 /// Reads what a sample unit refers to. A missing object is a rejection of that sample; a
 /// store or disk that fails to read one (permission, network, I/O) is an error of the run,
-/// naming the file, since it says nothing about the sample.
-pub fn load(unit: &Unit) -> Result<Loaded, Error> {
+/// naming the file, since it says nothing about the sample. An image file longer than
+/// `max_image_bytes` is refused unread.
+pub fn load(unit: &Unit, max_image_bytes: u64) -> Result<Loaded, Error> {
     Ok(match unit {
         Unit::Rejected { key, reason } => Loaded::rejected(key.clone(), String::new(), reason),
         Unit::Sample {
@@ -656,7 +657,7 @@ pub fn load(unit: &Unit) -> Result<Loaded, Error> {
             Loaded {
                 key: key.clone(),
                 source: image.uri(),
-                image: read_object(image)?.ok_or("missing_file"),
+                image: read_image(image, max_image_bytes)?.unwrap_or(Err("missing_file")),
                 caption,
                 metadata: metadata.and_then(|b| String::from_utf8(b.to_vec()).ok()),
             }
@@ -707,41 +708,46 @@ fn parquet_url_units(
     let mut is_list = None;
     let mut row_offset = 0usize;
     let read = stream_parquet(location, PARQUET_BATCH_ROWS, &mut |batch| {
-        let url_name = match config.url_column.as_deref() {
-            Some(name) => name,
-            None if batch.column_by_name(&config.image_column).is_some_and(|c| {
-                matches!(
-                    c.data_type(),
-                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
-                )
-            }) =>
-            {
-                &config.image_column
-            }
-            None => DEFAULT_URL_COLUMN,
-        };
-        let urls = batch.column_by_name(url_name).cloned();
-        let has_images = parquet_image_column(&batch).is_some();
-        let Some(urls) = urls.filter(|_| !has_images) else {
+        if parquet_image_column(&batch).is_some() {
             is_list = Some(false);
             return Ok(ControlFlow::Break(()));
+        }
+        let image_column_is_text = batch
+            .column_by_name(&config.image_column)
+            .is_some_and(|c| is_text(&plain(c)));
+        let url_name = match config.url_column.as_deref() {
+            Some(name) => name,
+            None if image_column_is_text => &config.image_column,
+            None => DEFAULT_URL_COLUMN,
+        };
+        // A list read under the wrong column names would reject every row, one by one.
+        let Some(urls) = text_column(location, &batch, url_name)? else {
+            return Err(Error::Usage(format!(
+                "{location}: neither an image column of bytes ({}) nor the URL column '{url_name}' \
+                 (its columns: {}; --url-column names another)",
+                PARQUET_IMAGE_COLUMNS.join(", "),
+                column_names(&batch)
+            )));
+        };
+        let Some(captions) = text_column(location, &batch, &config.caption_column)? else {
+            return Err(missing_caption_column(
+                location,
+                &batch,
+                &config.caption_column,
+            ));
         };
         is_list = Some(true);
-        let captions = batch.column_by_name(&config.caption_column).cloned();
         let schema = batch.schema();
-        let extra: Vec<(&str, &ArrayRef)> = schema
+        let extra: Vec<(&str, ArrayRef)> = schema
             .fields()
             .iter()
             .zip(batch.columns())
-            .map(|(field, column)| (field.name().as_str(), column))
+            .map(|(field, column)| (field.name().as_str(), plain(column)))
             .filter(|(name, _)| *name != url_name && *name != config.caption_column)
             .collect();
         for i in 0..batch.num_rows() {
             let key = format!("{stem}-{:09}", row_offset + i);
-            let caption = captions
-                .as_ref()
-                .and_then(|c| string_at(c, i))
-                .map(String::into_bytes);
+            let caption = string_at(&captions, i).map(String::into_bytes);
             let mut fields = serde_json::Map::new();
             for (name, column) in &extra {
                 if let Some(value) = string_at(column, i) {
@@ -779,17 +785,70 @@ fn parquet_url_units(
     })
 }
 
+/// The names img2dataset gives its image column, after the encode format.
+const PARQUET_IMAGE_COLUMNS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "image"];
+
 fn parquet_image_column(batch: &RecordBatch) -> Option<ArrayRef> {
-    ["jpg", "jpeg", "png", "webp", "image"]
-        .iter()
-        .find_map(|name| {
-            batch.column_by_name(name).cloned().filter(|c| {
-                matches!(
-                    c.data_type(),
-                    DataType::Binary | DataType::LargeBinary | DataType::BinaryView
-                )
-            })
+    PARQUET_IMAGE_COLUMNS.iter().find_map(|name| {
+        batch.column_by_name(name).cloned().filter(|c| {
+            matches!(
+                c.data_type(),
+                DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+            )
         })
+    })
+}
+
+/// `column` with a dictionary encoding decoded (pyarrow writes pandas categoricals and
+/// `pa.dictionary` columns so); any other column as it is.
+fn plain(column: &ArrayRef) -> ArrayRef {
+    column
+        .as_any_dictionary_opt()
+        .and_then(|dictionary| {
+            arrow_select::take::take(dictionary.values().as_ref(), dictionary.keys(), None).ok()
+        })
+        .unwrap_or_else(|| column.clone())
+}
+
+fn is_text(column: &ArrayRef) -> bool {
+    matches!(
+        column.data_type(),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+    )
+}
+
+/// The column `name` of `batch` as strings, however they are stored; `None` when there is no
+/// such column, an error naming the file and the column when it holds something else.
+fn text_column(
+    location: &Location,
+    batch: &RecordBatch,
+    name: &str,
+) -> Result<Option<ArrayRef>, Error> {
+    let Some(column) = batch.column_by_name(name).map(plain) else {
+        return Ok(None);
+    };
+    match is_text(&column) {
+        true => Ok(Some(column)),
+        false => Err(Error::Usage(format!(
+            "{location}: column '{name}' holds {}, not text",
+            column.data_type()
+        ))),
+    }
+}
+
+fn column_names(batch: &RecordBatch) -> String {
+    let schema = batch.schema();
+    let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+    names.join(", ")
+}
+
+/// Without its caption column every row of a file would be rejected as `no_caption`.
+fn missing_caption_column(location: &Location, batch: &RecordBatch, name: &str) -> Error {
+    Error::Usage(format!(
+        "{location}: no caption column '{name}' (its columns: {}; --caption-column names \
+         another)",
+        column_names(batch)
+    ))
 }
 
 /// Record batches of an img2dataset parquet file are cut to this many rows.
@@ -799,24 +858,29 @@ const PARQUET_BATCH_ROWS: usize = 256;
 /// sample in memory at a time, a parquet file one row group's columns. A damaged container
 /// (bad or cut short) gives what came before the damage and one rejection for it; a container
 /// that is gone gives one rejection. A failed read (permission, network, I/O) or an error from
-/// `each` ends the stream with an error.
+/// `each` ends the stream with an error. A tar's image member longer than `max_image_bytes`
+/// is refused unread.
 pub fn stream_container(
     location: &Location,
     caption_column: &str,
+    max_image_bytes: u64,
     each: &mut dyn FnMut(Loaded) -> Result<(), Error>,
 ) -> Result<(), Error> {
     let whole = |reason| Loaded::rejected(location.file_name().to_string(), location.uri(), reason);
     if extension(location.file_name()).as_deref() == Some("tar") {
         let fault = ReadFault::default();
         return match open_watched(location, &fault)? {
-            Some(reader) => stream_tar(location, Box::new(reader), &fault, each),
+            Some(reader) => stream_tar(location, Box::new(reader), &fault, max_image_bytes, each),
             None => each(whole("unreadable")),
         };
     }
     let mut rejected = None;
     let mut row_offset = 0usize;
     let read = stream_parquet(location, PARQUET_BATCH_ROWS, &mut |batch| {
-        let samples = match parquet_samples(location, &batch, caption_column, row_offset) {
+        let Some(captions) = text_column(location, &batch, caption_column)? else {
+            return Err(missing_caption_column(location, &batch, caption_column));
+        };
+        let samples = match parquet_samples(location, &batch, &captions, row_offset) {
             Ok(samples) => samples,
             Err(reason) => {
                 rejected = Some(reason);
@@ -842,6 +906,7 @@ fn stream_tar(
     location: &Location,
     reader: Box<dyn Read + Send>,
     fault: &ReadFault,
+    max_image_bytes: u64,
     each: &mut dyn FnMut(Loaded) -> Result<(), Error>,
 ) -> Result<(), Error> {
     /// What a member holds for its sample, by its extension.
@@ -852,13 +917,13 @@ fn stream_tar(
     }
     #[derive(Default)]
     struct Member {
-        image: Option<Vec<u8>>,
+        image: Option<Result<Vec<u8>, Reason>>,
         caption: Option<Vec<u8>>,
         metadata: Option<String>,
     }
     let emit = |key: String, member: Member| Loaded {
         source: format!("{}#{key}", location.uri()),
-        image: member.image.map(Bytes::from).ok_or("no_image"),
+        image: member.image.unwrap_or(Err("no_image")).map(Bytes::from),
         caption: member.caption,
         metadata: member.metadata,
         key,
@@ -904,9 +969,11 @@ fn stream_tar(
                          name)"
                     )));
                 }
-                // Members no sample uses (audio, video, arrays) are skipped unread.
+                // Members no sample uses (audio, video, arrays) are skipped unread, and so is
+                // an image over the cap.
+                let oversized = matches!(part, Some(Part::Image)) && entry.size() > max_image_bytes;
                 let mut data = Vec::new();
-                if part.is_some() && entry.read_to_end(&mut data).is_err() {
+                if part.is_some() && !oversized && entry.read_to_end(&mut data).is_err() {
                     truncated = true;
                     break;
                 }
@@ -915,7 +982,8 @@ fn stream_tar(
                 match part {
                     Some(Part::Caption) => member.caption = Some(data),
                     Some(Part::Metadata) => member.metadata = String::from_utf8(data).ok(),
-                    Some(Part::Image) => member.image = Some(data),
+                    Some(Part::Image) if oversized => member.image = Some(Err("too_large")),
+                    Some(Part::Image) => member.image = Some(Ok(data)),
                     None => {}
                 }
             }
@@ -963,17 +1031,17 @@ fn binary_at(array: &ArrayRef, i: usize) -> Option<Bytes> {
 }
 
 /// One record batch of img2dataset parquet (rows from `row_offset` on): the image column is
-/// named after its encode format, the caption's is `caption_column`.
+/// named after its encode format; `key` and `status` are read when they hold text.
 fn parquet_samples(
     location: &Location,
     batch: &RecordBatch,
-    caption_column: &str,
+    captions: &ArrayRef,
     row_offset: usize,
 ) -> Result<Vec<Loaded>, &'static str> {
     let uri = location.uri();
-    let column = |name: &str| batch.column_by_name(name).cloned();
+    let text = |name: &str| batch.column_by_name(name).map(plain).filter(is_text);
     let image_column = parquet_image_column(batch).ok_or("no_image_column")?;
-    let (keys, captions, statuses) = (column("key"), column(caption_column), column("status"));
+    let (keys, statuses) = (text("key"), text("status"));
     let mut samples = Vec::with_capacity(batch.num_rows());
     for i in 0..batch.num_rows() {
         let key = keys
@@ -991,10 +1059,7 @@ fn parquet_samples(
             } else {
                 binary_at(&image_column, i).ok_or("no_image")
             },
-            caption: captions
-                .as_ref()
-                .and_then(|c| string_at(c, i))
-                .map(String::into_bytes),
+            caption: string_at(captions, i).map(String::into_bytes),
             metadata: None,
             key,
         });
@@ -1027,7 +1092,7 @@ mod tests {
     ) -> (Result<(), Error>, Vec<&'static str>) {
         let mut reasons = Vec::new();
         let reader = Box::new(Watched::new(source, fault));
-        let result = stream_tar(location, reader, fault, &mut |loaded| {
+        let result = stream_tar(location, reader, fault, u64::MAX, &mut |loaded| {
             reasons.extend(loaded.image.err());
             Ok(())
         });

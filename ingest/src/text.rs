@@ -64,6 +64,10 @@ fn is_text_file(name: &str) -> bool {
     TEXT_EXTENSIONS.iter().any(|ext| name.ends_with(ext))
 }
 
+/// A document (a JSON line, a plain-text block) longer than this many bytes is refused
+/// (`too_long`) without being held: C4's and Wikipedia's longest are a few hundred KiB.
+const MAX_DOCUMENT_BYTES: usize = 4 << 20;
+
 /// One unit of a text file before parsing: a JSON line, a blank-line-separated block of plain
 /// text, or the reason a read stopped or a line was refused.
 enum Record {
@@ -83,6 +87,9 @@ struct Records {
     reader: Option<Box<dyn BufRead>>,
     plain: bool,
     block: String,
+    /// Why the block in progress is refused whole, once one of its lines is (a document with
+    /// a line cut out of it would be a different document).
+    block_refused: Option<&'static str>,
     line_number: usize,
     raw: Vec<u8>,
     fault: ReadFault,
@@ -105,6 +112,7 @@ impl Records {
             reader: None,
             plain,
             block: String::new(),
+            block_refused: None,
             line_number: 0,
             raw: Vec::new(),
             fault,
@@ -122,10 +130,19 @@ impl Records {
         records
     }
 
-    /// The plain-text block in progress, as a record, if it holds any text.
+    /// The plain-text block in progress, as a record, if it holds any text or was refused.
     fn take_block(&mut self, line: usize) -> Option<Record> {
         let text = std::mem::take(&mut self.block);
+        if let Some(reason) = self.block_refused.take() {
+            return Some(Record::Rejected(reason));
+        }
         (!text.trim().is_empty()).then_some(Record::Block { line, text })
+    }
+
+    /// A line of a plain-text block that cannot be part of a document refuses its block.
+    fn refuse_block(&mut self, reason: &'static str) {
+        self.block_refused.get_or_insert(reason);
+        self.block = String::new();
     }
 }
 
@@ -139,7 +156,17 @@ impl Iterator for Records {
         loop {
             let reader = self.reader.as_mut()?;
             self.raw.clear();
-            match reader.read_until(b'\n', &mut self.raw) {
+            // A line is read up to the cap and no further: a file without line breaks is not
+            // taken into memory whole.
+            let read = (&mut **reader)
+                .take(MAX_DOCUMENT_BYTES as u64 + 1)
+                .read_until(b'\n', &mut self.raw);
+            let too_long = self.raw.len() > MAX_DOCUMENT_BYTES;
+            let read = match too_long {
+                true => reader.skip_until(b'\n').map(|_| self.raw.len()),
+                false => read,
+            };
+            match read {
                 Ok(0) => {
                     self.reader = None;
                     return self.take_block(self.line_number + 1);
@@ -160,11 +187,26 @@ impl Iterator for Records {
             if self.line_number == 1 && self.raw.starts_with(BYTE_ORDER_MARK) {
                 self.raw.drain(..BYTE_ORDER_MARK.len());
             }
-            let Ok(line) = std::str::from_utf8(&self.raw) else {
-                return Some(Record::Rejected("invalid_utf8"));
+            let line = match std::str::from_utf8(&self.raw) {
+                Ok(line) if !too_long => line,
+                refused => {
+                    let reason = match refused {
+                        Ok(_) => "too_long",
+                        Err(_) => "invalid_utf8",
+                    };
+                    match self.plain {
+                        true => self.refuse_block(reason),
+                        false => return Some(Record::Rejected(reason)),
+                    }
+                    continue;
+                }
             };
             if self.plain {
-                if !line.trim().is_empty() {
+                if self.block.len() + line.len() > MAX_DOCUMENT_BYTES {
+                    self.refuse_block("too_long");
+                } else if self.block_refused.is_some() && !line.trim().is_empty() {
+                    // The rest of a refused block is not kept.
+                } else if !line.trim().is_empty() {
                     self.block.push_str(line);
                 } else if let Some(block) = self.take_block(self.line_number) {
                     return Some(block);
@@ -486,5 +528,56 @@ mod tests {
             records.last(),
             Some(Record::Rejected("truncated_file"))
         ));
+    }
+
+    /// What `records` hold, as text: `block:LINE:TEXT`, `json:LINE` or the refusal's reason.
+    fn outline(name: &str, bytes: Vec<u8>) -> Vec<String> {
+        let records = Records::over(
+            name,
+            Some(Box::new(Cursor::new(bytes))),
+            ReadFault::default(),
+        );
+        records
+            .map(|record| match record {
+                Record::Block { line, text } => format!("block:{line}:{}", text.trim_end()),
+                Record::Json { line, .. } => format!("json:{line}"),
+                Record::Rejected(reason) => reason.to_string(),
+            })
+            .collect()
+    }
+
+    /// A plain-text document with a line that is not UTF-8, or longer than the cap, is refused
+    /// whole rather than kept with the line cut out; a JSON line over the cap is refused and
+    /// the lines after it read on. Nothing longer than the cap is held.
+    #[test]
+    fn a_bad_or_overlong_line_refuses_its_whole_document() {
+        let mut plain = b"kept first\n\nline one\n".to_vec();
+        plain.extend(b"caf\xe9 in latin-1\nline three\n\nkept last\n");
+        assert_eq!(
+            outline("notes.txt", plain),
+            ["block:2:kept first", "invalid_utf8", "block:8:kept last"]
+        );
+
+        let long_line = "x".repeat(MAX_DOCUMENT_BYTES + 10);
+        let mut json = format!("{{\"text\": \"{long_line}\"}}\n").into_bytes();
+        json.extend(b"{\"text\": \"short and fine\"}\n");
+        assert_eq!(outline("c4.jsonl", json), ["too_long", "json:2"]);
+
+        // Lines each under the cap whose block is over it.
+        let quarter = "y".repeat(MAX_DOCUMENT_BYTES / 4);
+        let mut plain = String::new();
+        for _ in 0..5 {
+            plain.push_str(&quarter);
+            plain.push('\n');
+        }
+        plain.push_str("\nkept\n");
+        assert_eq!(
+            outline("big.txt", plain.into_bytes()),
+            ["too_long", "block:8:kept"]
+        );
+
+        // One line over the cap without a line break, to the end of the file.
+        let endless = "z".repeat(MAX_DOCUMENT_BYTES * 2).into_bytes();
+        assert_eq!(outline("endless.txt", endless), ["too_long"]);
     }
 }

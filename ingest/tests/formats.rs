@@ -726,7 +726,8 @@ fn files_as_other_tools_write_them_lose_nothing() {
 
 /// Inputs that used to lose rows without a word, or publish a stage of none, are errors that
 /// name the file (and the line): a CSV quote never closed, a folder with nothing of the format
-/// in it, and a single text corpus whose name says no format.
+/// in it, a single text corpus whose name says no format, and a parquet container without the
+/// caption column.
 #[test]
 fn inputs_that_would_lose_everything_silently_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
@@ -816,5 +817,26 @@ fn inputs_that_would_lose_everything_silently_are_refused_by_name() {
             out.to_str().unwrap(),
         ],
         "corpus.text: not a text corpus by its name",
+    );
+    // An img2dataset container read without its caption column would reject every row.
+    let container = dir.path().join("container");
+    let samples = [("k0".to_string(), png(40, 40, 1))];
+    write(
+        &container,
+        "part.parquet",
+        common::img2dataset_parquet(&samples, 1),
+    );
+    refused(
+        &[
+            "pairs",
+            "--input",
+            container.to_str().unwrap(),
+            "--caption-column",
+            "TEXT",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "part.parquet: no caption column 'TEXT' (its columns: key, caption, png; \
+         --caption-column names another)",
     );
 }

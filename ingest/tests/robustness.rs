@@ -128,6 +128,42 @@ fn broken_inputs_are_counted_and_never_fatal() {
     );
 }
 
+/// An image file, or a tar's image member, longer than the byte cap (8 bytes for each pixel
+/// `--max-source-pixels` allows, and a MiB) is refused as `too_large` before it is read: a
+/// picture padded past the cap decodes fine (the first run keeps it), so only the cap refuses
+/// it.
+#[test]
+fn images_over_the_byte_cap_are_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = 64 * 64 * 8 + (1 << 20);
+    let samples = [
+        ("padded".to_string(), padded_png(1, cap)),
+        ("plain".to_string(), png(40, 40, 2)),
+    ];
+    let folder = dir.path().join("folder");
+    for (key, bytes) in &samples {
+        write(&folder, &format!("{key}.png"), bytes);
+        write(&folder, &format!("{key}.txt"), format!("caption of {key}"));
+    }
+    let tars = dir.path().join("tars");
+    write(&tars, "00000.tar", webdataset_tar(&samples));
+    for (name, input) in [("folder", &folder), ("tars", &tars)] {
+        let run = |out: &str, extra: &[&str]| {
+            let out = dir.path().join(out);
+            let mut args = pairs_args(input, &out, &["--size", "32"]);
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let (code, text) = ingest_owned(&args);
+            assert_eq!(code, 0, "{text}");
+            pairs_rows(out.to_str().unwrap())
+        };
+        let (_, rows) = run(&format!("{name}-uncapped"), &[]);
+        assert_eq!(sorted_keys(&rows), ["padded", "plain"], "{name}");
+        let (manifest, rows) = run(&format!("{name}-capped"), &["--max-source-pixels", "4096"]);
+        assert_eq!(sorted_keys(&rows), ["plain"], "{name}");
+        assert_eq!(rejected(&manifest), json!({"too_large": 1}), "{name}");
+    }
+}
+
 fn folder_of(n: u8, size: u32) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for i in 0..n {

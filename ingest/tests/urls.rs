@@ -556,13 +556,94 @@ fn write_string_parquet(path: &Path, columns: &[(&str, &[String])]) {
         (*name, Arc::new(array) as arrow_array::ArrayRef)
     }))
     .unwrap();
+    write_batch_parquet(path, &batch);
+}
+
+fn write_batch_parquet(path: &Path, batch: &arrow_array::RecordBatch) {
     let mut buffer = Vec::new();
     let mut writer =
         parquet::arrow::ArrowWriter::try_new(&mut buffer, batch.schema(), None).unwrap();
-    writer.write(&batch).unwrap();
+    writer.write(batch).unwrap();
     writer.close().unwrap();
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, buffer).unwrap();
+}
+
+/// A parquet URL list read under the wrong column names would reject each of its rows, so it
+/// is refused naming the file, the column and the columns it has; a column of numbers where
+/// text belongs is refused naming its type. Dictionary-encoded strings (pandas categoricals,
+/// `pa.dictionary`) read like plain ones.
+#[test]
+fn parquet_url_lists_name_a_missing_or_mistyped_column_and_read_dictionary_strings() {
+    let server = FaultServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let urls = [server.url("/img/1.jpg"), server.url("/img/2.jpg")];
+    let laion = dir.path().join("laion.parquet");
+    write_string_parquet(
+        &laion,
+        &[("URL", &urls), ("TEXT", &["a", "b"].map(String::from))],
+    );
+    let refused = |input: &Path, extra: &[&str], expected: &str| {
+        let out = dir.path().join("refused");
+        let (code, text) = ingest_owned(&pairs_args(input, &out, extra));
+        assert_ne!(code, 0, "{extra:?} was accepted: {text}");
+        assert!(text.contains(expected), "{text}");
+        assert!(!out.join("manifest.json").exists());
+    };
+    refused(
+        &laion,
+        &[],
+        "laion.parquet: neither an image column of bytes (jpg, jpeg, png, webp, image) nor the \
+         URL column 'url' (its columns: URL, TEXT; --url-column names another)",
+    );
+    refused(
+        &laion,
+        &["--url-column", "URL"],
+        "laion.parquet: no caption column 'caption' (its columns: URL, TEXT; --caption-column \
+         names another)",
+    );
+
+    let numbers = dir.path().join("numbers.parquet");
+    let batch = arrow_array::RecordBatch::try_from_iter([
+        (
+            "url",
+            Arc::new(arrow_array::Int64Array::from(vec![1, 2])) as arrow_array::ArrayRef,
+        ),
+        (
+            "caption",
+            Arc::new(arrow_array::StringArray::from(vec!["a", "b"])),
+        ),
+    ])
+    .unwrap();
+    write_batch_parquet(&numbers, &batch);
+    refused(
+        &numbers,
+        &[],
+        "numbers.parquet: column 'url' holds Int64, not text",
+    );
+
+    let categorical = dir.path().join("categorical.parquet");
+    let dictionary = |values: Vec<&str>| {
+        Arc::new(
+            values
+                .into_iter()
+                .collect::<arrow_array::DictionaryArray<arrow_array::types::Int32Type>>(),
+        ) as arrow_array::ArrayRef
+    };
+    let batch = arrow_array::RecordBatch::try_from_iter([
+        ("url", dictionary(urls.iter().map(String::as_str).collect())),
+        ("caption", dictionary(vec!["same", "same"])),
+        ("licence", dictionary(vec!["cc-by", "cc-by"])),
+    ])
+    .unwrap();
+    write_batch_parquet(&categorical, &batch);
+    let (_, rows) = downloaded(&categorical, dir.path(), "categorical", &[]);
+    assert_eq!(
+        sorted_keys(&rows),
+        ["categorical-000000000", "categorical-000000001"]
+    );
+    assert!(rows.iter().all(|row| row.caption == "same"), "{rows:?}");
+    assert_eq!(rows[0].metadata.as_deref(), Some(r#"{"licence":"cc-by"}"#));
 }
 
 /// Killed (SIGKILL) after its first shard, a URL run resumes: finished shards are kept and not

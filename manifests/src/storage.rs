@@ -335,6 +335,24 @@ impl Location {
         }
     }
 
+    /// The whole object if it is at most `max_bytes` long, else `Err(its size)` without its
+    /// body read; `None` when there is none (any other failure is an error).
+    pub fn get_at_most(&self, max_bytes: u64) -> Result<Option<Result<Bytes, u64>>, Error> {
+        let got = block_on(async {
+            let result = self.store.get(&self.path).await?;
+            match result.meta.size {
+                size if size > max_bytes => Ok(Err(size)),
+                _ => result.bytes().await.map(Ok),
+            }
+        })
+        .map_err(|e| self.store_error("read", e));
+        match got {
+            Ok(got) => Ok(Some(got)),
+            Err(Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn get_range(&self, range: Range<u64>) -> Result<Bytes, Error> {
         block_on(self.store.get_range(&self.path, range)).map_err(|e| self.store_error("read", e))
     }

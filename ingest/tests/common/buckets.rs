@@ -147,6 +147,35 @@ pub fn pairs_and_text_through(bucket: &str, env: &[(String, String)], secret: &s
         );
     }
 
+    // An image longer than the byte cap is refused from its size, its body not fetched.
+    let big = Location::parse(&at("big")).unwrap();
+    for (key, bytes) in [
+        ("padded", padded_png(1, 64 * 64 * 8 + (1 << 20))),
+        ("plain", png(40, 40, 2)),
+    ] {
+        big.join(&format!("{key}.png"))
+            .put(Bytes::from(bytes))
+            .unwrap();
+        big.join(&format!("{key}.txt"))
+            .put(Bytes::from(format!("caption of {key}")))
+            .unwrap();
+    }
+    let (big_uri, capped_uri) = (at("big"), at("run/capped"));
+    run(&[
+        "pairs",
+        "--input",
+        &big_uri,
+        "--out",
+        &capped_uri,
+        "--size",
+        "32",
+        "--max-source-pixels",
+        "4096",
+    ]);
+    let (manifest, rows) = pairs_rows(&capped_uri);
+    assert_eq!(sorted_keys(&rows), ["plain"]);
+    assert_eq!(rejected(&manifest), json!({"too_large": 1}));
+
     let manifest_text = Location::parse(&at("run/pairs/manifest.json"))
         .unwrap()
         .get()

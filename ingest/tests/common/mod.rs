@@ -78,6 +78,14 @@ pub fn sorted_keys(rows: &[Row]) -> Vec<String> {
 }
 
 /// A tar of `(name, bytes)` members, in order; a name ending in `/` is a folder.
+/// A good 40x40 PNG followed by `padding` zero bytes, which decoders ignore: a file that only
+/// a cap on its length refuses.
+pub fn padded_png(seed: u8, padding: usize) -> Vec<u8> {
+    let mut bytes = png(40, 40, seed);
+    bytes.resize(bytes.len() + padding, 0);
+    bytes
+}
+
 pub fn tar_of(members: &[(String, Vec<u8>)]) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
     for (name, data) in members {

@@ -155,6 +155,9 @@ pub struct Generator {
     pub provenance: Vec<(String, String)>,
     /// The super-resolution model that enlarges kept pictures, when one was loaded.
     pub upscaler: Option<Upscaler>,
+    /// The VQGAN's identity (its config and weights, [`manifests::Manifest::identity`]), to
+    /// tell whether an upscaler learned its pictures.
+    vqgan_identity: String,
 }
 
 /// A `vqgan superres` model, loaded to enlarge the tokenizer's pictures.
@@ -218,6 +221,7 @@ impl Generator {
         };
         let (vqgan_stage, digest) = Upstream::read(&vqgan_uri)?;
         provenance.push((vqgan_stage.location.uri(), digest));
+        let vqgan_identity = vqgan_stage.manifest.identity();
         let (vqgan_config, vqgan) = models::load_vqgan(&vqgan_stage, &device)?;
         if vqgan_config.grid() != parti_config.grid
             || vqgan_config.quantizer.codebook_size != parti_config.codebook_size
@@ -255,6 +259,7 @@ impl Generator {
             recommended,
             provenance,
             upscaler: None,
+            vqgan_identity,
         };
         // Found now rather than after a whole round of sampling.
         generator.reranker_sees_the_vqgans_pictures()?;
@@ -262,10 +267,13 @@ impl Generator {
     }
 
     /// Loads the super-resolution model of a `vqgan superres` manifest to enlarge kept
-    /// pictures ([`Generator::upscale`]); it must take this VQGAN's picture size.
+    /// pictures ([`Generator::upscale`]); it must take this VQGAN's picture size. One trained
+    /// on another tokenizer's pictures is loaded with a warning: it learned to undo that
+    /// tokenizer's artefacts, not this one's.
     pub fn with_upscaler(mut self, superres_uri: &str) -> Result<Generator, Error> {
         let (stage, digest) = Upstream::read(superres_uri)?;
-        let (config, model) = models::load_superres(&stage, &self.device)?;
+        // Checked before the weights are read or the model built.
+        let config = models::superres_config(&stage)?;
         let size = self.vqgan_config.image_size;
         if config.input_size != size {
             return Err(Error::Usage(format!(
@@ -274,6 +282,15 @@ impl Generator {
                 config.input_size
             )));
         }
+        let trained_on = stage.manifest.inputs.iter().find(|i| i.name == "vqgan");
+        if let Some(vqgan) = trained_on.filter(|vqgan| vqgan.digest != self.vqgan_identity) {
+            tracing::warn!(
+                "{superres_uri}: the super-resolution model learned to enlarge the pictures of \
+                 {}, another tokenizer than the one decoding here: expect less detail",
+                vqgan.uri
+            );
+        }
+        let (config, model) = models::load_superres(&stage, &self.device)?;
         self.provenance.push((stage.location.uri(), digest));
         self.upscaler = Some(Upscaler {
             model,

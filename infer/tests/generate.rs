@@ -648,7 +648,7 @@ fn generate_upscale_writes_enlarged_pictures_and_records_the_model() {
     let dir = trained();
     let superres = common::superres(dir);
     let out = dir.join("generate-upscaled");
-    let (said, _) = infer(&[
+    let (said, warned) = infer(&[
         "generate",
         "--parti",
         dir.join("parti").to_str().unwrap(),
@@ -709,23 +709,76 @@ fn generate_upscale_writes_enlarged_pictures_and_records_the_model() {
         "{record}"
     );
 
-    // A model for other picture sizes is refused by name.
-    let (code, text) = manifests::testing::output_of(
-        env!("CARGO_BIN_EXE_infer"),
+    // The upscaler learned the pictures of the VQGAN decoding here: no warning.
+    assert!(!warned.contains("another tokenizer"), "{warned}");
+
+    // A model for another picture size (the same weights, its config saying 32 px) is refused
+    // by name before its weights are read.
+    let other_size = dir.join("superres-32px");
+    let config = manifests::testing::copy_stage_with_config(&superres, &other_size, |config| {
+        config["input_size"] = serde_json::json!(32);
+    });
+    assert!(config.contains("32"), "{config}");
+    let refused = |upscale: &std::path::Path, expected: &str| {
+        let (code, text) = manifests::testing::output_of(
+            env!("CARGO_BIN_EXE_infer"),
+            &[
+                "generate",
+                "--parti",
+                dir.join("parti").to_str().unwrap(),
+                "--upscale",
+                upscale.to_str().unwrap(),
+                "--prompt",
+                "a red circle",
+                "--out",
+                dir.join("generate-refused").to_str().unwrap(),
+            ],
+        );
+        assert_ne!(code, 0, "{text}");
+        assert!(text.contains("--upscale"), "{text}");
+        assert!(text.contains(expected), "{text}");
+    };
+    refused(
+        &other_size,
+        "the super-resolution model enlarges 32 px pictures, the VQGAN makes 64 px",
+    );
+    // A config describing a model larger than its weights is refused before it is built.
+    let oversized = dir.join("superres-oversized");
+    manifests::testing::copy_stage_with_config(&superres, &oversized, |config| {
+        config["channels"] = serde_json::json!(1_000_000);
+    });
+    refused(&oversized, "more than its");
+
+    // A decoder fine-tuned from the same VQGAN makes pictures of the same size, but not the
+    // ones the upscaler learned to enlarge: it is used, with a warning naming the VQGAN it
+    // learned from.
+    let bin = manifests::testing::bin_dir(env!("CARGO_BIN_EXE_infer"));
+    manifests::testing::run_stages(
+        &bin,
+        dir,
         &[
-            "generate",
-            "--parti",
-            dir.join("parti").to_str().unwrap(),
-            "--upscale",
-            dir.join("parti").to_str().unwrap(),
-            "--prompt",
-            "a red circle",
-            "--out",
-            dir.join("generate-refused").to_str().unwrap(),
+            "vqgan finetune-decoder --preset tiny --vqgan D/vqgan --pairs D/pairs \
+           --out D/vqgan-decoder --steps 1 --batch-size 2",
         ],
     );
-    assert_ne!(code, 0, "{text}");
-    assert!(text.contains("--upscale"), "{text}");
+    let (said, warned) = infer(&[
+        "generate",
+        "--parti",
+        dir.join("parti").to_str().unwrap(),
+        "--vqgan",
+        dir.join("vqgan-decoder").to_str().unwrap(),
+        "--upscale",
+        superres.to_str().unwrap(),
+        "--prompt",
+        "a red circle",
+        "--out",
+        dir.join("generate-other-decoder").to_str().unwrap(),
+    ]);
+    let text = said + &warned;
+    assert!(
+        text.contains("another tokenizer") && text.contains(dir.join("vqgan").to_str().unwrap()),
+        "{text}"
+    );
 }
 
 /// Every picture below `dir` (by name) and its bytes.

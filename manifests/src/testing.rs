@@ -391,6 +391,39 @@ pub fn artifact_bytes_at(stage: &str, name: &str) -> Vec<u8> {
         .to_vec()
 }
 
+/// A copy of the stage in folder `from` at `to` whose model config (its `config` artifact) is
+/// changed by `edit`, the manifest's record of that artifact (size, digest) rewritten to match:
+/// a consistent stage that says something else of its model. Returns the new config's text.
+pub fn copy_stage_with_config(
+    from: &std::path::Path,
+    to: &std::path::Path,
+    mut edit: impl FnMut(&mut serde_json::Value),
+) -> String {
+    let manifest_at = |folder: &std::path::Path| {
+        crate::Location::parse(&folder.join(crate::MANIFEST_FILE).display().to_string()).unwrap()
+    };
+    let (mut manifest, _) = crate::Manifest::read(&manifest_at(from)).unwrap();
+    std::fs::create_dir_all(to).unwrap();
+    let mut config_text = String::new();
+    for artifact in &mut manifest.artifacts {
+        let (source, target) = (from.join(&artifact.uri), to.join(&artifact.uri));
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        if artifact.kind != "config" {
+            std::fs::copy(&source, &target).unwrap();
+            continue;
+        }
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&source).unwrap()).unwrap();
+        edit(&mut config);
+        config_text = config.to_string();
+        std::fs::write(&target, &config_text).unwrap();
+        artifact.bytes = config_text.len() as u64;
+        artifact.digest = crate::digest_bytes(config_text.as_bytes());
+    }
+    manifest.write(&manifest_at(to)).unwrap();
+    config_text
+}
+
 /// Runs `binary` with `args`: its exit code (-1 when killed) and its stdout then stderr.
 pub fn output_of(binary: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> (i32, String) {
     let binary = binary.as_ref();

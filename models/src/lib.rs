@@ -105,13 +105,31 @@ pub fn load_parti(stage: &Upstream, device: &Device) -> Result<(PartiConfig, Par
     Ok((config, model))
 }
 
+/// The config of the super-resolution model a `vqgan superres` manifest publishes, checked
+/// against its weights before anything is allocated: a config naming more parameters than the
+/// weights file could hold (at 2 bytes each, the narrowest) is refused.
+pub fn superres_config(stage: &Upstream) -> Result<SuperResConfig, Error> {
+    let config: SuperResConfig = read_config(stage)?;
+    config.check()?;
+    let weights = stage.artifact_of_kind(SUPERRES_KIND)?;
+    let parameters = config.parameter_count();
+    if parameters.saturating_mul(2) > weights.bytes {
+        return Err(Error::Data(format!(
+            "{}: its config describes {parameters} parameters, more than its {}-byte weights \
+             hold",
+            stage.location.uri(),
+            weights.bytes
+        )));
+    }
+    Ok(config)
+}
+
 /// The super-resolution model a `vqgan superres` manifest publishes.
 pub fn load_superres(
     stage: &Upstream,
     device: &Device,
 ) -> Result<(SuperResConfig, SuperResolution), Error> {
-    let config: SuperResConfig = read_config(stage)?;
-    config.check()?;
+    let config = superres_config(stage)?;
     let mut model = config.init(device);
     load_weights(&mut model, stage, SUPERRES_KIND)?;
     Ok((config, model))

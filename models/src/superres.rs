@@ -83,6 +83,25 @@ impl SuperResConfig {
         self.input_size * self.scale
     }
 
+    /// Parameters of the model this config describes, found without building it (saturating:
+    /// a config from a file may name any sizes).
+    pub fn parameter_count(&self) -> u64 {
+        let conv = |inputs: usize, outputs: usize| {
+            let (inputs, outputs) = (inputs as u64, outputs as u64);
+            // Direction (outputs x inputs x 3 x 3), a scale and a bias per filter.
+            outputs
+                .saturating_mul(inputs)
+                .saturating_mul(9)
+                .saturating_add(outputs.saturating_mul(2))
+        };
+        let wide = self.channels.saturating_mul(self.expansion);
+        let out = self.scale.saturating_mul(self.scale).saturating_mul(3);
+        let block = conv(self.channels, wide).saturating_add(conv(wide, self.channels));
+        conv(3, self.channels)
+            .saturating_add(block.saturating_mul(self.blocks as u64))
+            .saturating_add(conv(self.channels, out))
+    }
+
     pub fn check(&self) -> Result<(), Error> {
         if self.input_size == 0 || self.scale < 2 || self.channels == 0 || self.expansion == 0 {
             return Err(Error::Usage(format!(

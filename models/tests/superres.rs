@@ -24,6 +24,12 @@ fn presets_enlarge_by_their_scale_with_the_papers_parameter_counts() {
         assert_eq!(config.scale, scale, "{name}");
         assert_eq!(config.output_size(), config.input_size * scale, "{name}");
         let model = config.init(&device);
+        // The count a config is checked against its weights with, before anything is built.
+        assert_eq!(
+            config.parameter_count(),
+            model.num_params() as u64,
+            "{name}"
+        );
         let count = model.num_params() as f64;
         if let Some(expected) = parameters {
             assert!(

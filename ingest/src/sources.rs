@@ -356,8 +356,8 @@ struct CocoImage {
 }
 #[derive(Deserialize)]
 struct CocoAnnotation {
-    #[serde(default)]
-    id: u64,
+    /// Absent in some exports: a caption is then keyed by its place among its image's.
+    id: Option<u64>,
     image_id: u64,
     caption: String,
 }
@@ -410,10 +410,10 @@ fn coco_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Erro
                 reason: "no_caption",
             });
         }
-        for annotation in chosen {
+        for (place, annotation) in chosen.iter().enumerate() {
             let key = match config.coco_captions {
                 CocoCaptions::First => key.clone(),
-                CocoCaptions::All => format!("{key}-{:09}", annotation.id),
+                CocoCaptions::All => format!("{key}-{}", annotation_key(annotation.id, place)),
             };
             let caption = annotation.caption.clone().into_bytes();
             units.push(match url {
@@ -434,17 +434,31 @@ fn coco_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Erro
     }
     // Captions of images the file does not list: counted, as the folder layout counts a
     // caption without its image.
-    for annotation in coco
+    for (place, annotation) in coco
         .annotations
         .iter()
-        .filter(|annotation| !listed.contains(&annotation.image_id))
+        .enumerate()
+        .filter(|(_, annotation)| !listed.contains(&annotation.image_id))
     {
         units.push(Unit::Rejected {
-            key: format!("{:012}-{:09}", annotation.image_id, annotation.id),
+            key: format!(
+                "{:012}-{}",
+                annotation.image_id,
+                annotation_key(annotation.id, place)
+            ),
             reason: "no_image",
         });
     }
     Ok(units)
+}
+
+/// A caption's part of its key: its annotation id, or without one its place (`p` and the
+/// number, so it cannot be taken for another caption's id).
+fn annotation_key(id: Option<u64>, place: usize) -> String {
+    match id {
+        Some(id) => format!("{id:09}"),
+        None => format!("p{place:09}"),
+    }
 }
 
 /// The line where a quoted CSV field opens that the file never closes, read as the csv crate

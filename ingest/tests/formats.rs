@@ -138,6 +138,31 @@ fn coco_captions_all_and_first() {
         "first of nine"
     );
     assert_eq!(manifest.metrics["format"], json!("coco"));
+
+    // An export without annotation ids keys each caption by its place, not all alike.
+    let without_ids = json!({
+        "images": [{"id": 9, "file_name": "000000000009.jpg"}],
+        "annotations": [{"image_id": 9, "caption": "first of nine"},
+                        {"image_id": 9, "caption": "second of nine"},
+                        {"image_id": 31, "caption": "of an image not listed"}]
+    });
+    write(dir.path(), "no-ids.json", without_ids.to_string());
+    let no_ids = dir.path().join("no-ids.json");
+    let (manifest, rows) = pairs(
+        dir.path(),
+        &[
+            "--input",
+            no_ids.to_str().unwrap(),
+            "--image-root",
+            root,
+            "--force",
+        ],
+    );
+    assert_eq!(
+        sorted_keys(&rows),
+        ["000000000009-p000000000", "000000000009-p000000001"]
+    );
+    assert_eq!(rejected(&manifest), json!({"no_image": 1}));
 }
 
 #[test]

@@ -776,7 +776,8 @@ fn generate_upscale_writes_enlarged_pictures_and_records_the_model() {
     ]);
     let text = said + &warned;
     assert!(
-        text.contains("another tokenizer") && text.contains(dir.join("vqgan").to_str().unwrap()),
+        text.contains("another tokenizer")
+            && text.contains(dir.join("vqgan/manifest.json").to_str().unwrap()),
         "{text}"
     );
 }

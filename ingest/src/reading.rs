@@ -97,7 +97,7 @@ pub fn read_image(
 ) -> Result<Option<Result<Bytes, Reason>>, Error> {
     if let Some(path) = location.local_path() {
         let opened = File::open(&path).and_then(|file| Ok((file.metadata()?.len(), file)));
-        let (size, mut file) = match opened {
+        let (size, file) = match opened {
             Ok(opened) => opened,
             Err(e) if is_absent(e.kind()) => return Ok(None),
             Err(e) => return Err(Error::Io(format!("cannot read {location}: {e}"))),
@@ -105,8 +105,13 @@ pub fn read_image(
         if size > max_bytes {
             return Ok(Some(Err("too_large")));
         }
+        // Read to the cap and a byte more: a path naming a pipe or a device has no size.
         let mut bytes = Vec::with_capacity(size as usize);
-        return match file.read_to_end(&mut bytes) {
+        return match file
+            .take(max_bytes.saturating_add(1))
+            .read_to_end(&mut bytes)
+        {
+            Ok(read) if read as u64 > max_bytes => Ok(Some(Err("too_large"))),
             Ok(_) => Ok(Some(Ok(Bytes::from(bytes)))),
             Err(e) => Err(Error::Io(format!("cannot read {location}: {e}"))),
         };

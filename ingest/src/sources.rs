@@ -453,7 +453,8 @@ fn coco_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Erro
 }
 
 /// A caption's part of its key: its annotation id, or without one its place (`p` and the
-/// number, so it cannot be taken for another caption's id).
+/// number, so it cannot be taken for another caption's id): among its image's captions, or
+/// for a caption of an image the file does not list, in the file.
 fn annotation_key(id: Option<u64>, place: usize) -> String {
     match id {
         Some(id) => format!("{id:09}"),
@@ -841,6 +842,13 @@ fn text_column(
     let Some(column) = batch.column_by_name(name).map(plain) else {
         return Ok(None);
     };
+    // pyarrow types a column of nothing but nulls (an empty caption column) `null`.
+    if column.data_type() == &DataType::Null {
+        return Ok(Some(arrow_array::new_null_array(
+            &DataType::Utf8,
+            column.len(),
+        )));
+    }
     match is_text(&column) {
         true => Ok(Some(column)),
         false => Err(Error::Usage(format!(

@@ -161,7 +161,9 @@ impl Iterator for Records {
             let read = (&mut **reader)
                 .take(MAX_DOCUMENT_BYTES as u64 + 1)
                 .read_until(b'\n', &mut self.raw);
-            let too_long = self.raw.len() > MAX_DOCUMENT_BYTES;
+            // Over the cap when the cap's worth and one more byte came without the line's end
+            // (a line of exactly the cap comes with its line break).
+            let too_long = self.raw.len() > MAX_DOCUMENT_BYTES && !self.raw.ends_with(b"\n");
             let read = match too_long {
                 true => reader.skip_until(b'\n').map(|_| self.raw.len()),
                 false => read,
@@ -202,14 +204,16 @@ impl Iterator for Records {
                 }
             };
             if self.plain {
-                if self.block.len() + line.len() > MAX_DOCUMENT_BYTES {
-                    self.refuse_block("too_long");
-                } else if self.block_refused.is_some() && !line.trim().is_empty() {
+                if line.trim().is_empty() {
+                    if let Some(block) = self.take_block(self.line_number) {
+                        return Some(block);
+                    }
+                } else if self.block_refused.is_some() {
                     // The rest of a refused block is not kept.
-                } else if !line.trim().is_empty() {
+                } else if self.block.len() + line.len() > MAX_DOCUMENT_BYTES {
+                    self.refuse_block("too_long");
+                } else {
                     self.block.push_str(line);
-                } else if let Some(block) = self.take_block(self.line_number) {
-                    return Some(block);
                 }
             } else if !line.trim().is_empty() {
                 return Some(Record::Json {
@@ -574,6 +578,21 @@ mod tests {
         assert_eq!(
             outline("big.txt", plain.into_bytes()),
             ["too_long", "block:8:kept"]
+        );
+
+        // A line of exactly the cap is kept, and so is the line after it; so is a block of
+        // exactly the cap, which the blank line after it ends.
+        let at_cap = "w".repeat(MAX_DOCUMENT_BYTES);
+        let json = format!("{at_cap}\n{{\"text\": \"next\"}}\n").into_bytes();
+        assert_eq!(outline("c4.jsonl", json), ["json:1", "json:2"]);
+        // The block's bytes include its line break.
+        let plain = format!("{}\n  \nnext\n", &at_cap[1..]).into_bytes();
+        assert_eq!(
+            outline("exact.txt", plain)
+                .iter()
+                .map(|record| record.get(..8).unwrap_or(record))
+                .collect::<Vec<_>>(),
+            ["block:2:", "block:4:"]
         );
 
         // One line over the cap without a line break, to the end of the file.

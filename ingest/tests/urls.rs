@@ -644,6 +644,22 @@ fn parquet_url_lists_name_a_missing_or_mistyped_column_and_read_dictionary_strin
     );
     assert!(rows.iter().all(|row| row.caption == "same"), "{rows:?}");
     assert_eq!(rows[0].metadata.as_deref(), Some(r#"{"licence":"cc-by"}"#));
+
+    // A caption column of nothing but nulls (pyarrow types it `null`): each row without one.
+    let no_captions = dir.path().join("no-captions.parquet");
+    let batch = arrow_array::RecordBatch::try_from_iter_with_nullable([
+        (
+            "url",
+            Arc::new(arrow_array::StringArray::from(urls.to_vec())) as arrow_array::ArrayRef,
+            false,
+        ),
+        ("caption", Arc::new(arrow_array::NullArray::new(2)), true),
+    ])
+    .unwrap();
+    write_batch_parquet(&no_captions, &batch);
+    let (manifest, rows) = downloaded(&no_captions, dir.path(), "no-captions", &[]);
+    assert!(rows.is_empty());
+    assert_eq!(rejected(&manifest), json!({"no_caption": 2}));
 }
 
 /// Killed (SIGKILL) after its first shard, a URL run resumes: finished shards are kept and not

@@ -112,13 +112,14 @@ pub fn superres_config(stage: &Upstream) -> Result<SuperResConfig, Error> {
     let config: SuperResConfig = read_config(stage)?;
     config.check()?;
     let weights = stage.artifact_of_kind(SUPERRES_KIND)?;
+    // The file's own size, not only what the manifest says of it.
+    let bytes = weights.bytes.min(stage.artifact_location(weights)?.size()?);
     let parameters = config.parameter_count();
-    if parameters.saturating_mul(2) > weights.bytes {
+    if parameters.saturating_mul(2) > bytes {
         return Err(Error::Data(format!(
-            "{}: its config describes {parameters} parameters, more than its {}-byte weights \
-             hold",
-            stage.location.uri(),
-            weights.bytes
+            "{}: its config describes {parameters} parameters, more than its {bytes}-byte \
+             weights hold",
+            stage.location.uri()
         )));
     }
     Ok(config)

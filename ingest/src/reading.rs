@@ -15,7 +15,7 @@ use manifests::Location;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::errors::ParquetError;
 
-use crate::{Error, Reason};
+use crate::Error;
 
 /// The first failure of the store or disk under a [`Watched`] reader, if any.
 #[derive(Clone, Default)]
@@ -88,22 +88,28 @@ pub fn read_object(location: &Location) -> Result<Option<Bytes>, Error> {
     Ok(location.get_if_present()?)
 }
 
-/// An image's bytes as [`read_object`] reads them, or `too_large` when the file is longer than
-/// `max_bytes`, told from its size before any of it is read: a mislabelled video or disk image
-/// is not taken into memory.
-pub fn read_image(
-    location: &Location,
-    max_bytes: u64,
-) -> Result<Option<Result<Bytes, Reason>>, Error> {
+/// A file read up to a cap.
+pub enum Capped {
+    Bytes(Bytes),
+    /// Longer than the cap; told from its size before any of it is read where the store says
+    /// it, so a mislabelled video or disk image is not taken into memory.
+    TooLarge,
+    /// No file there.
+    Missing,
+}
+
+/// The bytes of the file at `location` as [`read_object`] reads them, unless it is longer
+/// than `max_bytes`.
+pub fn read_capped(location: &Location, max_bytes: u64) -> Result<Capped, Error> {
     if let Some(path) = location.local_path() {
         let opened = File::open(&path).and_then(|file| Ok((file.metadata()?.len(), file)));
         let (size, file) = match opened {
             Ok(opened) => opened,
-            Err(e) if is_absent(e.kind()) => return Ok(None),
+            Err(e) if is_absent(e.kind()) => return Ok(Capped::Missing),
             Err(e) => return Err(Error::Io(format!("cannot read {location}: {e}"))),
         };
         if size > max_bytes {
-            return Ok(Some(Err("too_large")));
+            return Ok(Capped::TooLarge);
         }
         // Read to the cap and a byte more: a path naming a pipe or a device has no size.
         let mut bytes = Vec::with_capacity(size as usize);
@@ -111,14 +117,16 @@ pub fn read_image(
             .take(max_bytes.saturating_add(1))
             .read_to_end(&mut bytes)
         {
-            Ok(read) if read as u64 > max_bytes => Ok(Some(Err("too_large"))),
-            Ok(_) => Ok(Some(Ok(Bytes::from(bytes)))),
+            Ok(read) if read as u64 > max_bytes => Ok(Capped::TooLarge),
+            Ok(_) => Ok(Capped::Bytes(Bytes::from(bytes))),
             Err(e) => Err(Error::Io(format!("cannot read {location}: {e}"))),
         };
     }
-    Ok(location
-        .get_at_most(max_bytes)?
-        .map(|bytes| bytes.map_err(|_| "too_large")))
+    Ok(match location.get_at_most(max_bytes)? {
+        Some(Ok(bytes)) => Capped::Bytes(bytes),
+        Some(Err(_)) => Capped::TooLarge,
+        None => Capped::Missing,
+    })
 }
 
 /// A sequential reader of the file at `location` from its start, watched by `fault`; `None`

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use manifests::Location;
 use serde::{Deserialize, Serialize};
 
-use crate::reading::{ReadFault, open_watched, read_image, read_object, stream_parquet};
+use crate::reading::{Capped, ReadFault, open_watched, read_capped, stream_parquet};
 use crate::{Error, Reason};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -647,10 +647,15 @@ fn jsonl_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Err
     Ok(units)
 }
 
+/// A caption or metadata file (or tar member) longer than this is refused unread: no caption
+/// the filters keep is near it, and memory stays bounded whatever a file holds.
+const MAX_SIDECAR_BYTES: u64 = 16 << 20;
+
 /// Reads what a sample unit refers to. A missing object is a rejection of that sample; a
 /// store or disk that fails to read one (permission, network, I/O) is an error of the run,
 /// naming the file, since it says nothing about the sample. An image file longer than
-/// `max_image_bytes` is refused unread.
+/// `max_image_bytes`, or a caption or metadata file over [`MAX_SIDECAR_BYTES`], is refused
+/// unread.
 pub fn load(unit: &Unit, max_image_bytes: u64) -> Result<Loaded, Error> {
     Ok(match unit {
         Unit::Rejected { key, reason } => Loaded::rejected(key.clone(), String::new(), reason),
@@ -660,19 +665,40 @@ pub fn load(unit: &Unit, max_image_bytes: u64) -> Result<Loaded, Error> {
             caption,
             metadata,
         } => {
+            let mut refused = None;
+            let mut sidecar = |location: &Location, too_large: Reason| {
+                Ok::<_, Error>(match read_capped(location, MAX_SIDECAR_BYTES)? {
+                    Capped::Bytes(bytes) => Some(bytes),
+                    Capped::TooLarge => {
+                        refused.get_or_insert(too_large);
+                        None
+                    }
+                    Capped::Missing => None,
+                })
+            };
             let caption = match caption {
                 CaptionRef::Text(text) => Some(text.clone()),
-                CaptionRef::File(location) => read_object(location)?.map(|b| b.to_vec()),
+                CaptionRef::File(location) => {
+                    sidecar(location, "caption_too_long")?.map(|b| b.to_vec())
+                }
                 CaptionRef::Missing => None,
             };
             let metadata = match metadata {
-                Some(location) => read_object(location)?,
+                Some(location) => sidecar(location, "metadata_too_large")?,
                 None => None,
+            };
+            let picture = match refused {
+                Some(reason) => Err(reason),
+                None => match read_capped(image, max_image_bytes)? {
+                    Capped::Bytes(bytes) => Ok(bytes),
+                    Capped::TooLarge => Err("too_large"),
+                    Capped::Missing => Err("missing_file"),
+                },
             };
             Loaded {
                 key: key.clone(),
                 source: image.uri(),
-                image: read_image(image, max_image_bytes)?.unwrap_or(Err("missing_file")),
+                image: picture,
                 caption,
                 metadata: metadata.and_then(|b| String::from_utf8(b.to_vec()).ok()),
             }
@@ -939,13 +965,18 @@ fn stream_tar(
     }
     #[derive(Default)]
     struct Member {
+        /// Why the sample is refused whatever else it holds (a caption member over the cap).
+        refused: Option<Reason>,
         image: Option<Result<Vec<u8>, Reason>>,
         caption: Option<Vec<u8>>,
         metadata: Option<String>,
     }
     let emit = |key: String, member: Member| Loaded {
         source: format!("{}#{key}", location.uri()),
-        image: member.image.unwrap_or(Err("no_image")).map(Bytes::from),
+        image: match member.refused {
+            Some(reason) => Err(reason),
+            None => member.image.unwrap_or(Err("no_image")).map(Bytes::from),
+        },
         caption: member.caption,
         metadata: member.metadata,
         key,
@@ -992,8 +1023,12 @@ fn stream_tar(
                     )));
                 }
                 // Members no sample uses (audio, video, arrays) are skipped unread, and so is
-                // an image over the cap.
-                let oversized = matches!(part, Some(Part::Image)) && entry.size() > max_image_bytes;
+                // a member over its cap.
+                let oversized = entry.size()
+                    > match part {
+                        Some(Part::Image) => max_image_bytes,
+                        _ => MAX_SIDECAR_BYTES,
+                    };
                 let mut data = Vec::new();
                 if part.is_some() && !oversized && entry.read_to_end(&mut data).is_err() {
                     truncated = true;
@@ -1002,6 +1037,12 @@ fn stream_tar(
                 let (_, member) =
                     pending.get_or_insert_with(|| (stem.to_string(), Member::default()));
                 match part {
+                    Some(Part::Caption) if oversized => {
+                        member.refused.get_or_insert("caption_too_long");
+                    }
+                    Some(Part::Metadata) if oversized => {
+                        member.refused.get_or_insert("metadata_too_large");
+                    }
                     Some(Part::Caption) => member.caption = Some(data),
                     Some(Part::Metadata) => member.metadata = String::from_utf8(data).ok(),
                     Some(Part::Image) if oversized => member.image = Some(Err("too_large")),

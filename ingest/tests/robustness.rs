@@ -131,22 +131,35 @@ fn broken_inputs_are_counted_and_never_fatal() {
 /// An image file, or a tar's image member, longer than the byte cap (8 bytes for each pixel
 /// `--max-source-pixels` allows, and a MiB) is refused as `too_large` before it is read: a
 /// picture padded past the cap decodes fine (the first run keeps it), so only the cap refuses
-/// it.
+/// it. A caption over 16 MiB is refused the same way (`caption_too_long`), though white space
+/// would have collapsed it to a short one.
 #[test]
-fn images_over_the_byte_cap_are_refused_unread() {
+fn images_and_captions_over_their_byte_caps_are_refused_unread() {
     let dir = tempfile::tempdir().unwrap();
     let cap = 64 * 64 * 8 + (1 << 20);
     let samples = [
-        ("padded".to_string(), padded_png(1, cap)),
-        ("plain".to_string(), png(40, 40, 2)),
+        (
+            "padded",
+            padded_png(1, cap),
+            "caption of padded".to_string(),
+        ),
+        ("plain", png(40, 40, 2), "caption of plain".to_string()),
+        (
+            "spaced",
+            png(40, 40, 3),
+            " ".repeat(16 << 20) + "a caption after much white space",
+        ),
     ];
     let folder = dir.path().join("folder");
-    for (key, bytes) in &samples {
+    let mut members = Vec::new();
+    for (key, bytes, caption) in &samples {
         write(&folder, &format!("{key}.png"), bytes);
-        write(&folder, &format!("{key}.txt"), format!("caption of {key}"));
+        write(&folder, &format!("{key}.txt"), caption);
+        members.push((format!("{key}.png"), bytes.clone()));
+        members.push((format!("{key}.txt"), caption.clone().into_bytes()));
     }
     let tars = dir.path().join("tars");
-    write(&tars, "00000.tar", webdataset_tar(&samples));
+    write(&tars, "00000.tar", tar_of(&members));
     for (name, input) in [("folder", &folder), ("tars", &tars)] {
         let run = |out: &str, extra: &[&str]| {
             let out = dir.path().join(out);
@@ -156,11 +169,20 @@ fn images_over_the_byte_cap_are_refused_unread() {
             assert_eq!(code, 0, "{text}");
             pairs_rows(out.to_str().unwrap())
         };
-        let (_, rows) = run(&format!("{name}-uncapped"), &[]);
+        let (manifest, rows) = run(&format!("{name}-uncapped"), &[]);
         assert_eq!(sorted_keys(&rows), ["padded", "plain"], "{name}");
+        assert_eq!(
+            rejected(&manifest),
+            json!({"caption_too_long": 1}),
+            "{name}"
+        );
         let (manifest, rows) = run(&format!("{name}-capped"), &["--max-source-pixels", "4096"]);
         assert_eq!(sorted_keys(&rows), ["plain"], "{name}");
-        assert_eq!(rejected(&manifest), json!({"too_large": 1}), "{name}");
+        assert_eq!(
+            rejected(&manifest),
+            json!({"caption_too_long": 1, "too_large": 1}),
+            "{name}"
+        );
     }
 }
 

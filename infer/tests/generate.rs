@@ -1152,3 +1152,50 @@ fn a_prompt_list_resumes_and_is_shared_across_jobs_with_the_pictures_of_one_run(
         "{text}"
     );
 }
+
+/// Model configs that cannot be built, in otherwise consistent stages: a zero that divides, a
+/// size that is no multiple of another, widths the weights do not have. Each is refused
+/// naming the stage and the field, before any model is built from it (no assertion fails, no
+/// allocation of a model its weights cannot fill).
+#[test]
+fn model_configs_that_cannot_be_built_are_refused_by_name() {
+    type Edit = fn(&mut serde_json::Value);
+    let dir = trained();
+    let cases: [(&str, Edit, &str); 6] = [
+        ("vqgan", |c| c["patch_size"] = 0.into(), "patch_size is 0"),
+        (
+            "vqgan",
+            |c| c["patch_size"] = 7.into(),
+            "image_size (64) is not a multiple of patch_size (7)",
+        ),
+        ("parti", |c| c["n_heads"] = 0.into(), "n_heads is 0"),
+        ("parti", |c| c["d_model"] = 4096.into(), "more than its"),
+        (
+            "text-encoder",
+            |c| c["contrastive"]["image_tower"]["n_heads"] = 5.into(),
+            "image_tower.d_model (96) is not a multiple of image_tower.n_heads (5)",
+        ),
+        (
+            "text-encoder",
+            |c| c["text_encoder"]["vocab_size"] = (1u64 << 40).into(),
+            "text_encoder.vocab_size is 1099511627776",
+        ),
+    ];
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    for (case, (stage, edit, expected)) in cases.into_iter().enumerate() {
+        let broken = dir.join(format!("broken-{case}-{stage}"));
+        manifests::testing::copy_stage_with_config(&dir.join(stage), &broken, edit);
+        let broken = broken.to_str().unwrap().to_string();
+        let (parti, vqgan, text_encoder) = match stage {
+            "vqgan" => (path("parti"), broken.clone(), path("text-encoder")),
+            "parti" => (broken.clone(), path("vqgan"), path("text-encoder")),
+            _ => (path("parti"), path("vqgan"), broken.clone()),
+        };
+        let refused = Generator::load(&parti, Some(&vqgan), Some(&text_encoder), "cpu");
+        let error = refused.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            error.contains(expected) && error.contains(&broken),
+            "{stage}: {expected:?} in {error:?}"
+        );
+    }
+}

@@ -14,6 +14,7 @@
 //! [`load_text_encoder`], [`load_parti`], [`load_superres`]); the artifact kinds those stages publish are the
 //! constants here, so writer and reader cannot drift apart.
 
+mod checks;
 pub mod parti;
 pub mod sampling;
 pub mod superres;
@@ -73,6 +74,8 @@ fn load_weights<M: ModuleSnapshot>(
 /// The ViT-VQGAN a `vqgan train` or `vqgan finetune-decoder` manifest publishes, on `device`.
 pub fn load_vqgan(stage: &Upstream, device: &Device) -> Result<(VitVqganConfig, VitVqgan), Error> {
     let config: VitVqganConfig = read_config(stage)?;
+    checks::vqgan(stage, &config)?;
+    checks::fits_weights(stage, VQGAN_KIND, config.num_params())?;
     let mut model = config.init(device);
     load_weights(&mut model, stage, VQGAN_KIND)?;
     Ok((config, model))
@@ -84,6 +87,9 @@ pub fn load_text_encoder(
     device: &Device,
 ) -> Result<(PretrainedConfigs, TextEncoder, Contrastive), Error> {
     let configs: PretrainedConfigs = read_config(stage)?;
+    checks::text_encoder(stage, &configs.text_encoder, &configs.contrastive)?;
+    checks::fits_weights(stage, TEXT_ENCODER_KIND, configs.text_encoder.num_params())?;
+    checks::fits_weights(stage, CONTRASTIVE_KIND, configs.contrastive.num_params())?;
     let mut encoder = configs.text_encoder.init(device);
     load_weights(&mut encoder, stage, TEXT_ENCODER_KIND)?;
     let mut contrastive = configs.contrastive.init(device);
@@ -100,28 +106,20 @@ pub fn load_text_encoder_weights(encoder: &mut TextEncoder, stage: &Upstream) ->
 /// The model a `train parti` manifest publishes.
 pub fn load_parti(stage: &Upstream, device: &Device) -> Result<(PartiConfig, Parti), Error> {
     let config: PartiConfig = read_config(stage)?;
+    checks::parti(stage, &config)?;
+    checks::fits_weights(stage, PARTI_KIND, config.num_params())?;
     let mut model = config.init(device);
     load_weights(&mut model, stage, PARTI_KIND)?;
     Ok((config, model))
 }
 
 /// The config of the super-resolution model a `vqgan superres` manifest publishes, checked
-/// against its weights before anything is allocated: a config naming more parameters than the
-/// weights file could hold (at 2 bytes each, the narrowest) is refused.
+/// against its weights before anything is allocated.
 pub fn superres_config(stage: &Upstream) -> Result<SuperResConfig, Error> {
     let config: SuperResConfig = read_config(stage)?;
     config.check()?;
-    let weights = stage.artifact_of_kind(SUPERRES_KIND)?;
-    // The file's own size, not only what the manifest says of it.
-    let bytes = weights.bytes.min(stage.artifact_location(weights)?.size()?);
-    let parameters = config.parameter_count();
-    if parameters.saturating_mul(2) > bytes {
-        return Err(Error::Data(format!(
-            "{}: its config describes {parameters} parameters, more than its {bytes}-byte \
-             weights hold",
-            stage.location.uri()
-        )));
-    }
+    let parameters = usize::try_from(config.parameter_count()).unwrap_or(usize::MAX);
+    checks::fits_weights(stage, SUPERRES_KIND, parameters)?;
     Ok(config)
 }
 

@@ -128,6 +128,14 @@ pub struct ImageTower {
 }
 
 impl ImageTowerConfig {
+    /// Counted from shapes alone.
+    pub fn num_params(&self) -> usize {
+        let (d, grid) = (self.d_model, self.image_size / self.patch_size.max(1));
+        let patch_values = 3 * self.patch_size.pow(2);
+        let block = TransformerBlockConfig::new(d, self.n_heads, self.d_mlp);
+        patch_values * d + d + grid * grid * d + self.n_layers * block.num_params() + 2 * d
+    }
+
     pub fn init(&self, device: &Device) -> ImageTower {
         let grid = self.image_size / self.patch_size;
         ImageTower {
@@ -179,6 +187,14 @@ pub struct ContrastiveConfig {
 }
 
 impl ContrastiveConfig {
+    /// Counted from shapes alone: the image tower, both projections (no bias) and the learned
+    /// temperature.
+    pub fn num_params(&self) -> usize {
+        self.image_tower.num_params()
+            + (self.text_d_model + self.image_tower.d_model) * self.projection_dim
+            + 1
+    }
+
     pub fn init(&self, device: &Device) -> Contrastive {
         Contrastive {
             image_tower: self.image_tower.init(device),

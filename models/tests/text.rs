@@ -391,4 +391,14 @@ fn presets_match_the_paper_parameter_counts() {
     let device = backend::device("cpu").unwrap();
     let tiny = PartiConfig::preset("tiny", 1000, 128, 8, 512).unwrap();
     assert_eq!(tiny.init(&device).num_params(), tiny.num_params());
+    // The contrastive pair's count, which a loaded config is checked against its weights with.
+    let contrastive = models::text_encoder::ContrastiveConfig::new(
+        48,
+        models::text_encoder::ImageTowerConfig::new(32, 24, 2, 4, 40).with_patch_size(4),
+        16,
+    );
+    assert_eq!(
+        contrastive.init(&device).num_params(),
+        contrastive.num_params()
+    );
 }

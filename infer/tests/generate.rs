@@ -1161,7 +1161,7 @@ fn a_prompt_list_resumes_and_is_shared_across_jobs_with_the_pictures_of_one_run(
 fn model_configs_that_cannot_be_built_are_refused_by_name() {
     type Edit = fn(&mut serde_json::Value);
     let dir = trained();
-    let cases: [(&str, Edit, &str); 6] = [
+    let cases: [(&str, Edit, &str); 9] = [
         ("vqgan", |c| c["patch_size"] = 0.into(), "patch_size is 0"),
         (
             "vqgan",
@@ -1169,6 +1169,16 @@ fn model_configs_that_cannot_be_built_are_refused_by_name() {
             "image_size (64) is not a multiple of patch_size (7)",
         ),
         ("parti", |c| c["n_heads"] = 0.into(), "n_heads is 0"),
+        (
+            "parti",
+            |c| c["dropout"] = 1.0.into(),
+            "dropout is 1, not within [0, 1)",
+        ),
+        (
+            "parti",
+            |c| c["grid"] = 512.into(),
+            "grid is 512, not within 1..=256",
+        ),
         ("parti", |c| c["d_model"] = 4096.into(), "more than its"),
         (
             "text-encoder",
@@ -1179,6 +1189,11 @@ fn model_configs_that_cannot_be_built_are_refused_by_name() {
             "text-encoder",
             |c| c["text_encoder"]["vocab_size"] = (1u64 << 40).into(),
             "text_encoder.vocab_size is 1099511627776",
+        ),
+        (
+            "text-encoder",
+            |c| c["contrastive"]["text_d_model"] = 64.into(),
+            "contrastive.text_d_model (64) is not text_encoder.d_model (128)",
         ),
     ];
     let path = |name: &str| dir.join(name).to_str().unwrap().to_string();

@@ -16,6 +16,7 @@ use crate::vqgan::{VitConfig, VitVqganConfig};
 /// cannot overflow.
 const MAX_WIDTH: usize = 1 << 18;
 const MAX_LAYERS: usize = 1 << 12;
+const MAX_VOCABULARY: usize = 1 << 24;
 
 /// The problems found in one config, each naming its field.
 #[derive(Default)]
@@ -24,11 +25,37 @@ struct Sizes {
 }
 
 impl Sizes {
-    /// A width, a vocabulary or a side: at least 1.
-    fn width(&mut self, name: &str, value: usize) -> &mut Sizes {
-        if !(1..=MAX_WIDTH).contains(&value) {
+    fn within(&mut self, name: &str, value: usize, least: usize, most: usize) -> &mut Sizes {
+        if !(least..=most).contains(&value) {
             self.problems
-                .push(format!("{name} is {value}, not within 1..={MAX_WIDTH}"));
+                .push(format!("{name} is {value}, not within {least}..={most}"));
+        }
+        self
+    }
+
+    /// A width or a side: at least 1.
+    fn width(&mut self, name: &str, value: usize) -> &mut Sizes {
+        self.within(name, value, 1, MAX_WIDTH)
+    }
+
+    /// Codes are stored as 16-bit ids.
+    fn codebook(&mut self, name: &str, value: usize) -> &mut Sizes {
+        self.within(name, value, 2, 1 << 16)
+    }
+
+    fn same(&mut self, name: &str, value: usize, other: &str, expected: usize) -> &mut Sizes {
+        if value != expected {
+            self.problems
+                .push(format!("{name} ({value}) is not {other} ({expected})"));
+        }
+        self
+    }
+
+    /// A dropout rate: Burn refuses any outside [0, 1).
+    fn rate(&mut self, name: &str, value: f64) -> &mut Sizes {
+        if !(0.0..1.0).contains(&value) {
+            self.problems
+                .push(format!("{name} is {value}, not within [0, 1)"));
         }
         self
     }
@@ -90,9 +117,16 @@ impl Sizes {
 
     fn text_encoder(&mut self, prefix: &str, config: &TextEncoderConfig) -> &mut Sizes {
         let c = config;
-        self.width(&format!("{prefix}vocab_size"), c.vocab_size)
-            .width(&format!("{prefix}max_length"), c.max_length)
-            .stack(prefix, c.d_model, c.n_layers, c.n_heads, c.d_mlp)
+        // An adopted SentencePiece model may bring any vocabulary; the weights bound it.
+        self.within(
+            &format!("{prefix}vocab_size"),
+            c.vocab_size,
+            1,
+            MAX_VOCABULARY,
+        )
+        .width(&format!("{prefix}max_length"), c.max_length)
+        .stack(prefix, c.d_model, c.n_layers, c.n_heads, c.d_mlp)
+        .rate(&format!("{prefix}dropout"), c.dropout)
     }
 
     fn image_tower(&mut self, config: &ImageTowerConfig) -> &mut Sizes {
@@ -119,7 +153,7 @@ pub(crate) fn vqgan(stage: &Upstream, config: &VitVqganConfig) -> Result<(), Err
         .picture("", config.image_size, config.patch_size)
         .vit("encoder.", &config.encoder)
         .vit("decoder.", &config.decoder)
-        .width("quantizer.codebook_size", config.quantizer.codebook_size)
+        .codebook("quantizer.codebook_size", config.quantizer.codebook_size)
         .width("quantizer.code_dim", config.quantizer.code_dim);
     sizes.finish(stage)
 }
@@ -132,7 +166,12 @@ pub(crate) fn text_encoder(
     let mut sizes = Sizes::default();
     sizes
         .text_encoder("text_encoder.", text_encoder)
-        .width("contrastive.text_d_model", contrastive.text_d_model)
+        .same(
+            "contrastive.text_d_model",
+            contrastive.text_d_model,
+            "text_encoder.d_model",
+            text_encoder.d_model,
+        )
         .width("contrastive.projection_dim", contrastive.projection_dim)
         .image_tower(&contrastive.image_tower);
     sizes.finish(stage)
@@ -143,9 +182,12 @@ pub(crate) fn parti(stage: &Upstream, config: &PartiConfig) -> Result<(), Error>
     let mut sizes = Sizes::default();
     sizes
         .text_encoder("encoder.", &c.encoder)
-        .width("grid", c.grid)
-        .width("codebook_size", c.codebook_size)
+        // Sampling builds masks of grid^4 entries: 256 (2048 px pictures at 8 px patches) is
+        // 4 G of them.
+        .within("grid", c.grid, 1, 256)
+        .codebook("codebook_size", c.codebook_size)
         .stack("", c.d_model, c.n_layers, c.n_heads, c.d_mlp)
+        .rate("dropout", c.dropout)
         .count("conv_window", c.conv_window)
         .count("full_attention_every", c.full_attention_every);
     sizes.finish(stage)

@@ -290,7 +290,7 @@ impl Generator {
                 vqgan.uri
             );
         }
-        let (config, model) = models::load_superres(&stage, &self.device)?;
+        let model = models::load_superres(&stage, &config, &self.device)?;
         self.provenance.push((stage.location.uri(), digest));
         self.upscaler = Some(Upscaler {
             model,

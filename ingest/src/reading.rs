@@ -75,19 +75,6 @@ fn is_absent(kind: ErrorKind) -> bool {
     )
 }
 
-/// The bytes of the file at `location`; `None` when there is no file there (a missing image is
-/// a rejection of its sample), an error naming the file when the store or disk fails.
-pub fn read_object(location: &Location) -> Result<Option<Bytes>, Error> {
-    if let Some(path) = location.local_path() {
-        return match std::fs::read(&path) {
-            Ok(bytes) => Ok(Some(Bytes::from(bytes))),
-            Err(e) if is_absent(e.kind()) => Ok(None),
-            Err(e) => Err(Error::Io(format!("cannot read {location}: {e}"))),
-        };
-    }
-    Ok(location.get_if_present()?)
-}
-
 /// A file read up to a cap.
 pub enum Capped {
     Bytes(Bytes),
@@ -98,8 +85,8 @@ pub enum Capped {
     Missing,
 }
 
-/// The bytes of the file at `location` as [`read_object`] reads them, unless it is longer
-/// than `max_bytes`.
+/// The bytes of the file at `location`, unless it is longer than `max_bytes`. A missing file
+/// is a rejection of its sample; a store or disk that fails to read one is an error naming it.
 pub fn read_capped(location: &Location, max_bytes: u64) -> Result<Capped, Error> {
     if let Some(path) = location.local_path() {
         let opened = File::open(&path).and_then(|file| Ok((file.metadata()?.len(), file)));

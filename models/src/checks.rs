@@ -197,10 +197,9 @@ pub(crate) fn parti(stage: &Upstream, config: &PartiConfig) -> Result<(), Error>
 /// (the narrowest a checkpoint stores), by the file's own size as well as the manifest's
 /// record of it: a config naming sizes its weights do not have is refused before the model is
 /// allocated, rather than after.
-pub(crate) fn fits_weights(stage: &Upstream, kind: &str, parameters: usize) -> Result<(), Error> {
+pub(crate) fn fits_weights(stage: &Upstream, kind: &str, parameters: u64) -> Result<(), Error> {
     let weights = stage.artifact_of_kind(kind)?;
     let bytes = weights.bytes.min(stage.artifact_location(weights)?.size()?);
-    let parameters = parameters as u64;
     if parameters.saturating_mul(2) > bytes {
         return Err(Error::Data(format!(
             "{}: its config describes {parameters} parameters, more than its {bytes}-byte \

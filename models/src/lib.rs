@@ -75,7 +75,7 @@ fn load_weights<M: ModuleSnapshot>(
 pub fn load_vqgan(stage: &Upstream, device: &Device) -> Result<(VitVqganConfig, VitVqgan), Error> {
     let config: VitVqganConfig = read_config(stage)?;
     checks::vqgan(stage, &config)?;
-    checks::fits_weights(stage, VQGAN_KIND, config.num_params())?;
+    checks::fits_weights(stage, VQGAN_KIND, config.num_params() as u64)?;
     let mut model = config.init(device);
     load_weights(&mut model, stage, VQGAN_KIND)?;
     Ok((config, model))
@@ -88,8 +88,16 @@ pub fn load_text_encoder(
 ) -> Result<(PretrainedConfigs, TextEncoder, Contrastive), Error> {
     let configs: PretrainedConfigs = read_config(stage)?;
     checks::text_encoder(stage, &configs.text_encoder, &configs.contrastive)?;
-    checks::fits_weights(stage, TEXT_ENCODER_KIND, configs.text_encoder.num_params())?;
-    checks::fits_weights(stage, CONTRASTIVE_KIND, configs.contrastive.num_params())?;
+    checks::fits_weights(
+        stage,
+        TEXT_ENCODER_KIND,
+        configs.text_encoder.num_params() as u64,
+    )?;
+    checks::fits_weights(
+        stage,
+        CONTRASTIVE_KIND,
+        configs.contrastive.num_params() as u64,
+    )?;
     let mut encoder = configs.text_encoder.init(device);
     load_weights(&mut encoder, stage, TEXT_ENCODER_KIND)?;
     let mut contrastive = configs.contrastive.init(device);
@@ -107,7 +115,7 @@ pub fn load_text_encoder_weights(encoder: &mut TextEncoder, stage: &Upstream) ->
 pub fn load_parti(stage: &Upstream, device: &Device) -> Result<(PartiConfig, Parti), Error> {
     let config: PartiConfig = read_config(stage)?;
     checks::parti(stage, &config)?;
-    checks::fits_weights(stage, PARTI_KIND, config.num_params())?;
+    checks::fits_weights(stage, PARTI_KIND, config.num_params() as u64)?;
     let mut model = config.init(device);
     load_weights(&mut model, stage, PARTI_KIND)?;
     Ok((config, model))
@@ -118,18 +126,18 @@ pub fn load_parti(stage: &Upstream, device: &Device) -> Result<(PartiConfig, Par
 pub fn superres_config(stage: &Upstream) -> Result<SuperResConfig, Error> {
     let config: SuperResConfig = read_config(stage)?;
     config.check()?;
-    let parameters = usize::try_from(config.parameter_count()).unwrap_or(usize::MAX);
-    checks::fits_weights(stage, SUPERRES_KIND, parameters)?;
+    checks::fits_weights(stage, SUPERRES_KIND, config.parameter_count())?;
     Ok(config)
 }
 
-/// The super-resolution model a `vqgan superres` manifest publishes.
+/// The super-resolution model a `vqgan superres` manifest publishes, built from its config as
+/// [`superres_config`] read and checked it (so a caller can look at the config first).
 pub fn load_superres(
     stage: &Upstream,
+    config: &SuperResConfig,
     device: &Device,
-) -> Result<(SuperResConfig, SuperResolution), Error> {
-    let config = superres_config(stage)?;
+) -> Result<SuperResolution, Error> {
     let mut model = config.init(device);
     load_weights(&mut model, stage, SUPERRES_KIND)?;
-    Ok((config, model))
+    Ok(model)
 }

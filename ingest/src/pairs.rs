@@ -14,10 +14,10 @@ use crate::Reason;
 use crate::download::{DownloadRules, Downloader, is_transient, redacted};
 use crate::process::{ImageConfig, RawSample, process};
 use crate::sources::{
-    InputFormat, Loaded, SourceConfig, Unit, detect_format, enumerate, image_root, load,
+    InputFormat, Loaded, SourceConfig, Unit, detect_format, enumerate_job, image_root, load,
     stream_container,
 };
-use crate::{Error, RunOptions, ShardSet, begin_with_input, job_range, tool};
+use crate::{Error, RunOptions, ShardSet, begin_with_input, tool};
 use manifests::shards::pairs::{self, PairRow};
 use manifests::{Location, Manifest, StageRun};
 
@@ -527,7 +527,11 @@ fn read_failures(shards: &ShardSet<'_>, name: &str) -> Result<Vec<(String, Strin
 /// The images a COCO, CSV, TSV or JSONL file names, each once, under its path relative to the
 /// image root (as the list spells it): inputs of the run like the list itself. Folders and
 /// containers are identified by listing them instead.
-fn named_images(units: &[Unit], format: InputFormat, root: &Location) -> Vec<(String, Location)> {
+fn named_images(
+    images: &[Location],
+    format: InputFormat,
+    root: &Location,
+) -> Vec<(String, Location)> {
     let lists = [
         InputFormat::Coco,
         InputFormat::Csv,
@@ -538,11 +542,9 @@ fn named_images(units: &[Unit], format: InputFormat, root: &Location) -> Vec<(St
         return Vec::new();
     }
     let mut named = BTreeMap::new();
-    for unit in units {
-        if let Unit::Sample { image, .. } = unit {
-            let name = image.relative_to(root).unwrap_or_else(|| image.uri());
-            named.entry(name).or_insert_with(|| image.clone());
-        }
+    for image in images {
+        let name = image.relative_to(root).unwrap_or_else(|| image.uri());
+        named.entry(name).or_insert_with(|| image.clone());
     }
     named.into_iter().collect()
 }
@@ -565,8 +567,8 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
         .iter()
         .map(|r| Location::parse(r))
         .collect::<Result<_, _>>()?;
-    let units = enumerate(&config.source, format)?;
-    if units.is_empty() {
+    let job = enumerate_job(&config.source, format, options.shard)?;
+    if job.total == 0 {
         // Else a run would publish a stage of no rows, and only a later stage would say why.
         let format = format.to_possible_value().map(|v| v.get_name().to_string());
         return Err(Error::Usage(format!(
@@ -574,10 +576,9 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
             format.unwrap_or_default()
         )));
     }
-    let named = named_images(&units, format, &image_root(&config.source, &input)?);
+    let named = named_images(&job.images, format, &image_root(&config.source, &input)?);
     let existing = begin_with_input(&mut run, &input, &named, &image_roots, options.force)?;
-    let range = job_range(units.len(), options.shard);
-    let mine = &units[range.clone()];
+    let (range, mine) = (job.range, &job.units[..]);
     let downloads = mine.iter().any(|unit| matches!(unit, Unit::Url { .. }));
     if let Some(existing) = existing {
         if downloads && options.download.retry_failed {
@@ -588,9 +589,7 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
 
     info!(
         "{format:?} input {input}: {} units, this job takes {}..{}",
-        units.len(),
-        range.start,
-        range.end
+        job.total, range.start, range.end
     );
     let chunks = chunks(mine, config.shard_rows);
     let mut writer = Writer {

@@ -6,13 +6,14 @@
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Seek, SeekFrom};
-use std::ops::ControlFlow;
+use std::ops::{ControlFlow, Range};
 use std::sync::{Arc, OnceLock};
 
 use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
 use bytes::Bytes;
 use manifests::Location;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
 use parquet::errors::ParquetError;
 
 use crate::Error;
@@ -153,6 +154,22 @@ impl WatchedParquet {
         Ok(())
     }
 
+    /// The same bytes again, for another reader of them; failures are noted in the same place.
+    fn try_clone(&self, location: &Location) -> Result<WatchedParquet, Error> {
+        let source = match &self.source {
+            ParquetSource::Local(file) => ParquetSource::Local(
+                file.try_clone()
+                    .map_err(|e| Error::Io(format!("cannot read {location}: {e}")))?,
+            ),
+            ParquetSource::Bucket(location) => ParquetSource::Bucket(location.clone()),
+        };
+        Ok(WatchedParquet {
+            source,
+            size: self.size,
+            fault: self.fault.clone(),
+        })
+    }
+
     fn failed(&self, error: impl std::fmt::Display) -> ParquetError {
         self.fault.note(&error);
         ParquetError::General(error.to_string())
@@ -216,6 +233,105 @@ pub fn stream_parquet(
     batch_rows: usize,
     each: &mut dyn FnMut(RecordBatch) -> Result<ControlFlow<()>, Error>,
 ) -> Result<Result<(), String>, Error> {
+    stream_watched(open_parquet(location)?, location, batch_rows, each)
+}
+
+/// Hands `each` the rows `rows` of the parquet file at `location` in record batches of at most
+/// `batch_rows`, each with the index of its first row in the file. Only the row groups that
+/// hold those rows are read, each on its own: a damaged row group costs its own rows and
+/// no others. Returns the rows that could not be read (damage, or a file with fewer rows than
+/// asked for); `Err`: the store or disk failed, or `each` did.
+pub fn stream_parquet_rows(
+    location: &Location,
+    batch_rows: usize,
+    rows: Range<usize>,
+    each: &mut dyn FnMut(usize, RecordBatch) -> Result<(), Error>,
+) -> Result<Vec<Range<usize>>, Error> {
+    let reader = open_parquet(location)?;
+    let damaged = |error: ParquetError| match reader.fault.error(location) {
+        Some(failed) => Err(failed),
+        None => Ok(error),
+    };
+    let metadata = match ArrowReaderMetadata::load(&reader, Default::default()) {
+        Ok(metadata) => metadata,
+        Err(e) => {
+            damaged(e)?;
+            return Ok(vec![rows]);
+        }
+    };
+    let mut lost = Vec::new();
+    let mut group_start = 0;
+    for (index, group) in metadata.metadata().row_groups().iter().enumerate() {
+        let group_rows = group_start..group_start + usize::try_from(group.num_rows()).unwrap_or(0);
+        group_start = group_rows.end;
+        let share = rows.start.max(group_rows.start)..rows.end.min(group_rows.end);
+        if share.is_empty() {
+            continue;
+        }
+        let mut next = share.start;
+        let batches = ParquetRecordBatchReaderBuilder::new_with_metadata(
+            reader.try_clone(location)?,
+            metadata.clone(),
+        )
+        .with_batch_size(batch_rows.max(1))
+        .with_row_groups(vec![index])
+        .with_offset(share.start - group_rows.start)
+        .with_limit(share.len())
+        .build();
+        match batches {
+            Ok(batches) => {
+                for batch in batches {
+                    match batch {
+                        Ok(batch) => {
+                            let read = batch.num_rows();
+                            each(next, batch)?;
+                            next += read;
+                        }
+                        Err(e) => {
+                            damaged(e.into())?;
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                damaged(e)?;
+            }
+        }
+        if next < share.end {
+            lost.push(next..share.end);
+        }
+    }
+    if group_start < rows.end {
+        lost.push(rows.start.max(group_start)..rows.end);
+    }
+    Ok(lost)
+}
+
+/// What a parquet file's footer says, read without its data: its columns and its rows.
+pub struct ParquetFooter {
+    pub schema: SchemaRef,
+    pub rows: usize,
+}
+
+/// The footer of the parquet file at `location`. `Ok(Err(why))`: the file is damaged (not
+/// parquet, cut short); `Err`: the store or disk failed.
+pub fn parquet_footer(location: &Location) -> Result<Result<ParquetFooter, String>, Error> {
+    let reader = open_parquet(location)?;
+    let fault = reader.fault.clone();
+    match ParquetRecordBatchReaderBuilder::try_new(reader) {
+        Ok(builder) => Ok(Ok(ParquetFooter {
+            schema: builder.schema().clone(),
+            rows: usize::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0),
+        })),
+        Err(e) => match fault.error(location) {
+            Some(failed) => Err(failed),
+            None => Ok(Err(e.to_string())),
+        },
+    }
+}
+
+fn open_parquet(location: &Location) -> Result<WatchedParquet, Error> {
     let (source, size) = match location.local_path() {
         Some(path) => {
             let (file, size) = File::open(&path)
@@ -226,16 +342,11 @@ pub fn stream_parquet(
         }
         None => (ParquetSource::Bucket(location.clone()), location.size()?),
     };
-    stream_watched(
-        WatchedParquet {
-            source,
-            size,
-            fault: ReadFault::default(),
-        },
-        location,
-        batch_rows,
-        each,
-    )
+    Ok(WatchedParquet {
+        source,
+        size,
+        fault: ReadFault::default(),
+    })
 }
 
 /// [`stream_parquet`] over bytes already opened.

@@ -9,18 +9,21 @@
 //! others.
 
 use std::collections::BTreeMap;
-use std::io::{Cursor, Read};
-use std::ops::ControlFlow;
+use std::io::{BufRead, Read};
+use std::ops::{ControlFlow, Range};
 
 use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, RecordBatch};
-use arrow_schema::DataType;
+use arrow_schema::{DataType, Field, Schema};
 use bytes::Bytes;
-use manifests::Location;
+use manifests::{Location, ShardSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::reading::{Capped, ReadFault, open_watched, read_capped, stream_parquet};
-use crate::{Error, Reason};
+use crate::reading::{
+    Capped, ReadFault, Watched, open_watched, parquet_footer, read_capped, stream_parquet,
+    stream_parquet_rows,
+};
+use crate::{Error, Reason, job_range};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
@@ -221,21 +224,73 @@ pub fn detect_format(input: &Location, format: InputFormat) -> Result<InputForma
     })
 }
 
-/// Enumerates the units of work, in the same order for every job.
-pub fn enumerate(config: &SourceConfig, format: InputFormat) -> Result<Vec<Unit>, Error> {
+/// One job's share of a source (see [`enumerate_job`]).
+pub struct JobUnits {
+    /// How many units the whole source has.
+    pub total: usize,
+    /// Which of them are this job's: [`job_range`] over `total`.
+    pub range: Range<usize>,
+    /// This job's units, built.
+    pub units: Vec<Unit>,
+    /// The image of every local sample in the whole source, this job's or not: the images a
+    /// list names are inputs of each job's run.
+    pub images: Vec<Location>,
+}
+
+/// Enumerates the source's units in the same order for every job and builds this job's share
+/// of them only, so that a job of a batch array over a list of a hundred million URLs holds
+/// its own rows and not the list. A CSV, TSV or JSONL list is read twice: once to count its
+/// rows (and name its local images), once up to the end of the job's share. Parquet lists are
+/// counted from their footers, and only the row groups of the share are read.
+pub fn enumerate_job(
+    config: &SourceConfig,
+    format: InputFormat,
+    shard: ShardSpec,
+) -> Result<JobUnits, Error> {
     let input = Location::parse(&config.input)?;
     match format {
-        InputFormat::Auto => enumerate(config, detect_format(&input, format)?),
-        InputFormat::Folder => folder_units(&input),
-        InputFormat::Coco => coco_units(config, &input),
-        InputFormat::Csv | InputFormat::Tsv => table_units(config, &input, format),
-        InputFormat::Jsonl => jsonl_units(config, &input),
+        InputFormat::Auto => enumerate_job(config, detect_format(&input, format)?, shard),
+        InputFormat::Csv | InputFormat::Tsv | InputFormat::Jsonl => {
+            let pass = |sink: &mut Sink| match format {
+                InputFormat::Jsonl => jsonl_units(config, &input, sink),
+                _ => table_units(config, &input, format, sink),
+            };
+            if shard.count <= 1 {
+                let mut all = Sink::new(0..usize::MAX, true);
+                pass(&mut all)?;
+                return Ok(all.into_job(shard));
+            }
+            let mut counted = Sink::new(0..0, true);
+            pass(&mut counted)?;
+            let range = job_range(counted.count, shard);
+            let mut share = Sink::new(range.clone(), false);
+            pass(&mut share)?;
+            if share.units.len() != range.len() {
+                return Err(Error::Io(format!(
+                    "{input} changed while it was read: it had {} rows, then fewer",
+                    counted.count
+                )));
+            }
+            Ok(JobUnits {
+                total: counted.count,
+                range,
+                units: share.units,
+                images: counted.images.unwrap_or_default(),
+            })
+        }
+        InputFormat::Folder | InputFormat::Coco => {
+            let units = match format {
+                InputFormat::Folder => folder_units(&input)?,
+                _ => coco_units(config, &input)?,
+            };
+            let mut all = Sink::new(0..usize::MAX, true);
+            units.into_iter().for_each(|unit| all.push(unit));
+            Ok(all.into_job(shard))
+        }
         InputFormat::Parquet | InputFormat::Webdataset => {
-            let is_parquet = format == InputFormat::Parquet;
-            let wanted = if format == InputFormat::Parquet {
-                "parquet"
-            } else {
-                "tar"
+            let wanted = match format {
+                InputFormat::Parquet => "parquet",
+                _ => "tar",
             };
             let files: Vec<Location> = if input.exists()? {
                 vec![input.clone()]
@@ -247,26 +302,131 @@ pub fn enumerate(config: &SourceConfig, format: InputFormat) -> Result<Vec<Unit>
                     .filter(|l| extension(l.file_name()).as_deref() == Some(wanted))
                     .collect()
             };
-            let prefixes = key_prefixes(
-                &files,
-                &input,
-                |file| file.file_name().trim_end_matches(".parquet").to_string(),
-                &[".parquet"],
-            );
-            let mut units = Vec::new();
-            for (file, prefix) in files.into_iter().zip(prefixes) {
-                let rows = match is_parquet {
-                    true => parquet_url_units(config, &file, &prefix)?,
-                    false => None,
-                };
-                match rows {
-                    Some(rows) => units.extend(rows),
-                    None => units.push(Unit::Container(file)),
+            match format {
+                InputFormat::Parquet => parquet_job(config, &input, files, shard),
+                _ => {
+                    let mut all = Sink::new(0..usize::MAX, false);
+                    files
+                        .into_iter()
+                        .for_each(|file| all.push(Unit::Container(file)));
+                    Ok(all.into_job(shard))
                 }
             }
-            Ok(units)
         }
     }
+}
+
+/// What a pass over a source keeps: the units within `window`, built, and (with `images` on)
+/// the image of every local sample. It counts every unit, built or not.
+struct Sink {
+    window: Range<usize>,
+    units: Vec<Unit>,
+    images: Option<Vec<Location>>,
+    count: usize,
+}
+
+impl Sink {
+    fn new(window: Range<usize>, images: bool) -> Sink {
+        Sink {
+            window,
+            units: Vec::new(),
+            images: images.then(Vec::new),
+            count: 0,
+        }
+    }
+
+    /// Whether the next unit is looked at, so must be built.
+    fn wants_next(&self) -> bool {
+        self.images.is_some() || self.window.contains(&self.count)
+    }
+
+    /// Whether no later unit is looked at: the pass may stop reading.
+    fn is_done(&self) -> bool {
+        self.images.is_none() && self.count >= self.window.end
+    }
+
+    fn push(&mut self, unit: Unit) {
+        if let (Some(images), Unit::Sample { image, .. }) = (&mut self.images, &unit) {
+            images.push(image.clone());
+        }
+        if self.window.contains(&self.count) {
+            self.units.push(unit);
+        }
+        self.count += 1;
+    }
+
+    /// Counts a unit that is not looked at.
+    fn skip(&mut self) {
+        self.count += 1;
+    }
+
+    /// All units were kept: the job's share of them.
+    fn into_job(self, shard: ShardSpec) -> JobUnits {
+        let range = job_range(self.count, shard);
+        let mut units = self.units;
+        JobUnits {
+            total: self.count,
+            units: units.drain(range.clone()).collect(),
+            range,
+            images: self.images.unwrap_or_default(),
+        }
+    }
+}
+
+/// A job's share of a folder (or file) of parquet files. Each URL list counts as its rows and
+/// each img2dataset container (or file damaged before its data) as one unit; all are counted
+/// from their footers, and only the row groups within the share are read.
+fn parquet_job(
+    config: &SourceConfig,
+    input: &Location,
+    files: Vec<Location>,
+    shard: ShardSpec,
+) -> Result<JobUnits, Error> {
+    let prefixes = key_prefixes(
+        &files,
+        input,
+        |file| file.file_name().trim_end_matches(".parquet").to_string(),
+        &[".parquet"],
+    );
+    let mut layout = Vec::with_capacity(files.len());
+    for (file, prefix) in files.into_iter().zip(prefixes) {
+        let list = match parquet_footer(&file)? {
+            Ok(footer) => list_url_column(config, &file, &footer.schema)?
+                .map(|url_column| (url_column, footer.rows)),
+            // Its damage is counted when it is streamed as a container.
+            Err(_) => None,
+        };
+        layout.push((file, prefix, list));
+    }
+    let units_of = |list: &Option<(String, usize)>| list.as_ref().map_or(1, |(_, rows)| *rows);
+    let total = layout.iter().map(|(_, _, list)| units_of(list)).sum();
+    let range = job_range(total, shard);
+    let mut units = Vec::with_capacity(range.len());
+    let mut first = 0;
+    for (file, prefix, list) in layout {
+        let count = units_of(&list);
+        let share = range.start.max(first)..range.end.min(first + count);
+        if !share.is_empty() {
+            match list {
+                None => units.push(Unit::Container(file)),
+                Some((url_column, _)) => parquet_list_rows(
+                    config,
+                    &file,
+                    &prefix,
+                    &url_column,
+                    share.start - first..share.end - first,
+                    &mut units,
+                )?,
+            }
+        }
+        first += count;
+    }
+    Ok(JobUnits {
+        total,
+        range,
+        units,
+        images: Vec::new(),
+    })
 }
 
 #[derive(Default)]
@@ -462,63 +622,123 @@ fn annotation_key(id: Option<u64>, place: usize) -> String {
     }
 }
 
-/// The line where a quoted CSV field opens that the file never closes, read as the csv crate
-/// reads quotes: a quote opens a field only at its start, `""` inside it is a quote, and any
-/// other quote closes it.
-fn unclosed_quote(bytes: &[u8], delimiter: u8) -> Option<usize> {
-    let (mut line, mut opened_at, mut field_start) = (1usize, None::<usize>, true);
-    let mut i = 0;
-    while i < bytes.len() {
-        let byte = bytes[i];
-        if opened_at.is_some() {
-            if byte == b'"' {
-                if bytes.get(i + 1) == Some(&b'"') {
-                    i += 1;
-                } else {
-                    opened_at = None;
-                }
-            }
-        } else {
-            if byte == b'"' && field_start {
-                opened_at = Some(line);
-            }
-            field_start = matches!(byte, b'\n' | b'\r') || byte == delimiter;
-        }
-        if byte == b'\n' {
-            line += 1;
-        }
-        i += 1;
-    }
-    opened_at
+/// Finds the line where a quoted CSV field opens that the file never closes, fed the file's
+/// bytes in order, reading quotes as the csv crate does: a quote opens a field only at its
+/// start, `""` inside it is a quote, and any other quote closes it.
+struct QuoteScan {
+    delimiter: u8,
+    line: usize,
+    state: QuoteState,
 }
 
+#[derive(Clone, Copy)]
+enum QuoteState {
+    Outside {
+        field_start: bool,
+    },
+    Inside {
+        opened_at: usize,
+    },
+    /// A quote inside a quoted field: an escaped quote if another follows, else the field's end.
+    QuoteInside {
+        opened_at: usize,
+    },
+}
+
+impl QuoteScan {
+    fn new(delimiter: u8) -> QuoteScan {
+        QuoteScan {
+            delimiter,
+            line: 1,
+            state: QuoteState::Outside { field_start: true },
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.state = match self.state {
+                QuoteState::Inside { opened_at } if byte == b'"' => {
+                    QuoteState::QuoteInside { opened_at }
+                }
+                QuoteState::Inside { opened_at } => QuoteState::Inside { opened_at },
+                QuoteState::QuoteInside { opened_at } if byte == b'"' => {
+                    QuoteState::Inside { opened_at }
+                }
+                QuoteState::QuoteInside { .. } => self.outside(byte, false),
+                QuoteState::Outside { field_start } => self.outside(byte, field_start),
+            };
+            if byte == b'\n' {
+                self.line += 1;
+            }
+        }
+    }
+
+    fn outside(&self, byte: u8, field_start: bool) -> QuoteState {
+        if byte == b'"' && field_start {
+            return QuoteState::Inside {
+                opened_at: self.line,
+            };
+        }
+        QuoteState::Outside {
+            field_start: matches!(byte, b'\n' | b'\r') || byte == self.delimiter,
+        }
+    }
+
+    /// After the last byte: the line of the quote left open, if one is.
+    fn unclosed(&self) -> Option<usize> {
+        match self.state {
+            QuoteState::Inside { opened_at } => Some(opened_at),
+            _ => None,
+        }
+    }
+}
+
+/// A reader that shows what it reads to a [`QuoteScan`], when it has one.
+struct QuoteScanned<R> {
+    inner: R,
+    scan: Option<QuoteScan>,
+}
+
+impl<R: Read> Read for QuoteScanned<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let read = self.inner.read(out)?;
+        if let Some(scan) = &mut self.scan {
+            scan.feed(&out[..read]);
+        }
+        Ok(read)
+    }
+}
+
+/// One pass over a CSV or TSV list into `sink`, streamed: up to the end of the sink's window,
+/// or through the whole file (and then a quote left open is an error).
 fn table_units(
     config: &SourceConfig,
     input: &Location,
     format: InputFormat,
-) -> Result<Vec<Unit>, Error> {
-    let bytes = input.get()?;
-    if format == InputFormat::Csv
-        && let Some(line) = unclosed_quote(&bytes, b',')
-    {
+    sink: &mut Sink,
+) -> Result<(), Error> {
+    let fault = ReadFault::default();
+    let delimiter = match format {
+        InputFormat::Tsv => b'\t',
+        _ => b',',
+    };
+    let source = QuoteScanned {
+        inner: Watched::new(input.reader_from(0)?, &fault),
         // The csv reader ends such a field at the end of the file without an error, so every
         // row after the quote would become one caption and the rest be lost uncounted.
-        return Err(Error::Usage(format!(
-            "{input}, line {line}: a quoted field is never closed (a quote left open takes in \
-             every row after it)"
-        )));
-    }
+        scan: (format == InputFormat::Csv).then(|| QuoteScan::new(delimiter)),
+    };
+    let failed = |e: csv::Error| match fault.error(input) {
+        Some(failed) => failed,
+        None => Error::Usage(format!("{input}: {e}")),
+    };
     let root = image_root(config, input)?;
     let mut reader = csv::ReaderBuilder::new()
-        .delimiter(if format == InputFormat::Tsv {
-            b'\t'
-        } else {
-            b','
-        })
+        .delimiter(delimiter)
         .has_headers(config.has_header)
         .flexible(true)
         .quoting(format == InputFormat::Csv)
-        .from_reader(Cursor::new(bytes));
+        .from_reader(source);
     let column_index = |name: &str, headers: Option<&csv::ByteRecord>| -> Result<usize, Error> {
         match headers {
             Some(headers) => headers.iter().position(|h| h == name.as_bytes()).ok_or_else(|| {
@@ -529,15 +749,9 @@ fn table_units(
             }),
         }
     };
-    let headers = if config.has_header {
-        Some(
-            reader
-                .byte_headers()
-                .map_err(|e| Error::Usage(format!("{input}: {e}")))?
-                .clone(),
-        )
-    } else {
-        None
+    let headers = match config.has_header {
+        true => Some(reader.byte_headers().map_err(failed)?.clone()),
+        false => None,
     };
     let image_col = match (&config.url_column, headers.as_ref()) {
         (None, Some(headers))
@@ -549,38 +763,59 @@ fn table_units(
         _ => column_index(config.image_field(), headers.as_ref())?,
     };
     let caption_col = column_index(&config.caption_column, headers.as_ref())?;
-    let mut units = Vec::new();
-    for (row, record) in reader.byte_records().enumerate() {
-        let key = format!("{row:09}");
-        let Ok(record) = record else {
-            units.push(Unit::Rejected {
-                key,
+    let mut record = csv::ByteRecord::new();
+    let mut row = 0usize;
+    while !sink.is_done() {
+        match reader.read_byte_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) if !sink.wants_next() => sink.skip(),
+            Ok(true) => sink.push(table_row(
+                &root,
+                format!("{row:09}"),
+                &record,
+                [image_col, caption_col],
+            )),
+            // The disk or store failed: that says nothing about the row.
+            Err(e) if e.is_io_error() => return Err(failed(e)),
+            Err(_) => sink.push(Unit::Rejected {
+                key: format!("{row:09}"),
                 reason: "malformed_row",
-            });
-            continue;
-        };
-        let (Some(path), caption) = (record.get(image_col), record.get(caption_col)) else {
-            units.push(Unit::Rejected {
-                key,
-                reason: "malformed_row",
-            });
-            continue;
-        };
-        let Ok(path) = std::str::from_utf8(path) else {
-            units.push(Unit::Rejected {
-                key,
-                reason: "bad_path",
-            });
-            continue;
-        };
-        units.push(sample_from_row(
-            &root,
-            key,
-            path,
-            caption.map(<[u8]>::to_vec),
-        ));
+            }),
+        }
+        row += 1;
     }
-    Ok(units)
+    if sink.is_done() {
+        return Ok(());
+    }
+    match reader.into_inner().scan.and_then(|scan| scan.unclosed()) {
+        Some(line) => Err(Error::Usage(format!(
+            "{input}, line {line}: a quoted field is never closed (a quote left open takes in \
+             every row after it)"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The unit of one table row, from its image and caption columns.
+fn table_row(
+    root: &Location,
+    key: String,
+    record: &csv::ByteRecord,
+    [image, caption]: [usize; 2],
+) -> Unit {
+    let (Some(path), caption) = (record.get(image), record.get(caption)) else {
+        return Unit::Rejected {
+            key,
+            reason: "malformed_row",
+        };
+    };
+    let Ok(path) = std::str::from_utf8(path) else {
+        return Unit::Rejected {
+            key,
+            reason: "bad_path",
+        };
+    };
+    sample_from_row(root, key, path, caption.map(<[u8]>::to_vec))
 }
 
 fn sample_from_row(root: &Location, key: String, path: &str, caption: Option<Vec<u8>>) -> Unit {
@@ -607,44 +842,68 @@ fn sample_from_row(root: &Location, key: String, path: &str, caption: Option<Vec
     }
 }
 
-fn jsonl_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Error> {
-    let bytes = input.get()?;
+/// One pass over a JSONL list into `sink`, streamed, up to the end of the sink's window.
+fn jsonl_units(config: &SourceConfig, input: &Location, sink: &mut Sink) -> Result<(), Error> {
+    let fault = ReadFault::default();
+    let mut reader =
+        std::io::BufReader::with_capacity(1 << 20, Watched::new(input.reader_from(0)?, &fault));
     let root = image_root(config, input)?;
-    let mut units = Vec::new();
-    let text = bytes.strip_prefix(BYTE_ORDER_MARK).unwrap_or(&bytes);
-    for (row, line) in text.split(|b| *b == b'\n').enumerate() {
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
+    let mut line = Vec::new();
+    let mut row = 0usize;
+    while !sink.is_done() {
+        line.clear();
+        let read = reader.read_until(b'\n', &mut line).map_err(|e| {
+            fault
+                .error(input)
+                .unwrap_or_else(|| Error::Io(format!("cannot read {input}: {e}")))
+        })?;
+        if read == 0 {
+            break;
+        }
+        let mut text = line.strip_suffix(b"\n").unwrap_or(&line);
+        if row == 0 {
+            text = text.strip_prefix(BYTE_ORDER_MARK).unwrap_or(text);
         }
         let key = format!("{row:09}");
-        let Ok(serde_json::Value::Object(object)) = serde_json::from_slice(line) else {
-            units.push(Unit::Rejected {
-                key,
-                reason: "malformed_row",
-            });
+        row += 1;
+        if text.iter().all(u8::is_ascii_whitespace) {
             continue;
-        };
-        let path = object.get(config.image_field()).or_else(|| {
-            config
-                .url_column
-                .is_none()
-                .then(|| object.get(DEFAULT_URL_COLUMN))
-                .flatten()
-        });
-        let Some(path) = path.and_then(|v| v.as_str()) else {
-            units.push(Unit::Rejected {
-                key,
-                reason: "bad_path",
-            });
+        }
+        if !sink.wants_next() {
+            sink.skip();
             continue;
-        };
-        let caption = object
-            .get(&config.caption_column)
-            .and_then(|v| v.as_str())
-            .map(|s| s.as_bytes().to_vec());
-        units.push(sample_from_row(&root, key, path, caption));
+        }
+        sink.push(jsonl_row(config, &root, key, text));
     }
-    Ok(units)
+    Ok(())
+}
+
+/// The unit of one JSONL row.
+fn jsonl_row(config: &SourceConfig, root: &Location, key: String, line: &[u8]) -> Unit {
+    let Ok(serde_json::Value::Object(object)) = serde_json::from_slice(line) else {
+        return Unit::Rejected {
+            key,
+            reason: "malformed_row",
+        };
+    };
+    let path = object.get(config.image_field()).or_else(|| {
+        config
+            .url_column
+            .is_none()
+            .then(|| object.get(DEFAULT_URL_COLUMN))
+            .flatten()
+    });
+    let Some(path) = path.and_then(|v| v.as_str()) else {
+        return Unit::Rejected {
+            key,
+            reason: "bad_path",
+        };
+    };
+    let caption = object
+        .get(&config.caption_column)
+        .and_then(|v| v.as_str())
+        .map(|s| s.as_bytes().to_vec());
+    sample_from_row(root, key, path, caption)
 }
 
 /// A caption or metadata file (or tar member) longer than this is refused unread: no caption
@@ -735,59 +994,103 @@ pub fn is_url(path: &str) -> bool {
     lower.starts_with("http://") || lower.starts_with("https://")
 }
 
-/// The rows of a parquet URL list (LAION, DataComp: a URL column and no image bytes), or None
-/// when the file holds images (img2dataset output) or is damaged before its first batch (it is
-/// then a container, and its damage is counted when it is streamed). Other string columns
-/// become the row's JSON metadata. A failed read of the file is an error. Rows are keyed
-/// `{stem}-{row}`.
-fn parquet_url_units(
+/// The URL column of a parquet URL list (LAION, DataComp: a URL column and no image bytes),
+/// from its schema; `None` when the file holds images (img2dataset output). A list without
+/// its URL or caption column, or with something else than text in them, is an error naming
+/// the file: read under the wrong column names, it would reject every row one by one.
+fn list_url_column(
+    config: &SourceConfig,
+    location: &Location,
+    schema: &Schema,
+) -> Result<Option<String>, Error> {
+    let is_image = |field: &Field| {
+        PARQUET_IMAGE_COLUMNS.contains(&field.name().as_str())
+            && matches!(
+                field.data_type(),
+                DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+            )
+    };
+    if schema.fields().iter().any(|field| is_image(field)) {
+        return Ok(None);
+    }
+    let type_of = |name: &str| {
+        schema
+            .field_with_name(name)
+            .ok()
+            .map(|f| text_type(f.data_type()))
+    };
+    let url_column = match config.url_column.as_deref() {
+        Some(name) => name,
+        None if type_of(&config.image_column) == Some(Ok(true)) => &config.image_column,
+        None => DEFAULT_URL_COLUMN,
+    };
+    let checked = |name: &str, missing: Error| match type_of(name) {
+        None => Err(missing),
+        Some(Err(other)) => Err(Error::Usage(format!(
+            "{location}: column '{name}' holds {other}, not text"
+        ))),
+        Some(Ok(_)) => Ok(()),
+    };
+    checked(
+        url_column,
+        Error::Usage(format!(
+            "{location}: neither an image column of bytes ({}) nor the URL column '{url_column}' \
+             (its columns: {}; --url-column names another)",
+            PARQUET_IMAGE_COLUMNS.join(", "),
+            column_names(schema)
+        )),
+    )?;
+    checked(
+        &config.caption_column,
+        missing_caption_column(location, schema, &config.caption_column),
+    )?;
+    Ok(Some(url_column.to_string()))
+}
+
+/// Whether a column of `data_type` reads as text: `Ok(true)` for strings, however they are
+/// stored; `Ok(false)` for pyarrow's `null` type (a column of nothing but nulls); else the
+/// type it holds instead.
+fn text_type(data_type: &DataType) -> Result<bool, DataType> {
+    match data_type {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => Ok(true),
+        DataType::Null => Ok(false),
+        DataType::Dictionary(_, values) => text_type(values),
+        other => Err(other.clone()),
+    }
+}
+
+/// The rows `rows` of the parquet URL list at `location` onto `units`, in order, keyed
+/// `{stem}-{row}`; the file's other string columns become each row's JSON metadata. A row the
+/// file cannot give (a damaged row group, or a file shorter than its footer says) is rejected
+/// as `unreadable_parquet`; a failed read of the file is an error.
+fn parquet_list_rows(
     config: &SourceConfig,
     location: &Location,
     stem: &str,
-) -> Result<Option<Vec<Unit>>, Error> {
-    let mut units = Vec::new();
-    let mut is_list = None;
-    let mut row_offset = 0usize;
-    let read = stream_parquet(location, PARQUET_BATCH_ROWS, &mut |batch| {
-        if parquet_image_column(&batch).is_some() {
-            is_list = Some(false);
-            return Ok(ControlFlow::Break(()));
-        }
-        let image_column_is_text = batch
-            .column_by_name(&config.image_column)
-            .is_some_and(|c| is_text(&plain(c)));
-        let url_name = match config.url_column.as_deref() {
-            Some(name) => name,
-            None if image_column_is_text => &config.image_column,
-            None => DEFAULT_URL_COLUMN,
+    url_column: &str,
+    rows: Range<usize>,
+    units: &mut Vec<Unit>,
+) -> Result<(), Error> {
+    let mut read = BTreeMap::new();
+    let lost = stream_parquet_rows(location, PARQUET_BATCH_ROWS, rows, &mut |first, batch| {
+        // The footer said the columns are there and text: these do not fail.
+        let column = |name: &str| -> Result<ArrayRef, Error> {
+            text_column(location, &batch, name)?.ok_or_else(|| {
+                Error::Usage(format!("{location}: no column '{name}' in a row group"))
+            })
         };
-        // A list read under the wrong column names would reject every row, one by one.
-        let Some(urls) = text_column(location, &batch, url_name)? else {
-            return Err(Error::Usage(format!(
-                "{location}: neither an image column of bytes ({}) nor the URL column '{url_name}' \
-                 (its columns: {}; --url-column names another)",
-                PARQUET_IMAGE_COLUMNS.join(", "),
-                column_names(&batch)
-            )));
-        };
-        let Some(captions) = text_column(location, &batch, &config.caption_column)? else {
-            return Err(missing_caption_column(
-                location,
-                &batch,
-                &config.caption_column,
-            ));
-        };
-        is_list = Some(true);
+        let (urls, captions) = (column(url_column)?, column(&config.caption_column)?);
         let schema = batch.schema();
         let extra: Vec<(&str, ArrayRef)> = schema
             .fields()
             .iter()
             .zip(batch.columns())
             .map(|(field, column)| (field.name().as_str(), plain(column)))
-            .filter(|(name, _)| *name != url_name && *name != config.caption_column)
+            .filter(|(name, _)| *name != url_column && *name != config.caption_column)
             .collect();
+        let mut batch_units = Vec::with_capacity(batch.num_rows());
         for i in 0..batch.num_rows() {
-            let key = format!("{stem}-{:09}", row_offset + i);
+            let key = format!("{stem}-{:09}", first + i);
             let caption = string_at(&captions, i).map(String::into_bytes);
             let mut fields = serde_json::Map::new();
             for (name, column) in &extra {
@@ -797,7 +1100,7 @@ fn parquet_url_units(
             }
             let metadata =
                 (!fields.is_empty()).then(|| serde_json::Value::Object(fields).to_string());
-            units.push(match string_at(&urls, i) {
+            batch_units.push(match string_at(&urls, i) {
                 Some(url) if is_url(url.trim()) => Unit::Url {
                     key,
                     url: url.trim().to_string(),
@@ -810,20 +1113,21 @@ fn parquet_url_units(
                 },
             });
         }
-        row_offset += batch.num_rows();
-        Ok(ControlFlow::Continue(()))
+        read.insert(first, batch_units);
+        Ok(())
     })?;
-    Ok(match (is_list, read) {
-        (Some(true), Ok(())) => Some(units),
-        (Some(true), Err(_)) => {
-            units.push(Unit::Rejected {
-                key: format!("{stem}-truncated"),
+    for range in lost {
+        let rejected = range
+            .clone()
+            .map(|row| Unit::Rejected {
+                key: format!("{stem}-{row:09}"),
                 reason: "unreadable_parquet",
-            });
-            Some(units)
-        }
-        _ => None,
-    })
+            })
+            .collect();
+        read.insert(range.start, rejected);
+    }
+    units.extend(read.into_values().flatten());
+    Ok(())
 }
 
 /// The names img2dataset gives its image column, after the encode format.
@@ -884,18 +1188,17 @@ fn text_column(
     }
 }
 
-fn column_names(batch: &RecordBatch) -> String {
-    let schema = batch.schema();
+fn column_names(schema: &Schema) -> String {
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     names.join(", ")
 }
 
 /// Without its caption column every row of a file would be rejected as `no_caption`.
-fn missing_caption_column(location: &Location, batch: &RecordBatch, name: &str) -> Error {
+fn missing_caption_column(location: &Location, schema: &Schema, name: &str) -> Error {
     Error::Usage(format!(
         "{location}: no caption column '{name}' (its columns: {}; --caption-column names \
          another)",
-        column_names(batch)
+        column_names(schema)
     ))
 }
 
@@ -926,7 +1229,11 @@ pub fn stream_container(
     let mut row_offset = 0usize;
     let read = stream_parquet(location, PARQUET_BATCH_ROWS, &mut |batch| {
         let Some(captions) = text_column(location, &batch, caption_column)? else {
-            return Err(missing_caption_column(location, &batch, caption_column));
+            return Err(missing_caption_column(
+                location,
+                &batch.schema(),
+                caption_column,
+            ));
         };
         let samples = match parquet_samples(location, &batch, &captions, row_offset) {
             Ok(samples) => samples,
@@ -1133,7 +1440,235 @@ fn parquet_samples(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reading::{FailingAfter, Watched};
+    use crate::reading::FailingAfter;
+    use std::io::Cursor;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    /// A parquet file of string columns (or, for `jpg`, bytes), `group_rows` rows per row group.
+    fn write_parquet(path: &Path, columns: &[(&str, Vec<&str>)], group_rows: usize) {
+        let batch = RecordBatch::try_from_iter(columns.iter().map(|(name, values)| {
+            let array: ArrayRef = match *name {
+                "jpg" => Arc::new(arrow_array::BinaryArray::from_vec(
+                    values.iter().map(|v| v.as_bytes()).collect(),
+                )),
+                _ => Arc::new(arrow_array::StringArray::from(values.clone())),
+            };
+            (*name, array)
+        }))
+        .unwrap();
+        let properties = parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_row_count(Some(group_rows))
+            .build();
+        let mut bytes = Vec::new();
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(&mut bytes, batch.schema(), Some(properties))
+                .unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    fn source(input: &Path) -> SourceConfig {
+        SourceConfig {
+            input: input.to_str().unwrap().to_string(),
+            format: InputFormat::Auto,
+            image_root: None,
+            coco_captions: CocoCaptions::All,
+            image_column: "image".into(),
+            caption_column: "caption".into(),
+            has_header: true,
+            url_column: None,
+        }
+    }
+
+    fn job(config: &SourceConfig, index: u32, count: u32) -> JobUnits {
+        let shard = ShardSpec { index, count };
+        enumerate_job(config, config.format, shard).unwrap()
+    }
+
+    fn described(units: &[Unit]) -> Vec<String> {
+        units.iter().map(|unit| format!("{unit:?}")).collect()
+    }
+
+    /// Lists of every kind, with the rows that enumeration rejects, quoted line breaks, blank
+    /// lines, row groups and a container among the lists. For any number of jobs, each builds
+    /// only its own share, and the shares in order are the units one job builds.
+    #[test]
+    fn the_jobs_shares_of_a_list_in_order_are_the_whole_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut tsv = String::from("url\tcaption\n");
+        for n in 0..23 {
+            match n {
+                4 => tsv.push_str("a path without a caption\n"),
+                9 => tsv.push_str("pictures/nine.jpg\ta local image\n"),
+                _ => tsv.push_str(&format!("https://example.com/{n}.jpg\tcaption {n}\n")),
+            }
+        }
+        std::fs::write(root.join("list.tsv"), tsv).unwrap();
+        std::fs::write(
+            root.join("list.csv"),
+            "image,caption\n\
+             a.jpg,\"two\nlines\"\n\
+             https://example.com/b.jpg,\"a \"\"quoted\"\" word\"\n\
+             c.jpg,three\n\
+             https://example.com/d.jpg,four\n",
+        )
+        .unwrap();
+        let mut jsonl = String::from("\u{feff}");
+        for n in 0..11 {
+            match n {
+                3 => jsonl.push('\n'),
+                6 => jsonl.push_str("{not json\n"),
+                _ => jsonl.push_str(&format!(
+                    "{{\"url\": \"https://example.com/{n}.jpg\", \"caption\": \"c{n}\"}}\n"
+                )),
+            }
+        }
+        std::fs::write(root.join("list.jsonl"), jsonl).unwrap();
+        let urls: Vec<String> = (0..10).map(|n| format!("https://x.org/{n}.jpg")).collect();
+        write_parquet(
+            &root.join("parquet/a.parquet"),
+            &[
+                ("url", urls.iter().map(String::as_str).collect()),
+                ("caption", vec!["a"; 10]),
+                ("license", vec!["cc-by"; 10]),
+            ],
+            4,
+        );
+        write_parquet(
+            &root.join("parquet/b.parquet"),
+            &[("jpg", vec!["not an image"; 3]), ("caption", vec!["b"; 3])],
+            2,
+        );
+        std::fs::write(root.join("parquet/c.parquet"), "not parquet at all").unwrap();
+        write_parquet(
+            &root.join("parquet/d.parquet"),
+            &[
+                ("url", urls[..7].iter().map(String::as_str).collect()),
+                ("caption", vec!["d"; 7]),
+            ],
+            3,
+        );
+
+        let cases = [
+            ("list.tsv", 23, 2),
+            ("list.csv", 4, 2),
+            ("list.jsonl", 10, 0),
+            ("parquet", 19, 0),
+        ];
+        for (input, total, local_images) in cases {
+            let config = source(&root.join(input));
+            let whole = job(&config, 0, 1);
+            assert_eq!(whole.total, total, "{input}");
+            assert_eq!(whole.units.len(), total, "{input}");
+            assert_eq!(whole.images.len(), local_images, "{input}");
+            for count in [2, 3, 7, 40] {
+                let mut units = Vec::new();
+                for index in 0..count {
+                    let share = job(&config, index, count);
+                    assert_eq!(share.total, total, "{input}, job {index} of {count}");
+                    assert_eq!(share.range, job_range(total, ShardSpec { index, count }));
+                    assert_eq!(share.units.len(), share.range.len(), "{input}");
+                    assert_eq!(
+                        share.images, whole.images,
+                        "{input}: every job names all images"
+                    );
+                    units.extend(share.units);
+                }
+                assert_eq!(
+                    described(&units),
+                    described(&whole.units),
+                    "{input} in {count} jobs"
+                );
+            }
+        }
+        let whole = job(&source(&root.join("parquet")), 0, 1);
+        let kinds: Vec<&str> = whole
+            .units
+            .iter()
+            .map(|unit| match unit {
+                Unit::Url { .. } => "url",
+                Unit::Container(_) => "container",
+                _ => "other",
+            })
+            .collect();
+        let expected: Vec<&str> = [vec!["url"; 10], vec!["container"; 2], vec!["url"; 7]].concat();
+        assert_eq!(
+            kinds, expected,
+            "the damaged c.parquet is streamed as a container"
+        );
+        let Unit::Url { metadata, key, .. } = &whole.units[3] else {
+            panic!("{:?}", whole.units[3]);
+        };
+        assert_eq!(key, "a-000000003");
+        assert_eq!(metadata.as_deref(), Some(r#"{"license":"cc-by"}"#));
+    }
+
+    /// A damaged row group of a parquet list costs its own rows, each counted, and nothing to
+    /// the jobs whose rows lie elsewhere: they never read it.
+    #[test]
+    fn a_damaged_row_group_costs_its_rows_and_only_to_the_job_that_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("laion.parquet");
+        let urls: Vec<String> = (0..12).map(|n| format!("https://x.org/{n}.jpg")).collect();
+        write_parquet(
+            &path,
+            &[
+                ("url", urls.iter().map(String::as_str).collect()),
+                ("caption", vec!["c"; 12]),
+            ],
+            4,
+        );
+        let bytes = std::fs::read(&path).unwrap();
+        let footer =
+            parquet::file::reader::SerializedFileReader::new(bytes::Bytes::from(bytes.clone()))
+                .unwrap();
+        use parquet::file::reader::FileReader;
+        let (start, length) = footer.metadata().row_group(1).column(0).byte_range();
+        let mut damaged = bytes;
+        damaged[start as usize..(start + length) as usize].fill(0xFF);
+        std::fs::write(&path, damaged).unwrap();
+
+        let config = source(&path);
+        let reasons = |units: &[Unit]| -> Vec<String> {
+            units
+                .iter()
+                .map(|unit| match unit {
+                    Unit::Url { key, .. } => format!("{key} url"),
+                    Unit::Rejected { key, reason } => format!("{key} {reason}"),
+                    other => format!("{other:?}"),
+                })
+                .collect()
+        };
+        let expected: Vec<String> = (0..12)
+            .map(|row| match row {
+                4..8 => format!("laion-{row:09} unreadable_parquet"),
+                _ => format!("laion-{row:09} url"),
+            })
+            .collect();
+        assert_eq!(reasons(&job(&config, 0, 1).units), expected);
+        for index in 0..3 {
+            let share = job(&config, index, 3);
+            let range = share.range.clone();
+            assert_eq!(reasons(&share.units), expected[range], "job {index} of 3");
+        }
+    }
+
+    #[test]
+    fn a_quote_left_open_is_found_however_the_bytes_arrive() {
+        let text = b"image,caption\na.jpg,\"\"\"fine\"\"\"\nb.jpg,\"open\nc.jpg,x\n";
+        for chunk in [1, 2, 3, text.len()] {
+            let mut scan = QuoteScan::new(b',');
+            text.chunks(chunk).for_each(|bytes| scan.feed(bytes));
+            assert_eq!(scan.unclosed(), Some(3), "read {chunk} bytes at a time");
+        }
+        let mut closed = QuoteScan::new(b',');
+        closed.feed(b"a,\"x\"\"\"\nb,\"y\"");
+        assert_eq!(closed.unclosed(), None);
+    }
 
     fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
         let mut builder = tar::Builder::new(Vec::new());

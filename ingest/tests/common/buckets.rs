@@ -126,18 +126,16 @@ pub fn pairs_and_text_through(bucket: &str, env: &[(String, String)], secret: &s
         .unwrap()
         .put(Bytes::from(img2dataset_parquet(&containers, 5)))
         .unwrap();
-    for (input, out) in [(at("wds/"), at("run/wds")), (at("i2d/"), at("run/i2d"))] {
+    // `ingest pairs --input INPUT --out OUT --size 32` and `extra`.
+    let pairs_of = |input: &str, out: &str, extra: &[&str]| {
         run(&[
-            "pairs",
-            "--input",
-            &input,
-            "--out",
-            &out,
-            "--size",
-            "32",
-            "--shard-rows",
-            "5",
-        ]);
+            &["pairs", "--input", input, "--out", out, "--size", "32"],
+            extra,
+        ]
+        .concat())
+    };
+    for (input, out) in [(at("wds/"), at("run/wds")), (at("i2d/"), at("run/i2d"))] {
+        pairs_of(&input, &out, &["--shard-rows", "5"]);
         let (manifest, rows) = pairs_rows(&out);
         assert_eq!(rows.len(), 12, "{input}");
         assert_eq!(manifest.artifacts.len(), 3, "{input}");
@@ -145,6 +143,43 @@ pub fn pairs_and_text_through(bucket: &str, env: &[(String, String)], secret: &s
             rows.iter()
                 .all(|r| r.caption == format!("caption of {}", r.key))
         );
+    }
+
+    // Lists in the bucket, read by two jobs of a batch array: each counts the whole list and
+    // builds its own share, a CSV streamed up to the end of its share and a parquet list
+    // through the row groups of its share only.
+    let list: String = std::iter::once("image,caption\n".to_string())
+        .chain((0..5).map(|i| format!("src/{i}.png,listed {i}\n")))
+        .collect();
+    Location::parse(&at("list.csv"))
+        .unwrap()
+        .put(Bytes::from(list))
+        .unwrap();
+    Location::parse(&at("laion/part-0.parquet"))
+        .unwrap()
+        .put(Bytes::from(url_list_parquet(&["not a url"; 9], 4)))
+        .unwrap();
+    for (input, out, expected) in [
+        (at("list.csv"), at("run/list"), [json!(2), json!(3)]),
+        (at("laion/"), at("run/laion"), [json!(0), json!(0)]),
+    ] {
+        for index in 0..2 {
+            let index_arg = index.to_string();
+            let job = ["--num-shards", "2", "--shard-index", &index_arg];
+            pairs_of(
+                &input,
+                &out,
+                &[&["--min-source-size", "8"][..], &job].concat(),
+            );
+            let part = format!("{out}/manifest.part-{index:05}-of-00002.json");
+            let (manifest, _) =
+                manifests::Manifest::read(&Location::parse(&part).unwrap()).unwrap();
+            assert_eq!(manifest.metrics["rows"], expected[index], "{part}");
+            if input.ends_with("laion/") {
+                let share = [4, 5][index];
+                assert_eq!(rejected(&manifest), json!({ "bad_url": share }), "{part}");
+            }
+        }
     }
 
     // An image longer than the byte cap is refused from its size, its body not fetched.

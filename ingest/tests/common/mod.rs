@@ -141,14 +141,40 @@ pub fn img2dataset_parquet(samples: &[(String, Vec<u8>)], row_group: usize) -> V
         ],
     )
     .unwrap();
-    manifests::table::write_parquet(
-        "test",
-        schema,
-        &[batch],
-        manifests::table::writer_properties(row_group, false),
+    parquet_of(schema, batch, row_group)
+}
+
+fn parquet_of(
+    schema: arrow_schema::SchemaRef,
+    batch: arrow_array::RecordBatch,
+    row_group: usize,
+) -> Vec<u8> {
+    let properties = manifests::table::writer_properties(row_group, false);
+    manifests::table::write_parquet("test", schema, &[batch], properties)
+        .unwrap()
+        .to_vec()
+}
+
+/// A parquet URL list (`url`, `caption`), `row_group` rows per group.
+pub fn url_list_parquet(urls: &[&str], row_group: usize) -> Vec<u8> {
+    use arrow_array::{RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
+    use std::sync::Arc;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("url", DataType::Utf8, false),
+        Field::new("caption", DataType::Utf8, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from_iter_values(urls)),
+            Arc::new(StringArray::from_iter_values(
+                urls.iter().map(|url| format!("caption of {url}")),
+            )),
+        ],
     )
-    .unwrap()
-    .to_vec()
+    .unwrap();
+    parquet_of(schema, batch, row_group)
 }
 
 /// A PNG of seeded noise: incompressible, so its size is what a test means it to be.

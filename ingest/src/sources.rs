@@ -622,12 +622,20 @@ fn annotation_key(id: Option<u64>, place: usize) -> String {
     }
 }
 
-/// Finds the line where a quoted CSV field opens that the file never closes, fed the file's
-/// bytes in order, reading quotes as the csv crate does: a quote opens a field only at its
-/// start, `""` inside it is a quote, and any other quote closes it.
-struct QuoteScan {
+/// A list's row longer than this stops the run: no image-text row comes near it, and a file
+/// that is no list (a binary file, one line of minified JSON) is not held in memory whole.
+const MAX_LIST_ROW_BYTES: usize = 16 << 20;
+
+/// Follows a list's bytes in order: the line, the length of the row so far (a quoted CSV field
+/// carries a row over line breaks), and, with `quoting`, the line where a quoted field opens
+/// that the file never closes. Quotes are read as the csv crate reads them: a quote opens a
+/// field only at its start, `""` inside it is a quote, and any other quote closes it.
+struct RowScan {
     delimiter: u8,
+    quoting: bool,
     line: usize,
+    row_line: usize,
+    row_bytes: usize,
     state: QuoteState,
 }
 
@@ -645,16 +653,20 @@ enum QuoteState {
     },
 }
 
-impl QuoteScan {
-    fn new(delimiter: u8) -> QuoteScan {
-        QuoteScan {
+impl RowScan {
+    fn new(delimiter: u8, quoting: bool) -> RowScan {
+        RowScan {
             delimiter,
+            quoting,
             line: 1,
+            row_line: 1,
+            row_bytes: 0,
             state: QuoteState::Outside { field_start: true },
         }
     }
 
-    fn feed(&mut self, bytes: &[u8]) {
+    /// `Err(line)`: the row that starts at `line` is longer than [`MAX_LIST_ROW_BYTES`].
+    fn feed(&mut self, bytes: &[u8]) -> Result<(), usize> {
         for &byte in bytes {
             self.state = match self.state {
                 QuoteState::Inside { opened_at } if byte == b'"' => {
@@ -670,11 +682,19 @@ impl QuoteScan {
             if byte == b'\n' {
                 self.line += 1;
             }
+            match self.state {
+                QuoteState::Outside { .. } if byte == b'\n' => {
+                    (self.row_line, self.row_bytes) = (self.line, 0);
+                }
+                _ if self.row_bytes == MAX_LIST_ROW_BYTES => return Err(self.row_line),
+                _ => self.row_bytes += 1,
+            }
         }
+        Ok(())
     }
 
     fn outside(&self, byte: u8, field_start: bool) -> QuoteState {
-        if byte == b'"' && field_start {
+        if byte == b'"' && field_start && self.quoting {
             return QuoteState::Inside {
                 opened_at: self.line,
             };
@@ -693,18 +713,24 @@ impl QuoteScan {
     }
 }
 
-/// A reader that shows what it reads to a [`QuoteScan`], when it has one.
-struct QuoteScanned<R> {
+/// A list's bytes, shown to a [`RowScan`] as they are read; a row over the cap fails the read.
+struct ListReader<R> {
     inner: R,
-    scan: Option<QuoteScan>,
+    scan: RowScan,
 }
 
-impl<R: Read> Read for QuoteScanned<R> {
+impl<R: Read> Read for ListReader<R> {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         let read = self.inner.read(out)?;
-        if let Some(scan) = &mut self.scan {
-            scan.feed(&out[..read]);
-        }
+        self.scan.feed(&out[..read]).map_err(|line| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "the row at line {line} is longer than {} MiB: not a list of image-text rows",
+                    MAX_LIST_ROW_BYTES >> 20
+                ),
+            )
+        })?;
         Ok(read)
     }
 }
@@ -722,11 +748,9 @@ fn table_units(
         InputFormat::Tsv => b'\t',
         _ => b',',
     };
-    let source = QuoteScanned {
+    let source = ListReader {
         inner: Watched::new(input.reader_from(0)?, &fault),
-        // The csv reader ends such a field at the end of the file without an error, so every
-        // row after the quote would become one caption and the rest be lost uncounted.
-        scan: (format == InputFormat::Csv).then(|| QuoteScan::new(delimiter)),
+        scan: RowScan::new(delimiter, format == InputFormat::Csv),
     };
     let failed = |e: csv::Error| match fault.error(input) {
         Some(failed) => failed,
@@ -787,7 +811,9 @@ fn table_units(
     if sink.is_done() {
         return Ok(());
     }
-    match reader.into_inner().scan.and_then(|scan| scan.unclosed()) {
+    // The csv reader ends such a field at the end of the file without an error, so every row
+    // after the quote would become one caption and the rest be lost uncounted.
+    match reader.into_inner().scan.unclosed() {
         Some(line) => Err(Error::Usage(format!(
             "{input}, line {line}: a quoted field is never closed (a quote left open takes in \
              every row after it)"
@@ -845,8 +871,11 @@ fn sample_from_row(root: &Location, key: String, path: &str, caption: Option<Vec
 /// One pass over a JSONL list into `sink`, streamed, up to the end of the sink's window.
 fn jsonl_units(config: &SourceConfig, input: &Location, sink: &mut Sink) -> Result<(), Error> {
     let fault = ReadFault::default();
-    let mut reader =
-        std::io::BufReader::with_capacity(1 << 20, Watched::new(input.reader_from(0)?, &fault));
+    let list = ListReader {
+        inner: Watched::new(input.reader_from(0)?, &fault),
+        scan: RowScan::new(b',', false),
+    };
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, list);
     let root = image_root(config, input)?;
     let mut line = Vec::new();
     let mut row = 0usize;
@@ -855,7 +884,7 @@ fn jsonl_units(config: &SourceConfig, input: &Location, sink: &mut Sink) -> Resu
         let read = reader.read_until(b'\n', &mut line).map_err(|e| {
             fault
                 .error(input)
-                .unwrap_or_else(|| Error::Io(format!("cannot read {input}: {e}")))
+                .unwrap_or_else(|| Error::Usage(format!("{input}: {e}")))
         })?;
         if read == 0 {
             break;
@@ -1661,13 +1690,69 @@ mod tests {
     fn a_quote_left_open_is_found_however_the_bytes_arrive() {
         let text = b"image,caption\na.jpg,\"\"\"fine\"\"\"\nb.jpg,\"open\nc.jpg,x\n";
         for chunk in [1, 2, 3, text.len()] {
-            let mut scan = QuoteScan::new(b',');
-            text.chunks(chunk).for_each(|bytes| scan.feed(bytes));
+            let mut scan = RowScan::new(b',', true);
+            text.chunks(chunk)
+                .for_each(|bytes| scan.feed(bytes).unwrap());
             assert_eq!(scan.unclosed(), Some(3), "read {chunk} bytes at a time");
         }
-        let mut closed = QuoteScan::new(b',');
-        closed.feed(b"a,\"x\"\"\"\nb,\"y\"");
+        let mut closed = RowScan::new(b',', true);
+        closed.feed(b"a,\"x\"\"\"\nb,\"y\"").unwrap();
         assert_eq!(closed.unclosed(), None);
+        let mut unquoted = RowScan::new(b'\t', false);
+        unquoted.feed(b"a\t\"b\n").unwrap();
+        assert_eq!(unquoted.unclosed(), None, "a TSV has no quoting");
+    }
+
+    /// A row over the cap stops the run with the file and the line where the row starts,
+    /// in every kind of list; a quoted field over line breaks counts as one row.
+    #[test]
+    fn a_row_longer_than_the_cap_is_refused_naming_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = "x".repeat(MAX_LIST_ROW_BYTES);
+        let short_lines = format!("\"{}\"", "y\n".repeat(MAX_LIST_ROW_BYTES / 2 + 1));
+        let cases = [
+            (
+                "list.tsv",
+                format!("url\tcaption\na.jpg\tfine\nb.jpg\t{long}\n"),
+                3,
+            ),
+            (
+                "list.jsonl",
+                format!("{{\"url\": \"a.jpg\"}}\n\n{{\"caption\": \"{long}\"}}\n"),
+                3,
+            ),
+            (
+                "list.csv",
+                format!("image,caption\na.jpg,{short_lines}\n"),
+                2,
+            ),
+        ];
+        for (name, text, line) in cases {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            for count in [1, 2] {
+                let shard = ShardSpec { index: 0, count };
+                let error = enumerate_job(&source(&path), InputFormat::Auto, shard)
+                    .err()
+                    .unwrap_or_else(|| panic!("{name} was read"))
+                    .to_string();
+                assert!(
+                    error.contains(name)
+                        && error.contains(&format!("the row at line {line} is longer than 16 MiB")),
+                    "{error}"
+                );
+            }
+        }
+        let fits = dir.path().join("fits.tsv");
+        let row = format!("a.jpg\t{}", "x".repeat(MAX_LIST_ROW_BYTES - 6));
+        std::fs::write(&fits, format!("url\tcaption\n{row}\n")).unwrap();
+        assert_eq!(row.len(), MAX_LIST_ROW_BYTES);
+        let job = enumerate_job(
+            &source(&fits),
+            InputFormat::Auto,
+            ShardSpec { index: 0, count: 1 },
+        );
+        assert_eq!(job.unwrap().total, 1, "a row of exactly the cap is read");
     }
 
     fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {

@@ -23,6 +23,35 @@ pub const STAGE: &str = "ingest.dedup";
 #[serde(deny_unknown_fields)]
 pub struct DedupConfig {}
 
+/// The images kept so far, by content, each with the origin it was first kept from: an image
+/// kept before from another origin is a duplicate (a COCO image with five captions is one
+/// origin, not five duplicates). Both are held as 128-bit BLAKE3 prefixes instead of the hex
+/// digest and the origin's URL: a quarter of the memory or less (BENCHMARKS.md), which is what
+/// `ingest dedup` holds for a whole batch array's rows, and a job for its own.
+#[derive(Default)]
+pub struct SeenImages(HashMap<u128, u128>);
+
+impl SeenImages {
+    fn id(text: &str) -> u128 {
+        let hash = blake3::hash(text.as_bytes());
+        let mut prefix = [0u8; 16];
+        prefix.copy_from_slice(&hash.as_bytes()[..16]);
+        u128::from_le_bytes(prefix)
+    }
+
+    /// Whether the image `sha256` from `source` is a duplicate; if not, it is kept, and its
+    /// first origin recorded.
+    pub fn is_duplicate(&mut self, sha256: &str, source: &str) -> bool {
+        let source = Self::id(source);
+        *self.0.entry(Self::id(sha256)).or_insert(source) != source
+    }
+
+    /// Records a row kept by an earlier run, as [`SeenImages::is_duplicate`] would have.
+    pub fn kept(&mut self, sha256: &str, source: &str) {
+        self.is_duplicate(sha256, source);
+    }
+}
+
 pub fn dedup(pairs_uri: &str, options: &RunOptions) -> Result<Manifest, Error> {
     let mut run = StageRun::new(
         STAGE,
@@ -35,7 +64,7 @@ pub fn dedup(pairs_uri: &str, options: &RunOptions) -> Result<Manifest, Error> {
     if let Some(existing) = run.begin(options.force)? {
         return Ok(existing);
     }
-    let mut seen: HashMap<String, String> = HashMap::new();
+    let mut seen = SeenImages::default();
     let (mut artifacts, mut rows_kept, mut duplicates) = (Vec::new(), 0u64, 0u64);
     for (index, artifact) in upstream
         .artifacts_of_kind(pairs::KIND)
@@ -47,12 +76,9 @@ pub fn dedup(pairs_uri: &str, options: &RunOptions) -> Result<Manifest, Error> {
         let total = rows.len();
         let mut kept = Vec::with_capacity(total);
         for row in rows {
-            match seen.get(&row.sha256) {
-                Some(origin) if *origin != row.source => duplicates += 1,
-                _ => {
-                    seen.insert(row.sha256.clone(), row.source.clone());
-                    kept.push(row);
-                }
+            match seen.is_duplicate(&row.sha256, &row.source) {
+                true => duplicates += 1,
+                false => kept.push(row),
             }
         }
         rows_kept += kept.len() as u64;
@@ -81,4 +107,29 @@ pub fn dedup(pairs_uri: &str, options: &RunOptions) -> Result<Manifest, Error> {
     let manifest = run.publish(artifacts, metrics)?;
     info!("ingest dedup: {rows_kept} rows, {duplicates} duplicates across jobs removed");
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_image_is_a_duplicate_only_from_another_origin_than_its_first() {
+        let mut seen = SeenImages::default();
+        let (a, b) = ("9f".repeat(32), "0e".repeat(32));
+        assert!(!seen.is_duplicate(&a, "coco/1.jpg"));
+        assert!(
+            !seen.is_duplicate(&a, "coco/1.jpg"),
+            "another caption of the same image"
+        );
+        assert!(seen.is_duplicate(&a, "https://x.org/copy.jpg"));
+        assert!(!seen.is_duplicate(&b, "https://x.org/copy.jpg"));
+        seen.kept(&"11".repeat(32), "first.jpg");
+        assert!(seen.is_duplicate(&"11".repeat(32), "second.jpg"));
+        assert!(!seen.is_duplicate(&"11".repeat(32), "first.jpg"));
+        assert!(
+            !seen.is_duplicate(&a, "coco/1.jpg"),
+            "the first origin stays the one kept"
+        );
+    }
 }

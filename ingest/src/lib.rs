@@ -59,9 +59,10 @@ pub struct RunOptions {
 
 /// The contiguous slice of `n` units that job `shard.index` of `shard.count` handles.
 pub fn job_range(n: usize, shard: ShardSpec) -> Range<usize> {
-    let count = shard.count.max(1) as usize;
-    let index = shard.index as usize;
-    (index * n / count)..((index + 1) * n / count)
+    // In u128: `index * n` overflows a usize for a count a file's footer can claim.
+    let (count, n) = (u128::from(shard.count.max(1)), n as u128);
+    let bound = |index: u32| (u128::from(index) * n / count) as usize;
+    bound(shard.index)..bound(shard.index + 1)
 }
 
 /// How a `parti.manifest/v1` manifest identified raw source data: by its listing (names, sizes,
@@ -295,5 +296,24 @@ impl Tally {
         metrics.insert("rows".into(), Value::from(self.rows));
         metrics.insert("rejected".into(), serde_json::json!(self.rejected));
         metrics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ranges_tile_any_count_without_overflow() {
+        for n in [0, 1, 7, 1000, usize::MAX / 3, usize::MAX] {
+            for count in [1u32, 2, 3, 1000, u32::MAX] {
+                let range = |index| job_range(n, ShardSpec { index, count });
+                assert_eq!(range(0).start, 0, "{n} in {count}");
+                assert_eq!(range(count - 1).end, n, "{n} in {count}");
+                for index in [1, count / 2, count - 1].into_iter().filter(|i| *i > 0) {
+                    assert_eq!(range(index - 1).end, range(index).start, "{n} in {count}");
+                }
+            }
+        }
     }
 }

@@ -11,6 +11,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 
 use crate::Reason;
+use crate::dedup::SeenImages;
 use crate::download::{DownloadRules, Downloader, is_transient, redacted};
 use crate::process::{ImageConfig, RawSample, process};
 use crate::sources::{
@@ -142,7 +143,7 @@ struct ShardRows {
 /// captions is one origin, not five duplicates).
 struct Writer<'a> {
     shards: ShardSet<'a>,
-    seen: HashMap<String, String>,
+    seen: SeenImages,
     config: &'a ImageConfig,
     /// The column of containers' parquet rows that holds the caption (`--caption-column`).
     caption_column: &'a str,
@@ -166,7 +167,7 @@ impl Writer<'_> {
     fn keep(&mut self, name: &str, finished: manifests::Finished) -> Result<(), Error> {
         let (bytes, note) = self.shards.keep(finished);
         for row in pairs::from_parquet(&self.shards.uri(name), bytes)? {
-            self.seen.entry(row.sha256).or_insert(row.source);
+            self.seen.kept(&row.sha256, &row.source);
         }
         if let Some(failed) = note.get(FAILED_NOTE) {
             let failed: Vec<(String, String)> = serde_json::from_value(failed.clone())
@@ -189,13 +190,13 @@ impl Writer<'_> {
 
     fn absorb_outcomes(&mut self, shard: &mut ShardRows, outcomes: Vec<Outcome>) {
         for outcome in outcomes {
-            let result = outcome.and_then(|row| match self.seen.get(&row.sha256) {
-                Some(origin) if *origin != row.source => Err((row.key, "duplicate")),
-                _ => {
-                    self.seen.insert(row.sha256.clone(), row.source.clone());
-                    Ok(row)
-                }
-            });
+            let result =
+                outcome.and_then(
+                    |row| match self.seen.is_duplicate(&row.sha256, &row.source) {
+                        true => Err((row.key, "duplicate")),
+                        false => Ok(row),
+                    },
+                );
             match result {
                 Ok(row) => shard.rows.push(row),
                 Err((key, reason)) => {
@@ -594,7 +595,7 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
     let chunks = chunks(mine, config.shard_rows);
     let mut writer = Writer {
         shards: ShardSet::new(&run, pairs::KIND),
-        seen: HashMap::new(),
+        seen: SeenImages::default(),
         config: &config.image,
         caption_column: &config.source.caption_column,
         bar: manifests::progress::bar(
@@ -704,7 +705,7 @@ fn retry_failed(
         .collect();
     let mut writer = Writer {
         shards: ShardSet::new(run, pairs::KIND),
-        seen: HashMap::new(),
+        seen: SeenImages::default(),
         config: &config.image,
         caption_column: &config.source.caption_column,
         bar: manifests::progress::bar(0, 0, "samples", "ingest pairs", options.progress),
@@ -717,10 +718,7 @@ fn retry_failed(
         let bytes = writer.shards.location(&artifact.uri).get()?;
         let rows = pairs::from_parquet(&writer.shards.uri(&artifact.uri), bytes)?;
         for row in &rows {
-            writer
-                .seen
-                .entry(row.sha256.clone())
-                .or_insert(row.source.clone());
+            writer.seen.kept(&row.sha256, &row.source);
         }
         let failures = read_failures(&writer.shards, &artifact.uri)?;
         // A retry killed midway resumes like any run: every shard it did not rewrite yet is kept.

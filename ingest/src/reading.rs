@@ -260,9 +260,10 @@ pub fn stream_parquet_rows(
         }
     };
     let mut lost = Vec::new();
-    let mut group_start = 0;
+    let mut group_start = 0usize;
     for (index, group) in metadata.metadata().row_groups().iter().enumerate() {
-        let group_rows = group_start..group_start + usize::try_from(group.num_rows()).unwrap_or(0);
+        let claimed = usize::try_from(group.num_rows()).unwrap_or(0);
+        let group_rows = group_start..group_start.saturating_add(claimed);
         group_start = group_rows.end;
         let share = rows.start.max(group_rows.start)..rows.end.min(group_rows.end);
         if share.is_empty() {
@@ -308,6 +309,10 @@ pub fn stream_parquet_rows(
     Ok(lost)
 }
 
+/// More rows than a row group can hold as arrow reads it (an `i32` offset per value): a footer
+/// claiming more is damaged.
+const MAX_ROW_GROUP_ROWS: i64 = i32::MAX as i64;
+
 /// What a parquet file's footer says, read without its data: its columns and its rows.
 pub struct ParquetFooter {
     pub schema: SchemaRef,
@@ -320,10 +325,26 @@ pub fn parquet_footer(location: &Location) -> Result<Result<ParquetFooter, Strin
     let reader = open_parquet(location)?;
     let fault = reader.fault.clone();
     match ParquetRecordBatchReaderBuilder::try_new(reader) {
-        Ok(builder) => Ok(Ok(ParquetFooter {
-            schema: builder.schema().clone(),
-            rows: usize::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0),
-        })),
+        Ok(builder) => {
+            let metadata = builder.metadata();
+            let claimed = metadata.file_metadata().num_rows();
+            let groups: Option<i64> = metadata.row_groups().iter().try_fold(0i64, |sum, group| {
+                (0..=MAX_ROW_GROUP_ROWS)
+                    .contains(&group.num_rows())
+                    .then(|| sum.checked_add(group.num_rows()))
+                    .flatten()
+            });
+            // The row count is the file's claim: one its row groups do not add up to is damage.
+            match groups.filter(|rows| *rows == claimed).map(usize::try_from) {
+                Some(Ok(rows)) => Ok(Ok(ParquetFooter {
+                    schema: builder.schema().clone(),
+                    rows,
+                })),
+                _ => Ok(Err(format!(
+                    "the footer's row count ({claimed}) is not its row groups' sum"
+                ))),
+            }
+        }
         Err(e) => match fault.error(location) {
             Some(failed) => Err(failed),
             None => Ok(Err(e.to_string())),

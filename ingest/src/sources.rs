@@ -391,17 +391,27 @@ fn parquet_job(
     let mut layout = Vec::with_capacity(files.len());
     for (file, prefix) in files.into_iter().zip(prefixes) {
         let list = match parquet_footer(&file)? {
-            Ok(footer) => list_url_column(config, &file, &footer.schema)?
+            Ok(footer) if footer.rows > 0 => list_url_column(config, &file, &footer.schema)?
                 .map(|url_column| (url_column, footer.rows)),
-            // Its damage is counted when it is streamed as a container.
-            Err(_) => None,
+            // A file without rows is a container of nothing, whatever its columns; a damaged
+            // one's damage is counted when it is streamed as a container.
+            _ => None,
         };
         layout.push((file, prefix, list));
     }
     let units_of = |list: &Option<(String, usize)>| list.as_ref().map_or(1, |(_, rows)| *rows);
-    let total = layout.iter().map(|(_, _, list)| units_of(list)).sum();
+    // Each file's count is below 2^63 (its footer is checked), so the sum fits in a u128.
+    let total = layout
+        .iter()
+        .map(|(_, _, list)| units_of(list) as u128)
+        .sum::<u128>();
+    let total = usize::try_from(total).map_err(|_| {
+        Error::Usage(format!(
+            "{input}: the parquet files' footers claim {total} rows in all, more than one run can count"
+        ))
+    })?;
     let range = job_range(total, shard);
-    let mut units = Vec::with_capacity(range.len());
+    let mut units = Vec::new();
     let mut first = 0;
     for (file, prefix, list) in layout {
         let count = units_of(&list);
@@ -683,7 +693,8 @@ impl RowScan {
                 self.line += 1;
             }
             match self.state {
-                QuoteState::Outside { .. } if byte == b'\n' => {
+                // The csv crate ends a record at `\r` too (old Mac line ends).
+                QuoteState::Outside { .. } if matches!(byte, b'\n' | b'\r') => {
                     (self.row_line, self.row_bytes) = (self.line, 0);
                 }
                 _ if self.row_bytes == MAX_LIST_ROW_BYTES => return Err(self.row_line),
@@ -1512,6 +1523,13 @@ mod tests {
         }
     }
 
+    /// `cc3m.tsv` under `root`, read as CC3M is: no header, the caption first.
+    fn cc3m_source(root: &Path) -> SourceConfig {
+        let mut cc3m = source(&root.join("cc3m.tsv"));
+        (cc3m.has_header, cc3m.image_column, cc3m.caption_column) = (false, "1".into(), "0".into());
+        cc3m
+    }
+
     fn job(config: &SourceConfig, index: u32, count: u32) -> JobUnits {
         let shard = ShardSpec { index, count };
         enumerate_job(config, config.format, shard).unwrap()
@@ -1581,15 +1599,29 @@ mod tests {
             ],
             3,
         );
+        // A list of no rows is a container of nothing, as it always was.
+        write_parquet(
+            &root.join("parquet/e.parquet"),
+            &[("url", vec![]), ("caption", vec![])],
+            3,
+        );
+        // CC3M's layout (caption, URL; no header) with old Mac, Windows and no final line ends.
+        std::fs::write(
+            root.join("cc3m.tsv"),
+            "one\thttps://x.org/1.jpg\rtwo\thttps://x.org/2.jpg\r\n\
+             three\thttps://x.org/3.jpg\nfour\thttps://x.org/4.jpg",
+        )
+        .unwrap();
 
         let cases = [
-            ("list.tsv", 23, 2),
-            ("list.csv", 4, 2),
-            ("list.jsonl", 10, 0),
-            ("parquet", 19, 0),
+            (source(&root.join("list.tsv")), 23, 2),
+            (source(&root.join("list.csv")), 4, 2),
+            (source(&root.join("list.jsonl")), 10, 0),
+            (source(&root.join("parquet")), 20, 0),
+            (cc3m_source(root), 4, 0),
         ];
-        for (input, total, local_images) in cases {
-            let config = source(&root.join(input));
+        for (config, total, local_images) in cases {
+            let input = config.input.clone();
             let whole = job(&config, 0, 1);
             assert_eq!(whole.total, total, "{input}");
             assert_eq!(whole.units.len(), total, "{input}");
@@ -1614,6 +1646,56 @@ mod tests {
                 );
             }
         }
+        // The keys and reasons one job gives are what they always were.
+        let keys = |input: &str| -> Vec<String> {
+            let units = job(&source(&root.join(input)), 0, 1).units;
+            units
+                .iter()
+                .map(|unit| match unit {
+                    Unit::Url { key, .. } => key.clone(),
+                    Unit::Sample { key, .. } => format!("{key} sample"),
+                    Unit::Rejected { key, reason } => format!("{key} {reason}"),
+                    Unit::Container(location) => location.file_name().to_string(),
+                })
+                .collect()
+        };
+        let numbered = |rows: Range<usize>| rows.map(|n| format!("{n:09}"));
+        let mut tsv_keys: Vec<String> = numbered(0..23).collect();
+        tsv_keys[4].push_str(" sample");
+        tsv_keys[9].push_str(" sample");
+        assert_eq!(keys("list.tsv"), tsv_keys);
+        let mut jsonl_keys: Vec<String> = numbered(0..11).filter(|k| k != "000000003").collect();
+        jsonl_keys[5].push_str(" malformed_row");
+        assert_eq!(
+            keys("list.jsonl"),
+            jsonl_keys,
+            "a blank line keeps its number"
+        );
+        let csv_keys = [
+            "000000000 sample",
+            "000000001",
+            "000000002 sample",
+            "000000003",
+        ];
+        assert_eq!(keys("list.csv"), csv_keys);
+        let cc3m: Vec<String> = job(&cc3m_source(root), 0, 1)
+            .units
+            .iter()
+            .map(|unit| match unit {
+                Unit::Url { url, caption, .. } => {
+                    let caption = caption.as_deref().unwrap_or_default();
+                    format!("{url} {}", String::from_utf8_lossy(caption))
+                }
+                other => format!("{other:?}"),
+            })
+            .collect();
+        let expected = ["1.jpg one", "2.jpg two", "3.jpg three", "4.jpg four"];
+        let expected: Vec<String> = expected
+            .iter()
+            .map(|e| format!("https://x.org/{e}"))
+            .collect();
+        assert_eq!(cc3m, expected);
+
         let whole = job(&source(&root.join("parquet")), 0, 1);
         let kinds: Vec<&str> = whole
             .units
@@ -1624,11 +1706,33 @@ mod tests {
                 _ => "other",
             })
             .collect();
-        let expected: Vec<&str> = [vec!["url"; 10], vec!["container"; 2], vec!["url"; 7]].concat();
+        let expected: Vec<&str> = [
+            vec!["url"; 10],
+            vec!["container"; 2],
+            vec!["url"; 7],
+            vec!["container"],
+        ]
+        .concat();
         assert_eq!(
             kinds, expected,
-            "the damaged c.parquet is streamed as a container"
+            "the damaged c.parquet and the empty e.parquet are streamed as containers"
         );
+
+        // A quote left open is found by the count every job makes.
+        let open = root.join("open.csv");
+        std::fs::write(&open, "image,caption\na.jpg,\"open\nb.jpg,x\n").unwrap();
+        for count in [1, 2] {
+            let shard = ShardSpec {
+                index: count - 1,
+                count,
+            };
+            let error = enumerate_job(&source(&open), InputFormat::Auto, shard);
+            let error = error.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                error.contains("open.csv, line 2: a quoted field is never closed"),
+                "{error}"
+            );
+        }
         let Unit::Url { metadata, key, .. } = &whole.units[3] else {
             panic!("{:?}", whole.units[3]);
         };
@@ -1753,6 +1857,16 @@ mod tests {
             ShardSpec { index: 0, count: 1 },
         );
         assert_eq!(job.unwrap().total, 1, "a row of exactly the cap is read");
+        // Old Mac line ends (`\r` alone) end rows, as they do for the csv reader.
+        let mac = dir.path().join("mac.tsv");
+        let rows = MAX_LIST_ROW_BYTES / 8 + 1;
+        std::fs::write(&mac, format!("url\tcaption\r{}", "a.jpg\tx\r".repeat(rows))).unwrap();
+        let job = enumerate_job(
+            &source(&mac),
+            InputFormat::Auto,
+            ShardSpec { index: 0, count: 1 },
+        );
+        assert_eq!(job.unwrap().total, rows, "short rows over 16 MiB in all");
     }
 
     fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use bytes::Bytes;
-use manifests::Location;
+use manifests::{Location, ObjectInfo};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
 use parquet::errors::ParquetError;
 
@@ -317,11 +317,14 @@ const MAX_ROW_GROUP_ROWS: i64 = i32::MAX as i64;
 pub struct ParquetFooter {
     pub schema: SchemaRef,
     pub rows: usize,
+    /// The file as it was when the footer was read, to tell if it changes before its rows are.
+    pub info: ObjectInfo,
 }
 
 /// The footer of the parquet file at `location`. `Ok(Err(why))`: the file is damaged (not
 /// parquet, cut short); `Err`: the store or disk failed.
 pub fn parquet_footer(location: &Location) -> Result<Result<ParquetFooter, String>, Error> {
+    let info = location.info()?;
     let reader = open_parquet(location)?;
     let fault = reader.fault.clone();
     match ParquetRecordBatchReaderBuilder::try_new(reader) {
@@ -339,6 +342,7 @@ pub fn parquet_footer(location: &Location) -> Result<Result<ParquetFooter, Strin
                 Some(Ok(rows)) => Ok(Ok(ParquetFooter {
                     schema: builder.schema().clone(),
                     rows,
+                    info,
                 })),
                 _ => Ok(Err(format!(
                     "the footer's row count ({claimed}) is not its row groups' sum"

@@ -16,7 +16,7 @@ use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema};
 use bytes::Bytes;
-use manifests::{Location, ShardSpec};
+use manifests::{Location, ObjectInfo, ShardSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::reading::{
@@ -255,9 +255,11 @@ pub fn enumerate_job(
                 InputFormat::Jsonl => jsonl_units(config, &input, sink),
                 _ => table_units(config, &input, format, sink),
             };
+            let before = input.info()?;
             if shard.count <= 1 {
                 let mut all = Sink::new(0..usize::MAX, true);
                 pass(&mut all)?;
+                unchanged_since(&before)?;
                 return Ok(all.into_job(shard));
             }
             let mut counted = Sink::new(0..0, true);
@@ -265,12 +267,9 @@ pub fn enumerate_job(
             let range = job_range(counted.count, shard);
             let mut share = Sink::new(range.clone(), false);
             pass(&mut share)?;
-            if share.units.len() != range.len() {
-                return Err(Error::Io(format!(
-                    "{input} changed while it was read: it had {} rows, then fewer",
-                    counted.count
-                )));
-            }
+            // Rows counted in one version of the list and built from another would be lost or
+            // taken twice across the jobs.
+            unchanged_since(&before)?;
             Ok(JobUnits {
                 total: counted.count,
                 range,
@@ -313,6 +312,18 @@ pub fn enumerate_job(
                 }
             }
         }
+    }
+}
+
+/// An error naming the file when it is no longer what `before` describes (its size, or its
+/// store's change marker: the ETag, or the local file's inode, time and size).
+fn unchanged_since(before: &ObjectInfo) -> Result<(), Error> {
+    match before.location.info()? == *before {
+        true => Ok(()),
+        false => Err(Error::Io(format!(
+            "{} changed while this job read it: run the job again",
+            before.location
+        ))),
     }
 }
 
@@ -392,14 +403,15 @@ fn parquet_job(
     for (file, prefix) in files.into_iter().zip(prefixes) {
         let list = match parquet_footer(&file)? {
             Ok(footer) if footer.rows > 0 => list_url_column(config, &file, &footer.schema)?
-                .map(|url_column| (url_column, footer.rows)),
+                .map(|url_column| (url_column, footer.rows, footer.info)),
             // A file without rows is a container of nothing, whatever its columns; a damaged
             // one's damage is counted when it is streamed as a container.
             _ => None,
         };
         layout.push((file, prefix, list));
     }
-    let units_of = |list: &Option<(String, usize)>| list.as_ref().map_or(1, |(_, rows)| *rows);
+    let units_of =
+        |list: &Option<(String, usize, ObjectInfo)>| list.as_ref().map_or(1, |(_, rows, _)| *rows);
     // Each file's count is below 2^63 (its footer is checked), so the sum fits in a u128.
     let total = layout
         .iter()
@@ -419,14 +431,12 @@ fn parquet_job(
         if !share.is_empty() {
             match list {
                 None => units.push(Unit::Container(file)),
-                Some((url_column, _)) => parquet_list_rows(
-                    config,
-                    &file,
-                    &prefix,
-                    &url_column,
-                    share.start - first..share.end - first,
-                    &mut units,
-                )?,
+                Some((url_column, _, footer)) => {
+                    let rows = share.start - first..share.end - first;
+                    parquet_list_rows(config, &file, &prefix, &url_column, rows, &mut units)?;
+                    // Rows of another version than its footer counted would shift every job's.
+                    unchanged_since(&footer)?;
+                }
             }
         }
         first += count;
@@ -677,6 +687,9 @@ impl RowScan {
 
     /// `Err(line)`: the row that starts at `line` is longer than [`MAX_LIST_ROW_BYTES`].
     fn feed(&mut self, bytes: &[u8]) -> Result<(), usize> {
+        if !self.quoting {
+            return self.feed_unquoted(bytes);
+        }
         for &byte in bytes {
             self.state = match self.state {
                 QuoteState::Inside { opened_at } if byte == b'"' => {
@@ -702,6 +715,26 @@ impl RowScan {
             }
         }
         Ok(())
+    }
+
+    /// [`RowScan::feed`] without quoting (TSV, JSONL): only line ends matter, found a word at
+    /// a time rather than a byte at a time.
+    fn feed_unquoted(&mut self, mut bytes: &[u8]) -> Result<(), usize> {
+        while let Some(end) = memchr::memchr2(b'\n', b'\r', bytes) {
+            if self.row_bytes + end > MAX_LIST_ROW_BYTES {
+                return Err(self.row_line);
+            }
+            if bytes[end] == b'\n' {
+                self.line += 1;
+            }
+            (self.row_line, self.row_bytes) = (self.line, 0);
+            bytes = &bytes[end + 1..];
+        }
+        self.row_bytes += bytes.len();
+        match self.row_bytes > MAX_LIST_ROW_BYTES {
+            true => Err(self.row_line),
+            false => Ok(()),
+        }
     }
 
     fn outside(&self, byte: u8, field_start: bool) -> QuoteState {
@@ -1788,6 +1821,31 @@ mod tests {
             let range = share.range.clone();
             assert_eq!(reasons(&share.units), expected[range], "job {index} of 3");
         }
+    }
+
+    #[test]
+    fn a_list_rewritten_while_a_job_reads_it_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("list.tsv");
+        std::fs::write(&path, "url\tcaption\nhttps://x.org/1.jpg\tone\n").unwrap();
+        let before = Location::parse(path.to_str().unwrap())
+            .unwrap()
+            .info()
+            .unwrap();
+        assert!(unchanged_since(&before).is_ok());
+        std::fs::write(
+            &path,
+            "url\tcaption\nhttps://x.org/2.jpg\ttwo\nhttps://x.org/3.jpg\tthree\n",
+        )
+        .unwrap();
+        let error = unchanged_since(&before)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            error.contains("list.tsv changed while this job read it"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub struct DedupConfig {}
 /// The images kept so far, by content, each with the origin it was first kept from: an image
 /// kept before from another origin is a duplicate (a COCO image with five captions is one
 /// origin, not five duplicates). Both are held as 128-bit BLAKE3 prefixes instead of the hex
-/// digest and the origin's URL: a quarter of the memory or less (BENCHMARKS.md), which is what
+/// digest and the origin's URL: about a quarter of the memory (BENCHMARKS.md), which is what
 /// `ingest dedup` holds for a whole batch array's rows, and a job for its own.
 #[derive(Default)]
 pub struct SeenImages(HashMap<u128, u128>);

@@ -60,9 +60,10 @@ pub struct RunOptions {
 /// The contiguous slice of `n` units that job `shard.index` of `shard.count` handles.
 pub fn job_range(n: usize, shard: ShardSpec) -> Range<usize> {
     // In u128: `index * n` overflows a usize for a count a file's footer can claim.
+    debug_assert!(shard.index < shard.count.max(1), "{shard:?}");
     let (count, n) = (u128::from(shard.count.max(1)), n as u128);
-    let bound = |index: u32| (u128::from(index) * n / count) as usize;
-    bound(shard.index)..bound(shard.index + 1)
+    let bound = |index: u128| (index * n / count) as usize;
+    bound(u128::from(shard.index))..bound(u128::from(shard.index) + 1)
 }
 
 /// How a `parti.manifest/v1` manifest identified raw source data: by its listing (names, sizes,

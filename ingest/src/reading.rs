@@ -135,7 +135,13 @@ struct WatchedParquet {
     source: ParquetSource,
     size: u64,
     fault: ReadFault,
+    /// A bucket object's last [`FOOTER_PREFETCH`] bytes, fetched once: the footer's length and
+    /// the footer itself then cost one request, not two.
+    tail: Arc<OnceLock<Bytes>>,
 }
+
+/// How much of a bucket object's end is fetched at the first read near it.
+const FOOTER_PREFETCH: u64 = 64 << 10;
 
 enum ParquetSource {
     Local(File),
@@ -167,7 +173,28 @@ impl WatchedParquet {
             source,
             size: self.size,
             fault: self.fault.clone(),
+            tail: self.tail.clone(),
         })
+    }
+
+    /// A bucket object's bytes from `start` to its end, when `start` lies in its last
+    /// [`FOOTER_PREFETCH`] bytes: fetched at the first such read, then kept.
+    fn tail_from(&self, location: &Location, start: u64) -> parquet::errors::Result<Option<Bytes>> {
+        let tail_start = self.size.saturating_sub(FOOTER_PREFETCH);
+        if start < tail_start {
+            return Ok(None);
+        }
+        let tail = match self.tail.get() {
+            Some(tail) => tail.clone(),
+            None => {
+                let tail = location
+                    .get_range(tail_start..self.size)
+                    .map_err(|e| self.failed(e))?;
+                self.tail.get_or_init(|| tail).clone()
+            }
+        };
+        let at = ((start - tail_start) as usize).min(tail.len());
+        Ok(Some(tail.slice(at..)))
     }
 
     fn failed(&self, error: impl std::fmt::Display) -> ParquetError {
@@ -198,7 +225,10 @@ impl parquet::file::reader::ChunkReader for WatchedParquet {
             ParquetSource::Local(file) => {
                 Box::new(std::io::BufReader::new(self.local_at(file, start)?))
             }
-            ParquetSource::Bucket(location) => location.ranged_reader(start, self.size),
+            ParquetSource::Bucket(location) => match self.tail_from(location, start)? {
+                Some(tail) => Box::new(std::io::Cursor::new(tail)),
+                None => location.ranged_reader(start, self.size),
+            },
         };
         Ok(Watched::new(reader, &self.fault))
     }
@@ -217,9 +247,16 @@ impl parquet::file::reader::ChunkReader for WatchedParquet {
                     Err(e) => Err(self.failed(e)),
                 }
             }
-            ParquetSource::Bucket(location) => location
-                .get_range(start..start + length as u64)
-                .map_err(|e| self.failed(e)),
+            ParquetSource::Bucket(location) => match self.tail_from(location, start)? {
+                Some(tail) if tail.len() >= length => Ok(tail.slice(..length)),
+                // The store gave fewer bytes than the object's size said: cut short.
+                Some(_) => Err(ParquetError::EOF(format!(
+                    "{length} bytes at offset {start} of {location}"
+                ))),
+                None => location
+                    .get_range(start..start + length as u64)
+                    .map_err(|e| self.failed(e)),
+            },
         }
     }
 }
@@ -233,7 +270,7 @@ pub fn stream_parquet(
     batch_rows: usize,
     each: &mut dyn FnMut(RecordBatch) -> Result<ControlFlow<()>, Error>,
 ) -> Result<Result<(), String>, Error> {
-    stream_watched(open_parquet(location)?, location, batch_rows, each)
+    stream_watched(open_parquet(location, None)?, location, batch_rows, each)
 }
 
 /// Hands `each` the rows `rows` of the parquet file at `location` in record batches of at most
@@ -247,7 +284,7 @@ pub fn stream_parquet_rows(
     rows: Range<usize>,
     each: &mut dyn FnMut(usize, RecordBatch) -> Result<(), Error>,
 ) -> Result<Vec<Range<usize>>, Error> {
-    let reader = open_parquet(location)?;
+    let reader = open_parquet(location, None)?;
     let damaged = |error: ParquetError| match reader.fault.error(location) {
         Some(failed) => Err(failed),
         None => Ok(error),
@@ -309,8 +346,8 @@ pub fn stream_parquet_rows(
     Ok(lost)
 }
 
-/// More rows than a row group can hold as arrow reads it (an `i32` offset per value): a footer
-/// claiming more is damaged.
+/// More rows than any writer puts in one row group (they cut groups at about a million): a
+/// footer claiming more is taken for damage, so it cannot make a job count billions of rows.
 const MAX_ROW_GROUP_ROWS: i64 = i32::MAX as i64;
 
 /// What a parquet file's footer says, read without its data: its columns and its rows.
@@ -325,7 +362,7 @@ pub struct ParquetFooter {
 /// parquet, cut short); `Err`: the store or disk failed.
 pub fn parquet_footer(location: &Location) -> Result<Result<ParquetFooter, String>, Error> {
     let info = location.info()?;
-    let reader = open_parquet(location)?;
+    let reader = open_parquet(location, Some(info.size))?;
     let fault = reader.fault.clone();
     match ParquetRecordBatchReaderBuilder::try_new(reader) {
         Ok(builder) => {
@@ -356,7 +393,8 @@ pub fn parquet_footer(location: &Location) -> Result<Result<ParquetFooter, Strin
     }
 }
 
-fn open_parquet(location: &Location) -> Result<WatchedParquet, Error> {
+/// The parquet file at `location`; `size`, when the caller has it, saves a bucket a request.
+fn open_parquet(location: &Location, size: Option<u64>) -> Result<WatchedParquet, Error> {
     let (source, size) = match location.local_path() {
         Some(path) => {
             let (file, size) = File::open(&path)
@@ -365,12 +403,19 @@ fn open_parquet(location: &Location) -> Result<WatchedParquet, Error> {
                 .map_err(|e| Error::Io(format!("cannot read {location}: {e}")))?;
             (ParquetSource::Local(file), size)
         }
-        None => (ParquetSource::Bucket(location.clone()), location.size()?),
+        None => {
+            let size = match size {
+                Some(size) => size,
+                None => location.size()?,
+            };
+            (ParquetSource::Bucket(location.clone()), size)
+        }
     };
     Ok(WatchedParquet {
         source,
         size,
         fault: ReadFault::default(),
+        tail: Arc::default(),
     })
 }
 
@@ -431,6 +476,7 @@ mod tests {
             source: ParquetSource::Local(File::open("/proc/self/mem").unwrap()),
             size,
             fault: ReadFault::default(),
+            tail: Arc::default(),
         }
     }
 

@@ -17,6 +17,7 @@ use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema};
 use bytes::Bytes;
 use manifests::{Location, ObjectInfo, ShardSpec};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::reading::{
@@ -268,8 +269,15 @@ pub fn enumerate_job(
             let mut share = Sink::new(range.clone(), false);
             pass(&mut share)?;
             // Rows counted in one version of the list and built from another would be lost or
-            // taken twice across the jobs.
+            // taken twice across the jobs. A change marker may miss a rewrite (a file system
+            // whose times are coarse); a list that came up short is caught by its count too.
             unchanged_since(&before)?;
+            if share.units.len() != range.len() {
+                return Err(Error::Io(format!(
+                    "{input} changed while this job read it: it had {} rows, then fewer",
+                    counted.count
+                )));
+            }
             Ok(JobUnits {
                 total: counted.count,
                 range,
@@ -384,6 +392,9 @@ impl Sink {
     }
 }
 
+/// How many parquet footers a job reads at once.
+const FOOTER_READS_IN_FLIGHT: usize = 32;
+
 /// A job's share of a folder (or file) of parquet files. Each URL list counts as its rows and
 /// each img2dataset container (or file damaged before its data) as one unit; all are counted
 /// from their footers, and only the row groups within the share are read.
@@ -399,17 +410,29 @@ fn parquet_job(
         |file| file.file_name().trim_end_matches(".parquet").to_string(),
         &[".parquet"],
     );
-    let mut layout = Vec::with_capacity(files.len());
-    for (file, prefix) in files.into_iter().zip(prefixes) {
-        let list = match parquet_footer(&file)? {
-            Ok(footer) if footer.rows > 0 => list_url_column(config, &file, &footer.schema)?
+    let list_of = |file: &Location| -> Result<Option<(String, usize, ObjectInfo)>, Error> {
+        Ok(match parquet_footer(file)? {
+            Ok(footer) if footer.rows > 0 => list_url_column(config, file, &footer.schema)?
                 .map(|url_column| (url_column, footer.rows, footer.info)),
             // A file without rows is a container of nothing, whatever its columns; a damaged
             // one's damage is counted when it is streamed as a container.
             _ => None,
-        };
-        layout.push((file, prefix, list));
-    }
+        })
+    };
+    // Every job reads every footer; in a bucket each is a round trip or two, so thousands of
+    // files are read many at a time.
+    let readers = rayon::ThreadPoolBuilder::new()
+        .num_threads(FOOTER_READS_IN_FLIGHT.min(files.len()).max(1))
+        .build()
+        .map_err(|e| Error::Io(format!("cannot start threads to read footers: {e}")))?;
+    let lists: Vec<_> =
+        readers.install(|| files.par_iter().map(list_of).collect::<Result<_, _>>())?;
+    let layout: Vec<_> = files
+        .into_iter()
+        .zip(prefixes)
+        .zip(lists)
+        .map(|((file, prefix), list)| (file, prefix, list))
+        .collect();
     let units_of =
         |list: &Option<(String, usize, ObjectInfo)>| list.as_ref().map_or(1, |(_, rows, _)| *rows);
     // Each file's count is below 2^63 (its footer is checked), so the sum fits in a u128.
@@ -653,6 +676,9 @@ const MAX_LIST_ROW_BYTES: usize = 16 << 20;
 struct RowScan {
     delimiter: u8,
     quoting: bool,
+    /// Whether a lone `\r` ends a row, as it ends a csv record (CSV, TSV), or not (JSONL, whose
+    /// rows end at `\n` only).
+    cr_ends_row: bool,
     line: usize,
     row_line: usize,
     row_bytes: usize,
@@ -674,10 +700,11 @@ enum QuoteState {
 }
 
 impl RowScan {
-    fn new(delimiter: u8, quoting: bool) -> RowScan {
+    fn new(delimiter: u8, quoting: bool, cr_ends_row: bool) -> RowScan {
         RowScan {
             delimiter,
             quoting,
+            cr_ends_row,
             line: 1,
             row_line: 1,
             row_bytes: 0,
@@ -707,7 +734,9 @@ impl RowScan {
             }
             match self.state {
                 // The csv crate ends a record at `\r` too (old Mac line ends).
-                QuoteState::Outside { .. } if matches!(byte, b'\n' | b'\r') => {
+                QuoteState::Outside { .. }
+                    if byte == b'\n' || (byte == b'\r' && self.cr_ends_row) =>
+                {
                     (self.row_line, self.row_bytes) = (self.line, 0);
                 }
                 _ if self.row_bytes == MAX_LIST_ROW_BYTES => return Err(self.row_line),
@@ -720,7 +749,12 @@ impl RowScan {
     /// [`RowScan::feed`] without quoting (TSV, JSONL): only line ends matter, found a word at
     /// a time rather than a byte at a time.
     fn feed_unquoted(&mut self, mut bytes: &[u8]) -> Result<(), usize> {
-        while let Some(end) = memchr::memchr2(b'\n', b'\r', bytes) {
+        let cr_ends_row = self.cr_ends_row;
+        let row_end = |bytes: &[u8]| match cr_ends_row {
+            true => memchr::memchr2(b'\n', b'\r', bytes),
+            false => memchr::memchr(b'\n', bytes),
+        };
+        while let Some(end) = row_end(bytes) {
             if self.row_bytes + end > MAX_LIST_ROW_BYTES {
                 return Err(self.row_line);
             }
@@ -794,7 +828,7 @@ fn table_units(
     };
     let source = ListReader {
         inner: Watched::new(input.reader_from(0)?, &fault),
-        scan: RowScan::new(delimiter, format == InputFormat::Csv),
+        scan: RowScan::new(delimiter, format == InputFormat::Csv, true),
     };
     let failed = |e: csv::Error| match fault.error(input) {
         Some(failed) => failed,
@@ -917,7 +951,7 @@ fn jsonl_units(config: &SourceConfig, input: &Location, sink: &mut Sink) -> Resu
     let fault = ReadFault::default();
     let list = ListReader {
         inner: Watched::new(input.reader_from(0)?, &fault),
-        scan: RowScan::new(b',', false),
+        scan: RowScan::new(b',', false, false),
     };
     let mut reader = std::io::BufReader::with_capacity(1 << 20, list);
     let root = image_root(config, input)?;
@@ -1852,17 +1886,42 @@ mod tests {
     fn a_quote_left_open_is_found_however_the_bytes_arrive() {
         let text = b"image,caption\na.jpg,\"\"\"fine\"\"\"\nb.jpg,\"open\nc.jpg,x\n";
         for chunk in [1, 2, 3, text.len()] {
-            let mut scan = RowScan::new(b',', true);
+            let mut scan = RowScan::new(b',', true, true);
             text.chunks(chunk)
                 .for_each(|bytes| scan.feed(bytes).unwrap());
             assert_eq!(scan.unclosed(), Some(3), "read {chunk} bytes at a time");
         }
-        let mut closed = RowScan::new(b',', true);
+        let mut closed = RowScan::new(b',', true, true);
         closed.feed(b"a,\"x\"\"\"\nb,\"y\"").unwrap();
         assert_eq!(closed.unclosed(), None);
-        let mut unquoted = RowScan::new(b'\t', false);
+        let mut unquoted = RowScan::new(b'\t', false, true);
         unquoted.feed(b"a\t\"b\n").unwrap();
         assert_eq!(unquoted.unclosed(), None, "a TSV has no quoting");
+    }
+
+    /// The row cap holds however a row is cut into reads, with and without quoting.
+    #[test]
+    fn the_row_cap_holds_across_reads_of_any_size() {
+        let at_cap = [vec![b'x'; MAX_LIST_ROW_BYTES], b"\r\nshort\n".to_vec()].concat();
+        let over = [b"first\n".to_vec(), vec![b'x'; MAX_LIST_ROW_BYTES + 1]].concat();
+        let over_and_ended = [vec![b'x'; MAX_LIST_ROW_BYTES + 1], b"\nnext\n".to_vec()].concat();
+        for quoting in [false, true] {
+            for chunk in [1, 7, 4096, 1 << 20, usize::MAX] {
+                let feed = |bytes: &[u8]| {
+                    let mut scan = RowScan::new(b'\t', quoting, true);
+                    bytes
+                        .chunks(chunk.min(bytes.len()))
+                        .try_for_each(|part| scan.feed(part))
+                };
+                assert_eq!(feed(&at_cap), Ok(()), "quoting {quoting}, reads of {chunk}");
+                assert_eq!(feed(&over), Err(2), "quoting {quoting}, reads of {chunk}");
+                assert_eq!(
+                    feed(&over_and_ended),
+                    Err(1),
+                    "quoting {quoting}, reads of {chunk}"
+                );
+            }
+        }
     }
 
     /// A row over the cap stops the run with the file and the line where the row starts,
@@ -1915,16 +1974,39 @@ mod tests {
             ShardSpec { index: 0, count: 1 },
         );
         assert_eq!(job.unwrap().total, 1, "a row of exactly the cap is read");
-        // Old Mac line ends (`\r` alone) end rows, as they do for the csv reader.
-        let mac = dir.path().join("mac.tsv");
+        // Old Mac line ends (`\r` alone) end rows, as they do for the csv reader, in CSV and
+        // TSV; a JSONL row ends at `\n` only, so `\r`s in one long line do not cut it.
         let rows = MAX_LIST_ROW_BYTES / 8 + 1;
-        std::fs::write(&mac, format!("url\tcaption\r{}", "a.jpg\tx\r".repeat(rows))).unwrap();
-        let job = enumerate_job(
-            &source(&mac),
-            InputFormat::Auto,
-            ShardSpec { index: 0, count: 1 },
+        let one_job = ShardSpec { index: 0, count: 1 };
+        for (name, header, row) in [
+            ("mac.tsv", "url\tcaption\r", "a.jpg\tx\r"),
+            ("mac.csv", "image,caption\r", "a.jpg,x\r"),
+        ] {
+            let mac = dir.path().join(name);
+            std::fs::write(&mac, format!("{header}{}", row.repeat(rows))).unwrap();
+            let job = enumerate_job(&source(&mac), InputFormat::Auto, one_job);
+            assert_eq!(
+                job.unwrap().total,
+                rows,
+                "{name}: short rows over 16 MiB in all"
+            );
+        }
+        let jsonl = dir.path().join("cr.jsonl");
+        let spaces = format!("{}\r", " ".repeat(1 << 20));
+        std::fs::write(
+            &jsonl,
+            format!(
+                "{{\"url\": \"a.jpg\",{}\"caption\": \"x\"}}\n",
+                spaces.repeat(17)
+            ),
+        )
+        .unwrap();
+        let error = enumerate_job(&source(&jsonl), InputFormat::Auto, one_job).err();
+        let error = error.map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            error.contains("cr.jsonl: the row at line 1 is longer than 16 MiB"),
+            "{error}"
         );
-        assert_eq!(job.unwrap().total, rows, "short rows over 16 MiB in all");
     }
 
     fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {

@@ -122,9 +122,14 @@ pub fn pairs_and_text_through(bucket: &str, env: &[(String, String)], secret: &s
         .unwrap()
         .put(Bytes::from(webdataset_tar(&containers)))
         .unwrap();
+    // Incompressible pictures make the parquet file about 1 MB: its column chunks come by
+    // ranged reads, and only its footer from the 64 KiB fetched at its end.
+    let large: Vec<(String, Vec<u8>)> = (0..12u64)
+        .map(|i| (format!("c{i:03}"), noise_png(160, i)))
+        .collect();
     Location::parse(&at("i2d/00000.parquet"))
         .unwrap()
-        .put(Bytes::from(img2dataset_parquet(&containers, 5)))
+        .put(Bytes::from(img2dataset_parquet(&large, 5)))
         .unwrap();
     // `ingest pairs --input INPUT --out OUT --size 32` and `extra`.
     let pairs_of = |input: &str, out: &str, extra: &[&str]| {

@@ -14,9 +14,13 @@ use tracing::info;
 
 use crate::{Error, RunOptions, Tally, tool};
 use manifests::shards::pairs;
-use manifests::{Artifact, Manifest, StageRun};
+use manifests::{Artifact, Location, Manifest, StageRun};
+use rayon::prelude::*;
 
 pub const STAGE: &str = "ingest.dedup";
+
+/// How many shards `ingest dedup` reads at once.
+const SHARDS_IN_FLIGHT: usize = 16;
 
 /// Nothing to configure: the rule is the one `ingest pairs` applies within a job.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -66,36 +70,48 @@ pub fn dedup(pairs_uri: &str, options: &RunOptions) -> Result<Manifest, Error> {
     }
     let mut seen = SeenImages::default();
     let (mut artifacts, mut rows_kept, mut duplicates) = (Vec::new(), 0u64, 0u64);
-    for (index, artifact) in upstream
-        .artifacts_of_kind(pairs::KIND)
-        .into_iter()
-        .enumerate()
-    {
+    let shards = upstream.artifacts_of_kind(pairs::KIND);
+    // Fetching, digest-checking and parsing a shard is most of the work, and a bucket serves
+    // many at once: they are read SHARDS_IN_FLIGHT at a time, then judged in order.
+    let readers = rayon::ThreadPoolBuilder::new()
+        .num_threads(SHARDS_IN_FLIGHT)
+        .build()
+        .map_err(|e| Error::Io(format!("cannot start threads to read shards: {e}")))?;
+    let read = |artifact: &&Artifact| -> Result<(Location, Vec<pairs::PairRow>), Error> {
         let location = upstream.artifact_location(artifact)?;
         let rows = pairs::from_parquet(&location.uri(), upstream.read_artifact(artifact)?)?;
-        let total = rows.len();
-        let mut kept = Vec::with_capacity(total);
-        for row in rows {
-            match seen.is_duplicate(&row.sha256, &row.source) {
-                true => duplicates += 1,
-                false => kept.push(row),
+        Ok((location, rows))
+    };
+    let mut index = 0;
+    for window in shards.chunks(SHARDS_IN_FLIGHT) {
+        let window_rows: Vec<_> = readers.install(|| window.par_iter().map(read).collect());
+        for (artifact, shard) in window.iter().zip(window_rows) {
+            let (location, rows) = shard?;
+            let total = rows.len();
+            let mut kept = Vec::with_capacity(total);
+            for row in rows {
+                match seen.is_duplicate(&row.sha256, &row.source) {
+                    true => duplicates += 1,
+                    false => kept.push(row),
+                }
             }
-        }
-        rows_kept += kept.len() as u64;
-        if kept.len() == total {
-            artifacts.push(Artifact {
-                uri: location.uri(),
-                ..artifact.clone()
-            });
-        } else {
-            let name = format!("pairs/dedup-{index:05}.parquet");
-            let bytes = pairs::to_parquet(&run.out().join(&name).uri(), &kept)?;
-            artifacts.push(run.write_artifact(
-                &name,
-                pairs::KIND,
-                bytes,
-                Some(kept.len() as u64),
-            )?);
+            rows_kept += kept.len() as u64;
+            if kept.len() == total {
+                artifacts.push(Artifact {
+                    uri: location.uri(),
+                    ..(*artifact).clone()
+                });
+            } else {
+                let name = format!("pairs/dedup-{index:05}.parquet");
+                let bytes = pairs::to_parquet(&run.out().join(&name).uri(), &kept)?;
+                artifacts.push(run.write_artifact(
+                    &name,
+                    pairs::KIND,
+                    bytes,
+                    Some(kept.len() as u64),
+                )?);
+            }
+            index += 1;
         }
     }
     // The upstream's rejection counts carry over; cross-job duplicates join its `duplicate`s.

@@ -215,7 +215,8 @@ fn batch_array_jobs_merge_to_exactly_the_single_job_rows() {
     let src = dir.path().join("src");
     let src = src.to_str().unwrap();
     let single = dir.path().join("single");
-    let common_args = ["--size", "32", "--shard-rows", "4", "--input", src];
+    // A shard a row, so that `ingest dedup` reads more shards than it holds at once (16).
+    let common_args = ["--size", "32", "--shard-rows", "1", "--input", src];
     let (code, text) = ingest(
         &[
             &["pairs", "--out", single.to_str().unwrap()][..],

@@ -1857,6 +1857,78 @@ mod tests {
         }
     }
 
+    /// Rewrites the parquet file at `path` with a footer whose first row group claims `rows`
+    /// rows, whatever it holds (the file's count is then the groups' sum).
+    fn claim_first_group_rows(path: &Path, rows: i64) {
+        use parquet::file::metadata::{ParquetMetaDataReader, ParquetMetaDataWriter};
+        let bytes = bytes::Bytes::from(std::fs::read(path).unwrap());
+        let metadata = ParquetMetaDataReader::new()
+            .parse_and_finish(&bytes)
+            .unwrap();
+        let mut groups = metadata.row_groups().to_vec();
+        groups[0] = groups[0]
+            .clone()
+            .into_builder()
+            .set_num_rows(rows)
+            .build()
+            .unwrap();
+        let claimed = metadata.into_builder().set_row_groups(groups).build();
+        let footer = bytes.len() - 8;
+        let length = u32::from_le_bytes(bytes[footer..footer + 4].try_into().unwrap()) as usize;
+        let mut rewritten = bytes[..footer - length].to_vec();
+        ParquetMetaDataWriter::new(&mut rewritten, &claimed)
+            .finish()
+            .unwrap();
+        std::fs::write(path, rewritten).unwrap();
+    }
+
+    /// A row group claiming rows it does not hold costs its rows, each counted; one claiming
+    /// more than any writer makes is damage, and the file is read as a container (which counts
+    /// its damage) rather than counted as a list of the rows it claims.
+    #[test]
+    fn a_footer_claiming_rows_its_row_group_lacks_is_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("laion.parquet");
+        let urls: Vec<String> = (0..10).map(|n| format!("https://x.org/{n}.jpg")).collect();
+        let columns = [
+            ("url", urls.iter().map(String::as_str).collect()),
+            ("caption", vec!["c"; 10]),
+        ];
+        let kinds = |path: &Path| -> Vec<String> {
+            let units = job(&source(path), 0, 1).units;
+            units
+                .iter()
+                .map(|unit| match unit {
+                    Unit::Url { key, .. } => key.clone(),
+                    Unit::Rejected { key, reason } => format!("{key} {reason}"),
+                    Unit::Container(_) => "container".to_string(),
+                    other => format!("{other:?}"),
+                })
+                .collect()
+        };
+        let keys = |rows: Range<usize>| rows.map(|n| format!("laion-{n:09}"));
+        let truthful: Vec<String> = keys(0..10).collect();
+        // The group's pages end before its claimed rows: the reader refuses the group, whose
+        // rows are then lost each by key; the next groups are read.
+        let lacking: Vec<String> = keys(0..5)
+            .map(|key| format!("{key} unreadable_parquet"))
+            .chain(keys(5..11))
+            .collect();
+        for (claimed, expected) in [
+            (4, truthful),
+            (5, lacking),
+            (1 << 40, vec!["container".to_string()]),
+        ] {
+            write_parquet(&path, &columns, 4);
+            claim_first_group_rows(&path, claimed);
+            assert_eq!(
+                kinds(&path),
+                expected,
+                "a first row group claiming {claimed} rows"
+            );
+        }
+    }
+
     #[test]
     fn a_list_rewritten_while_a_job_reads_it_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();

@@ -38,6 +38,15 @@ impl ReadFault {
             .get()
             .map(|message| Error::Io(format!("cannot read {location}: {message}")))
     }
+
+    /// `damage` that a decoder of the file at `location` reported, unless the store or disk
+    /// failed under it: then that failure, as the run's error.
+    fn or_damage<T>(&self, location: &Location, damage: T) -> Result<T, Error> {
+        match self.error(location) {
+            Some(failed) => Err(failed),
+            None => Ok(damage),
+        }
+    }
 }
 
 /// A reader over the raw bytes of a file that notes in its [`ReadFault`] any error of the
@@ -285,10 +294,7 @@ pub fn stream_parquet_rows(
     each: &mut dyn FnMut(usize, RecordBatch) -> Result<(), Error>,
 ) -> Result<Vec<Range<usize>>, Error> {
     let reader = open_parquet(location, None)?;
-    let damaged = |error: ParquetError| match reader.fault.error(location) {
-        Some(failed) => Err(failed),
-        None => Ok(error),
-    };
+    let damaged = |error: ParquetError| reader.fault.or_damage(location, error);
     let metadata = match ArrowReaderMetadata::load(&reader, Default::default()) {
         Ok(metadata) => metadata,
         Err(e) => {
@@ -363,10 +369,9 @@ pub struct ParquetFooter {
 pub fn parquet_footer(location: &Location) -> Result<Result<ParquetFooter, String>, Error> {
     let info = location.info()?;
     let reader = open_parquet(location, Some(info.size))?;
-    let fault = reader.fault.clone();
-    match ParquetRecordBatchReaderBuilder::try_new(reader) {
-        Ok(builder) => {
-            let metadata = builder.metadata();
+    match ArrowReaderMetadata::load(&reader, Default::default()) {
+        Ok(footer) => {
+            let metadata = footer.metadata();
             let claimed = metadata.file_metadata().num_rows();
             let groups: Option<i64> = metadata.row_groups().iter().try_fold(0i64, |sum, group| {
                 (0..=MAX_ROW_GROUP_ROWS)
@@ -377,7 +382,7 @@ pub fn parquet_footer(location: &Location) -> Result<Result<ParquetFooter, Strin
             // The row count is the file's claim: one its row groups do not add up to is damage.
             match groups.filter(|rows| *rows == claimed).map(usize::try_from) {
                 Some(Ok(rows)) => Ok(Ok(ParquetFooter {
-                    schema: builder.schema().clone(),
+                    schema: footer.schema().clone(),
                     rows,
                     info,
                 })),
@@ -386,10 +391,7 @@ pub fn parquet_footer(location: &Location) -> Result<Result<ParquetFooter, Strin
                 ))),
             }
         }
-        Err(e) => match fault.error(location) {
-            Some(failed) => Err(failed),
-            None => Ok(Err(e.to_string())),
-        },
+        Err(e) => reader.fault.or_damage(location, Err(e.to_string())),
     }
 }
 
@@ -427,10 +429,7 @@ fn stream_watched(
     each: &mut dyn FnMut(RecordBatch) -> Result<ControlFlow<()>, Error>,
 ) -> Result<Result<(), String>, Error> {
     let fault = reader.fault.clone();
-    let damaged = |error: ParquetError| match fault.error(location) {
-        Some(failed) => Err(failed),
-        None => Ok(Err(error.to_string())),
-    };
+    let damaged = |error: ParquetError| fault.or_damage(location, Err(error.to_string()));
     let batches = match ParquetRecordBatchReaderBuilder::try_new(reader)
         .and_then(|builder| builder.with_batch_size(batch_rows.max(1)).build())
     {

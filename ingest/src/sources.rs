@@ -1111,11 +1111,7 @@ fn list_url_column(
     schema: &Schema,
 ) -> Result<Option<String>, Error> {
     let is_image = |field: &Field| {
-        PARQUET_IMAGE_COLUMNS.contains(&field.name().as_str())
-            && matches!(
-                field.data_type(),
-                DataType::Binary | DataType::LargeBinary | DataType::BinaryView
-            )
+        PARQUET_IMAGE_COLUMNS.contains(&field.name().as_str()) && is_bytes(field.data_type())
     };
     if schema.fields().iter().any(|field| is_image(field)) {
         return Ok(None);
@@ -1242,13 +1238,19 @@ const PARQUET_IMAGE_COLUMNS: [&str; 5] = ["jpg", "jpeg", "png", "webp", "image"]
 
 fn parquet_image_column(batch: &RecordBatch) -> Option<ArrayRef> {
     PARQUET_IMAGE_COLUMNS.iter().find_map(|name| {
-        batch.column_by_name(name).cloned().filter(|c| {
-            matches!(
-                c.data_type(),
-                DataType::Binary | DataType::LargeBinary | DataType::BinaryView
-            )
-        })
+        batch
+            .column_by_name(name)
+            .cloned()
+            .filter(|c| is_bytes(c.data_type()))
     })
+}
+
+/// Whether a column of `data_type` holds bytes, as an image column does.
+fn is_bytes(data_type: &DataType) -> bool {
+    matches!(
+        data_type,
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView
+    )
 }
 
 /// `column` with a dictionary encoding decoded (pyarrow writes pandas categoricals and

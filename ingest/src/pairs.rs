@@ -525,14 +525,13 @@ fn read_failures(shards: &ShardSet<'_>, name: &str) -> Result<Vec<(String, Strin
         .collect())
 }
 
-/// The images a COCO, CSV, TSV or JSONL file names, each once, under its path relative to the
-/// image root (as the list spells it): inputs of the run like the list itself. Folders and
-/// containers are identified by listing them instead.
-fn named_images(
-    images: &[Location],
-    format: InputFormat,
-    root: &Location,
-) -> Vec<(String, Location)> {
+/// The images that this job's rows of a COCO, CSV, TSV or JSONL file name, each once, under
+/// their paths relative to the image root (as the list spells them): inputs of the job like the
+/// list itself. Each job names only its own rows' images, so a job of a batch array looks at
+/// its share of a list's files and not at all of them; `manifests merge` joins the jobs' named
+/// files into the identity one job's run would record. Folders and containers are identified
+/// by listing them instead.
+fn named_images(units: &[Unit], format: InputFormat, root: &Location) -> Vec<(String, Location)> {
     let lists = [
         InputFormat::Coco,
         InputFormat::Csv,
@@ -543,9 +542,11 @@ fn named_images(
         return Vec::new();
     }
     let mut named = BTreeMap::new();
-    for image in images {
-        let name = image.relative_to(root).unwrap_or_else(|| image.uri());
-        named.entry(name).or_insert_with(|| image.clone());
+    for unit in units {
+        if let Unit::Sample { image, .. } = unit {
+            let name = image.relative_to(root).unwrap_or_else(|| image.uri());
+            named.entry(name).or_insert_with(|| image.clone());
+        }
     }
     named.into_iter().collect()
 }
@@ -577,7 +578,7 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
             format.unwrap_or_default()
         )));
     }
-    let named = named_images(&job.images, format, &image_root(&config.source, &input)?);
+    let named = named_images(&job.units, format, &image_root(&config.source, &input)?);
     let existing = begin_with_input(&mut run, &input, &named, &image_roots, options.force)?;
     let (range, mine) = (job.range, &job.units[..]);
     let downloads = mine.iter().any(|unit| matches!(unit, Unit::Url { .. }));

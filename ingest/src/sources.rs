@@ -233,15 +233,12 @@ pub struct JobUnits {
     pub range: Range<usize>,
     /// This job's units, built.
     pub units: Vec<Unit>,
-    /// The image of every local sample in the whole source, this job's or not: the images a
-    /// list names are inputs of each job's run.
-    pub images: Vec<Location>,
 }
 
 /// Enumerates the source's units in the same order for every job and builds this job's share
 /// of them only, so that a job of a batch array over a list of a hundred million URLs holds
 /// its own rows and not the list. A CSV, TSV or JSONL list is read twice: once to count its
-/// rows (and name its local images), once up to the end of the job's share. Parquet lists are
+/// rows, once up to the end of the job's share. Parquet lists are
 /// counted from their footers, and only the row groups of the share are read.
 pub fn enumerate_job(
     config: &SourceConfig,
@@ -258,15 +255,15 @@ pub fn enumerate_job(
             };
             let before = input.info()?;
             if shard.count <= 1 {
-                let mut all = Sink::new(0..usize::MAX, true);
+                let mut all = Sink::new(0..usize::MAX);
                 pass(&mut all)?;
                 unchanged_since(&before)?;
                 return Ok(all.into_job(shard));
             }
-            let mut counted = Sink::new(0..0, true);
+            let mut counted = Sink::counter();
             pass(&mut counted)?;
             let range = job_range(counted.count, shard);
-            let mut share = Sink::new(range.clone(), false);
+            let mut share = Sink::new(range.clone());
             pass(&mut share)?;
             // Rows counted in one version of the list and built from another would be lost or
             // taken twice across the jobs. A change marker may miss a rewrite (a file system
@@ -282,7 +279,6 @@ pub fn enumerate_job(
                 total: counted.count,
                 range,
                 units: share.units,
-                images: counted.images.unwrap_or_default(),
             })
         }
         InputFormat::Folder | InputFormat::Coco => {
@@ -290,7 +286,7 @@ pub fn enumerate_job(
                 InputFormat::Folder => folder_units(&input)?,
                 _ => coco_units(config, &input)?,
             };
-            let mut all = Sink::new(0..usize::MAX, true);
+            let mut all = Sink::new(0..usize::MAX);
             units.into_iter().for_each(|unit| all.push(unit));
             Ok(all.into_job(shard))
         }
@@ -312,7 +308,7 @@ pub fn enumerate_job(
             match format {
                 InputFormat::Parquet => parquet_job(config, &input, files, shard),
                 _ => {
-                    let mut all = Sink::new(0..usize::MAX, false);
+                    let mut all = Sink::new(0..usize::MAX);
                     files
                         .into_iter()
                         .for_each(|file| all.push(Unit::Container(file)));
@@ -335,39 +331,44 @@ fn unchanged_since(before: &ObjectInfo) -> Result<(), Error> {
     }
 }
 
-/// What a pass over a source keeps: the units within `window`, built, and (with `images` on)
-/// the image of every local sample. It counts every unit, built or not.
+/// What a pass over a source keeps: the units within `window`, built. It counts every unit,
+/// built or not, and the pass stops at the window's end unless the sink counts the whole source.
 struct Sink {
     window: Range<usize>,
     units: Vec<Unit>,
-    images: Option<Vec<Location>>,
     count: usize,
+    counts_to_end: bool,
 }
 
 impl Sink {
-    fn new(window: Range<usize>, images: bool) -> Sink {
+    fn new(window: Range<usize>) -> Sink {
         Sink {
             window,
             units: Vec::new(),
-            images: images.then(Vec::new),
             count: 0,
+            counts_to_end: false,
+        }
+    }
+
+    /// Builds nothing and counts every unit.
+    fn counter() -> Sink {
+        Sink {
+            counts_to_end: true,
+            ..Sink::new(0..0)
         }
     }
 
     /// Whether the next unit is looked at, so must be built.
     fn wants_next(&self) -> bool {
-        self.images.is_some() || self.window.contains(&self.count)
+        self.window.contains(&self.count)
     }
 
     /// Whether no later unit is looked at: the pass may stop reading.
     fn is_done(&self) -> bool {
-        self.images.is_none() && self.count >= self.window.end
+        !self.counts_to_end && self.count >= self.window.end
     }
 
     fn push(&mut self, unit: Unit) {
-        if let (Some(images), Unit::Sample { image, .. }) = (&mut self.images, &unit) {
-            images.push(image.clone());
-        }
         if self.window.contains(&self.count) {
             self.units.push(unit);
         }
@@ -387,7 +388,6 @@ impl Sink {
             total: self.count,
             units: units.drain(range.clone()).collect(),
             range,
-            images: self.images.unwrap_or_default(),
         }
     }
 }
@@ -468,7 +468,6 @@ fn parquet_job(
         total,
         range,
         units,
-        images: Vec::new(),
     })
 }
 
@@ -1694,7 +1693,13 @@ mod tests {
             let whole = job(&config, 0, 1);
             assert_eq!(whole.total, total, "{input}");
             assert_eq!(whole.units.len(), total, "{input}");
-            assert_eq!(whole.images.len(), local_images, "{input}");
+            let local = |units: &[Unit]| {
+                units
+                    .iter()
+                    .filter(|unit| matches!(unit, Unit::Sample { .. }))
+                    .count()
+            };
+            assert_eq!(local(&whole.units), local_images, "{input}");
             for count in [2, 3, 7, 40] {
                 let mut units = Vec::new();
                 for index in 0..count {
@@ -1702,10 +1707,6 @@ mod tests {
                     assert_eq!(share.total, total, "{input}, job {index} of {count}");
                     assert_eq!(share.range, job_range(total, ShardSpec { index, count }));
                     assert_eq!(share.units.len(), share.range.len(), "{input}");
-                    assert_eq!(
-                        share.images, whole.images,
-                        "{input}: every job names all images"
-                    );
                     units.extend(share.units);
                 }
                 assert_eq!(

@@ -127,16 +127,22 @@ fn list(format: &str, caption: impl Fn(usize) -> String) -> (&'static str, Strin
     }
 }
 
+/// Six pictures in `src/images` and the list naming them as `format`: its file name and text.
+fn six_images_and_their_list(src: &Path, format: &str) -> (&'static str, String) {
+    for i in 0..6u8 {
+        write(src, &format!("images/{i}.png"), png(48, 48, i));
+    }
+    let (name, text) = list(format, |i| format!("a red cat number {i}"));
+    write(src, name, &text);
+    (name, text)
+}
+
 #[test]
 fn a_same_size_caption_edit_in_a_list_and_a_changed_named_image_rerun() {
     for format in ["csv", "jsonl", "coco"] {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
-        for i in 0..6u8 {
-            write(&src, &format!("images/{i}.png"), png(48, 48, i));
-        }
-        let (name, text) = list(format, |i| format!("a red cat number {i}"));
-        write(&src, name, &text);
+        let (name, text) = six_images_and_their_list(&src, format);
         let run = dir.path().join("run");
         let out = run.join("pairs");
         let args = pairs_args(&src.join(name), &out, &["--size", "32"]);
@@ -378,4 +384,81 @@ fn a_manifest_above_the_input_that_does_not_list_it_hides_nothing() {
     assert_eq!(code, 0, "{out}");
     let (manifest, _) = pairs_rows(from_synth.to_str().unwrap());
     assert_eq!(manifest.inputs[0].kind, "manifest");
+}
+
+/// The input of a job of `run`, read from its partial manifest.
+fn part_input(run: &Path, index: u32, count: u32) -> manifests::Input {
+    let part = run.join(format!("manifest.part-{index:05}-of-{count:05}.json"));
+    let (manifest, _) =
+        manifests::Manifest::read(&manifests::Location::parse(part.to_str().unwrap()).unwrap())
+            .unwrap();
+    manifest.inputs[0].clone()
+}
+
+#[test]
+fn each_job_of_an_array_names_only_its_own_rows_images() {
+    for format in ["csv", "jsonl", "coco"] {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let (name, _) = six_images_and_their_list(&src, format);
+        let single = dir.path().join("single");
+        let (code, output) = ingest_owned(&pairs_args(&src.join(name), &single, &["--size", "32"]));
+        assert_eq!(code, 0, "{format}: {output}");
+
+        let array = dir.path().join("array/pairs");
+        let job = |index: u32| {
+            pairs_args(
+                &src.join(name),
+                &array,
+                &[
+                    "--size",
+                    "32",
+                    "--num-shards",
+                    "3",
+                    "--shard-index",
+                    &index.to_string(),
+                ],
+            )
+        };
+        for index in 0..3 {
+            let (code, output) = ingest_owned(&job(index));
+            assert_eq!(code, 0, "{format}: {output}");
+            let named: Vec<String> = part_input(&array, index, 3)
+                .files
+                .iter()
+                .filter(|file| file.named)
+                .map(|file| file.name.clone())
+                .collect();
+            let first = 2 * index;
+            assert_eq!(
+                named,
+                [
+                    format!("images/{first}.png"),
+                    format!("images/{}.png", first + 1)
+                ],
+                "{format}: job {index} names its own rows' images, and no other"
+            );
+        }
+        let array_uri = array.to_str().unwrap();
+        let (code, output) = manifests_cli(&["merge", array_uri, array_uri]);
+        assert_eq!(code, 0, "{format}: {output}");
+        let read = |run: &Path| {
+            let location = manifests::Location::parse(run.to_str().unwrap()).unwrap();
+            manifests::Manifest::read(&location.join("manifest.json"))
+                .unwrap()
+                .0
+        };
+        assert_eq!(
+            read(&array).inputs,
+            read(&single).inputs,
+            "{format}: the merged run's input is the single job's, file for file"
+        );
+        assert_up_to_date(&dir.path().join("array"));
+
+        // An image of job 1's rows redrawn: that job reruns, the others' inputs are unchanged.
+        write(&src, "images/3.png", png(48, 48, 33));
+        assert_skipped(&job(0));
+        assert_ran(&job(1), "images/3.png changed");
+        assert_skipped(&job(2));
+    }
 }

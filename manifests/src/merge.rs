@@ -1,17 +1,19 @@
 //! Joins the partial manifests written by the jobs of a cloud batch array into one.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Map, Value};
 
 use crate::Error;
-use crate::manifest::{self, Artifact, Manifest};
+use crate::manifest::{self, Artifact, Input, Manifest, SourceFile};
+use crate::sources;
 use crate::storage::Location;
 
 /// Merges job manifests (each with `shard = {index, count}`) into the manifest of the whole run,
 /// as if one job had done everything. Every job of the array must be present exactly once and
-/// all must share stage, config and inputs. Integer metrics (row and rejection counts) are
-/// summed; other numbers are averaged over jobs.
+/// all must share stage, config and inputs, except the files a list names: each job names its
+/// own rows' files, and the run's input names them all (see [`merge_inputs`]). Integer metrics
+/// (row and rejection counts) are summed; other numbers are averaged over jobs.
 pub fn merge(out: &Location, parts: &[(Location, Manifest)]) -> Result<Manifest, Error> {
     let Some((_, first)) = parts.first() else {
         return Err(Error::Merge("no partial manifests given".into()));
@@ -47,7 +49,7 @@ pub fn merge(out: &Location, parts: &[(Location, Manifest)]) -> Result<Manifest,
                 .inputs
                 .iter()
                 .zip(&first.inputs)
-                .all(|(a, b)| a.same_identity(b));
+                .all(|(a, b)| same_apart_from_named(a, b));
         if !same_inputs {
             return Err(differs("set of inputs"));
         }
@@ -100,10 +102,81 @@ pub fn merge(out: &Location, parts: &[(Location, Manifest)]) -> Result<Manifest,
         config: first.config.clone(),
         config_hash: first.config_hash.clone(),
         shard: None,
-        inputs: first.inputs.clone(),
+        inputs: merge_inputs(parts)?,
         artifacts,
         metrics: merge_metrics(&metrics),
     })
+}
+
+/// Same role, kind and upstream stage, and the same identity once the files a list names are
+/// set aside: the same upstream manifest, or the same listed folder or list file.
+fn same_apart_from_named(a: &Input, b: &Input) -> bool {
+    let listed = |input: &Input| -> Vec<(String, String)> {
+        input
+            .files
+            .iter()
+            .filter(|file| !file.named)
+            .map(|file| (file.name.clone(), file.digest.clone()))
+            .collect()
+    };
+    let names_files = |input: &Input| input.files.iter().any(|file| file.named);
+    if names_files(a) || names_files(b) {
+        a.name == b.name && a.kind == b.kind && a.stage == b.stage && listed(a) == listed(b)
+    } else {
+        a.same_identity(b)
+    }
+}
+
+/// The run's inputs from its jobs'. A job names only the files its own share of a list names
+/// (images in a CSV or COCO file), so that a job of a batch array does not look at every file of
+/// the list; the run names the union, and its identity is the one a single job over the whole
+/// list records. A file that two jobs saw with different contents changed while the array ran.
+fn merge_inputs(parts: &[(Location, Manifest)]) -> Result<Vec<Input>, Error> {
+    let first = &parts[0].1;
+    let mut inputs = Vec::with_capacity(first.inputs.len());
+    for (index, input) in first.inputs.iter().enumerate() {
+        let in_every_part = parts
+            .iter()
+            .map(|(location, part)| (location, &part.inputs[index]));
+        if !in_every_part
+            .clone()
+            .any(|(_, input)| input.files.iter().any(|f| f.named))
+        {
+            inputs.push(input.clone());
+            continue;
+        }
+        let mut named: BTreeMap<&str, (&Location, &SourceFile)> = BTreeMap::new();
+        for (location, part_input) in in_every_part {
+            for file in part_input.files.iter().filter(|f| f.named) {
+                match named.get(file.name.as_str()) {
+                    Some((seen_in, seen)) if seen.digest != file.digest => {
+                        return Err(Error::Merge(format!(
+                            "input '{}' names {}, which {seen_in} records as {} and {location} \
+                             as {}: it changed while the jobs ran; run those jobs again",
+                            input.name, file.name, seen.digest, file.digest
+                        )));
+                    }
+                    Some(_) => {}
+                    None => {
+                        named.insert(&file.name, (location, file));
+                    }
+                }
+            }
+        }
+        let files: Vec<SourceFile> = input
+            .files
+            .iter()
+            .filter(|file| !file.named)
+            .chain(named.values().map(|(_, file)| *file))
+            .cloned()
+            .collect();
+        inputs.push(Input {
+            digest: sources::identity(&files),
+            files,
+            ..input.clone()
+        });
+    }
+    Ok(inputs)
 }
 
 fn merge_metrics(parts: &[&Map<String, Value>]) -> Map<String, Value> {

@@ -236,7 +236,8 @@ fn digest_file(location: &Location, path: &std::path::Path) -> Result<String, Er
     Ok(format!("blake3:{}", hasher.finalize().to_hex()))
 }
 
-fn identity(files: &[SourceFile]) -> String {
+/// A source input's identity from its files, sorted listed before named and by name, each once.
+pub(crate) fn identity(files: &[SourceFile]) -> String {
     let mut lines = String::new();
     for file in files {
         let role = if file.named { "named" } else { "listed" };

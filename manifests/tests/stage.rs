@@ -236,6 +236,97 @@ fn partial_manifests_merge_into_one() {
     assert!(mixed.to_string().contains("different config"), "{mixed}");
 }
 
+/// A job over `list` that names `images` (its share of the list's local files), as `ingest
+/// pairs` records them.
+fn job_naming(
+    out: &str,
+    index: u32,
+    count: u32,
+    list: &std::path::Path,
+    images: &[&str],
+) -> (Location, Manifest) {
+    let mut run =
+        StageRun::new("demo", tool(), out, &json!({}), ShardSpec { index, count }).unwrap();
+    let list = Location::parse(list.to_str().unwrap()).unwrap();
+    let mut set = manifests::sources::SourceSet::new(None);
+    set.list(&list).unwrap();
+    for image in images {
+        set.name(image.to_string(), &list.parent().join(image))
+            .unwrap();
+    }
+    run.record_source(set.into_input("source", &list.uri()).unwrap());
+    let artifact = run
+        .write_artifact(
+            &format!("data/job{index}.bin"),
+            "blob",
+            Bytes::from(vec![index as u8]),
+            Some(1),
+        )
+        .unwrap();
+    let manifest = run.publish(vec![artifact], metrics(1, json!({}))).unwrap();
+    (run.manifest_location(), manifest)
+}
+
+#[test]
+fn the_files_a_list_names_merge_into_what_one_job_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("list.csv");
+    std::fs::write(&list, "image\na.png\nb.png\nc.png\nd.png\ngone.png\n").unwrap();
+    for (name, bytes) in [
+        ("a.png", "1"),
+        ("b.png", "2"),
+        ("c.png", "3"),
+        ("d.png", "4"),
+    ] {
+        std::fs::write(dir.path().join(name), bytes).unwrap();
+    }
+    let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (_, single) = job_naming(
+        &out("single"),
+        0,
+        1,
+        &list,
+        &["a.png", "b.png", "c.png", "d.png", "gone.png"],
+    );
+    // Jobs name their own rows' images; a job of rows holding no local image names none.
+    let shares: [&[&str]; 4] = [&["a.png", "b.png"], &["gone.png", "c.png"], &[], &["d.png"]];
+    let parts: Vec<(Location, Manifest)> = shares
+        .iter()
+        .enumerate()
+        .map(|(index, images)| job_naming(&out("array"), index as u32, 4, &list, images))
+        .collect();
+    assert_ne!(parts[0].1.inputs[0].digest, single.inputs[0].digest);
+    let target = Location::parse(&out("array"))
+        .unwrap()
+        .join("manifest.json");
+    let merged = merge(&target, &parts).unwrap();
+    assert_eq!(
+        merged.inputs, single.inputs,
+        "the run's input is the one a single job records: the same files and identity"
+    );
+
+    // An image two jobs saw with different contents changed while the array ran.
+    std::fs::write(dir.path().join("a.png"), "changed").unwrap();
+    let late = job_naming(&out("late"), 2, 4, &list, &["a.png"]);
+    let conflicting = [parts[0].clone(), parts[1].clone(), late, parts[3].clone()];
+    let err = merge(&target, &conflicting).unwrap_err().to_string();
+    assert!(
+        err.contains("a.png") && err.contains("changed while the jobs ran"),
+        "{err}"
+    );
+    // Another list is another input, whatever images the jobs name.
+    std::fs::write(&list, "image\na.png\n").unwrap();
+    let other_list = job_naming(&out("other"), 2, 4, &list, &[]);
+    let mixed = [
+        parts[0].clone(),
+        parts[1].clone(),
+        other_list,
+        parts[3].clone(),
+    ];
+    let err = merge(&target, &mixed).unwrap_err().to_string();
+    assert!(err.contains("different set of inputs"), "{err}");
+}
+
 #[test]
 fn reading_a_tampered_input_artifact_names_the_file() {
     run_stage("memory://tamper/run", &json!({}), b"abc", false);

@@ -27,6 +27,19 @@ pub fn merge(out: &Location, parts: &[(Location, Manifest)]) -> Result<Manifest,
             ))
         })?
         .count;
+    // A job whose rows name no file of a list that is an upstream stage's artifact records no
+    // input of named files, where its neighbours do: the job with the most inputs has them all.
+    let all_inputs =
+        parts
+            .iter()
+            .map(|(_, part)| &part.inputs)
+            .fold(&first.inputs, |most, inputs| {
+                if inputs.len() > most.len() {
+                    inputs
+                } else {
+                    most
+                }
+            });
     let mut seen = BTreeSet::new();
     for (location, part) in parts {
         let shard = part.shard.ok_or_else(|| {
@@ -44,14 +57,8 @@ pub fn merge(out: &Location, parts: &[(Location, Manifest)]) -> Result<Manifest,
         if part.config_hash != first.config_hash {
             return Err(differs("config"));
         }
-        let same_inputs = part.inputs.len() == first.inputs.len()
-            && part
-                .inputs
-                .iter()
-                .zip(&first.inputs)
-                .all(|(a, b)| same_apart_from_named(a, b));
-        if !same_inputs {
-            return Err(differs("set of inputs"));
+        if let Some(why) = inputs_differ(&part.inputs, all_inputs) {
+            return Err(differs(&format!("set of inputs ({why})")));
         }
         if shard.count != count {
             return Err(differs("number of jobs"));
@@ -102,57 +109,65 @@ pub fn merge(out: &Location, parts: &[(Location, Manifest)]) -> Result<Manifest,
         config: first.config.clone(),
         config_hash: first.config_hash.clone(),
         shard: None,
-        inputs: merge_inputs(parts)?,
+        inputs: merge_inputs(all_inputs, parts)?,
         artifacts,
         metrics: merge_metrics(&metrics),
     })
 }
 
-/// Same role, kind and upstream stage, and the same identity once the files a list names are
-/// set aside: the same upstream manifest, or the same listed folder or list file.
-fn same_apart_from_named(a: &Input, b: &Input) -> bool {
-    let listed = |input: &Input| -> Vec<(String, String)> {
-        input
-            .files
-            .iter()
-            .filter(|file| !file.named)
-            .map(|file| (file.name.clone(), file.digest.clone()))
-            .collect()
-    };
-    let names_files = |input: &Input| input.files.iter().any(|file| file.named);
-    if names_files(a) || names_files(b) {
-        a.name == b.name && a.kind == b.kind && a.stage == b.stage && listed(a) == listed(b)
-    } else {
-        a.same_identity(b)
+/// Why a job's inputs are not the run's `all` inputs: each must be one of them, the same but
+/// for the files a list names, and the job may lack only an input of named files alone (its
+/// rows named none).
+fn inputs_differ(inputs: &[Input], all: &[Input]) -> Option<String> {
+    for input in inputs {
+        let same = all.iter().find(|other| other.name == input.name);
+        match same {
+            None => return Some(format!("'{}' is not in every job", input.name)),
+            Some(other) if !sources::same_apart_from_named(input, other) => {
+                return Some(format!("'{}' differs", input.name));
+            }
+            Some(_) => {}
+        }
     }
+    all.iter()
+        .find(|other| {
+            !inputs.iter().any(|input| input.name == other.name)
+                && !sources::names_files_only(other)
+        })
+        .map(|other| format!("'{}' is not in every job", other.name))
 }
 
-/// The run's inputs from its jobs'. A job names only the files its own share of a list names
-/// (images in a CSV or COCO file), so that a job of a batch array does not look at every file of
-/// the list; the run names the union, and its identity is the one a single job over the whole
-/// list records. A file that two jobs saw with different contents changed while the array ran.
-fn merge_inputs(parts: &[(Location, Manifest)]) -> Result<Vec<Input>, Error> {
-    let first = &parts[0].1;
-    let mut inputs = Vec::with_capacity(first.inputs.len());
-    for (index, input) in first.inputs.iter().enumerate() {
-        let in_every_part = parts
+/// The run's inputs (`all`, in their order) from its jobs'. A job names only the files its own
+/// share of a list names (images in a CSV or COCO file), so that a job of a batch array does not
+/// look at every file of the list; the run names the union, and its identity is the one a
+/// single job over the whole list records. A file that two jobs saw with different contents
+/// changed between the two jobs' runs.
+fn merge_inputs(all: &[Input], parts: &[(Location, Manifest)]) -> Result<Vec<Input>, Error> {
+    let mut inputs = Vec::with_capacity(all.len());
+    for input in all {
+        let in_parts: Vec<(&Location, &Input)> = parts
             .iter()
-            .map(|(location, part)| (location, &part.inputs[index]));
-        if !in_every_part
-            .clone()
+            .filter_map(|(location, part)| {
+                let same = part.inputs.iter().find(|other| other.name == input.name);
+                same.map(|same| (location, same))
+            })
+            .collect();
+        if !in_parts
+            .iter()
             .any(|(_, input)| input.files.iter().any(|f| f.named))
         {
             inputs.push(input.clone());
             continue;
         }
         let mut named: BTreeMap<&str, (&Location, &SourceFile)> = BTreeMap::new();
-        for (location, part_input) in in_every_part {
+        for (location, part_input) in in_parts {
             for file in part_input.files.iter().filter(|f| f.named) {
                 match named.get(file.name.as_str()) {
                     Some((seen_in, seen)) if seen.digest != file.digest => {
                         return Err(Error::Merge(format!(
                             "input '{}' names {}, which {seen_in} records as {} and {location} \
-                             as {}: it changed while the jobs ran; run those jobs again",
+                             as {}: it changed between those jobs' runs (`manifests status` \
+                             names the job that is out of date; run it again)",
                             input.name, file.name, seen.digest, file.digest
                         )));
                     }

@@ -259,6 +259,62 @@ pub fn recheck(recorded: &Input) -> Result<Input, Error> {
     set.into_input(&recorded.name, &recorded.uri)
 }
 
+/// Raw data of which every file was named by a list: what a job of a batch array whose rows
+/// name no file lacks, where its neighbours record it.
+pub(crate) fn names_files_only(input: &Input) -> bool {
+    input.kind == "source" && input.files.iter().all(|file| file.named)
+}
+
+/// The files of a source input found by listing its folder or file (not named by a list), by
+/// name and digest.
+fn listed_files(input: &Input) -> Vec<(&str, &str)> {
+    input
+        .files
+        .iter()
+        .filter(|file| !file.named)
+        .map(|file| (file.name.as_str(), file.digest.as_str()))
+        .collect()
+}
+
+/// Same role, kind and upstream stage, and the same identity once the files a list names are
+/// set aside: the same upstream manifest, or the same listed folder or list file. Jobs of a batch
+/// array over one list agree so, each naming its own rows' files.
+pub(crate) fn same_apart_from_named(a: &Input, b: &Input) -> bool {
+    let names_files = |input: &Input| input.files.iter().any(|file| file.named);
+    if names_files(a) || names_files(b) {
+        a.name == b.name
+            && a.kind == b.kind
+            && a.stage == b.stage
+            && listed_files(a) == listed_files(b)
+    } else {
+        a.same_identity(b)
+    }
+}
+
+/// Whether a job's inputs `now` are those `recorded` by its earlier run, except that the earlier
+/// run also named files beyond this job's rows: every input otherwise the same, every file named
+/// now recorded with the same digest, and any input missing now one of named files alone. A
+/// job of a batch array written before jobs named only their own rows' files named every file
+/// of the list; this keeps such a job from redoing its share for that alone.
+pub fn narrows(recorded: &[Input], now: &[Input]) -> bool {
+    let covered = |input: &Input| {
+        recorded.iter().any(|before| {
+            before.name == input.name
+                && (before.same_identity(input)
+                    || same_apart_from_named(before, input)
+                        && input.files.iter().filter(|f| f.named).all(|file| {
+                            before.files.iter().any(|old| {
+                                old.named && old.name == file.name && old.digest == file.digest
+                            })
+                        }))
+        })
+    };
+    now.iter().all(covered)
+        && recorded
+            .iter()
+            .all(|before| now.iter().any(|i| i.name == before.name) || names_files_only(before))
+}
+
 /// Which file makes two identities of the same source input differ, in words.
 pub fn changed_file(before: &Input, now: &Input) -> Option<String> {
     let index = |input: &Input| -> BTreeMap<(bool, String), SourceFile> {

@@ -10,7 +10,7 @@ use crate::manifest::{
     self, Artifact, Input, MANIFEST_FILE, Manifest, ShardSpec, Tool, config_hash,
     manifest_location, read_verified,
 };
-use crate::sources::{SourceSet, changed_file};
+use crate::sources::{self, SourceSet, changed_file};
 use crate::storage::Location;
 use crate::{Error, digest_bytes};
 
@@ -354,9 +354,12 @@ impl StageRun {
                 .then(|| "inputs changed (judged as parti.manifest/v1 judged them)".to_string());
             (existing.config_hash == self.v1_config_hash, changed)
         } else {
+            // A job's part from before jobs named only their own rows' files names more.
+            let narrowed =
+                !self.shard.is_single() && sources::narrows(&existing.inputs, &self.inputs);
             (
                 self.same_config(&existing),
-                changed_input(&existing.inputs, &self.inputs),
+                changed_input(&existing.inputs, &self.inputs).filter(|_| !narrowed),
             )
         };
         let stale = if existing.stage != self.stage {
@@ -386,7 +389,7 @@ impl StageRun {
             match self.freshness()? {
                 Freshness::UpToDate(manifest) => {
                     info!(stage = %self.stage, manifest = %manifest_uri, "up to date, skipping (use --force to rerun)");
-                    return Ok(Some(*manifest));
+                    return Ok(Some(self.with_current_inputs(*manifest)?));
                 }
                 Freshness::Stale(reason) => {
                     info!(stage = %self.stage, "running: {reason}");
@@ -402,6 +405,25 @@ impl StageRun {
             self.out.join(MANIFEST_FILE).delete()?;
         }
         Ok(None)
+    }
+
+    /// An up-to-date manifest whose inputs name more files than this run's (a job's part from
+    /// before jobs named only their own rows' files, [`sources::narrows`]) is rewritten with
+    /// this run's inputs, so that `manifests merge` joins what each job reads now. Its
+    /// artifacts and metrics stay as they are; the merged manifest's identity does not change.
+    fn with_current_inputs(&self, mut manifest: Manifest) -> Result<Manifest, Error> {
+        let same = manifest.inputs.len() == self.inputs.len()
+            && self
+                .inputs
+                .iter()
+                .all(|input| manifest.inputs.iter().any(|old| old.same_identity(input)));
+        if manifest.is_v1() || same {
+            return Ok(manifest);
+        }
+        info!(stage = %self.stage, "recording the files of this job's own rows only (its manifest named every file of the list)");
+        manifest.inputs = self.inputs.clone();
+        manifest.write(&self.manifest_location())?;
+        Ok(manifest)
     }
 
     /// This job's resume records: keyed by config and inputs, so a changed run never reuses

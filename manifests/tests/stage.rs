@@ -236,8 +236,50 @@ fn partial_manifests_merge_into_one() {
     assert!(mixed.to_string().contains("different config"), "{mixed}");
 }
 
-/// A job over `list` that names `images` (its share of the list's local files), as `ingest
-/// pairs` records them.
+/// How a job records a list and the local files its rows name, as `ingest pairs` does.
+#[derive(Clone, Copy)]
+enum Layout {
+    /// A raw list: one input, the list file and the files named.
+    OneInput,
+    /// A list that is an upstream stage's artifact: the list's input, and the files named as
+    /// an input of their own, left out when the job's rows name none.
+    NamedApart,
+}
+
+/// The run of job `index` of `count` over `list`, its inputs recorded, naming `images` (its
+/// share of the list's local files).
+fn job_run(
+    out: &str,
+    [index, count]: [u32; 2],
+    list: &std::path::Path,
+    images: &[&str],
+    layout: Layout,
+) -> StageRun {
+    let mut run =
+        StageRun::new("demo", tool(), out, &json!({}), ShardSpec { index, count }).unwrap();
+    let list = Location::parse(list.to_str().unwrap()).unwrap();
+    let mut set = manifests::sources::SourceSet::new(None);
+    set.list(&list).unwrap();
+    if let Layout::NamedApart = layout {
+        run.record_source(set.into_input("source", &list.uri()).unwrap());
+        if images.is_empty() {
+            return run;
+        }
+        set = manifests::sources::SourceSet::new(None);
+    }
+    for image in images {
+        set.name(image.to_string(), &list.parent().join(image))
+            .unwrap();
+    }
+    let name = match layout {
+        Layout::OneInput => "source",
+        Layout::NamedApart => "images",
+    };
+    run.record_source(set.into_input(name, &list.uri()).unwrap());
+    run
+}
+
+/// Job `index` of `count` run to its end by [`job_run`]: its part manifest.
 fn job_naming(
     out: &str,
     index: u32,
@@ -245,16 +287,11 @@ fn job_naming(
     list: &std::path::Path,
     images: &[&str],
 ) -> (Location, Manifest) {
-    let mut run =
-        StageRun::new("demo", tool(), out, &json!({}), ShardSpec { index, count }).unwrap();
-    let list = Location::parse(list.to_str().unwrap()).unwrap();
-    let mut set = manifests::sources::SourceSet::new(None);
-    set.list(&list).unwrap();
-    for image in images {
-        set.name(image.to_string(), &list.parent().join(image))
-            .unwrap();
-    }
-    run.record_source(set.into_input("source", &list.uri()).unwrap());
+    publish_job(job_run(out, [index, count], list, images, Layout::OneInput))
+}
+
+fn publish_job(run: StageRun) -> (Location, Manifest) {
+    let index = run.shard().index;
     let artifact = run
         .write_artifact(
             &format!("data/job{index}.bin"),
@@ -267,11 +304,28 @@ fn job_naming(
     (run.manifest_location(), manifest)
 }
 
-#[test]
-fn the_files_a_list_names_merge_into_what_one_job_records() {
+/// `(name, digest)` of each input and its files: what merging must keep (a file's recorded
+/// time depends on when it was first looked at).
+fn identities(inputs: &[manifests::Input]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for input in inputs {
+        lines.push(format!("{} {}", input.name, input.digest));
+        for file in &input.files {
+            lines.push(format!("  {} {} {}", file.name, file.named, file.digest));
+        }
+    }
+    lines
+}
+
+/// `a.png` to `d.png` in a new folder and `list.csv` naming them, then `more_rows`.
+fn four_images_and_their_list(more_rows: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let list = dir.path().join("list.csv");
-    std::fs::write(&list, "image\na.png\nb.png\nc.png\nd.png\ngone.png\n").unwrap();
+    std::fs::write(
+        &list,
+        format!("image\na.png\nb.png\nc.png\nd.png\n{more_rows}"),
+    )
+    .unwrap();
     for (name, bytes) in [
         ("a.png", "1"),
         ("b.png", "2"),
@@ -280,6 +334,12 @@ fn the_files_a_list_names_merge_into_what_one_job_records() {
     ] {
         std::fs::write(dir.path().join(name), bytes).unwrap();
     }
+    (dir, list)
+}
+
+#[test]
+fn the_files_a_list_names_merge_into_what_one_job_records() {
+    let (dir, list) = four_images_and_their_list("gone.png\n");
     let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     let (_, single) = job_naming(
         &out("single"),
@@ -301,7 +361,8 @@ fn the_files_a_list_names_merge_into_what_one_job_records() {
         .join("manifest.json");
     let merged = merge(&target, &parts).unwrap();
     assert_eq!(
-        merged.inputs, single.inputs,
+        identities(&merged.inputs),
+        identities(&single.inputs),
         "the run's input is the one a single job records: the same files and identity"
     );
 
@@ -311,7 +372,7 @@ fn the_files_a_list_names_merge_into_what_one_job_records() {
     let conflicting = [parts[0].clone(), parts[1].clone(), late, parts[3].clone()];
     let err = merge(&target, &conflicting).unwrap_err().to_string();
     assert!(
-        err.contains("a.png") && err.contains("changed while the jobs ran"),
+        err.contains("a.png") && err.contains("changed between those jobs' runs"),
         "{err}"
     );
     // Another list is another input, whatever images the jobs name.
@@ -325,6 +386,113 @@ fn the_files_a_list_names_merge_into_what_one_job_records() {
     ];
     let err = merge(&target, &mixed).unwrap_err().to_string();
     assert!(err.contains("different set of inputs"), "{err}");
+}
+
+#[test]
+fn a_job_whose_rows_name_no_file_of_an_upstream_list_still_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("list.csv");
+    std::fs::write(&list, "image\na.png\nhttps://example.com/b.png\n").unwrap();
+    std::fs::write(dir.path().join("a.png"), "1").unwrap();
+    let out = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let single = job_run(
+        &out("single"),
+        [0, 1],
+        &list,
+        &["a.png"],
+        Layout::NamedApart,
+    );
+    let (_, single) = publish_job(single);
+    let parts: Vec<(Location, Manifest)> = [&["a.png"][..], &[]]
+        .iter()
+        .enumerate()
+        .map(|(index, images)| {
+            let run = job_run(
+                &out("array"),
+                [index as u32, 2],
+                &list,
+                images,
+                Layout::NamedApart,
+            );
+            publish_job(run)
+        })
+        .collect();
+    assert_eq!(
+        parts[1].1.inputs.len(),
+        1,
+        "job 1's rows name no local file"
+    );
+    let target = Location::parse(&out("array"))
+        .unwrap()
+        .join("manifest.json");
+    for order in [[0, 1], [1, 0]] {
+        let parts = [parts[order[0]].clone(), parts[order[1]].clone()];
+        let merged = merge(&target, &parts).unwrap();
+        assert_eq!(identities(&merged.inputs), identities(&single.inputs));
+    }
+    // Only an input of named files alone may be missing from a job: not one of another name.
+    let mut odd = job_run(&out("odd"), [1, 2], &list, &[], Layout::NamedApart);
+    let mut extra = manifests::sources::SourceSet::new(None);
+    extra
+        .list(&Location::parse(list.to_str().unwrap()).unwrap())
+        .unwrap();
+    odd.record_source(extra.into_input("extra", "list.csv").unwrap());
+    let err = merge(&target, &[parts[0].clone(), publish_job(odd)]).unwrap_err();
+    assert!(
+        err.to_string().contains("'extra' is not in every job"),
+        "{err}"
+    );
+}
+
+/// A job's part written when every job named every file of the list (before 2026-12-06) is up
+/// to date for the job that names its own rows' files only, unless one of those changed; it is
+/// rewritten naming those, so that a file of another job's rows changed since does not keep
+/// the jobs from merging.
+#[test]
+fn a_job_that_named_every_file_of_the_list_is_up_to_date_and_rewritten() {
+    let (dir, list) = four_images_and_their_list("");
+    let out = dir.path().join("array");
+    let out = out.to_str().unwrap();
+    let every = ["a.png", "b.png", "c.png", "d.png"];
+    let shares = [["a.png", "b.png"], ["c.png", "d.png"]];
+    for index in 0..2 {
+        publish_job(job_run(out, [index, 2], &list, &every, Layout::OneInput));
+    }
+    // An image of job 1's rows changes: job 0 is up to date, job 1 is not.
+    std::fs::write(dir.path().join("d.png"), "changed").unwrap();
+    let job0 = job_run(out, [0, 2], &list, &shares[0], Layout::OneInput);
+    let kept = job0.begin(false).unwrap().expect("job 0 is up to date");
+    let named = |inputs: &[manifests::Input]| -> Vec<String> {
+        let files = inputs[0].files.iter().filter(|f| f.named);
+        files.map(|f| f.name.clone()).collect()
+    };
+    assert_eq!(named(&kept.inputs), shares[0]);
+    let (on_disk, _) = Manifest::read(&job0.manifest_location()).unwrap();
+    assert_eq!(identities(&on_disk.inputs), identities(&kept.inputs));
+    assert_eq!(on_disk.artifacts, kept.artifacts);
+    assert!(job0.begin(false).unwrap().is_some(), "and stays up to date");
+
+    let job1 = job_run(out, [1, 2], &list, &shares[1], Layout::OneInput);
+    assert!(job1.begin(false).unwrap().is_none(), "d.png changed");
+    let rerun = publish_job(job1);
+    let target = Location::parse(out).unwrap().join("manifest.json");
+    let merged = merge(&target, &[(job0.manifest_location(), on_disk), rerun]);
+    let (_, single) = publish_job(job_run(
+        dir.path().join("single").to_str().unwrap(),
+        [0, 1],
+        &list,
+        &every,
+        Layout::OneInput,
+    ));
+    assert_eq!(
+        identities(&merged.unwrap().inputs),
+        identities(&single.inputs)
+    );
+
+    // An image of its own rows changed since: the old part is stale as it always was.
+    std::fs::write(dir.path().join("a.png"), "changed too").unwrap();
+    let job0 = job_run(out, [0, 2], &list, &shares[0], Layout::OneInput);
+    assert!(job0.begin(false).unwrap().is_none());
 }
 
 #[test]

@@ -18,8 +18,7 @@ pub mod sources;
 pub mod synth;
 pub mod text;
 
-use std::ops::Range;
-
+pub use manifests::job_range;
 use manifests::shards::Rejected;
 use manifests::sources::SourceSet;
 use manifests::{Location, Manifest, ShardSpec, StageRun, Tool};
@@ -55,15 +54,6 @@ pub struct RunOptions {
     pub progress: bool,
     /// How images named by URL are fetched (not part of the config).
     pub download: download::DownloadOptions,
-}
-
-/// The contiguous slice of `n` units that job `shard.index` of `shard.count` handles.
-pub fn job_range(n: usize, shard: ShardSpec) -> Range<usize> {
-    // In u128: `index * n` overflows a usize for a count a file's footer can claim.
-    debug_assert!(shard.index < shard.count.max(1), "{shard:?}");
-    let (count, n) = (u128::from(shard.count.max(1)), n as u128);
-    let bound = |index: u128| (index * n / count) as usize;
-    bound(u128::from(shard.index))..bound(u128::from(shard.index) + 1)
 }
 
 /// How a `parti.manifest/v1` manifest identified raw source data: by its listing (names, sizes,
@@ -297,24 +287,5 @@ impl Tally {
         metrics.insert("rows".into(), Value::from(self.rows));
         metrics.insert("rejected".into(), serde_json::json!(self.rejected));
         metrics
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn job_ranges_tile_any_count_without_overflow() {
-        for n in [0, 1, 7, 1000, usize::MAX / 3, usize::MAX] {
-            for count in [1u32, 2, 3, 1000, u32::MAX] {
-                let range = |index| job_range(n, ShardSpec { index, count });
-                assert_eq!(range(0).start, 0, "{n} in {count}");
-                assert_eq!(range(count - 1).end, n, "{n} in {count}");
-                for index in [1, count / 2, count - 1].into_iter().filter(|i| *i > 0) {
-                    assert_eq!(range(index - 1).end, range(index).start, "{n} in {count}");
-                }
-            }
-        }
     }
 }

@@ -25,7 +25,7 @@ pub mod testing;
 
 pub use manifest::{
     Artifact, Input, MANIFEST_FILE, Manifest, Problem, SCHEMA, SCHEMA_V1, ShardSpec, Tool,
-    manifest_location,
+    job_range, manifest_location,
 };
 pub use stage::{Finished, Freshness, OtherCheckpoint, StageRun, Upstream};
 pub use storage::{Location, ObjectInfo};

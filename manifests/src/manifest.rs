@@ -38,6 +38,15 @@ impl ShardSpec {
     }
 }
 
+/// The contiguous slice of `n` units that job `shard.index` of `shard.count` handles.
+pub fn job_range(n: usize, shard: ShardSpec) -> std::ops::Range<usize> {
+    // In u128: `index * n` overflows a usize for a count a file's footer can claim.
+    debug_assert!(shard.index < shard.count.max(1), "{shard:?}");
+    let (count, n) = (u128::from(shard.count.max(1)), n as u128);
+    let bound = |index: u128| (index * n / count) as usize;
+    bound(u128::from(shard.index))..bound(u128::from(shard.index) + 1)
+}
+
 /// Something a stage read: an upstream manifest (`kind = "manifest"`) or raw source data
 /// (`kind = "source"`). `digest` is its identity, never its location: for an upstream stage
 /// [`Manifest::identity`] (its config hash and artifact digests), for raw data a digest over its
@@ -306,4 +315,23 @@ pub fn read_verified(location: &Location, artifact: &Artifact) -> Result<Bytes, 
         });
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ranges_tile_any_count_without_overflow() {
+        for n in [0, 1, 7, 1000, usize::MAX / 3, usize::MAX] {
+            for count in [1u32, 2, 3, 1000, u32::MAX] {
+                let range = |index| job_range(n, ShardSpec { index, count });
+                assert_eq!(range(0).start, 0, "{n} in {count}");
+                assert_eq!(range(count - 1).end, n, "{n} in {count}");
+                for index in [1, count / 2, count - 1].into_iter().filter(|i| *i > 0) {
+                    assert_eq!(range(index - 1).end, range(index).start, "{n} in {count}");
+                }
+            }
+        }
+    }
 }

@@ -13,7 +13,8 @@ use crate::storage::Location;
 /// as if one job had done everything. Every job of the array must be present exactly once and
 /// all must share stage, config and inputs, except the files a list names: each job names its
 /// own rows' files, and the run's input names them all (see [`merge_inputs`]). Integer metrics
-/// (row and rejection counts) are summed; other numbers are averaged over jobs.
+/// (row and rejection counts) are summed, except those that describe the artifacts
+/// ([`SAME_IN_EVERY_JOB`]); other numbers are averaged over jobs.
 pub fn merge(out: &Location, parts: &[(Location, Manifest)]) -> Result<Manifest, Error> {
     let Some((_, first)) = parts.first() else {
         return Err(Error::Merge("no partial manifests given".into()));
@@ -29,17 +30,16 @@ pub fn merge(out: &Location, parts: &[(Location, Manifest)]) -> Result<Manifest,
         .count;
     // A job whose rows name no file of a list that is an upstream stage's artifact records no
     // input of named files, where its neighbours do: the job with the most inputs has them all.
-    let all_inputs =
-        parts
-            .iter()
-            .map(|(_, part)| &part.inputs)
-            .fold(&first.inputs, |most, inputs| {
-                if inputs.len() > most.len() {
-                    inputs
-                } else {
-                    most
-                }
-            });
+    let (all_location, all_inputs) = parts
+        .iter()
+        .map(|(location, part)| (location, &part.inputs))
+        .fold((&parts[0].0, &first.inputs), |most, (location, inputs)| {
+            if inputs.len() > most.1.len() {
+                (location, inputs)
+            } else {
+                most
+            }
+        });
     let mut seen = BTreeSet::new();
     for (location, part) in parts {
         let shard = part.shard.ok_or_else(|| {
@@ -58,7 +58,9 @@ pub fn merge(out: &Location, parts: &[(Location, Manifest)]) -> Result<Manifest,
             return Err(differs("config"));
         }
         if let Some(why) = inputs_differ(&part.inputs, all_inputs) {
-            return Err(differs(&format!("set of inputs ({why})")));
+            return Err(Error::Merge(format!(
+                "{location} has a different set of inputs than {all_location} ({why})"
+            )));
         }
         if shard.count != count {
             return Err(differs("number of jobs"));
@@ -100,6 +102,22 @@ pub fn merge(out: &Location, parts: &[(Location, Manifest)]) -> Result<Manifest,
     }
 
     let metrics: Vec<&Map<String, Value>> = parts.iter().map(|(_, m)| &m.metrics).collect();
+    let mut merged_metrics = merge_metrics(&metrics);
+    for key in SAME_IN_EVERY_JOB {
+        let mut values = parts
+            .iter()
+            .filter_map(|(location, part)| part.metrics.get(key).map(|value| (location, value)));
+        let Some((first_location, value)) = values.next() else {
+            continue;
+        };
+        if let Some((location, other)) = values.find(|(_, other)| *other != value) {
+            return Err(Error::Merge(format!(
+                "metric {key} is {value} in {first_location} and {other} in {location}: the \
+                 jobs wrote artifacts of different kinds"
+            )));
+        }
+        merged_metrics.insert(key.to_string(), value.clone());
+    }
     Ok(Manifest {
         // Parts written by an older parti keep their rule: their inputs are v1 records.
         schema: first.schema.clone(),
@@ -111,7 +129,7 @@ pub fn merge(out: &Location, parts: &[(Location, Manifest)]) -> Result<Manifest,
         shard: None,
         inputs: merge_inputs(all_inputs, parts)?,
         artifacts,
-        metrics: merge_metrics(&metrics),
+        metrics: merged_metrics,
     })
 }
 
@@ -193,6 +211,11 @@ fn merge_inputs(all: &[Input], parts: &[(Location, Manifest)]) -> Result<Vec<Inp
     }
     Ok(inputs)
 }
+
+/// Metrics that say what each job's artifacts are (a token grid's side, its codebook's size, the
+/// pictures' size), not how much a job did: every job must record the same value, which the run
+/// keeps, where counts are summed.
+const SAME_IN_EVERY_JOB: [&str; 3] = ["grid", "codebook_size", "image_size"];
 
 fn merge_metrics(parts: &[&Map<String, Value>]) -> Map<String, Value> {
     let keys: BTreeSet<&String> = parts.iter().flat_map(|m| m.keys()).collect();

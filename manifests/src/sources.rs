@@ -262,7 +262,7 @@ pub fn recheck(recorded: &Input) -> Result<Input, Error> {
 /// Raw data of which every file was named by a list: what a job of a batch array whose rows
 /// name no file lacks, where its neighbours record it.
 pub(crate) fn names_files_only(input: &Input) -> bool {
-    input.kind == "source" && input.files.iter().all(|file| file.named)
+    input.kind == "source" && !input.files.is_empty() && input.files.iter().all(|file| file.named)
 }
 
 /// The files of a source input found by listing its folder or file (not named by a list), by

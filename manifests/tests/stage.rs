@@ -493,6 +493,60 @@ fn a_job_that_named_every_file_of_the_list_is_up_to_date_and_rewritten() {
     std::fs::write(dir.path().join("a.png"), "changed too").unwrap();
     let job0 = job_run(out, [0, 2], &list, &shares[0], Layout::OneInput);
     assert!(job0.begin(false).unwrap().is_none());
+
+    // A list that is an upstream stage's artifact: a part's input of named files alone, where
+    // the job's rows name none now, is up to date too, and rewritten without it.
+    let apart = dir.path().join("apart");
+    let apart = apart.to_str().unwrap();
+    publish_job(job_run(apart, [1, 2], &list, &every, Layout::NamedApart));
+    let job1 = job_run(apart, [1, 2], &list, &[], Layout::NamedApart);
+    let kept = job1.begin(false).unwrap().expect("job 1 is up to date");
+    assert_eq!(kept.inputs.len(), 1);
+    assert_eq!(
+        Manifest::read(&job1.manifest_location())
+            .unwrap()
+            .0
+            .inputs
+            .len(),
+        1
+    );
+}
+
+/// Metrics that describe the jobs' artifacts (a token grid's side) are kept, not summed, and
+/// jobs that disagree on them do not merge.
+#[test]
+fn descriptive_metrics_are_kept_and_must_agree() {
+    let out = "memory://merge/grid";
+    let job = |index: u32, grid: u64| {
+        let run = StageRun::new(
+            "demo",
+            tool(),
+            out,
+            &json!({}),
+            ShardSpec { index, count: 2 },
+        )
+        .unwrap();
+        let mut metrics = metrics(3, json!({}));
+        metrics.insert("grid".into(), json!(grid));
+        let manifest = run.publish(vec![], metrics).unwrap();
+        (run.manifest_location(), manifest)
+    };
+    let target = Location::parse(out).unwrap().join("manifest.json");
+    let merged = merge(&target, &[job(0, 8), job(1, 8)]).unwrap();
+    assert_eq!(
+        (
+            merged.metrics["grid"].clone(),
+            merged.metrics["rows"].clone()
+        ),
+        (json!(8), json!(6))
+    );
+    let err = merge(&target, &[job(0, 8), job(1, 16)])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("metric grid is 8") && err.contains("16"),
+        "{err}"
+    );
 }
 
 #[test]

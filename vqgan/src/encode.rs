@@ -7,7 +7,7 @@ use std::time::Instant;
 use burn::tensor::{Device, Int, Tensor};
 use bytes::Bytes;
 use manifests::shards::{add_rejected, add_rejected_note, pairs, tokens};
-use manifests::{Location, Manifest, ShardSpec, StageRun, Upstream};
+use manifests::{Location, Manifest, ShardSpec, StageRun, Upstream, job_range};
 use models::load_vqgan;
 use models::vqgan::{VitVqgan, VitVqganConfig, decode_tokens};
 use nn::images::{self, png_bytes, to_rgb};
@@ -95,16 +95,35 @@ fn begin(
 }
 
 /// `vqgan encode`: one token shard per pairs shard. A killed run keeps the shards it finished.
-pub fn encode(config: &EncodeConfig, args: &TokenizerRun) -> Result<Manifest, Error> {
+/// Job `shard.index` of a batch array of `shard.count` encodes its contiguous slice of the
+/// pairs shards and writes a partial manifest; `manifests merge` joins the jobs' into the
+/// manifest one job over every shard writes.
+pub fn encode(
+    config: &EncodeConfig,
+    args: &TokenizerRun,
+    shard: ShardSpec,
+) -> Result<Manifest, Error> {
     let started = Instant::now();
-    let mut run = StageRun::new(ENCODE_STAGE, tool(), args.out, config, ShardSpec::single())?;
+    let mut run = StageRun::new(ENCODE_STAGE, tool(), args.out, config, shard)?;
     let (pairs, model_config, model, device) = match begin(&mut run, args)? {
         Ok(begun) => begun,
         Err(existing) => return Ok(existing),
     };
     let (size, grid) = (model_config.image_size, model_config.grid());
     let codebook_size = model_config.quantizer.codebook_size;
-    let shards = pairs::shards(&pairs);
+    let every_shard = pairs::shards(&pairs);
+    let range = job_range(every_shard.len(), shard);
+    if !shard.is_single() {
+        info!(
+            "job {} of {}: pairs shards {}..{} of {}",
+            shard.index,
+            shard.count,
+            range.start,
+            range.end,
+            every_shard.len()
+        );
+    }
+    let shards = &every_shard[range];
     let progress = nn::progress::bar(
         shards.len() as u64,
         0,
@@ -114,7 +133,7 @@ pub fn encode(config: &EncodeConfig, args: &TokenizerRun) -> Result<Manifest, Er
     );
     let (mut artifacts, mut rows) = (Vec::new(), 0u64);
     let mut rejected = images::Rejected::new();
-    for artifact in shards {
+    for &artifact in shards {
         let name = artifact
             .uri
             .rsplit('/')
@@ -160,7 +179,9 @@ pub fn encode(config: &EncodeConfig, args: &TokenizerRun) -> Result<Manifest, Er
         progress.inc(1);
     }
     progress.finish_and_clear();
-    if rows == 0 {
+    // A job of an array with more jobs than shards has none to encode: its part, of no rows,
+    // lets the array merge.
+    if rows == 0 && !shards.is_empty() {
         // Else an empty stage is published, and only `train parti` would find out.
         return Err(Error::Data(format!(
             "{}: no image of it encodes at the tokenizer's {size} px (rejected: {}): are these \

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use manifests::cli::StageArgs;
+use manifests::cli::{JobArgs, StageArgs};
 use manifests::config::layered;
 use manifests::shards::tokens::{self, TokenRow};
 use manifests::{Location, Manifest, Upstream};
@@ -122,6 +122,10 @@ struct EncodeArgs {
     tokenizer: TokenizerArgs,
     #[arg(long)]
     batch_size: Option<usize>,
+    /// As a job of a batch array: encodes its slice of the pairs shards and writes
+    /// `manifest.part-IIIII-of-NNNNN.json`; `manifests merge` joins the jobs' parts.
+    #[command(flatten)]
+    job: JobArgs,
 }
 
 #[derive(Args)]
@@ -239,6 +243,7 @@ fn run(cli: Cli) -> Result<()> {
             let manifest = encode::encode(
                 &config,
                 &args.tokenizer.run(&args.stage.out, args.stage.force),
+                args.job.shard()?,
             )
             .context("vqgan encode")?;
             println!(

@@ -549,6 +549,7 @@ fn decoder_finetuning_freezes_encoder_and_codebook_and_encode_decode_round_trips
         encode::encode(
             &EncodeConfig { batch_size: 16 },
             &tokenizer_run(&stage2, &pairs, &out),
+            manifests::ShardSpec::single(),
         )
         .unwrap();
         let (stage, _) = Upstream::read(out.to_str().unwrap()).unwrap();
@@ -641,6 +642,7 @@ fn decoder_finetuning_freezes_encoder_and_codebook_and_encode_decode_round_trips
         encode::encode(
             &EncodeConfig::default(),
             &tokenizer_run(&stage2, large, &dir.path().join("tokens-32")),
+            manifests::ShardSpec::single(),
         )
         .unwrap_err(),
         encode::reconstruct(&tokenizer_run(
@@ -683,4 +685,90 @@ fn global_gradient_clipping_reaches_the_updates() {
     let tight = common::assert_global_clipping_reaches_the_updates(run, log, 0.0);
     // The discriminator trains from step 3 on, under the same clipping.
     assert!(tight.contains("\"discriminator\""));
+}
+
+/// `vqgan encode` as a batch array: each job encodes its slice of the pairs shards into a
+/// partial manifest, and the merged jobs are the single run, shard for shard and metric for
+/// metric (the token grid's side, the codebook and the picture size kept, not summed). Five
+/// jobs over four shards: one job has none, and its empty part still merges.
+#[test]
+fn encode_as_a_batch_array_merges_into_the_single_run() {
+    let _serial = TRAINING.lock();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = manifests::testing::bin_dir(env!("CARGO_BIN_EXE_vqgan"));
+    let mut steps = manifests::testing::few_step_pipeline(40, 4);
+    steps[1].push_str(" --shard-rows 10");
+    manifests::testing::run_stages(&bin, dir.path(), &[&steps[0], &steps[1], &steps[4]]);
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (vqgan, pairs) = (path("vqgan"), path("pairs"));
+    let encode = |out: &str, job: &[&str]| {
+        let args = [
+            &["encode", "--vqgan", &vqgan, "--pairs", &pairs][..],
+            &["--out", out, "--batch-size", "16"],
+            job,
+        ]
+        .concat();
+        run(env!("CARGO_BIN_EXE_vqgan"), &args)
+    };
+    encode(&path("single"), &[]);
+    let (single, _) = Upstream::read(&path("single")).unwrap();
+    assert_eq!(single.manifest.artifacts.len(), 4, "four pairs shards");
+    let described = |manifest: &manifests::Manifest| {
+        let artifacts = manifest.artifacts.iter();
+        let artifacts = artifacts.map(|a| format!("{} {} {:?}", a.uri, a.digest, a.rows));
+        let metrics = ["rows", "rejected", "grid", "codebook_size", "image_size"]
+            .map(|key| format!("{key} {}", manifest.metrics[key]));
+        artifacts.chain(metrics).collect::<Vec<_>>()
+    };
+    for count in [3u32, 5] {
+        let array = path(&format!("array-{count}"));
+        for index in 0..count {
+            let text = encode(
+                &array,
+                &[
+                    "--num-shards",
+                    &count.to_string(),
+                    "--shard-index",
+                    &index.to_string(),
+                ],
+            );
+            assert!(!text.contains("up to date"), "{text}");
+        }
+        let text = encode(
+            &array,
+            &["--num-shards", &count.to_string(), "--shard-index", "1"],
+        );
+        assert!(text.contains("up to date"), "a finished job skips: {text}");
+        let manifests_bin = bin.join("manifests");
+        run(manifests_bin.to_str().unwrap(), &["merge", &array, &array]);
+        let (merged, _) = Upstream::read(&array).unwrap();
+        assert_eq!(
+            described(&merged.manifest),
+            described(&single.manifest),
+            "{count} jobs"
+        );
+        assert!(
+            merged
+                .manifest
+                .inputs
+                .iter()
+                .zip(&single.manifest.inputs)
+                .all(|(a, b)| a.same_identity(b))
+        );
+        assert_eq!(
+            tokens::read_all(&merged).unwrap(),
+            tokens::read_all(&single).unwrap(),
+            "{count} jobs: the rows train parti reads"
+        );
+    }
+    let (empty, _) = manifests::Manifest::read(
+        &manifests::Location::parse(&path("array-5"))
+            .unwrap()
+            .join("manifest.part-00000-of-00005.json"),
+    )
+    .unwrap();
+    assert!(
+        empty.artifacts.is_empty(),
+        "job 0 of 5 over 4 shards has none"
+    );
 }

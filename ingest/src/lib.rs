@@ -23,6 +23,7 @@ use manifests::shards::Rejected;
 use manifests::sources::SourceSet;
 use manifests::{Location, Manifest, ShardSpec, StageRun, Tool};
 use serde_json::{Map, Value};
+use sources::FolderReads;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -90,12 +91,15 @@ fn v1_listing_digest(locations: &[Location]) -> Result<String, Error> {
 /// upstream input and every artifact it lists is digest-checked first; otherwise the input
 /// file or folder is identified by content ([`SourceSet`]). `named` are the files a list in
 /// the input names (images of a CSV or COCO file), under the names the list gives them: they
-/// are inputs too. `image_roots` only matter to judge a v1 manifest, which listed them; such a
-/// manifest is judged before the sources are digested, so a skip does not read every file.
+/// are inputs too. `reads` (a job of many over a folder) picks the folder's files the job
+/// reads: only those are identified by content. `image_roots` only matter to judge a v1
+/// manifest, which listed them; such a manifest is judged before the sources are digested, so
+/// a skip does not read every file.
 pub fn begin_with_input(
     run: &mut StageRun,
     input: &Location,
     named: &[(String, Location)],
+    reads: Option<&FolderReads>,
     image_roots: &[Location],
     force: bool,
 ) -> Result<Option<Manifest>, Error> {
@@ -147,7 +151,10 @@ pub fn begin_with_input(
         Some(_) => ("images", SourceSet::new(run.previous_input("images"))),
         None => {
             let mut set = SourceSet::new(run.previous_input("source"));
-            set.list(input)?;
+            match reads {
+                Some(reads) => set.list_reading(input, &|uri| reads.reads(uri))?,
+                None => set.list(input)?,
+            }
             ("source", set)
         }
     };

@@ -579,7 +579,8 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
         )));
     }
     let named = named_images(&job.units, format, &image_root(&config.source, &input)?);
-    let existing = begin_with_input(&mut run, &input, &named, &image_roots, options.force)?;
+    let reads = job.reads.as_ref();
+    let existing = begin_with_input(&mut run, &input, &named, reads, &image_roots, options.force)?;
     let (range, mine) = (job.range, &job.units[..]);
     let downloads = mine.iter().any(|unit| matches!(unit, Unit::Url { .. }));
     if let Some(existing) = existing {

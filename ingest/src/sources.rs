@@ -8,7 +8,7 @@
 //! behind the one `InputFormat` switch, so a quirk handled for one format is seen beside the
 //! others.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, Read};
 use std::ops::{ControlFlow, Range};
 
@@ -233,6 +233,64 @@ pub struct JobUnits {
     pub range: Range<usize>,
     /// This job's units, built.
     pub units: Vec<Unit>,
+    /// Which files of the input folder the job reads, when it is one job of many over a
+    /// folder; `None`: it reads them all, or the input is one file.
+    pub reads: Option<FolderReads>,
+}
+
+/// The files of an input folder that a job of a batch array reads, so that it identifies those
+/// alone by content (`manifests::sources::SourceSet::list_reading`).
+pub struct FolderReads {
+    /// This job's: its units' images, captions, metadata and containers, and the URL lists its
+    /// rows come from.
+    mine: HashSet<String>,
+    /// Any job's. The first job also reads the folder's files no job reads (a stats file beside
+    /// the shards), so that the jobs together look at every file.
+    anyone: HashSet<String>,
+    first_job: bool,
+}
+
+impl FolderReads {
+    pub(crate) fn new(
+        mine: HashSet<String>,
+        anyone: HashSet<String>,
+        shard: ShardSpec,
+    ) -> FolderReads {
+        FolderReads {
+            mine,
+            anyone,
+            first_job: shard.index == 0,
+        }
+    }
+
+    /// Whether the job reads the file at `uri`.
+    pub fn reads(&self, uri: &str) -> bool {
+        self.mine.contains(uri) || self.first_job && !self.anyone.contains(uri)
+    }
+}
+
+/// The files a unit reads.
+fn unit_files(unit: &Unit) -> Vec<String> {
+    match unit {
+        Unit::Sample {
+            image,
+            caption,
+            metadata,
+            ..
+        } => {
+            let caption = match caption {
+                CaptionRef::File(file) => Some(file),
+                _ => None,
+            };
+            std::iter::once(image)
+                .chain(caption)
+                .chain(metadata)
+                .map(Location::uri)
+                .collect()
+        }
+        Unit::Container(file) => vec![file.uri()],
+        Unit::Url { .. } | Unit::Rejected { .. } => Vec::new(),
+    }
 }
 
 /// Enumerates the source's units in the same order for every job and builds this job's share
@@ -279,6 +337,7 @@ pub fn enumerate_job(
                 total: counted.count,
                 range,
                 units: share.units,
+                reads: None,
             })
         }
         InputFormat::Folder | InputFormat::Coco => {
@@ -286,9 +345,11 @@ pub fn enumerate_job(
                 InputFormat::Folder => folder_units(&input)?,
                 _ => coco_units(config, &input)?,
             };
+            let anyone = (!shard.is_single() && !input.exists()?)
+                .then(|| units.iter().flat_map(unit_files).collect());
             let mut all = Sink::new(0..usize::MAX);
             units.into_iter().for_each(|unit| all.push(unit));
-            Ok(all.into_job(shard))
+            Ok(all.into_job(shard).reading(anyone, shard))
         }
         InputFormat::Parquet | InputFormat::Webdataset => {
             let wanted = match format {
@@ -308,11 +369,13 @@ pub fn enumerate_job(
             match format {
                 InputFormat::Parquet => parquet_job(config, &input, files, shard),
                 _ => {
+                    let anyone = (!shard.is_single() && !input.exists()?)
+                        .then(|| files.iter().map(Location::uri).collect());
                     let mut all = Sink::new(0..usize::MAX);
                     files
                         .into_iter()
                         .for_each(|file| all.push(Unit::Container(file)));
-                    Ok(all.into_job(shard))
+                    Ok(all.into_job(shard).reading(anyone, shard))
                 }
             }
         }
@@ -388,7 +451,20 @@ impl Sink {
             total: self.count,
             units: units.drain(range.clone()).collect(),
             range,
+            reads: None,
         }
+    }
+}
+
+impl JobUnits {
+    /// The job's [`FolderReads`], given the files any job reads (`None`: not a job of many
+    /// over a folder).
+    fn reading(mut self, anyone: Option<HashSet<String>>, shard: ShardSpec) -> JobUnits {
+        self.reads = anyone.map(|anyone| {
+            let mine = self.units.iter().flat_map(unit_files).collect();
+            FolderReads::new(mine, anyone, shard)
+        });
+        self
     }
 }
 
@@ -468,6 +544,9 @@ fn parquet_job(
         total,
         range,
         units,
+        // Every job reads every footer, and each file's row count moves every job's share: so
+        // each job identifies every file by content.
+        reads: None,
     })
 }
 

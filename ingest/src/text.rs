@@ -11,6 +11,7 @@ use tracing::info;
 
 use crate::reading::{ReadFault, open_watched};
 use crate::sources::BYTE_ORDER_MARK;
+use crate::sources::FolderReads;
 use crate::{Error, RunOptions, ShardSet, begin_with_input, job_range, tool};
 use manifests::shards::text::{self, TextRow};
 use manifests::{Location, Manifest, StageRun, Upstream};
@@ -366,16 +367,8 @@ fn publish(
     Ok(manifest)
 }
 
-pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest, Error> {
-    let input = Location::parse(&config.input)?;
-    let mut run = StageRun::new(STAGE, tool(), &options.out, config, options.shard)?
-        .with_locations(&["/input"]);
-    if let Some(existing) = begin_with_input(&mut run, &input, &[], &[], options.force)? {
-        return Ok(existing);
-    }
-    if let Some(pairs) = pairs_stage(&input)? {
-        return captions_as_text(config, options, run, &pairs);
-    }
+/// The text files of a corpus: the file itself, or a folder's files of a text format.
+fn corpus_files(input: &Location) -> Result<Vec<Location>, Error> {
     let files: Vec<Location> = if input.exists()? {
         // Read as JSON lines otherwise, every line of another format would be a rejection.
         if !is_text_file(input.file_name()) {
@@ -396,6 +389,37 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
     if files.is_empty() {
         return Err(Error::Usage(format!(
             "{input}: no .json.gz, .jsonl, .json or .txt files"
+        )));
+    }
+    Ok(files)
+}
+
+pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest, Error> {
+    let input = Location::parse(&config.input)?;
+    let mut run = StageRun::new(STAGE, tool(), &options.out, config, options.shard)?
+        .with_locations(&["/input"]);
+    let pairs = pairs_stage(&input)?;
+    // A job of many over a folder looks only at the files it reads: its share, from a listing
+    // taken before its identity.
+    let shared = pairs.is_none() && !options.shard.is_single() && !input.exists()?;
+    let listed_first = shared.then(|| corpus_files(&input)).transpose()?;
+    let reads = listed_first.as_ref().map(|files| {
+        let uris = |files: &[Location]| files.iter().map(Location::uri).collect();
+        let range = job_range(files.len(), options.shard);
+        FolderReads::new(uris(&files[range]), uris(files), options.shard)
+    });
+    let begun = begin_with_input(&mut run, &input, &[], reads.as_ref(), &[], options.force)?;
+    if let Some(existing) = begun {
+        return Ok(existing);
+    }
+    if let Some(pairs) = pairs {
+        return captions_as_text(config, options, run, &pairs);
+    }
+    // Listed after the identity was taken: a file added since would be in neither.
+    let files = corpus_files(&input)?;
+    if listed_first.is_some_and(|first| first != files) {
+        return Err(Error::Io(format!(
+            "{input} changed while this job started: run it again"
         )));
     }
     let range = job_range(files.len(), options.shard);

@@ -395,6 +395,17 @@ fn part_input(run: &Path, index: u32, count: u32) -> manifests::Input {
     manifest.inputs[0].clone()
 }
 
+/// The first input of the stage at `run` by name and digest, with its files': a file's recorded
+/// time depends on when it was first looked at.
+fn input_identity(run: &Path) -> (usize, String, Vec<(String, bool, String)>) {
+    let location = manifests::Location::parse(run.to_str().unwrap()).unwrap();
+    let (manifest, _) = manifests::Manifest::read(&location.join("manifest.json")).unwrap();
+    let input = &manifest.inputs[0];
+    let files = input.files.iter();
+    let files = files.map(|f| (f.name.clone(), f.named, f.digest.clone()));
+    (manifest.inputs.len(), input.digest.clone(), files.collect())
+}
+
 #[test]
 fn each_job_of_an_array_names_only_its_own_rows_images() {
     for format in ["csv", "jsonl", "coco"] {
@@ -442,20 +453,9 @@ fn each_job_of_an_array_names_only_its_own_rows_images() {
         let array_uri = array.to_str().unwrap();
         let (code, output) = manifests_cli(&["merge", array_uri, array_uri]);
         assert_eq!(code, 0, "{format}: {output}");
-        // By name and digest: a file's recorded time depends on when it was first looked at.
-        let read = |run: &Path| {
-            let location = manifests::Location::parse(run.to_str().unwrap()).unwrap();
-            let (manifest, _) = manifests::Manifest::read(&location.join("manifest.json")).unwrap();
-            let input = &manifest.inputs[0];
-            let files = input.files.iter();
-            let files: Vec<_> = files
-                .map(|f| (f.name.clone(), f.named, f.digest.clone()))
-                .collect();
-            (manifest.inputs.len(), input.digest.clone(), files)
-        };
         assert_eq!(
-            read(&array),
-            read(&single),
+            input_identity(&array),
+            input_identity(&single),
             "{format}: the merged run's input is the single job's, file for file"
         );
         assert_up_to_date(&dir.path().join("array"));
@@ -464,6 +464,89 @@ fn each_job_of_an_array_names_only_its_own_rows_images() {
         write(&src, "images/3.png", png(48, 48, 33));
         assert_skipped(&job(0));
         assert_ran(&job(1), "images/3.png changed");
+        assert_skipped(&job(2));
+    }
+}
+
+/// A batch array over a folder (the KEY.png + KEY.txt layout, webdataset tars, a text corpus):
+/// each job identifies by content only the files it reads, the first job also the files no job
+/// reads; the merged run is the single run's input, file for file; a change to a file that one
+/// job reads reruns that job alone.
+#[test]
+fn each_job_of_an_array_over_a_folder_reads_only_its_own_files() {
+    for layout in ["folder", "tars", "text"] {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        // The files of unit `i`: six units, two a job.
+        let files_of = |i: usize| -> Vec<String> {
+            match layout {
+                "folder" => vec![format!("{i:03}.png"), format!("{i:03}.txt")],
+                "tars" => vec![format!("{i:03}.tar")],
+                _ => vec![format!("{i:03}.jsonl")],
+            }
+        };
+        for i in 0..6u8 {
+            let bytes = match layout {
+                "folder" => vec![png(48, 48, i), format!("caption {i}").into_bytes()],
+                "tars" => vec![common::webdataset_tar(&[(format!("s{i}"), png(48, 48, i))])],
+                _ => vec![format!("{{\"text\": \"document number {i}\"}}\n").into_bytes()],
+            };
+            for (name, bytes) in files_of(i.into()).iter().zip(bytes) {
+                write(&src, name, bytes);
+            }
+        }
+        // No unit's file: the first job reads it.
+        write(&src, "_stats.csv", "count\n6\n");
+        let args = |out: &Path, job: &[&str]| match layout {
+            "text" => text_args(&src, out, job),
+            _ => pairs_args(&src, out, &[&["--size", "32"][..], job].concat()),
+        };
+        let single = dir.path().join("single");
+        let (code, output) = ingest_owned(&args(&single, &[]));
+        assert_eq!(code, 0, "{layout}: {output}");
+
+        let array = dir.path().join("array/stage");
+        let job = |index: u32| {
+            let index = index.to_string();
+            args(&array, &["--num-shards", "3", "--shard-index", &index])
+        };
+        for index in 0..3u32 {
+            let (code, output) = ingest_owned(&job(index));
+            assert_eq!(code, 0, "{layout}: {output}");
+            let read: Vec<String> = part_input(&array, index, 3)
+                .files
+                .iter()
+                .filter(|file| file.digest != manifests::sources::UNREAD)
+                .map(|file| file.name.clone())
+                .collect();
+            let first_unit = 2 * index as usize;
+            let mut wanted = [files_of(first_unit), files_of(first_unit + 1)].concat();
+            if index == 0 {
+                wanted.push("_stats.csv".into());
+            }
+            wanted.sort();
+            assert_eq!(
+                read, wanted,
+                "{layout}: job {index} reads these files, and no other"
+            );
+        }
+        let array_uri = array.to_str().unwrap();
+        let (code, output) = manifests_cli(&["merge", array_uri, array_uri]);
+        assert_eq!(code, 0, "{layout}: {output}");
+        assert_eq!(
+            input_identity(&array),
+            input_identity(&single),
+            "{layout}: the merged run's input is the single job's, file for file"
+        );
+        assert_up_to_date(&dir.path().join("array"));
+
+        // A file job 1 reads, rewritten: that job reruns, the others are up to date.
+        let changed = &files_of(2)[0];
+        let mut bytes = std::fs::read(src.join(changed)).unwrap();
+        bytes.extend_from_slice(b"\n");
+        std::fs::write(src.join(changed), bytes).unwrap();
+        assert_skipped(&job(0));
+        assert_ran(&job(1), &format!("{changed} changed"));
         assert_skipped(&job(2));
     }
 }

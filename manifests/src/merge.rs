@@ -155,11 +155,12 @@ fn inputs_differ(inputs: &[Input], all: &[Input]) -> Option<String> {
         .map(|other| format!("'{}' is not in every job", other.name))
 }
 
-/// The run's inputs (`all`, in their order) from its jobs'. A job names only the files its own
-/// share of a list names (images in a CSV or COCO file), so that a job of a batch array does not
-/// look at every file of the list; the run names the union, and its identity is the one a
-/// single job over the whole list records. A file that two jobs saw with different contents
-/// changed between the two jobs' runs.
+/// The run's inputs (`all`, in their order) from its jobs'. A job looks only at its share of a
+/// source: the files its own rows of a list name (images in a CSV or COCO file), and the files
+/// of a folder it reads (the others listed by name, [`sources::UNREAD`]). The run names every
+/// file with the content the job that read it recorded, so its identity is the one a single
+/// job over the whole input records. A file that two jobs saw with different contents changed
+/// between the two jobs' runs.
 fn merge_inputs(all: &[Input], parts: &[(Location, Manifest)]) -> Result<Vec<Input>, Error> {
     let mut inputs = Vec::with_capacity(all.len());
     for input in all {
@@ -172,18 +173,25 @@ fn merge_inputs(all: &[Input], parts: &[(Location, Manifest)]) -> Result<Vec<Inp
             .collect();
         if !in_parts
             .iter()
-            .any(|(_, input)| input.files.iter().any(|f| f.named))
+            .any(|(_, input)| sources::looks_at_a_share(input))
         {
             inputs.push(input.clone());
             continue;
         }
-        let mut named: BTreeMap<&str, (&Location, &SourceFile)> = BTreeMap::new();
+        // Listed files first, then named ones, each by name: the order a single job records.
+        let mut files: BTreeMap<(bool, &str), (&Location, &SourceFile)> = BTreeMap::new();
         for (location, part_input) in in_parts {
-            for file in part_input.files.iter().filter(|f| f.named) {
-                match named.get(file.name.as_str()) {
-                    Some((seen_in, seen)) if seen.digest != file.digest => {
+            for file in &part_input.files {
+                let key = (file.named, file.name.as_str());
+                match files.get(&key) {
+                    Some((_, seen)) if seen.digest == sources::UNREAD => {
+                        files.insert(key, (location, file));
+                    }
+                    Some((seen_in, seen))
+                        if file.digest != sources::UNREAD && seen.digest != file.digest =>
+                    {
                         return Err(Error::Merge(format!(
-                            "input '{}' names {}, which {seen_in} records as {} and {location} \
+                            "input '{}' holds {}, which {seen_in} records as {} and {location} \
                              as {}: it changed between those jobs' runs (`manifests status` \
                              names the job that is out of date; run it again)",
                             input.name, file.name, seen.digest, file.digest
@@ -191,18 +199,19 @@ fn merge_inputs(all: &[Input], parts: &[(Location, Manifest)]) -> Result<Vec<Inp
                     }
                     Some(_) => {}
                     None => {
-                        named.insert(&file.name, (location, file));
+                        files.insert(key, (location, file));
                     }
                 }
             }
         }
-        let files: Vec<SourceFile> = input
-            .files
-            .iter()
-            .filter(|file| !file.named)
-            .chain(named.values().map(|(_, file)| *file))
-            .cloned()
-            .collect();
+        if let Some((_, file)) = files.values().find(|(_, f)| f.digest == sources::UNREAD) {
+            return Err(Error::Merge(format!(
+                "input '{}' lists {}, which no job read: run again the job whose share holds it \
+                 (the first job, for a file of no job's share)",
+                input.name, file.name
+            )));
+        }
+        let files: Vec<SourceFile> = files.into_values().map(|(_, file)| file.clone()).collect();
         inputs.push(Input {
             digest: sources::identity(&files),
             files,

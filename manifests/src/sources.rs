@@ -20,6 +20,10 @@ use crate::{Error, digest_bytes};
 /// `digest` of a file a list names that is not there (the stage rejects its samples).
 pub const MISSING: &str = "missing";
 
+/// `digest` of a file of a listed folder that a job of a batch array does not read: another job
+/// identifies it by content, and `manifests merge` takes the digest from that job.
+pub const UNREAD: &str = "unread";
+
 /// Builds a source input's file list and identity.
 pub struct SourceSet {
     /// What the stage's previous manifest recorded, by URI: the fast check's reference.
@@ -55,6 +59,18 @@ impl SourceSet {
     /// Everything below `location` (a folder), or the file itself (named by its file name: a
     /// renamed list can mean other row keys or another format).
     pub fn list(&mut self, location: &Location) -> Result<(), Error> {
+        self.list_reading(location, &|_| true)
+    }
+
+    /// [`SourceSet::list`] for a job of a batch array: of a folder's files, those `reads`
+    /// picks (by URI) are identified by content, the others by name alone ([`UNREAD`]), so a
+    /// job looks only at the files it reads; another job reads the others, and `manifests
+    /// merge` takes their contents from it. A single file is identified by content.
+    pub fn list_reading(
+        &mut self,
+        location: &Location,
+        reads: &dyn Fn(&str) -> bool,
+    ) -> Result<(), Error> {
         self.listed = Some(location.uri());
         if location.exists()? {
             let name = location.file_name().to_string();
@@ -64,7 +80,17 @@ impl SourceSet {
         }
         for object in location.list()? {
             let name = object.location.relative_to(location).unwrap_or_default();
-            let file = self.identify(name, &object, false)?;
+            let file = match reads(&object.location.uri()) {
+                true => self.identify(name, &object, false)?,
+                false => SourceFile {
+                    name,
+                    uri: object.location.uri(),
+                    bytes: object.size,
+                    modified_ns: None,
+                    digest: UNREAD.into(),
+                    named: false,
+                },
+            };
             self.files.push(file);
         }
         Ok(())
@@ -250,8 +276,15 @@ pub(crate) fn identity(files: &[SourceFile]) -> String {
 /// at again (`manifests status`; a stage rebuilds its inputs from its own arguments instead).
 pub fn recheck(recorded: &Input) -> Result<Input, Error> {
     let mut set = SourceSet::new(Some(recorded));
+    // A job of a batch array looked only at the files it reads: so does its check.
+    let unread: std::collections::HashSet<&str> = recorded
+        .files
+        .iter()
+        .filter(|f| !f.named && f.digest == UNREAD)
+        .map(|f| f.uri.as_str())
+        .collect();
     if let Some(listed) = &recorded.listed {
-        set.list(&Location::parse(listed)?)?;
+        set.list_reading(&Location::parse(listed)?, &|uri| !unread.contains(uri))?;
     }
     for file in recorded.files.iter().filter(|f| f.named) {
         set.name(file.name.clone(), &Location::parse(&file.uri)?)?;
@@ -265,43 +298,60 @@ pub(crate) fn names_files_only(input: &Input) -> bool {
     input.kind == "source" && !input.files.is_empty() && input.files.iter().all(|file| file.named)
 }
 
-/// The files of a source input found by listing its folder or file (not named by a list), by
-/// name and digest.
-fn listed_files(input: &Input) -> Vec<(&str, &str)> {
+/// Whether the files two identities of one source input found by listing its folder or file
+/// (not named by a list) are the same files, by name, and `agree` on each one's digest.
+fn listed_agree(a: &Input, b: &Input, agree: impl Fn(&str, &str) -> bool) -> bool {
+    fn listed(input: &Input) -> Vec<(&str, &str)> {
+        let files = input.files.iter().filter(|file| !file.named);
+        files
+            .map(|file| (file.name.as_str(), file.digest.as_str()))
+            .collect()
+    }
+    let (a, b) = (listed(a), listed(b));
+    a.len() == b.len()
+        && a.iter()
+            .zip(&b)
+            .all(|((a_name, a_digest), (b_name, b_digest))| {
+                a_name == b_name && agree(a_digest, b_digest)
+            })
+}
+
+/// Whether an identity was taken by a job of a batch array that looked at its share of the
+/// files only: it names some files of a list, or lists some files of a folder unread.
+pub(crate) fn looks_at_a_share(input: &Input) -> bool {
     input
         .files
         .iter()
-        .filter(|file| !file.named)
-        .map(|file| (file.name.as_str(), file.digest.as_str()))
-        .collect()
+        .any(|file| file.named || file.digest == UNREAD)
 }
 
-/// Same role, kind and upstream stage, and the same identity once the files a list names are
-/// set aside: the same upstream manifest, or the same listed folder or list file. Jobs of a batch
-/// array over one list agree so, each naming its own rows' files.
+/// Same role, kind and upstream stage, and the same identity once the jobs' shares are set
+/// aside: the same upstream manifest, or the same listed folder or list file (the same files,
+/// each with the same content where both jobs read it). Jobs of a batch array over one input
+/// agree so, each naming its own rows' files and reading its own files of a folder.
 pub(crate) fn same_apart_from_named(a: &Input, b: &Input) -> bool {
-    let names_files = |input: &Input| input.files.iter().any(|file| file.named);
-    if names_files(a) || names_files(b) {
-        a.name == b.name
-            && a.kind == b.kind
-            && a.stage == b.stage
-            && listed_files(a) == listed_files(b)
-    } else {
-        a.same_identity(b)
+    if !(looks_at_a_share(a) || looks_at_a_share(b)) {
+        return a.same_identity(b);
     }
+    a.name == b.name
+        && a.kind == b.kind
+        && a.stage == b.stage
+        && listed_agree(a, b, |a, b| a == b || a == UNREAD || b == UNREAD)
 }
 
 /// Whether a job's inputs `now` are those `recorded` by its earlier run, except that the earlier
-/// run also named files beyond this job's rows: every input otherwise the same, every file named
-/// now recorded with the same digest, and any input missing now one of named files alone. A
-/// job of a batch array written before jobs named only their own rows' files named every file
-/// of the list; this keeps such a job from redoing its share for that alone.
+/// run also looked at files beyond this job's share: every input otherwise the same, every file
+/// named now recorded with the same digest, every file of a folder read now recorded with the
+/// same digest, and any input missing now one of named files alone. A job of a batch array
+/// written before jobs looked only at their own share looked at every file of the input; this
+/// keeps such a job from redoing its share for that alone.
 pub fn narrows(recorded: &[Input], now: &[Input]) -> bool {
     let covered = |input: &Input| {
         recorded.iter().any(|before| {
             before.name == input.name
                 && (before.same_identity(input)
                     || same_apart_from_named(before, input)
+                        && listed_agree(before, input, |old, now| now == old || now == UNREAD)
                         && input.files.iter().filter(|f| f.named).all(|file| {
                             before.files.iter().any(|old| {
                                 old.named && old.name == file.name && old.digest == file.digest

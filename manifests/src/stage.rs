@@ -420,7 +420,7 @@ impl StageRun {
         if manifest.is_v1() || same {
             return Ok(manifest);
         }
-        info!(stage = %self.stage, "recording the files of this job's own rows only (its manifest named every file of the list)");
+        info!(stage = %self.stage, "recording the files of this job's own share only (its manifest looked at every file of the input)");
         manifest.inputs = self.inputs.clone();
         manifest.write(&self.manifest_location())?;
         Ok(manifest)

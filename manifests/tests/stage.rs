@@ -512,6 +512,77 @@ fn a_job_that_named_every_file_of_the_list_is_up_to_date_and_rewritten() {
     );
 }
 
+/// Jobs of a batch array over a folder each identify by content the files they read, the others
+/// by name: merged, the run's input is the one a single job records; a file no job read, or two
+/// contents of one file, is refused; a job's part from before, which read every file, is up to
+/// date and rewritten.
+#[test]
+fn the_files_of_a_folder_each_job_reads_merge_into_what_one_job_records() {
+    let (dir, _) = four_images_and_their_list("");
+    let outs = tempfile::tempdir().unwrap();
+    let folder = Location::parse(dir.path().to_str().unwrap()).unwrap();
+    let out = |name: &str| outs.path().join(name).to_str().unwrap().to_string();
+    let job_run = |out: &str, [index, count]: [u32; 2], reads: &[&str]| {
+        let shard = ShardSpec { index, count };
+        let mut run = StageRun::new("demo", tool(), out, &json!({}), shard).unwrap();
+        let mut set = manifests::sources::SourceSet::new(None);
+        let reads = |uri: &str| reads.iter().any(|name| uri.ends_with(&format!("/{name}")));
+        set.list_reading(&folder, &reads).unwrap();
+        run.record_source(set.into_input("source", &folder.uri()).unwrap());
+        run
+    };
+    let every = ["list.csv", "a.png", "b.png", "c.png", "d.png"];
+    let (_, single) = publish_job(job_run(&out("single"), [0, 1], &every));
+    let shares: [&[&str]; 3] = [&["list.csv", "a.png"], &["b.png", "c.png"], &["d.png"]];
+    let parts: Vec<(Location, Manifest)> = (0..3)
+        .map(|index| publish_job(job_run(&out("array"), [index, 3], shares[index as usize])))
+        .collect();
+    let unread = |manifest: &Manifest| {
+        let files = manifest.inputs[0].files.iter();
+        files
+            .filter(|file| file.digest == manifests::sources::UNREAD)
+            .count()
+    };
+    assert_eq!(unread(&parts[1].1), 3);
+    let target = Location::parse(&out("array"))
+        .unwrap()
+        .join("manifest.json");
+    let merged = merge(&target, &parts).unwrap();
+    assert_eq!(identities(&merged.inputs), identities(&single.inputs));
+
+    let nobody_reads_d = job_run(&out("no-d"), [2, 3], &[]);
+    let err = merge(
+        &target,
+        &[
+            parts[0].clone(),
+            parts[1].clone(),
+            publish_job(nobody_reads_d),
+        ],
+    );
+    let err = err.unwrap_err().to_string();
+    assert!(err.contains("d.png, which no job read"), "{err}");
+    std::fs::write(dir.path().join("b.png"), "changed").unwrap();
+    let late = publish_job(job_run(&out("late"), [2, 3], &["b.png", "d.png"]));
+    let err = merge(&target, &[parts[0].clone(), parts[1].clone(), late]).unwrap_err();
+    assert!(err.to_string().contains("b.png, which"), "{err}");
+
+    // A part that read every file: up to date for the job that reads its own, and rewritten.
+    publish_job(job_run(&out("before"), [2, 3], &every));
+    let now = job_run(&out("before"), [2, 3], shares[2]);
+    let kept = now.begin(false).unwrap().expect("up to date");
+    assert_eq!(unread(&kept), 4);
+    let (on_disk, _) = Manifest::read(&now.manifest_location()).unwrap();
+    assert_eq!(identities(&on_disk.inputs), identities(&kept.inputs));
+    // A part that did not read a file the job reads now cannot vouch for it.
+    publish_job(job_run(&out("fewer"), [2, 3], &[]));
+    assert!(
+        job_run(&out("fewer"), [2, 3], shares[2])
+            .begin(false)
+            .unwrap()
+            .is_none()
+    );
+}
+
 /// Metrics that describe the jobs' artifacts (a token grid's side) are kept, not summed, and
 /// jobs that disagree on them do not merge.
 #[test]

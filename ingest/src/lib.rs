@@ -152,7 +152,7 @@ pub fn begin_with_input(
         None => {
             let mut set = SourceSet::new(run.previous_input("source"));
             match reads {
-                Some(reads) => set.list_reading(input, &|uri| reads.reads(uri))?,
+                Some(reads) => listed_as_before(&mut set, input, reads)?,
                 None => set.list(input)?,
             }
             ("source", set)
@@ -163,6 +163,34 @@ pub fn begin_with_input(
     }
     run.record_source(set.into_input(name, &input.uri())?);
     finish_begin(run, force)
+}
+
+/// Lists the input folder into `set`, identifying by content the files the job reads, and
+/// checks that the folder holds the files the listing its share came from held: a file added
+/// or removed in between would be in the identity and not the work, or the other way round, and
+/// the next run would find the stage up to date without it.
+fn listed_as_before(
+    set: &mut SourceSet,
+    input: &Location,
+    reads: &FolderReads,
+) -> Result<(), Error> {
+    let (known, unknown) = (std::cell::Cell::new(0usize), std::cell::Cell::new(0usize));
+    set.list_reading(input, &|uri| {
+        let count = if reads.was_listed(uri) {
+            &known
+        } else {
+            &unknown
+        };
+        count.set(count.get() + 1);
+        reads.reads(uri)
+    })?;
+    let same = unknown.get() == 0 && reads.listed_count().is_none_or(|n| n == known.get());
+    match same {
+        true => Ok(()),
+        false => Err(Error::Io(format!(
+            "{input} changed while this job listed it (files added or removed): run the job again"
+        ))),
+    }
 }
 
 /// Whether the manifest at `location` lists an artifact at or below `input`: only then is the
@@ -294,5 +322,54 @@ impl Tally {
         metrics.insert("rows".into(), Value::from(self.rows));
         metrics.insert("rejected".into(), serde_json::json!(self.rejected));
         metrics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    /// A file added to (or removed from) a folder between the listing that decided a job's
+    /// share and the one its identity comes from stops the job, which would otherwise record it
+    /// as read while its work lacks it.
+    #[test]
+    fn a_folder_that_changed_between_its_two_listings_stops_the_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("input");
+        std::fs::create_dir(&input).unwrap();
+        for name in ["a.txt", "b.txt"] {
+            std::fs::write(input.join(name), name).unwrap();
+        }
+        let input = Location::parse(input.to_str().unwrap()).unwrap();
+        let uri = |name: &str| input.join(name).uri();
+        let out = dir.path().join("out");
+        let begin = |listed: &[&str]| {
+            let mut run = StageRun::new(
+                "test",
+                tool(),
+                out.to_str().unwrap(),
+                &serde_json::json!({}),
+                ShardSpec::single(),
+            )
+            .unwrap();
+            let listed: HashSet<String> = listed.iter().map(|name| uri(name)).collect();
+            let reads = FolderReads::new(
+                HashSet::new(),
+                HashSet::new(),
+                Some(listed),
+                ShardSpec::single(),
+            );
+            begin_with_input(&mut run, &input, &[], Some(&reads), &[], false).map(|_| ())
+        };
+        assert!(begin(&["a.txt", "b.txt"]).is_ok());
+        for listed in [&["a.txt"][..], &["a.txt", "b.txt", "c.txt"]] {
+            let err = begin(listed).unwrap_err().to_string();
+            assert!(
+                err.contains("changed while this job listed it"),
+                "{listed:?}: {err}"
+            );
+        }
     }
 }

@@ -238,34 +238,53 @@ pub struct JobUnits {
     pub reads: Option<FolderReads>,
 }
 
-/// The files of an input folder that a job of a batch array reads, so that it identifies those
-/// alone by content (`manifests::sources::SourceSet::list_reading`).
+/// The files of an input folder that a job reads, so that a job of a batch array identifies
+/// those alone by content (`manifests::sources::SourceSet::list_reading`), and the folder's
+/// listing that the job's share was taken from.
 pub struct FolderReads {
-    /// This job's: its units' images, captions, metadata and containers, and the URL lists its
-    /// rows come from.
+    /// One job does all the work, and so reads every file.
+    every: bool,
+    /// This job's: its units' images, captions, metadata and containers.
     mine: HashSet<String>,
     /// Any job's. The first job also reads the folder's files no job reads (a stats file beside
     /// the shards), so that the jobs together look at every file.
     anyone: HashSet<String>,
     first_job: bool,
+    /// Every file the listing that decided the shares held, when it was the whole folder.
+    listed: Option<HashSet<String>>,
 }
 
 impl FolderReads {
     pub(crate) fn new(
         mine: HashSet<String>,
         anyone: HashSet<String>,
+        listed: Option<HashSet<String>>,
         shard: ShardSpec,
     ) -> FolderReads {
         FolderReads {
+            every: shard.is_single(),
             mine,
             anyone,
             first_job: shard.index == 0,
+            listed,
         }
     }
 
     /// Whether the job reads the file at `uri`.
     pub fn reads(&self, uri: &str) -> bool {
-        self.mine.contains(uri) || self.first_job && !self.anyone.contains(uri)
+        self.every || self.mine.contains(uri) || self.first_job && !self.anyone.contains(uri)
+    }
+
+    /// Whether `uri` was in the listing the shares were taken from (`true` when unknown).
+    pub fn was_listed(&self, uri: &str) -> bool {
+        self.listed
+            .as_ref()
+            .is_none_or(|listed| listed.contains(uri))
+    }
+
+    /// How many files that listing held, when known.
+    pub fn listed_count(&self) -> Option<usize> {
+        self.listed.as_ref().map(HashSet::len)
     }
 }
 
@@ -341,41 +360,46 @@ pub fn enumerate_job(
             })
         }
         InputFormat::Folder | InputFormat::Coco => {
-            let units = match format {
-                InputFormat::Folder => folder_units(&input)?,
-                _ => coco_units(config, &input)?,
+            let (units, listing) = match format {
+                InputFormat::Folder => {
+                    let listing = input.list()?;
+                    (folder_units(&input, &listing), Some(listing))
+                }
+                _ => (coco_units(config, &input)?, None),
             };
-            let anyone = (!shard.is_single() && !input.exists()?)
-                .then(|| units.iter().flat_map(unit_files).collect());
             let mut all = Sink::new(0..usize::MAX);
+            let anyone = units.iter().flat_map(unit_files).collect();
             units.into_iter().for_each(|unit| all.push(unit));
-            Ok(all.into_job(shard).reading(anyone, shard))
+            let folder = listing.map(|listing| (uris(&listing), anyone));
+            Ok(all.into_job(shard).reading(folder, shard))
         }
         InputFormat::Parquet | InputFormat::Webdataset => {
             let wanted = match format {
                 InputFormat::Parquet => "parquet",
                 _ => "tar",
             };
-            let files: Vec<Location> = if input.exists()? {
-                vec![input.clone()]
-            } else {
-                input
-                    .list()?
-                    .into_iter()
-                    .map(|o| o.location)
+            let listing = match input.exists()? {
+                true => None,
+                false => Some(input.list()?),
+            };
+            let files: Vec<Location> = match &listing {
+                None => vec![input.clone()],
+                Some(listing) => listing
+                    .iter()
+                    .map(|o| o.location.clone())
                     .filter(|l| extension(l.file_name()).as_deref() == Some(wanted))
-                    .collect()
+                    .collect(),
             };
             match format {
                 InputFormat::Parquet => parquet_job(config, &input, files, shard),
                 _ => {
-                    let anyone = (!shard.is_single() && !input.exists()?)
-                        .then(|| files.iter().map(Location::uri).collect());
+                    let anyone = files.iter().map(Location::uri).collect();
+                    let folder = listing.map(|listing| (uris(&listing), anyone));
                     let mut all = Sink::new(0..usize::MAX);
                     files
                         .into_iter()
                         .for_each(|file| all.push(Unit::Container(file)));
-                    Ok(all.into_job(shard).reading(anyone, shard))
+                    Ok(all.into_job(shard).reading(folder, shard))
                 }
             }
         }
@@ -457,15 +481,23 @@ impl Sink {
 }
 
 impl JobUnits {
-    /// The job's [`FolderReads`], given the files any job reads (`None`: not a job of many
-    /// over a folder).
-    fn reading(mut self, anyone: Option<HashSet<String>>, shard: ShardSpec) -> JobUnits {
-        self.reads = anyone.map(|anyone| {
+    /// The job's [`FolderReads`] over a folder, given its listing and the files any job reads
+    /// (`None`: the input is one file).
+    fn reading(
+        mut self,
+        folder: Option<(HashSet<String>, HashSet<String>)>,
+        shard: ShardSpec,
+    ) -> JobUnits {
+        self.reads = folder.map(|(listed, anyone)| {
             let mine = self.units.iter().flat_map(unit_files).collect();
-            FolderReads::new(mine, anyone, shard)
+            FolderReads::new(mine, anyone, Some(listed), shard)
         });
         self
     }
+}
+
+fn uris(listing: &[ObjectInfo]) -> HashSet<String> {
+    listing.iter().map(|object| object.location.uri()).collect()
 }
 
 /// How many parquet footers a job reads at once.
@@ -559,9 +591,10 @@ struct FolderGroup {
     metadata: Option<Location>,
 }
 
-fn folder_units(input: &Location) -> Result<Vec<Unit>, Error> {
+/// The units of a folder in img2dataset's "files" layout, from its `listing`.
+fn folder_units(input: &Location, listing: &[ObjectInfo]) -> Vec<Unit> {
     let mut groups: BTreeMap<String, FolderGroup> = BTreeMap::new();
-    for object in input.list()? {
+    for object in listing {
         let Some(relative) = object.location.relative_to(input) else {
             continue;
         };
@@ -571,11 +604,11 @@ fn folder_units(input: &Location) -> Result<Vec<Unit>, Error> {
         let ext = ext.to_ascii_lowercase();
         let group = groups.entry(stem.to_string()).or_default();
         match ext.as_str() {
-            "txt" => group.caption = Some(object.location),
-            "json" => group.metadata = Some(object.location),
+            "txt" => group.caption = Some(object.location.clone()),
+            "json" => group.metadata = Some(object.location.clone()),
             e if IMAGE_EXTENSIONS.contains(&e) => match group.image {
-                None => group.image = Some(object.location),
-                Some(_) => group.extra_images.push(object.location),
+                None => group.image = Some(object.location.clone()),
+                Some(_) => group.extra_images.push(object.location.clone()),
             },
             _ => {}
         }
@@ -602,7 +635,7 @@ fn folder_units(input: &Location) -> Result<Vec<Unit>, Error> {
             None => {}
         }
     }
-    Ok(units)
+    units
 }
 
 /// The folder that image paths in the list `table` are relative to.

@@ -406,7 +406,8 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
     let reads = listed_first.as_ref().map(|files| {
         let uris = |files: &[Location]| files.iter().map(Location::uri).collect();
         let range = job_range(files.len(), options.shard);
-        FolderReads::new(uris(&files[range]), uris(files), options.shard)
+        // The corpus is listed again below, after the identity, and compared.
+        FolderReads::new(uris(&files[range]), uris(files), None, options.shard)
     });
     let begun = begin_with_input(&mut run, &input, &[], reads.as_ref(), &[], options.force)?;
     if let Some(existing) = begun {

@@ -233,8 +233,8 @@ pub struct JobUnits {
     pub range: Range<usize>,
     /// This job's units, built.
     pub units: Vec<Unit>,
-    /// Which files of the input folder the job reads, when it is one job of many over a
-    /// folder; `None`: it reads them all, or the input is one file.
+    /// Which files of the input folder the job reads, and the listing its share came from;
+    /// `None` where the input is one file, or a folder of parquet files.
     pub reads: Option<FolderReads>,
 }
 
@@ -368,7 +368,11 @@ pub fn enumerate_job(
                 _ => (coco_units(config, &input)?, None),
             };
             let mut all = Sink::new(0..usize::MAX);
-            let anyone = units.iter().flat_map(unit_files).collect();
+            // One job reads every file: only jobs of many need to know whose each one is.
+            let anyone = match shard.is_single() {
+                true => HashSet::new(),
+                false => units.iter().flat_map(unit_files).collect(),
+            };
             units.into_iter().for_each(|unit| all.push(unit));
             let folder = listing.map(|listing| (uris(&listing), anyone));
             Ok(all.into_job(shard).reading(folder, shard))
@@ -393,7 +397,10 @@ pub fn enumerate_job(
             match format {
                 InputFormat::Parquet => parquet_job(config, &input, files, shard),
                 _ => {
-                    let anyone = files.iter().map(Location::uri).collect();
+                    let anyone = match shard.is_single() {
+                        true => HashSet::new(),
+                        false => files.iter().map(Location::uri).collect(),
+                    };
                     let folder = listing.map(|listing| (uris(&listing), anyone));
                     let mut all = Sink::new(0..usize::MAX);
                     files
@@ -489,7 +496,10 @@ impl JobUnits {
         shard: ShardSpec,
     ) -> JobUnits {
         self.reads = folder.map(|(listed, anyone)| {
-            let mine = self.units.iter().flat_map(unit_files).collect();
+            let mine = match shard.is_single() {
+                true => HashSet::new(),
+                false => self.units.iter().flat_map(unit_files).collect(),
+            };
             FolderReads::new(mine, anyone, Some(listed), shard)
         });
         self

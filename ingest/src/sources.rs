@@ -368,11 +368,7 @@ pub fn enumerate_job(
                 _ => (coco_units(config, &input)?, None),
             };
             let mut all = Sink::new(0..usize::MAX);
-            // One job reads every file: only jobs of many need to know whose each one is.
-            let anyone = match shard.is_single() {
-                true => HashSet::new(),
-                false => units.iter().flat_map(unit_files).collect(),
-            };
+            let anyone = shared_files(shard, units.iter().flat_map(unit_files));
             units.into_iter().for_each(|unit| all.push(unit));
             let folder = listing.map(|listing| (uris(&listing), anyone));
             Ok(all.into_job(shard).reading(folder, shard))
@@ -397,10 +393,7 @@ pub fn enumerate_job(
             match format {
                 InputFormat::Parquet => parquet_job(config, &input, files, shard),
                 _ => {
-                    let anyone = match shard.is_single() {
-                        true => HashSet::new(),
-                        false => files.iter().map(Location::uri).collect(),
-                    };
+                    let anyone = shared_files(shard, files.iter().map(Location::uri));
                     let folder = listing.map(|listing| (uris(&listing), anyone));
                     let mut all = Sink::new(0..usize::MAX);
                     files
@@ -426,12 +419,11 @@ fn unchanged_since(before: &ObjectInfo) -> Result<(), Error> {
 }
 
 /// What a pass over a source keeps: the units within `window`, built. It counts every unit,
-/// built or not, and the pass stops at the window's end unless the sink counts the whole source.
+/// built or not, and the pass stops at the window's end.
 struct Sink {
     window: Range<usize>,
     units: Vec<Unit>,
     count: usize,
-    counts_to_end: bool,
 }
 
 impl Sink {
@@ -440,16 +432,12 @@ impl Sink {
             window,
             units: Vec::new(),
             count: 0,
-            counts_to_end: false,
         }
     }
 
-    /// Builds nothing and counts every unit.
+    /// Builds nothing and counts every unit: an empty window past any count a source reaches.
     fn counter() -> Sink {
-        Sink {
-            counts_to_end: true,
-            ..Sink::new(0..0)
-        }
+        Sink::new(usize::MAX..usize::MAX)
     }
 
     /// Whether the next unit is looked at, so must be built.
@@ -459,7 +447,7 @@ impl Sink {
 
     /// Whether no later unit is looked at: the pass may stop reading.
     fn is_done(&self) -> bool {
-        !self.counts_to_end && self.count >= self.window.end
+        self.count >= self.window.end
     }
 
     fn push(&mut self, unit: Unit) {
@@ -496,17 +484,26 @@ impl JobUnits {
         shard: ShardSpec,
     ) -> JobUnits {
         self.reads = folder.map(|(listed, anyone)| {
-            let mine = match shard.is_single() {
-                true => HashSet::new(),
-                false => self.units.iter().flat_map(unit_files).collect(),
-            };
+            let mine = shared_files(shard, self.units.iter().flat_map(unit_files));
             FolderReads::new(mine, anyone, Some(listed), shard)
         });
         self
     }
 }
 
-fn uris(listing: &[ObjectInfo]) -> HashSet<String> {
+/// The URIs of `files` for a job of many, which must know whose each file is; none for one
+/// job, which reads every file.
+pub(crate) fn shared_files(
+    shard: ShardSpec,
+    files: impl Iterator<Item = String>,
+) -> HashSet<String> {
+    match shard.is_single() {
+        true => HashSet::new(),
+        false => files.collect(),
+    }
+}
+
+pub(crate) fn uris(listing: &[ObjectInfo]) -> HashSet<String> {
     listing.iter().map(|object| object.location.uri()).collect()
 }
 

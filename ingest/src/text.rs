@@ -11,10 +11,10 @@ use tracing::info;
 
 use crate::reading::{ReadFault, open_watched};
 use crate::sources::BYTE_ORDER_MARK;
-use crate::sources::FolderReads;
+use crate::sources::{FolderReads, uris};
 use crate::{Error, RunOptions, ShardSet, begin_with_input, job_range, tool};
 use manifests::shards::text::{self, TextRow};
-use manifests::{Location, Manifest, StageRun, Upstream};
+use manifests::{Location, Manifest, ObjectInfo, StageRun, Upstream};
 
 pub const STAGE: &str = "ingest.text";
 
@@ -367,9 +367,10 @@ fn publish(
     Ok(manifest)
 }
 
-/// The text files of a corpus: the file itself, or a folder's files of a text format.
-fn corpus_files(input: &Location) -> Result<Vec<Location>, Error> {
-    let files: Vec<Location> = if input.exists()? {
+/// The text files of a corpus (the file itself, or a folder's files of a text format), and the
+/// folder's whole listing (empty for a file).
+fn corpus_files(input: &Location) -> Result<(Vec<Location>, Vec<ObjectInfo>), Error> {
+    let (files, listing) = if input.exists()? {
         // Read as JSON lines otherwise, every line of another format would be a rejection.
         if !is_text_file(input.file_name()) {
             return Err(Error::Usage(format!(
@@ -377,21 +378,22 @@ fn corpus_files(input: &Location) -> Result<Vec<Location>, Error> {
                 TEXT_EXTENSIONS.join(", ")
             )));
         }
-        vec![input.clone()]
+        (vec![input.clone()], Vec::new())
     } else {
-        input
-            .list()?
-            .into_iter()
-            .map(|o| o.location)
+        let listing = input.list()?;
+        let files = listing
+            .iter()
+            .map(|o| o.location.clone())
             .filter(|l| is_text_file(l.file_name()))
-            .collect()
+            .collect();
+        (files, listing)
     };
     if files.is_empty() {
         return Err(Error::Usage(format!(
             "{input}: no .json.gz, .jsonl, .json or .txt files"
         )));
     }
-    Ok(files)
+    Ok((files, listing))
 }
 
 pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest, Error> {
@@ -400,14 +402,19 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
         .with_locations(&["/input"]);
     let pairs = pairs_stage(&input)?;
     // A job of many over a folder looks only at the files it reads: its share, from a listing
-    // taken before its identity.
+    // that the one its identity comes from is checked against.
     let shared = pairs.is_none() && !options.shard.is_single() && !input.exists()?;
     let listed_first = shared.then(|| corpus_files(&input)).transpose()?;
-    let reads = listed_first.as_ref().map(|files| {
-        let uris = |files: &[Location]| files.iter().map(Location::uri).collect();
+    let reads = listed_first.as_ref().map(|(files, listing)| {
+        let uris_of = |files: &[Location]| files.iter().map(Location::uri).collect();
         let range = job_range(files.len(), options.shard);
-        // The corpus is listed again below, after the identity, and compared.
-        FolderReads::new(uris(&files[range]), uris(files), None, options.shard)
+        let listed = Some(uris(listing));
+        FolderReads::new(
+            uris_of(&files[range]),
+            uris_of(files),
+            listed,
+            options.shard,
+        )
     });
     let begun = begin_with_input(&mut run, &input, &[], reads.as_ref(), &[], options.force)?;
     if let Some(existing) = begun {
@@ -416,13 +423,11 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
     if let Some(pairs) = pairs {
         return captions_as_text(config, options, run, &pairs);
     }
-    // Listed after the identity was taken: a file added since would be in neither.
-    let files = corpus_files(&input)?;
-    if listed_first.is_some_and(|first| first != files) {
-        return Err(Error::Io(format!(
-            "{input} changed while this job started: run it again"
-        )));
-    }
+    // One job lists after taking its identity: a file added since is in neither.
+    let (files, _) = match listed_first {
+        Some(listed) => listed,
+        None => corpus_files(&input)?,
+    };
     let range = job_range(files.len(), options.shard);
     let prefixes = crate::sources::key_prefixes(
         &files,

@@ -406,6 +406,20 @@ fn input_identity(run: &Path) -> (usize, String, Vec<(String, bool, String)>) {
     (manifest.inputs.len(), input.digest.clone(), files.collect())
 }
 
+/// Merges the jobs' parts in `array` (a stage folder of its run) and checks the run's input is
+/// the `single` run's, file for file, and the merged run up to date.
+fn assert_merges_into(array: &Path, single: &Path, case: &str) {
+    let array_uri = array.to_str().unwrap();
+    let (code, output) = manifests_cli(&["merge", array_uri, array_uri]);
+    assert_eq!(code, 0, "{case}: {output}");
+    assert_eq!(
+        input_identity(array),
+        input_identity(single),
+        "{case}: the merged run's input is the single job's, file for file"
+    );
+    assert_up_to_date(array.parent().unwrap());
+}
+
 #[test]
 fn each_job_of_an_array_names_only_its_own_rows_images() {
     for format in ["csv", "jsonl", "coco"] {
@@ -450,15 +464,7 @@ fn each_job_of_an_array_names_only_its_own_rows_images() {
                 "{format}: job {index} names its own rows' images, and no other"
             );
         }
-        let array_uri = array.to_str().unwrap();
-        let (code, output) = manifests_cli(&["merge", array_uri, array_uri]);
-        assert_eq!(code, 0, "{format}: {output}");
-        assert_eq!(
-            input_identity(&array),
-            input_identity(&single),
-            "{format}: the merged run's input is the single job's, file for file"
-        );
-        assert_up_to_date(&dir.path().join("array"));
+        assert_merges_into(&array, &single, format);
 
         // An image of job 1's rows redrawn: that job reruns, the others' inputs are unchanged.
         write(&src, "images/3.png", png(48, 48, 33));
@@ -530,15 +536,7 @@ fn each_job_of_an_array_over_a_folder_reads_only_its_own_files() {
                 "{layout}: job {index} reads these files, and no other"
             );
         }
-        let array_uri = array.to_str().unwrap();
-        let (code, output) = manifests_cli(&["merge", array_uri, array_uri]);
-        assert_eq!(code, 0, "{layout}: {output}");
-        assert_eq!(
-            input_identity(&array),
-            input_identity(&single),
-            "{layout}: the merged run's input is the single job's, file for file"
-        );
-        assert_up_to_date(&dir.path().join("array"));
+        assert_merges_into(&array, &single, layout);
 
         // A file job 1 reads, rewritten: that job reruns, the others are up to date.
         let changed = &files_of(2)[0];

@@ -11,8 +11,9 @@ use crate::storage::Location;
 
 /// Merges job manifests (each with `shard = {index, count}`) into the manifest of the whole run,
 /// as if one job had done everything. Every job of the array must be present exactly once and
-/// all must share stage, config and inputs, except the files a list names: each job names its
-/// own rows' files, and the run's input names them all (see [`merge_inputs`]). Integer metrics
+/// all must share stage, config and inputs, except for each job's share of a source: each job
+/// looks only at the files its own rows name or it reads, and the run's input holds them all
+/// (see [`merge_inputs`]). Integer metrics
 /// (row and rejection counts) are summed, except those that describe the artifacts
 /// ([`SAME_IN_EVERY_JOB`]); other numbers are averaged over jobs.
 pub fn merge(out: &Location, parts: &[(Location, Manifest)]) -> Result<Manifest, Error> {
@@ -134,8 +135,8 @@ pub fn merge(out: &Location, parts: &[(Location, Manifest)]) -> Result<Manifest,
 }
 
 /// Why a job's inputs are not the run's `all` inputs: each must be one of them, the same but
-/// for the files a list names, and the job may lack only an input of named files alone (its
-/// rows named none).
+/// for the job's share ([`sources::same_apart_from_named`]), and the job may lack only an
+/// input of named files alone (its rows named none).
 fn inputs_differ(inputs: &[Input], all: &[Input]) -> Option<String> {
     for input in inputs {
         let same = all.iter().find(|other| other.name == input.name);

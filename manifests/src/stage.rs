@@ -354,7 +354,7 @@ impl StageRun {
                 .then(|| "inputs changed (judged as parti.manifest/v1 judged them)".to_string());
             (existing.config_hash == self.v1_config_hash, changed)
         } else {
-            // A job's part from before jobs named only their own rows' files names more.
+            // A job's part from before jobs looked only at their own share looks at more.
             let narrowed =
                 !self.shard.is_single() && sources::narrows(&existing.inputs, &self.inputs);
             (
@@ -407,8 +407,8 @@ impl StageRun {
         Ok(None)
     }
 
-    /// An up-to-date manifest whose inputs name more files than this run's (a job's part from
-    /// before jobs named only their own rows' files, [`sources::narrows`]) is rewritten with
+    /// An up-to-date manifest whose inputs look at more files than this run's (a job's part
+    /// from before jobs looked only at their own share, [`sources::narrows`]) is rewritten with
     /// this run's inputs, so that `manifests merge` joins what each job reads now. Its
     /// artifacts and metrics stay as they are; the merged manifest's identity does not change.
     fn with_current_inputs(&self, mut manifest: Manifest) -> Result<Manifest, Error> {

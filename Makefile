@@ -53,7 +53,10 @@ PAIRS_FLAGS ?=
 TEXT ?=
 PAIRS_INPUT := $(or $(PAIRS),$(RUN)/synth/pairs)
 # The super-resolution stage's targets: the same pictures at its output size (a second pairs
-# stage of the same source; the shapes data is drawn again at that size).
+# stage of the same source: both hold out the same rows, by their files' digests). The shapes
+# data is drawn again at that size from another seed, so its pictures are none the tokenizer
+# trained on: drawn at both sizes from one seed, the same scene's two files would be held out
+# apart, and super-resolution scored on scenes the tokenizer had trained on.
 SUPERRES_SIZE := $(if $(filter tiny,$(PRESET)),256,512)
 LARGE_INPUT := $(or $(PAIRS),$(RUN)/synth-large/pairs)
 # Drawn shapes are stored losslessly: JPEG's ringing at their edges is noise the model could
@@ -87,7 +90,7 @@ $(LIBTORCH)/VERSION: tools/fetch-libtorch.py
 pipeline: build
 ifeq ($(PAIRS),)
 	$(BIN)/ingest synth --preset $(PRESET) --out $(RUN)/synth $(FORCE_FLAG)
-	$(BIN)/ingest synth --preset $(PRESET) --size $(SUPERRES_SIZE) --out $(RUN)/synth-large $(FORCE_FLAG)
+	$(BIN)/ingest synth --preset $(PRESET) --size $(SUPERRES_SIZE) --seed 1 --out $(RUN)/synth-large $(FORCE_FLAG)
 endif
 	$(BIN)/ingest pairs --preset $(PRESET) --input $(PAIRS_INPUT) $(PAIRS_FLAGS) $(DOWNLOAD_FLAGS) --out $(RUN)/pairs $(FORCE_FLAG)
 	$(BIN)/ingest pairs --preset $(PRESET) --size $(SUPERRES_SIZE) --input $(LARGE_INPUT) $(LARGE_FLAGS) $(DOWNLOAD_FLAGS) --out $(RUN)/pairs-large $(FORCE_FLAG)

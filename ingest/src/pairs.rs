@@ -20,6 +20,7 @@ use crate::sources::{
 };
 use crate::{Error, RunOptions, ShardSet, begin_with_input, tool};
 use manifests::shards::pairs::{self, PairRow};
+use manifests::sources::SourceDigests;
 use manifests::{Location, Manifest, StageRun};
 
 pub const STAGE: &str = "ingest.pairs";
@@ -145,6 +146,8 @@ struct Writer<'a> {
     shards: ShardSet<'a>,
     seen: SeenImages,
     config: &'a ImageConfig,
+    /// What the stage's identity holds for the local files it reads: each is checked as read.
+    digests: &'a SourceDigests,
     /// The column of containers' parquet rows that holds the caption (`--caption-column`).
     caption_column: &'a str,
     bar: indicatif::ProgressBar,
@@ -260,12 +263,12 @@ impl Writer<'_> {
         if self.resumed(name)? {
             return Ok(());
         }
-        let config = self.config;
+        let (config, digests) = (self.config, self.digests);
         let outcomes: Vec<Outcome> = units
             .par_iter()
             .map(|unit| {
                 Ok(process_loaded(
-                    load(unit, config.max_source_bytes())?,
+                    load(unit, config.max_source_bytes(), digests)?,
                     config,
                 ))
             })
@@ -328,7 +331,7 @@ impl Writer<'_> {
             lowest,
             Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
             downloader,
-            config,
+            (config, Arc::new(self.digests.clone())),
             sender,
         ));
         let mut received = vec![0usize; slots.len()];
@@ -377,11 +380,12 @@ impl Writer<'_> {
         let mut shard = ShardRows::default();
         let mut batch = Vec::new();
         let name = |part: usize| format!("{base}-{part:04}.parquet");
-        let max_image_bytes = self.config.max_source_bytes();
+        let (max_image_bytes, digests) = (self.config.max_source_bytes(), self.digests);
         stream_container(
             location,
             self.caption_column,
             max_image_bytes,
+            digests,
             &mut |loaded| {
                 let skipping = match skip {
                     Some(skipping) => skipping,
@@ -442,7 +446,7 @@ async fn produce(
     mut lowest: tokio::sync::watch::Receiver<usize>,
     in_flight: Arc<tokio::sync::Semaphore>,
     downloader: Arc<Downloader>,
-    config: Arc<ImageConfig>,
+    (config, digests): (Arc<ImageConfig>, Arc<SourceDigests>),
     sender: std::sync::mpsc::Sender<(usize, usize, Result<Outcome, Error>)>,
 ) {
     for (slot, position, unit) in work {
@@ -459,6 +463,7 @@ async fn produce(
             return;
         };
         let (downloader, config, sender) = (downloader.clone(), config.clone(), sender.clone());
+        let digests = digests.clone();
         tokio::spawn(async move {
             let loaded = match unit {
                 Unit::Url {
@@ -479,7 +484,7 @@ async fn produce(
                 // A local path in a URL list, or a row rejected while listing.
                 other => {
                     rayon::spawn(move || {
-                        let outcome = load(&other, config.max_source_bytes())
+                        let outcome = load(&other, config.max_source_bytes(), &digests)
                             .map(|loaded| process_loaded(loaded, &config));
                         let _ = sender.send((slot, position, outcome));
                         drop(permit);
@@ -581,6 +586,10 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
     let named = named_images(&job.units, format, &image_root(&config.source, &input)?);
     let reads = job.reads.as_ref();
     let existing = begin_with_input(&mut run, &input, &named, reads, &image_roots, options.force)?;
+    if let (None, Some(digest)) = (&existing, &job.list_digest) {
+        // The rows come from the list as read above, the identity from the list as it is now.
+        run.source_digests().check_digest(&input, digest)?;
+    }
     let (range, mine) = (job.range, &job.units[..]);
     let downloads = mine.iter().any(|unit| matches!(unit, Unit::Url { .. }));
     if let Some(existing) = existing {
@@ -595,10 +604,12 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
         job.total, range.start, range.end
     );
     let chunks = chunks(mine, config.shard_rows);
+    let digests = run.source_digests();
     let mut writer = Writer {
         shards: ShardSet::new(&run, pairs::KIND),
         seen: SeenImages::default(),
         config: &config.image,
+        digests: &digests,
         caption_column: &config.source.caption_column,
         bar: manifests::progress::bar(
             mine.len() as u64,
@@ -705,10 +716,12 @@ fn retry_failed(
             (name, chunk.units)
         })
         .collect();
+    let digests = run.source_digests();
     let mut writer = Writer {
         shards: ShardSet::new(run, pairs::KIND),
         seen: SeenImages::default(),
         config: &config.image,
+        digests: &digests,
         caption_column: &config.source.caption_column,
         bar: manifests::progress::bar(0, 0, "samples", "ingest pairs", options.progress),
     };

@@ -7,34 +7,86 @@
 use std::fs::File;
 use std::io::{ErrorKind, Read, Seek, SeekFrom};
 use std::ops::{ControlFlow, Range};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use bytes::Bytes;
+use manifests::sources::{Expected, SourceDigests, check_read};
 use manifests::{Location, ObjectInfo};
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
 use parquet::errors::ParquetError;
 
 use crate::Error;
 
-/// The first failure of the store or disk under a [`Watched`] reader, if any.
+/// The first failure of the store or disk under a [`Watched`] reader, if any, and, for a file
+/// whose bytes are checked, the digest of what the reader has read.
 #[derive(Clone, Default)]
-pub struct ReadFault(Arc<OnceLock<String>>);
+pub struct ReadFault(Arc<Watch>);
+
+#[derive(Default)]
+struct Watch {
+    failure: OnceLock<String>,
+    content: Option<Mutex<ReadSoFar>>,
+}
+
+struct ReadSoFar {
+    hasher: blake3::Hasher,
+    bytes: u64,
+    /// The whole file's, once [`ReadFault::digest`] has read the rest.
+    digest: Option<String>,
+}
 
 impl ReadFault {
+    /// Watches a read of a local file and digests what is read ([`ReadFault::digest`]); a
+    /// bucket object, whose identity is its ETag, is only watched.
+    pub fn digesting(location: &Location) -> ReadFault {
+        let content = location.local_path().map(|_| {
+            Mutex::new(ReadSoFar {
+                hasher: blake3::Hasher::new(),
+                bytes: 0,
+                digest: None,
+            })
+        });
+        ReadFault(Arc::new(Watch {
+            failure: OnceLock::new(),
+            content,
+        }))
+    }
+
+    /// Watches a read of the file at `location`, digesting it when `digests` holds what the
+    /// stage's identity was taken from ([`ReadFault::finish`] checks it).
+    pub fn checking(digests: &SourceDigests, location: &Location) -> ReadFault {
+        match digests.expected(location) {
+            Some(Expected::Digest(_)) => ReadFault::digesting(location),
+            _ => ReadFault::default(),
+        }
+    }
+
     fn note(&self, error: &dyn std::fmt::Display) {
-        let _ = self.0.set(error.to_string());
+        let _ = self.0.failure.set(error.to_string());
+    }
+
+    fn read(&self, bytes: &[u8]) {
+        if let Some(content) = &self.0.content {
+            let mut content = content.lock().unwrap_or_else(PoisonError::into_inner);
+            if content.digest.is_some() {
+                return;
+            }
+            content.hasher.update(bytes);
+            content.bytes += bytes.len() as u64;
+        }
     }
 
     /// Whether the store or disk failed under a reader of the file.
     pub fn failed(&self) -> bool {
-        self.0.get().is_some()
+        self.0.failure.get().is_some()
     }
 
     /// The run's error for `location` if the store or disk failed under a reader of it.
     pub fn error(&self, location: &Location) -> Option<Error> {
         self.0
+            .failure
             .get()
             .map(|message| Error::Io(format!("cannot read {location}: {message}")))
     }
@@ -45,6 +97,45 @@ impl ReadFault {
         match self.error(location) {
             Some(failed) => Err(failed),
             None => Ok(damage),
+        }
+    }
+
+    /// The digest of the whole file at `location` as a digesting reader found it: what the
+    /// reader read, then whatever it left unread (a tar's end padding, a pass that stopped
+    /// early), read to the end now. `None` unless digesting.
+    pub fn digest(&self, location: &Location) -> Result<Option<String>, Error> {
+        if let Some(failed) = self.error(location) {
+            return Err(failed);
+        }
+        let Some(content) = &self.0.content else {
+            return Ok(None);
+        };
+        let mut content = content.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(digest) = &content.digest {
+            return Ok(Some(digest.clone()));
+        }
+        let cannot = |e: &dyn std::fmt::Display| Error::Io(format!("cannot read {location}: {e}"));
+        let rest = location.reader_from(content.bytes).map_err(|e| match e {
+            manifests::Error::NotFound { .. } => Error::Io(format!(
+                "{location} was removed while the stage read it: run the stage again"
+            )),
+            e => cannot(&e),
+        })?;
+        content.hasher.update_reader(rest).map_err(|e| cannot(&e))?;
+        let digest = format!("blake3:{}", content.hasher.finalize().to_hex());
+        Ok(Some(content.digest.insert(digest).clone()))
+    }
+
+    /// The run's error for `location` once its reader is done with it: a failed read, or a
+    /// file whose bytes are not those `digests` holds (it changed since the stage's identity
+    /// was taken).
+    pub fn finish(&self, digests: &SourceDigests, location: &Location) -> Result<(), Error> {
+        let Some(read) = self.digest(location)? else {
+            return Ok(());
+        };
+        match digests.expected(location) {
+            Some(expected) => Ok(check_read(location, expected, Some(read))?),
+            None => Ok(()),
         }
     }
 }
@@ -67,12 +158,15 @@ impl<R> Watched<R> {
 
 impl<R: Read> Read for Watched<R> {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        self.inner.read(out).inspect_err(|e| {
-            // Interrupted reads are retried by every caller; they are no failure.
-            if e.kind() != ErrorKind::Interrupted {
-                self.fault.note(e);
-            }
-        })
+        self.inner
+            .read(out)
+            .inspect_err(|e| {
+                // Interrupted reads are retried by every caller; they are no failure.
+                if e.kind() != ErrorKind::Interrupted {
+                    self.fault.note(e);
+                }
+            })
+            .inspect(|&read| self.fault.read(&out[..read]))
     }
 }
 
@@ -96,8 +190,23 @@ pub enum Capped {
 }
 
 /// The bytes of the file at `location`, unless it is longer than `max_bytes`. A missing file
-/// is a rejection of its sample; a store or disk that fails to read one is an error naming it.
-pub fn read_capped(location: &Location, max_bytes: u64) -> Result<Capped, Error> {
+/// is a rejection of its sample; a store or disk that fails to read one is an error naming it,
+/// and so is a file that is not what `digests` says the stage's identity was taken from.
+pub fn read_capped(
+    location: &Location,
+    max_bytes: u64,
+    digests: &SourceDigests,
+) -> Result<Capped, Error> {
+    let read = read_capped_unchecked(location, max_bytes)?;
+    match &read {
+        Capped::Bytes(bytes) => digests.check(location, Some(bytes))?,
+        Capped::Missing => digests.check(location, None)?,
+        Capped::TooLarge => {}
+    }
+    Ok(read)
+}
+
+fn read_capped_unchecked(location: &Location, max_bytes: u64) -> Result<Capped, Error> {
     if let Some(path) = location.local_path() {
         let opened = File::open(&path).and_then(|file| Ok((file.metadata()?.len(), file)));
         let (size, file) = match opened {
@@ -467,6 +576,48 @@ impl Read for FailingAfter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_digesting_read_digests_the_whole_file_however_much_of_it_the_reader_took() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file.bin");
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let location = Location::parse(path.to_str().unwrap()).unwrap();
+        let whole = manifests::digest_bytes(&bytes);
+        for took in [0, 1, 4096, 300_000] {
+            let fault = ReadFault::digesting(&location);
+            let mut reader = open_watched(&location, &fault).unwrap().unwrap();
+            reader.read_exact(&mut vec![0; took]).unwrap();
+            assert_eq!(
+                fault.digest(&location).unwrap(),
+                Some(whole.clone()),
+                "{took}"
+            );
+            // Asked again, the same digest: the rest is not read twice.
+            assert_eq!(
+                fault.digest(&location).unwrap(),
+                Some(whole.clone()),
+                "{took}"
+            );
+        }
+        // A file rewritten under the reader: the digest is of what was read and what is there.
+        let fault = ReadFault::digesting(&location);
+        let mut reader = open_watched(&location, &fault).unwrap().unwrap();
+        reader.read_exact(&mut [0; 1000]).unwrap();
+        std::fs::write(&path, vec![7u8; 300_000]).unwrap();
+        assert_ne!(fault.digest(&location).unwrap(), Some(whole));
+        // Gone before the rest was read: an error naming the file.
+        let fault = ReadFault::digesting(&location);
+        let mut reader = open_watched(&location, &fault).unwrap().unwrap();
+        reader.read_exact(&mut [0; 10]).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let error = fault.digest(&location).unwrap_err().to_string();
+        assert!(
+            error.contains("file.bin was removed while the stage read it"),
+            "{error}"
+        );
+    }
 
     /// A parquet file whose reads fail as a disk does (`EIO`), even for root: the first page
     /// of `/proc/self/mem` is never mapped.

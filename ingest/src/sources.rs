@@ -16,6 +16,7 @@ use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema};
 use bytes::Bytes;
+use manifests::sources::SourceDigests;
 use manifests::{Location, ObjectInfo, ShardSpec};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -236,6 +237,9 @@ pub struct JobUnits {
     /// Which files of the input folder the job reads, and the listing its share came from;
     /// `None` where the input is one file, or a folder of parquet files.
     pub reads: Option<FolderReads>,
+    /// The digest of the local list file (CSV, TSV, JSONL, COCO) the units were built from, to
+    /// check against the stage's identity of it, which is taken after.
+    pub list_digest: Option<String>,
 }
 
 /// The files of an input folder that a job reads, so that a job of a batch array identifies
@@ -326,22 +330,27 @@ pub fn enumerate_job(
     match format {
         InputFormat::Auto => enumerate_job(config, detect_format(&input, format)?, shard),
         InputFormat::Csv | InputFormat::Tsv | InputFormat::Jsonl => {
-            let pass = |sink: &mut Sink| match format {
-                InputFormat::Jsonl => jsonl_units(config, &input, sink),
-                _ => table_units(config, &input, format, sink),
+            let pass = |sink: &mut Sink, fault: &ReadFault| match format {
+                InputFormat::Jsonl => jsonl_units(config, &input, sink, fault),
+                _ => table_units(config, &input, format, sink, fault),
             };
             let before = input.info()?;
+            // The pass that reads the whole list digests it.
+            let whole = ReadFault::digesting(&input);
             if shard.count <= 1 {
                 let mut all = Sink::new(0..usize::MAX);
-                pass(&mut all)?;
+                pass(&mut all, &whole)?;
                 unchanged_since(&before)?;
-                return Ok(all.into_job(shard));
+                let mut job = all.into_job(shard);
+                job.list_digest = whole.digest(&input)?;
+                return Ok(job);
             }
             let mut counted = Sink::counter();
-            pass(&mut counted)?;
+            pass(&mut counted, &whole)?;
+            let list_digest = whole.digest(&input)?;
             let range = job_range(counted.count, shard);
             let mut share = Sink::new(range.clone());
-            pass(&mut share)?;
+            pass(&mut share, &ReadFault::default())?;
             // Rows counted in one version of the list and built from another would be lost or
             // taken twice across the jobs. A change marker may miss a rewrite (a file system
             // whose times are coarse); a list that came up short is caught by its count too.
@@ -357,21 +366,27 @@ pub fn enumerate_job(
                 range,
                 units: share.units,
                 reads: None,
+                list_digest,
             })
         }
         InputFormat::Folder | InputFormat::Coco => {
-            let (units, listing) = match format {
+            let (units, listing, list_digest) = match format {
                 InputFormat::Folder => {
                     let listing = input.list()?;
-                    (folder_units(&input, &listing), Some(listing))
+                    (folder_units(&input, &listing), Some(listing), None)
                 }
-                _ => (coco_units(config, &input)?, None),
+                _ => {
+                    let (units, digest) = coco_units(config, &input)?;
+                    (units, None, digest)
+                }
             };
             let mut all = Sink::new(0..usize::MAX);
             let anyone = shared_files(shard, units.iter().flat_map(unit_files));
             units.into_iter().for_each(|unit| all.push(unit));
             let folder = listing.map(|listing| (uris(&listing), anyone));
-            Ok(all.into_job(shard).reading(folder, shard))
+            let mut job = all.into_job(shard).reading(folder, shard);
+            job.list_digest = list_digest;
+            Ok(job)
         }
         InputFormat::Parquet | InputFormat::Webdataset => {
             let wanted = match format {
@@ -471,6 +486,7 @@ impl Sink {
             units: units.drain(range.clone()).collect(),
             range,
             reads: None,
+            list_digest: None,
         }
     }
 }
@@ -586,6 +602,7 @@ fn parquet_job(
         // Every job reads every footer, and each file's row count moves every job's share: so
         // each job identifies every file by content.
         reads: None,
+        list_digest: None,
     })
 }
 
@@ -683,8 +700,14 @@ struct CocoAnnotation {
     caption: String,
 }
 
-fn coco_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Error> {
+/// The units of a COCO captions file, and the digest of the file they came from where it is
+/// local.
+fn coco_units(
+    config: &SourceConfig,
+    input: &Location,
+) -> Result<(Vec<Unit>, Option<String>), Error> {
     let bytes = input.get()?;
+    let digest = input.local_path().map(|_| manifests::digest_bytes(&bytes));
     let coco: CocoFile = serde_json::from_slice(&bytes)
         .map_err(|e| Error::Usage(format!("{input}: not an MS-COCO captions file: {e}")))?;
     let root = image_root(config, input)?;
@@ -770,7 +793,7 @@ fn coco_units(config: &SourceConfig, input: &Location) -> Result<Vec<Unit>, Erro
             reason: "no_image",
         });
     }
-    Ok(units)
+    Ok((units, digest))
 }
 
 /// A caption's part of its key: its annotation id, or without one its place (`p` and the
@@ -938,14 +961,14 @@ fn table_units(
     input: &Location,
     format: InputFormat,
     sink: &mut Sink,
+    fault: &ReadFault,
 ) -> Result<(), Error> {
-    let fault = ReadFault::default();
     let delimiter = match format {
         InputFormat::Tsv => b'\t',
         _ => b',',
     };
     let source = ListReader {
-        inner: Watched::new(input.reader_from(0)?, &fault),
+        inner: Watched::new(input.reader_from(0)?, fault),
         scan: RowScan::new(delimiter, format == InputFormat::Csv, true),
     };
     let failed = |e: csv::Error| match fault.error(input) {
@@ -1065,10 +1088,14 @@ fn sample_from_row(root: &Location, key: String, path: &str, caption: Option<Vec
 }
 
 /// One pass over a JSONL list into `sink`, streamed, up to the end of the sink's window.
-fn jsonl_units(config: &SourceConfig, input: &Location, sink: &mut Sink) -> Result<(), Error> {
-    let fault = ReadFault::default();
+fn jsonl_units(
+    config: &SourceConfig,
+    input: &Location,
+    sink: &mut Sink,
+    fault: &ReadFault,
+) -> Result<(), Error> {
     let list = ListReader {
-        inner: Watched::new(input.reader_from(0)?, &fault),
+        inner: Watched::new(input.reader_from(0)?, fault),
         scan: RowScan::new(b',', false, false),
     };
     let mut reader = std::io::BufReader::with_capacity(1 << 20, list);
@@ -1139,8 +1166,9 @@ const MAX_SIDECAR_BYTES: u64 = 16 << 20;
 /// store or disk that fails to read one (permission, network, I/O) is an error of the run,
 /// naming the file, since it says nothing about the sample. An image file longer than
 /// `max_image_bytes`, or a caption or metadata file over [`MAX_SIDECAR_BYTES`], is refused
-/// unread.
-pub fn load(unit: &Unit, max_image_bytes: u64) -> Result<Loaded, Error> {
+/// unread. A file that is not what `digests` says the stage's identity was taken from is an
+/// error of the run too.
+pub fn load(unit: &Unit, max_image_bytes: u64, digests: &SourceDigests) -> Result<Loaded, Error> {
     Ok(match unit {
         Unit::Rejected { key, reason } => Loaded::rejected(key.clone(), String::new(), reason),
         Unit::Sample {
@@ -1151,7 +1179,7 @@ pub fn load(unit: &Unit, max_image_bytes: u64) -> Result<Loaded, Error> {
         } => {
             let mut refused = None;
             let mut sidecar = |location: &Location, too_large: Reason| {
-                Ok::<_, Error>(match read_capped(location, MAX_SIDECAR_BYTES)? {
+                Ok::<_, Error>(match read_capped(location, MAX_SIDECAR_BYTES, digests)? {
                     Capped::Bytes(bytes) => Some(bytes),
                     Capped::TooLarge => {
                         refused.get_or_insert(too_large);
@@ -1173,7 +1201,7 @@ pub fn load(unit: &Unit, max_image_bytes: u64) -> Result<Loaded, Error> {
             };
             let picture = match refused {
                 Some(reason) => Err(reason),
-                None => match read_capped(image, max_image_bytes)? {
+                None => match read_capped(image, max_image_bytes, digests)? {
                     Capped::Bytes(bytes) => Ok(bytes),
                     Capped::TooLarge => Err("too_large"),
                     Capped::Missing => Err("missing_file"),
@@ -1437,19 +1465,28 @@ const PARQUET_BATCH_ROWS: usize = 256;
 /// (bad or cut short) gives what came before the damage and one rejection for it; a container
 /// that is gone gives one rejection. A failed read (permission, network, I/O) or an error from
 /// `each` ends the stream with an error. A tar's image member longer than `max_image_bytes`
-/// is refused unread.
+/// is refused unread. A tar that is not what `digests` says the stage's identity was taken from
+/// ends the stream with an error once it is read (parquet files are read in ranges, not whole,
+/// and are not checked).
 pub fn stream_container(
     location: &Location,
     caption_column: &str,
     max_image_bytes: u64,
+    digests: &SourceDigests,
     each: &mut dyn FnMut(Loaded) -> Result<(), Error>,
 ) -> Result<(), Error> {
     let whole = |reason| Loaded::rejected(location.file_name().to_string(), location.uri(), reason);
     if extension(location.file_name()).as_deref() == Some("tar") {
-        let fault = ReadFault::default();
+        let fault = ReadFault::checking(digests, location);
         return match open_watched(location, &fault)? {
-            Some(reader) => stream_tar(location, Box::new(reader), &fault, max_image_bytes, each),
-            None => each(whole("unreadable")),
+            Some(reader) => {
+                stream_tar(location, Box::new(reader), &fault, max_image_bytes, each)?;
+                fault.finish(digests, location)
+            }
+            None => {
+                digests.check(location, None)?;
+                each(whole("unreadable"))
+            }
         };
     }
     let mut rejected = None;

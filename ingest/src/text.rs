@@ -14,6 +14,7 @@ use crate::sources::BYTE_ORDER_MARK;
 use crate::sources::{FolderReads, uris};
 use crate::{Error, RunOptions, ShardSet, begin_with_input, job_range, tool};
 use manifests::shards::text::{self, TextRow};
+use manifests::sources::SourceDigests;
 use manifests::{Location, Manifest, ObjectInfo, StageRun, Upstream};
 
 pub const STAGE: &str = "ingest.text";
@@ -97,9 +98,11 @@ struct Records {
 }
 
 impl Records {
-    /// The records of the file at `location`; one `unreadable` record if it is gone.
-    fn open(location: &Location) -> Result<Records, Error> {
-        let fault = ReadFault::default();
+    /// The records of the file at `location`; one `unreadable` record if it is gone. Its bytes
+    /// are digested as read where `digests` holds what the stage's identity was taken from
+    /// (`fault.finish` checks them).
+    fn open(location: &Location, digests: &SourceDigests) -> Result<Records, Error> {
+        let fault = ReadFault::checking(digests, location);
         let source = open_watched(location, &fault)?;
         let source = source.map(|reader| Box::new(reader) as Box<dyn Read>);
         Ok(Records::over(location.file_name(), source, fault))
@@ -449,6 +452,7 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
         "ingest text",
         options.progress,
     );
+    let digests = run.source_digests();
     let mut shards = ShardSet::new(&run, text::KIND);
     let mut seen: HashSet<blake3::Hash> = HashSet::new();
     let part_records = config.shard_rows.max(1);
@@ -457,7 +461,7 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
     // part, not on the file.
     for (index, (file, stem)) in mine.iter().zip(stems).enumerate() {
         let file_name = file.file_name().to_string();
-        let mut records = Records::open(file)?;
+        let mut records = Records::open(file, &digests)?;
         for part in 0.. {
             let chunk: Vec<Record> = records.by_ref().take(part_records).collect();
             if let Some(failed) = records.fault.error(file) {
@@ -508,6 +512,7 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
                 break;
             }
         }
+        records.fault.finish(&digests, file)?;
         bar.inc(1);
     }
     bar.finish_and_clear();

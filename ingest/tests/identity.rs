@@ -548,3 +548,173 @@ fn each_job_of_an_array_over_a_folder_reads_only_its_own_files() {
         assert_skipped(&job(2));
     }
 }
+
+/// Sets every file below `dir` an hour back, so the fast check (size, time) records its time.
+fn age_files(dir: &Path) {
+    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    for entry in walk(dir) {
+        let file = std::fs::File::options().write(true).open(&entry).unwrap();
+        file.set_modified(hour_ago).unwrap();
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        match path.is_dir() {
+            true => files.extend(walk(&path)),
+            false => files.push(path),
+        }
+    }
+    files
+}
+
+/// Rewrites the file at `path` with `bytes` of the same length and puts its modification time
+/// back: the fast check then vouches for the old digest, as it would for a file rewritten
+/// between a stage taking its identity and reading it.
+fn rewrite_keeping_time(path: &Path, bytes: &[u8]) {
+    let before = std::fs::metadata(path).unwrap();
+    assert_eq!(before.len() as usize, bytes.len(), "{}", path.display());
+    std::fs::write(path, bytes).unwrap();
+    let file = std::fs::File::options().write(true).open(path).unwrap();
+    file.set_modified(before.modified().unwrap()).unwrap();
+}
+
+#[test]
+fn a_file_read_other_than_its_identity_stops_the_run_and_the_next_run_reads_it_anew() {
+    let cat = |i: usize| format!("a red cat number {i}");
+    let dog = |i: usize| match i {
+        3 => "a red dog number 3".to_string(),
+        i => format!("a red cat number {i}"),
+    };
+    let members = |caption: &dyn Fn(usize) -> String| -> Vec<(String, Vec<u8>)> {
+        (0..6)
+            .flat_map(|i| {
+                [
+                    (format!("{i}.png"), png(48, 48, i as u8)),
+                    (format!("{i}.txt"), caption(i).into_bytes()),
+                ]
+            })
+            .collect()
+    };
+    let corpus = |caption: &dyn Fn(usize) -> String| -> String {
+        (0..6)
+            .map(|i| serde_json::json!({ "text": format!("{} sat on the mat", caption(i)) }))
+            .map(|line| line.to_string() + "\n")
+            .collect()
+    };
+    let pictures = |folder: &str| -> Vec<(String, Vec<u8>)> {
+        (0..6u8)
+            .map(|i| (format!("{folder}{i}.png"), png(48, 48, i)))
+            .collect()
+    };
+    let mut folder = pictures("");
+    folder.extend([0, 1, 2, 4, 5].map(|i| (format!("{i}.txt"), cat(i).into_bytes())));
+    struct Case {
+        case: &'static str,
+        stage: &'static str,
+        /// Below `src`; empty: `src` itself.
+        input: &'static str,
+        /// The file rewritten, its bytes then and after, and the files beside it.
+        file: &'static str,
+        then: Vec<u8>,
+        after: Vec<u8>,
+        beside: Vec<(String, Vec<u8>)>,
+    }
+    let cases = [
+        Case {
+            case: "a caption file of a folder",
+            stage: "pairs",
+            input: "",
+            file: "3.txt",
+            then: cat(3).into_bytes(),
+            after: dog(3).into_bytes(),
+            beside: folder,
+        },
+        Case {
+            case: "a CSV list",
+            stage: "pairs",
+            input: "list.csv",
+            file: "list.csv",
+            then: list("csv", cat).1.into_bytes(),
+            after: list("csv", dog).1.into_bytes(),
+            beside: pictures("images/"),
+        },
+        Case {
+            case: "a webdataset tar",
+            stage: "pairs",
+            input: "",
+            file: "shard.tar",
+            then: common::tar_of(&members(&cat)),
+            after: common::tar_of(&members(&dog)),
+            beside: Vec::new(),
+        },
+        Case {
+            case: "a text corpus file",
+            stage: "text",
+            input: "",
+            file: "corpus.jsonl",
+            then: corpus(&cat).into_bytes(),
+            after: corpus(&dog).into_bytes(),
+            beside: Vec::new(),
+        },
+    ];
+    for Case {
+        case,
+        stage,
+        input,
+        file,
+        then,
+        after,
+        beside,
+    } in cases
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        for (name, bytes) in beside {
+            write(&src, &name, bytes);
+        }
+        write(&src, file, &then);
+        age_files(&src);
+        let out = dir.path().join("out");
+        let args = match stage {
+            "pairs" => pairs_args(&src.join(input), &out, &["--size", "32"]),
+            _ => text_args(&src.join(input), &out, &[]),
+        };
+        let (code, text) = ingest_owned(&args);
+        assert_eq!(code, 0, "{case}: {text}");
+
+        rewrite_keeping_time(&src.join(file), &after);
+        let forced: Vec<String> = args.iter().cloned().chain(["--force".into()]).collect();
+        let (code, text) = ingest_owned(&forced);
+        assert_ne!(
+            code, 0,
+            "{case}: a run that read other bytes than its identity's: {text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "{file} is not what this run's identity of it was taken from"
+            )),
+            "{case}: {text}"
+        );
+
+        // The stopped run withdrew the manifest whose time vouched for the old bytes: the next
+        // run digests the file again and reads the edit.
+        let (code, text) = ingest_owned(&args);
+        assert_eq!(code, 0, "{case}: {text}");
+        assert!(!text.contains("up to date"), "{case}: {text}");
+        let found = match stage {
+            "pairs" => pairs_rows(out.to_str().unwrap())
+                .1
+                .iter()
+                .any(|r| r.caption == dog(3)),
+            _ => common::text_rows(out.to_str().unwrap())
+                .1
+                .iter()
+                .any(|r| r.text.contains("dog")),
+        };
+        assert!(found, "{case}: the rerun read the edit");
+        assert_skipped(&args);
+    }
+}

@@ -61,6 +61,16 @@ pub enum Error {
         expected: String,
         actual: String,
     },
+    #[error(
+        "{uri} is not what this run's identity of it was taken from ({recorded}): reading it \
+         found {now}. It changed while the stage ran, or was rewritten keeping its size and \
+         modification time; run the stage again"
+    )]
+    SourceChanged {
+        uri: String,
+        recorded: String,
+        now: String,
+    },
     #[error("config {source_name}: {reason}")]
     Config { source_name: String, reason: String },
     #[error("cannot merge manifests: {0}")]

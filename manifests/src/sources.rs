@@ -392,3 +392,85 @@ pub fn changed_file(before: &Input, now: &Input) -> Option<String> {
         .find(|(key, _)| !now.contains_key(*key))
         .map(|(_, file)| format!("{} removed", file.uri))
 }
+
+/// What a stage's identity holds for each local raw file it read by content, so the stage can
+/// check the bytes it then reads against it: a file rewritten between the identity and the read
+/// would otherwise go into the output under the identity of its old bytes, and the next run
+/// would find the stage up to date. Bucket objects are known by their ETag, which says nothing
+/// checkable about bytes read, and files of another job's share were not read: both are left
+/// unchecked.
+#[derive(Debug, Clone, Default)]
+pub struct SourceDigests {
+    /// By URI: `blake3:...` or [`MISSING`].
+    expected: HashMap<String, String>,
+}
+
+/// What [`SourceDigests`] expects of one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expected<'a> {
+    /// Bytes with this digest (`blake3:...`).
+    Digest(&'a str),
+    /// No file: a list named it and it was not there.
+    Missing,
+}
+
+impl SourceDigests {
+    /// The local files of the raw source inputs among `inputs`.
+    pub fn of(inputs: &[Input]) -> SourceDigests {
+        let expected = inputs
+            .iter()
+            .filter(|input| input.kind == "source")
+            .flat_map(|input| &input.files)
+            .filter(|file| file.digest.starts_with("blake3:") || file.digest == MISSING)
+            .filter(|file| Location::parse(&file.uri).is_ok_and(|l| l.local_path().is_some()))
+            .map(|file| (file.uri.clone(), file.digest.clone()))
+            .collect();
+        SourceDigests { expected }
+    }
+
+    /// What the identity holds for the file at `location`, if it is checked.
+    pub fn expected(&self, location: &Location) -> Option<Expected<'_>> {
+        let digest = self.expected.get(&location.uri())?;
+        Some(match digest.as_str() {
+            MISSING => Expected::Missing,
+            digest => Expected::Digest(digest),
+        })
+    }
+
+    /// Checks a file read whole: `bytes` is what was read, `None` when there was no file.
+    pub fn check(&self, location: &Location, bytes: Option<&[u8]>) -> Result<(), Error> {
+        match (self.expected(location), bytes) {
+            (None, _) | (Some(Expected::Missing), None) => Ok(()),
+            (Some(expected), bytes) => check_read(location, expected, bytes.map(digest_bytes)),
+        }
+    }
+
+    /// Checks a file that was read and digested (`blake3:...`) before the identity was taken.
+    pub fn check_digest(&self, location: &Location, digest: &str) -> Result<(), Error> {
+        match self.expected(location) {
+            Some(expected) => check_read(location, expected, Some(digest.to_string())),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Ok when `read` (the digest of the bytes read, `None`: no file) is what the identity holds;
+/// otherwise the error that names the file and says to run the stage again.
+pub fn check_read(
+    location: &Location,
+    expected: Expected<'_>,
+    read: Option<String>,
+) -> Result<(), Error> {
+    let (recorded, now) = match (expected, read) {
+        (Expected::Missing, None) => return Ok(()),
+        (Expected::Digest(digest), Some(read)) if digest == read => return Ok(()),
+        (Expected::Missing, Some(read)) => ("no file".to_string(), format!("a file ({read})")),
+        (Expected::Digest(digest), None) => (digest.to_string(), "no file".to_string()),
+        (Expected::Digest(digest), Some(read)) => (digest.to_string(), read),
+    };
+    Err(Error::SourceChanged {
+        uri: location.uri(),
+        recorded,
+        now,
+    })
+}

@@ -295,6 +295,12 @@ impl StageRun {
         Ok(())
     }
 
+    /// The digests this run's identity holds for the local raw files it recorded, to check what
+    /// the stage reads against.
+    pub fn source_digests(&self) -> crate::sources::SourceDigests {
+        crate::sources::SourceDigests::of(&self.inputs)
+    }
+
     /// Records raw source data identified by content (built with [`SourceSet`]).
     pub fn record_source(&mut self, input: Input) {
         self.inputs.push(input);

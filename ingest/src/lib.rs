@@ -92,14 +92,16 @@ fn v1_listing_digest(locations: &[Location]) -> Result<String, Error> {
 /// file or folder is identified by content ([`SourceSet`]). `named` are the files a list in
 /// the input names (images of a CSV or COCO file), under the names the list gives them: they
 /// are inputs too. `reads` (a job of many over a folder) picks the folder's files the job
-/// reads: only those are identified by content. `image_roots` only matter to judge a v1
-/// manifest, which listed them; such a manifest is judged before the sources are digested, so
-/// a skip does not read every file.
+/// reads: only those are identified by content. `list_digest`: the input is a local list the
+/// stage has read whole, with this digest, which is its identity. `image_roots` only matter to
+/// judge a v1 manifest, which listed them; such a manifest is judged before the sources are
+/// digested, so a skip does not read every file.
 pub fn begin_with_input(
     run: &mut StageRun,
     input: &Location,
     named: &[(String, Location)],
     reads: Option<&FolderReads>,
+    list_digest: Option<String>,
     image_roots: &[Location],
     force: bool,
 ) -> Result<Option<Manifest>, Error> {
@@ -151,9 +153,10 @@ pub fn begin_with_input(
         Some(_) => ("images", SourceSet::new(run.previous_input("images"))),
         None => {
             let mut set = SourceSet::new(run.previous_input("source"));
-            match reads {
-                Some(reads) => listed_as_before(&mut set, input, reads)?,
-                None => set.list(input)?,
+            match (reads, list_digest) {
+                (Some(reads), _) => listed_as_before(&mut set, input, reads)?,
+                (None, Some(digest)) => set.list_digested(input, digest)?,
+                (None, None) => set.list(input)?,
             }
             ("source", set)
         }
@@ -202,6 +205,20 @@ fn describes(manifest: &Manifest, location: &Location, input: &Location) -> bool
         Manifest::artifact_location(location, artifact)
             .is_ok_and(|file| file == *input || file.relative_to(input).is_some())
     })
+}
+
+/// `error` as it is, after discarding the run's resume records when it says that a file was
+/// not what the run's identity holds: what was finished was made from other bytes than that
+/// identity says, and a later run with that identity (the file put back) must not keep it.
+pub(crate) fn discarding_work_if_changed(run: &StageRun, error: Error) -> Error {
+    if matches!(
+        error,
+        Error::Manifest(manifests::Error::SourceChanged { .. })
+    ) && let Err(e) = run.discard_work()
+    {
+        tracing::warn!("could not discard the resume records of this run: {e}");
+    }
+    error
 }
 
 /// `begin` once every input is recorded; a v1 manifest was judged (and withdrawn) already.
@@ -361,7 +378,7 @@ mod tests {
                 Some(listed),
                 ShardSpec::single(),
             );
-            begin_with_input(&mut run, &input, &[], Some(&reads), &[], false).map(|_| ())
+            begin_with_input(&mut run, &input, &[], Some(&reads), None, &[], false).map(|_| ())
         };
         assert!(begin(&["a.txt", "b.txt"]).is_ok());
         for listed in [&["a.txt"][..], &["a.txt", "b.txt", "c.txt"]] {

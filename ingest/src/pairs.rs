@@ -18,7 +18,7 @@ use crate::sources::{
     InputFormat, Loaded, SourceConfig, Unit, detect_format, enumerate_job, image_root, load,
     stream_container,
 };
-use crate::{Error, RunOptions, ShardSet, begin_with_input, tool};
+use crate::{Error, RunOptions, ShardSet, begin_with_input, discarding_work_if_changed, tool};
 use manifests::shards::pairs::{self, PairRow};
 use manifests::sources::SourceDigests;
 use manifests::{Location, Manifest, StageRun};
@@ -147,7 +147,7 @@ struct Writer<'a> {
     seen: SeenImages,
     config: &'a ImageConfig,
     /// What the stage's identity holds for the local files it reads: each is checked as read.
-    digests: &'a SourceDigests,
+    digests: Arc<SourceDigests>,
     /// The column of containers' parquet rows that holds the caption (`--caption-column`).
     caption_column: &'a str,
     bar: indicatif::ProgressBar,
@@ -263,7 +263,7 @@ impl Writer<'_> {
         if self.resumed(name)? {
             return Ok(());
         }
-        let (config, digests) = (self.config, self.digests);
+        let (config, digests) = (self.config, &*self.digests);
         let outcomes: Vec<Outcome> = units
             .par_iter()
             .map(|unit| {
@@ -331,7 +331,7 @@ impl Writer<'_> {
             lowest,
             Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
             downloader,
-            (config, Arc::new(self.digests.clone())),
+            (config, self.digests.clone()),
             sender,
         ));
         let mut received = vec![0usize; slots.len()];
@@ -380,12 +380,12 @@ impl Writer<'_> {
         let mut shard = ShardRows::default();
         let mut batch = Vec::new();
         let name = |part: usize| format!("{base}-{part:04}.parquet");
-        let (max_image_bytes, digests) = (self.config.max_source_bytes(), self.digests);
+        let (max_image_bytes, digests) = (self.config.max_source_bytes(), self.digests.clone());
         stream_container(
             location,
             self.caption_column,
             max_image_bytes,
-            digests,
+            &digests,
             &mut |loaded| {
                 let skipping = match skip {
                     Some(skipping) => skipping,
@@ -585,11 +585,16 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
     }
     let named = named_images(&job.units, format, &image_root(&config.source, &input)?);
     let reads = job.reads.as_ref();
-    let existing = begin_with_input(&mut run, &input, &named, reads, &image_roots, options.force)?;
-    if let (None, Some(digest)) = (&existing, &job.list_digest) {
-        // The rows come from the list as read above, the identity from the list as it is now.
-        run.source_digests().check_digest(&input, digest)?;
-    }
+    let list_digest = job.list_digest.clone();
+    let existing = begin_with_input(
+        &mut run,
+        &input,
+        &named,
+        reads,
+        list_digest,
+        &image_roots,
+        options.force,
+    )?;
     let (range, mine) = (job.range, &job.units[..]);
     let downloads = mine.iter().any(|unit| matches!(unit, Unit::Url { .. }));
     if let Some(existing) = existing {
@@ -604,12 +609,11 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
         job.total, range.start, range.end
     );
     let chunks = chunks(mine, config.shard_rows);
-    let digests = run.source_digests();
     let mut writer = Writer {
         shards: ShardSet::new(&run, pairs::KIND),
         seen: SeenImages::default(),
         config: &config.image,
-        digests: &digests,
+        digests: Arc::new(run.source_digests()),
         caption_column: &config.source.caption_column,
         bar: manifests::progress::bar(
             mine.len() as u64,
@@ -619,52 +623,58 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
             options.progress,
         ),
     };
-    if downloads {
-        let mut slots = Vec::with_capacity(chunks.len());
-        for (index, chunk) in chunks.iter().enumerate() {
-            let base = shard_base(options.shard.index, index);
-            slots.push(match chunk.units {
-                [Unit::Container(location)] => Slot {
-                    name: base,
-                    samples: 1,
-                    work: SlotWork::Container(location),
-                },
-                units => {
-                    let name = format!("{base}.parquet");
-                    let work = match writer.shards.finished(&name)? {
-                        Some(finished) => SlotWork::Kept(Box::new(finished)),
-                        None => SlotWork::Fetch {
-                            units: units.to_vec(),
-                            start: ShardRows::default(),
-                        },
-                    };
-                    Slot {
-                        name,
-                        samples: units.len(),
-                        work,
+    // A file found to be other than the identity says stops the run: what it finished is
+    // discarded with it.
+    let mut write = || -> Result<(), Error> {
+        if downloads {
+            let mut slots = Vec::with_capacity(chunks.len());
+            for (index, chunk) in chunks.iter().enumerate() {
+                let base = shard_base(options.shard.index, index);
+                slots.push(match chunk.units {
+                    [Unit::Container(location)] => Slot {
+                        name: base,
+                        samples: 1,
+                        work: SlotWork::Container(location),
+                    },
+                    units => {
+                        let name = format!("{base}.parquet");
+                        let work = match writer.shards.finished(&name)? {
+                            Some(finished) => SlotWork::Kept(Box::new(finished)),
+                            None => SlotWork::Fetch {
+                                units: units.to_vec(),
+                                start: ShardRows::default(),
+                            },
+                        };
+                        Slot {
+                            name,
+                            samples: units.len(),
+                            work,
+                        }
                     }
-                }
-            });
-        }
-        let downloader = downloader(config, options)?;
-        writer.fetch_slots(
-            slots,
-            downloader,
-            options.download.concurrency,
-            config.shard_rows,
-        )?;
-    } else {
-        for (index, chunk) in chunks.iter().enumerate() {
-            let base = shard_base(options.shard.index, index);
-            match chunk.units {
-                [Unit::Container(location)] => {
-                    writer.container(&base, location, config.shard_rows)?
-                }
-                units => writer.samples(&format!("{base}.parquet"), units)?,
+                });
             }
-            writer.bar.inc(chunk.units.len() as u64);
+            let downloader = downloader(config, options)?;
+            writer.fetch_slots(
+                slots,
+                downloader,
+                options.download.concurrency,
+                config.shard_rows,
+            )?;
+        } else {
+            for (index, chunk) in chunks.iter().enumerate() {
+                let base = shard_base(options.shard.index, index);
+                match chunk.units {
+                    [Unit::Container(location)] => {
+                        writer.container(&base, location, config.shard_rows)?
+                    }
+                    units => writer.samples(&format!("{base}.parquet"), units)?,
+                }
+                writer.bar.inc(chunk.units.len() as u64);
+            }
         }
-    }
+        Ok(())
+    };
+    write().map_err(|e| discarding_work_if_changed(&run, e))?;
     let Writer { shards, bar, .. } = writer;
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
@@ -716,12 +726,11 @@ fn retry_failed(
             (name, chunk.units)
         })
         .collect();
-    let digests = run.source_digests();
     let mut writer = Writer {
         shards: ShardSet::new(run, pairs::KIND),
         seen: SeenImages::default(),
         config: &config.image,
-        digests: &digests,
+        digests: Arc::new(run.source_digests()),
         caption_column: &config.source.caption_column,
         bar: manifests::progress::bar(0, 0, "samples", "ingest pairs", options.progress),
     };

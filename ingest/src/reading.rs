@@ -104,6 +104,31 @@ impl ReadFault {
     /// reader read, then whatever it left unread (a tar's end padding, a pass that stopped
     /// early), read to the end now. `None` unless digesting.
     pub fn digest(&self, location: &Location) -> Result<Option<String>, Error> {
+        match self.whole_file(location)? {
+            None => Ok(None),
+            Some(WholeFile::Digest(digest)) => Ok(Some(digest)),
+            Some(WholeFile::Gone) => Err(Error::Io(format!(
+                "{location} was removed while the stage read it: run the stage again"
+            ))),
+        }
+    }
+
+    /// The run's error for `location` once its reader is done with it: a failed read, or a
+    /// file whose bytes are not those `digests` holds (it changed since the stage's identity
+    /// was taken).
+    pub fn finish(&self, digests: &SourceDigests, location: &Location) -> Result<(), Error> {
+        let read = match self.whole_file(location)? {
+            None => return Ok(()),
+            Some(WholeFile::Digest(digest)) => Some(digest),
+            Some(WholeFile::Gone) => None,
+        };
+        match digests.expected(location) {
+            Some(expected) => Ok(check_read(location, expected, read)?),
+            None => Ok(()),
+        }
+    }
+
+    fn whole_file(&self, location: &Location) -> Result<Option<WholeFile>, Error> {
         if let Some(failed) = self.error(location) {
             return Err(failed);
         }
@@ -112,32 +137,27 @@ impl ReadFault {
         };
         let mut content = content.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(digest) = &content.digest {
-            return Ok(Some(digest.clone()));
+            return Ok(Some(WholeFile::Digest(digest.clone())));
         }
         let cannot = |e: &dyn std::fmt::Display| Error::Io(format!("cannot read {location}: {e}"));
-        let rest = location.reader_from(content.bytes).map_err(|e| match e {
-            manifests::Error::NotFound { .. } => Error::Io(format!(
-                "{location} was removed while the stage read it: run the stage again"
-            )),
-            e => cannot(&e),
-        })?;
+        let rest = match location.reader_from(content.bytes) {
+            Ok(rest) => rest,
+            Err(manifests::Error::NotFound { .. }) => return Ok(Some(WholeFile::Gone)),
+            Err(e) => return Err(cannot(&e)),
+        };
         content.hasher.update_reader(rest).map_err(|e| cannot(&e))?;
         let digest = format!("blake3:{}", content.hasher.finalize().to_hex());
-        Ok(Some(content.digest.insert(digest).clone()))
+        Ok(Some(WholeFile::Digest(
+            content.digest.insert(digest).clone(),
+        )))
     }
+}
 
-    /// The run's error for `location` once its reader is done with it: a failed read, or a
-    /// file whose bytes are not those `digests` holds (it changed since the stage's identity
-    /// was taken).
-    pub fn finish(&self, digests: &SourceDigests, location: &Location) -> Result<(), Error> {
-        let Some(read) = self.digest(location)? else {
-            return Ok(());
-        };
-        match digests.expected(location) {
-            Some(expected) => Ok(check_read(location, expected, Some(read))?),
-            None => Ok(()),
-        }
-    }
+/// A file as a digesting reader found it, once read to its end.
+enum WholeFile {
+    Digest(String),
+    /// Removed before its end was read.
+    Gone,
 }
 
 /// A reader over the raw bytes of a file that notes in its [`ReadFault`] any error of the

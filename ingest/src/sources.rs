@@ -237,8 +237,10 @@ pub struct JobUnits {
     /// Which files of the input folder the job reads, and the listing its share came from;
     /// `None` where the input is one file, or a folder of parquet files.
     pub reads: Option<FolderReads>,
-    /// The digest of the local list file (CSV, TSV, JSONL, COCO) the units were built from, to
-    /// check against the stage's identity of it, which is taken after.
+    /// The digest of the local list file (CSV, TSV, JSONL, COCO), taken by the pass that reads
+    /// it whole, for the stage's identity of it: the identity is then of the bytes the units
+    /// came from. (A job of many builds its share in a second pass, held to the first by the
+    /// list's change marker and row count.)
     pub list_digest: Option<String>,
 }
 

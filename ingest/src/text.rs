@@ -12,7 +12,9 @@ use tracing::info;
 use crate::reading::{ReadFault, open_watched};
 use crate::sources::BYTE_ORDER_MARK;
 use crate::sources::{FolderReads, uris};
-use crate::{Error, RunOptions, ShardSet, begin_with_input, job_range, tool};
+use crate::{
+    Error, RunOptions, ShardSet, begin_with_input, discarding_work_if_changed, job_range, tool,
+};
 use manifests::shards::text::{self, TextRow};
 use manifests::sources::SourceDigests;
 use manifests::{Location, Manifest, ObjectInfo, StageRun, Upstream};
@@ -404,14 +406,18 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
     let mut run = StageRun::new(STAGE, tool(), &options.out, config, options.shard)?
         .with_locations(&["/input"]);
     let pairs = pairs_stage(&input)?;
-    // A job of many over a folder looks only at the files it reads: its share, from a listing
-    // that the one its identity comes from is checked against.
-    let shared = pairs.is_none() && !options.shard.is_single() && !input.exists()?;
-    let listed_first = shared.then(|| corpus_files(&input)).transpose()?;
+    // A folder is listed before the identity is taken, and the identity's listing is checked
+    // against it: a file added in between would be read and not in the identity, or the other
+    // way round. A job of many looks only at the files it reads: its share of that listing.
+    let folder = pairs.is_none() && !input.exists()?;
+    let listed_first = folder.then(|| corpus_files(&input)).transpose()?;
     let reads = listed_first.as_ref().map(|(files, listing)| {
         let uris_of = |files: &[Location]| files.iter().map(Location::uri).collect();
-        let range = job_range(files.len(), options.shard);
         let listed = Some(uris(listing));
+        if options.shard.is_single() {
+            return FolderReads::new(HashSet::new(), HashSet::new(), listed, options.shard);
+        }
+        let range = job_range(files.len(), options.shard);
         FolderReads::new(
             uris_of(&files[range]),
             uris_of(files),
@@ -419,14 +425,21 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
             options.shard,
         )
     });
-    let begun = begin_with_input(&mut run, &input, &[], reads.as_ref(), &[], options.force)?;
+    let begun = begin_with_input(
+        &mut run,
+        &input,
+        &[],
+        reads.as_ref(),
+        None,
+        &[],
+        options.force,
+    )?;
     if let Some(existing) = begun {
         return Ok(existing);
     }
     if let Some(pairs) = pairs {
         return captions_as_text(config, options, run, &pairs);
     }
-    // One job lists after taking its identity: a file added since is in neither.
     let (files, _) = match listed_first {
         Some(listed) => listed,
         None => corpus_files(&input)?,
@@ -459,62 +472,68 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
     // Files in order, each a part of `shard_rows` records at a time, parsed in parallel and
     // deduplicated in order: the shards do not depend on the thread count, and memory on the
     // part, not on the file.
-    for (index, (file, stem)) in mine.iter().zip(stems).enumerate() {
-        let file_name = file.file_name().to_string();
-        let mut records = Records::open(file, &digests)?;
-        for part in 0.. {
-            let chunk: Vec<Record> = records.by_ref().take(part_records).collect();
-            if let Some(failed) = records.fault.error(file) {
-                return Err(failed);
-            }
-            let read = chunk.len();
-            if read == 0 && part > 0 {
-                break;
-            }
-            let name = format!(
-                "text/part-{:05}-{index:05}-{part:04}.parquet",
-                options.shard.index
-            );
-            if !resumed(&mut shards, &name, &mut seen)? {
-                let parsed: Vec<_> = chunk
-                    .into_par_iter()
-                    .map(|record| {
-                        let row = parse(record, stem, config)?;
-                        if row.text.trim().chars().count() < config.min_chars {
-                            return Err("too_short");
+    // A file found to be other than the identity says stops the run: what it finished is
+    // discarded with it.
+    let mut write = || -> Result<(), Error> {
+        for (index, (file, stem)) in mine.iter().zip(stems).enumerate() {
+            let file_name = file.file_name().to_string();
+            let mut records = Records::open(file, &digests)?;
+            for part in 0.. {
+                let chunk: Vec<Record> = records.by_ref().take(part_records).collect();
+                if let Some(failed) = records.fault.error(file) {
+                    return Err(failed);
+                }
+                let read = chunk.len();
+                if read == 0 && part > 0 {
+                    break;
+                }
+                let name = format!(
+                    "text/part-{:05}-{index:05}-{part:04}.parquet",
+                    options.shard.index
+                );
+                if !resumed(&mut shards, &name, &mut seen)? {
+                    let parsed: Vec<_> = chunk
+                        .into_par_iter()
+                        .map(|record| {
+                            let row = parse(record, stem, config)?;
+                            if row.text.trim().chars().count() < config.min_chars {
+                                return Err("too_short");
+                            }
+                            let digest = blake3::hash(row.text.as_bytes());
+                            Ok((row, digest))
+                        })
+                        .collect();
+                    let mut rows = Vec::new();
+                    let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
+                    for document in parsed {
+                        let outcome = document.and_then(|(row, digest)| {
+                            if seen.insert(digest) {
+                                Ok(row)
+                            } else {
+                                Err("duplicate")
+                            }
+                        });
+                        match outcome {
+                            Ok(row) => rows.push(row),
+                            Err(reason) => *rejected.entry(reason.to_string()).or_default() += 1,
                         }
-                        let digest = blake3::hash(row.text.as_bytes());
-                        Ok((row, digest))
-                    })
-                    .collect();
-                let mut rows = Vec::new();
-                let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
-                for document in parsed {
-                    let outcome = document.and_then(|(row, digest)| {
-                        if seen.insert(digest) {
-                            Ok(row)
-                        } else {
-                            Err("duplicate")
-                        }
-                    });
-                    match outcome {
-                        Ok(row) => rows.push(row),
-                        Err(reason) => *rejected.entry(reason.to_string()).or_default() += 1,
                     }
+                    if !rejected.is_empty() {
+                        info!("{file_name} part {part}: rejected {rejected:?}");
+                    }
+                    let bytes = text::to_parquet(&shards.uri(&name), &rows)?;
+                    shards.write(&name, bytes, rows.len() as u64, &rejected)?;
                 }
-                if !rejected.is_empty() {
-                    info!("{file_name} part {part}: rejected {rejected:?}");
+                if read < part_records {
+                    break;
                 }
-                let bytes = text::to_parquet(&shards.uri(&name), &rows)?;
-                shards.write(&name, bytes, rows.len() as u64, &rejected)?;
             }
-            if read < part_records {
-                break;
-            }
+            records.fault.finish(&digests, file)?;
+            bar.inc(1);
         }
-        records.fault.finish(&digests, file)?;
-        bar.inc(1);
-    }
+        Ok(())
+    };
+    write().map_err(|e| discarding_work_if_changed(&run, e))?;
     bar.finish_and_clear();
     publish(&run, shards, ("files", mine.len()), "documents")
 }

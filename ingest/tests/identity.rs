@@ -143,6 +143,7 @@ fn a_same_size_caption_edit_in_a_list_and_a_changed_named_image_rerun() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
         let (name, text) = six_images_and_their_list(&src, format);
+        age_files(&src);
         let run = dir.path().join("run");
         let out = run.join("pairs");
         let args = pairs_args(&src.join(name), &out, &["--size", "32"]);
@@ -151,7 +152,8 @@ fn a_same_size_caption_edit_in_a_list_and_a_changed_named_image_rerun() {
         assert_skipped(&args);
         assert_up_to_date(&run);
 
-        // Same size, other caption: the fast check (size, time) sends it to its digest.
+        // Same size, other caption, the time put back: the stage reads the list whole to build
+        // its rows and takes the list's identity from those bytes, with no fast check to fool.
         let (_, edited) = list(format, |i| {
             if i == 3 {
                 "a red dog number 3".into()
@@ -160,7 +162,7 @@ fn a_same_size_caption_edit_in_a_list_and_a_changed_named_image_rerun() {
             }
         });
         assert_eq!(edited.len(), text.len());
-        write(&src, name, &edited);
+        rewrite_keeping_time(&src.join(name), edited.as_bytes());
         assert_stale(&run, &format!("{name} changed"));
         assert_ran(&args, &format!("{name} changed"));
         let (_, rows) = pairs_rows(out.to_str().unwrap());
@@ -604,12 +606,9 @@ fn a_file_read_other_than_its_identity_stops_the_run_and_the_next_run_reads_it_a
             .map(|line| line.to_string() + "\n")
             .collect()
     };
-    let pictures = |folder: &str| -> Vec<(String, Vec<u8>)> {
-        (0..6u8)
-            .map(|i| (format!("{folder}{i}.png"), png(48, 48, i)))
-            .collect()
-    };
-    let mut folder = pictures("");
+    let mut folder: Vec<(String, Vec<u8>)> = (0..6u8)
+        .map(|i| (format!("{i}.png"), png(48, 48, i)))
+        .collect();
     folder.extend([0, 1, 2, 4, 5].map(|i| (format!("{i}.txt"), cat(i).into_bytes())));
     struct Case {
         case: &'static str,
@@ -631,15 +630,6 @@ fn a_file_read_other_than_its_identity_stops_the_run_and_the_next_run_reads_it_a
             then: cat(3).into_bytes(),
             after: dog(3).into_bytes(),
             beside: folder,
-        },
-        Case {
-            case: "a CSV list",
-            stage: "pairs",
-            input: "list.csv",
-            file: "list.csv",
-            then: list("csv", cat).1.into_bytes(),
-            after: list("csv", dog).1.into_bytes(),
-            beside: pictures("images/"),
         },
         Case {
             case: "a webdataset tar",
@@ -678,9 +668,14 @@ fn a_file_read_other_than_its_identity_stops_the_run_and_the_next_run_reads_it_a
         write(&src, file, &then);
         age_files(&src);
         let out = dir.path().join("out");
+        // Two rows a shard: the runs finish shards before they reach the rewritten file.
         let args = match stage {
-            "pairs" => pairs_args(&src.join(input), &out, &["--size", "32"]),
-            _ => text_args(&src.join(input), &out, &[]),
+            "pairs" => pairs_args(
+                &src.join(input),
+                &out,
+                &["--size", "32", "--shard-rows", "2"],
+            ),
+            _ => text_args(&src.join(input), &out, &["--shard-rows", "2"]),
         };
         let (code, text) = ingest_owned(&args);
         assert_eq!(code, 0, "{case}: {text}");
@@ -698,6 +693,14 @@ fn a_file_read_other_than_its_identity_stops_the_run_and_the_next_run_reads_it_a
             )),
             "{case}: {text}"
         );
+        // What it finished came from other bytes than its identity says: not kept for a resume.
+        let work = out.join("_work");
+        let kept = if work.exists() {
+            walk(&work)
+        } else {
+            Vec::new()
+        };
+        assert!(kept.is_empty(), "{case}: {kept:?}");
 
         // The stopped run withdrew the manifest whose time vouched for the old bytes: the next
         // run digests the file again and reads the edit.

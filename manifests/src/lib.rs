@@ -63,13 +63,13 @@ pub enum Error {
     },
     #[error(
         "{uri} is not what this run's identity of it was taken from ({recorded}): reading it \
-         found {now}. It changed while the stage ran, or was rewritten keeping its size and \
-         modification time; run the stage again"
+         found {now}; {why}. Run the stage again"
     )]
     SourceChanged {
         uri: String,
         recorded: String,
         now: String,
+        why: &'static str,
     },
     #[error("config {source_name}: {reason}")]
     Config { source_name: String, reason: String },

@@ -96,6 +96,23 @@ impl SourceSet {
         Ok(())
     }
 
+    /// The listed input is one local file the stage has read whole and digested (`digest`,
+    /// `blake3:...`) before taking its identity: the identity is of those bytes, the ones the
+    /// stage works from. Its time is not recorded, so no fast check ever vouches for it: the
+    /// stage reads it whole on every run anyway.
+    pub fn list_digested(&mut self, location: &Location, digest: String) -> Result<(), Error> {
+        self.listed = Some(location.uri());
+        self.files.push(SourceFile {
+            name: location.file_name().to_string(),
+            uri: location.uri(),
+            bytes: location.info()?.size,
+            modified_ns: None,
+            digest,
+            named: false,
+        });
+        Ok(())
+    }
+
     /// The listed input is one file whose bytes the stage has already read.
     pub fn list_read(&mut self, location: &Location, bytes: &[u8]) -> Result<(), Error> {
         if !location.is_local() {
@@ -417,12 +434,16 @@ pub enum Expected<'a> {
 impl SourceDigests {
     /// The local files of the raw source inputs among `inputs`.
     pub fn of(inputs: &[Input]) -> SourceDigests {
+        // A local file's URI is its absolute path (`file://` where the input was spelled so);
+        // a bucket object's has its scheme. Told from the string: parsing a location per file
+        // costs a lookup in the stores' cache, and a job may name millions.
+        let local = |uri: &str| uri.starts_with('/') || uri.starts_with("file://");
         let expected = inputs
             .iter()
             .filter(|input| input.kind == "source")
             .flat_map(|input| &input.files)
             .filter(|file| file.digest.starts_with("blake3:") || file.digest == MISSING)
-            .filter(|file| Location::parse(&file.uri).is_ok_and(|l| l.local_path().is_some()))
+            .filter(|file| local(&file.uri))
             .map(|file| (file.uri.clone(), file.digest.clone()))
             .collect();
         SourceDigests { expected }
@@ -444,14 +465,6 @@ impl SourceDigests {
             (Some(expected), bytes) => check_read(location, expected, bytes.map(digest_bytes)),
         }
     }
-
-    /// Checks a file that was read and digested (`blake3:...`) before the identity was taken.
-    pub fn check_digest(&self, location: &Location, digest: &str) -> Result<(), Error> {
-        match self.expected(location) {
-            Some(expected) => check_read(location, expected, Some(digest.to_string())),
-            None => Ok(()),
-        }
-    }
 }
 
 /// Ok when `read` (the digest of the bytes read, `None`: no file) is what the identity holds;
@@ -461,16 +474,30 @@ pub fn check_read(
     expected: Expected<'_>,
     read: Option<String>,
 ) -> Result<(), Error> {
-    let (recorded, now) = match (expected, read) {
+    let (recorded, now, why) = match (expected, read) {
         (Expected::Missing, None) => return Ok(()),
         (Expected::Digest(digest), Some(read)) if digest == read => return Ok(()),
-        (Expected::Missing, Some(read)) => ("no file".to_string(), format!("a file ({read})")),
-        (Expected::Digest(digest), None) => (digest.to_string(), "no file".to_string()),
-        (Expected::Digest(digest), Some(read)) => (digest.to_string(), read),
+        (Expected::Missing, Some(read)) => (
+            "no file".to_string(),
+            format!("a file ({read})"),
+            "it was written after the identity was taken",
+        ),
+        (Expected::Digest(digest), None) => (
+            digest.to_string(),
+            "no file".to_string(),
+            "it was removed after the identity was taken",
+        ),
+        (Expected::Digest(digest), Some(read)) => (
+            digest.to_string(),
+            read,
+            "it changed after the identity was taken, or was rewritten keeping its size and \
+             modification time, which the identity's fast check trusts",
+        ),
     };
     Err(Error::SourceChanged {
         uri: location.uri(),
         recorded,
         now,
+        why,
     })
 }

@@ -728,6 +728,15 @@ impl StageRun {
         };
         let location = self.manifest_location();
         manifest.write(&location)?;
+        self.discard_work()?;
+        info!(stage = %self.stage, manifest = %location, "published");
+        Ok(manifest)
+    }
+
+    /// Deletes this job's resume records (finished artifacts, checkpoints): once published,
+    /// or when the run learns that its identity does not describe what it read, so that no run
+    /// resumes from them.
+    pub fn discard_work(&self) -> Result<(), Error> {
         for work in std::iter::once(self.work_dir()).chain(self.earlier_work_dir()) {
             for object in work.list()? {
                 object.location.delete()?;
@@ -741,8 +750,7 @@ impl StageRun {
                 }
             }
         }
-        info!(stage = %self.stage, manifest = %location, "published");
-        Ok(manifest)
+        Ok(())
     }
 }
 

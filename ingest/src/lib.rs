@@ -20,7 +20,7 @@ pub mod text;
 
 pub use manifests::job_range;
 use manifests::shards::Rejected;
-use manifests::sources::SourceSet;
+use manifests::sources::{ReadWhole, SourceSet};
 use manifests::{Location, Manifest, ShardSpec, StageRun, Tool};
 use serde_json::{Map, Value};
 use sources::FolderReads;
@@ -92,8 +92,8 @@ fn v1_listing_digest(locations: &[Location]) -> Result<String, Error> {
 /// file or folder is identified by content ([`SourceSet`]). `named` are the files a list in
 /// the input names (images of a CSV or COCO file), under the names the list gives them: they
 /// are inputs too. `reads` (a job of many over a folder) picks the folder's files the job
-/// reads: only those are identified by content. `list_digest`: the input is a local list the
-/// stage has read whole, with this digest, which is its identity. `image_roots` only matter to
+/// reads: only those are identified by content. `list_read`: the input is a local list the
+/// stage has read whole, as it read it: its identity. `image_roots` only matter to
 /// judge a v1 manifest, which listed them; such a manifest is judged before the sources are
 /// digested, so a skip does not read every file.
 pub fn begin_with_input(
@@ -101,7 +101,7 @@ pub fn begin_with_input(
     input: &Location,
     named: &[(String, Location)],
     reads: Option<&FolderReads>,
-    list_digest: Option<String>,
+    list_read: Option<ReadWhole>,
     image_roots: &[Location],
     force: bool,
 ) -> Result<Option<Manifest>, Error> {
@@ -153,9 +153,9 @@ pub fn begin_with_input(
         Some(_) => ("images", SourceSet::new(run.previous_input("images"))),
         None => {
             let mut set = SourceSet::new(run.previous_input("source"));
-            match (reads, list_digest) {
+            match (reads, list_read) {
                 (Some(reads), _) => listed_as_before(&mut set, input, reads)?,
-                (None, Some(digest)) => set.list_digested(input, digest)?,
+                (None, Some(read)) => set.list_read_whole(input, read),
                 (None, None) => set.list(input)?,
             }
             ("source", set)

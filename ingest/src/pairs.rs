@@ -585,13 +585,13 @@ pub fn ingest_pairs(config: &PairsConfig, options: &RunOptions) -> Result<Manife
     }
     let named = named_images(&job.units, format, &image_root(&config.source, &input)?);
     let reads = job.reads.as_ref();
-    let list_digest = job.list_digest.clone();
+    let list_read = job.list_read.clone();
     let existing = begin_with_input(
         &mut run,
         &input,
         &named,
         reads,
-        list_digest,
+        list_read,
         &image_roots,
         options.force,
     )?;

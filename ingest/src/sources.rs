@@ -16,7 +16,7 @@ use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema};
 use bytes::Bytes;
-use manifests::sources::SourceDigests;
+use manifests::sources::{ReadWhole, SourceDigests, time_before_reading};
 use manifests::{Location, ObjectInfo, ShardSpec};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -237,11 +237,11 @@ pub struct JobUnits {
     /// Which files of the input folder the job reads, and the listing its share came from;
     /// `None` where the input is one file, or a folder of parquet files.
     pub reads: Option<FolderReads>,
-    /// The digest of the local list file (CSV, TSV, JSONL, COCO), taken by the pass that reads
-    /// it whole, for the stage's identity of it: the identity is then of the bytes the units
-    /// came from. (A job of many builds its share in a second pass, held to the first by the
-    /// list's change marker and row count.)
-    pub list_digest: Option<String>,
+    /// The local list file (CSV, TSV, JSONL, COCO) as the pass that read it whole found it, for
+    /// the stage's identity of it: the identity is then of the bytes the units came from. (A
+    /// job of many builds its share in a second pass, held to the first by the list's change
+    /// marker and row count.)
+    pub list_read: Option<ReadWhole>,
 }
 
 /// The files of an input folder that a job reads, so that a job of a batch array identifies
@@ -337,19 +337,29 @@ pub fn enumerate_job(
                 _ => table_units(config, &input, format, sink, fault),
             };
             let before = input.info()?;
-            // The pass that reads the whole list digests it.
+            let time = time_before_reading(&input);
+            // The pass that reads the whole list digests it, and the digest is taken before the
+            // list is checked against `before`: what was added since is in neither or in both.
             let whole = ReadFault::digesting(&input);
+            let read_whole = |digest: Option<String>| {
+                digest.map(|digest| ReadWhole {
+                    digest,
+                    bytes: before.size,
+                    modified_ns: time,
+                })
+            };
             if shard.count <= 1 {
                 let mut all = Sink::new(0..usize::MAX);
                 pass(&mut all, &whole)?;
+                let digest = whole.digest(&input)?;
                 unchanged_since(&before)?;
                 let mut job = all.into_job(shard);
-                job.list_digest = whole.digest(&input)?;
+                job.list_read = read_whole(digest);
                 return Ok(job);
             }
             let mut counted = Sink::counter();
             pass(&mut counted, &whole)?;
-            let list_digest = whole.digest(&input)?;
+            let list_read = read_whole(whole.digest(&input)?);
             let range = job_range(counted.count, shard);
             let mut share = Sink::new(range.clone());
             pass(&mut share, &ReadFault::default())?;
@@ -368,18 +378,18 @@ pub fn enumerate_job(
                 range,
                 units: share.units,
                 reads: None,
-                list_digest,
+                list_read,
             })
         }
         InputFormat::Folder | InputFormat::Coco => {
-            let (units, listing, list_digest) = match format {
+            let (units, listing, list_read) = match format {
                 InputFormat::Folder => {
                     let listing = input.list()?;
                     (folder_units(&input, &listing), Some(listing), None)
                 }
                 _ => {
-                    let (units, digest) = coco_units(config, &input)?;
-                    (units, None, digest)
+                    let (units, read) = coco_units(config, &input)?;
+                    (units, None, read)
                 }
             };
             let mut all = Sink::new(0..usize::MAX);
@@ -387,7 +397,7 @@ pub fn enumerate_job(
             units.into_iter().for_each(|unit| all.push(unit));
             let folder = listing.map(|listing| (uris(&listing), anyone));
             let mut job = all.into_job(shard).reading(folder, shard);
-            job.list_digest = list_digest;
+            job.list_read = list_read;
             Ok(job)
         }
         InputFormat::Parquet | InputFormat::Webdataset => {
@@ -488,7 +498,7 @@ impl Sink {
             units: units.drain(range.clone()).collect(),
             range,
             reads: None,
-            list_digest: None,
+            list_read: None,
         }
     }
 }
@@ -604,7 +614,7 @@ fn parquet_job(
         // Every job reads every footer, and each file's row count moves every job's share: so
         // each job identifies every file by content.
         reads: None,
-        list_digest: None,
+        list_read: None,
     })
 }
 
@@ -702,14 +712,18 @@ struct CocoAnnotation {
     caption: String,
 }
 
-/// The units of a COCO captions file, and the digest of the file they came from where it is
-/// local.
+/// The units of a COCO captions file, and the file as they came from it where it is local.
 fn coco_units(
     config: &SourceConfig,
     input: &Location,
-) -> Result<(Vec<Unit>, Option<String>), Error> {
+) -> Result<(Vec<Unit>, Option<ReadWhole>), Error> {
+    let time = time_before_reading(input);
     let bytes = input.get()?;
-    let digest = input.local_path().map(|_| manifests::digest_bytes(&bytes));
+    let read = input.local_path().map(|_| ReadWhole {
+        digest: manifests::digest_bytes(&bytes),
+        bytes: bytes.len() as u64,
+        modified_ns: time,
+    });
     let coco: CocoFile = serde_json::from_slice(&bytes)
         .map_err(|e| Error::Usage(format!("{input}: not an MS-COCO captions file: {e}")))?;
     let root = image_root(config, input)?;
@@ -795,7 +809,7 @@ fn coco_units(
             reason: "no_image",
         });
     }
-    Ok((units, digest))
+    Ok((units, read))
 }
 
 /// A caption's part of its key: its annotation id, or without one its place (`p` and the

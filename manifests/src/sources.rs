@@ -96,21 +96,20 @@ impl SourceSet {
         Ok(())
     }
 
-    /// The listed input is one local file the stage has read whole and digested (`digest`,
-    /// `blake3:...`) before taking its identity: the identity is of those bytes, the ones the
-    /// stage works from. Its time is not recorded, so no fast check ever vouches for it: the
-    /// stage reads it whole on every run anyway.
-    pub fn list_digested(&mut self, location: &Location, digest: String) -> Result<(), Error> {
+    /// The listed input is one local file the stage has read whole before taking its identity
+    /// (a list it builds its rows from): the identity is of the bytes it read, whatever the
+    /// previous manifest says; the time taken before the read is kept for the fast check of
+    /// `manifests status`.
+    pub fn list_read_whole(&mut self, location: &Location, read: ReadWhole) {
         self.listed = Some(location.uri());
         self.files.push(SourceFile {
             name: location.file_name().to_string(),
             uri: location.uri(),
-            bytes: location.info()?.size,
-            modified_ns: None,
-            digest,
+            bytes: read.bytes,
+            modified_ns: read.modified_ns,
+            digest: read.digest,
             named: false,
         });
-        Ok(())
     }
 
     /// The listed input is one file whose bytes the stage has already read.
@@ -250,6 +249,22 @@ fn missing(name: String, location: &Location) -> SourceFile {
         digest: MISSING.into(),
         named: true,
     }
+}
+
+/// A local file as a stage read it whole: the digest of the bytes read, and the size and
+/// modification time it had before the read. The time vouches for the digest in a later fast
+/// check: a file written after it was taken has another time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadWhole {
+    pub digest: String,
+    pub bytes: u64,
+    pub modified_ns: Option<u64>,
+}
+
+/// The modification time of the local file at `location`, taken before a stage reads it whole
+/// ([`ReadWhole`]); `None` for a bucket object, or a time too recent to vouch for a digest.
+pub fn time_before_reading(location: &Location) -> Option<u64> {
+    trusted_modified_ns(&location.local_path()?)
 }
 
 /// Below this age a modification time is not recorded: a file rewritten with the same size

@@ -11,7 +11,7 @@ use tracing::info;
 
 use crate::reading::{ReadFault, open_watched};
 use crate::sources::BYTE_ORDER_MARK;
-use crate::sources::{FolderReads, uris};
+use crate::sources::{FolderReads, shared_files, uris};
 use crate::{
     Error, RunOptions, ShardSet, begin_with_input, discarding_work_if_changed, job_range, tool,
 };
@@ -412,16 +412,13 @@ pub fn ingest_text(config: &TextConfig, options: &RunOptions) -> Result<Manifest
     let folder = pairs.is_none() && !input.exists()?;
     let listed_first = folder.then(|| corpus_files(&input)).transpose()?;
     let reads = listed_first.as_ref().map(|(files, listing)| {
-        let uris_of = |files: &[Location]| files.iter().map(Location::uri).collect();
-        let listed = Some(uris(listing));
-        if options.shard.is_single() {
-            return FolderReads::new(HashSet::new(), HashSet::new(), listed, options.shard);
-        }
         let range = job_range(files.len(), options.shard);
+        let uris_of =
+            |files: &[Location]| shared_files(options.shard, files.iter().map(Location::uri));
         FolderReads::new(
             uris_of(&files[range]),
             uris_of(files),
-            listed,
+            Some(uris(listing)),
             options.shard,
         )
     });

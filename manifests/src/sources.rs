@@ -118,17 +118,14 @@ impl SourceSet {
             // Identified as any bucket object is, so `recheck` agrees without a download.
             return self.list(location);
         }
-        self.listed = Some(location.uri());
-        self.files.push(SourceFile {
-            name: location.file_name().to_string(),
-            uri: location.uri(),
+        let read = ReadWhole {
+            digest: digest_bytes(bytes),
             bytes: bytes.len() as u64,
             modified_ns: location
                 .local_path()
                 .and_then(|path| trusted_modified_ns(&path)),
-            digest: digest_bytes(bytes),
-            named: false,
-        });
+        };
+        self.list_read_whole(location, read);
         Ok(())
     }
 
